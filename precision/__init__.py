@@ -1,0 +1,61 @@
+"""precision: where and why a model's numbers change across devices and dtypes.
+
+Capture per-layer activations of a model into a dump (needs torch), then compare two dumps
+(needs only numpy)::
+
+    import precision
+    with precision.capture(model, "fp32.st") as cap:
+        model(**inputs)
+    report = precision.compare("fp32.st", "fp16.st")
+    assert report, report.summary
+
+Importing this package does not import torch; :func:`capture` and :func:`keep_fp32` load it
+on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .dump import Dump, load
+from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
+
+if TYPE_CHECKING:
+    from .capture import Capture
+
+__all__ = [
+    "Capture",
+    "DeviceError",
+    "Dump",
+    "DumpError",
+    "InputError",
+    "ModelError",
+    "PrecisionError",
+    "__version__",
+    "capture",
+    "keep_fp32",
+    "load",
+]
+
+
+def capture(model: Any, path: Any = None, **options: Any) -> Capture:
+    """Record ``model``'s module outputs while the ``with`` block runs; see :class:`Capture`."""
+    from .capture import Capture
+
+    return Capture(model, path, **options)
+
+
+def keep_fp32(model: Any, patterns: Any) -> list[str]:
+    """Keep the modules of ``model`` matching glob ``patterns`` in fp32; returns their names."""
+    from .models import keep_fp32 as _keep
+
+    return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Capture":
+        from .capture import Capture
+
+        return Capture
+    raise AttributeError(f"module 'precision' has no attribute {name!r}")

@@ -1,0 +1,334 @@
+"""Record per-module outputs of a torch model into a dump.
+
+>>> with precision.capture(model, "run.st") as cap:      # doctest: +SKIP
+...     model(**inputs)
+>>> cap.dump["encoder.block.0.layer.1.DenseReluDense.wo:out"]   # doctest: +SKIP
+
+Every selected module's output is recorded in execution order (the order modules finish).
+Tuple/dict outputs are flattened with stable keys (``:out.0``, ``:out.logits``); a module
+that runs again gets a call suffix (``#1``, ``#2``...). An output that is the very tensor
+object of an input (eval-mode dropout, T5's shared ``position_bias``) or of an earlier record
+is stored once and recorded as an alias. The integer bucket ids fed to T5's
+``relative_attention_bias`` are recorded as its inputs by default.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .dtypes import canonical
+from .dump import Dump, DumpWriter, check_output_path, load, make_key
+from .errors import InputError
+from .streaming import BackgroundWriter
+from .tensorstats import tensor_stats
+
+#: modules whose inputs are recorded by default (T5's bucket ids)
+DEFAULT_INPUT_GLOBS = ("*relative_attention_bias",)
+ROOT = "root"
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``float16``."""
+    return canonical(str(dtype))
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor inside nested tuples, lists and dicts.
+
+    Paths join tuple positions and dict keys with dots (``"0"``, ``"logits"``, ``"1.0"``);
+    non-tensor leaves (``None``, caches, numbers) are skipped.
+    """
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> list[tuple[str, torch.nn.Module]]:
+    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``."""
+    chosen = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if include and not _matches(name, include):
+            continue
+        if exclude and _matches(name, exclude):
+            continue
+        chosen.append((name, mod))
+    return chosen
+
+
+def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
+    """The dtype of each module's own parameters (``"mixed"`` when they differ)."""
+    out = {}
+    for name, mod in model.named_modules():
+        kinds = {torch_dtype_name(p.dtype) for p in mod.parameters(recurse=False)}
+        if kinds:
+            out[name or ROOT] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return out
+
+
+def environment() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform()}
+    for mod in ("transformers", "torch_npu", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # absent or broken: not recorded
+            continue
+    return env
+
+
+class Capture:
+    """Hooks on a model that stream its module outputs to a dump; use as a context manager.
+
+    ``path`` is the dump to write (a temporary file when ``None``; :meth:`save` moves it).
+    ``mode`` is ``"full"`` (tensors) or ``"stats"`` (statistics only). ``include``/``exclude``
+    are globs on module names; ``inputs`` globs choose modules whose inputs are recorded too.
+    ``meta`` is merged into the dump's metadata.
+    """
+
+    def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
+                 mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
+                 meta: dict[str, Any] | None = None, buffer_mb: int = 64) -> None:
+        if mode not in ("full", "stats"):
+            raise InputError(f"unknown capture mode {mode!r}: use full or stats")
+        self.model = model
+        self.mode = mode
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._tmpdir: str | None = None
+        if path is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="precision-")
+            path = Path(self._tmpdir) / "capture.st"
+        self.path = Path(path)
+        self._force = force
+        self._modules = select_modules(model, include, exclude)
+        if not self._modules:
+            raise InputError("no module matches --include/--exclude: nothing would be captured")
+        self._input_globs = tuple(inputs)
+        self._buffer = buffer_mb * 1024 * 1024
+        self._handles: list[Any] = []
+        self._entries: list[dict[str, Any]] = []
+        self._calls: dict[str, int] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._writer: DumpWriter | None = None
+        self._bg: BackgroundWriter | None = None
+        self._dump: Dump | None = None
+        self.logits_key: str | None = None
+
+    # ---- context management
+    def __enter__(self) -> Capture:
+        check_output_path(self.path, force=self._force)
+        self._writer = DumpWriter(self.path, force=self._force,
+                                  reserve=65536 + 512 * len(self._modules))
+        dev = next((p.device.type for p in self.model.parameters()), "cpu")
+        ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
+        self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
+        for name, mod in self._modules:
+            self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._root_inputs,
+                                                                  with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._bg is not None:
+            try:
+                self._bg.finish()
+            except Exception:  # the original exception matters more
+                pass
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _finish(self) -> None:
+        assert self._writer is not None
+        if self._bg is not None:
+            self._bg.finish()
+        self._writer.close(self._metadata())
+        self._seen.clear()
+
+    # ---- public helpers
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> str:
+        """Store an extra tensor such as the model inputs (``input:input_ids``); returns the key."""
+        key = name if ":" in name else f"input:{name}"
+        self._store(key, name, "in", "", 0, tensor, alias=None)
+        return key
+
+    @property
+    def dump(self) -> Dump:
+        """The written dump, opened for reading (after the ``with`` block)."""
+        if self._dump is None:
+            self._dump = load(self.path)
+        return self._dump
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Move (or copy) the written dump to ``path``; returns the new path."""
+        dest = Path(path)
+        check_output_path(dest, force=force)
+        if self._tmpdir is None:
+            shutil.copyfile(self.path, dest)
+        else:
+            shutil.move(str(self.path), dest)
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self.path = dest
+        self._dump = None
+        return dest
+
+    # ---- hooks
+    def _hook(self, name: str) -> Any:
+        record_inputs = _matches(name, self._input_globs)
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
+            call = self._calls.get(name, 0)
+            self._calls[name] = call + 1
+            if record_inputs:
+                for idx, t in list(flatten(args)) + list(flatten(kwargs)):
+                    self._record(name, "in", idx or "0", call, t)
+            for idx, t in flatten(output):
+                self._record(name, "out", idx, call, t)
+
+        return hook
+
+    def _root_inputs(self, module: torch.nn.Module, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> None:
+        """Record the model's own inputs (first call only) so another run can replay them."""
+        if self._calls.get(ROOT, 0) == 0:
+            for idx, t in flatten(named_arguments(module, args, kwargs)):
+                self._store(make_key("input", idx), "input", "in", idx, 0, t, alias=None)
+
+    def _root_hook(self, module: torch.nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], output: Any) -> None:
+        call = self._calls.get(ROOT, 0)
+        self._calls[ROOT] = call + 1
+        for idx, t in flatten(output):
+            key = self._record(ROOT, "out", idx, call, t)
+            if idx == "logits" and call == 0:
+                self.logits_key = self._resolve(key)
+
+    def _resolve(self, key: str) -> str:
+        for e in self._entries:
+            if e["key"] == key and e.get("alias_of"):
+                return str(e["alias_of"])
+        return key
+
+    def _record(self, module: str, kind: str, idx: str, call: int, t: torch.Tensor) -> str:
+        """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
+        key = make_key(module, kind, idx, call)
+        seen = self._seen.get(id(t))
+        alias = seen[1] if seen is not None and seen[0]() is t else None
+        self._store(key, module, kind, idx, call, t, alias=alias)
+        return key
+
+    def _store(self, key: str, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
+               alias: str | None) -> None:
+        entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
+                                 "call": call, "shape": list(t.shape),
+                                 "dtype": torch_dtype_name(t.dtype)}
+        if alias is not None:
+            entry["alias_of"] = alias
+            self._entries.append(entry)
+            return
+        if self.mode == "stats":
+            entry["stats"] = tensor_stats(t)
+        if self.mode == "full" or (kind == "in" and not t.is_floating_point()):
+            assert self._bg is not None  # ids and masks are kept whole even in stats mode
+            self._bg.submit(key, entry["dtype"], t)
+        self._entries.append(entry)
+        self._seen[id(t)] = (weakref.ref(t), key)
+
+    # ---- metadata
+    def _metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "tool": "precision", "tool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": True, "mode": self.mode, "env": environment(),
+            "model": model_identity(self.model),
+            "module_dtypes": module_dtypes(self.model),
+            "logits_key": self.logits_key,
+            "entries": self._entries,
+        }
+        for k, v in self.meta.items():
+            meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
+        return meta
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """Class name and a hash that two captures of the same model share.
+
+    For Hugging Face models the hash covers the config (minus dtype, paths and versions);
+    for other modules it covers parameter names and shapes.
+    """
+    import hashlib
+    import json
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        d = {k: v for k, v in config.to_dict().items()
+             if k not in ("torch_dtype", "dtype", "_name_or_path", "transformers_version",
+                          "_commit_hash", "_attn_implementation_autoset", "use_cache")}
+        basis = json.dumps(d, sort_keys=True, default=str)
+    else:
+        basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
+    return {"class": type(model).__name__,
+            "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
+
+
+def capture(model: torch.nn.Module, path: str | os.PathLike[str] | None = None,
+            **options: Any) -> Capture:
+    """Context manager recording ``model``'s module outputs; see :class:`Capture`."""
+    return Capture(model, path, **options)
+
+
+def named_arguments(module: torch.nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments of ``module.forward`` by parameter name."""
+    import inspect
+
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {str(i): a for i, a in enumerate(args)} | kwargs
+    named = dict(bound.arguments)
+    extra = named.pop("kwargs", None)
+    return named | (extra if isinstance(extra, dict) else {})

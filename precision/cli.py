@@ -1,0 +1,136 @@
+"""The ``precision`` command line: capture, inspect, compare.
+
+Exit codes: 0 success (nothing flagged that you asked to fail on), 1 flagged,
+2 bad input or usage. Errors print one line, never a traceback. Heavy libraries (torch,
+transformers) are imported only by ``capture``, so ``compare`` starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._version import __version__
+from .errors import PrecisionError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn known errors into one-line messages with exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrecisionError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written")
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        except MemoryError:
+            _fail("out of memory: capture fewer modules (--include/--exclude) or use --mode stats")
+
+    return wrapper
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if not quiet:
+            click.echo(f"· {message}", err=True)
+
+    return log
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="precision")
+def main() -> None:
+    """Find where and why a model's numbers change between devices and dtypes.
+
+    \b
+    Typical session (baseline on CPU fp32, target on an accelerator in fp16):
+      precision capture --model ./flan-t5-base --device cpu --dtype fp32 -o base.st
+      precision capture --model ./flan-t5-base --device npu --dtype fp16 \\
+                        --replay base.st -o npu.st
+      precision compare base.st npu.st
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", "model", required=True, metavar="DIR",
+              help="Hugging Face model directory (config.json, weights, tokenizer).")
+@click.option("--device", default="cpu", show_default=True, metavar="DEV",
+              help="cpu, cuda, cuda:N, npu or npu:N.")
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype of the model.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A prompt (repeat for a batch). Default: three built-in Flan-style prompts.")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
+@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
+              help="full: store every tensor. stats: per-tensor statistics only (small).")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip modules whose name matches (repeatable), e.g. '*.dropout'.")
+@click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
+              metavar="auto|none|GLOB",
+              help="auto: as transformers loads (T5 keeps wo in fp32 under fp16). none: cast "
+                   "every module. GLOB: keep matching modules in fp32 (repeatable).")
+@click.option("--replay", metavar="BASE.st",
+              help="Reuse the exact token ids, masks and decoder ids of an earlier dump.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int,
+              help="Tokens to generate greedily before the captured forward "
+                   "(gives encoder-decoders their decoder ids).")
+@click.option("-o", "--output", required=True, metavar="OUT.st", help="Dump file to write.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_guard
+def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
+            prompts_file: str | None, mode: str, include: tuple[str, ...],
+            exclude: tuple[str, ...], keep_fp32: tuple[str, ...], replay: str | None,
+            max_new_tokens: int, output: str, force: bool, quiet: bool) -> None:
+    """Run a model and dump its per-layer outputs and logits.
+
+    \b
+    Examples:
+      precision capture --model fixtures/tiny-flan-t5 --dtype fp32 -o base.st
+      precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
+      precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
+    """
+    from .runner import CaptureOptions, run_capture
+
+    opts = CaptureOptions(model=model, output=output, device=device, dtype=dtype,
+                          prompts=prompts, prompts_file=prompts_file, mode=mode,
+                          include=include, exclude=exclude, keep_fp32=keep_fp32,
+                          replay=replay, max_new_tokens=max_new_tokens, force=force)
+    path = run_capture(opts, _log(quiet))
+    if not quiet:
+        from .dump import load
+
+        d = load(path)
+        size = os.path.getsize(path) / 1e6
+        click.echo(f"wrote {path}: {len(d.entries)} records, {len(d.tensors)} tensors, "
+                   f"{size:.1f} MB ({d.mode} mode)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("dump", metavar="DUMP.st")
+@click.option("--all", "show_all", is_flag=True, help="List every record, aliases included.")
+@_guard
+def inspect(dump: str, show_all: bool) -> None:
+    """Show what a dump holds: metadata, then its records in execution order."""
+    from .dump import load
+    from .render import print_inspect
+
+    print_inspect(load(dump), show_all=show_all)

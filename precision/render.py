@@ -1,0 +1,73 @@
+"""Terminal output with rich: ``inspect`` listings and ``compare`` tables."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .dtypes import short
+from .dump import Dump
+
+if TYPE_CHECKING:
+    from .report import Report
+
+STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN": "bold red",
+                "MISMATCH": "magenta", "MISSING": "dim", "EXACT": "green"}
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
+    """Metadata summary and the records of ``dump`` (aliases hidden unless ``show_all``)."""
+    con = _console()
+    m = dump.meta
+    model = m.get("model", {})
+    dev = m.get("device", {})
+    policy = m.get("policy", {})
+    con.print(f"[bold]{dump.path}[/]  format v{m.get('format_version', 1)}  "
+              f"{'complete' if dump.complete else '[red]INCOMPLETE[/]'}")
+    rows = [
+        ("model", f"{model.get('class', '?')} ({model.get('kind', '?')}) "
+                  f"{model.get('path', '')}  config {model.get('config_hash', '?')}"),
+        ("device", f"{dev.get('name', '?')} [{dev.get('torch_device', '?')}]"),
+        ("dtype", f"{short(str(m.get('dtype', '?')))}  keep-fp32: {policy.get('base', '?')} "
+                  f"{' '.join(policy.get('globs', []))}  kept: "
+                  f"{', '.join(policy.get('kept_fp32', [])) or '-'}"),
+        ("mode", f"{dump.mode}  {len(dump.entries)} records, {len(dump.tensors)} tensors, "
+                 f"{sum(t.nbytes for t in dump.tensors.values()) / 1e6:.2f} MB"),
+        ("logits", str(m.get("logits_key"))),
+        ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
+        ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),
+    ]
+    if m.get("foreign"):
+        rows = [("format", "plain safetensors file (no precision metadata)")]
+    for name, value in rows:
+        con.print(f"  [cyan]{name:8}[/] {value}")
+    fp32_mods = [k for k, v in m.get("module_dtypes", {}).items() if v == "float32"]
+    if m.get("dtype") not in (None, "float32") and fp32_mods:
+        con.print(f"  [cyan]{'fp32':8}[/] modules with fp32 parameters: {len(fp32_mods)} "
+                  f"(e.g. {fp32_mods[0]})")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("#", "key", "shape", "dtype", "absmax" if dump.mode == "stats" else "note"):
+        table.add_column(col, overflow="fold")
+    for e in dump.entries:
+        if e.alias_of and not show_all:
+            continue
+        note = f"= {e.alias_of}" if e.alias_of else ""
+        if e.stats is not None:
+            note = _fmt(e.stats.get("absmax"))
+        table.add_row(str(e.order), e.key, "x".join(map(str, e.shape)) or "scalar",
+                      short(e.dtype), note)
+    con.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

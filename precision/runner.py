@@ -1,0 +1,126 @@
+"""`precision capture` end to end: device, model, inputs or replay, one captured forward.
+
+Encoder-decoder models first generate greedily (uncaptured) to get decoder ids, then run one
+teacher-forced forward under capture, so decoder layers are recorded too. Causal LMs do the
+same with the prompt followed by the generated tokens. ``replay`` takes every input tensor
+from an earlier dump instead, so two devices see identical ids and masks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import devices
+from .capture import DEFAULT_INPUT_GLOBS, Capture
+from .dtypes import canonical
+from .dump import Dump, check_output_path, load
+from .errors import InputError
+from .models import LoadedModel, Policy, generate, load_model, read_prompts, tokenize
+
+INPUT_PREFIX = "input:"
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """Everything ``precision capture`` takes, with the CLI's defaults."""
+
+    model: str
+    output: str
+    device: str = "cpu"
+    dtype: str = "fp32"
+    prompts: Sequence[str] = ()
+    prompts_file: str | None = None
+    mode: str = "full"
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    keep_fp32: Sequence[str] = ("auto",)
+    inputs: Sequence[str] = DEFAULT_INPUT_GLOBS
+    replay: str | None = None
+    max_new_tokens: int = 8
+    force: bool = False
+
+
+def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
+    """The model inputs stored in a dump (``input:*`` tensors) as torch tensors on ``device``."""
+    found = {k[len(INPUT_PREFIX):]: k for k in dump.keys() if k.startswith(INPUT_PREFIX)}
+    if "input_ids" not in found:
+        raise InputError(f"--replay {dump.path} holds no input ids: it was not written by "
+                         "`precision capture` (or captured without inputs)")
+    return {name: torch.from_numpy(dump[key]).to(device) for name, key in found.items()}
+
+
+def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: None) -> Path:
+    """Run the capture described by ``opts``; returns the written dump's path."""
+    dtype = canonical(opts.dtype)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise InputError(f"--dtype {opts.dtype} is not supported: use fp32, fp16 or bf16")
+    out = Path(opts.output)
+    check_output_path(out, force=opts.force)
+    if opts.max_new_tokens < 0:
+        raise InputError("--max-new-tokens must be 0 or more")
+    device = devices.resolve(opts.device, dtype)
+    policy = Policy.parse(opts.keep_fp32)
+    base = load(opts.replay) if opts.replay else None
+    prompts = [] if base else read_prompts(opts.prompts, opts.prompts_file)
+
+    log(f"loading {opts.model} as {dtype} on {device.name}")
+    t0 = time.perf_counter()
+    loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy)
+    load_s = time.perf_counter() - t0
+
+    if base is not None:
+        _check_same_model(base, loaded)
+        inputs = replay_inputs(base, device.torch_device)
+        log(f"replaying the inputs of {base.path}")
+    else:
+        inputs = _fresh_inputs(loaded, prompts, device.torch_device, opts.max_new_tokens, log)
+
+    meta: dict[str, Any] = {
+        "device": device.as_meta(), "dtype": dtype,
+        "policy": policy.as_meta() | {"kept_fp32": loaded.kept_fp32},
+        "model": {"path": str(loaded.path), "kind": loaded.kind},
+        "prompts": prompts, "replayed_from": str(base.path) if base else None,
+        "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
+    }
+    log(f"capturing a forward pass ({opts.mode} mode)")
+    with torch.no_grad(), Capture(loaded.model, out, mode=opts.mode, include=opts.include,
+                                  exclude=opts.exclude, inputs=opts.inputs, force=opts.force,
+                                  meta=meta) as cap:
+        t0 = time.perf_counter()
+        loaded.model(**inputs)
+        device.synchronize()
+        cap.meta["forward_seconds"] = round(time.perf_counter() - t0, 4)
+    return out
+
+
+def _fresh_inputs(loaded: LoadedModel, prompts: Sequence[str], device: str,
+                  max_new_tokens: int, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    inputs = tokenize(loaded, prompts, device)
+    if max_new_tokens == 0 and loaded.kind == "causal-lm":
+        return inputs
+    log(f"generating {max_new_tokens} tokens greedily for {len(prompts)} prompt(s)")
+    ids = generate(loaded, inputs, max(1, max_new_tokens))
+    if loaded.kind == "encoder-decoder":
+        return inputs | {"decoder_input_ids": ids}
+    grown = ids.shape[1] - inputs["attention_mask"].shape[1]
+    mask = torch.cat([inputs["attention_mask"],
+                      torch.ones(ids.shape[0], grown, dtype=inputs["attention_mask"].dtype,
+                                 device=ids.device)], dim=1)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _check_same_model(base: Dump, loaded: LoadedModel) -> None:
+    from .capture import model_identity
+
+    theirs = base.meta.get("model", {}).get("config_hash")
+    ours = model_identity(loaded.model)["config_hash"]
+    if theirs and theirs != ours:
+        raise InputError(f"--replay {base.path} was captured from a different model "
+                         f"({base.meta['model'].get('path', '?')}, config hash {theirs}; "
+                         f"this one is {ours})")
