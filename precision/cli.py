@@ -134,3 +134,67 @@ def inspect(dump: str, show_all: bool) -> None:
     from .render import print_inspect
 
     print_inspect(load(dump), show_all=show_all)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("base", metavar="BASE.st")
+@click.argument("target", metavar="TARGET.st")
+@click.option("--json", "json_out", metavar="FILE", help="Write the full report as JSON "
+              "(schema: docs/json-schema.md); '-' for stdout.")
+@click.option("--markdown", "md_out", metavar="FILE", help="Write a Markdown summary "
+              "(flagged rows) for a pull-request comment.")
+@click.option("--only-flagged", is_flag=True, help="Show only rows that are not OK.")
+@click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
+@click.option("--rtol", type=float, help="Override the norm tolerance: DRIFT when "
+              "||b-a|| > rtol*||a|| + atol*sqrt(n).")
+@click.option("--atol", type=float, help="Override the absolute floor of that tolerance.")
+@click.option("--profile", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Judge as fp32 vs this dtype instead of the dtypes the dumps record.")
+@click.option("--fail-on", default="drift", show_default=True,
+              type=click.Choice(["drift", "overflow", "nan", "any", "never"]),
+              help="Exit 1 when a row has such a status. drift: DRIFT/OVERFLOW/NAN/MISMATCH; "
+                   "overflow: OVERFLOW/NAN; any: also MISSING.")
+@click.option("--topk", default=5, show_default=True, type=int,
+              help="k for the logits top-k overlap.")
+@click.option("--jobs", type=int, metavar="N", help="Threads (default: CPU count).")
+@click.option("--allow-different-models", is_flag=True,
+              help="Compare dumps whose model configs differ.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@_guard
+def compare(base: str, target: str, json_out: str | None, md_out: str | None,
+            only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
+            profile: str | None, fail_on: str, topk: int, jobs: int | None,
+            allow_different_models: bool, quiet: bool) -> None:
+    """Compare two dumps layer by layer and say where the numbers go wrong.
+
+    \b
+    Status per layer:
+      OK        within the noise expected for the dtype pair (see docs/verdicts.md)
+      DRIFT     error beyond that noise (norm or outliers), or logits KL/top-1 off
+      OVERFLOW  inf, or values pinned near the dtype max, where the baseline is finite
+      NAN       NaN where the baseline is finite
+      MISMATCH  shapes, dtype kinds or inputs differ
+      MISSING   the key is in one dump only
+    Exit code: 0 nothing to fail on, 1 something flagged (see --fail-on), 2 bad input.
+    """
+    from pathlib import Path
+
+    from .compare import compare as run_compare
+    from .render import print_report
+
+    if top is not None and top < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--top")
+    report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile, fail_on=fail_on,
+                         topk=topk, jobs=jobs, allow_different_models=allow_different_models)
+    if json_out == "-":
+        click.echo(report.to_json())
+    else:
+        if quiet:
+            click.echo(report.summary)
+        else:
+            print_report(report, only_flagged=only_flagged, top=top)
+        if json_out:
+            Path(json_out).write_text(report.to_json())
+    if md_out:
+        Path(md_out).write_text(report.to_markdown())
+    sys.exit(0 if report else 1)

@@ -85,6 +85,8 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> 
     """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``."""
     import transformers
 
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     p = Path(path)
     kind = model_kind(p)
     auto_cls = (transformers.AutoModelForSeq2SeqLM if kind == "encoder-decoder"

@@ -18,7 +18,11 @@ STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN":
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    """A console that keeps long layer names whole when output goes to a file or pipe."""
+    import sys
+
+    width = None if sys.stdout.isatty() else 220
+    return Console(highlight=False, soft_wrap=False, width=width)
 
 
 def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
@@ -71,3 +75,50 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def print_report(report: Report, *, only_flagged: bool = False, top: int | None = None) -> None:
+    """The summary line, warnings, then the rows (flagged ones highlighted)."""
+    con = _console()
+    style = "bold green" if report else "bold red"
+    con.print(f"[{style}]{report.summary}[/]")
+    for w in report.warnings:
+        con.print(f"[yellow]warning:[/] {w}")
+    rows = [r for r in report.rows if r.status != "OK"] if only_flagged else list(report.rows)
+    if top is not None:
+        rows = sorted(rows, key=_severity, reverse=True)[:top]
+        rows.sort(key=lambda r: r.order)
+    if not rows:
+        return
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
+                         ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
+                         ("1-cos", "right"), ("max_abs", "right"), ("max_ulp", "right"),
+                         ("absmax tgt", "right"), ("why", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "why")  # type: ignore[arg-type]
+    first = report.first_divergence
+    for r in rows:
+        m = r.metrics
+        st = STATUS_STYLE.get(r.status, "")
+        mark = " ◀ first" if first is not None and r.key == first.key else ""
+        reason = r.reason
+        if r.logits is not None:
+            lg = r.logits
+            reason = (f"{reason}; " if reason else "") + (
+                f"top1 {lg.top1_agreement:.1%}, top{lg.k} {lg.topk_overlap:.1%}, "
+                f"KL {lg.kl_mean:.2g}/{lg.kl_max:.2g}")
+        table.add_row(
+            str(r.order), r.key, f"[{st}]{r.status}[/]{mark}",
+            "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
+            _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
+            _fmt(m.max_abs) if m else "-", _fmt(m.max_ulp) if m else "-",
+            _fmt(m.absmax_target) if m else "-", reason,
+            style="on grey15" if r.flagged else None)
+    con.print(table)
+
+
+def _severity(r: Report.__class__) -> tuple[int, float]:  # type: ignore[name-defined]
+    from .report import STATUSES
+
+    m = r.metrics
+    return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)

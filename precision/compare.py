@@ -1,0 +1,281 @@
+"""Align two dumps, compute metrics per tensor, give verdicts and the first divergence.
+
+Rows follow the baseline's execution order; keys only the target has come last as MISSING.
+Aliases (a module output that is the very tensor of an earlier record) are not compared
+twice. Work is spread over threads (numpy releases the GIL), each streaming its tensor pair
+in chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .dtypes import is_float
+from .dump import Dump, Entry, load
+from .errors import DumpError, InputError
+from .logits import compare_logit_rows
+from .metrics import PairAccumulator, TensorMetrics, compare_exact
+from .profiles import Profile, named_profile, profile_for
+from .report import FAIL_ON, Report, Row
+from .statsdiff import array_stats, stats_delta
+
+CHUNK_ELEMS = 1 << 16
+INPUT_PREFIX = "input:"
+
+
+@dataclass(frozen=True)
+class _Pair:
+    order: int
+    key: str
+    base: Entry | None
+    target: Entry | None
+    base_key: str | None
+    target_key: str | None
+    is_logits: bool
+
+
+def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] | Dump, *,
+            rtol: float | None = None, atol: float | None = None, profile: str | None = None,
+            fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
+            chunk_elems: int = CHUNK_ELEMS, allow_different_models: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> Report:
+    """Compare two dumps of the same model and inputs; returns a :class:`Report`.
+
+    ``profile`` (``fp16``/``bf16``/``fp32``) overrides the tolerance profile chosen from the
+    two runs' dtypes; ``rtol``/``atol`` override its norm tolerance and absolute floor.
+    ``fail_on`` decides which statuses make the report falsy (see ``report.FAIL_ON``).
+    """
+    if fail_on not in FAIL_ON:
+        raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
+    b = base if isinstance(base, Dump) else load(base)
+    t = target if isinstance(target, Dump) else load(target)
+    _check_same_model(b, t, allow_different_models)
+    prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
+    pairs = _align(b, t)
+    workers = max(1, jobs or os.cpu_count() or 1)
+    done = 0
+
+    def run(pair: _Pair) -> Row:
+        nonlocal done
+        row = _compare_pair(b, t, pair, prof, topk, chunk_elems)
+        done += 1
+        if progress is not None:
+            progress(done, len(pairs))
+        return row
+
+    if workers == 1:
+        rows = [run(p) for p in pairs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(run, pairs))
+    rows = _with_growth(rows)
+    first = next((r for r in rows if r.flagged), None)
+    return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
+                  first_divergence=first, warnings=tuple(_warnings(b, t, rows)),
+                  fail_on=fail_on, info=_info(b, t))
+
+
+def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:
+    hb = b.meta.get("model", {}).get("config_hash")
+    ht = t.meta.get("model", {}).get("config_hash")
+    if hb and ht and hb != ht and not allow:
+        raise DumpError(f"{b.path.name} and {t.path.name} come from different models "
+                        f"(config hash {hb} vs {ht}); pass --allow-different-models to "
+                        "compare them anyway")
+
+
+def _choose_profile(b: Dump, t: Dump, name: str | None) -> Profile:
+    if name:
+        return named_profile(name)
+    return profile_for(b.dtype or _guess_dtype(b), t.dtype or _guess_dtype(t))
+
+
+def _guess_dtype(d: Dump) -> str:
+    floats = [e.dtype for e in d.entries if is_float(e.dtype)]
+    return max(set(floats), key=floats.count) if floats else "float32"
+
+
+def _stored_key(d: Dump, e: Entry) -> str | None:
+    """The key whose data holds this entry: itself, or what it aliases (if stored)."""
+    if e.key in d.tensors or e.stats is not None:
+        return e.key
+    if e.alias_of:
+        return e.alias_of
+    return None
+
+
+def _align(b: Dump, t: Dump) -> list[_Pair]:
+    logits = {b.meta.get("logits_key"), t.meta.get("logits_key")} - {None}
+    pairs = []
+    seen = set()
+    for e in b.entries:
+        if e.alias_of:
+            continue
+        te = t.entry(e.key)
+        seen.add(e.key)
+        pairs.append(_Pair(len(pairs), e.key, e, te, _stored_key(b, e),
+                           _stored_key(t, te) if te else None, e.key in logits))
+    for e in t.entries:
+        if e.key not in seen and not e.alias_of and b.entry(e.key) is None:
+            pairs.append(_Pair(len(pairs), e.key, None, e, None, _stored_key(t, e), False))
+    return pairs
+
+
+def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,
+                  chunk: int) -> Row:
+    be, te = p.base, p.target
+    if be is None or te is None:
+        side = "target" if be is None else "baseline"
+        e = be or te
+        assert e is not None
+        return Row(p.order, p.key, "MISSING", f"only in the {side}", e.shape,
+                   be.dtype if be else "-", te.dtype if te else "-")
+    row = Row(p.order, p.key, "OK", "", be.shape, be.dtype, te.dtype)
+    if be.shape != te.shape:
+        return replace(row, status="MISMATCH", reason=f"shape {list(be.shape)} vs {list(te.shape)}")
+    if is_float(be.dtype) != is_float(te.dtype):
+        return replace(row, status="MISMATCH", reason=f"dtype {be.dtype} vs {te.dtype}")
+    full_b = p.base_key in b.tensors
+    full_t = p.target_key in t.tensors
+    if not is_float(be.dtype):
+        if full_b and full_t:
+            return _exact_row(b, t, p, row, chunk)
+        return replace(row, reason="integer tensor in a stats-only dump: not compared")
+    if full_b and full_t:
+        return _float_row(b, t, p, row, prof, topk, chunk)
+    return _stats_row(b, t, p, row, prof, chunk)
+
+
+def _chunk_pairs(b: Dump, t: Dump, p: _Pair, chunk: int) -> Any:
+    assert p.base_key is not None and p.target_key is not None
+    return zip(b.chunks(p.base_key, chunk), t.chunks(p.target_key, chunk))
+
+
+def _exact_row(b: Dump, t: Dump, p: _Pair, row: Row, chunk: int) -> Row:
+    ex = compare_exact(_chunk_pairs(b, t, p, chunk))
+    if ex.mismatched == 0:
+        return replace(row, exact=ex, reason="identical")
+    what = f"{ex.mismatched} of {ex.numel} values differ (max |diff| {ex.max_abs:g})"
+    if p.key.startswith(INPUT_PREFIX):
+        return replace(row, exact=ex, status="MISMATCH",
+                       reason=f"inputs differ, {what}: capture the target with --replay BASE")
+    return replace(row, exact=ex, status="DRIFT", reason=what)
+
+
+def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
+               chunk: int) -> Row:
+    acc = PairAccumulator(b.dtype or row.base_dtype, t.dtype or row.target_dtype)
+    for x, y in _chunk_pairs(b, t, p, chunk):
+        acc.update(x, y)
+    m = acc.result()
+    lg = None
+    if p.is_logits and len(row.shape) >= 1 and row.shape[-1] > 0:
+        vocab = row.shape[-1]
+        rows_chunk = max(1, chunk // vocab) * vocab
+        lg = compare_logit_rows(_chunk_pairs(b, t, p, rows_chunk), vocab, k=topk)
+    status, reason = judge(m, prof)
+    if status == "OK" and lg is not None:
+        if lg.kl_mean > prof.kl_mean:
+            status, reason = "DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}"
+        elif lg.top1_agreement < prof.top1:
+            status, reason = "DRIFT", f"top-1 agreement {lg.top1_agreement:.2%} < {prof.top1:.0%}"
+    if status == "OK" and m.nan_base + m.inf_base:
+        reason = f"baseline holds {m.nan_base} NaN and {m.inf_base} inf (excluded)"
+    return replace(row, status=status, reason=reason, metrics=m, logits=lg)
+
+
+def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
+    """Status and reason for float metrics under a profile (rules in docs/verdicts.md)."""
+    if m.new_nan:
+        return "NAN", f"{m.new_nan} NaN where the baseline is finite"
+    if m.new_inf or m.saturated:
+        parts = []
+        if m.new_inf:
+            parts.append(f"{m.new_inf} inf where the baseline is finite")
+        if m.saturated:
+            parts.append(f"{m.saturated} values pinned near ±{m.target_max:g}")
+        return "OVERFLOW", ", ".join(parts)
+    bound = prof.rel_l2 * m.norm_base + prof.atol * math.sqrt(m.compared)
+    if m.rmse * math.sqrt(m.compared) > bound:
+        return "DRIFT", f"rel_l2 {m.rel_l2:.3g} > {prof.rel_l2:.3g}"
+    if m.max_abs > prof.outlier * m.rms_base + prof.atol:
+        scale = f"{m.max_abs / m.rms_base:.3g} x rms" if m.rms_base else "the baseline is all 0"
+        return "DRIFT", f"outlier: max|d| {m.max_abs:.3g} is {scale} (> {prof.outlier:.3g})"
+    return "OK", ""
+
+
+def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) -> Row:
+    sa = _stats_of(b, p.base_key, p.base, chunk)
+    sb = _stats_of(t, p.target_key, p.target, chunk)
+    if sa is None or sb is None:
+        return replace(row, status="MISSING", reason="no data stored for this record")
+    delta = stats_delta(sa, sb)
+    row = replace(row, stats_delta=delta)
+    if delta["new_nan"]:
+        return replace(row, status="NAN", reason=f"{delta['new_nan']} more NaN than the baseline")
+    if delta["new_inf"] or (t.dtype == "float16" and delta["new_near_fp16_max"]):
+        return replace(row, status="OVERFLOW",
+                       reason=f"{delta['new_inf']} more inf, {delta['new_near_fp16_max']} more "
+                              "values near the fp16 max than the baseline")
+    bound = prof.rel_l2 * delta["norm_base"] + prof.atol * math.sqrt(delta["numel"])
+    if delta["norm_gap"] > bound:
+        return replace(row, status="DRIFT",
+                       reason=f"norms differ by {delta['norm_gap_rel']:.3g} relative "
+                              f"(> {prof.rel_l2:.3g}; proves rel_l2 at least that)")
+    return replace(row, reason="stats only: norms agree (cannot rule out elementwise drift)")
+
+
+def _stats_of(d: Dump, key: str | None, e: Entry | None, chunk: int) -> dict[str, Any] | None:
+    if e is not None and e.stats is not None:
+        return e.stats
+    if key is not None and key in d.tensors:
+        return array_stats(d.chunks(key, chunk))
+    if key is not None and (src := d.entry(key)) is not None:
+        return src.stats
+    return None
+
+
+def _with_growth(rows: list[Row]) -> list[Row]:
+    """Attach ``growth``: a row's rel_l2 over the previous compared float row's rel_l2."""
+    out, prev = [], None
+    for r in rows:
+        if r.metrics is not None and math.isfinite(r.metrics.rel_l2):
+            cur = r.metrics.rel_l2
+            growth = (cur / prev) if prev else None
+            out.append(replace(r, growth=growth))
+            prev = cur if cur > 0 else prev
+        else:
+            out.append(r)
+    return out
+
+
+def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
+    notes = []
+    if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
+        notes.append("the two runs saw different inputs: capture the target with "
+                     f"--replay {b.path.name}")
+    dirty = [r.key for r in rows if r.metrics and (r.metrics.nan_base or r.metrics.inf_base)]
+    if dirty:
+        notes.append(f"the baseline itself holds NaN/inf in {len(dirty)} tensor(s), first "
+                     f"{dirty[0]}: those elements are excluded")
+    for d in (b, t):
+        if not d.complete:
+            notes.append(f"{d.path.name} is marked incomplete")
+        if d.meta.get("foreign"):
+            notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
+    return notes
+
+
+def _info(b: Dump, t: Dump) -> dict[str, Any]:
+    def side(d: Dump) -> dict[str, Any]:
+        return {"path": str(Path(d.path)), "dtype": d.dtype, "mode": d.mode,
+                "device": d.meta.get("device", {}).get("name"),
+                "model": d.meta.get("model", {}).get("class")}
+
+    return {"base": side(b), "target": side(t)}

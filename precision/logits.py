@@ -1,0 +1,99 @@
+"""Logits metrics over the last (vocabulary) axis, in float64 (numpy only).
+
+For each position (row) r with baseline logits a_r and target logits b_r:
+
+- top-1 agreement: ``argmax a_r == argmax b_r``; the rows where it fails are *flips*
+- top-k overlap: ``|topk(a_r) ∩ topk(b_r)| / k``
+- ``KL(p_r || q_r) = Σ_v p_v (log p_v - log q_v)`` with ``p = softmax(a_r)``,
+  ``q = softmax(b_r)`` computed by log-sum-exp in float64; terms with ``p_v = 0`` are 0
+- ``margin``: the baseline's gap between its top-1 and top-2 logit at each flip, so a flip
+  after a near-tie can be told from a real one
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ROWS_PER_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class LogitsMetrics:
+    """Agreement between two logits tensors; ``flips`` lists (row, base id, target id, margin)."""
+
+    positions: int
+    k: int
+    top1_agreement: float
+    topk_overlap: float
+    kl_mean: float
+    kl_max: float
+    flips: list[tuple[int, int, int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"positions": self.positions, "k": self.k, "top1_agreement": self.top1_agreement,
+                "topk_overlap": self.topk_overlap, "kl_mean": self.kl_mean,
+                "kl_max": self.kl_max,
+                "flips": [{"position": r, "base": i, "target": j, "margin": m}
+                          for r, i, j, m in self.flips]}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    shifted = x - m
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    idx = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    return np.sort(idx, axis=-1)
+
+
+def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = 5,
+                   max_flips: int = 50) -> LogitsMetrics:
+    """Compare logits ``a`` (baseline) and ``b`` (target) of equal shape ``(..., vocab)``."""
+    vocab = a.shape[-1] if a.ndim else 1
+    a2, b2 = a.reshape(-1, vocab), b.reshape(-1, vocab)
+    chunks = ((a2[i:i + ROWS_PER_CHUNK], b2[i:i + ROWS_PER_CHUNK])
+              for i in range(0, a2.shape[0], ROWS_PER_CHUNK))
+    return compare_logit_rows(chunks, vocab, k=k, max_flips=max_flips)
+
+
+def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: int, *,
+                       k: int = 5, max_flips: int = 50) -> LogitsMetrics:
+    """Compare logits given as chunks of flattened rows (each a multiple of ``vocab`` long)."""
+    k = max(1, min(k, vocab))
+    rows = agree = overlap = 0
+    kl_sum, kl_max = 0.0, 0.0
+    flips: list[tuple[int, int, int, float]] = []
+    for a_chunk, b_chunk in chunks:
+        x = np.asarray(a_chunk, dtype=np.float64).reshape(-1, vocab)
+        y = np.asarray(b_chunk, dtype=np.float64).reshape(-1, vocab)
+        if x.shape[0] == 0:
+            continue
+        top_a, top_b = np.argmax(x, axis=-1), np.argmax(y, axis=-1)
+        same = top_a == top_b
+        agree += int(same.sum())
+        ka, kb = _topk(x, k), _topk(y, k)
+        overlap += sum(len(np.intersect1d(p, q, assume_unique=True)) for p, q in zip(ka, kb))
+        lp, lq = _log_softmax(x), _log_softmax(y)
+        p = np.exp(lp)
+        with np.errstate(invalid="ignore"):
+            terms = np.where(p > 0, p * (lp - lq), 0.0)
+        kl = terms.sum(axis=-1)
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(np.max(kl)))
+        for r in np.flatnonzero(~same)[: max(0, max_flips - len(flips))]:
+            top2 = np.sort(x[r])[-2:] if vocab > 1 else np.array([x[r, 0]] * 2)
+            flips.append((rows + int(r), int(top_a[r]), int(top_b[r]),
+                          float(top2[1] - top2[0])))
+        rows += x.shape[0]
+    if rows == 0:
+        return LogitsMetrics(0, k, 1.0, 1.0, 0.0, 0.0)
+    return LogitsMetrics(rows, k, agree / rows, overlap / (rows * k), kl_sum / rows, kl_max,
+                         flips)

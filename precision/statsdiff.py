@@ -1,0 +1,68 @@
+"""Comparisons from per-tensor statistics, when one or both dumps were taken in stats mode.
+
+Statistics cannot give elementwise errors, but they bound them: by the reverse triangle
+inequality ``| ||b|| - ||a|| | <= ||b - a||``, so a norm gap beyond the tolerance proves
+drift. Agreement of statistics cannot prove its absence; such rows say so in their reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+FP16_MAX = 65504.0
+NEAR_FP16_MAX = 0.98 * FP16_MAX
+
+
+def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
+    """The statistics that stats-mode capture records, computed in float64 from chunks."""
+    n = nan = posinf = neginf = beyond = near = 0
+    total = sq = 0.0
+    lo, hi = math.inf, -math.inf
+    for c in chunks:
+        x = np.asarray(c, dtype=np.float64).reshape(-1)
+        n += x.size
+        finite = np.isfinite(x)
+        if not finite.all():
+            nan += int(np.isnan(x).sum())
+            posinf += int((x == math.inf).sum())
+            neginf += int((x == -math.inf).sum())
+            x = x[finite]
+        if x.size == 0:
+            continue
+        total += float(x.sum())
+        sq += float(np.dot(x, x))
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        mag = np.abs(x)
+        beyond += int(np.count_nonzero(mag > FP16_MAX))
+        near += int(np.count_nonzero(mag >= NEAR_FP16_MAX))
+    out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
+                           "beyond_fp16": beyond, "near_fp16_max": near}
+    finite_n = n - nan - posinf - neginf
+    if finite_n == 0:
+        return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
+    mean = total / finite_n
+    return out | {"min": lo, "max": hi, "mean": mean,
+                  "std": math.sqrt(max(sq / finite_n - mean * mean, 0.0)),
+                  "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
+
+
+def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+    """What two statistics records say about the pair: norm gap, new NaN/inf, saturation."""
+    na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
+    gap = abs(nb - na)
+    return {
+        "norm_base": na, "norm_target": nb, "norm_gap": gap,
+        "norm_gap_rel": (gap / na) if na else (0.0 if gap == 0 else math.inf),
+        "absmax_base": sa.get("absmax"), "absmax_target": sb.get("absmax"),
+        "mean_base": sa.get("mean"), "mean_target": sb.get("mean"),
+        "new_nan": max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
+        "new_inf": max(0, int(sb.get("posinf", 0)) + int(sb.get("neginf", 0))
+                       - int(sa.get("posinf", 0)) - int(sa.get("neginf", 0))),
+        "new_near_fp16_max": max(0, int(sb.get("near_fp16_max", 0))
+                                 - int(sa.get("near_fp16_max", 0))),
+        "numel": int(sa.get("numel", 0)),
+    }

@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Build tiny, deterministic Hugging Face model fixtures under ``fixtures/``.
+
+Creates three offline model directories from a fixed seed and the bundled
+``fixtures/corpus.txt``:
+
+* ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, untied
+  ``lm_head``), with a BPE tokenizer trained on the corpus that appends ``</s>``.
+* ``tiny-flan-t5-overflow``: the same model, but the feed-forward output
+  projection ``wo`` of encoder block ``OVERFLOW_BLOCK`` is multiplied by
+  ``OVERFLOW_SCALE`` so that its output exceeds the fp16 range (inf under a
+  wholesale ``.half()``) while staying finite in fp32 and bf16.
+* ``tiny-qwen3``: a decoder-only Qwen3 (GQA, RoPE, RMSNorm) using the same
+  vocabulary, with a tokenizer that does not append ``</s>``.
+
+Running the script twice produces byte-identical files. Usage::
+
+    .venv/bin/python scripts/make_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+CORPUS = FIXTURES / "corpus.txt"
+
+SEED = 0
+VOCAB_SIZE = 800
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 (T5 convention)
+PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+OVERFLOW_BLOCK = 2  # encoder block whose FFN ``wo`` overflows in fp16
+OVERFLOW_SCALE = 65536.0  # 2**16: exact in fp32/bf16/fp16, keeps max |wo weight| < 65504
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+def train_tokenizer(lines: list[str]) -> Tokenizer:
+    """Train a deterministic BPE tokenizer with a T5-like Metaspace pre-tokenizer."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD_ID, EOS_ID, UNK_ID]
+    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
+    return tok
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as stable, pretty-printed JSON."""
+    path.write_text(
+        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+
+
+def save_tokenizer(tok: Tokenizer, out: Path, *, append_eos: bool) -> None:
+    """Save ``tok`` so that ``AutoTokenizer.from_pretrained(out)`` works offline.
+
+    With ``append_eos`` (seq2seq / T5 style) every encoded sequence ends in ``</s>``;
+    otherwise (causal LM) nothing is added and padding happens on the left.
+    """
+    tok = Tokenizer.from_str(tok.to_str())  # copy: post-processor differs per model
+    if append_eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", EOS_ID)]
+        )
+    tok.save(str(out / "tokenizer.json"))
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    write_json(out / "special_tokens_map.json", special)
+    write_json(
+        out / "tokenizer_config.json",
+        {
+            **special,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 512,
+            "padding_side": "right" if append_eos else "left",
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+
+
+def build_t5() -> T5ForConditionalGeneration:
+    """Seeded Flan-T5 (T5 v1.1) architecture with an untied, separately initialised ``lm_head``."""
+    config = T5Config(
+        vocab_size=VOCAB_SIZE,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+    torch.manual_seed(SEED)
+    model = T5ForConditionalGeneration(config).float().eval()
+    # transformers 5.x always ties lm_head to the shared embedding at construction time;
+    # Flan-T5 checkpoints carry a separate lm_head (init std 1.0 as in T5's _init_weights).
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB_SIZE, config.d_model))
+    model.config.tie_word_embeddings = False
+    model.all_tied_weights_keys.pop("lm_head.weight", None)
+    return model
+
+
+def build_qwen3() -> Qwen3ForCausalLM:
+    """Seeded tiny Qwen3 decoder-only model (GQA 4 query / 2 kv heads, RoPE, RMSNorm)."""
+    config = Qwen3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=EOS_ID,  # like Qwen: bos == eos, and the tokenizer adds neither
+        eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(SEED)
+    return Qwen3ForCausalLM(config).float().eval()
+
+
+def save_model(model: PreTrainedModel, out: Path) -> None:
+    """Save fp32 safetensors weights, config and generation config."""
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def encoder_wo_max(model: T5ForConditionalGeneration, prompts: list[torch.Tensor]) -> list[float]:
+    """Max |output| of every encoder block's FFN ``wo`` over ``prompts`` (model's own dtype)."""
+    maxima = [0.0] * len(model.encoder.block)
+    hooks = [
+        block.layer[1].DenseReluDense.wo.register_forward_hook(
+            lambda _m, _i, out, i=i: maxima.__setitem__(i, max(maxima[i], out.abs().max().item()))
+        )
+        for i, block in enumerate(model.encoder.block)
+    ]
+    with torch.no_grad():
+        for ids in prompts:
+            model.encoder(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return maxima
+
+
+def first_nonfinite_module(model: PreTrainedModel, ids: torch.Tensor) -> str | None:
+    """Name of the first module (in execution order) whose output holds inf/NaN, if any."""
+    names = {m: n for n, m in model.named_modules()}
+    found: list[str] = []
+
+    def hook(module: torch.nn.Module, _inp: object, out: object) -> None:
+        tensor = out[0] if isinstance(out, tuple) else out
+        if isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all():
+            found.append(names[module])
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=model._shift_right(ids)).logits
+    for h in hooks:
+        h.remove()
+    assert torch.isfinite(logits).all(), "logits must stay finite"
+    return found[0] if found else None
+
+
+def check_t5(path: Path, prompts: list[torch.Tensor], *, overflow: bool) -> None:
+    """Check a saved T5 fixture: fp32/bf16 finite, expected fp16 behaviour, generate works."""
+    wo_name = f"encoder.block.{OVERFLOW_BLOCK}.layer.1.DenseReluDense.wo"
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    maxima = encoder_wo_max(model, prompts)
+    print(f"{path.name}: fp32 max |wo out| per encoder block: {[f'{m:.1f}' for m in maxima]}")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert all(first_nonfinite_module(model.to(dtype), ids) is None for ids in prompts), dtype
+    model.half()
+    firsts = {first_nonfinite_module(model, ids) for ids in prompts}
+    if overflow:
+        assert all(m < FP16_MAX for i, m in enumerate(maxima) if i != OVERFLOW_BLOCK)
+        assert firsts == {wo_name}, firsts
+        fp16_loaded = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float16).eval()
+        assert fp16_loaded.get_submodule(wo_name).weight.dtype == torch.float32  # kept fp32
+        assert max(encoder_wo_max(fp16_loaded, prompts)) < float("inf")
+    else:
+        assert max(maxima) < FP16_MAX / 100 and firsts == {None}, firsts
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["translate English to German: The house is wonderful."], return_tensors="pt")
+    generated = model.float().generate(**batch, max_new_tokens=8, do_sample=False)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    print(f"{path.name}: greedy generate -> {text!r}")
+
+
+def check_qwen3(path: Path) -> None:
+    """Load the Qwen3 fixture via Auto classes and run a finite forward plus greedy generate."""
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(
+        ["question: What is the capital of France?", "summarize: rain"],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=PAD_ID)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    print(f"{path.name}: greedy generate -> {text!r}")
+
+
+def main() -> None:
+    """Build all fixtures, then verify them."""
+    torch.use_deterministic_algorithms(True)
+    lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokenizer = train_tokenizer(lines)
+    prompts = [torch.tensor([[*tokenizer.encode(line).ids, EOS_ID]]) for line in lines]
+
+    names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3")
+    t5_dir, overflow_dir, qwen_dir = (FIXTURES / name for name in names)
+    for out in (t5_dir, overflow_dir, qwen_dir):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+
+    t5 = build_t5()
+    save_model(t5, t5_dir)
+    save_tokenizer(tokenizer, t5_dir, append_eos=True)
+
+    with torch.no_grad():
+        t5.encoder.block[OVERFLOW_BLOCK].layer[1].DenseReluDense.wo.weight.mul_(OVERFLOW_SCALE)
+    save_model(t5, overflow_dir)
+    save_tokenizer(tokenizer, overflow_dir, append_eos=True)
+
+    save_model(build_qwen3(), qwen_dir)
+    save_tokenizer(tokenizer, qwen_dir, append_eos=False)
+
+    check_t5(t5_dir, prompts, overflow=False)
+    check_t5(overflow_dir, prompts, overflow=True)
+    check_qwen3(qwen_dir)
+
+
+if __name__ == "__main__":
+    main()
