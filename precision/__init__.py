@@ -18,8 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .compare import compare
 from .dump import Dump, load
 from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
+from .report import Report, Row
 
 if TYPE_CHECKING:
     from .capture import Capture
@@ -32,8 +34,11 @@ __all__ = [
     "InputError",
     "ModelError",
     "PrecisionError",
+    "Report",
+    "Row",
     "__version__",
     "capture",
+    "compare",
     "keep_fp32",
     "load",
 ]

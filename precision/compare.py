@@ -170,7 +170,7 @@ def _exact_row(b: Dump, t: Dump, p: _Pair, row: Row, chunk: int) -> Row:
 
 def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
                chunk: int) -> Row:
-    acc = PairAccumulator(b.dtype or row.base_dtype, t.dtype or row.target_dtype)
+    acc = PairAccumulator(row.base_dtype, row.target_dtype)
     for x, y in _chunk_pairs(b, t, p, chunk):
         acc.update(x, y)
     m = acc.result()

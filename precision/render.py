@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .dtypes import short
-from .dump import Dump
+from .dump import FORMAT_VERSION, Dump
 
 if TYPE_CHECKING:
     from .report import Report
@@ -32,7 +33,7 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
     model = m.get("model", {})
     dev = m.get("device", {})
     policy = m.get("policy", {})
-    con.print(f"[bold]{dump.path}[/]  format v{m.get('format_version', 1)}  "
+    con.print(f"[bold]{escape(str(dump.path))}[/]  format v{FORMAT_VERSION}  "
               f"{'complete' if dump.complete else '[red]INCOMPLETE[/]'}")
     rows = [
         ("model", f"{model.get('class', '?')} ({model.get('kind', '?')}) "
@@ -50,11 +51,11 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
     if m.get("foreign"):
         rows = [("format", "plain safetensors file (no precision metadata)")]
     for name, value in rows:
-        con.print(f"  [cyan]{name:8}[/] {value}")
+        con.print(f"  [cyan]{name:8}[/] {escape(value)}")
     fp32_mods = [k for k, v in m.get("module_dtypes", {}).items() if v == "float32"]
     if m.get("dtype") not in (None, "float32") and fp32_mods:
         con.print(f"  [cyan]{'fp32':8}[/] modules with fp32 parameters: {len(fp32_mods)} "
-                  f"(e.g. {fp32_mods[0]})")
+                  f"(e.g. {escape(fp32_mods[0])})")
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("#", "key", "shape", "dtype", "absmax" if dump.mode == "stats" else "note"):
         table.add_column(col, overflow="fold")
@@ -64,7 +65,7 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
         note = f"= {e.alias_of}" if e.alias_of else ""
         if e.stats is not None:
             note = _fmt(e.stats.get("absmax"))
-        table.add_row(str(e.order), e.key, "x".join(map(str, e.shape)) or "scalar",
+        table.add_row(str(e.order), escape(e.key), "x".join(map(str, e.shape)) or "scalar",
                       short(e.dtype), note)
     con.print(table)
 
@@ -81,9 +82,9 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
     """The summary line, warnings, then the rows (flagged ones highlighted)."""
     con = _console()
     style = "bold green" if report else "bold red"
-    con.print(f"[{style}]{report.summary}[/]")
+    con.print(f"[{style}]{escape(report.summary)}[/]")
     for w in report.warnings:
-        con.print(f"[yellow]warning:[/] {w}")
+        con.print(f"[yellow]warning:[/] {escape(w)}")
     rows = [r for r in report.rows if r.status != "OK"] if only_flagged else list(report.rows)
     if top is not None:
         rows = sorted(rows, key=_severity, reverse=True)[:top]
@@ -108,11 +109,11 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
                 f"top1 {lg.top1_agreement:.1%}, top{lg.k} {lg.topk_overlap:.1%}, "
                 f"KL {lg.kl_mean:.2g}/{lg.kl_max:.2g}")
         table.add_row(
-            str(r.order), r.key, f"[{st}]{r.status}[/]{mark}",
+            str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
             "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
             _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
             _fmt(m.max_abs) if m else "-", _fmt(m.max_ulp) if m else "-",
-            _fmt(m.absmax_target) if m else "-", reason,
+            _fmt(m.absmax_target) if m else "-", escape(reason),
             style="on grey15" if r.flagged else None)
     con.print(table)
 

@@ -1,0 +1,35 @@
+# Sourced by scripts/demo and scripts/test: make a virtualenv under the project (unless one
+# is active), reuse an installed torch, otherwise install a CPU build, then install the
+# project. Sets $PY. Re-runs are fast: a stamp records what was installed.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+EXTRAS=${1:-}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then
+  PY=$(command -v python)
+else
+  if [ ! -x "$ROOT/.venv/bin/python" ]; then
+    echo "· creating a virtualenv in .venv (it sees an already installed torch)" >&2
+    python3 -m venv --system-site-packages "$ROOT/.venv"
+  fi
+  PY="$ROOT/.venv/bin/python"
+fi
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  # A pinned CPU build; an unpinned 'torch' would pull several GB of CUDA packages.
+  spec=${PRECISION_TORCH_SPEC:-torch==2.13.0}
+  echo "· installing $spec (CPU build)" >&2
+  "$PY" -m pip install -q "$spec"
+fi
+
+stamp="$ROOT/.venv/.installed${EXTRAS:+-$EXTRAS}"
+want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import precision" >/dev/null 2>&1; then
+  echo "· installing precision${EXTRAS:+ with [$EXTRAS]} and its dependencies" >&2
+  "$PY" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+  "$PY" -c "import precision" || { echo "error: installing precision failed" >&2; exit 2; }
+  mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
+fi
+BIN=$(dirname "$PY")
+export PATH="$BIN:$PATH"

@@ -1,0 +1,93 @@
+"""Shared test helpers: fixture paths, synthetic dumps, and cached real captures."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from precision.dump import DumpWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+T5 = FIXTURES / "tiny-flan-t5"
+T5_OVERFLOW = FIXTURES / "tiny-flan-t5-overflow"
+QWEN = FIXTURES / "tiny-qwen3"
+OVERFLOW_WO = "encoder.block.2.layer.1.DenseReluDense.wo:out"
+
+
+def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "float32",
+               logits_key: str | None = None, stats: dict[str, dict[str, Any]] | None = None,
+               meta: dict[str, Any] | None = None) -> Path:
+    """Write a precision dump from numpy arrays (bf16 via ml_dtypes), in dict order.
+
+    ``stats`` adds stats-only records (no tensor) for the given keys.
+    """
+    w = DumpWriter(path, force=True)
+    entries = []
+    for key, arr in tensors.items():
+        a = np.ascontiguousarray(arr)
+        name = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
+        w.write(key, name, tuple(a.shape), a.reshape(-1).view(np.uint8))
+        module, _, kind = key.partition(":")
+        entries.append({"key": key, "module": module, "kind": kind or "out", "index": "",
+                        "call": 0, "shape": list(a.shape), "dtype": name})
+    for key, st in (stats or {}).items():
+        entries.append({"key": key, "module": key.split(":")[0], "kind": "out", "index": "",
+                        "call": 0, "shape": [st["numel"]], "dtype": dtype, "stats": st})
+    full = {"mode": "stats" if stats and not tensors else "full", "dtype": dtype,
+            "model": {"class": "Synthetic", "config_hash": "synthetic"},
+            "logits_key": logits_key, "entries": entries, "complete": True}
+    w.close(full | (meta or {}))
+    return path
+
+
+@pytest.fixture
+def make_dump(tmp_path: Path) -> Callable[..., Path]:
+    """``make_dump("name.st", {key: array}, dtype=...)`` -> path of a synthetic dump."""
+
+    def make(name: str, tensors: dict[str, np.ndarray], **kw: Any) -> Path:
+        return write_dump(tmp_path / name, tensors, **kw)
+
+    return make
+
+
+def stats_of(x: np.ndarray) -> dict[str, Any]:
+    """Stats-mode record computed independently with numpy (finite values)."""
+    f = x[np.isfinite(x)].astype(np.float64)
+    return {"numel": int(x.size), "nan": int(np.isnan(x).sum()),
+            "posinf": int((x == np.inf).sum()), "neginf": int((x == -np.inf).sum()),
+            "beyond_fp16": int((np.abs(f) > 65504).sum()),
+            "near_fp16_max": int((np.abs(f) >= 0.98 * 65504).sum()),
+            "min": float(f.min()), "max": float(f.max()), "mean": float(f.mean()),
+            "std": float(f.std()), "norm": float(math.sqrt(np.dot(f, f))),
+            "absmax": float(np.abs(f).max())}
+
+
+@pytest.fixture(scope="session")
+def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real CLI-path captures of the T5 fixtures, shared by the whole session.
+
+    Keys: base, fp16, bf16 (healthy T5); obase, ofp16_none, ofp16_auto, obf16 (overflow T5).
+    """
+    from precision.runner import CaptureOptions, run_capture
+
+    d = tmp_path_factory.mktemp("t5runs")
+    runs: dict[str, Path] = {}
+
+    def cap(name: str, model: Path, dtype: str, **kw: Any) -> None:
+        runs[name] = run_capture(CaptureOptions(model=str(model), output=str(d / f"{name}.st"),
+                                                dtype=dtype, **kw))
+
+    cap("base", T5, "fp32")
+    cap("fp16", T5, "fp16", replay=str(runs["base"]))
+    cap("bf16", T5, "bf16", replay=str(runs["base"]))
+    cap("obase", T5_OVERFLOW, "fp32")
+    cap("ofp16_none", T5_OVERFLOW, "fp16", keep_fp32=("none",), replay=str(runs["obase"]))
+    cap("ofp16_auto", T5_OVERFLOW, "fp16", replay=str(runs["obase"]))
+    cap("obf16", T5_OVERFLOW, "bf16", keep_fp32=("none",), replay=str(runs["obase"]))
+    return runs

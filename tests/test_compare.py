@@ -1,0 +1,264 @@
+"""The compare engine: every verdict rule trips on a crafted case and stays quiet on noise."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from precision import DumpError, compare
+from precision.cli import main
+from precision.profiles import profile_for
+
+from .conftest import OVERFLOW_WO, stats_of
+
+RNG = np.random.default_rng(0)
+MakeDump = Callable[..., Path]
+
+
+def fp16_noise(a: np.ndarray) -> np.ndarray:
+    """What a healthy fp16 run gives: the fp32 values rounded to fp16."""
+    return a.astype(np.float16)
+
+
+def pair(make_dump: MakeDump, key: str, a: np.ndarray, b: np.ndarray,
+         tdtype: str = "float16", **kw: object) -> tuple[Path, Path]:
+    return (make_dump("a.st", {key: a}, dtype="float32", **kw),
+            make_dump("b.st", {key: b}, dtype=tdtype, **kw))
+
+
+def status(report: object, key: str) -> str:
+    return next(r.status for r in report.rows if r.key == key)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- real fixtures
+
+
+def test_healthy_fp16_and_bf16_are_clean(t5_runs: dict[str, Path]) -> None:
+    for target in ("fp16", "bf16"):
+        report = compare(t5_runs["base"], t5_runs[target])
+        assert report, report.summary
+        assert report.first_divergence is None
+        assert {r.status for r in report.rows} == {"OK"}
+
+
+def test_planted_overflow_is_the_first_divergence(t5_runs: dict[str, Path]) -> None:
+    report = compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    assert not report
+    first = report.first_divergence
+    assert first is not None and first.key == OVERFLOW_WO and first.status == "OVERFLOW"
+    assert first.metrics is not None and first.metrics.new_inf > 0
+    # the clamp in the next block pins values near the fp16 max: reported as saturation
+    assert any(r.status == "OVERFLOW" and r.metrics and r.metrics.saturated for r in report.rows)
+
+
+def test_keep_fp32_auto_and_bf16_do_not_overflow(t5_runs: dict[str, Path]) -> None:
+    assert compare(t5_runs["obase"], t5_runs["ofp16_auto"])
+    assert compare(t5_runs["obase"], t5_runs["obf16"])
+
+
+def test_logits_metrics_present_on_real_runs(t5_runs: dict[str, Path]) -> None:
+    report = compare(t5_runs["base"], t5_runs["bf16"], topk=3)
+    row = next(r for r in report.rows if r.logits is not None)
+    assert row.key == "lm_head:out"
+    assert row.logits.k == 3 and row.logits.positions == row.shape[0] * row.shape[1]
+    assert 0 <= row.logits.kl_mean < 5e-3
+
+
+def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path]) -> None:
+    one = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=1, chunk_elems=1 << 16)
+    two = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=2, chunk_elems=1000)
+    assert [r.status for r in one.rows] == [r.status for r in two.rows]
+    for r1, r2 in zip(one.rows, two.rows):
+        if r1.metrics:
+            assert r2.metrics is not None
+            assert r2.metrics.max_abs == r1.metrics.max_abs
+            assert r2.metrics.rel_l2 == pytest.approx(r1.metrics.rel_l2, rel=1e-9, abs=1e-300)
+
+
+# ---------------------------------------------------------------- verdict rules
+
+
+def test_noise_of_the_dtype_is_ok(make_dump: MakeDump) -> None:
+    a = RNG.standard_normal(4096).astype(np.float32)
+    assert compare(*pair(make_dump, "x:out", a, fp16_noise(a)))
+    bf = a.astype(ml_dtypes.bfloat16)
+    assert compare(*pair(make_dump, "x:out", a, bf, "bfloat16"))
+
+
+def test_norm_drift_trips_and_just_below_does_not(make_dump: MakeDump) -> None:
+    a = RNG.standard_normal(4096).astype(np.float32)
+    tol = profile_for("float32", "float16").rel_l2
+    direction = RNG.standard_normal(4096)
+    direction *= np.linalg.norm(a) / np.linalg.norm(direction)
+    over = (a + 2.0 * tol * direction).astype(np.float32)
+    under = (a + 0.5 * tol * direction).astype(np.float32)
+    assert status(compare(*pair(make_dump, "x:out", a, over, "float32",
+                                meta={"dtype": "float16"})), "x:out") == "DRIFT"
+    assert status(compare(*pair(make_dump, "x:out", a, under, "float32",
+                                meta={"dtype": "float16"})), "x:out") == "OK"
+
+
+def test_sparse_outlier_trips_although_the_norm_is_fine(make_dump: MakeDump) -> None:
+    """A moved position bucket: two entries take a neighbour's value; norms barely move."""
+    a = RNG.standard_normal(256 * 256).astype(np.float32)
+    b = a.copy()
+    b[[5, 900]] += np.float32(1.0)  # about one RMS off, on 2 of 65536 entries
+    report = compare(*pair(make_dump, "x:out", a, b, "float32", meta={"dtype": "float16"}))
+    row = report.rows[0]
+    assert row.metrics.rel_l2 < profile_for("float32", "float16").rel_l2
+    assert row.status == "DRIFT" and "outlier" in row.reason
+
+
+def test_new_inf_and_saturation_are_overflow(make_dump: MakeDump) -> None:
+    a = RNG.standard_normal(1000).astype(np.float32) * 10
+    a[3] = 70000.0
+    b_inf = a.astype(np.float16)  # 70000 -> inf
+    assert np.isinf(b_inf[3])
+    assert status(compare(*pair(make_dump, "x:out", a, b_inf)), "x:out") == "OVERFLOW"
+    b_clamped = b_inf.copy()
+    b_clamped[3] = 64512.0  # transformers' T5 clamp
+    report = compare(*pair(make_dump, "x:out", a, b_clamped))
+    assert report.rows[0].status == "OVERFLOW" and report.rows[0].metrics.saturated == 1
+    # a genuine large value that fp16 holds is not an overflow
+    a_ok = a.copy()
+    a_ok[3] = 64000.0
+    assert status(compare(*pair(make_dump, "x:out", a_ok, a_ok.astype(np.float16))),
+                  "x:out") == "OK"
+
+
+def test_new_nan_is_nan_but_baseline_nan_is_excluded(make_dump: MakeDump) -> None:
+    a = RNG.standard_normal(100).astype(np.float32)
+    b = fp16_noise(a)
+    b[7] = np.nan
+    assert status(compare(*pair(make_dump, "x:out", a, b)), "x:out") == "NAN"
+    a2 = a.copy()
+    a2[7] = np.nan
+    report = compare(*pair(make_dump, "x:out", a2, b))
+    assert report.rows[0].status == "OK" and report.rows[0].metrics.nan_base == 1
+    assert any("baseline itself holds NaN" in w for w in report.warnings)
+
+
+def test_masked_position_bias_is_excluded(make_dump: MakeDump) -> None:
+    """T5's bias with the mask folded in: finfo.min in fp32, -inf/-65504 in fp16."""
+    bias = RNG.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    a = bias.copy()
+    a[..., 6:] = np.finfo(np.float32).min
+    b = fp16_noise(bias)
+    b[..., 6:] = -np.inf
+    b[..., 7:] = np.float16(-65504)
+    report = compare(*pair(make_dump, "pb:out", a, b))
+    row = report.rows[0]
+    assert row.status == "OK", row.reason
+    assert row.metrics.masked == 4 * 8 * 2 and row.metrics.compared == 4 * 8 * 6
+
+
+def test_integer_bucket_ids_compare_exactly(make_dump: MakeDump) -> None:
+    ids = RNG.integers(0, 32, (16, 16))
+    moved = ids.copy()
+    moved[3, 9] += 1
+    key = "enc.relative_attention_bias:in.0"
+    assert status(compare(*pair(make_dump, key, ids, ids)), key) == "OK"
+    report = compare(*pair(make_dump, key, ids, moved))
+    assert report.rows[0].status == "DRIFT" and report.rows[0].exact.mismatched == 1
+
+
+def test_different_inputs_are_a_mismatch_with_advice(make_dump: MakeDump) -> None:
+    ids = RNG.integers(0, 100, (2, 5))
+    report = compare(*pair(make_dump, "input:input_ids", ids, ids + 1))
+    assert report.rows[0].status == "MISMATCH" and not report
+    assert any("--replay" in w for w in report.warnings)
+
+
+def test_missing_and_shape_and_kind_mismatch(make_dump: MakeDump) -> None:
+    x = np.ones((2, 3), np.float32)
+    a = make_dump("a.st", {"only_a:out": x, "s:out": x, "k:out": x})
+    b = make_dump("b.st", {"s:out": np.ones((3, 2), np.float32), "k:out": x.astype(np.int64),
+                           "only_b:out": x})
+    report = compare(a, b)
+    got = {r.key: r.status for r in report.rows}
+    assert got == {"only_a:out": "MISSING", "s:out": "MISMATCH", "k:out": "MISMATCH",
+                   "only_b:out": "MISSING"}
+    assert report.fail_on == "drift" and not report  # mismatches fail
+    assert not compare(a, b, fail_on="any")
+    assert compare(a, b, fail_on="overflow")
+
+
+def test_logits_kl_and_top1_rules(make_dump: MakeDump) -> None:
+    logits = RNG.standard_normal((4, 8, 50)).astype(np.float32) * 3
+    quiet = compare(*pair(make_dump, "lm:out", logits, fp16_noise(logits),
+                          logits_key="lm:out"))
+    assert quiet and quiet.rows[0].logits.top1_agreement == 1.0
+    flipped = logits.copy()
+    flipped[..., 0] = logits.max(axis=-1) + 5  # every position now prefers token 0
+    report = compare(*pair(make_dump, "lm:out", logits, flipped.astype(np.float16),
+                           logits_key="lm:out"))
+    assert report.rows[0].status == "DRIFT" and len(report.rows[0].logits.flips) > 0
+
+
+def test_stats_only_dumps_prove_drift_or_say_they_cannot(make_dump: MakeDump) -> None:
+    a = RNG.standard_normal(1000).astype(np.float32)
+    close = fp16_noise(a).astype(np.float32)
+    far = a * 1.5
+    base = make_dump("a.st", {}, stats={"x:out": stats_of(a)})
+    ok = make_dump("b.st", {}, dtype="float16", stats={"x:out": stats_of(close)})
+    bad = make_dump("c.st", {}, dtype="float16", stats={"x:out": stats_of(far)})
+    r_ok = compare(base, ok)
+    assert r_ok and "cannot rule out" in r_ok.rows[0].reason
+    assert status(compare(base, bad), "x:out") == "DRIFT"
+    # mixed: full baseline against a stats-only target
+    full = make_dump("d.st", {"x:out": a})
+    assert status(compare(full, bad), "x:out") == "DRIFT"
+    inf = a.copy()
+    inf[0] = np.inf
+    assert status(compare(base, make_dump("e.st", {}, dtype="float16",
+                                          stats={"x:out": stats_of(inf)})), "x:out") == "OVERFLOW"
+
+
+def test_different_models_are_refused(make_dump: MakeDump) -> None:
+    x = {"x:out": np.ones(3, np.float32)}
+    a = make_dump("a.st", x)
+    b = make_dump("b.st", x, meta={"model": {"class": "Other", "config_hash": "abc"}})
+    with pytest.raises(DumpError, match="different models"):
+        compare(a, b)
+    assert compare(a, b, allow_different_models=True)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_exit_codes_json_and_markdown(t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["compare", str(t5_runs["base"]), str(t5_runs["fp16"]), "-q"])
+    assert ok.exit_code == 0 and ok.output.startswith("PASS")
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    bad = runner.invoke(main, ["compare", str(t5_runs["obase"]), str(t5_runs["ofp16_none"]),
+                               "--json", str(js), "--markdown", str(md), "--only-flagged"])
+    assert bad.exit_code == 1
+    assert "first divergence at " + OVERFLOW_WO in bad.output
+    doc = json.loads(js.read_text())
+    assert doc["schema_version"] == 1 and doc["passed"] is False
+    assert doc["first_divergence"] == OVERFLOW_WO
+    assert doc["rows"][0]["metrics"] is not None or doc["rows"][0]["exact"] is not None
+    assert OVERFLOW_WO in md.read_text()
+    never = runner.invoke(main, ["compare", str(t5_runs["obase"]), str(t5_runs["ofp16_none"]),
+                                 "--fail-on", "never", "-q"])
+    assert never.exit_code == 0
+    nan_only = runner.invoke(main, ["compare", str(t5_runs["obase"]),
+                                    str(t5_runs["ofp16_none"]), "--fail-on", "nan", "-q"])
+    assert nan_only.exit_code == 0  # the overflow is clamped: no NaN reaches any layer
+    strict = runner.invoke(main, ["compare", str(t5_runs["base"]), str(t5_runs["bf16"]),
+                                  "--profile", "fp16", "-q"])
+    assert strict.exit_code == 1  # bf16 noise judged by the fp16 profile is drift
+
+
+def test_report_to_pandas(t5_runs: dict[str, Path]) -> None:
+    pytest.importorskip("pandas")
+    df = compare(t5_runs["base"], t5_runs["fp16"]).to_pandas()
+    assert {"key", "status", "rel_l2", "one_minus_cos"} <= set(df.columns)
+    assert (df["status"] == "OK").all()
