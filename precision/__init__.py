@@ -24,7 +24,7 @@ from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionErr
 from .report import Report, Row
 
 if TYPE_CHECKING:
-    from .capture import Capture
+    from .recorder import Capture
 
 __all__ = [
     "Capture",
@@ -46,7 +46,7 @@ __all__ = [
 
 def capture(model: Any, path: Any = None, **options: Any) -> Capture:
     """Record ``model``'s module outputs while the ``with`` block runs; see :class:`Capture`."""
-    from .capture import Capture
+    from .recorder import Capture
 
     return Capture(model, path, **options)
 
@@ -60,7 +60,7 @@ def keep_fp32(model: Any, patterns: Any) -> list[str]:
 
 def __getattr__(name: str) -> Any:
     if name == "Capture":
-        from .capture import Capture
+        from .recorder import Capture
 
         return Capture
     raise AttributeError(f"module 'precision' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import devices
-from .capture import DEFAULT_INPUT_GLOBS, Capture
+from .recorder import DEFAULT_INPUT_GLOBS, Capture
 from .dtypes import canonical
 from .dump import Dump, check_output_path, load
 from .errors import InputError
@@ -116,7 +116,7 @@ def _fresh_inputs(loaded: LoadedModel, prompts: Sequence[str], device: str,
 
 
 def _check_same_model(base: Dump, loaded: LoadedModel) -> None:
-    from .capture import model_identity
+    from .recorder import model_identity
 
     theirs = base.meta.get("model", {}).get("config_hash")
     ours = model_identity(loaded.model)["config_hash"]

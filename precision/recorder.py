@@ -1,4 +1,4 @@
-"""Record per-module outputs of a torch model into a dump.
+"""Record per-module outputs of a torch model into a dump (behind ``precision.capture``).
 
 >>> with precision.capture(model, "run.st") as cap:      # doctest: +SKIP
 ...     model(**inputs)
@@ -128,7 +128,7 @@ class Capture:
         self.path = Path(path)
         self._force = force
         self._modules = select_modules(model, include, exclude)
-        if not self._modules:
+        if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._buffer = buffer_mb * 1024 * 1024

@@ -1,0 +1,235 @@
+"""Capture: hooks, keys, aliases, call indices, stats, metadata, replay and dtype policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import precision
+from precision.recorder import flatten
+from precision.models import Policy, load_model
+from precision.runner import CaptureOptions, run_capture
+from precision.streaming import HostRing
+
+from .conftest import QWEN, T5, T5_OVERFLOW
+
+
+@pytest.fixture(scope="module")
+def t5() -> object:
+    return load_model(T5, dtype="float32", device="cpu", policy=Policy())
+
+
+def t5_inputs(loaded: object) -> dict[str, torch.Tensor]:
+    tok = loaded.tokenizer  # type: ignore[attr-defined]
+    enc = tok(["translate English to German: The house is wonderful.", "summarize: hi"],
+              return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "decoder_input_ids": torch.tensor([[0, 5, 9], [0, 7, 7]])}
+
+
+def test_t5_records_in_execution_order_with_aliases_and_buckets(t5: object,
+                                                               tmp_path: Path) -> None:
+    model = t5.model  # type: ignore[attr-defined]
+    inputs = t5_inputs(t5)
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st") as cap:
+        out = model(**inputs)
+    d = cap.dump
+    keys = [e.key for e in d.entries]
+    assert keys[:3] == ["input:input_ids", "input:attention_mask", "input:decoder_input_ids"]
+    assert keys.index("encoder.final_layer_norm:out") < keys.index("decoder.embed_tokens:out")
+    # logits: found through the model output and equal to it bit for bit
+    assert d.meta["logits_key"] == "lm_head:out"
+    np.testing.assert_array_equal(d["lm_head:out"], out.logits.numpy())
+    # eval-mode dropout returns its input: stored once, recorded as an alias
+    drop = d.entry("encoder.dropout:out")
+    assert drop is not None and drop.alias_of == "encoder.embed_tokens:out"
+    assert "encoder.dropout:out" not in d.tensors
+    # position bias: computed by block 0, passed on to the others, stored once
+    pb0 = "encoder.block.0.layer.0.SelfAttention:out.1"
+    assert pb0 in d.tensors
+    assert d.entry("encoder.block.1.layer.0.SelfAttention:out.1").alias_of == pb0
+    # the integer bucket ids fed to relative_attention_bias
+    ids = d["encoder.block.0.layer.0.SelfAttention.relative_attention_bias:in.0"]
+    assert ids.dtype == np.int64 and ids.shape == (inputs["input_ids"].shape[1],) * 2
+    assert d.meta["model"]["class"] == "T5ForConditionalGeneration"
+    assert d.meta["module_dtypes"]["encoder.block.0.layer.1.DenseReluDense.wo"] == "float32"
+    assert d.meta["env"]["torch"] == torch.__version__
+
+
+def test_call_index_when_a_module_runs_twice(t5: object, tmp_path: Path) -> None:
+    model = t5.model  # type: ignore[attr-defined]
+    inputs = t5_inputs(t5)
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st",
+                                            include=["lm_head"]) as cap:
+        first = model(**inputs).logits
+        second = model(**inputs).logits
+    d = cap.dump
+    assert {"lm_head:out", "lm_head:out#1"} <= set(d.tensors)
+    np.testing.assert_array_equal(d["lm_head:out#1"], second.numpy())
+    np.testing.assert_array_equal(d["lm_head:out"], first.numpy())
+
+
+class Toy(nn.Module):
+    """Tuple and dict outputs, an in-place change after the hook, and a non-tensor leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.pair = Pair()
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        h = self.lin(x)
+        y, z = self.pair(h)
+        h.mul_(0)  # the captured value must be the one at hook time
+        return {"y": y, "z": z, "note": "text"}
+
+
+class Pair(nn.Module):
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, None]]:
+        return h * 2, (h + 1, None)
+
+
+def test_generic_module_flattening_and_copy_at_hook_time(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    toy = Toy()
+    x = torch.randn(3, 4)
+    expected = toy.lin(x).detach().clone()
+    with torch.no_grad(), precision.capture(toy, tmp_path / "t.st") as cap:
+        toy(x)
+    d = cap.dump
+    np.testing.assert_allclose(d["lin:out"], expected.numpy())
+    np.testing.assert_allclose(d["pair:out.0"], 2 * expected.numpy())
+    np.testing.assert_allclose(d["pair:out.1.0"], expected.numpy() + 1)
+    assert d.entry("root:out.y").alias_of == "pair:out.0"
+    assert d.meta["model"]["class"] == "Toy" and len(d.meta["model"]["config_hash"]) == 16
+    assert [k for k, _ in flatten({"a": (1, torch.ones(1)), "b": None})] == ["a.1"]
+
+
+def test_stats_mode_matches_numpy_and_counts_nonfinite(tmp_path: Path) -> None:
+    class Spiky(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.clone()
+            y[0] = float("inf")
+            y[1] = float("nan")
+            y[2] = 65000.0
+            return y
+
+    model = nn.Sequential(nn.Identity(), Spiky())
+    x = torch.randn(1000, dtype=torch.float32)
+    with torch.no_grad(), precision.capture(model, tmp_path / "s.st", mode="stats") as cap:
+        y = model(x)
+    d = cap.dump
+    assert d.mode == "stats" and not d.tensors.keys() - {"input:input"}
+    st = d.entry("1:out").stats
+    finite = y[torch.isfinite(y)].double().numpy()
+    assert (st["nan"], st["posinf"], st["neginf"], st["near_fp16_max"]) == (1, 1, 0, 1)
+    assert st["mean"] == pytest.approx(finite.mean(), rel=1e-6)
+    assert st["norm"] == pytest.approx(np.linalg.norm(finite), rel=1e-6)
+    assert st["absmax"] == pytest.approx(65000.0)
+    clean = d.entry("input:input").stats
+    assert clean["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-5)
+
+
+def test_include_exclude_and_no_match(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st", include=["*"],
+                                            exclude=["1"]) as cap:
+        model(torch.ones(1, 2))
+    assert {e.module for e in cap.dump.entries} == {"input", "0", "2", "root"}
+    with pytest.raises(precision.InputError, match="no module matches"):
+        precision.capture(model, tmp_path / "b.st", include=["nothing*"])
+
+
+def test_exception_inside_capture_leaves_no_file(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    out = tmp_path / "a.st"
+    with pytest.raises(RuntimeError), precision.capture(model, out):
+        model(torch.ones(1, 3))  # wrong width
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_small_ring_buffer_gives_identical_dumps(t5: object, tmp_path: Path) -> None:
+    model = t5.model  # type: ignore[attr-defined]
+    inputs = t5_inputs(t5)
+    with torch.no_grad(), precision.capture(model, tmp_path / "big.st") as big:
+        model(**inputs)
+    with torch.no_grad(), precision.capture(model, tmp_path / "tiny.st", buffer_mb=0) as tiny:
+        model(**inputs)
+    assert big.dump.keys() == tiny.dump.keys()
+    for k in big.dump.keys():
+        np.testing.assert_array_equal(big.dump[k], tiny.dump[k])
+
+
+def test_host_ring_wraps_and_frees_in_order() -> None:
+    ring = HostRing(256, pin=False)
+    offs = [ring.alloc(64), ring.alloc(64), ring.alloc(64)]
+    assert offs == [0, 64, 128]
+    ring.free()
+    ring.free()
+    assert ring.alloc(64) == 192  # room left at the end
+    assert ring.alloc(100) == 0  # wraps to the freed start
+    ring.free()
+    ring.free()
+    ring.free()
+    assert ring.alloc(256) == 0
+
+
+def test_temporary_capture_then_save(tmp_path: Path) -> None:
+    model = nn.Linear(2, 2)
+    with torch.no_grad(), precision.capture(model) as cap:
+        model(torch.ones(1, 2))
+    dest = cap.save(tmp_path / "kept.st")
+    assert dest.exists() and precision.load(dest).entries
+
+
+# ---------------------------------------------------------------- CLI path: policies, replay
+
+
+def capture(tmp: Path, name: str, **kw: object) -> precision.Dump:
+    opts = {"model": str(T5_OVERFLOW), "output": str(tmp / name)} | kw
+    return precision.load(run_capture(CaptureOptions(**opts)))  # type: ignore[arg-type]
+
+
+def test_dtype_policies_record_effective_dtypes(tmp_path: Path) -> None:
+    wo = "encoder.block.2.layer.1.DenseReluDense.wo"
+    auto = capture(tmp_path, "auto.st", dtype="fp16", max_new_tokens=1)
+    none = capture(tmp_path, "none.st", dtype="fp16", keep_fp32=("none",), max_new_tokens=1)
+    glob = capture(tmp_path, "glob.st", dtype="fp16", keep_fp32=("*.DenseReluDense.wo",),
+                   replay=str(none.path))
+    assert auto.meta["module_dtypes"][wo] == "float32"
+    assert none.meta["module_dtypes"][wo] == "float16"
+    assert glob.meta["module_dtypes"][wo] == "float32"
+    assert glob.meta["module_dtypes"]["encoder.block.2.layer.1.DenseReluDense.wi_0"] == "float16"
+    assert wo in glob.meta["policy"]["kept_fp32"] and glob.meta["policy"]["base"] == "none"
+    assert np.isinf(none[wo + ":out"]).any() and np.isfinite(glob[wo + ":out"]).all()
+
+
+def test_replay_reuses_the_exact_inputs(tmp_path: Path) -> None:
+    base = capture(tmp_path, "base.st", dtype="fp32", prompts=("question: why?",))
+    again = capture(tmp_path, "bf16.st", dtype="bf16", replay=str(base.path))
+    for k in ("input:input_ids", "input:attention_mask", "input:decoder_input_ids"):
+        np.testing.assert_array_equal(base[k], again[k])
+    assert again.meta["replayed_from"] == str(base.path) and again.meta["dtype"] == "bfloat16"
+    assert base.meta["device"]["type"] == "cpu" and base.meta["prompts"] == ["question: why?"]
+
+
+def test_causal_lm_generation_and_stats_mode(tmp_path: Path) -> None:
+    d = precision.load(run_capture(CaptureOptions(
+        model=str(QWEN), output=str(tmp_path / "q.st"), dtype="bf16", mode="stats",
+        prompts=("hello world", "the house"), max_new_tokens=3)))
+    assert d.meta["model"]["kind"] == "causal-lm" and d.mode == "stats"
+    ids = d["input:input_ids"]  # ids stay whole in stats mode, for replay
+    assert ids.shape[0] == 2 and ids.shape[1] >= 3
+    assert d.meta["logits_key"] == "lm_head:out"
+    assert d.entry("lm_head:out").stats["numel"] > 0
+
+
+def test_healthy_t5_path_and_fixture_roundtrip(tmp_path: Path) -> None:
+    d = precision.load(run_capture(CaptureOptions(model=str(T5), output=str(tmp_path / "x.st"),
+                                                  dtype="fp16", max_new_tokens=2)))
+    assert d.meta["policy"] == {"base": "auto", "globs": [], "kept_fp32": []}
+    assert d["input:decoder_input_ids"].shape[1] == 3  # start token + 2 generated
