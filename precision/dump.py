@@ -112,7 +112,12 @@ class DumpWriter:
         """Append one tensor; ``data`` is a buffer (bytes, memoryview, contiguous ndarray)."""
         if key in self._header:
             raise DumpError(f"duplicate tensor key {key!r} while writing {self.path}")
-        view = memoryview(data).cast("B")
+        if dtype not in NAME_TO_SAFETENSORS:
+            raise DumpError(f"tensor {key!r}: dtype {dtype!r} cannot be stored in a dump")
+        if isinstance(data, np.ndarray):  # any shape, bf16 included
+            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        else:
+            view = memoryview(data).cast("B")
         itemsize = numpy_dtype(dtype).itemsize
         if view.nbytes != math.prod(shape) * itemsize:
             raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match {dtype}{list(shape)}")
@@ -319,7 +324,10 @@ def load(path: str | os.PathLike[str]) -> Dump:
     meta_raw = header.pop("__metadata__", None) or {}
     tensors = _parse_tensors(p, header, data_start=8 + n, size=size)
     meta = _parse_meta(p, meta_raw)
-    entries = _entries(meta, tensors)
+    try:
+        entries = _entries(meta, tensors)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise DumpError(f"{p}: the record list in the dump metadata is malformed") from None
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
 
 
@@ -355,16 +363,19 @@ def _parse_meta(p: Path, meta_raw: Any) -> dict[str, Any]:
         raise DumpError(f"{p}: __metadata__ is not a JSON object")
     if meta_raw.get("format") != FORMAT_NAME:
         return {"mode": "full", "foreign": True}
-    version = meta_raw.get("format_version", "?")
+    version = str(meta_raw.get("format_version", "?"))
     if version != str(FORMAT_VERSION):
         raise DumpError(f"{p}: dump format version {version} is not supported by this "
                         f"precision (reads version {FORMAT_VERSION}): upgrade precision")
     try:
         meta = json.loads(meta_raw.get("meta", "{}"))
-    except json.JSONDecodeError:
+    except (TypeError, json.JSONDecodeError):
         raise DumpError(f"{p}: dump metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise DumpError(f"{p}: dump metadata is not a JSON object")
+    for section in ("model", "device", "policy", "env", "module_dtypes"):
+        if not isinstance(meta.get(section, {}), dict):
+            raise DumpError(f"{p}: dump metadata field {section!r} is not an object: corrupt")
     return meta
 
 
@@ -373,6 +384,8 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
     if raw is None:  # plain safetensors: every tensor, in file order
         return [Entry(key=k, module=k, kind="out", index="", call=0, order=i,
                       shape=t.shape, dtype=t.dtype) for i, (k, t) in enumerate(tensors.items())]
+    if not isinstance(raw, list):
+        raise TypeError("entries is not a list")
     entries = []
     for i, e in enumerate(raw):
         entries.append(Entry(

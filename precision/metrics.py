@@ -25,7 +25,9 @@ additive attention mask folded into T5's position bias, or both sides below the 
 format's lowest) are excluded and counted. NaN/inf are excluded and counted per side; a
 target NaN/inf where the baseline is finite counts as ``new_nan``/``new_inf``. Target values
 within 2% of the target format's max that differ from the baseline by more than 1% count
-as ``saturated`` (clamps such as transformers' T5 ±64504).
+as ``saturated`` (clamps such as transformers' T5 ±64504). ``beyond_target_range`` counts
+finite, unmasked baseline values the target format cannot hold (``|a| > max_T``), whether
+the target kept them (fp32 islands such as T5's ``wo``) or overflowed.
 """
 
 from __future__ import annotations
@@ -121,7 +123,16 @@ class PairAccumulator:
         if a64.size == 0:
             return
         with np.errstate(invalid="ignore", over="ignore"):
-            clean = math.isfinite(a64.sum() + b64.sum()) and a64.min() > self.base_fmt.lowest
+            amin, amax = float(a64.min()), float(a64.max())
+            clean = math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
+            if clean and amin <= self.tgt_fmt.lowest:
+                clean = float(b64.min()) > self.tgt_fmt.lowest  # else: both-below mask
+            tmax = self.tgt_fmt.max
+            if not (-tmax <= amin and amax <= tmax):  # NaN lands here too
+                lo_t = self.tgt_fmt.lowest
+                live = (np.isfinite(a64) & (a64 > self.base_fmt.lowest)
+                        & ~((a64 <= lo_t) & (b64 <= lo_t)))
+                self.beyond += int(np.count_nonzero(live & (np.abs(a64) > tmax)))
         if not clean:
             a64, b64 = self._filter(a64, b64)
             if a64.size == 0:
@@ -153,7 +164,7 @@ class PairAccumulator:
         absd = np.abs(d)
         abs_a = np.abs(a)
         abs_b = np.abs(b)
-        self.sum_d2 += float(np.dot(d, d))
+        self.sum_d2 += _dot(d, d)
         self.sum_abs += float(absd.sum())
         self.max_abs = max(self.max_abs, float(absd.max()))
         self.absmax_a = max(self.absmax_a, float(abs_a.max()))
@@ -166,15 +177,13 @@ class PairAccumulator:
         tmax = self.tgt_fmt.max
         if chunk_absmax_b >= SATURATION * tmax:
             self.saturated += int(np.count_nonzero((abs_b >= SATURATION * tmax) & (rel > 1e-2)))
-        if self.absmax_a > tmax:
-            self.beyond += int(np.count_nonzero(abs_a > tmax))
         _, exp = np.frexp(np.maximum(abs_a, self.tgt_fmt.smallest_normal))
         ulp = np.ldexp(1.0, exp - 1 - self.tgt_fmt.mantissa_bits)
         self.max_ulp = max(self.max_ulp, float((absd / ulp).max()))
         # Chan et al.: merge this chunk's means and co-moments into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = a - ma2, b - mb2
-        m2a2, m2b2, c2 = float(np.dot(ac, ac)), float(np.dot(bc, bc)), float(np.dot(ac, bc))
+        m2a2, m2b2, c2 = _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)
         n1 = self.n
         n = n1 + n2
         da, db = ma2 - self.mean_a, mb2 - self.mean_b
@@ -191,6 +200,7 @@ class PairAccumulator:
         norm_a = math.sqrt(max(self.m2a + n * self.mean_a**2, 0.0))
         norm_b = math.sqrt(max(self.m2b + n * self.mean_b**2, 0.0))
         norm_d = math.sqrt(self.sum_d2)
+        sum_ab = self.cab + n * self.mean_a * self.mean_b
         return TensorMetrics(
             numel=self.numel, compared=n, masked=self.masked, nan_base=self.nan_a,
             nan_target=self.nan_b, inf_base=self.inf_a, inf_target=self.inf_b,
@@ -201,11 +211,17 @@ class PairAccumulator:
             rel_l2=_ratio(norm_d, norm_a), max_rel=self.max_rel,
             ratio_1e2=self.over[0] / n if n else 0.0, ratio_1e3=self.over[1] / n if n else 0.0,
             ratio_1e4=self.over[2] / n if n else 0.0,
-            cos=_cos(norm_a, norm_b, norm_d), one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d),
+            cos=1.0 - _one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
+            one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
             snr_db=_snr(norm_a, norm_d), pearson=_pearson(self.m2a, self.m2b, self.cab, norm_d),
             max_ulp=self.max_ulp, absmax_base=self.absmax_a, absmax_target=self.absmax_b,
             norm_base=norm_a, target_max=self.tgt_fmt.max,
         )
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """Sum of products without BLAS: OpenBLAS threads spin and fight over small chunks."""
+    return float(np.einsum("i,i->", x, y))
 
 
 def _ratio(num: float, den: float) -> float:
@@ -215,15 +231,16 @@ def _ratio(num: float, den: float) -> float:
     return num / den
 
 
-def _one_minus_cos(na: float, nb: float, nd: float) -> float:
+def _one_minus_cos(na: float, nb: float, nd: float, sum_ab: float) -> float:
+    """``1 - cos``: from ``||d||`` when the norms are alike (keeps digits near cos = 1), else
+    from ``a·b`` directly (the identity cancels when one norm dwarfs the other)."""
     if na == 0 or nb == 0:
         return 0.0 if na == nb else 1.0
-    value = (nd * nd - (na - nb) ** 2) / (2 * na * nb)
+    if max(na, nb) <= 2 * min(na, nb):
+        value = (nd * nd - (na - nb) ** 2) / (2 * na * nb)
+    else:
+        value = 1.0 - sum_ab / (na * nb)
     return min(max(value, 0.0), 2.0)
-
-
-def _cos(na: float, nb: float, nd: float) -> float:
-    return 1.0 - _one_minus_cos(na, nb, nd)
 
 
 def _snr(na: float, nd: float) -> float:
@@ -272,7 +289,7 @@ def compare_exact(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> ExactMetric
         numel += a.size
         k = int(np.count_nonzero(ne))
         mismatched += k
-        if k:
-            diff = np.abs(a[ne].astype(np.float64) - b[ne].astype(np.float64))
+        if k:  # Python ints: exact for any int64, no overflow
+            diff = np.abs(a[ne].astype(object) - b[ne].astype(object))
             max_abs = max(max_abs, float(diff.max()))
     return ExactMetrics(numel, mismatched, max_abs)

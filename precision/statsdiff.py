@@ -20,7 +20,7 @@ NEAR_FP16_MAX = 0.98 * FP16_MAX
 def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
     """The statistics that stats-mode capture records, computed in float64 from chunks."""
     n = nan = posinf = neginf = beyond = near = 0
-    total = sq = 0.0
+    count, mean, m2, sq = 0, 0.0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     for c in chunks:
         x = np.asarray(c, dtype=np.float64).reshape(-1)
@@ -33,20 +33,24 @@ def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
             x = x[finite]
         if x.size == 0:
             continue
-        total += float(x.sum())
-        sq += float(np.dot(x, x))
+        # Chan et al.: merge this chunk's mean and squared deviations (no cancellation)
+        cm = float(x.mean())
+        dev = x - cm
+        cm2 = float(np.einsum("i,i->", dev, dev))
+        delta, total_n = cm - mean, count + x.size
+        m2 += cm2 + delta * delta * count * x.size / total_n
+        mean += delta * x.size / total_n
+        count = total_n
+        sq += float(np.einsum("i,i->", x, x))
         lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
         mag = np.abs(x)
         beyond += int(np.count_nonzero(mag > FP16_MAX))
         near += int(np.count_nonzero(mag >= NEAR_FP16_MAX))
     out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
                            "beyond_fp16": beyond, "near_fp16_max": near}
-    finite_n = n - nan - posinf - neginf
-    if finite_n == 0:
+    if count == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
-    mean = total / finite_n
-    return out | {"min": lo, "max": hi, "mean": mean,
-                  "std": math.sqrt(max(sq / finite_n - mean * mean, 0.0)),
+    return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),
                   "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
 
 

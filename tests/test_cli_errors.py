@@ -1,0 +1,339 @@
+"""CLI bad input: one-line ``error:`` messages, exit code 2, no traceback, no files left behind."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from precision.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+T5 = FIXTURES / "tiny-flan-t5"
+QWEN = FIXTURES / "tiny-qwen3"
+PRECISION_BIN = Path(sys.executable).parent / "precision"
+
+
+def _run(*args: object) -> Result:
+    """Invoke the click group in-process with stderr kept apart."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _capture(*args: object) -> Result:
+    """``precision capture -q ...``: quiet, so stderr holds nothing but errors."""
+    return _run("capture", "-q", *args)
+
+
+def _assert_error(result: Result, match: str = "") -> str:
+    """Exit 2 through sys.exit, exactly one stderr line ``error: ...``, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert match.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def _files(folder: Path) -> list[str]:
+    """Everything in ``folder``, hidden temporary files included."""
+    return sorted(os.listdir(folder))
+
+
+def _block_torch_npu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import torch_npu`` fail even where it is installed."""
+    real = importlib.import_module
+
+    def fake(name: str, package: str | None = None) -> object:
+        if name == "torch_npu":
+            raise ImportError("No module named 'torch_npu'")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small valid fp32 dumps of two different models (captured once for this module)."""
+    folder = tmp_path_factory.mktemp("dumps")
+    out = {}
+    for name, model in (("qwen", QWEN), ("t5", T5)):
+        path = folder / f"{name}.st"
+        result = _capture("--model", model, "--max-new-tokens", 1, "--prompt", "hi",
+                          "-o", path)
+        assert result.exit_code == 0, result.output
+        out[name] = path
+    assert _files(folder) == ["qwen.st", "t5.st"]
+    return out
+
+
+@pytest.fixture
+def corrupt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file of random bytes named like a dump (outside the test's output folder)."""
+    path = tmp_path_factory.mktemp("corrupt") / "corrupt.st"
+    path.write_bytes(random.Random(1234).randbytes(4096))
+    return path
+
+
+# --------------------------------------------------------------------------- capture
+
+
+def test_capture_missing_model_dir(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", tmp_path / "no-such-model", "-o", tmp_path / "o.st"),
+                  "does not exist")
+    assert _files(tmp_path) == []
+
+
+def test_capture_dir_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "weights.bin").write_bytes(b"x")
+    _assert_error(_capture("--model", tmp_path / "notamodel", "-o", tmp_path / "o.st"),
+                  "config.json")
+    assert _files(tmp_path) == ["notamodel"]
+
+
+def test_capture_model_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_bytes(b"x")
+    _assert_error(_capture("--model", tmp_path / "model.bin", "-o", tmp_path / "o.st"))
+    assert _files(tmp_path) == ["model.bin"]
+
+
+def test_capture_empty_prompts_file(tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("\n   \n\n")
+    _assert_error(_capture("--model", T5, "--prompts", tmp_path / "prompts.txt",
+                           "-o", tmp_path / "o.st"), "empty")
+    assert _files(tmp_path) == ["prompts.txt"]
+
+
+def test_capture_missing_prompts_file(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "--prompts", tmp_path / "nope.txt",
+                           "-o", tmp_path / "o.st"), "nope.txt")
+    assert _files(tmp_path) == []
+
+
+def test_capture_output_in_missing_folder(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "-o", tmp_path / "missing" / "o.st"),
+                  "does not exist")
+    assert _files(tmp_path) == []
+
+
+def test_capture_output_is_directory(tmp_path: Path) -> None:
+    (tmp_path / "out.st").mkdir()
+    _assert_error(_capture("--model", T5, "--force", "-o", tmp_path / "out.st"), "directory")
+    assert _files(tmp_path) == ["out.st"]
+
+
+def test_capture_existing_output_without_force(tmp_path: Path) -> None:
+    """The existing file is refused and left unchanged byte for byte."""
+    out = tmp_path / "o.st"
+    old = random.Random(7).randbytes(1000)
+    out.write_bytes(old)
+    _assert_error(_capture("--model", T5, "-o", out), "--force")
+    assert out.read_bytes() == old
+    assert _files(tmp_path) == ["o.st"]
+
+
+def test_capture_device_npu_without_torch_npu(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _block_torch_npu(monkeypatch)
+    _assert_error(_capture("--model", T5, "--device", "npu", "--dtype", "fp16",
+                           "-o", tmp_path / "o.st"), "torch_npu")
+    assert _files(tmp_path) == []
+
+
+def test_capture_device_cuda_without_cuda(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _assert_error(_capture("--model", T5, "--device", "cuda", "-o", tmp_path / "o.st"), "CUDA")
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", ["bogus", "gpu", "cuda:x", "cpu:1"])
+def test_capture_bad_device_name(tmp_path: Path, device: str) -> None:
+    _assert_error(_capture("--model", T5, "--device", device, "-o", tmp_path / "o.st"), device)
+    assert _files(tmp_path) == []
+
+
+def test_capture_negative_max_new_tokens(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "--max-new-tokens", -1, "-o", tmp_path / "o.st"),
+                  "max-new-tokens")
+    assert _files(tmp_path) == []
+
+
+def test_capture_replay_missing_file(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "--replay", tmp_path / "base.st",
+                           "-o", tmp_path / "o.st"), "base.st")
+    assert _files(tmp_path) == []
+
+
+def test_capture_replay_corrupt_file(tmp_path: Path, corrupt: Path) -> None:
+    _assert_error(_capture("--model", T5, "--replay", corrupt, "-o", tmp_path / "o.st"),
+                  "corrupt.st")
+    assert _files(tmp_path) == []
+
+
+def test_capture_replay_truncated_dump(tmp_path: Path, dumps: dict[str, Path]) -> None:
+    cut = tmp_path / "cut.st"
+    cut.write_bytes(dumps["t5"].read_bytes()[:-5])
+    _assert_error(_capture("--model", T5, "--replay", cut, "-o", tmp_path / "o.st"), "cut.st")
+    assert _files(tmp_path) == ["cut.st"]
+
+
+def test_capture_replay_without_inputs(tmp_path: Path) -> None:
+    """A plain safetensors file holds no input ids to replay."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    plain = tmp_path / "plain.st"
+    save_file({"w": np.ones(3, dtype=np.float32)}, str(plain))
+    _assert_error(_capture("--model", T5, "--replay", plain, "-o", tmp_path / "o.st"),
+                  "input ids")
+    assert _files(tmp_path) == ["plain.st"]
+
+
+def test_capture_replay_from_different_model(tmp_path: Path, dumps: dict[str, Path]) -> None:
+    _assert_error(_capture("--model", T5, "--replay", dumps["qwen"], "-o", tmp_path / "o.st"),
+                  "different model")
+    assert _files(tmp_path) == []
+
+
+def test_capture_keep_fp32_auto_and_none(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "--keep-fp32", "auto", "--keep-fp32", "none",
+                           "-o", tmp_path / "o.st"), "contradict")
+    assert _files(tmp_path) == []
+
+
+def test_capture_keep_fp32_matches_nothing(tmp_path: Path) -> None:
+    _assert_error(_capture("--model", T5, "--dtype", "fp16", "--keep-fp32", "*.nomatch",
+                           "-o", tmp_path / "o.st"), "*.nomatch")
+    assert _files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- compare, inspect
+
+
+def test_compare_missing_file(tmp_path: Path, dumps: dict[str, Path]) -> None:
+    _assert_error(_run("compare", tmp_path / "missing.st", dumps["t5"]), "missing.st")
+    _assert_error(_run("compare", dumps["t5"], tmp_path / "missing.st"), "missing.st")
+    assert _files(tmp_path) == []
+
+
+def test_compare_corrupt_file(tmp_path: Path, corrupt: Path, dumps: dict[str, Path]) -> None:
+    """A corrupt input fails before any report file is written."""
+    _assert_error(_run("compare", dumps["t5"], corrupt, "--json", tmp_path / "r.json",
+                       "--markdown", tmp_path / "r.md"), "corrupt.st")
+    assert _files(tmp_path) == []
+
+
+def test_compare_different_models(tmp_path: Path, dumps: dict[str, Path]) -> None:
+    _assert_error(_run("compare", dumps["t5"], dumps["qwen"], "--json", tmp_path / "r.json"),
+                  "different models")
+    assert _files(tmp_path) == []
+
+
+def test_inspect_corrupt_file(corrupt: Path) -> None:
+    _assert_error(_run("inspect", corrupt), "corrupt.st")
+
+
+def _doctored_dump(path: Path, meta: dict) -> Path:
+    """A precision dump with no tensors whose ``meta`` JSON is ``meta``."""
+    import json
+    import struct
+
+    md = {"format": "precision-dump", "format_version": "1", "meta": json.dumps(meta)}
+    blob = json.dumps({"__metadata__": md}).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    return path
+
+
+@pytest.mark.parametrize("meta", [{"entries": 5}, {"model": "x", "entries": []}],
+                         ids=["entries-int", "model-str"])
+@pytest.mark.parametrize("command", ["inspect", "compare"])
+def test_malformed_metadata_is_one_line_error(tmp_path: Path, meta: dict, command: str) -> None:
+    bad = _doctored_dump(tmp_path / "bad.st", meta)
+    args = [bad] if command == "inspect" else [bad, bad]
+    _assert_error(_run(command, *args), "bad.st")
+
+
+def test_valid_dump_compares_with_itself(dumps: dict[str, Path]) -> None:
+    """Sanity check of the fixtures: a dump compared with itself passes."""
+    result = _run("compare", "-q", dumps["t5"], dumps["t5"])
+    assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", [[], ["capture"], ["inspect"], ["compare"]])
+def test_help(command: list[str]) -> None:
+    for flag in ("--help", "-h"):
+        result = _run(*command, flag)
+        assert result.exit_code == 0, result.output
+        assert "Usage:" in result.stdout
+
+
+def test_compare_help_does_not_import_torch() -> None:
+    """`precision compare --help` stays light: torch is never imported."""
+    code = ("import sys\n"
+            "from precision.cli import main\n"
+            "try:\n"
+            "    main(['compare', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('TORCH_LOADED', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert "Usage:" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "TORCH_LOADED False"
+
+
+# --------------------------------------------------------------------------- real processes
+
+
+def _subprocess(*args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``precision`` script (or the same entry point through python)."""
+    if PRECISION_BIN.exists():
+        cmd = [str(PRECISION_BIN)]
+    else:
+        cmd = [sys.executable, "-c", "import sys; from precision.cli import main; "
+               "sys.argv[0] = 'precision'; main()"]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True,
+                          timeout=180, cwd=cwd)
+
+
+def _assert_process_error(proc: subprocess.CompletedProcess[str], match: str) -> None:
+    """Exit 2, the last stderr line is the only ``error:`` line, progress lines aside."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr
+    assert match in lines[-1]
+    assert [ln for ln in lines if ln.startswith("error:")] == [lines[-1]]
+    assert all(ln.startswith("· ") for ln in lines[:-1]), proc.stderr
+
+
+def test_process_capture_replay_different_model(tmp_path: Path, dumps: dict[str, Path]) -> None:
+    """A real `precision capture` failing late (after loading) prints no traceback."""
+    proc = _subprocess("capture", "--model", T5, "--replay", dumps["qwen"], "-o", "o.st",
+                       cwd=tmp_path)
+    _assert_process_error(proc, "different model")
+    assert _files(tmp_path) == []
+
+
+def test_process_compare_corrupt(tmp_path: Path, corrupt: Path) -> None:
+    """A real `precision compare` of a corrupt file prints one line, no traceback."""
+    proc = _subprocess("compare", corrupt, corrupt, "--json", "r.json", cwd=tmp_path)
+    _assert_process_error(proc, "corrupt.st")
+    assert proc.stderr.count("\n") == 1
+    assert _files(tmp_path) == []

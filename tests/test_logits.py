@@ -1,0 +1,173 @@
+"""precision.logits against scipy softmax/rel_entr references in float64."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from scipy.special import log_softmax, rel_entr, softmax
+
+from precision.logits import compare_logit_rows, compare_logits
+
+BF16 = ml_dtypes.bfloat16
+
+
+def reference(a: np.ndarray, b: np.ndarray, k: int, max_flips: int = 50) -> dict:
+    """Row-wise top-1/top-k/KL with numpy argsort and scipy, all in float64."""
+    vocab = a.shape[-1]
+    x = np.asarray(a, np.float64).reshape(-1, vocab)
+    y = np.asarray(b, np.float64).reshape(-1, vocab)
+    k = max(1, min(k, vocab))
+    kl = rel_entr(softmax(x, axis=-1), softmax(y, axis=-1)).sum(axis=-1)
+    ta, tb = x.argmax(-1), y.argmax(-1)
+    top_x, top_y = np.argsort(-x, axis=-1)[:, :k], np.argsort(-y, axis=-1)[:, :k]
+    overlap = [len(set(p) & set(q)) for p, q in zip(top_x, top_y, strict=True)]
+    flips = []
+    for r in np.flatnonzero(ta != tb):
+        s = np.sort(x[r])[::-1]
+        flips.append((int(r), int(ta[r]), int(tb[r]), float(s[0] - s[1])))
+    n = len(x)
+    return {"positions": n, "k": k, "top1_agreement": float(np.mean(ta == tb)),
+            "topk_overlap": sum(overlap) / (n * k), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max()), "flips": flips[:max_flips]}
+
+
+def check(m, ref: dict) -> None:
+    assert (m.positions, m.k) == (ref["positions"], ref["k"])
+    assert m.top1_agreement == pytest.approx(ref["top1_agreement"], rel=1e-12)
+    assert m.topk_overlap == pytest.approx(ref["topk_overlap"], rel=1e-12)
+    assert m.kl_mean == pytest.approx(ref["kl_mean"], rel=1e-7, abs=1e-15)
+    assert m.kl_max == pytest.approx(ref["kl_max"], rel=1e-7, abs=1e-15)
+    assert [f[:3] for f in m.flips] == [f[:3] for f in ref["flips"]]
+    assert [f[3] for f in m.flips] == pytest.approx([f[3] for f in ref["flips"]], rel=1e-12)
+
+
+def untied(x: np.ndarray, k: int) -> np.ndarray:
+    """Rows whose top k+1 values are distinct, so top-1/top-k sets are unambiguous."""
+    top = -np.sort(-np.asarray(x, np.float64), axis=-1)[:, : k + 1]
+    return (np.diff(top, axis=-1) != 0).all(axis=-1)
+
+
+def make_logits(seed: int, rows: int, vocab: int, dtype, noise: float, k: int = 5):
+    rng = np.random.default_rng(seed)
+    a = (3 * rng.standard_normal((rows, vocab))).astype(np.float32)
+    b = (a + noise * rng.standard_normal((rows, vocab))).astype(dtype)
+    ok = untied(a, k) & untied(b, k)
+    return a[ok], b[ok]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 2), (40, 50), (300, 17)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_against_reference(seed, rows, vocab, dtype):
+    a, b = make_logits(seed, rows, vocab, dtype, noise=0.3)
+    m = compare_logits(a, b, k=5)
+    check(m, reference(a, b, 5))
+    assert m.kl_mean > 0 and m.kl_max >= m.kl_mean
+
+
+def test_random_has_flips_and_partial_overlap():
+    a, b = make_logits(3, 200, 30, np.float16, noise=1.0)
+    m = compare_logits(a, b, k=5, max_flips=1000)
+    check(m, reference(a, b, 5, max_flips=1000))
+    assert len(m.flips) > 50
+    check(compare_logits(a, b, k=5), reference(a, b, 5))  # default: first 50 flips
+    assert 0 < m.top1_agreement < 1 and 0 < m.topk_overlap < 1 and m.flips
+
+
+def test_higher_rank_input_flattens_rows():
+    a, b = make_logits(4, 80, 11, BF16, noise=0.5)
+    a, b = a[:60], b[:60]
+    m = compare_logits(a.reshape(3, 4, 5, 11), b.reshape(3, 4, 5, 11), k=3)
+    check(m, reference(a, b, 3))
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 64])
+def test_rows_chunked_same_as_whole(rows_per_chunk):
+    a, b = make_logits(5, 150, 23, np.float16, noise=0.8)
+    n, vocab = len(a), a.shape[1]
+    whole = compare_logits(a, b, k=4)
+    chunks = [(a[i:i + rows_per_chunk].ravel(), b[i:i + rows_per_chunk].ravel())
+              for i in range(0, n, rows_per_chunk)]
+    m = compare_logit_rows(chunks, vocab, k=4)
+    check(m, reference(a, b, 4))
+    assert m.flips == whole.flips and m.top1_agreement == whole.top1_agreement
+    assert m.kl_mean == pytest.approx(whole.kl_mean, rel=1e-12)
+    assert m.kl_max == whole.kl_max
+
+
+def test_hand_computed_flip_and_kl():
+    a = np.array([[1.0, 1.25, 0.0], [5.0, 0.0, 0.0]])
+    b = np.array([[1.5, 1.25, 0.0], [5.0, 0.0, 0.0]])
+    m = compare_logits(a, b, k=1)
+    assert m.flips == [(0, 1, 0, 0.25)]
+    assert (m.top1_agreement, m.topk_overlap) == (0.5, 0.5)
+    p, q = softmax(a[0]), softmax(b[0])
+    kl0 = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert m.kl_max == pytest.approx(kl0, rel=1e-12)
+    assert m.kl_mean == pytest.approx(kl0 / 2, rel=1e-12)
+    d = m.as_dict()
+    assert d["flips"] == [{"position": 0, "base": 1, "target": 0, "margin": 0.25}]
+    assert d["positions"] == 2 and d["k"] == 1
+
+
+def test_identical_logits():
+    a, _ = make_logits(6, 20, 9, np.float32, noise=0.0)
+    m = compare_logits(a, a.copy(), k=5)
+    assert (m.top1_agreement, m.topk_overlap, m.kl_max, m.flips) == (1.0, 1.0, 0.0, [])
+    assert abs(m.kl_mean) < 1e-15
+
+
+def test_neg_inf_entries():
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((6, 8))
+    a[:, 5:] = -np.inf  # vocabulary masked on both sides: no contribution, finite KL
+    b = a + 0.1 * rng.standard_normal((6, 8))
+    m = compare_logits(a, b, k=3)
+    check(m, reference(a, b, 3))
+    assert math.isfinite(m.kl_max)
+    b2 = b.copy()
+    b2[2, 0] = -np.inf  # target gives zero probability to a token the baseline uses
+    m2 = compare_logits(a, b2, k=3)
+    assert m2.kl_max == math.inf == reference(a, b2, 3)["kl_max"]
+    a3 = a.copy()
+    a3[1, :4] = -np.inf  # baseline one-hot: KL = -log q(token 4)
+    m3 = compare_logits(a3, b, k=3)
+    assert m3.kl_max == pytest.approx(max(reference(a3, b, 3)["kl_max"],
+                                          -log_softmax(b[1])[4]), rel=1e-12)
+    check(m3, reference(a3, b, 3))
+
+
+@pytest.mark.parametrize("k", [5, 8, 100])
+def test_k_at_or_beyond_vocab(k):
+    a, b = make_logits(8, 30, 8, np.float16, noise=1.0, k=7)
+    m = compare_logits(a, b, k=k)
+    assert m.k == 8 if k >= 8 else m.k == k
+    check(m, reference(a, b, k))
+    if k >= 8:
+        assert m.topk_overlap == 1.0
+
+
+def test_max_flips_caps_list_but_not_counts():
+    a = np.tile([2.0, 1.0, 0.0], (100, 1))
+    b = np.tile([1.0, 2.0, 0.0], (100, 1))
+    m = compare_logits(a, b, k=1, max_flips=10)
+    assert m.top1_agreement == 0.0 and len(m.flips) == 10
+    assert [f[0] for f in m.flips] == list(range(10))
+    chunks = [(a[i:i + 3].ravel(), b[i:i + 3].ravel()) for i in range(0, 100, 3)]
+    assert compare_logit_rows(chunks, 3, k=1, max_flips=10).flips == m.flips
+    assert compare_logits(a, b, max_flips=0).flips == []
+
+
+def test_empty_and_degenerate_shapes():
+    m = compare_logits(np.zeros((0, 10)), np.zeros((0, 10)))
+    assert (m.positions, m.top1_agreement, m.topk_overlap, m.kl_mean, m.kl_max) == (
+        0, 1.0, 1.0, 0.0, 0.0)
+    assert compare_logit_rows([], 10).positions == 0
+    single = compare_logits(np.array([1.0, 3.0, 2.0]), np.array([3.5, 3.0, 2.0]), k=2)
+    assert single.positions == 1 and single.flips == [(0, 1, 0, 1.0)]
+    assert single.topk_overlap == 0.5  # {1, 2} vs {0, 1}
+    one = compare_logits(np.zeros((4, 1)), np.ones((4, 1)))  # vocab 1: p = q = 1
+    assert (one.k, one.top1_agreement, one.kl_max) == (1, 1.0, 0.0)

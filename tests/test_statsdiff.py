@@ -1,0 +1,176 @@
+"""precision.statsdiff against numpy on the finite values, in float64."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from precision.statsdiff import array_stats, stats_delta
+
+FP16_MAX = float(np.finfo(np.float16).max)
+STAT_KEYS = ("min", "max", "mean", "std", "norm", "absmax")
+
+
+def reference(x) -> dict:
+    """Plain numpy statistics of the finite values; counts of NaN/±inf and fp16 range."""
+    x = np.asarray(x, np.float64).ravel()
+    f = x[np.isfinite(x)]
+    out = {"numel": x.size, "nan": int(np.isnan(x).sum()), "posinf": int(np.sum(x == np.inf)),
+           "neginf": int(np.sum(x == -np.inf)),
+           "beyond_fp16": int(np.sum(np.abs(f) > FP16_MAX)),
+           "near_fp16_max": int(np.sum(np.abs(f) >= 0.98 * FP16_MAX))}
+    if f.size == 0:
+        return out | dict.fromkeys(STAT_KEYS)
+    return out | {"min": f.min(), "max": f.max(), "mean": f.mean(), "std": f.std(),
+                  "norm": np.linalg.norm(f), "absmax": np.abs(f).max()}
+
+
+def stats(x, chunk: int | None = None) -> dict:
+    x = np.asarray(x).ravel()
+    step = chunk or max(x.size, 1)
+    return array_stats(x[i:i + step] for i in range(0, x.size, step))
+
+
+def check(got: dict, ref: dict, std_rel: float = 1e-9) -> None:
+    assert set(got) == set(ref)
+    for k in ("numel", "nan", "posinf", "neginf", "beyond_fp16", "near_fp16_max"):
+        assert got[k] == ref[k], k
+    if ref["mean"] is None:
+        assert all(got[k] is None for k in STAT_KEYS)
+        return
+    for k in ("min", "max", "absmax"):
+        assert got[k] == ref[k], k
+    assert got["mean"] == pytest.approx(ref["mean"], rel=1e-9, abs=1e-300)
+    assert got["norm"] == pytest.approx(ref["norm"], rel=1e-12)
+    assert got["std"] == pytest.approx(ref["std"], rel=std_rel, abs=1e-300)
+
+
+def randn(seed: int, shape, dtype, scale: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (scale * rng.standard_normal(shape) + 0.1 * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+@pytest.mark.parametrize("shape", [(1,), (17,), (32, 65), (2, 3, 101)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_against_numpy(seed, shape, dtype):
+    x = randn(seed, shape, dtype, scale=10.0 ** (seed - 1))
+    check(stats(x), reference(x))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, None])
+def test_chunked_with_nonfinite_and_fp16_range(chunk):
+    x = randn(3, (3001,), np.float32, scale=3e4)
+    x[::101], x[5::211], x[7::307] = np.nan, np.inf, -np.inf
+    x[11:14] = [65504.0, -65505.0, 0.98 * 65504]
+    ref = reference(x)
+    assert ref["beyond_fp16"] > 1 and ref["near_fp16_max"] > ref["beyond_fp16"]
+    check(stats(x, chunk), ref)
+
+
+def test_fp16_range_boundaries():
+    near = 0.98 * FP16_MAX
+    x = np.array([65504.0, -65504.0, 65504.5, -1e30, near, np.nextafter(near, 0), 1e5, np.inf])
+    s = stats(x)
+    assert (s["beyond_fp16"], s["near_fp16_max"], s["posinf"]) == (3, 6, 1)
+    assert s["absmax"] == 1e30 and s["min"] == -1e30 and s["max"] == 1e5
+    h = stats(np.array([65504, -65504, 64192, 64224], np.float16))  # fp16 can't go beyond
+    assert (h["beyond_fp16"], h["near_fp16_max"]) == (0, 3)
+
+
+def test_huge_fp32_values():
+    x = np.array([1e30, -3e38, 2.0, np.finfo(np.float32).min], np.float32)
+    check(stats(x), reference(x))
+    check(stats(x, 1), reference(x))
+
+
+@pytest.mark.parametrize("x", [np.zeros(0, np.float32), np.array([np.nan, np.inf, -np.inf]),
+                               np.full(4, np.nan, np.float16)])
+def test_no_finite_values(x):
+    s = stats(x)
+    check(s, reference(x))
+    assert s["numel"] == x.size
+
+
+def test_constant_zero_and_scalar():
+    for x in (np.zeros(50, np.float32), np.full(7, 0.5, np.float32), np.float16(-2.5)):
+        s, ref = stats(x), reference(x)
+        check(s, ref)
+        assert s["std"] == 0.0 and s["min"] == s["max"] == s["mean"]
+    assert array_stats([np.float32(3.0), np.array([4.0])])["norm"] == 5.0
+
+
+def test_std_large_mean_small_spread():
+    x = (1000 + 1e-3 * np.random.default_rng(4).standard_normal(4096)).astype(np.float32)
+    assert stats(x)["std"] == pytest.approx(np.std(x.astype(np.float64)), rel=1e-9)
+    assert stats(np.full(1000, 0.1, np.float32))["std"] == 0.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=hnp.arrays(np.float32, st.integers(0, 50), elements=st.floats(width=32)),
+       chunk=st.integers(1, 8))
+def test_property_counts_and_extrema(x, chunk):
+    s, ref = stats(x, chunk), reference(x)
+    for k in ("numel", "nan", "posinf", "neginf", "beyond_fp16", "near_fp16_max",
+              "min", "max", "absmax"):
+        assert s[k] == ref[k], k
+    if ref["norm"] is not None:
+        assert s["norm"] == pytest.approx(ref["norm"], rel=1e-9)
+        scale = float(np.mean(np.abs(x[np.isfinite(x)].astype(np.float64))))
+        assert s["mean"] == pytest.approx(ref["mean"], rel=1e-9, abs=1e-12 * scale)
+
+
+# -- stats_delta --------------------------------------------------------------------------
+
+def test_stats_delta_from_array_stats():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal(1000).astype(np.float32)
+    b = (a * 1.01).astype(np.float16)
+    b[:3], b[3:5], b[5:9] = np.nan, np.inf, 65504
+    sa, sb = stats(a), stats(b)
+    d = stats_delta(sa, sb)
+    na, nb = sa["norm"], sb["norm"]
+    assert d["norm_base"] == na and d["norm_target"] == nb
+    assert d["norm_gap"] == abs(nb - na)
+    assert d["norm_gap_rel"] == pytest.approx(abs(nb - na) / na, rel=1e-15)
+    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"], d["numel"]) == (3, 2, 4, 1000)
+    assert (d["absmax_base"], d["absmax_target"]) == (sa["absmax"], 65504.0)
+    assert (d["mean_base"], d["mean_target"]) == (sa["mean"], sb["mean"])
+    # reverse triangle inequality on the finite elements: | |b| - |a| | <= |b - a|
+    keep = np.isfinite(b)
+    diff = np.linalg.norm(b[keep].astype(np.float64) - a[keep])
+    sub = stats_delta(stats(a[keep]), stats(b[keep]))
+    assert 0 < sub["norm_gap"] <= diff
+
+
+def test_stats_delta_fewer_problems_is_not_negative():
+    sa = {"numel": 4, "nan": 3, "posinf": 1, "neginf": 1, "near_fp16_max": 2, "norm": 2.0}
+    sb = {"numel": 4, "nan": 1, "posinf": 0, "neginf": 0, "near_fp16_max": 0, "norm": 2.0}
+    d = stats_delta(sa, sb)
+    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"]) == (0, 0, 0)
+    assert (d["norm_gap"], d["norm_gap_rel"]) == (0.0, 0.0)
+    d = stats_delta(sb | {"posinf": 2}, sa | {"neginf": 4})
+    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"]) == (2, 3, 2)
+
+
+@pytest.mark.parametrize(("na", "nb", "rel"), [(None, None, 0.0), (0.0, 0.0, 0.0),
+                                               (None, 3.0, math.inf), (0.0, 1e-300, math.inf),
+                                               (4.0, None, 1.0), (4.0, 5.0, 0.25)])
+def test_stats_delta_zero_and_missing_norms(na, nb, rel):
+    d = stats_delta({"norm": na}, {"norm": nb})
+    assert d["norm_gap_rel"] == rel
+    assert d["norm_gap"] == abs((nb or 0.0) - (na or 0.0))
+    assert (d["new_nan"], d["new_inf"], d["numel"]) == (0, 0, 0)
+
+
+def test_stats_delta_of_all_nonfinite_records():
+    sa, sb = stats(np.array([1.0, 2.0])), stats(np.array([np.nan, np.inf], np.float16))
+    d = stats_delta(sa, sb)
+    assert d["norm_target"] == 0.0 and d["norm_gap_rel"] == 1.0
+    assert (d["new_nan"], d["new_inf"], d["absmax_target"], d["mean_target"]) == (1, 1, None, None)
