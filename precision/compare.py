@@ -112,7 +112,7 @@ def _stored_key(d: Dump, e: Entry) -> str | None:
 
 def _align(b: Dump, t: Dump) -> list[_Pair]:
     logits = {b.meta.get("logits_key"), t.meta.get("logits_key")} - {None}
-    pairs = []
+    pairs: list[_Pair] = []
     seen = set()
     for e in b.entries:
         if e.alias_of:
@@ -154,7 +154,7 @@ def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,
 
 def _chunk_pairs(b: Dump, t: Dump, p: _Pair, chunk: int) -> Any:
     assert p.base_key is not None and p.target_key is not None
-    return zip(b.chunks(p.base_key, chunk), t.chunks(p.target_key, chunk))
+    return zip(b.chunks(p.base_key, chunk), t.chunks(p.target_key, chunk), strict=True)
 
 
 def _exact_row(b: Dump, t: Dump, p: _Pair, row: Row, chunk: int) -> Row:
@@ -243,7 +243,8 @@ def _stats_of(d: Dump, key: str | None, e: Entry | None, chunk: int) -> dict[str
 
 def _with_growth(rows: list[Row]) -> list[Row]:
     """Attach ``growth``: a row's rel_l2 over the previous compared float row's rel_l2."""
-    out, prev = [], None
+    out: list[Row] = []
+    prev: float | None = None
     for r in rows:
         if r.metrics is not None and math.isfinite(r.metrics.rel_l2):
             cur = r.metrics.rel_l2

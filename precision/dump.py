@@ -13,6 +13,7 @@ file into place, so a crash never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -115,12 +116,14 @@ class DumpWriter:
         if dtype not in NAME_TO_SAFETENSORS:
             raise DumpError(f"tensor {key!r}: dtype {dtype!r} cannot be stored in a dump")
         if isinstance(data, np.ndarray):  # any shape, bf16 included
-            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+            view = memoryview(flat)  # type: ignore[arg-type]
         else:
             view = memoryview(data).cast("B")
         itemsize = numpy_dtype(dtype).itemsize
         if view.nbytes != math.prod(shape) * itemsize:
-            raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match {dtype}{list(shape)}")
+            raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match "
+                            f"{dtype}{list(shape)}")
         self._file.write(view)
         self._header[key] = {
             "dtype": NAME_TO_SAFETENSORS[dtype],
@@ -131,8 +134,8 @@ class DumpWriter:
 
     def close(self, meta: dict[str, Any]) -> Path:
         """Write the header with ``meta`` and move the file into place; returns the path."""
-        header = dict(self._header)
-        header["__metadata__"] = {  # type: ignore[assignment]
+        header: dict[str, Any] = dict(self._header)
+        header["__metadata__"] = {
             "format": FORMAT_NAME,
             "format_version": str(FORMAT_VERSION),
             "meta": json.dumps(meta, separators=(",", ":"), allow_nan=False),
@@ -284,7 +287,7 @@ class Dump:
             raise DumpError(f"{self.path}: no tensor {key!r} in this dump") from None
 
     def _read_into(self, fd: int, pos: int, out: np.ndarray) -> None:
-        view = memoryview(out).cast("B")
+        view = memoryview(out).cast("B")  # type: ignore[arg-type]
         done = 0
         while done < view.nbytes:
             got = os.preadv(fd, [view[done:]], pos + done)
@@ -352,7 +355,7 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
             raise DumpError(f"{p}: tensor {key!r} lies beyond the end of the file (truncated?)")
         infos[key] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
     spans = sorted((t.start, t.end) for t in infos.values() if t.end > t.start)
-    for (_, e1), (s2, _) in zip(spans, spans[1:]):
+    for (_, e1), (s2, _) in itertools.pairwise(spans):
         if s2 < e1:
             raise DumpError(f"{p}: tensors overlap in the file: corrupt header")
     return dict(sorted(infos.items(), key=lambda kv: kv[1].start))

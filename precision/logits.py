@@ -80,7 +80,8 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
         same = top_a == top_b
         agree += int(same.sum())
         ka, kb = _topk(x, k), _topk(y, k)
-        overlap += sum(len(np.intersect1d(p, q, assume_unique=True)) for p, q in zip(ka, kb))
+        overlap += sum(len(np.intersect1d(p, q, assume_unique=True))
+                       for p, q in zip(ka, kb, strict=True))
         lp, lq = _log_softmax(x), _log_softmax(y)
         p = np.exp(lp)
         with np.errstate(invalid="ignore"):

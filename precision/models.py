@@ -95,7 +95,7 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> 
     load_dtype = target if policy.base == "auto" else torch.float32
     dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
     try:
-        model = auto_cls.from_pretrained(p, local_files_only=True, **{dtype_kw: load_dtype})
+        model: Any = auto_cls.from_pretrained(p, local_files_only=True, **{dtype_kw: load_dtype})
         tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -126,7 +126,7 @@ def keep_fp32(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     Their parameters are cast to fp32 and a pre-hook upcasts floating inputs to fp32, so they
     compute in fp32 whatever the rest of the model runs in.
     """
-    kept = []
+    kept: list[str] = []
     for name, mod in model.named_modules():
         if name and any(fnmatch.fnmatchcase(name, g) for g in patterns):
             if any(name.startswith(k + ".") for k in kept):
@@ -185,7 +185,8 @@ def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor],
     Encoder-decoder: the decoder ids (start token plus generated tokens). Causal LM: the
     prompt followed by the generated tokens.
     """
+    model: Any = loaded.model
     with torch.no_grad():
-        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     num_beams=1)
     return out

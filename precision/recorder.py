@@ -14,6 +14,7 @@ is stored once and recorded as an alias. The integer bucket ids fed to T5's
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fnmatch
 import os
@@ -172,10 +173,8 @@ class Capture:
 
     def _abort(self) -> None:
         if self._bg is not None:
-            try:
+            with contextlib.suppress(Exception):  # the original exception matters more
                 self._bg.finish()
-            except Exception:  # the original exception matters more
-                pass
         if self._writer is not None:
             self._writer.abort()
 

@@ -12,7 +12,7 @@ from .dtypes import short
 from .dump import FORMAT_VERSION, Dump
 
 if TYPE_CHECKING:
-    from .report import Report
+    from .report import Report, Row
 
 STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN": "bold red",
                 "MISMATCH": "magenta", "MISSING": "dim", "EXACT": "green"}
@@ -118,7 +118,7 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
     con.print(table)
 
 
-def _severity(r: Report.__class__) -> tuple[int, float]:  # type: ignore[name-defined]
+def _severity(r: Row) -> tuple[int, float]:
     from .report import STATUSES
 
     m = r.metrics

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from . import devices
-from .recorder import DEFAULT_INPUT_GLOBS, Capture
 from .dtypes import canonical
 from .dump import Dump, check_output_path, load
 from .errors import InputError
 from .models import LoadedModel, Policy, generate, load_model, read_prompts, tokenize
+from .recorder import DEFAULT_INPUT_GLOBS, Capture
 
 INPUT_PREFIX = "input:"
 
@@ -48,7 +48,7 @@ class CaptureOptions:
 
 def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
     """The model inputs stored in a dump (``input:*`` tensors) as torch tensors on ``device``."""
-    found = {k[len(INPUT_PREFIX):]: k for k in dump.keys() if k.startswith(INPUT_PREFIX)}
+    found = {k[len(INPUT_PREFIX):]: k for k in dump.tensors if k.startswith(INPUT_PREFIX)}
     if "input_ids" not in found:
         raise InputError(f"--replay {dump.path} holds no input ids: it was not written by "
                          "`precision capture` (or captured without inputs)")

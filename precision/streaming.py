@@ -24,7 +24,7 @@ _ALIGN = 64
 
 
 class HostRing:
-    """A circular host buffer with FIFO allocation: ``alloc`` waits for space, ``free`` the oldest."""
+    """A circular host buffer, allocated FIFO: ``alloc`` waits for room, ``free`` the oldest."""
 
     def __init__(self, capacity: int, *, pin: bool) -> None:
         self.capacity = capacity

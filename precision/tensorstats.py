@@ -2,8 +2,8 @@
 
 The common case costs three reductions: ``aminmax``, ``var_mean`` (a stable two-moment
 reduction, so a large mean does not cancel the spread) and a 2-norm, accumulated in float32
-for half types and in the tensor's own precision otherwise. Only when those reveal a NaN, an inf or values near the fp16 limit is a second,
-exact pass made to count them.
+for half types and in the tensor's own precision otherwise. Only when those reveal a NaN,
+an inf or values near the fp16 limit is a second, exact pass made to count them.
 
 Fields: ``numel``, ``min``, ``max``, ``mean``, ``std`` (population), ``norm`` (L2),
 ``absmax``, ``nan``, ``posinf``, ``neginf``, ``beyond_fp16`` (finite ``|x| > 65504``) and

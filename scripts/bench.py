@@ -66,9 +66,25 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
+    """Run the functions round-robin so that machine-load drift hits them all alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of (this run / the plain forward of the same round)."""
+    return statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeat", type=int, default=5, help="runs per timing (median)")
+    ap.add_argument("--repeat", type=int, default=7, help="rounds per timing (median)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--enc-len", type=int, default=128)
     ap.add_argument("--dec-len", type=int, default=32)
@@ -95,10 +111,9 @@ def main() -> None:
     forward()  # warm up
     full_path, stats_path = work / "full.st", work / "stats.st"
     captured("full", full_path)()
-    plain = timed(forward, args.repeat)
-    full = timed(captured("full", full_path), args.repeat)
-    stats = timed(captured("stats", stats_path), args.repeat)
-    plain_again = timed(forward, args.repeat)  # drift check of the machine itself
+    times = interleaved({"plain": forward, "full": captured("full", full_path),
+                         "stats": captured("stats", stats_path)}, args.repeat)
+    plain, full, stats = (statistics.median(times[k]) for k in ("plain", "full", "stats"))
     with peak_rss() as mem_full:
         captured("full", full_path)()
     dump = precision.load(full_path)
@@ -120,10 +135,12 @@ def main() -> None:
         "model": "flan-t5-small shape, seeded, CPU fp32",
         "batch": f"{args.batch} x {args.enc_len} encoder / {args.dec_len} decoder tokens",
         "threads": torch.get_num_threads(),
-        "forward_s": round(plain, 4), "forward_again_s": round(plain_again, 4),
+        "repeat": args.repeat,
+        "forward_s": round(plain, 4), "forward_spread_s": [round(min(times["plain"]), 4),
+                                                           round(max(times["plain"]), 4)],
         "capture_full_s": round(full, 4), "capture_stats_s": round(stats, 4),
-        "capture_full_ratio": round(full / plain, 3),
-        "capture_stats_ratio": round(stats / plain, 3),
+        "capture_full_ratio": round(ratio(times, "full"), 3),
+        "capture_stats_ratio": round(ratio(times, "stats"), 3),
         "tensors": len(dump.tensors), "tensor_mb": round(tensor_bytes / 1e6, 1),
         "dump_mb": round(full_path.stat().st_size / 1e6, 1),
         "dump_size_ratio": round(full_path.stat().st_size / tensor_bytes, 4),

@@ -74,7 +74,7 @@ def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path]) -> 
     one = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=1, chunk_elems=1 << 16)
     two = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=2, chunk_elems=1000)
     assert [r.status for r in one.rows] == [r.status for r in two.rows]
-    for r1, r2 in zip(one.rows, two.rows):
+    for r1, r2 in zip(one.rows, two.rows, strict=True):
         if r1.metrics:
             assert r2.metrics is not None
             assert r2.metrics.max_abs == r1.metrics.max_abs

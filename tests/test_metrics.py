@@ -72,7 +72,7 @@ def reference(a, b, base: str, target: str, floor: float | None = None) -> dict:
          "new_nan": int((np.isnan(b) & live & fa).sum()),
          "new_inf": int((np.isinf(b) & live & fa).sum()),
          "saturated": int(((np.abs(y) >= 0.98 * tmax) & (rel > 1e-2)).sum()),
-         "beyond_target_range": int((np.abs(x) > tmax).sum()),
+         "beyond_target_range": int((live & fa & (np.abs(a) > tmax)).sum()),
          "max_abs": mx(np.abs(d)), "max_rel": mx(rel),
          "max_ulp": mx(np.abs(d) / ulp_ref(x, target)),
          "absmax_base": mx(np.abs(x)), "absmax_target": top, "target_max": tmax,
@@ -200,6 +200,7 @@ def test_floor_for_near_zero_baselines():
 
 ADVERSARIAL = {
     "huge": ([1e30, -1e30, 1.0], [1e30 * (1 + 1e-3), 5.0, 1.0]),
+    "overflow": ([1e30, 7e4, -7e4, np.nan, 1.0], [np.inf, np.inf, -np.inf, np.inf, 1.0]),
     "near_fp16_max": ([60000.0, 65000.0, 70000.0, -64500.0, 1.0],
                       [64224.0, 65504.0, 65504.0, -64224.0, 1.0]),
     "nan_inf": ([np.nan, 1.0, 2.0, np.inf, np.inf, 3.0, np.nan],
@@ -225,7 +226,7 @@ ADVERSARIAL = {
 def test_adversarial_against_reference(case, chunk):
     a, b = (np.array(v, np.float32) for v in ADVERSARIAL[case])
     b = b.astype(np.float16) if case != "huge" else b
-    # one_minus_cos loses digits when the norms differ (see test_cos_with_very_different_norms)
+    # (|d|² - (|a|-|b|)²) keeps only ~6 digits of 1 - cos for dissimilar vectors here
     check(cmp(a, b, "float32", "float16", chunk), reference(a, b, "float32", "float16"),
           omc_rel=1e-4)
 
@@ -233,7 +234,7 @@ def test_adversarial_against_reference(case, chunk):
 def test_adversarial_hand_values():
     a, b = (np.array(v, np.float32) for v in ADVERSARIAL["near_fp16_max"])
     m = cmp(a, b.astype(np.float16), "float32", "float16")
-    assert (m.saturated, m.beyond_target_range) == (2, 1)  # 60000->64200, 70000->65504
+    assert (m.saturated, m.beyond_target_range) == (2, 1)  # 60000->64224, 70000->65504
     assert m.headroom_bits == pytest.approx(0.0, abs=0)
     a, b = (np.array(v, np.float32) for v in ADVERSARIAL["nan_inf"])
     m = cmp(a, b.astype(np.float16), "float32", "float16")
@@ -254,26 +255,35 @@ def test_adversarial_hand_values():
     assert (e.numel, e.compared, e.rms_base, e.cos, e.pearson) == (0, 0, 0.0, 1.0, 1.0)
 
 
-def test_mask_both_below_target_lowest_in_filtered_chunk():
-    a, b = np.array([-1e9, np.nan, 1.0], np.float32), np.array([-65504.0, 1, 1], np.float16)
+@pytest.mark.parametrize("extra", [[], [np.nan], [F32_MIN]])  # clean and filtered chunks
+def test_mask_both_below_target_lowest(extra):
+    a = np.array([-1e9, 1.0, *extra], np.float32)
+    b = np.array([-65504.0, 1.0, *[1.0] * len(extra)], np.float16)
     m = cmp(a, b, "float32", "float16")
-    assert (m.masked, m.compared, m.max_abs) == (1, 1, 0.0)
+    assert (m.masked, m.compared, m.max_abs) == (1 + (extra == [F32_MIN]), 1, 0.0)
 
 
-def test_mask_both_below_target_lowest_without_nonfinite():
-    a, b = np.array([-1e9, 1.0], np.float32), np.array([-65504.0, 1.0], np.float16)
-    m = cmp(a, b, "float32", "float16")
-    assert (m.masked, m.compared, m.max_abs) == (1, 1, 0.0)
-
-
-def test_cos_with_very_different_norms():
+@pytest.mark.parametrize("scale", [1e-12, 1e-3, 0.3, 0.49, 0.51, 1.9, 2.1, 1e6, 1e12])
+def test_cos_with_different_norms(scale):
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal(300)
+    b = scale * (a + 0.5 * rng.standard_normal(300))
+    for chunk in (None, 7):
+        m = cmp(a, b, "float64", "float64", chunk)
+        assert m.cos == pytest.approx(1 - cosine(a, b), abs=1e-12)
+        assert m.one_minus_cos == pytest.approx(one_minus_cos_exact(a, b), rel=1e-9)
     a, b = np.array([1e12, 0.0]), np.array([1.0, 1.0])
-    assert cmp(a, b, "float32", "float32").cos == pytest.approx(1 - cosine(a, b), abs=1e-12)
+    assert cmp(a, b, "float32", "float32").cos == pytest.approx(2**-0.5, abs=1e-12)
 
 
 def test_beyond_target_range_counts_overflowed_targets():
     a, b = np.array([1e30, 1e5, 1.0], np.float32), np.array([np.inf, np.inf, 1.0], np.float16)
     assert cmp(a, b, "float32", "float16").beyond_target_range == 2
+    a = np.array([-1e5, -1e9, F32_MIN, np.inf, 7e4], np.float32)  # masked / inf: not counted
+    b = np.array([-np.inf, -65504, 0.0, np.inf, 65504], np.float16)
+    for chunk in (None, 1):
+        m = cmp(a, b, "float32", "float16", chunk)
+        assert (m.beyond_target_range, m.masked, m.compared) == (1, 3, 1)
 
 
 def test_scalars_and_bf16_baseline():
@@ -301,6 +311,9 @@ def test_compare_exact_int_and_bool():
 def test_compare_exact_large_int64():
     m = compare_exact([(np.array([2**62 + 1], np.int64), np.array([2**62], np.int64))])
     assert (m.mismatched, m.max_abs) == (1, 1.0)
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    m = compare_exact([(np.array([lo, 0]), np.array([hi, 0]))])  # no int64 wrap-around
+    assert (m.mismatched, m.max_abs) == (1, float(2**64 - 1))
 
 
 BOUNDED = st.floats(-(2.0**100), 2.0**100, width=32)
