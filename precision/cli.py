@@ -94,12 +94,14 @@ def main() -> None:
                    "(gives encoder-decoders their decoder ids).")
 @click.option("-o", "--output", required=True, metavar="OUT.st", help="Dump file to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
+@click.option("--fsync", is_flag=True,
+              help="Force the dump to disk before renaming it into place (power-loss safe).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_guard
 def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
             exclude: tuple[str, ...], keep_fp32: tuple[str, ...], replay: str | None,
-            max_new_tokens: int, output: str, force: bool, quiet: bool) -> None:
+            max_new_tokens: int, output: str, force: bool, fsync: bool, quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
     \b
@@ -113,7 +115,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
     opts = CaptureOptions(model=model, output=output, device=device, dtype=dtype,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
-                          replay=replay, max_new_tokens=max_new_tokens, force=force)
+                          replay=replay, max_new_tokens=max_new_tokens, force=force,
+                          fsync=fsync)
     path = run_capture(opts, _log(quiet))
     if not quiet:
         from .dump import load

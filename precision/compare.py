@@ -183,8 +183,9 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
     if status == "OK" and lg is not None:
         if lg.kl_mean > prof.kl_mean:
             status, reason = "DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}"
-        elif lg.top1_agreement < prof.top1:
-            status, reason = "DRIFT", f"top-1 agreement {lg.top1_agreement:.2%} < {prof.top1:.0%}"
+        elif lg.hard_top1_agreement < prof.top1:
+            status, reason = "DRIFT", (f"top-1 agreement {lg.hard_top1_agreement:.2%} < "
+                                       f"{prof.top1:.0%} (near-tie flips excluded)")
     if status == "OK" and m.nan_base + m.inf_base:
         reason = f"baseline holds {m.nan_base} NaN and {m.inf_base} inf (excluded)"
     return replace(row, status=status, reason=reason, metrics=m, logits=lg)

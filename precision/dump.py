@@ -90,12 +90,15 @@ class DumpWriter:
 
     Bytes go to a hidden temporary file next to ``path`` behind ``reserve`` bytes kept for
     the header. :meth:`close` writes the header into that space (or, when it is too small,
-    rewrites the file with a kernel-side copy), flushes and renames into place.
+    rewrites the file with a kernel-side copy), flushes and renames into place. The rename
+    makes the dump atomic against a killed or crashed process; ``fsync=True`` also forces
+    the bytes to disk before the rename, against power loss, at the cost of waiting for it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
-                 reserve: int = 64 * 1024) -> None:
+                 reserve: int = 64 * 1024, fsync: bool = False) -> None:
         self.path = Path(path)
+        self._fsync = fsync
         check_output_path(self.path, force=force)
         self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._reserve = max(_ALIGN * 2, reserve - reserve % _ALIGN)
@@ -147,7 +150,8 @@ class DumpWriter:
             self._file.seek(0)
             self._file.write(struct.pack("<Q", len(blob)) + blob)
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self._fsync:
+                os.fsync(self._file.fileno())
             self._file.close()
         else:
             self._rewrite_with_header(blob)
@@ -171,7 +175,8 @@ class DumpWriter:
                 src_off += n
                 remaining -= n
             out.flush()
-            os.fsync(out.fileno())
+            if self._fsync:
+                os.fsync(out.fileno())
         self._file.close()
         os.replace(final, self._tmp)
 

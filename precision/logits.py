@@ -6,8 +6,11 @@ For each position (row) r with baseline logits a_r and target logits b_r:
 - top-k overlap: ``|topk(a_r) ∩ topk(b_r)| / k``
 - ``KL(p_r || q_r) = Σ_v p_v (log p_v - log q_v)`` with ``p = softmax(a_r)``,
   ``q = softmax(b_r)`` computed by log-sum-exp in float64; terms with ``p_v = 0`` are 0
-- ``margin``: the baseline's gap between its top-1 and top-2 logit at each flip, so a flip
-  after a near-tie can be told from a real one
+- ``margin``: the baseline's gap between its top-1 and top-2 logit at each flip. A flip is a
+  *near-tie* when ``margin <= 4 rms_v(a_rv - b_rv)``: the row's typical error could swap the
+  two tokens (the difference of two such errors exceeds 4 rms with probability below 0.5%
+  under Gaussian noise). ``hard_flips`` counts the others, flips that only an error aimed at
+  the top tokens explains; verdicts use ``hard_top1_agreement = 1 - hard/rows``
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from typing import Any
 import numpy as np
 
 ROWS_PER_CHUNK = 256
+NEAR_TIE_RMS = 4.0
 
 
 @dataclass(frozen=True)
 class LogitsMetrics:
-    """Agreement between two logits tensors; ``flips`` lists (row, base id, target id, margin)."""
+    """Agreement between two logits tensors.
+
+    ``flips`` lists (row, base id, target id, margin, near_tie) for the first flips.
+    """
 
     positions: int
     k: int
@@ -31,14 +38,21 @@ class LogitsMetrics:
     topk_overlap: float
     kl_mean: float
     kl_max: float
-    flips: list[tuple[int, int, int, float]] = field(default_factory=list)
+    hard_flips: int = 0
+    flips: list[tuple[int, int, int, float, bool]] = field(default_factory=list)
+
+    @property
+    def hard_top1_agreement(self) -> float:
+        """Top-1 agreement counting near-tie flips as agreement."""
+        return 1.0 - self.hard_flips / self.positions if self.positions else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"positions": self.positions, "k": self.k, "top1_agreement": self.top1_agreement,
+                "hard_top1_agreement": self.hard_top1_agreement, "hard_flips": self.hard_flips,
                 "topk_overlap": self.topk_overlap, "kl_mean": self.kl_mean,
                 "kl_max": self.kl_max,
-                "flips": [{"position": r, "base": i, "target": j, "margin": m}
-                          for r, i, j, m in self.flips]}
+                "flips": [{"position": r, "base": i, "target": j, "margin": m, "near_tie": t}
+                          for r, i, j, m, t in self.flips]}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -68,9 +82,9 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
                        k: int = 5, max_flips: int = 50) -> LogitsMetrics:
     """Compare logits given as chunks of flattened rows (each a multiple of ``vocab`` long)."""
     k = max(1, min(k, vocab))
-    rows = agree = overlap = 0
+    rows = agree = overlap = hard = 0
     kl_sum, kl_max = 0.0, 0.0
-    flips: list[tuple[int, int, int, float]] = []
+    flips: list[tuple[int, int, int, float, bool]] = []
     for a_chunk, b_chunk in chunks:
         x = np.asarray(a_chunk, dtype=np.float64).reshape(-1, vocab)
         y = np.asarray(b_chunk, dtype=np.float64).reshape(-1, vocab)
@@ -89,12 +103,17 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
         kl = terms.sum(axis=-1)
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(np.max(kl)))
-        for r in np.flatnonzero(~same)[: max(0, max_flips - len(flips))]:
+        for r in np.flatnonzero(~same):
             top2 = np.sort(x[r])[-2:] if vocab > 1 else np.array([x[r, 0]] * 2)
-            flips.append((rows + int(r), int(top_a[r]), int(top_b[r]),
-                          float(top2[1] - top2[0])))
+            margin = float(top2[1] - top2[0])
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = y[r] - x[r]
+                near_tie = bool(margin <= NEAR_TIE_RMS * np.sqrt(np.mean(d * d)))
+            hard += not near_tie
+            if len(flips) < max_flips:
+                flips.append((rows + int(r), int(top_a[r]), int(top_b[r]), margin, near_tie))
         rows += x.shape[0]
     if rows == 0:
         return LogitsMetrics(0, k, 1.0, 1.0, 0.0, 0.0)
     return LogitsMetrics(rows, k, agree / rows, overlap / (rows * k), kl_sum / rows, kl_max,
-                         flips)
+                         hard, flips)

@@ -110,13 +110,16 @@ class Capture:
     ``path`` is the dump to write (a temporary file when ``None``; :meth:`save` moves it).
     ``mode`` is ``"full"`` (tensors) or ``"stats"`` (statistics only). ``include``/``exclude``
     are globs on module names; ``inputs`` globs choose modules whose inputs are recorded too.
-    ``meta`` is merged into the dump's metadata.
+    ``meta`` is merged into the dump's metadata. ``buffer_mb`` sizes the reusable host
+    buffer that bounds capture memory; ``fsync`` forces the dump to disk before it is renamed
+    into place.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
                  mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
-                 meta: dict[str, Any] | None = None, buffer_mb: int = 64) -> None:
+                 meta: dict[str, Any] | None = None, buffer_mb: int = 64,
+                 fsync: bool = False) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = model
@@ -133,6 +136,7 @@ class Capture:
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._buffer = buffer_mb * 1024 * 1024
+        self._fsync = fsync
         self._handles: list[Any] = []
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
@@ -145,7 +149,7 @@ class Capture:
     # ---- context management
     def __enter__(self) -> Capture:
         check_output_path(self.path, force=self._force)
-        self._writer = DumpWriter(self.path, force=self._force,
+        self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=65536 + 512 * len(self._modules))
         dev = next((p.device.type for p in self.model.parameters()), "cpu")
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024

@@ -105,9 +105,11 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
         reason = r.reason
         if r.logits is not None:
             lg = r.logits
+            ties = len(lg.flips) and sum(f[4] for f in lg.flips)
             reason = (f"{reason}; " if reason else "") + (
-                f"top1 {lg.top1_agreement:.1%}, top{lg.k} {lg.topk_overlap:.1%}, "
-                f"KL {lg.kl_mean:.2g}/{lg.kl_max:.2g}")
+                f"top1 {lg.top1_agreement:.1%}" + (f" ({ties} near-tie flips)" if ties else "")
+                + f", top{lg.k} {lg.topk_overlap:.1%}, KL mean {lg.kl_mean:.2g} max "
+                  f"{lg.kl_max:.2g}")
         table.add_row(
             str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
             "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",

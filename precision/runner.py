@@ -44,6 +44,7 @@ class CaptureOptions:
     replay: str | None = None
     max_new_tokens: int = 8
     force: bool = False
+    fsync: bool = False
 
 
 def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
@@ -91,7 +92,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     log(f"capturing a forward pass ({opts.mode} mode)")
     with torch.no_grad(), Capture(loaded.model, out, mode=opts.mode, include=opts.include,
                                   exclude=opts.exclude, inputs=opts.inputs, force=opts.force,
-                                  meta=meta) as cap:
+                                  fsync=opts.fsync, meta=meta) as cap:
         t0 = time.perf_counter()
         loaded.model(**inputs)
         device.synchronize()

@@ -23,11 +23,35 @@ from .dump import DumpWriter
 _ALIGN = 64
 
 
+_POOL: dict[tuple[int, bool], list[HostRing]] = {}
+_POOL_LOCK = threading.Lock()
+
+
 class HostRing:
-    """A circular host buffer, allocated FIFO: ``alloc`` waits for room, ``free`` the oldest."""
+    """A circular host buffer, allocated FIFO: ``alloc`` waits for room, ``free`` the oldest.
+
+    :meth:`acquire`/:meth:`release` keep finished rings for the next capture in the process,
+    so repeated captures (a notebook, a benchmark) do not fault fresh pages in each time.
+    """
+
+    @classmethod
+    def acquire(cls, capacity: int, *, pin: bool) -> HostRing:
+        with _POOL_LOCK:
+            free = _POOL.get((capacity, pin))
+            if free:
+                return free.pop()
+        return cls(capacity, pin=pin)
+
+    def release(self) -> None:
+        """Return an idle ring to the pool (at most one kept per size)."""
+        with _POOL_LOCK:
+            slot = _POOL.setdefault((self.capacity, self.pinned), [])
+            if not slot and not self._live:
+                slot.append(self)
 
     def __init__(self, capacity: int, *, pin: bool) -> None:
         self.capacity = capacity
+        self.pinned = pin
         try:
             self.buf = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
         except RuntimeError:  # pinning unsupported by this build: plain memory still works
@@ -82,7 +106,7 @@ class BackgroundWriter:
     def __init__(self, writer: DumpWriter, *, device_type: str, buffer_bytes: int) -> None:
         self.writer = writer
         self.device_type = device_type
-        self.ring = HostRing(buffer_bytes, pin=device_type != "cpu")
+        self.ring = HostRing.acquire(buffer_bytes, pin=device_type != "cpu")
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=256)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="precision-writer", daemon=True)
@@ -133,4 +157,5 @@ class BackgroundWriter:
         """Wait until everything queued is written; re-raise a writer-thread error."""
         self._queue.put(None)
         self._thread.join()
+        self.ring.release()
         self._raise_if_failed()

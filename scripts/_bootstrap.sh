@@ -1,9 +1,10 @@
-# Sourced by scripts/demo and scripts/test: make a virtualenv under the project (unless one
-# is active), reuse an installed torch, otherwise install a CPU build, then install the
-# project. Sets $PY. Re-runs are fast: a stamp records what was installed.
+# Sourced by scripts/demo, scripts/test and scripts/bench: make a virtualenv under the
+# project (unless one is active), reuse an installed torch, otherwise install a CPU build,
+# then install the project (with the extras in $PRECISION_EXTRAS, e.g. dev). Sets $PY.
+# Re-runs are fast: a stamp records what was installed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-EXTRAS=${1:-}
+EXTRAS=${PRECISION_EXTRAS:-}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ -n "${VIRTUAL_ENV:-}" ]; then
@@ -27,8 +28,14 @@ stamp="$ROOT/.venv/.installed${EXTRAS:+-$EXTRAS}"
 want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import precision" >/dev/null 2>&1; then
   echo "· installing precision${EXTRAS:+ with [$EXTRAS]} and its dependencies" >&2
-  "$PY" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
-  "$PY" -c "import precision" || { echo "error: installing precision failed" >&2; exit 2; }
+  log=$(mktemp)
+  if ! "$PY" -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2 || true
+    echo "error: installing precision failed (pip output above)" >&2
+    exit 2
+  fi
+  rm -f "$log"
+  "$PY" -c "import precision" || { echo "error: precision does not import after install" >&2; exit 2; }
   mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
 fi
 BIN=$(dirname "$PY")

@@ -19,6 +19,7 @@ import torch
 import transformers
 
 import precision
+from precision import streaming
 from precision.compare import compare
 
 
@@ -66,11 +67,14 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
-    """Run the functions round-robin so that machine-load drift hits them all alike."""
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
+                prepare: Callable[[], None]) -> dict[str, list[float]]:
+    """Run the functions round-robin so that machine-load drift hits them all alike;
+    ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            prepare()
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -103,17 +107,27 @@ def main() -> None:
             model(**inputs)
 
     def captured(mode: str, path: Path) -> Callable[[], None]:
+        """A capture into a fresh file (deleting the old one first is not capture's cost)."""
         def run() -> None:
-            with torch.no_grad(), precision.capture(model, path, mode=mode, force=True):
+            with torch.no_grad(), precision.capture(model, path, mode=mode):
                 model(**inputs)
         return run
 
     forward()  # warm up
     full_path, stats_path = work / "full.st", work / "stats.st"
-    captured("full", full_path)()
+
+    def prepare() -> None:
+        full_path.unlink(missing_ok=True)
+        stats_path.unlink(missing_ok=True)
+        os.sync()
+
+    prepare()
+    captured("full", full_path)()  # warm up (and fill the host buffer pool)
     times = interleaved({"plain": forward, "full": captured("full", full_path),
-                         "stats": captured("stats", stats_path)}, args.repeat)
+                         "stats": captured("stats", stats_path)}, args.repeat, prepare)
     plain, full, stats = (statistics.median(times[k]) for k in ("plain", "full", "stats"))
+    prepare()
+    streaming._POOL.clear()  # count the host buffer: measure as a first capture would
     with peak_rss() as mem_full:
         captured("full", full_path)()
     dump = precision.load(full_path)
@@ -121,7 +135,7 @@ def main() -> None:
 
     half = bench_model(torch.float16)
     half_path = work / "fp16.st"
-    with torch.no_grad(), precision.capture(half, half_path, force=True):
+    with torch.no_grad(), precision.capture(half, half_path):
         half(**inputs)
     compare_bytes = full_path.stat().st_size + half_path.stat().st_size
     compare(full_path, half_path)  # warm the page cache, as a second compare would see it

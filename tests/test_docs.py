@@ -25,3 +25,23 @@ def test_readme_starts_with_the_two_setup_commands_and_links_resolve() -> None:
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
     for link in re.findall(r"\]\(([^)#]+\.md)\)", text):
         assert (ROOT / link).is_file(), link
+
+
+def python_block(doc: str, heading: str) -> str:
+    """The first ```python block after ``heading`` in a docs file."""
+    text = (ROOT / "docs" / doc).read_text()
+    after = text[text.index(heading):]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_quickstart_python_example_runs(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The notebook walk-through in docs/quickstart.md: find the overflow, fix it, confirm."""
+    (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
+    monkeypatch.chdir(tmp_path)
+    code = python_block("quickstart.md", "## Python and notebooks")
+    code = code.replace("report.first_divergence.key      #",
+                        "assert report.first_divergence.key ==")
+    scope: dict[str, object] = {}
+    exec(compile(code, "quickstart.md", "exec"), scope)
+    report = scope["report"]
+    assert not report and report.first_divergence.status == "OVERFLOW"  # type: ignore[attr-defined]

@@ -27,11 +27,14 @@ def reference(a: np.ndarray, b: np.ndarray, k: int, max_flips: int = 50) -> dict
     flips = []
     for r in np.flatnonzero(ta != tb):
         s = np.sort(x[r])[::-1]
-        flips.append((int(r), int(ta[r]), int(tb[r]), float(s[0] - s[1])))
+        margin = float(s[0] - s[1])
+        near_tie = margin <= 4 * float(np.sqrt(np.mean((y[r] - x[r]) ** 2)))
+        flips.append((int(r), int(ta[r]), int(tb[r]), margin, near_tie))
     n = len(x)
     return {"positions": n, "k": k, "top1_agreement": float(np.mean(ta == tb)),
             "topk_overlap": sum(overlap) / (n * k), "kl_mean": float(kl.mean()),
-            "kl_max": float(kl.max()), "flips": flips[:max_flips]}
+            "kl_max": float(kl.max()), "flips": flips[:max_flips],
+            "hard_flips": sum(not f[4] for f in flips)}
 
 
 def check(m, ref: dict) -> None:
@@ -42,6 +45,8 @@ def check(m, ref: dict) -> None:
     assert m.kl_max == pytest.approx(ref["kl_max"], rel=1e-7, abs=1e-15)
     assert [f[:3] for f in m.flips] == [f[:3] for f in ref["flips"]]
     assert [f[3] for f in m.flips] == pytest.approx([f[3] for f in ref["flips"]], rel=1e-12)
+    assert [f[4] for f in m.flips] == [f[4] for f in ref["flips"]]
+    assert m.hard_flips == ref["hard_flips"]
 
 
 def untied(x: np.ndarray, k: int) -> np.ndarray:
@@ -102,14 +107,16 @@ def test_hand_computed_flip_and_kl():
     a = np.array([[1.0, 1.25, 0.0], [5.0, 0.0, 0.0]])
     b = np.array([[1.5, 1.25, 0.0], [5.0, 0.0, 0.0]])
     m = compare_logits(a, b, k=1)
-    assert m.flips == [(0, 1, 0, 0.25)]
+    assert m.flips == [(0, 1, 0, 0.25, True)]  # margin 0.25 <= 4 x rms 0.289: a near-tie
+    assert (m.hard_flips, m.hard_top1_agreement) == (0, 1.0)
     assert (m.top1_agreement, m.topk_overlap) == (0.5, 0.5)
     p, q = softmax(a[0]), softmax(b[0])
     kl0 = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
     assert m.kl_max == pytest.approx(kl0, rel=1e-12)
     assert m.kl_mean == pytest.approx(kl0 / 2, rel=1e-12)
     d = m.as_dict()
-    assert d["flips"] == [{"position": 0, "base": 1, "target": 0, "margin": 0.25}]
+    assert d["flips"] == [{"position": 0, "base": 1, "target": 0, "margin": 0.25,
+                           "near_tie": True}]
     assert d["positions"] == 2 and d["k"] == 1
 
 
@@ -167,7 +174,23 @@ def test_empty_and_degenerate_shapes():
         0, 1.0, 1.0, 0.0, 0.0)
     assert compare_logit_rows([], 10).positions == 0
     single = compare_logits(np.array([1.0, 3.0, 2.0]), np.array([3.5, 3.0, 2.0]), k=2)
-    assert single.positions == 1 and single.flips == [(0, 1, 0, 1.0)]
+    assert single.positions == 1 and single.flips == [(0, 1, 0, 1.0, True)]  # 1 <= 4 x 1.44
     assert single.topk_overlap == 0.5  # {1, 2} vs {0, 1}
     one = compare_logits(np.zeros((4, 1)), np.ones((4, 1)))  # vocab 1: p = q = 1
     assert (one.k, one.top1_agreement, one.kl_max) == (1, 1.0, 0.0)
+
+
+def test_near_tie_versus_hard_flip():
+    """Noise-sized errors swapping close tokens are a near-tie; an error aimed at the top
+    two tokens of a wide margin, with the rest of the row exact, is a hard flip."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2, 1000))
+    a[0, :2] = [5.0, 4.99]  # margin 0.01
+    a[1, :2] = [5.0, 2.0]  # margin 3
+    b = a.copy()
+    b[0] += 0.01 * rng.standard_normal(1000)  # rms 0.01 noise everywhere
+    b[0, :2] = [4.985, 4.995]
+    b[1, :2] = [2.0, 5.0]  # only the top two move: rms 0.134, margin 3 > 4 rms
+    m = compare_logits(a, b, k=1)
+    assert [f[4] for f in m.flips] == [True, False]
+    assert (m.hard_flips, m.hard_top1_agreement, m.top1_agreement) == (1, 0.5, 0.0)
