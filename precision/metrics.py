@@ -33,6 +33,7 @@ the target kept them (fp32 islands such as T5's ``wo``) or overflowed.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -42,6 +43,7 @@ import numpy as np
 from .dtypes import float_format, is_float
 
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
+_THREAD = threading.local()
 SATURATION = 0.98
 
 
@@ -115,11 +117,28 @@ class PairAccumulator:
         self.absmax_a = self.absmax_b = 0.0
         self.over = [0, 0, 0]
 
+    @staticmethod
+    def _scratch(n: int) -> list[np.ndarray]:
+        """Work arrays (six float64, one C int, one bool) reused by every accumulator of this
+        thread: fresh large temporaries would page-fault on every chunk."""
+        work: list[np.ndarray] | None = getattr(_THREAD, "work", None)
+        if work is None or work[0].size < n:
+            work = [np.empty(n) for _ in range(6)]
+            work += [np.empty(n, dtype=np.intc), np.empty(n, dtype=bool)]
+            _THREAD.work = work
+        return [w[:n] for w in work]
+
     def update(self, a: np.ndarray, b: np.ndarray) -> None:
         """Add one chunk (flat arrays of equal length, any float dtypes)."""
-        a64 = np.asarray(a, dtype=np.float64).reshape(-1)
-        b64 = np.asarray(b, dtype=np.float64).reshape(-1)
-        self.numel += a64.size
+        a = np.asarray(a).reshape(-1)
+        b = np.asarray(b).reshape(-1)
+        n = a.size
+        self.numel += n
+        if n == 0:
+            return
+        a64, b64 = self._scratch(n)[:2]
+        np.copyto(a64, a)
+        np.copyto(b64, b)
         if a64.size == 0:
             return
         with np.errstate(invalid="ignore", over="ignore"):
@@ -137,6 +156,7 @@ class PairAccumulator:
             a64, b64 = self._filter(a64, b64)
             if a64.size == 0:
                 return
+            a64, b64 = a64.copy(), b64.copy()  # off the scratch arrays _accumulate uses
         self._accumulate(a64, b64)
 
     def _filter(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,29 +180,34 @@ class PairAccumulator:
 
     def _accumulate(self, a: np.ndarray, b: np.ndarray) -> None:
         n2 = a.size
-        d = b - a
-        absd = np.abs(d)
-        abs_a = np.abs(a)
-        abs_b = np.abs(b)
+        _, _, d, absd, abs_a, tmp, exp, flag = self._scratch(n2)
+        np.subtract(b, a, out=d)
+        np.abs(d, out=absd)
+        np.abs(a, out=abs_a)
         self.sum_d2 += _dot(d, d)
         self.sum_abs += float(absd.sum())
         self.max_abs = max(self.max_abs, float(absd.max()))
         self.absmax_a = max(self.absmax_a, float(abs_a.max()))
-        chunk_absmax_b = float(abs_b.max())
+        chunk_absmax_b = max(float(b.max()), -float(b.min()))
         self.absmax_b = max(self.absmax_b, chunk_absmax_b)
-        rel = absd / np.maximum(abs_a, self.floor)
+        rel = np.maximum(abs_a, self.floor, out=tmp)
+        np.divide(absd, rel, out=rel)
         self.max_rel = max(self.max_rel, float(rel.max()))
         for i, t in enumerate(RATIO_THRESHOLDS):
-            self.over[i] += int(np.count_nonzero(rel > t))
+            self.over[i] += int(np.count_nonzero(np.greater(rel, t, out=flag)))
         tmax = self.tgt_fmt.max
         if chunk_absmax_b >= SATURATION * tmax:
-            self.saturated += int(np.count_nonzero((abs_b >= SATURATION * tmax) & (rel > 1e-2)))
-        _, exp = np.frexp(np.maximum(abs_a, self.tgt_fmt.smallest_normal))
-        ulp = np.ldexp(1.0, exp - 1 - self.tgt_fmt.mantissa_bits)
-        self.max_ulp = max(self.max_ulp, float((absd / ulp).max()))
+            self.saturated += int(np.count_nonzero((np.abs(b) >= SATURATION * tmax)
+                                                   & (rel > 1e-2)))
+        ulp = np.maximum(abs_a, self.tgt_fmt.smallest_normal, out=tmp)
+        np.frexp(ulp, out=(d, exp))  # d is free again: sum_d2 and absd are taken
+        np.subtract(exp, 1 + self.tgt_fmt.mantissa_bits, out=exp)
+        np.ldexp(1.0, exp, out=ulp)
+        np.divide(absd, ulp, out=ulp)
+        self.max_ulp = max(self.max_ulp, float(ulp.max()))
         # Chan et al.: merge this chunk's means and co-moments into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
-        ac, bc = a - ma2, b - mb2
+        ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
         m2a2, m2b2, c2 = _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)
         n1 = self.n
         n = n1 + n2
