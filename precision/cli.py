@@ -7,9 +7,10 @@ transformers) are imported only by ``capture``, so ``compare`` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -43,6 +44,24 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail("out of memory: capture fewer modules (--include/--exclude) or use --mode stats")
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on an interactive terminal; nothing in CI, pipes or with -q."""
+    if not (enabled and sys.stderr.isatty() and not os.environ.get("CI")):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("comparing", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def _log(quiet: bool) -> Callable[[str], None]:
@@ -83,6 +102,9 @@ def main() -> None:
               help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip modules whose name matches (repeatable), e.g. '*.dropout'.")
+@click.option("--inputs", "input_globs", multiple=True, metavar="GLOB",
+              help="Also record the inputs of modules whose name matches (repeatable). "
+                   "Always recorded: T5's relative_attention_bias bucket ids.")
 @click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
               metavar="auto|none|GLOB",
               help="auto: as transformers loads (T5 keeps wo in fp32 under fp16). none: cast "
@@ -100,7 +122,8 @@ def main() -> None:
 @_guard
 def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
-            exclude: tuple[str, ...], keep_fp32: tuple[str, ...], replay: str | None,
+            exclude: tuple[str, ...], input_globs: tuple[str, ...],
+            keep_fp32: tuple[str, ...], replay: str | None,
             max_new_tokens: int, output: str, force: bool, fsync: bool, quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
@@ -110,11 +133,13 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
       precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
       precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
     """
+    from .recorder import DEFAULT_INPUT_GLOBS
     from .runner import CaptureOptions, run_capture
 
     opts = CaptureOptions(model=model, output=output, device=device, dtype=dtype,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
+                          inputs=DEFAULT_INPUT_GLOBS + input_globs,
                           replay=replay, max_new_tokens=max_new_tokens, force=force,
                           fsync=fsync)
     path = run_capture(opts, _log(quiet))
@@ -187,8 +212,10 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
 
     if top is not None and top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
-    report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile, fail_on=fail_on,
-                         topk=topk, jobs=jobs, allow_different_models=allow_different_models)
+    with _progress(enabled=not quiet and json_out != "-") as progress:
+        report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
+                             fail_on=fail_on, topk=topk, jobs=jobs,
+                             allow_different_models=allow_different_models, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
     else:

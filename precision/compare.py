@@ -8,6 +8,7 @@ in chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable
@@ -59,14 +60,12 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
     pairs = _align(b, t)
     workers = max(1, jobs or os.cpu_count() or 1)
-    done = 0
+    finished = itertools.count(1)
 
     def run(pair: _Pair) -> Row:
-        nonlocal done
         row = _compare_pair(b, t, pair, prof, topk, chunk_elems)
-        done += 1
         if progress is not None:
-            progress(done, len(pairs))
+            progress(next(finished), len(pairs))  # count() is atomic under the GIL
         return row
 
     if workers == 1:

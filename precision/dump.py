@@ -236,7 +236,17 @@ class Dump:
         self._by_key = {e.key: e for e in self.entries}
 
     def __contains__(self, key: object) -> bool:
-        return key in self.tensors
+        """True for stored tensors and for aliases of them."""
+        return key in self.tensors or (isinstance(key, str) and self._resolve(key) is not None)
+
+    def _resolve(self, key: str) -> str | None:
+        """The stored key holding ``key``'s data: itself, or the key it aliases."""
+        if key in self.tensors:
+            return key
+        e = self._by_key.get(key)
+        if e is not None and e.alias_of in self.tensors:
+            return e.alias_of
+        return None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -286,10 +296,10 @@ class Dump:
             os.close(fd)
 
     def _info(self, key: str) -> TensorInfo:
-        try:
-            return self.tensors[key]
-        except KeyError:
-            raise DumpError(f"{self.path}: no tensor {key!r} in this dump") from None
+        stored = self._resolve(key)
+        if stored is None:
+            raise DumpError(f"{self.path}: no tensor {key!r} in this dump")
+        return self.tensors[stored]
 
     def _read_into(self, fd: int, pos: int, out: np.ndarray) -> None:
         view = memoryview(out).cast("B")  # type: ignore[arg-type]

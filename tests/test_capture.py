@@ -228,8 +228,25 @@ def test_causal_lm_generation_and_stats_mode(tmp_path: Path) -> None:
     assert d.entry("lm_head:out").stats["numel"] > 0
 
 
+def test_module_inputs_on_request(tmp_path: Path) -> None:
+    d = capture(tmp_path, "in.st", dtype="fp32", max_new_tokens=1,
+                inputs=("*relative_attention_bias", "encoder.block.2.layer.1.DenseReluDense.wo"))
+    wo = "encoder.block.2.layer.1.DenseReluDense.wo"
+    assert d[wo + ":in.0"].shape[-1] == 128  # d_ff: the input of the FFN output projection
+    assert "encoder.block.1.layer.1.DenseReluDense.wo:in.0" not in d
+
+
 def test_healthy_t5_path_and_fixture_roundtrip(tmp_path: Path) -> None:
     d = precision.load(run_capture(CaptureOptions(model=str(T5), output=str(tmp_path / "x.st"),
                                                   dtype="fp16", max_new_tokens=2)))
     assert d.meta["policy"] == {"base": "auto", "globs": [], "kept_fp32": []}
     assert d["input:decoder_input_ids"].shape[1] == 3  # start token + 2 generated
+
+
+def test_aliases_read_through(t5: object, tmp_path: Path) -> None:
+    model = t5.model  # type: ignore[attr-defined]
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st") as cap:
+        model(**t5_inputs(t5))
+    d = cap.dump
+    assert "encoder.dropout:out" in d and "encoder.dropout:out" not in d.tensors
+    np.testing.assert_array_equal(d["encoder.dropout:out"], d["encoder.embed_tokens:out"])
