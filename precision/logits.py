@@ -7,7 +7,8 @@ For each position (row) r with baseline logits a_r and target logits b_r:
 - ``KL(p_r || q_r) = Σ_v p_v (log p_v - log q_v)`` with ``p = softmax(a_r)``,
   ``q = softmax(b_r)`` computed by log-sum-exp in float64; terms with ``p_v = 0`` are 0
 - ``margin``: the baseline's gap between its top-1 and top-2 logit at each flip. A flip is a
-  *near-tie* when ``margin <= 4 rms_v(a_rv - b_rv)``: the row's typical error could swap the
+  *near-tie* when ``margin <= 4 rms_v(a_rv - b_rv)`` (over finite differences): the row's
+  typical error could swap the
   two tokens (the difference of two such errors exceeds 4 rms with probability below 0.5%
   under Gaussian noise). ``hard_flips`` counts the others, flips that only an error aimed at
   the top tokens explains; verdicts use ``hard_top1_agreement = 1 - hard/rows``
@@ -15,6 +16,7 @@ For each position (row) r with baseline logits a_r and target logits b_r:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +110,9 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
             margin = float(top2[1] - top2[0])
             with np.errstate(invalid="ignore", over="ignore"):
                 d = y[r] - x[r]
-                near_tie = bool(margin <= NEAR_TIE_RMS * np.sqrt(np.mean(d * d)))
+                d = d[np.isfinite(d)]  # vocabulary masked (-inf) on both sides: no error
+                rms = float(np.sqrt(np.mean(d * d))) if d.size else math.inf
+            near_tie = margin <= NEAR_TIE_RMS * rms
             hard += not near_tie
             if len(flips) < max_flips:
                 flips.append((rows + int(r), int(top_a[r]), int(top_b[r]), margin, near_tie))

@@ -97,7 +97,7 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> 
     try:
         model: Any = auto_cls.from_pretrained(p, local_files_only=True, **{dtype_kw: load_dtype})
         tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # transformers raises many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load the model in {p}: {first}") from None
     if policy.base == "none":

@@ -8,8 +8,9 @@ from an earlier dump instead, so two devices see identical ids and masks.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from . import devices
-from .dtypes import canonical
+from .dtypes import canonical, short
 from .dump import Dump, check_output_path, load
 from .errors import InputError
 from .models import LoadedModel, Policy, generate, load_model, read_prompts, tokenize
@@ -75,12 +76,14 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy)
     load_s = time.perf_counter() - t0
 
-    if base is not None:
-        _check_same_model(base, loaded)
-        inputs = replay_inputs(base, device.torch_device)
-        log(f"replaying the inputs of {base.path}")
-    else:
-        inputs = _fresh_inputs(loaded, prompts, device.torch_device, opts.max_new_tokens, log)
+    with _model_errors(dtype, device.name):
+        if base is not None:
+            _check_same_model(base, loaded)
+            inputs = replay_inputs(base, device.torch_device)
+            log(f"replaying the inputs of {base.path}")
+        else:
+            inputs = _fresh_inputs(loaded, prompts, device.torch_device, opts.max_new_tokens,
+                                   log)
 
     meta: dict[str, Any] = {
         "device": device.as_meta(), "dtype": dtype,
@@ -90,14 +93,25 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
     }
     log(f"capturing a forward pass ({opts.mode} mode)")
-    with torch.no_grad(), Capture(loaded.model, out, mode=opts.mode, include=opts.include,
-                                  exclude=opts.exclude, inputs=opts.inputs, force=opts.force,
-                                  fsync=opts.fsync, meta=meta) as cap:
+    with _model_errors(dtype, device.name), torch.no_grad(), Capture(
+            loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
+            inputs=opts.inputs, force=opts.force, fsync=opts.fsync, meta=meta) as cap:
         t0 = time.perf_counter()
         loaded.model(**inputs)
         device.synchronize()
         cap.meta["forward_seconds"] = round(time.perf_counter() - t0, 4)
     return out
+
+
+@contextlib.contextmanager
+def _model_errors(dtype: str, device: str) -> Iterator[None]:
+    """A model that fails to run (an op without a half kernel, out of memory) is one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"the model failed to run in {short(dtype)} on {device}: {first}") \
+            from None
 
 
 def _fresh_inputs(loaded: LoadedModel, prompts: Sequence[str], device: str,

@@ -337,3 +337,19 @@ def test_process_compare_corrupt(tmp_path: Path, corrupt: Path) -> None:
     _assert_process_error(proc, "corrupt.st")
     assert proc.stderr.count("\n") == 1
     assert _files(tmp_path) == []
+
+
+def test_model_that_fails_to_run_is_one_line(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """A forward that raises (say, an op without a half kernel) is an error line, not a trace."""
+    import transformers
+
+    def broken(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'\nmore detail")
+
+    monkeypatch.setattr(transformers.T5ForConditionalGeneration, "forward", broken)
+    out = tmp_path / "x.st"
+    result = CliRunner().invoke(main, ["capture", "--model", str(T5), "--dtype", "fp16",
+                                       "-o", str(out), "-q"])
+    assert result.exit_code == 2
+    assert "failed to run in fp16" in result.output and "addmm_impl_cpu_" in result.output
+    assert "Traceback" not in result.output and not out.exists()

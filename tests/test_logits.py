@@ -28,7 +28,10 @@ def reference(a: np.ndarray, b: np.ndarray, k: int, max_flips: int = 50) -> dict
     for r in np.flatnonzero(ta != tb):
         s = np.sort(x[r])[::-1]
         margin = float(s[0] - s[1])
-        near_tie = margin <= 4 * float(np.sqrt(np.mean((y[r] - x[r]) ** 2)))
+        with np.errstate(invalid="ignore"):
+            diff = y[r] - x[r]
+        diff = diff[~np.isnan(diff) & ~np.isinf(diff)]
+        near_tie = margin <= (4 * math.sqrt(float((diff**2).mean())) if len(diff) else math.inf)
         flips.append((int(r), int(ta[r]), int(tb[r]), margin, near_tie))
     n = len(x)
     return {"positions": n, "k": k, "top1_agreement": float(np.mean(ta == tb)),
