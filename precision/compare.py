@@ -2,7 +2,8 @@
 
 Rows follow the baseline's execution order; keys only the target has come last as MISSING.
 Aliases (a module output that is the very tensor of an earlier record) are not compared
-twice. Work is spread over threads (numpy releases the GIL), each streaming its tensor pair
+twice, unless only one side aliases: T5's block output is its FF layer's output in fp32 but
+a new, clamped tensor in fp16, and that clamp is worth a row. Work is spread over threads (numpy releases the GIL), each streaming its tensor pair
 in chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump size.
 """
 
@@ -114,9 +115,9 @@ def _align(b: Dump, t: Dump) -> list[_Pair]:
     pairs: list[_Pair] = []
     seen = set()
     for e in b.entries:
-        if e.alias_of:
-            continue
         te = t.entry(e.key)
+        if e.alias_of and (te is None or te.alias_of == e.alias_of):
+            continue  # the same tensor as an earlier record on both sides: compared there
         seen.add(e.key)
         pairs.append(_Pair(len(pairs), e.key, e, te, _stored_key(b, e),
                            _stored_key(t, te) if te else None, e.key in logits))

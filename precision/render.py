@@ -94,8 +94,8 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
                          ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
-                         ("1-cos", "right"), ("max_abs", "right"), ("max_ulp", "right"),
-                         ("absmax tgt", "right"), ("why", "left")):
+                         ("1-cos", "right"), ("max_abs", "right"), ("absmax tgt", "right"),
+                         ("why", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "why")  # type: ignore[arg-type]
     first = report.first_divergence
     for r in rows:
@@ -114,8 +114,7 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
             str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
             "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
             _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
-            _fmt(m.max_abs) if m else "-", _fmt(m.max_ulp) if m else "-",
-            _fmt(m.absmax_target) if m else "-", escape(reason),
+            _fmt(m.max_abs) if m else "-", _fmt(m.absmax_target) if m else "-", escape(reason),
             style="on grey15" if r.flagged else None)
     con.print(table)
 
