@@ -3,8 +3,10 @@
 Rows follow the baseline's execution order; keys only the target has come last as MISSING.
 Aliases (a module output that is the very tensor of an earlier record) are not compared
 twice, unless only one side aliases: T5's block output is its FF layer's output in fp32 but
-a new, clamped tensor in fp16, and that clamp is worth a row. Work is spread over threads (numpy releases the GIL), each streaming its tensor pair
-in chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump size.
+a new, clamped tensor in fp16, and that clamp is worth a row.
+
+Work is spread over threads (numpy releases the GIL), each streaming its tensor pair in
+chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump size.
 """
 
 from __future__ import annotations
