@@ -87,8 +87,11 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
         con.print(f"[yellow]warning:[/] {escape(w)}")
     rows = [r for r in report.rows if r.status != "OK"] if only_flagged else list(report.rows)
     if top is not None:
-        rows = sorted(rows, key=_severity, reverse=True)[:top]
-        rows.sort(key=lambda r: r.order)
+        worst = sorted(rows, key=_severity, reverse=True)[:top]
+        first = report.first_divergence
+        if first is not None and first not in worst:
+            worst.append(first)  # the row the summary names is always shown
+        rows = sorted(worst, key=lambda r: r.order)
     if not rows:
         return
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
