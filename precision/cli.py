@@ -228,3 +228,119 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
     if md_out:
         Path(md_out).write_text(report.to_markdown())
     sys.exit(0 if report else 1)
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--device/--dtype/--prompt/--prompts/--keep-fp32/--max-new-tokens."""
+    options = [
+        click.option("--model", "model", metavar="DIR", help="Hugging Face model directory."),
+        click.option("--device", default="cpu", show_default=True, metavar="DEV",
+                     help="cpu, cuda, cuda:N, npu or npu:N."),
+        click.option("--dtype", default="fp16", show_default=True,
+                     type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype."),
+        click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                     help="A prompt (repeatable)."),
+        click.option("--prompts", "prompts_file", metavar="FILE",
+                     help="File with one prompt per line."),
+        click.option("--max-new-tokens", default=8, show_default=True, type=int,
+                     help="Tokens generated greedily before the measured forward."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("dump", metavar="[DUMP.st]", required=False)
+@_model_options
+@click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
+              metavar="auto|none|GLOB", help="Dtype policy, as for capture.")
+@click.option("--against", type=click.Choice(["fp16", "bf16"]),
+              help="Format whose limits to measure against (default: the run's dtype if "
+                   "fp16/bf16, else fp16).")
+@click.option("--json", "json_out", metavar="FILE", help="Write the scan as JSON.")
+@click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
+@click.option("-o", "--output", metavar="OUT.st", help="Keep the stats dump the scan took.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@_guard
+def scan(dump: str | None, model: str | None, device: str, dtype: str,
+         prompts: tuple[str, ...], prompts_file: str | None, max_new_tokens: int,
+         keep_fp32: tuple[str, ...], against: str | None, json_out: str | None,
+         top: int | None, output: str | None, quiet: bool) -> None:
+    """Headroom scan: how close each layer comes to overflowing fp16 (or bf16).
+
+    \b
+    Scan an existing dump, or run a model (stats capture with module inputs):
+      precision scan fp16.st
+      precision scan --model ./flan-t5-base --dtype fp32     # would it overflow in fp16?
+      precision scan --model ./flan-t5-base --dtype fp16 --keep-fp32 none
+    Per layer: largest magnitude, headroom in bits (log2(65504/|x|max)), NaN/inf counts and
+    whether the layer produces them or passes them on, values pinned near the max, and the
+    share of nonzero values fp16 flushes to zero. Exit code 1 when a layer overflows,
+    saturates or turns NaN.
+    """
+    from pathlib import Path
+
+    from .dump import load
+    from .render import print_scan
+    from .scan import scan as run_scan
+
+    if (dump is None) == (model is None):
+        raise click.UsageError("give either a DUMP.st or --model DIR")
+    if dump is not None:
+        report = run_scan(load(dump), against=against)
+    else:
+        from .doctor import scan_model
+        from .runner import CaptureOptions
+
+        assert model is not None
+        opts = CaptureOptions(model=model, output=output or "", device=device, dtype=dtype,
+                              prompts=prompts, prompts_file=prompts_file,
+                              keep_fp32=keep_fp32, max_new_tokens=max_new_tokens)
+        report = scan_model(opts, against=against, log=_log(quiet))
+    if quiet:
+        click.echo(report.summary)
+    else:
+        print_scan(report, top=top)
+    if json_out:
+        Path(json_out).write_text(report.to_json())
+    sys.exit(0 if report else 1)
+
+
+@main.command(context_settings=CONTEXT)
+@_model_options
+@click.option("--keep-fp32", "base_policy", default="none", show_default=True,
+              type=click.Choice(["none", "auto"]),
+              help="Policy to start from: none (cast everything) or auto (as transformers).")
+@click.option("--budget", default=8, show_default=True, type=int,
+              help="Most modules to keep in fp32 before giving up.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+@_guard
+def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
+            prompts_file: str | None, max_new_tokens: int, base_policy: str, budget: int,
+            quiet: bool) -> None:
+    """Find, apply and verify the smallest set of modules to keep in fp32.
+
+    \b
+    Runs an fp32 baseline and the target dtype, keeps the first module that overflows (or
+    the first divergence) in fp32, runs again, and repeats until the comparison is clean or
+    the budget is spent. Prints a before/after table and the policy, for
+    `precision capture --keep-fp32 ...` or `precision.keep_fp32(model, [...])`.
+      precision suggest --model ./flan-t5-base --dtype fp16
+    Exit code 1 when no policy within the budget fixes the model.
+    """
+    from .doctor import suggest as run_suggest
+    from .render import print_suggestion
+
+    if model is None:
+        raise click.UsageError("--model DIR is required")
+    if budget < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--budget")
+    result = run_suggest(model, dtype=dtype, device=device, prompts=prompts,
+                         prompts_file=prompts_file, base_policy=base_policy, budget=budget,
+                         max_new_tokens=max_new_tokens, log=_log(quiet))
+    if quiet:
+        click.echo(result.message + (f": {result.cli_flags}" if result.policy else ""))
+    else:
+        print_suggestion(result)
+    sys.exit(0 if result.fixed else 1)

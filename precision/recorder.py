@@ -112,14 +112,14 @@ class Capture:
     are globs on module names; ``inputs`` globs choose modules whose inputs are recorded too.
     ``meta`` is merged into the dump's metadata. ``buffer_mb`` sizes the reusable host
     buffer that bounds capture memory; ``fsync`` forces the dump to disk before it is renamed
-    into place.
+    into place. ``detail`` adds the fp16 flush-to-zero count to stats records.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
                  mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
-                 fsync: bool = False) -> None:
+                 fsync: bool = False, detail: bool = False) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = model
@@ -137,6 +137,7 @@ class Capture:
         self._input_globs = tuple(inputs)
         self._buffer = buffer_mb * 1024 * 1024
         self._fsync = fsync
+        self._detail = detail
         self._handles: list[Any] = []
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
@@ -273,7 +274,7 @@ class Capture:
             self._entries.append(entry)
             return
         if self.mode == "stats":
-            entry["stats"] = tensor_stats(t)
+            entry["stats"] = tensor_stats(t, detail=self._detail)
         if self.mode == "full" or (kind == "in" and not t.is_floating_point()):
             assert self._bg is not None  # ids and masks are kept whole even in stats mode
             self._bg.submit(key, entry["dtype"], t)

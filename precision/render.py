@@ -12,7 +12,9 @@ from .dtypes import short
 from .dump import FORMAT_VERSION, Dump
 
 if TYPE_CHECKING:
+    from .doctor import Suggestion
     from .report import Report, Row
+    from .scan import ScanReport
 
 STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN": "bold red",
                 "MISMATCH": "magenta", "MISSING": "dim", "EXACT": "green"}
@@ -127,3 +129,45 @@ def _severity(r: Row) -> tuple[int, float]:
 
     m = r.metrics
     return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
+
+
+def print_scan(report: ScanReport, *, top: int | None = None) -> None:
+    """The scan summary, then rows worst first."""
+    con = _console()
+    con.print(f"[{'bold green' if report else 'bold red'}]{escape(report.summary)}[/]")
+    for n in report.notes:
+        con.print(f"[yellow]note:[/] {escape(n)}")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("#", "layer", "status", "absmax", "headroom bits", "nan", "inf",
+                "saturated", "fp16 flush", "origin"):
+        table.add_column(col, justify="left" if col in ("layer", "status", "origin") else "right",
+                         no_wrap=True)
+    style = {"NAN": "bold red", "OVERFLOW": "bold red", "SATURATED": "red", "LOW": "yellow",
+             "OK": "green"}
+    for r in report.rows[:top] if top else report.rows:
+        flush = "-" if r.flush_share is None else f"{r.flush_share:.2%}"
+        table.add_row(str(r.order), escape(r.key), f"[{style[r.status]}]{r.status}[/]",
+                      _fmt(r.absmax), f"{r.headroom_bits:.1f}", str(r.nan), str(r.inf),
+                      str(r.saturated), flush, r.origin)
+    con.print(table)
+
+
+def print_suggestion(s: Suggestion) -> None:
+    """Before/after table and the policy to apply."""
+    con = _console()
+    con.print(f"[{'bold green' if s.fixed else 'bold red'}]{escape(s.message)}[/]")
+    for step in s.steps:
+        con.print(f"  keep {escape(', '.join(step.kept))}: {escape(step.report.summary)}")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("", "before", "after"):
+        table.add_column(col)
+    for row in s.table():
+        table.add_row(*(escape(c) for c in row))
+    con.print(table)
+    if s.fixed and s.policy:
+        patterns = s.general or s.policy
+        con.print("policy: " + escape(s.cli_flags))
+        con.print("python: precision.keep_fp32(model, " + escape(repr(list(patterns))) + ")")
+        if s.general:
+            con.print(f"(the general form covers every block; the minimal set is "
+                      f"{escape(', '.join(s.policy))})")

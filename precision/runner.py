@@ -46,6 +46,7 @@ class CaptureOptions:
     max_new_tokens: int = 8
     force: bool = False
     fsync: bool = False
+    detail: bool = False
 
 
 def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
@@ -95,7 +96,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     log(f"capturing a forward pass ({opts.mode} mode)")
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
             loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
-            inputs=opts.inputs, force=opts.force, fsync=opts.fsync, meta=meta) as cap:
+            inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
+            meta=meta) as cap:
         t0 = time.perf_counter()
         loaded.model(**inputs)
         device.synchronize()

@@ -15,11 +15,12 @@ import numpy as np
 
 FP16_MAX = 65504.0
 NEAR_FP16_MAX = 0.98 * FP16_MAX
+FP16_FLUSH = 2.0**-25
 
 
 def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
     """The statistics that stats-mode capture records, computed in float64 from chunks."""
-    n = nan = posinf = neginf = beyond = near = 0
+    n = nan = posinf = neginf = beyond = near = flush = 0
     count, mean, m2, sq = 0, 0.0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     for c in chunks:
@@ -46,8 +47,9 @@ def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
         mag = np.abs(x)
         beyond += int(np.count_nonzero(mag > FP16_MAX))
         near += int(np.count_nonzero(mag >= NEAR_FP16_MAX))
+        flush += int(np.count_nonzero((mag <= FP16_FLUSH) & (mag > 0)))  # ties go to 0
     out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
-                           "beyond_fp16": beyond, "near_fp16_max": near}
+                           "beyond_fp16": beyond, "near_fp16_max": near, "flush_fp16": flush}
     if count == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),

@@ -21,13 +21,28 @@ from typing import Any
 import torch
 
 FP16_MAX = 65504.0
+#: nonzero magnitudes below this round to zero in fp16 (half the smallest subnormal, 2^-24)
+FP16_FLUSH = 2.0**-25
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
 NEAR_FP16_MAX = 0.98 * FP16_MAX
 
 
-def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
-    """Statistics of ``t`` as plain Python numbers (one device synchronisation)."""
+def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:
+    """Statistics of ``t`` as plain Python numbers (one device synchronisation).
+
+    ``detail`` adds ``flush_fp16``: nonzero finite values that fp16 rounds to zero
+    (``0 < |x| <= 2^-25``; the tie rounds to even, 0), one more pass, used by ``precision scan``.
+    """
+    out = _stats(t)
+    if detail:
+        x = t.detach()
+        mag = x.abs() if x.is_floating_point() else x.to(torch.float32).abs()
+        out["flush_fp16"] = int(((mag <= FP16_FLUSH) & (mag > 0)).sum())  # ties go to 0
+    return out
+
+
+def _stats(t: torch.Tensor) -> dict[str, Any]:
     x = t.detach()
     out: dict[str, Any] = {"numel": x.numel(), "nan": 0, "posinf": 0, "neginf": 0,
                            "beyond_fp16": 0, "near_fp16_max": 0}

@@ -24,7 +24,9 @@ def reference(x) -> dict:
     out = {"numel": x.size, "nan": int(np.isnan(x).sum()), "posinf": int(np.sum(x == np.inf)),
            "neginf": int(np.sum(x == -np.inf)),
            "beyond_fp16": int(np.sum(np.abs(f) > FP16_MAX)),
-           "near_fp16_max": int(np.sum(np.abs(f) >= 0.98 * FP16_MAX))}
+           "near_fp16_max": int(np.sum(np.abs(f) >= 0.98 * FP16_MAX)),
+           # fp16 rounds these to zero: below half its smallest subnormal 2^-24
+           "flush_fp16": int(np.sum((np.abs(f) > 0) & (np.float16(f) == 0)))}
     if f.size == 0:
         return out | dict.fromkeys(STAT_KEYS)
     return out | {"min": f.min(), "max": f.max(), "mean": f.mean(), "std": f.std(),
@@ -179,3 +181,9 @@ def test_stats_delta_of_all_nonfinite_records():
     d = stats_delta(sa, sb)
     assert d["norm_target"] == 0.0 and d["norm_gap_rel"] == 1.0
     assert (d["new_nan"], d["new_inf"], d["absmax_target"], d["mean_target"]) == (1, 1, None, None)
+
+
+def test_flush_to_zero_count_matches_a_real_fp16_cast():
+    x = np.array([0.0, 1e-9, -2e-8, 2.9e-8, 3.1e-8, 1e-7, 1.0, np.nan], np.float32)
+    assert stats(x)["flush_fp16"] == int(np.sum((x != 0) & (x.astype(np.float16) == 0)))
+    assert stats(x)["flush_fp16"] == 3
