@@ -22,6 +22,7 @@ from .compare import compare
 from .dump import Dump, load
 from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
 from .report import Report, Row
+from .scan import ScanReport, scan
 
 if TYPE_CHECKING:
     from .recorder import Capture
@@ -36,11 +37,15 @@ __all__ = [
     "PrecisionError",
     "Report",
     "Row",
+    "ScanReport",
     "__version__",
     "capture",
     "compare",
+    "isolate",
     "keep_fp32",
     "load",
+    "scan",
+    "suggest",
 ]
 
 
@@ -56,6 +61,20 @@ def keep_fp32(model: Any, patterns: Any) -> list[str]:
     from .models import keep_fp32 as _keep
 
     return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns))
+
+
+def suggest(model: str, **options: Any) -> Any:
+    """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.suggest`."""
+    from .doctor import suggest as _suggest
+
+    return _suggest(model, **options)
+
+
+def isolate(base: Any, model: str, **options: Any) -> Any:
+    """Local versus inherited error per module; see :func:`precision.isolate.isolate`."""
+    from .isolate import isolate as _isolate
+
+    return _isolate(base, model, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -344,3 +344,43 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
     else:
         print_suggestion(result)
     sys.exit(0 if result.fixed else 1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("base", metavar="BASE.st")
+@click.option("--model", required=True, metavar="DIR", help="The model BASE.st was taken from.")
+@click.option("--dtype", default="fp16", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16"]), help="Dtype to re-run modules in.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEV",
+              help="cpu, cuda, cuda:N, npu or npu:N.")
+@click.option("--keep-fp32", multiple=True, default=("none",), show_default=True,
+              metavar="auto|none|GLOB", help="Dtype policy for the re-run, as for capture.")
+@click.option("--target", metavar="TARGET.st",
+              help="A full run in the target dtype, for the accumulated error column.")
+@click.option("--only-flagged", is_flag=True, help="Show only culprits and inherited rows.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@_guard
+def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str, ...],
+            target: str | None, only_flagged: bool, quiet: bool) -> None:
+    """Local vs inherited error: re-run each module alone on the baseline's inputs.
+
+    \b
+    BASE.st must hold module inputs (capture it with --inputs '*'):
+      precision capture --model DIR --dtype fp32 --inputs '*' -o base.st
+      precision capture --model DIR --dtype fp16 --keep-fp32 none --replay base.st -o t.st
+      precision isolate base.st --model DIR --dtype fp16 --target t.st
+    A module whose error alone is beyond the profile is a culprit; one that is only bad in
+    the full run inherited its error. Exit code 1 when there is a culprit.
+    """
+    from .devices import resolve
+    from .isolate import isolate as run_isolate
+    from .render import print_isolate
+
+    resolve(device, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    report = run_isolate(base, model, dtype=dtype, device=device, keep_fp32=keep_fp32,
+                         target=target)
+    if quiet:
+        click.echo(report.summary)
+    else:
+        print_isolate(report, only_flagged=only_flagged)
+    sys.exit(0 if report else 1)
