@@ -71,8 +71,8 @@ def suggest(model: str, **options: Any) -> Any:
 
 
 def isolate(base: Any, model: str, **options: Any) -> Any:
-    """Local versus inherited error per module; see :func:`precision.isolate.isolate`."""
-    from .isolate import isolate as _isolate
+    """Local versus inherited error per module; see :func:`precision.isolation.isolate`."""
+    from .isolation import isolate as _isolate
 
     return _isolate(base, model, **options)
 

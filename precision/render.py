@@ -13,7 +13,7 @@ from .dump import FORMAT_VERSION, Dump
 
 if TYPE_CHECKING:
     from .doctor import Suggestion
-    from .isolate import IsolateReport
+    from .isolation import IsolateReport
     from .report import Report, Row
     from .scan import ScanReport
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .compare import compare, judge
-from .dtypes import canonical, short
+from .dtypes import canonical, is_float, short
 from .dump import Dump, Entry, load
 from .errors import InputError
 from .metrics import PairAccumulator, TensorMetrics
@@ -84,9 +84,9 @@ def isolate(base: str | os.PathLike[str] | Dump, model: str, *, dtype: str = "fp
     """Local error of every re-runnable module, next to the accumulated error of ``target``."""
     b = base if isinstance(base, Dump) else load(base)
     calls = _single_input_calls(b)
-    if not calls:
-        raise InputError(f"{b.path.name} holds no module inputs to re-run: capture the "
-                         "baseline with --inputs '*'")
+    if not any(is_float(b.entry(k).dtype) for k in calls.values()):  # type: ignore[union-attr]
+        raise InputError(f"{b.path.name} holds no floating-point module inputs to re-run: "
+                         "capture the baseline with --inputs '*'")
     dt = canonical(dtype)
     loaded = load_model(model, dtype=dt, device=device, policy=Policy.parse(keep_fp32))
     theirs = b.meta.get("model", {}).get("config_hash")
