@@ -62,6 +62,13 @@ class Suggestion:
     message: str = ""
     notes: tuple[str, ...] = field(default=())
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the before/after table and the policy."""
+        from .html import table
+
+        title = self.message + (f" - policy: {self.cli_flags}" if self.policy else "")
+        return table(title, ["", "before", "after"], self.table())
+
     @property
     def cli_flags(self) -> str:
         """The policy as ``precision capture`` flags."""

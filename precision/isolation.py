@@ -64,6 +64,17 @@ class IsolateReport:
     def __bool__(self) -> bool:
         return not self.culprits
 
+    def _repr_html_(self) -> str:
+        """Jupyter: culprits and inherited rows."""
+        from .html import num, table
+
+        rows = [r for r in self.rows if r.verdict != "ok"] or list(self.rows)
+        return table(self.summary, ["#", "layer", "verdict", "local rel_l2", "local",
+                                    "accumulated", "why"],
+                     ([r.order, r.key, r.verdict, num(r.local.rel_l2), r.local_status,
+                       r.accumulated.status if r.accumulated else "-", r.local_reason]
+                      for r in rows))
+
     @property
     def culprits(self) -> list[IsolateRow]:
         return [r for r in self.rows if r.verdict == "culprit"]

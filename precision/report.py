@@ -117,6 +117,16 @@ class Report:
             "rows": [r.as_dict() for r in self.rows],
         }
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary and the flagged rows (all rows when none is flagged)."""
+        from .html import num, table
+
+        rows = self.flagged or list(self.rows)
+        return table(self.summary, ["#", "layer", "status", "rel_l2", "1-cos", "max_abs", "why"],
+                     ([r.order, r.key, r.status, num(r.metrics.rel_l2 if r.metrics else None),
+                       num(r.metrics.one_minus_cos if r.metrics else None),
+                       num(r.metrics.max_abs if r.metrics else None), r.reason] for r in rows))
+
     def to_json(self) -> str:
         """JSON text; non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
         return json.dumps(_finite(self.to_dict()), indent=1)

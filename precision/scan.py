@@ -86,6 +86,15 @@ class ScanReport:
                     f"{first.key} ({why})")
         return f"{'PASS' if self else 'FAIL'} [{short(self.against)}]: {head}"
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary and the worst rows."""
+        from .html import num, table
+
+        return table(self.summary, ["#", "layer", "status", "absmax", "headroom bits", "nan",
+                                    "inf", "saturated", "origin"],
+                     ([r.order, r.key, r.status, num(r.absmax), f"{r.headroom_bits:.1f}", r.nan,
+                       r.inf, r.saturated, r.origin] for r in self.rows), limit=20)
+
     def to_json(self) -> str:
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):

@@ -188,3 +188,11 @@ def test_cli_scan_suggest_isolate(tmp_path: Path, overflow_runs: dict[str, Path]
                              str(T5_OVERFLOW), "-q"])
     assert r.exit_code == 1 and "culprit: " + OVERFLOW_WO in r.output
     assert np.isfinite(precision.load(overflow_runs["base"])[OVERFLOW_WO]).all()
+
+
+def test_results_render_in_jupyter(t5_runs: dict[str, Path]) -> None:
+    report = precision.compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    page = report._repr_html_()
+    assert page.startswith("<div>") and OVERFLOW_WO in page and "#cf222e" in page
+    scan_page = precision.scan(precision.load(t5_runs["ofp16_none"]))._repr_html_()
+    assert "SATURATED" in scan_page and "&lt;" not in OVERFLOW_WO
