@@ -120,13 +120,21 @@ def _align(b: Dump, t: Dump) -> list[_Pair]:
         te = t.entry(e.key)
         if e.alias_of and (te is None or te.alias_of == e.alias_of):
             continue  # the same tensor as an earlier record on both sides: compared there
+        if te is None and _optional(e):
+            continue
         seen.add(e.key)
         pairs.append(_Pair(len(pairs), e.key, e, te, _stored_key(b, e),
                            _stored_key(t, te) if te else None, e.key in logits))
     for e in t.entries:
-        if e.key not in seen and not e.alias_of and b.entry(e.key) is None:
+        if (e.key not in seen and not e.alias_of and b.entry(e.key) is None
+                and not _optional(e)):
             pairs.append(_Pair(len(pairs), e.key, None, e, None, _stored_key(t, e), False))
     return pairs
+
+
+def _optional(e: Entry) -> bool:
+    """Module inputs recorded on request (``--inputs``): absent on the other side is fine."""
+    return e.kind == "in" and e.module != "input"
 
 
 def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,

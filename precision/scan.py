@@ -197,6 +197,7 @@ def _row(e: Entry, st: dict[str, Any], fmax: float, origin: str) -> ScanRow:
 
 
 def _severity(r: ScanRow) -> tuple[int, int, float, int]:
+    """Worst first; equal headroom (to 0.1 bit) in execution order."""
     rank = {"NAN": 0, "OVERFLOW": 1, "SATURATED": 2, "LOW": 3, "OK": 4}[r.status]
     origin = 0 if r.origin in ("produces", "first seen") else 1
-    return (rank, origin, r.headroom_bits, r.order)
+    return (rank, origin, round(r.headroom_bits, 1), r.order)

@@ -33,8 +33,9 @@ def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "floa
         a = np.ascontiguousarray(arr)
         name = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
         w.write(key, name, tuple(a.shape), a.reshape(-1).view(np.uint8))
-        module, _, kind = key.partition(":")
-        entries.append({"key": key, "module": module, "kind": kind or "out", "index": "",
+        module, _, rest = key.partition(":")
+        kind, _, index = rest.split("#")[0].partition(".")
+        entries.append({"key": key, "module": module, "kind": kind or "out", "index": index,
                         "call": 0, "shape": list(a.shape), "dtype": name})
     for key, st in (stats or {}).items():
         entries.append({"key": key, "module": key.split(":")[0], "kind": "out", "index": "",

@@ -266,3 +266,12 @@ def test_report_to_pandas(t5_runs: dict[str, Path]) -> None:
     df = compare(t5_runs["base"], t5_runs["fp16"]).to_pandas()
     assert {"key", "status", "rel_l2", "one_minus_cos"} <= set(df.columns)
     assert (df["status"] == "OK").all()
+
+
+def test_module_inputs_on_one_side_only_are_not_missing(make_dump: MakeDump) -> None:
+    x = RNG.standard_normal(10).astype(np.float32)
+    a = make_dump("a.st", {"m:out": x, "m:in.0": x})
+    b = make_dump("b.st", {"m:out": x.astype(np.float16)}, dtype="float16")
+    assert [r.key for r in compare(a, b).rows] == ["m:out"]
+    c = make_dump("c.st", {"m:out": x, "input:input_ids": np.arange(3)})
+    assert status(compare(c, a), "input:input_ids") == "MISSING"  # model inputs still count
