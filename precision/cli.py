@@ -384,3 +384,51 @@ def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str
     else:
         print_isolate(report, only_flagged=only_flagged)
     sys.exit(0 if report else 1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("base", metavar="BASE.st")
+@click.argument("target", metavar="TARGET.st")
+@click.option("-o", "--output", required=True, metavar="REPORT.html",
+              help="HTML file to write (self-contained: opens offline).")
+@click.option("--markdown", "md_out", metavar="FILE",
+              help="Also write a Markdown summary for a pull-request comment.")
+@click.option("--rtol", type=float, help="Override the norm tolerance (see compare).")
+@click.option("--atol", type=float, help="Override the absolute floor (see compare).")
+@click.option("--profile", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Judge as fp32 vs this dtype.")
+@click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
+@click.option("--allow-different-models", is_flag=True,
+              help="Compare dumps whose model configs differ.")
+@_guard
+def report(base: str, target: str, output: str, md_out: str | None, rtol: float | None,
+           atol: float | None, profile: str | None, force: bool,
+           allow_different_models: bool) -> None:
+    """Write a self-contained HTML report of a comparison.
+
+    \b
+    Verdict and first divergence, error versus depth (encoder and decoder apart, flagged
+    layers marked), headroom to the fp16 limit, logits per position (KL, top-k, argmax
+    flips), T5's relative position bias difference per bucket and head, and the full table
+    (click a header to sort, filter by name or to flagged rows).
+      precision report base.st npu.st -o report.html
+    Exit code as for compare with --fail-on drift.
+    """
+    from pathlib import Path
+
+    from .compare import compare as run_compare
+    from .dump import check_output_path, load
+    from .htmlreport import build
+
+    out = Path(output)
+    check_output_path(out, force=force)
+    b, t = load(base), load(target)
+    rep = run_compare(b, t, rtol=rtol, atol=atol, profile=profile,
+                      allow_different_models=allow_different_models)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(build(rep, b, t), encoding="utf-8")
+    tmp.replace(out)
+    if md_out:
+        Path(md_out).write_text(rep.to_markdown())
+    click.echo(f"{rep.summary}\nwrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    sys.exit(0 if rep else 1)

@@ -42,6 +42,8 @@ class LogitsMetrics:
     kl_max: float
     hard_flips: int = 0
     flips: list[tuple[int, int, int, float, bool]] = field(default_factory=list)
+    kl_per_position: list[float] = field(default_factory=list)
+    overlap_per_position: list[float] = field(default_factory=list)
 
     @property
     def hard_top1_agreement(self) -> float:
@@ -54,7 +56,9 @@ class LogitsMetrics:
                 "topk_overlap": self.topk_overlap, "kl_mean": self.kl_mean,
                 "kl_max": self.kl_max,
                 "flips": [{"position": r, "base": i, "target": j, "margin": m, "near_tie": t}
-                          for r, i, j, m, t in self.flips]}
+                          for r, i, j, m, t in self.flips],
+                "kl_per_position": self.kl_per_position,
+                "overlap_per_position": self.overlap_per_position}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -87,6 +91,8 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
     rows = agree = overlap = hard = 0
     kl_sum, kl_max = 0.0, 0.0
     flips: list[tuple[int, int, int, float, bool]] = []
+    kls: list[float] = []
+    overlaps: list[float] = []
     for a_chunk, b_chunk in chunks:
         x = np.asarray(a_chunk, dtype=np.float64).reshape(-1, vocab)
         y = np.asarray(b_chunk, dtype=np.float64).reshape(-1, vocab)
@@ -96,13 +102,16 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
         same = top_a == top_b
         agree += int(same.sum())
         ka, kb = _topk(x, k), _topk(y, k)
-        overlap += sum(len(np.intersect1d(p, q, assume_unique=True))
-                       for p, q in zip(ka, kb, strict=True))
+        shared = [len(np.intersect1d(p, q, assume_unique=True))
+                  for p, q in zip(ka, kb, strict=True)]
+        overlap += sum(shared)
+        overlaps += [s / k for s in shared]
         lp, lq = _log_softmax(x), _log_softmax(y)
         p = np.exp(lp)
         with np.errstate(invalid="ignore"):
             terms = np.where(p > 0, p * (lp - lq), 0.0)
         kl = terms.sum(axis=-1)
+        kls += kl.tolist()
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(np.max(kl)))
         for r in np.flatnonzero(~same):
@@ -120,4 +129,4 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
     if rows == 0:
         return LogitsMetrics(0, k, 1.0, 1.0, 0.0, 0.0)
     return LogitsMetrics(rows, k, agree / rows, overlap / (rows * k), kl_sum / rows, kl_max,
-                         hard, flips)
+                         hard, flips, kls, overlaps)

@@ -117,6 +117,16 @@ class Report:
             "rows": [r.as_dict() for r in self.rows],
         }
 
+    def plot(self) -> Any:
+        """Matplotlib figure: error versus depth (rel_l2 and 1-cos), flagged layers marked."""
+        import matplotlib.pyplot as plt
+
+        from .plots import error_vs_depth
+
+        fig, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
+        error_vs_depth(self, ax)
+        return fig
+
     def _repr_html_(self) -> str:
         """Jupyter: the summary and the flagged rows (all rows when none is flagged)."""
         from .html import num, table

@@ -197,3 +197,15 @@ def test_near_tie_versus_hard_flip():
     m = compare_logits(a, b, k=1)
     assert [f[4] for f in m.flips] == [True, False]
     assert (m.hard_flips, m.hard_top1_agreement, m.top1_agreement) == (1, 0.5, 0.0)
+
+
+def test_per_position_series_match_the_reference():
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((3, 5, 40))
+    b = a + 0.3 * rng.standard_normal((3, 5, 40))
+    m = compare_logits(a, b, k=4)
+    x, y = a.reshape(-1, 40), b.reshape(-1, 40)
+    kl = rel_entr(softmax(x, axis=-1), softmax(y, axis=-1)).sum(axis=-1)
+    assert m.kl_per_position == pytest.approx(kl.tolist(), rel=1e-7, abs=1e-15)
+    top = [set(np.argsort(-r)[:4]) for r in x], [set(np.argsort(-r)[:4]) for r in y]
+    assert m.overlap_per_position == [len(p & q) / 4 for p, q in zip(*top, strict=True)]
