@@ -114,6 +114,9 @@ def main() -> None:
 @click.option("--max-new-tokens", default=8, show_default=True, type=int,
               help="Tokens to generate greedily before the captured forward "
                    "(gives encoder-decoders their decoder ids).")
+@click.option("--num-beams", default=1, show_default=True, type=int,
+              help="Beam search width for the generation (1: greedy, with per-step top-k "
+                   "log-probabilities recorded).")
 @click.option("-o", "--output", required=True, metavar="OUT.st", help="Dump file to write.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
 @click.option("--fsync", is_flag=True,
@@ -124,7 +127,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
             exclude: tuple[str, ...], input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None,
-            max_new_tokens: int, output: str, force: bool, fsync: bool, quiet: bool) -> None:
+            max_new_tokens: int, num_beams: int, output: str, force: bool, fsync: bool,
+            quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
     \b
@@ -140,8 +144,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs,
-                          replay=replay, max_new_tokens=max_new_tokens, force=force,
-                          fsync=fsync)
+                          replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                          force=force, fsync=fsync)
     path = run_capture(opts, _log(quiet))
     if not quiet:
         from .dump import load

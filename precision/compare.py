@@ -23,12 +23,15 @@ from typing import Any
 from .dtypes import is_float
 from .dump import Dump, Entry, load
 from .errors import DumpError, InputError
+from .generation import PREFIX as GEN_PREFIX
+from .generation import compare_generation, has_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, TensorMetrics, compare_exact
 from .profiles import Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
 from .statsdiff import array_stats, stats_delta
 
+GEN_TOKENS = GEN_PREFIX + "tokens"
 CHUNK_ELEMS = 1 << 18  # per thread: about 14 MiB of reused float64 work arrays
 INPUT_PREFIX = "input:"
 
@@ -77,6 +80,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(run, pairs))
     rows = _with_growth(rows)
+    if has_generation(b) and has_generation(t):
+        rows.append(_generation_row(b, t, len(rows), topk))
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first, warnings=tuple(_warnings(b, t, rows)),
@@ -120,7 +125,7 @@ def _align(b: Dump, t: Dump) -> list[_Pair]:
         te = t.entry(e.key)
         if e.alias_of and (te is None or te.alias_of == e.alias_of):
             continue  # the same tensor as an earlier record on both sides: compared there
-        if te is None and _optional(e):
+        if e.kind == "generation" or (te is None and _optional(e)):
             continue
         seen.add(e.key)
         pairs.append(_Pair(len(pairs), e.key, e, te, _stored_key(b, e),
@@ -133,8 +138,17 @@ def _align(b: Dump, t: Dump) -> list[_Pair]:
 
 
 def _optional(e: Entry) -> bool:
-    """Module inputs recorded on request (``--inputs``): absent on the other side is fine."""
-    return e.kind == "in" and e.module != "input"
+    """Module inputs recorded on request (``--inputs``), absent on the other side, are fine;
+    generation records get a row of their own (:func:`_generation_row`)."""
+    return (e.kind == "in" and e.module != "input") or e.kind == "generation"
+
+
+def _generation_row(b: Dump, t: Dump, order: int, topk: int) -> Row:
+    g = compare_generation(b, t, k=topk)
+    status, reason = summarise(g)
+    info = b.tensors[GEN_TOKENS]
+    return Row(order, GEN_TOKENS, status, reason, info.shape, info.dtype,
+               t.tensors[GEN_TOKENS].dtype, generation=g)
 
 
 def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,
@@ -276,6 +290,9 @@ def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
     if dirty:
         notes.append(f"the baseline itself holds NaN/inf in {len(dirty)} tensor(s), first "
                      f"{dirty[0]}: those elements are excluded")
+    if has_generation(b) != has_generation(t):
+        notes.append("only one dump holds a generation: capture the target with --replay "
+                     "from a baseline taken with --max-new-tokens to compare generations")
     for d in (b, t):
         if not d.complete:
             notes.append(f"{d.path.name} is marked incomplete")

@@ -178,15 +178,41 @@ def tokenize(loaded: LoadedModel, prompts: Sequence[str], device: str) -> dict[s
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor],
-             max_new_tokens: int) -> torch.Tensor:
-    """Greedy generation; returns the ids to feed a teacher-forced forward.
+@dataclass(frozen=True)
+class Generation:
+    """What ``generate`` produced.
 
-    Encoder-decoder: the decoder ids (start token plus generated tokens). Causal LM: the
-    prompt followed by the generated tokens.
+    ``sequences`` feed a teacher-forced forward (encoder-decoder: start token plus generated
+    tokens; causal LM: prompt plus generated tokens). ``tokens`` are the generated tokens
+    alone, (rows, steps). For greedy decoding, ``topk_ids``/``topk_logprobs`` hold each
+    step's K most likely tokens and their log-probabilities, (rows, steps, K): enough for
+    top-k agreement and the vLLM-style check, at a fraction of the full logits' size.
     """
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    num_beams: int
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+GENERATION_TOPK = 20
+
+
+def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new_tokens: int,
+             num_beams: int = 1) -> Generation:
+    """Deterministic generation (greedy, or beam search with ``num_beams`` > 1), KV cache on."""
     model: Any = loaded.model
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    num_beams=1)
-    return out
+                             num_beams=num_beams, output_logits=num_beams == 1,
+                             return_dict_in_generate=True, use_cache=True)
+    seq = out.sequences
+    start = 1 if loaded.kind == "encoder-decoder" else inputs["input_ids"].shape[1]
+    tokens = seq[:, start:]
+    if num_beams > 1 or not out.logits:
+        return Generation(seq, tokens, num_beams)
+    steps = torch.stack([s.float() for s in out.logits], dim=1)  # (rows, steps, vocab)
+    logprobs = torch.log_softmax(steps, dim=-1)
+    top = torch.topk(logprobs, min(GENERATION_TOPK, logprobs.shape[-1]), dim=-1)
+    return Generation(seq, tokens, num_beams, top.indices, top.values)

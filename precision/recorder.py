@@ -191,10 +191,10 @@ class Capture:
         self._seen.clear()
 
     # ---- public helpers
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> str:
-        """Store an extra tensor such as the model inputs (``input:input_ids``); returns the key."""
-        key = name if ":" in name else f"input:{name}"
-        self._store(key, name, "in", "", 0, tensor, alias=None)
+    def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra") -> str:
+        """Store an extra tensor whole, in any mode (``generation:tokens``); returns the key."""
+        module, _, index = key.partition(":")
+        self._store(key, module, kind, index, 0, tensor, alias=None, whole=True)
         return key
 
     @property
@@ -265,7 +265,7 @@ class Capture:
         return key
 
     def _store(self, key: str, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
-               alias: str | None) -> None:
+               alias: str | None, whole: bool = False) -> None:
         entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
                                  "call": call, "shape": list(t.shape),
                                  "dtype": torch_dtype_name(t.dtype)}
@@ -275,7 +275,7 @@ class Capture:
             return
         if self.mode == "stats":
             entry["stats"] = tensor_stats(t, detail=self._detail)
-        if self.mode == "full" or (kind == "in" and not t.is_floating_point()):
+        if self.mode == "full" or whole or (kind == "in" and not t.is_floating_point()):
             assert self._bg is not None  # ids and masks are kept whole even in stats mode
             self._bg.submit(key, entry["dtype"], t)
         self._entries.append(entry)

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .generation import GenerationMetrics
 from .logits import LogitsMetrics
 from .metrics import ExactMetrics, TensorMetrics
 from .profiles import Profile
@@ -45,6 +46,7 @@ class Row:
     logits: LogitsMetrics | None = None
     stats_delta: dict[str, Any] | None = None
     growth: float | None = None
+    generation: GenerationMetrics | None = None
 
     @property
     def flagged(self) -> bool:
@@ -61,6 +63,7 @@ class Row:
                       if self.exact else None),
             "logits": self.logits.as_dict() if self.logits else None,
             "stats": self.stats_delta,
+            "generation": self.generation.as_dict() if self.generation else None,
         }
 
 

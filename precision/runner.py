@@ -21,7 +21,15 @@ from . import devices
 from .dtypes import canonical, short
 from .dump import Dump, check_output_path, load
 from .errors import InputError
-from .models import LoadedModel, Policy, generate, load_model, read_prompts, tokenize
+from .models import (
+    Generation,
+    LoadedModel,
+    Policy,
+    generate,
+    load_model,
+    read_prompts,
+    tokenize,
+)
 from .recorder import DEFAULT_INPUT_GLOBS, Capture
 
 INPUT_PREFIX = "input:"
@@ -44,6 +52,7 @@ class CaptureOptions:
     inputs: Sequence[str] = DEFAULT_INPUT_GLOBS
     replay: str | None = None
     max_new_tokens: int = 8
+    num_beams: int = 1
     force: bool = False
     fsync: bool = False
     detail: bool = False
@@ -77,14 +86,18 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy)
     load_s = time.perf_counter() - t0
 
+    if opts.num_beams < 1:
+        raise InputError("--num-beams must be 1 or more")
     with _model_errors(dtype, device.name):
         if base is not None:
             _check_same_model(base, loaded)
             inputs = replay_inputs(base, device.torch_device)
             log(f"replaying the inputs of {base.path}")
+            gen, prompt = _replay_generation(base, loaded, device.torch_device, log)
         else:
-            inputs = _fresh_inputs(loaded, prompts, device.torch_device, opts.max_new_tokens,
-                                   log)
+            prompt = tokenize(loaded, prompts, device.torch_device)
+            inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams,
+                                        log)
 
     meta: dict[str, Any] = {
         "device": device.as_meta(), "dtype": dtype,
@@ -92,12 +105,17 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         "model": {"path": str(loaded.path), "kind": loaded.kind},
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
+        "generation": None if gen is None else {
+            "num_beams": gen.num_beams, "steps": int(gen.tokens.shape[1]),
+            "topk": None if gen.topk_ids is None else int(gen.topk_ids.shape[-1])},
     }
     log(f"capturing a forward pass ({opts.mode} mode)")
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
             loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
             meta=meta) as cap:
+        if gen is not None:
+            _store_generation(cap, gen, prompt)
         t0 = time.perf_counter()
         loaded.model(**inputs)
         device.synchronize()
@@ -116,20 +134,49 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
             from None
 
 
-def _fresh_inputs(loaded: LoadedModel, prompts: Sequence[str], device: str,
-                  max_new_tokens: int, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    inputs = tokenize(loaded, prompts, device)
+GEN_PREFIX = "generation:"
+
+
+def _fresh_inputs(loaded: LoadedModel, prompt: dict[str, torch.Tensor], max_new_tokens: int,
+                  num_beams: int, log: Callable[[str], None]
+                  ) -> tuple[dict[str, torch.Tensor], Generation | None]:
+    """Generate from the prompt; the teacher-forced forward then covers what was generated."""
     if max_new_tokens == 0 and loaded.kind == "causal-lm":
-        return inputs
-    log(f"generating {max_new_tokens} tokens greedily for {len(prompts)} prompt(s)")
-    ids = generate(loaded, inputs, max(1, max_new_tokens))
+        return prompt, None
+    how = "greedily" if num_beams == 1 else f"with {num_beams} beams"
+    log(f"generating {max_new_tokens} tokens {how} for {prompt['input_ids'].shape[0]} "
+        "prompt(s)")
+    gen = generate(loaded, prompt, max(1, max_new_tokens), num_beams)
+    ids = gen.sequences
     if loaded.kind == "encoder-decoder":
-        return inputs | {"decoder_input_ids": ids}
-    grown = ids.shape[1] - inputs["attention_mask"].shape[1]
-    mask = torch.cat([inputs["attention_mask"],
-                      torch.ones(ids.shape[0], grown, dtype=inputs["attention_mask"].dtype,
+        return prompt | {"decoder_input_ids": ids}, gen
+    grown = ids.shape[1] - prompt["attention_mask"].shape[1]
+    mask = torch.cat([prompt["attention_mask"],
+                      torch.ones(ids.shape[0], grown, dtype=prompt["attention_mask"].dtype,
                                  device=ids.device)], dim=1)
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask}, gen
+
+
+def _replay_generation(base: Dump, loaded: LoadedModel, device: str,
+                       log: Callable[[str], None]
+                       ) -> tuple[Generation | None, dict[str, torch.Tensor]]:
+    """Generate freely from the baseline's own prompt, with its settings, when it has one."""
+    settings = base.meta.get("generation")
+    keys = (GEN_PREFIX + "prompt_ids", GEN_PREFIX + "prompt_mask")
+    if not settings or not all(k in base.tensors for k in keys):
+        return None, {}
+    prompt = {"input_ids": torch.from_numpy(base[keys[0]]).to(device),
+              "attention_mask": torch.from_numpy(base[keys[1]]).to(device)}
+    log(f"generating {settings['steps']} tokens as the baseline did")
+    return generate(loaded, prompt, int(settings["steps"]), int(settings["num_beams"])), prompt
+
+
+def _store_generation(cap: Capture, gen: Generation, prompt: dict[str, torch.Tensor]) -> None:
+    parts = {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
+             "tokens": gen.tokens, "topk_ids": gen.topk_ids, "topk_logprobs": gen.topk_logprobs}
+    for name, tensor in parts.items():
+        if tensor is not None:
+            cap.add_tensor(GEN_PREFIX + name, tensor, kind="generation")
 
 
 def _check_same_model(base: Dump, loaded: LoadedModel) -> None:

@@ -35,6 +35,8 @@ def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "floa
         w.write(key, name, tuple(a.shape), a.reshape(-1).view(np.uint8))
         module, _, rest = key.partition(":")
         kind, _, index = rest.split("#")[0].partition(".")
+        if module == "generation":
+            kind, index = "generation", rest
         entries.append({"key": key, "module": module, "kind": kind or "out", "index": index,
                         "call": 0, "shape": list(a.shape), "dtype": name})
     for key, st in (stats or {}).items():
