@@ -436,3 +436,44 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
         Path(md_out).write_text(rep.to_markdown())
     click.echo(f"{rep.summary}\nwrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
     sys.exit(0 if rep else 1)
+
+
+@main.command(context_settings=CONTEXT)
+@_model_options
+@click.option("--repeat", default=3, show_default=True, type=int, help="Number of runs.")
+@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
+              help="full compares every tensor bitwise; stats only statistics and tokens.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@_guard
+def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
+                prompts_file: str | None, max_new_tokens: int, repeat: int, mode: str,
+                quiet: bool) -> None:
+    """Run the same inputs several times on one device and check the runs are identical.
+
+    \b
+    Every run after the first replays its inputs and generates freely, so the generated
+    tokens and every layer are compared bitwise with the first run; where they are not
+    identical, the largest deviation per layer is shown.
+      precision consistency --model ./qwen --device npu --dtype bf16 --repeat 3
+    Exit code 1 when the runs are not bitwise identical.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .doctor import consistency as run_consistency
+
+    if model is None:
+        raise click.UsageError("--model DIR is required")
+    report = run_consistency(model, repeat=repeat, dtype=dtype, device=device,
+                             prompts=prompts, prompts_file=prompts_file,
+                             max_new_tokens=max_new_tokens, mode=mode, log=_log(quiet))
+    click.echo(report.summary)
+    if report.deviations and not quiet:
+        table = Table("#", "tensor", "runs differing", "elements", "max |deviation|",
+                      box=None, header_style="bold")
+        for d in report.deviations[:40]:
+            table.add_row(str(d.order), escape(d.key), str(d.runs_differing),
+                          str(d.elements_differing), f"{d.max_abs:.3g}")
+        Console(highlight=False).print(table)
+    sys.exit(0 if report else 1)

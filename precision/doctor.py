@@ -1,6 +1,7 @@
 """Run a model to diagnose and fix low-precision trouble (torch needed).
 
 - :func:`scan_model`: a stats capture with every module's inputs, scanned for headroom.
+- :func:`consistency`: the same inputs several times on one device, compared bitwise.
 - :func:`suggest`: find the smallest set of modules to keep in fp32, greedily: run the
   target dtype, take the first module that overflows (or the first divergence), keep it in
   fp32, run again, until the comparison against the fp32 baseline is clean or the budget is
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .compare import compare
+from .consistency import ConsistencyReport, consistency_of
 from .dump import load
+from .errors import InputError
 from .report import Report
 from .runner import CaptureOptions, run_capture
 from .scan import ScanReport, scan
@@ -175,3 +178,21 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
                    f"keeping {len(kept)} module(s) in fp32 fixes it")
         return Suggestion(True, tuple(kept), before, report, tuple(steps), general,
                           general_report, message)
+
+
+def consistency(model: str, *, repeat: int = 3, dtype: str = "bf16", device: str = "cpu",
+                prompts: Sequence[str] = (), prompts_file: str | None = None,
+                max_new_tokens: int = 8, mode: str = "full",
+                log: Log = _quiet) -> ConsistencyReport:
+    """Run the same inputs ``repeat`` times on one device; compare every run with the first."""
+    if repeat < 2:
+        raise InputError("--repeat must be at least 2 to compare runs")
+    with tempfile.TemporaryDirectory(prefix="precision-consistency-") as tmp:
+        paths: list[Path] = []
+        for i in range(repeat):
+            log(f"run {i + 1} of {repeat}")
+            paths.append(run_capture(CaptureOptions(
+                model=model, output=str(Path(tmp) / f"run{i}.st"), device=device, dtype=dtype,
+                prompts=prompts, prompts_file=prompts_file, max_new_tokens=max_new_tokens,
+                mode=mode, replay=str(paths[0]) if paths else None), _quiet))
+        return consistency_of([load(p) for p in paths])

@@ -1,0 +1,48 @@
+"""Self-consistency: repeated runs compared bitwise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+import precision
+from precision.cli import main
+from precision.consistency import consistency_of
+
+from .conftest import QWEN
+
+MakeDump = Callable[..., Path]
+
+
+def test_bitwise_differences_and_their_size(make_dump: MakeDump) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(1000).astype(np.float32)
+    y = x.copy()
+    y[[10, 20]] += np.float32(1e-3)
+    z = x.copy()
+    z[5] = -0.0 if x[5] == 0 else x[5]
+    signed = np.zeros(4, np.float32)
+    runs = [precision.load(make_dump(f"r{i}.st", {"a:out": a, "z:out": s,
+                                                  "generation:tokens": np.array([[1, 2]])}))
+            for i, (a, s) in enumerate([(x, signed), (y, signed), (x, -signed)])]
+    report = consistency_of(runs)
+    assert not report and report.runs == 3 and report.tensors == 3
+    dev = {d.key: d for d in report.deviations}
+    assert dev["a:out"].runs_differing == 1 and dev["a:out"].elements_differing == 2
+    expected = float(np.abs(y.astype(np.float64) - x.astype(np.float64)).max())
+    assert dev["a:out"].max_abs == expected
+    # -0.0 and 0.0 are equal numbers but not the same bits: reported, with deviation 0
+    assert dev["z:out"].max_abs == 0.0 and dev["z:out"].elements_differing == 4
+    assert "generation:tokens" not in dev and "largest deviation" in report.summary
+    assert consistency_of(runs[:1] * 2)
+
+
+def test_repeated_cpu_runs_are_identical_and_cli_exit_code() -> None:
+    result = CliRunner().invoke(main, ["consistency", "--model", str(QWEN), "--dtype", "bf16",
+                                       "--repeat", "2", "--max-new-tokens", "3", "-q"])
+    assert result.exit_code == 0 and "bitwise identical" in result.output
+    bad = CliRunner().invoke(main, ["consistency", "--model", str(QWEN), "--repeat", "1"])
+    assert bad.exit_code == 2 and "at least 2" in bad.output
