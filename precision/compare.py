@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import is_float
-from .dump import Dump, Entry, load
+from .dump import Dump, Entry
 from .errors import DumpError, InputError
+from .external import open_any
 from .generation import PREFIX as GEN_PREFIX
 from .generation import compare_generation, has_generation, summarise
 from .logits import compare_logit_rows
@@ -60,8 +61,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     """
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
-    b = base if isinstance(base, Dump) else load(base)
-    t = target if isinstance(target, Dump) else load(target)
+    b = base if isinstance(base, Dump) else open_any(base)
+    t = target if isinstance(target, Dump) else open_any(target)
     _check_same_model(b, t, allow_different_models)
     prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
     pairs = _align(b, t)
@@ -119,10 +120,15 @@ def _stored_key(d: Dump, e: Entry) -> str | None:
 
 def _align(b: Dump, t: Dump) -> list[_Pair]:
     logits = {b.meta.get("logits_key"), t.meta.get("logits_key")} - {None}
+    # logits stored under different names (a capture's lm_head:out, an external 'logits')
+    renamed = {}
+    lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")
+    if lb and lt and lb != lt:
+        renamed[lb] = lt
     pairs: list[_Pair] = []
-    seen = set()
+    seen = set(renamed.values())
     for e in b.entries:
-        te = t.entry(e.key)
+        te = t.entry(renamed.get(e.key, e.key))
         if e.alias_of and (te is None or te.alias_of == e.alias_of):
             continue  # the same tensor as an earlier record on both sides: compared there
         if e.kind == "generation" or (te is None and _optional(e)):
@@ -135,6 +141,11 @@ def _align(b: Dump, t: Dump) -> list[_Pair]:
                 and not _optional(e)):
             pairs.append(_Pair(len(pairs), e.key, None, e, None, _stored_key(t, e), False))
     return pairs
+
+
+def _same_positions(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Logits (batch, seq, vocab) against (batch*seq, vocab): the same rows, flattened."""
+    return bool(a) and bool(b) and a[-1] == b[-1] and math.prod(a) == math.prod(b)
 
 
 def _optional(e: Entry) -> bool:
@@ -161,7 +172,7 @@ def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,
         return Row(p.order, p.key, "MISSING", f"only in the {side}", e.shape,
                    be.dtype if be else "-", te.dtype if te else "-")
     row = Row(p.order, p.key, "OK", "", be.shape, be.dtype, te.dtype)
-    if be.shape != te.shape:
+    if be.shape != te.shape and not (p.is_logits and _same_positions(be.shape, te.shape)):
         return replace(row, status="MISMATCH", reason=f"shape {list(be.shape)} vs {list(te.shape)}")
     if is_float(be.dtype) != is_float(te.dtype):
         return replace(row, status="MISMATCH", reason=f"dtype {be.dtype} vs {te.dtype}")

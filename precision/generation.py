@@ -1,12 +1,15 @@
 """Compare what two runs generated (numpy only).
 
-Each dump of a generating capture holds ``generation:tokens`` (rows x steps) and, for
-greedy decoding, each step's top-K token ids and log-probabilities. Per sequence:
+Each dump of a generating capture holds ``generation:tokens`` (rows x steps; -1 marks steps
+after a sequence ended, as external top-k files have them) and, for greedy decoding, each
+step's top-K token ids and log-probabilities. Per sequence:
 
 - identical, or the first step where the tokens differ;
 - until that step both runs saw the same prefix, so their top-k sets are comparable:
   ``topk_overlap`` is the mean share of the baseline's top-k (``k``, default 5) that the
   target also ranks in its top-k, over those steps;
+- ``max_logprob_diff``: the largest log-probability difference on tokens both runs rank in
+  their top-K, over the same steps (all a top-k logprob file allows instead of a KL);
 - the vLLM check at the first difference: each run's token must be in the other run's
   top-N (``top_n``, default 5) at that step. Greedy decoding follows different paths after
   a flip, so later steps are not compared;
@@ -53,6 +56,7 @@ class GenerationMetrics:
     sequences: int
     identical: int
     topk_overlap: float | None
+    max_logprob_diff: float | None = None
     divergences: list[Divergence] = field(default_factory=list)
 
     @property
@@ -62,7 +66,7 @@ class GenerationMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return {"sequences": self.sequences, "identical": self.identical,
-                "topk_overlap": self.topk_overlap,
+                "topk_overlap": self.topk_overlap, "max_logprob_diff": self.max_logprob_diff,
                 "divergences": [vars(d) for d in self.divergences]}
 
 
@@ -81,12 +85,15 @@ def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5) -> Gener
     lp_t = t[PREFIX + "topk_logprobs"] if scored else None
     identical = 0
     overlaps: list[float] = []
+    lp_diff: float | None = None
     divergences = []
     # generation stops when every row has ended, so if the runs' lengths differ some row
     # differs within the common steps; a row equal over them ended the same way in both
     steps = min(tb.shape[1], tt.shape[1])
     for r in range(rows):
-        diff = np.flatnonzero(tb[r, :steps] != tt[r, :steps])
+        ended = np.flatnonzero((tb[r, :steps] < 0) | (tt[r, :steps] < 0))  # -1: no more tokens
+        upto_r = int(ended[0]) if ended.size else steps
+        diff = np.flatnonzero(tb[r, :upto_r] != tt[r, :upto_r])
         first = int(diff[0]) if diff.size else None
         if first is None:
             identical += 1
@@ -96,10 +103,23 @@ def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5) -> Gener
             kk = min(k, ids_b.shape[-1])
             overlaps += [len(set(ids_b[r, s, :kk]) & set(ids_t[r, s, :kk])) / kk
                          for s in range(upto)]
+            assert lp_b is not None and lp_t is not None
+            for s in range(upto):
+                d = _shared_diffs(ids_b[r, s], lp_b[r, s], ids_t[r, s], lp_t[r, s])
+                if d:
+                    lp_diff = max(lp_diff or 0.0, max(abs(x) for x in d))
         if first is not None:
             divergences.append(_divergence(r, first, tb, tt, ids_b, ids_t, lp_b, lp_t, top_n))
     overlap = float(np.mean(overlaps)) if overlaps else None
-    return GenerationMetrics(rows, identical, overlap, divergences)
+    return GenerationMetrics(rows, identical, overlap, lp_diff, divergences)
+
+
+def _shared_diffs(ib: np.ndarray, lb: np.ndarray, it: np.ndarray,
+                  lt: np.ndarray) -> list[float]:
+    """Baseline minus target log-probability for every token both top-k lists hold."""
+    target = {int(i): float(v) for i, v in zip(it, lt, strict=True) if i >= 0}
+    return [float(v) - target[int(i)] for i, v in zip(ib, lb, strict=True)
+            if i >= 0 and int(i) in target]
 
 
 def _divergence(r: int, s: int, tb: np.ndarray, tt: np.ndarray, ids_b: np.ndarray | None,
@@ -111,9 +131,8 @@ def _divergence(r: int, s: int, tb: np.ndarray, tt: np.ndarray, ids_b: np.ndarra
     nb, nt = list(ids_b[r, s]), list(ids_t[r, s])
     vllm_ok = tgt_tok in nb[:top_n] and base_tok in nt[:top_n]
     lb = dict(zip(nb, lp_b[r, s].tolist(), strict=True))
-    lt = dict(zip(nt, lp_t[r, s].tolist(), strict=True))
-    margin = lb[base_tok] - lb[tgt_tok] if tgt_tok in lb else None
-    shared = [lb[i] - lt[i] for i in lb.keys() & lt.keys()]
+    margin = lb[base_tok] - lb[tgt_tok] if tgt_tok in lb and base_tok in lb else None
+    shared = _shared_diffs(ids_b[r, s], lp_b[r, s], ids_t[r, s], lp_t[r, s])
     rms = math.sqrt(sum(x * x for x in shared) / len(shared)) if shared else math.inf
     near_tie = None if margin is None else margin <= NEAR_TIE_RMS * rms
     return Divergence(r, s, base_tok, tgt_tok, vllm_ok, near_tie, margin)

@@ -1,0 +1,166 @@
+"""Logits that did not come from ``precision capture``, as either side of a comparison.
+
+Accepted (see docs/external.md):
+
+- ``.npy``: one array, the logits (``(..., vocab)``)
+- ``.npz``: the array named ``logits``, or the only array
+- ``.pt`` / ``.pth``: a tensor, or a dict with a ``logits`` tensor, read with
+  ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers
+- ``.safetensors`` / ``.st`` without precision metadata: the tensor named ``logits``
+- ``.json``: top-k log-probabilities per generated token, as vLLM's
+  ``SamplingParams(logprobs=k)`` gives them: a list with one object per sequence,
+  ``{"token_ids": [...], "logprobs": [{"<id>": logprob | {"logprob": x}, ...}, ...]}``
+
+Each is converted into a temporary precision dump: logits under the key ``logits`` (marked
+as the dump's logits), top-k data under ``generation:*``, so the usual logits and
+generation comparisons apply. Files are removed when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .dtypes import SAFETENSORS_TO_NAME, is_float
+from .dump import Dump, DumpWriter, load
+from .errors import DumpError
+
+LOGITS_KEY = "logits"
+EXTERNAL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".json")
+_WORKDIR: Path | None = None
+
+
+def open_any(path: str | os.PathLike[str]) -> Dump:
+    """A precision dump, or external logits converted into one (see the module docstring)."""
+    p = Path(path)
+    if p.suffix.lower() not in EXTERNAL_SUFFIXES:
+        d = load(p)
+        if d.meta.get("foreign") and LOGITS_KEY in d.tensors:
+            d.meta["logits_key"] = LOGITS_KEY
+        return d
+    if not p.is_file():
+        raise DumpError(f"{p}: no such file")
+    reader = {".npy": _npy, ".npz": _npz, ".pt": _pt, ".pth": _pt, ".json": _vllm_json}
+    tensors, meta = reader[p.suffix.lower()](p)
+    return load(_write(p, tensors, meta))
+
+
+def _write(src: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    global _WORKDIR
+    if _WORKDIR is None:
+        _WORKDIR = Path(tempfile.mkdtemp(prefix="precision-external-"))
+        atexit.register(shutil.rmtree, _WORKDIR, True)
+    out = _WORKDIR / f"{len(list(_WORKDIR.iterdir()))}-{src.stem}.st"
+    w = DumpWriter(out, force=True)
+    entries = []
+    for key, arr in tensors.items():
+        a = np.ascontiguousarray(arr)
+        name = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
+        if name not in SAFETENSORS_TO_NAME.values():
+            raise DumpError(f"{src}: {key} has dtype {a.dtype}, which a dump cannot hold")
+        w.write(key, name, tuple(a.shape), a)
+        module, _, index = key.partition(":")
+        kind = "generation" if module == "generation" else "out"
+        entries.append({"key": key, "module": module, "kind": kind, "index": index,
+                        "call": 0, "shape": list(a.shape), "dtype": name})
+    w.close({"mode": "full", "external": str(src), "entries": entries,
+             "model": {"class": "external"}} | meta)
+    return out
+
+
+def _logits_meta(arr: np.ndarray, src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if arr.ndim < 1 or not is_float("bfloat16" if arr.dtype.name == "bfloat16" else
+                                    arr.dtype.name):
+        raise DumpError(f"{src}: expected floating-point logits (..., vocab), got "
+                        f"{arr.dtype} {list(arr.shape)}")
+    dtype = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
+    return {LOGITS_KEY: arr}, {"logits_key": LOGITS_KEY, "dtype": dtype}
+
+
+def _npy(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        raise DumpError(f"{p}: not a plain .npy array ({exc})") from None
+    return _logits_meta(arr, p)
+
+
+def _npz(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = list(z.keys())
+            if LOGITS_KEY in names:
+                return _logits_meta(z[LOGITS_KEY], p)
+            if len(names) == 1:
+                return _logits_meta(z[names[0]], p)
+    except ValueError as exc:
+        raise DumpError(f"{p}: not a plain .npz archive ({exc})") from None
+    raise DumpError(f"{p}: holds {names}; name the logits array 'logits'")
+
+
+def _pt(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import torch
+
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle payloads beyond tensors are refused here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DumpError(f"{p}: not loadable with weights_only=True ({first})") from None
+    if isinstance(obj, dict):
+        obj = obj.get(LOGITS_KEY)
+    if not isinstance(obj, torch.Tensor):
+        raise DumpError(f"{p}: expected a tensor or a dict with a 'logits' tensor")
+    t = obj.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        arr = t.numpy()
+    return _logits_meta(arr, p)
+
+
+def _vllm_json(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DumpError(f"{p}: not valid JSON ({exc})") from None
+    seqs = doc.get("sequences", doc) if isinstance(doc, dict) else doc
+    if not isinstance(seqs, list) or not seqs:
+        raise DumpError(f"{p}: expected a list of sequences with token_ids and logprobs")
+    try:
+        tokens = [list(map(int, s["token_ids"])) for s in seqs]
+        steps = [[_step(step) for step in s["logprobs"]] for s in seqs]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DumpError(f"{p}: sequence entries need 'token_ids' and 'logprobs' ({exc})") \
+            from None
+    n_steps = max(len(t) for t in tokens)
+    k = max((len(s) for seq in steps for s in seq), default=1)
+    tok = np.full((len(seqs), n_steps), -1, np.int64)
+    ids = np.full((len(seqs), n_steps, k), -1, np.int64)
+    lps = np.full((len(seqs), n_steps, k), -np.inf, np.float32)
+    for r, (t, seq) in enumerate(zip(tokens, steps, strict=True)):
+        tok[r, :len(t)] = t
+        for s, pairs in enumerate(seq[:n_steps]):
+            for j, (i, lp) in enumerate(pairs):
+                ids[r, s, j], lps[r, s, j] = i, lp
+    tensors: dict[str, np.ndarray] = {"generation:tokens": tok, "generation:topk_ids": ids,
+                                      "generation:topk_logprobs": lps}
+    return tensors, {"generation": {"num_beams": 1, "steps": n_steps, "topk": k},
+                     "logits_key": None}
+
+
+def _step(entry: dict[str, Any]) -> list[tuple[int, float]]:
+    """One step's {token id: logprob} as (id, logprob) pairs, most likely first."""
+    pairs = []
+    for key, value in entry.items():
+        lp = value["logprob"] if isinstance(value, dict) else value
+        pairs.append((int(key), float(lp)))
+    return sorted(pairs, key=lambda kv: -kv[1])
