@@ -280,8 +280,9 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
       precision scan --model ./flan-t5-base --dtype fp16 --keep-fp32 none
     Per layer: largest magnitude, headroom in bits (log2(65504/|x|max)), NaN/inf counts and
     whether the layer produces them or passes them on, values pinned near the max, and the
-    share of nonzero values fp16 flushes to zero. Exit code 1 when a layer overflows,
-    saturates or turns NaN.
+    share of values fp16 flushes to zero. Exit code 1 when a layer overflows,
+    saturates or turns NaN. The flush column is the share of all values that are nonzero
+    but round to zero in fp16.
     """
     from pathlib import Path
 

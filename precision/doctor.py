@@ -101,7 +101,7 @@ class Suggestion:
 
 
 def generalise(modules: Sequence[str]) -> tuple[str, ...]:
-    """``encoder.block.2.layer.1.DenseReluDense.wo`` -> ``*.block.*.layer.1.DenseReluDense.wo``
+    """``encoder.block.2.layer.1.DenseReluDense.wo`` -> ``*.block.*.layer.*.DenseReluDense.wo``
 
     Numeric path components become ``*`` and the stack name too, so the pattern covers the
     same module type in every block of encoder and decoder alike.

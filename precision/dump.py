@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -165,20 +166,31 @@ class DumpWriter:
         with open(final, "wb") as out:
             out.write(struct.pack("<Q", len(blob)) + blob)
             out.flush()
-            remaining, src_off = self._offset, self._reserve
-            while remaining:
-                n = os.copy_file_range(self._file.fileno(), out.fileno(), remaining,
-                                       src_off, out.tell())
-                if n <= 0:
-                    raise DumpError(f"could not copy dump data into {final}")
-                out.seek(n, os.SEEK_CUR)
-                src_off += n
-                remaining -= n
+            self._copy_data(out)
             out.flush()
             if self._fsync:
                 os.fsync(out.fileno())
         self._file.close()
         os.replace(final, self._tmp)
+
+    def _copy_data(self, out: Any) -> None:
+        """Copy the tensor bytes behind the new header: in the kernel where the platform can
+        (``copy_file_range``), through a buffer otherwise (macOS, some filesystems)."""
+        remaining, src_off = self._offset, self._reserve
+        try:
+            while remaining:
+                n = os.copy_file_range(self._file.fileno(), out.fileno(), remaining,
+                                       src_off, out.tell())
+                if n <= 0:
+                    break
+                out.seek(n, os.SEEK_CUR)
+                src_off += n
+                remaining -= n
+        except (AttributeError, OSError):
+            pass
+        if remaining:
+            self._file.seek(src_off)
+            shutil.copyfileobj(self._file, out, 16 * 1024 * 1024)
 
     def abort(self) -> None:
         """Drop the temporary file; the destination is left untouched."""
@@ -346,6 +358,11 @@ def load(path: str | os.PathLike[str]) -> Dump:
         entries = _entries(meta, tensors)
     except (TypeError, KeyError, ValueError, AttributeError):
         raise DumpError(f"{p}: the record list in the dump metadata is malformed") from None
+    for e in entries:
+        t = tensors.get(e.key)
+        if t is not None and (t.shape != e.shape or t.dtype != e.dtype):
+            raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
+                            f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
 
 
@@ -355,6 +372,8 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
     for key, spec in header.items():
         try:
             dtype = SAFETENSORS_TO_NAME[spec["dtype"]]
+            if not isinstance(spec["shape"], list) or not isinstance(spec["data_offsets"], list):
+                raise TypeError
             shape = tuple(int(s) for s in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except KeyError as exc:
@@ -406,10 +425,26 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
         raise TypeError("entries is not a list")
     entries = []
     for i, e in enumerate(raw):
+        texts = [e["key"], e.get("module", e["key"]), e.get("kind", "out"), e.get("index", ""),
+                 e.get("dtype", "float32")]
+        shape = e.get("shape", [])
+        stats = e.get("stats")
+        alias = e.get("alias_of")
+        if (not all(isinstance(s, str) for s in texts) or not isinstance(shape, list)
+                or texts[4] not in NAME_TO_SAFETENSORS
+                or not (alias is None or isinstance(alias, str))
+                or not (stats is None or _valid_stats(stats))):
+            raise TypeError(f"record {i}")
         entries.append(Entry(
-            key=e["key"], module=e.get("module", e["key"]), kind=e.get("kind", "out"),
-            index=e.get("index", ""), call=int(e.get("call", 0)), order=i,
-            shape=tuple(e.get("shape", ())), dtype=e.get("dtype", "float32"),
-            stats=e.get("stats"), alias_of=e.get("alias_of"),
+            key=texts[0], module=texts[1], kind=texts[2], index=texts[3],
+            call=int(e.get("call", 0)), order=i, shape=tuple(int(s) for s in shape),
+            dtype=texts[4], stats=stats, alias_of=alias,
         ))
     return entries
+
+
+def _valid_stats(stats: Any) -> bool:
+    """A stats record: a dict of numbers (or null where there were no finite values)."""
+    return isinstance(stats, dict) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        for v in stats.values())

@@ -7,6 +7,11 @@ Accepted (see docs/external.md):
 - ``.pt`` / ``.pth``: a tensor, or a dict with a ``logits`` tensor, read with
   ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers
 - ``.safetensors`` / ``.st`` without precision metadata: the tensor named ``logits``
+- msprobe dumps: a ``dump.json`` (or its folder) with the tensors it names under
+  ``dump_tensor_data/`` (``.npy``, or ``.pt`` read with ``weights_only=True``); forward
+  inputs and outputs. L0 module records (``Module.<path>.<Class>.forward.<n>``) take
+  precision's keys (``<path>:out``), so they line up with a capture; API records keep their
+  names. Without tensor files (msprobe statistics), Max/Min/Mean/Norm become stats records.
 - ``.json``: top-k log-probabilities per generated token, as vLLM's
   ``SamplingParams(logprobs=k)`` gives them: a list with one object per sequence,
   ``{"token_ids": [...], "logprobs": [{"<id>": logprob | {"logprob": x}, ...}, ...]}``
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .dtypes import SAFETENSORS_TO_NAME, is_float
-from .dump import Dump, DumpWriter, load
+from .dtypes import SAFETENSORS_TO_NAME, canonical, is_float
+from .dump import Dump, DumpWriter, load, make_key
 from .errors import DumpError
 
 LOGITS_KEY = "logits"
@@ -40,6 +47,11 @@ _WORKDIR: Path | None = None
 def open_any(path: str | os.PathLike[str]) -> Dump:
     """A precision dump, or external logits converted into one (see the module docstring)."""
     p = Path(path)
+    if p.is_dir() and (p / "dump.json").is_file():
+        p = p / "dump.json"
+    if p.name == "dump.json":
+        tensors, meta = _msprobe(p)
+        return load(_write(p, tensors, meta))
     if p.suffix.lower() not in EXTERNAL_SUFFIXES:
         d = load(p)
         if d.meta.get("foreign") and LOGITS_KEY in d.tensors:
@@ -66,10 +78,13 @@ def _write(src: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> P
         if name not in SAFETENSORS_TO_NAME.values():
             raise DumpError(f"{src}: {key} has dtype {a.dtype}, which a dump cannot hold")
         w.write(key, name, tuple(a.shape), a)
-        module, _, index = key.partition(":")
-        kind = "generation" if module == "generation" else "out"
+        module, _, rest = key.partition(":")
+        kind, _, index = rest.split("#")[0].partition(".")
+        if module == "generation" or not rest:
+            kind, index = ("generation", rest) if module == "generation" else ("out", "")
         entries.append({"key": key, "module": module, "kind": kind, "index": index,
                         "call": 0, "shape": list(a.shape), "dtype": name})
+    entries += meta.pop("extra_entries", [])
     w.close({"mode": "full", "external": str(src), "entries": entries,
              "model": {"class": "external"}} | meta)
     return out
@@ -164,3 +179,86 @@ def _step(entry: dict[str, Any]) -> list[tuple[int, float]]:
         lp = value["logprob"] if isinstance(value, dict) else value
         pairs.append((int(key), float(lp)))
     return sorted(pairs, key=lambda kv: -kv[1])
+
+
+# ----------------------------------------------------------------------------- msprobe
+
+_MSPROBE_MODULE = re.compile(r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_]\w*)\.forward\.(?P<n>\d+)$")
+
+
+def _msprobe_key(name: str, kind: str, index: int) -> str:
+    """``Module.encoder.block.0.layer.1.DenseReluDense.wo.Linear.forward.0`` -> the precision
+    key of that module's output (``encoder...wo:out``); API records keep their own names."""
+    m = _MSPROBE_MODULE.match(name)
+    if m:
+        return make_key(m["path"], kind, str(index) if index else "", int(m["n"]))
+    return make_key(name.removesuffix(".forward"), kind, str(index))
+
+
+def _msprobe(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """msprobe's dump.json (+ dump_tensor_data/*.npy|.pt): forward inputs and outputs."""
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        data = doc["data"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DumpError(f"{p}: not an msprobe dump.json ({exc})") from None
+    folder = next((d for d in (p.parent / "dump_tensor_data", p.parent) if d.is_dir()), p.parent)
+    tensors: dict[str, np.ndarray] = {}
+    stats: list[dict[str, Any]] = []
+    for name, record in data.items():
+        if not name.endswith(".forward") and ".forward." not in name:
+            continue  # backward records: gradients are issue 8's business
+        parts = [("out", record.get("output") or [])]
+        parts.append(("in", list(record.get("input_args") or [])
+                      + list((record.get("input_kwargs") or {}).values())))
+        for kind, items in parts:
+            for i, item in enumerate(items if isinstance(items, list) else [items]):
+                if not isinstance(item, dict) or "Tensor" not in str(item.get("type", "")):
+                    continue
+                key = _msprobe_key(name, kind, i)
+                arr = _msprobe_tensor(folder, item.get("data_name"))
+                if arr is not None:
+                    tensors[key] = arr
+                else:
+                    stats.append(_msprobe_stats(key, item))
+    if not tensors and not stats:
+        raise DumpError(f"{p}: no forward tensors in this msprobe dump")
+    return tensors, {"msprobe": {"task": doc.get("task"), "level": doc.get("level"),
+                                 "framework": doc.get("framework")},
+                     "mode": "full" if tensors else "stats", "extra_entries": stats}
+
+
+def _msprobe_tensor(folder: Path, data_name: Any) -> np.ndarray | None:
+    if not isinstance(data_name, str) or data_name in ("", "-1"):
+        return None
+    f = folder / data_name
+    if not f.is_file():
+        return None
+    if f.suffix == ".npy":
+        return _npy(f)[0][LOGITS_KEY]
+    if f.suffix == ".pt":
+        return _pt(f)[0][LOGITS_KEY]
+    return None
+
+
+def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A stats-only record from msprobe's Max/Min/Mean/Norm (no std: msprobe has none)."""
+    shape = [int(s) for s in item.get("shape") or []]
+    numel = math.prod(shape)
+
+    def num(name: str) -> float | None:
+        v = item.get(name)
+        try:
+            return float(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    lo, hi = num("Min"), num("Max")
+    absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
+    module, _, rest = key.partition(":")
+    dtype = canonical(str(item.get("dtype", "float32")).lower().replace("float32", "float32"))
+    return {"key": key, "module": module, "kind": rest.split(".")[0].split("#")[0], "index": "",
+            "call": 0, "shape": shape, "dtype": dtype,
+            "stats": {"numel": numel, "min": lo, "max": hi, "mean": num("Mean"),
+                      "norm": num("Norm"), "absmax": absmax, "nan": 0, "posinf": 0,
+                      "neginf": 0}}

@@ -34,7 +34,7 @@ from .errors import InputError
 from .metrics import PairAccumulator, TensorMetrics
 from .models import Policy, load_model
 from .profiles import Profile, profile_for
-from .recorder import flatten, model_identity, torch_dtype_name
+from .recorder import flatten, model_identity, numpy_to_torch, torch_dtype_name
 from .report import Row
 
 CHUNK = 1 << 18
@@ -140,7 +140,7 @@ def _single_input_calls(d: Dump) -> dict[tuple[str, int], str]:
 def _rerun(b: Dump, mod: torch.nn.Module, in_key: str, out: Entry, dtype: str,
            device: str) -> tuple[TensorMetrics, int]:
     """Local metrics, and how many finite input values the rounding to ``dtype`` lost."""
-    x = torch.from_numpy(b[in_key]).to(device)
+    x = numpy_to_torch(b[in_key]).to(device)
     lost = 0
     if x.is_floating_point():
         finite = torch.isfinite(x)

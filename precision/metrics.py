@@ -20,14 +20,15 @@ the *compared* elements (both finite, not masked):
 - ``max_ulp = max |d| / ulp_T(a)``: error in units in the last place of the target format T
   at the baseline value, ``ulp_T(x) = 2^(max(floor(log2|x|), e_min) - m)``
 
-Masked elements (``a`` at or below the baseline format's lowest finite value, i.e. an
-additive attention mask folded into T5's position bias, or both sides below the target
-format's lowest) are excluded and counted. NaN/inf are excluded and counted per side; a
+Masked elements (``a`` at or below the baseline format's lowest finite value or -inf, i.e.
+an additive attention mask folded into T5's position bias) are excluded and counted. A
+baseline value beyond the target's range that the target turns into -inf is an overflow,
+not a mask. NaN/inf are excluded and counted per side; a
 target NaN/inf where the baseline is finite counts as ``new_nan``/``new_inf``. Target values
 within 2% of the target format's max that differ from the baseline by more than 1% count
 as ``saturated`` (clamps such as transformers' T5 ±64504). ``beyond_target_range`` counts
-finite, unmasked baseline values the target format cannot hold (``|a| > max_T``), whether
-the target kept them (fp32 islands such as T5's ``wo``) or overflowed.
+finite, unmasked baseline values that the target tensor's dtype cannot hold
+(``|a| > max_T``).
 """
 
 from __future__ import annotations
@@ -139,18 +140,12 @@ class PairAccumulator:
         a64, b64 = self._scratch(n)[:2]
         np.copyto(a64, a)
         np.copyto(b64, b)
-        if a64.size == 0:
-            return
         with np.errstate(invalid="ignore", over="ignore"):
             amin, amax = float(a64.min()), float(a64.max())
             clean = math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
-            if clean and amin <= self.tgt_fmt.lowest:
-                clean = float(b64.min()) > self.tgt_fmt.lowest  # else: both-below mask
             tmax = self.tgt_fmt.max
             if not (-tmax <= amin and amax <= tmax):  # NaN lands here too
-                lo_t = self.tgt_fmt.lowest
-                live = (np.isfinite(a64) & (a64 > self.base_fmt.lowest)
-                        & ~((a64 <= lo_t) & (b64 <= lo_t)))
+                live = self._unmasked(a64) & np.isfinite(a64)
                 self.beyond += int(np.count_nonzero(live & (np.abs(a64) > tmax)))
         if not clean:
             a64, b64 = self._filter(a64, b64)
@@ -159,13 +154,17 @@ class PairAccumulator:
             a64, b64 = a64.copy(), b64.copy()  # off the scratch arrays _accumulate uses
         self._accumulate(a64, b64)
 
+    def _unmasked(self, a: np.ndarray) -> np.ndarray:
+        """False where the baseline is an additive mask: at or below its dtype's lowest
+        finite value, or -inf (``finfo.min`` folded into T5's position bias)."""
+        with np.errstate(invalid="ignore"):
+            return ~(a <= self.base_fmt.lowest)
+
     def _filter(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Count masked and non-finite elements; return the comparable ones."""
-        lo_t = self.tgt_fmt.lowest
-        with np.errstate(invalid="ignore"):
-            masked = (a <= self.base_fmt.lowest) | ((a <= lo_t) & (b <= lo_t))
+        live = self._unmasked(a)
         fa, fb = np.isfinite(a), np.isfinite(b)
-        live = ~masked
+        masked = ~live
         self.masked += int(masked.sum())
         nan_a, nan_b = np.isnan(a) & live, np.isnan(b) & live
         inf_a, inf_b = np.isinf(a) & live, np.isinf(b) & live

@@ -164,7 +164,12 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         f = Path(prompts_file)
         if not f.is_file():
             raise InputError(f"prompts file {f} does not exist")
-        lines = [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"prompts file {f} is not UTF-8 text: convert it "
+                             "(iconv -t UTF-8)") from None
+        lines = [ln.strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln]
         if not lines:
             raise InputError(f"prompts file {f} holds no prompt (it is empty)")

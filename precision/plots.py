@@ -136,7 +136,8 @@ def position_bias_heatmap(base: Dump, target: Dump) -> Any:
     to it; a bucket whose ids moved on the target shows up as a bright cell.
     """
     keys = [k for k in base.tensors if k.endswith("relative_attention_bias:out")
-            and k in target.tensors and k.replace(":out", ":in.0") in base.tensors]
+            and k in target.tensors and k.replace(":out", ":in.0") in base.tensors
+            and base.tensors[k].shape == target.tensors[k].shape]
     if not keys:
         return None
     fig = _figure(height=2.6 + 0.2 * len(keys))

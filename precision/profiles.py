@@ -20,7 +20,7 @@ slowly with depth. The profile of a pair is set by the coarser format's epsilon
   margin of 5-8x for deeper models; the planted fp16 overflow drives rel_l2 to 255 eps.
 - logits: DRIFT when the mean per-token ``KL(base || target)`` exceeds ``kl_mean``
   (Ascend guidance: 1e-4 for fp16, 5e-3 for bf16) or top-1 agreement falls below
-  ``top1``. Flips after near-ties are listed, not failed, unless agreement drops.
+  ``top1`` counting only flips beyond a near-tie; near-tie flips are listed, never failed.
 
 ``docs/verdicts.md`` explains the numbers; ``--rtol``/``--atol`` override ``rel_l2``/``atol``.
 """

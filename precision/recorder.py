@@ -40,6 +40,22 @@ DEFAULT_INPUT_GLOBS = ("*relative_attention_bias",)
 ROOT = "root"
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter; ``None`` for inference-mode tensors, which have none
+    (they are then never aliased: stored again rather than risk a stale value)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def numpy_to_torch(arr: Any) -> torch.Tensor:
+    """A numpy array as a tensor; ml_dtypes bfloat16 through its bits (torch cannot read it)."""
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view("int16")).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
 def torch_dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``float16``."""
     return canonical(str(dtype))
@@ -141,7 +157,7 @@ class Capture:
         self._handles: list[Any] = []
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
-        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str, int | None]] = {}
         self._writer: DumpWriter | None = None
         self._bg: BackgroundWriter | None = None
         self._dump: Dump | None = None
@@ -260,7 +276,9 @@ class Capture:
         """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
         key = make_key(module, kind, idx, call)
         seen = self._seen.get(id(t))
-        alias = seen[1] if seen is not None and seen[0]() is t else None
+        alias = None
+        if seen is not None and seen[0]() is t and seen[2] is not None and seen[2] == _version(t):
+            alias = seen[1]  # the very tensor, unchanged since (an in-place op bumps _version)
         self._store(key, module, kind, idx, call, t, alias=alias)
         return key
 
@@ -279,7 +297,7 @@ class Capture:
             assert self._bg is not None  # ids and masks are kept whole even in stats mode
             self._bg.submit(key, entry["dtype"], t)
         self._entries.append(entry)
-        self._seen[id(t)] = (weakref.ref(t), key)
+        self._seen[id(t)] = (weakref.ref(t), key, _version(t))
 
     # ---- metadata
     def _metadata(self) -> dict[str, Any]:
@@ -316,12 +334,6 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
         basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
     return {"class": type(model).__name__,
             "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
-
-
-def capture(model: torch.nn.Module, path: str | os.PathLike[str] | None = None,
-            **options: Any) -> Capture:
-    """Context manager recording ``model``'s module outputs; see :class:`Capture`."""
-    return Capture(model, path, **options)
 
 
 def named_arguments(module: torch.nn.Module, args: tuple[Any, ...],

@@ -159,7 +159,8 @@ class Report:
                 lines.append(f"| {r.order} | `{r.key}` | {r.status} | "
                              f"{_num(m.rel_l2) if m else '-'} | "
                              f"{_num(m.one_minus_cos) if m else '-'} | "
-                             f"{_num(m.max_abs) if m else '-'} | {r.reason} |")
+                             f"{_num(m.max_abs) if m else '-'} | "
+                             f"{r.reason.replace('|', chr(92) + '|')} |")
         return "\n".join(lines) + "\n"
 
     def to_pandas(self) -> Any:

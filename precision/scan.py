@@ -11,7 +11,8 @@ For every floating output record of a dump (stats or full), against a reference 
   execution order is ``first seen`` and later ones ``unknown``
 - ``saturated``: values within 2% of the fp16 max (what clamps such as transformers' T5
   ±64504 leave behind)
-- ``flush``: share of nonzero values that fp16 rounds to zero (``0 < |x| <= 2^-25``)
+- ``flush``: share of the tensor's values that are nonzero but that fp16 rounds to zero
+  (``0 < |x| <= 2^-25``)
 
 Rows are sorted worst first: producers of NaN/inf, then values beyond the format, saturation,
 and then by headroom. Works on fp32 runs too: "would this model overflow in fp16?".
@@ -181,7 +182,7 @@ def _row(e: Entry, st: dict[str, Any], fmax: float, origin: str) -> ScanRow:
     beyond = int(st.get("beyond_fp16", 0)) if fmax == FORMATS["float16"].max else 0
     numel = int(st.get("numel", 0))
     flush = st.get("flush_fp16")
-    nonzero_share = (flush / numel) if (flush is not None and numel) else None
+    flush_share = (flush / numel) if (flush is not None and numel) else None
     if nan:
         status = "NAN"
     elif inf or beyond:
@@ -193,7 +194,7 @@ def _row(e: Entry, st: dict[str, Any], fmax: float, origin: str) -> ScanRow:
     else:
         status = "OK"
     return ScanRow(e.order, e.key, status, absmax, headroom, nan, inf, near - beyond, beyond,
-                   nonzero_share, origin, numel)
+                   flush_share, origin, numel)
 
 
 def _severity(r: ScanRow) -> tuple[int, int, float, int]:

@@ -56,6 +56,10 @@ def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
                   "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
 
 
+def _within(st: dict[str, Any]) -> int:
+    return int(st.get("near_fp16_max", 0)) - int(st.get("beyond_fp16", 0))
+
+
 def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
     """What two statistics records say about the pair: norm gap, new NaN/inf, saturation."""
     na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
@@ -68,7 +72,7 @@ def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
         "new_nan": max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
         "new_inf": max(0, int(sb.get("posinf", 0)) + int(sb.get("neginf", 0))
                        - int(sa.get("posinf", 0)) - int(sa.get("neginf", 0))),
-        "new_near_fp16_max": max(0, int(sb.get("near_fp16_max", 0))
-                                 - int(sa.get("near_fp16_max", 0))),
+        # pinned near the max but within it: values beyond 65504 count as "near" too
+        "new_near_fp16_max": max(0, _within(sb) - _within(sa)),
         "numel": int(sa.get("numel", 0)),
     }

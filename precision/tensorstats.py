@@ -94,5 +94,8 @@ def _exact(x: torch.Tensor, acc: torch.dtype) -> dict[str, Any]:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     mag = xf.abs()
     counts2 = torch.stack([(mag > FP16_MAX).sum(), (mag >= NEAR_FP16_MAX).sum()]).tolist()
-    return out | _moments(*_summary(xf, acc)) | {
-        "beyond_fp16": int(counts2[0]), "near_fp16_max": int(counts2[1])}
+    # huge finite values (a finfo.min mask) overflow float32 sums: use float64 where it is fast
+    wide = torch.float64 if x.device.type in ("cpu", "cuda") else acc
+    moments = {k: (v if math.isfinite(v) else None)
+               for k, v in _moments(*_summary(xf, wide)).items()}
+    return out | moments | {"beyond_fp16": int(counts2[0]), "near_fp16_max": int(counts2[1])}

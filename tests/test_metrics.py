@@ -53,8 +53,7 @@ def reference(a, b, base: str, target: str, floor: float | None = None) -> dict:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     floor = (1e-3 if target in ("float16", "bfloat16") else 1e-6) if floor is None else floor
-    lo_b, lo_t = -TMAX[base], -TMAX[target]
-    masked = (a <= lo_b) | ((a <= lo_t) & (b <= lo_t))
+    masked = a <= -TMAX[base]  # an additive mask: the baseline dtype's lowest, or -inf
     live, fa = ~masked, np.isfinite(a)
     keep = live & fa & np.isfinite(b)
     x, y = a[keep], b[keep]
@@ -243,8 +242,9 @@ def test_adversarial_hand_values():
     m = cmp(*(np.array(v, np.float32) for v in ADVERSARIAL["masked_lowest"]), "float32", "float16")
     assert (m.masked, m.compared, m.nan_target, m.inf_base) == (3, 2, 0, 0)
     m = cmp(*(np.array(v, np.float32) for v in ADVERSARIAL["masked_below_fp16"]), "float32",
-            "float16")
-    assert (m.masked, m.nan_base, m.compared, m.max_abs) == (1, 1, 1, 0.5)
+            "float16")  # -70000 -> -inf is an overflow, not a mask
+    assert (m.masked, m.nan_base, m.new_inf, m.beyond_target_range, m.compared) == (
+        0, 1, 1, 1, 1)
     zb = cmp(*(np.array(v) for v in ADVERSARIAL["zero_base"]), "float32", "float16")
     assert (zb.rel_l2, zb.cos, zb.one_minus_cos, zb.snr_db, zb.pearson) == (
         math.inf, 0.0, 1.0, -math.inf, 0.0)
@@ -256,11 +256,15 @@ def test_adversarial_hand_values():
 
 
 @pytest.mark.parametrize("extra", [[], [np.nan], [F32_MIN]])  # clean and filtered chunks
-def test_mask_both_below_target_lowest(extra):
-    a = np.array([-1e9, 1.0, *extra], np.float32)
-    b = np.array([-65504.0, 1.0, *[1.0] * len(extra)], np.float16)
-    m = cmp(a, b, "float32", "float16")
-    assert (m.masked, m.compared, m.max_abs) == (1 + (extra == [F32_MIN]), 1, 0.0)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_overflow_of_either_sign_is_not_a_mask(extra, sign):
+    """-70000 turning into -inf (or saturating at -65504) counts like +70000 does."""
+    a = np.array([sign * 7e4, 1.0, *extra], np.float32)
+    for tgt, new_inf, saturated in ((sign * np.inf, 1, 0), (sign * 65504.0, 0, 1)):
+        b = np.array([tgt, 1.0, *[1.0] * len(extra)], np.float16)
+        m = cmp(a, b, "float32", "float16")
+        assert (m.masked, m.new_inf, m.saturated, m.beyond_target_range) == (
+            int(extra == [F32_MIN]), new_inf, saturated, 1)
 
 
 @pytest.mark.parametrize("scale", [1e-12, 1e-3, 0.3, 0.49, 0.51, 1.9, 2.1, 1e6, 1e12])
@@ -279,11 +283,13 @@ def test_cos_with_different_norms(scale):
 def test_beyond_target_range_counts_overflowed_targets():
     a, b = np.array([1e30, 1e5, 1.0], np.float32), np.array([np.inf, np.inf, 1.0], np.float16)
     assert cmp(a, b, "float32", "float16").beyond_target_range == 2
-    a = np.array([-1e5, -1e9, F32_MIN, np.inf, 7e4], np.float32)  # masked / inf: not counted
+    # -1e5 -> -inf and -1e9 -> -65504 overflow like positive values; only F32_MIN is a mask,
+    # and a baseline inf is not counted
+    a = np.array([-1e5, -1e9, F32_MIN, np.inf, 7e4], np.float32)
     b = np.array([-np.inf, -65504, 0.0, np.inf, 65504], np.float16)
     for chunk in (None, 1):
         m = cmp(a, b, "float32", "float16", chunk)
-        assert (m.beyond_target_range, m.masked, m.compared) == (1, 3, 1)
+        assert (m.beyond_target_range, m.masked, m.compared, m.new_inf) == (3, 1, 2, 1)
 
 
 def test_scalars_and_bf16_baseline():
