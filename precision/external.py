@@ -11,7 +11,8 @@ Accepted (see docs/external.md):
   ``dump_tensor_data/`` (``.npy``, or ``.pt`` read with ``weights_only=True``); forward
   inputs and outputs. L0 module records (``Module.<path>.<Class>.forward.<n>``) take
   precision's keys (``<path>:out``), so they line up with a capture; API records keep their
-  names. Without tensor files (msprobe statistics), Max/Min/Mean/Norm become stats records.
+  names. Without tensor files (msprobe statistics), Max/Min/Mean/Norm become stats records;
+  msprobe keeps no NaN/inf counts, so an infinite or NaN Max/Min counts as one.
 - ``.json``: top-k log-probabilities per generated token, as vLLM's
   ``SamplingParams(logprobs=k)`` gives them: a list with one object per sequence,
   ``{"token_ids": [...], "logprobs": [{"<id>": logprob | {"logprob": x}, ...}, ...]}``
@@ -253,12 +254,17 @@ def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             return None
 
-    lo, hi = num("Min"), num("Max")
+    raw = {k: num(k) for k in ("Min", "Max", "Mean", "Norm")}
+    # msprobe keeps no counts: an infinite or NaN Max/Min says "at least one" (a NaN Mean
+    # alone can come from +inf and -inf together)
+    counts = {"nan": int(any(v is not None and math.isnan(v) for v in (raw["Max"], raw["Min"]))),
+              "posinf": int(raw["Max"] == math.inf), "neginf": int(raw["Min"] == -math.inf)}
+    fin = {k: (v if v is not None and math.isfinite(v) else None) for k, v in raw.items()}
+    lo, hi = fin["Min"], fin["Max"]
     absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
     module, _, rest = key.partition(":")
-    dtype = canonical(str(item.get("dtype", "float32")).lower().replace("float32", "float32"))
+    dtype = canonical(str(item.get("dtype", "float32")))
     return {"key": key, "module": module, "kind": rest.split(".")[0].split("#")[0], "index": "",
             "call": 0, "shape": shape, "dtype": dtype,
-            "stats": {"numel": numel, "min": lo, "max": hi, "mean": num("Mean"),
-                      "norm": num("Norm"), "absmax": absmax, "nan": 0, "posinf": 0,
-                      "neginf": 0}}
+            "stats": {"numel": numel, "min": lo, "max": hi, "mean": fin["Mean"],
+                      "norm": fin["Norm"], "absmax": absmax} | counts}

@@ -98,3 +98,65 @@ def test_vllm_topk_logprobs_against_a_capture(t5_runs: dict[str, Path], tmp_path
     assert row.status == "DRIFT" and row.generation.divergences[0].step == 1
     # and two vLLM files against each other
     assert precision.compare(same, same).rows[-1].status == "OK"
+
+
+WO = "encoder.block.2.layer.1.DenseReluDense.wo"
+
+
+def msprobe_dir(d: precision.Dump, root: Path, *, with_data: bool = True) -> Path:
+    """A capture written the way msprobe lays out an L0 npy dump (dump.json + .npy files)."""
+    (root / "dump_tensor_data").mkdir(parents=True)
+    data: dict[str, object] = {}
+    for module, cls in ((WO, "Linear"), ("lm_head", "Linear")):
+        name = f"Module.{module}.{cls}.forward.0"
+        record: dict[str, object] = {"input_args": [], "input_kwargs": {}, "output": []}
+        for kind, key in (("input_args", f"{module}:in.0"), ("output", f"{module}:out")):
+            if key not in d:
+                continue
+            arr = d[key]
+            with np.errstate(invalid="ignore", over="ignore"):  # msprobe records inf too
+                item = {"type": "torch.Tensor", "dtype": f"torch.{arr.dtype.name}",
+                        "shape": list(arr.shape), "Max": float(arr.max()),
+                        "Min": float(arr.min()), "Mean": float(arr.mean()),
+                        "Norm": float(np.linalg.norm(arr))}
+            if with_data:
+                fname = f"{name}.{'input' if kind == 'input_args' else 'output'}.0.npy"
+                np.save(root / "dump_tensor_data" / fname, arr)
+                item["data_name"] = fname
+            record[kind].append(item)  # type: ignore[attr-defined]
+        data[name] = record
+    data["Functional.relu.0.forward"] = {"input_args": [], "output": [
+        {"type": "torch.Tensor", "dtype": "torch.float32", "shape": [2], "Max": 1.0, "Min": 0.0,
+         "Mean": 0.5, "Norm": 1.0, "data_name": "-1"}]}
+    (root / "dump.json").write_text(json.dumps({"task": "tensor", "level": "L0",
+                                                "framework": "pytorch", "data": data}))
+    return root
+
+
+def test_msprobe_dump_against_a_capture(t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    fp16 = precision.load(t5_runs["ofp16_none"])
+    folder = msprobe_dir(fp16, tmp_path / "msprobe")
+    report = precision.compare(t5_runs["obase"], folder)
+    rows = {r.key: r for r in report.rows}
+    assert rows[WO + ":out"].status == "OVERFLOW"  # the planted overflow, found through msprobe
+    assert rows["lm_head:out"].logits is not None
+    ours = next(r for r in precision.compare(t5_runs["obase"], fp16).rows
+                if r.key == WO + ":out")
+    assert rows[WO + ":out"].metrics.new_inf == ours.metrics.new_inf
+    d = precision.load(next(Path(p) for p in [report.target]))
+    assert d.meta["msprobe"]["level"] == "L0" and "Functional.relu.0:out.0" in {
+        e.key for e in d.entries}
+
+
+def test_msprobe_statistics_only(t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    base = precision.load(t5_runs["obase"])
+    folder = msprobe_dir(precision.load(t5_runs["ofp16_none"]), tmp_path / "stats",
+                         with_data=False)
+    target = precision.compare(base, folder / "dump.json")
+    row = next(r for r in target.rows if r.key == WO + ":out")
+    assert row.stats_delta is not None and row.status == "OVERFLOW"  # Max of +inf: new inf
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dump.json").write_text("{}")
+    with pytest.raises(DumpError, match=r"not an msprobe dump\.json"):
+        precision.compare(base, bad)
