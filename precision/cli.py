@@ -114,6 +114,9 @@ def main() -> None:
 @click.option("--max-new-tokens", default=8, show_default=True, type=int,
               help="Tokens to generate greedily before the captured forward "
                    "(gives encoder-decoders their decoder ids).")
+@click.option("--capture-steps", is_flag=True,
+              help="Also record every layer at each decoding step of the generation "
+                   "(call indices #0, #1, ...); the teacher-forced forward comes after.")
 @click.option("--num-beams", default=1, show_default=True, type=int,
               help="Beam search width for the generation (1: greedy, with per-step top-k "
                    "log-probabilities recorded).")
@@ -127,8 +130,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
             exclude: tuple[str, ...], input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None,
-            max_new_tokens: int, num_beams: int, output: str, force: bool, fsync: bool,
-            quiet: bool) -> None:
+            max_new_tokens: int, capture_steps: bool, num_beams: int, output: str,
+            force: bool, fsync: bool, quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
     \b
@@ -145,7 +148,7 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          force=force, fsync=fsync)
+                          capture_steps=capture_steps, force=force, fsync=fsync)
     path = run_capture(opts, _log(quiet))
     if not quiet:
         from .dump import load

@@ -5,6 +5,8 @@ after a sequence ended, as external top-k files have them) and, for greedy decod
 step's top-K token ids and log-probabilities. Per sequence:
 
 - identical, or the first step where the tokens differ;
+- ``top1_per_step``/``topk_per_step``: per step, over the sequences still on the same
+  prefix, the share whose tokens agree and their mean top-k overlap;
 - until that step both runs saw the same prefix, so their top-k sets are comparable:
   ``topk_overlap`` is the mean share of the baseline's top-k (``k``, default 5) that the
   target also ranks in its top-k, over those steps;
@@ -58,6 +60,8 @@ class GenerationMetrics:
     topk_overlap: float | None
     max_logprob_diff: float | None = None
     divergences: list[Divergence] = field(default_factory=list)
+    top1_per_step: list[float] = field(default_factory=list)
+    topk_per_step: list[float | None] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Divergence]:
@@ -67,6 +71,7 @@ class GenerationMetrics:
     def as_dict(self) -> dict[str, Any]:
         return {"sequences": self.sequences, "identical": self.identical,
                 "topk_overlap": self.topk_overlap, "max_logprob_diff": self.max_logprob_diff,
+                "top1_per_step": self.top1_per_step, "topk_per_step": self.topk_per_step,
                 "divergences": [vars(d) for d in self.divergences]}
 
 
@@ -111,7 +116,32 @@ def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5) -> Gener
         if first is not None:
             divergences.append(_divergence(r, first, tb, tt, ids_b, ids_t, lp_b, lp_t, top_n))
     overlap = float(np.mean(overlaps)) if overlaps else None
-    return GenerationMetrics(rows, identical, overlap, lp_diff, divergences)
+    top1, topk = _per_step(tb[:rows, :steps], tt[:rows, :steps], ids_b, ids_t, k)
+    return GenerationMetrics(rows, identical, overlap, lp_diff, divergences, top1, topk)
+
+
+def _per_step(tb: np.ndarray, tt: np.ndarray, ids_b: np.ndarray | None,
+              ids_t: np.ndarray | None, k: int) -> tuple[list[float], list[float | None]]:
+    """Per step, over the sequences whose prefixes still match (and have not ended): the
+    share whose tokens agree, and their mean top-k overlap (None without scores)."""
+    top1: list[float] = []
+    topk: list[float | None] = []
+    alive = np.ones(tb.shape[0], bool)
+    for s in range(tb.shape[1]):
+        alive &= (tb[:, s] >= 0) & (tt[:, s] >= 0)
+        rows = np.flatnonzero(alive)
+        if rows.size == 0:
+            break
+        same = tb[rows, s] == tt[rows, s]
+        top1.append(float(same.mean()))
+        if ids_b is not None and ids_t is not None:
+            kk = min(k, ids_b.shape[-1])
+            topk.append(float(np.mean([len(set(ids_b[r, s, :kk]) & set(ids_t[r, s, :kk])) / kk
+                                       for r in rows])))
+        else:
+            topk.append(None)
+        alive[rows[~same]] = False  # diverged: later steps follow other prefixes
+    return top1, topk
 
 
 def _shared_diffs(ib: np.ndarray, lb: np.ndarray, it: np.ndarray,

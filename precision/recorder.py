@@ -129,13 +129,14 @@ class Capture:
     ``meta`` is merged into the dump's metadata. ``buffer_mb`` sizes the reusable host
     buffer that bounds capture memory; ``fsync`` forces the dump to disk before it is renamed
     into place. ``detail`` adds the fp16 flush-to-zero count to stats records.
+    ``root_inputs=False`` records the model's inputs only after :meth:`expect_inputs`.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
                  mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
-                 fsync: bool = False, detail: bool = False) -> None:
+                 fsync: bool = False, detail: bool = False, root_inputs: bool = True) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = model
@@ -154,6 +155,7 @@ class Capture:
         self._buffer = buffer_mb * 1024 * 1024
         self._fsync = fsync
         self._detail = detail
+        self._want_inputs = root_inputs
         self._handles: list[Any] = []
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
@@ -250,10 +252,16 @@ class Capture:
 
         return hook
 
+    def expect_inputs(self) -> None:
+        """Record the model's inputs at its next call (instead of its first)."""
+        self._want_inputs = True
+
     def _root_inputs(self, module: torch.nn.Module, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> None:
-        """Record the model's own inputs (first call only) so another run can replay them."""
-        if self._calls.get(ROOT, 0) == 0:
+        """Record the model's own inputs (first call, or the one announced by
+        :meth:`expect_inputs`) so another run can replay them."""
+        if self._want_inputs:
+            self._want_inputs = False
             for idx, t in flatten(named_arguments(module, args, kwargs)):
                 self._store(make_key("input", idx), "input", "in", idx, 0, t, alias=None)
 

@@ -53,6 +53,7 @@ class CaptureOptions:
     replay: str | None = None
     max_new_tokens: int = 8
     num_beams: int = 1
+    capture_steps: bool = False
     force: bool = False
     fsync: bool = False
     detail: bool = False
@@ -88,16 +89,26 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
 
     if opts.num_beams < 1:
         raise InputError("--num-beams must be 1 or more")
-    with _model_errors(dtype, device.name):
+    if base is not None:
+        _check_same_model(base, loaded)
+
+    def prepare() -> tuple[dict[str, torch.Tensor], Generation | None,
+                           dict[str, torch.Tensor]]:
+        """Inputs of the captured forward, the generation, and its prompt."""
         if base is not None:
-            _check_same_model(base, loaded)
-            inputs = replay_inputs(base, device.torch_device)
             log(f"replaying the inputs of {base.path}")
             gen, prompt = _replay_generation(base, loaded, device.torch_device, log)
-        else:
-            prompt = tokenize(loaded, prompts, device.torch_device)
-            inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams,
-                                        log)
+            return replay_inputs(base, device.torch_device), gen, prompt
+        prompt = tokenize(loaded, prompts, device.torch_device)
+        inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams, log)
+        return inputs, gen, prompt
+
+    inputs: dict[str, torch.Tensor] = {}
+    gen: Generation | None = None
+    prompt: dict[str, torch.Tensor] = {}
+    if not opts.capture_steps:
+        with _model_errors(dtype, device.name):
+            inputs, gen, prompt = prepare()
 
     meta: dict[str, Any] = {
         "device": device.as_meta(), "dtype": dtype,
@@ -105,17 +116,21 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         "model": {"path": str(loaded.path), "kind": loaded.kind},
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
-        "generation": None if gen is None else {
-            "num_beams": gen.num_beams, "steps": int(gen.tokens.shape[1]),
-            "topk": None if gen.topk_ids is None else int(gen.topk_ids.shape[-1])},
     }
     log(f"capturing a forward pass ({opts.mode} mode)")
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
             loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
-            meta=meta) as cap:
+            root_inputs=not opts.capture_steps, meta=meta) as cap:
+        if opts.capture_steps:  # each decoding step's layer outputs get a call index
+            inputs, gen, prompt = prepare()
         if gen is not None:
             _store_generation(cap, gen, prompt)
+            cap.meta["generation"] = {
+                "num_beams": gen.num_beams, "steps": int(gen.tokens.shape[1]),
+                "topk": None if gen.topk_ids is None else int(gen.topk_ids.shape[-1]),
+                "layers_per_step": opts.capture_steps}
+        cap.expect_inputs()  # what --replay needs: the teacher-forced forward's inputs
         t0 = time.perf_counter()
         loaded.model(**inputs)
         device.synchronize()

@@ -91,3 +91,30 @@ def test_beam_search_capture(tmp_path: Path) -> None:
     d = precision.load(out)
     assert d.meta["generation"]["num_beams"] == 3 and "generation:topk_ids" not in d.tensors
     assert d["generation:tokens"].shape[0] == 3
+
+
+def test_per_step_series(make_dump: MakeDump) -> None:
+    """Step 0: both agree; step 1: one of two diverges; step 2: only the survivor counts."""
+    a = gen_dump(make_dump, "a.st", [[5, 5, 5], [5, 6, 7]], [[STEP] * 3, [STEP] * 3])
+    b = gen_dump(make_dump, "b.st", [[5, 5, 5], [5, 9, 7]], [[STEP] * 3, [STEP] * 3])
+    g = compare_generation(precision.load(a), precision.load(b))
+    assert g.top1_per_step == [1.0, 0.5, 1.0] and g.topk_per_step == [1.0, 1.0, 1.0]
+    assert [d.step for d in g.divergences] == [1]
+
+
+def test_layer_outputs_per_decoding_step(tmp_path: Path) -> None:
+    out = run_capture(CaptureOptions(model=str(QWEN), output=str(tmp_path / "s.st"),
+                                     max_new_tokens=3, capture_steps=True))
+    d = precision.load(out)
+    calls = sorted({e.call for e in d.entries if e.key.startswith("lm_head:out")})
+    steps = d.meta["generation"]["steps"]
+    assert d.meta["generation"]["layers_per_step"] and calls == list(range(steps + 1))
+    # the last call is the teacher-forced forward over prompt and generated tokens
+    last = d[f"lm_head:out#{steps}"]
+    assert last.shape[1] == d["input:input_ids"].shape[1]
+    # step 0 embeds the whole prompt, later steps one new token each (KV cache on); the
+    # LM head only scores the last position while generating
+    assert d["model.embed_tokens:out"].shape[1] == d["generation:prompt_ids"].shape[1]
+    assert all(d[f"model.embed_tokens:out#{s}"].shape[1] == 1 for s in range(1, steps))
+    assert all(d[f"lm_head:out#{s}" if s else "lm_head:out"].shape[1] == 1
+               for s in range(steps))
