@@ -64,6 +64,28 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
+def _check_outputs(force: bool, *paths: str | None) -> None:
+    """Refuse, before any work, outputs that exist (without --force) or have no folder."""
+    from pathlib import Path
+
+    from .dump import check_output_path
+
+    for p in paths:
+        if p and p != "-":
+            check_output_path(Path(p), force=force)
+
+
+def _write_text(path: str, text: str, force: bool) -> None:
+    """Write a text output atomically (temporary file, then rename)."""
+    from pathlib import Path
+
+    _check_outputs(force, path)
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+
+
 def _log(quiet: bool) -> Callable[[str], None]:
     def log(message: str) -> None:
         if not quiet:
@@ -194,12 +216,13 @@ def inspect(dump: str, show_all: bool) -> None:
 @click.option("--jobs", type=int, metavar="N", help="Threads (default: CPU count).")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
+@click.option("--force", is_flag=True, help="Overwrite the --json/--markdown files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @_guard
 def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
             profile: str | None, fail_on: str, topk: int, jobs: int | None,
-            allow_different_models: bool, quiet: bool) -> None:
+            allow_different_models: bool, force: bool, quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
 
     \b
@@ -212,13 +235,12 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
       MISSING   the key is in one dump only
     Exit code: 0 nothing to fail on, 1 something flagged (see --fail-on), 2 bad input.
     """
-    from pathlib import Path
-
     from .compare import compare as run_compare
     from .render import print_report
 
     if top is not None and top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
+    _check_outputs(force, json_out, md_out)
     with _progress(enabled=not quiet and json_out != "-") as progress:
         report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
                              fail_on=fail_on, topk=topk, jobs=jobs,
@@ -231,9 +253,9 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
         else:
             print_report(report, only_flagged=only_flagged, top=top)
         if json_out:
-            Path(json_out).write_text(report.to_json())
+            _write_text(json_out, report.to_json(), force)
     if md_out:
-        Path(md_out).write_text(report.to_markdown())
+        _write_text(md_out, report.to_markdown(), force)
     sys.exit(0 if report else 1)
 
 
@@ -268,12 +290,13 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "json_out", metavar="FILE", help="Write the scan as JSON.")
 @click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
 @click.option("-o", "--output", metavar="OUT.st", help="Keep the stats dump the scan took.")
+@click.option("--force", is_flag=True, help="Overwrite the --json and -o files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @_guard
 def scan(dump: str | None, model: str | None, device: str, dtype: str,
          prompts: tuple[str, ...], prompts_file: str | None, max_new_tokens: int,
          keep_fp32: tuple[str, ...], against: str | None, json_out: str | None,
-         top: int | None, output: str | None, quiet: bool) -> None:
+         top: int | None, output: str | None, force: bool, quiet: bool) -> None:
     """Headroom scan: how close each layer comes to overflowing fp16 (or bf16).
 
     \b
@@ -287,7 +310,6 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
     saturates or turns NaN. The flush column is the share of all values that are nonzero
     but round to zero in fp16.
     """
-    from pathlib import Path
 
     from .dump import load
     from .render import print_scan
@@ -295,6 +317,7 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
 
     if (dump is None) == (model is None):
         raise click.UsageError("give either a DUMP.st or --model DIR")
+    _check_outputs(force, json_out, output)
     if dump is not None:
         report = run_scan(load(dump), against=against)
     else:
@@ -304,14 +327,15 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
         assert model is not None
         opts = CaptureOptions(model=model, output=output or "", device=device, dtype=dtype,
                               prompts=prompts, prompts_file=prompts_file,
-                              keep_fp32=keep_fp32, max_new_tokens=max_new_tokens)
+                              keep_fp32=keep_fp32, max_new_tokens=max_new_tokens,
+                              force=force)
         report = scan_model(opts, against=against, log=_log(quiet))
     if quiet:
         click.echo(report.summary)
     else:
         print_scan(report, top=top)
     if json_out:
-        Path(json_out).write_text(report.to_json())
+        _write_text(json_out, report.to_json(), force)
     sys.exit(0 if report else 1)
 
 
@@ -430,6 +454,7 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
 
     out = Path(output)
     check_output_path(out, force=force)
+    _check_outputs(force, md_out)
     b, t = load(base), load(target)
     rep = run_compare(b, t, rtol=rtol, atol=atol, profile=profile,
                       allow_different_models=allow_different_models)
@@ -437,7 +462,7 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     tmp.write_text(build(rep, b, t), encoding="utf-8")
     tmp.replace(out)
     if md_out:
-        Path(md_out).write_text(rep.to_markdown())
+        _write_text(md_out, rep.to_markdown(), force)
     click.echo(f"{rep.summary}\nwrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
     sys.exit(0 if rep else 1)
 

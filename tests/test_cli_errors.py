@@ -353,3 +353,21 @@ def test_model_that_fails_to_run_is_one_line(tmp_path, monkeypatch):  # type: ig
     assert result.exit_code == 2
     assert "failed to run in fp16" in result.output and "addmm_impl_cpu_" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_report_outputs_are_never_overwritten_without_force(tmp_path, t5_runs):  # type: ignore[no-untyped-def]
+    """--json/--markdown of compare and scan refuse existing files, before any work."""
+    base, fp16 = str(t5_runs["base"]), str(t5_runs["fp16"])
+    for name in ("r.json", "r.md"):
+        (tmp_path / name).write_text("keep")
+    runner = CliRunner()
+    for args in (["compare", base, fp16, "--json", str(tmp_path / "r.json")],
+                 ["compare", base, fp16, "--markdown", str(tmp_path / "r.md")],
+                 ["scan", base, "--json", str(tmp_path / "r.json")]):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 2 and "--force" in r.output, args
+    assert (tmp_path / "r.json").read_text() == "keep" == (tmp_path / "r.md").read_text()
+    r = runner.invoke(main, ["compare", base, fp16, "--json", str(tmp_path / "r.json"),
+                             "--force", "-q"])
+    assert r.exit_code == 0 and (tmp_path / "r.json").read_text().startswith("{")
+    assert not list(tmp_path.glob(".*partial*"))
