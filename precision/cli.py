@@ -506,3 +506,7 @@ def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, 
                           str(d.elements_differing), f"{d.max_abs:.3g}")
         Console(highlight=False).print(table)
     sys.exit(0 if report else 1)
+
+
+if __name__ == "__main__":
+    main()

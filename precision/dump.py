@@ -341,6 +341,9 @@ def load(path: str | os.PathLike[str]) -> Dump:
         if len(head) < 8:
             raise DumpError(f"{p}: file too short to be a safetensors dump ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
+        if n == 0 and size > 8:
+            raise DumpError(f"{p}: an unfinished capture (the process stopped before writing "
+                            f"its index), {size} bytes that cannot be read: delete it")
         if n > min(size - 8, _MAX_HEADER):
             raise DumpError(f"{p}: header length {n} exceeds the file size: "
                             "not a safetensors file, or truncated")
