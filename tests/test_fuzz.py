@@ -6,6 +6,7 @@ Bounded for CI (a few hundred examples, well under a minute). Run longer with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -95,10 +96,8 @@ def test_arbitrary_headers_fail_cleanly(tmp_path: Path, tensors: dict, meta: obj
     blob = json.dumps(header).encode()
     p = tmp_path / "h.st"
     p.write_bytes(struct.pack("<Q", len(blob)) + blob + payload)
-    try:
+    with contextlib.suppress(DumpError):  # anything else fails the test
         _read_everything(p)
-    except DumpError:
-        pass
 
 
 FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
