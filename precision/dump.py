@@ -349,9 +349,12 @@ def load(path: str | os.PathLike[str]) -> Dump:
                             "not a safetensors file, or truncated")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DumpError(f"{p}: header is not valid JSON: not a safetensors dump") from None
+    except _DuplicateKey as dup:
+        raise DumpError(f"{p}: the header names tensor {dup.args[0]!r} twice: corrupt "
+                        "(a reader would silently take one of them)") from None
     if not isinstance(header, dict):
         raise DumpError(f"{p}: header is not a JSON object")
     meta_raw = header.pop("__metadata__", None) or {}
@@ -367,6 +370,19 @@ def load(path: str | os.PathLike[str]) -> Dump:
             raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
                             f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with the same key twice."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,

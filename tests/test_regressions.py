@@ -112,3 +112,12 @@ def test_header_copy_falls_back_without_copy_file_range(tmp_path: Path,
     d = precision.load(tmp_path / "big.st")
     for k, v in arrays.items():
         np.testing.assert_array_equal(d[k], v)
+
+
+def test_duplicate_header_keys_are_refused(tmp_path: Path) -> None:
+    spec = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    blob = ('{"x:out":' + spec + ',"x:out":' + spec + "}").encode()
+    p = tmp_path / "dup.st"
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0\0\0\0")
+    with pytest.raises(precision.DumpError, match="twice"):
+        precision.load(p)
