@@ -405,10 +405,11 @@ def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str
     the full run inherited its error. Exit code 1 when there is a culprit.
     """
     from .devices import resolve
+    from .dtypes import canonical
     from .isolation import isolate as run_isolate
     from .render import print_isolate
 
-    resolve(device, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    resolve(device, canonical(dtype))
     report = run_isolate(base, model, dtype=dtype, device=device, keep_fp32=keep_fp32,
                          target=target)
     if quiet:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import is_float
-from .dump import Dump, Entry
+from .dump import INPUT_PREFIX, Dump, Entry
 from .errors import DumpError, InputError
 from .external import open_any
 from .generation import PREFIX as GEN_PREFIX
@@ -34,7 +34,6 @@ from .statsdiff import array_stats, stats_delta
 
 GEN_TOKENS = GEN_PREFIX + "tokens"
 CHUNK_ELEMS = 1 << 18  # per thread: about 14 MiB of reused float64 work arrays
-INPUT_PREFIX = "input:"
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
 
 
 def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:
-    hb = b.meta.get("model", {}).get("config_hash")
-    ht = t.meta.get("model", {}).get("config_hash")
+    hb, ht = b.config_hash, t.config_hash
     if hb and ht and hb != ht and not allow:
         raise DumpError(f"{b.path.name} and {t.path.name} come from different models "
                         f"(config hash {hb} vs {ht}); pass --allow-different-models to "

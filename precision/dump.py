@@ -30,6 +30,8 @@ from .dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, numpy_dtype
 from .errors import DumpError
 
 FORMAT_NAME = "precision-dump"
+#: keys of the model's own inputs (``input:input_ids`` ...), which ``--replay`` reuses
+INPUT_PREFIX = "input:"
 FORMAT_VERSION = 1
 _MAX_HEADER = 256 * 1024 * 1024  # refuse absurd header lengths before allocating
 _ALIGN = 8
@@ -235,6 +237,12 @@ class Dump:
     def dtype(self) -> str | None:
         """The capture's compute dtype (``float16`` ...), if recorded."""
         value = self.meta.get("dtype")
+        return str(value) if value else None
+
+    @property
+    def config_hash(self) -> str | None:
+        """The model's config hash, if recorded (see :func:`precision.recorder.model_identity`)."""
+        value = self.meta.get("model", {}).get("config_hash")
         return str(value) if value else None
 
     @property

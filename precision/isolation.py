@@ -32,9 +32,9 @@ from .dtypes import canonical, is_float, short
 from .dump import Dump, Entry, load
 from .errors import InputError
 from .metrics import PairAccumulator, TensorMetrics
-from .models import Policy, load_model
+from .models import TORCH_DTYPES, Policy, load_model
 from .profiles import Profile, profile_for
-from .recorder import flatten, model_identity, numpy_to_torch, torch_dtype_name
+from .recorder import flatten, numpy_to_torch, require_same_model, torch_dtype_name
 from .report import Row
 
 CHUNK = 1 << 18
@@ -100,9 +100,7 @@ def isolate(base: str | os.PathLike[str] | Dump, model: str, *, dtype: str = "fp
                          "capture the baseline with --inputs '*'")
     dt = canonical(dtype)
     loaded = load_model(model, dtype=dt, device=device, policy=Policy.parse(keep_fp32))
-    theirs = b.meta.get("model", {}).get("config_hash")
-    if theirs and theirs != model_identity(loaded.model)["config_hash"]:
-        raise InputError(f"{b.path.name} was captured from a different model than {model}")
+    require_same_model(b, loaded.model, b.path.name)
     prof = profile_for(b.dtype or "float32", dt)
     accumulated = ({r.key: r for r in compare(b, target).rows} if target is not None else {})
     modules = dict(loaded.model.named_modules())
@@ -144,7 +142,7 @@ def _rerun(b: Dump, mod: torch.nn.Module, in_key: str, out: Entry, dtype: str,
     lost = 0
     if x.is_floating_point():
         finite = torch.isfinite(x)
-        x = x.to(_TORCH[dtype])  # what the target run holds: the input rounded to its dtype
+        x = x.to(TORCH_DTYPES[dtype])  # what the target run holds: the input rounded to it
         lost = int((finite & ~torch.isfinite(x)).sum())
         params = {p.dtype for p in mod.parameters(recurse=False)}
         if len(params) == 1:
@@ -162,5 +160,3 @@ def _rerun(b: Dump, mod: torch.nn.Module, in_key: str, out: Entry, dtype: str,
         acc.update(want[i:i + CHUNK], flat[i:i + CHUNK])
     return acc.result(), lost
 
-
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

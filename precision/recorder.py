@@ -344,6 +344,16 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
             "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
 
 
+def require_same_model(dump: Dump, model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`InputError` when ``dump`` was captured from another model's config."""
+    theirs = dump.config_hash
+    ours = model_identity(model)["config_hash"]
+    if theirs and theirs != ours:
+        raise InputError(f"{what} was captured from a different model "
+                         f"({dump.meta['model'].get('path', '?')}, config hash {theirs}; "
+                         f"this one is {ours})")
+
+
 def named_arguments(module: torch.nn.Module, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional and keyword arguments of ``module.forward`` by parameter name."""

@@ -142,7 +142,7 @@ class Report:
 
     def to_json(self) -> str:
         """JSON text; non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
-        return json.dumps(_finite(self.to_dict()), indent=1)
+        return json.dumps(json_safe(self.to_dict()), indent=1)
 
     def to_markdown(self, *, only_flagged: bool = True, top: int | None = 20) -> str:
         """A summary fit for a pull-request comment."""
@@ -185,11 +185,12 @@ def _num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """Non-finite floats as the strings ``inf``, ``-inf``, ``nan`` (JSON has no such numbers)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -19,7 +19,7 @@ import torch
 
 from . import devices
 from .dtypes import canonical, short
-from .dump import Dump, check_output_path, load
+from .dump import INPUT_PREFIX, Dump, check_output_path, load
 from .errors import InputError
 from .models import (
     Generation,
@@ -30,9 +30,7 @@ from .models import (
     read_prompts,
     tokenize,
 )
-from .recorder import DEFAULT_INPUT_GLOBS, Capture
-
-INPUT_PREFIX = "input:"
+from .recorder import DEFAULT_INPUT_GLOBS, Capture, require_same_model
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     if opts.num_beams < 1:
         raise InputError("--num-beams must be 1 or more")
     if base is not None:
-        _check_same_model(base, loaded)
+        require_same_model(base, loaded.model, f"--replay {base.path}")
 
     def prepare() -> tuple[dict[str, torch.Tensor], Generation | None,
                            dict[str, torch.Tensor]]:
@@ -193,13 +191,3 @@ def _store_generation(cap: Capture, gen: Generation, prompt: dict[str, torch.Ten
         if tensor is not None:
             cap.add_tensor(GEN_PREFIX + name, tensor, kind="generation")
 
-
-def _check_same_model(base: Dump, loaded: LoadedModel) -> None:
-    from .recorder import model_identity
-
-    theirs = base.meta.get("model", {}).get("config_hash")
-    ours = model_identity(loaded.model)["config_hash"]
-    if theirs and theirs != ours:
-        raise InputError(f"--replay {base.path} was captured from a different model "
-                         f"({base.meta['model'].get('path', '?')}, config hash {theirs}; "
-                         f"this one is {ours})")

@@ -97,15 +97,12 @@ class ScanReport:
                        r.inf, r.saturated, r.origin] for r in self.rows), limit=20)
 
     def to_json(self) -> str:
-        def clean(v: Any) -> Any:
-            if isinstance(v, float) and not math.isfinite(v):
-                return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-            return v
+        from .report import json_safe
 
-        rows = [{k: clean(v) for k, v in asdict(r).items()} for r in self.rows]
-        return json.dumps({"source": self.source, "against": self.against,
-                           "passed": bool(self), "summary": self.summary,
-                           "notes": list(self.notes), "rows": rows}, indent=1)
+        return json.dumps(json_safe({"source": self.source, "against": self.against,
+                                     "passed": bool(self), "summary": self.summary,
+                                     "notes": list(self.notes),
+                                     "rows": [asdict(r) for r in self.rows]}), indent=1)
 
 
 def scan(dump: Dump, *, against: str | None = None) -> ScanReport:
