@@ -171,8 +171,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
                           inputs=DEFAULT_INPUT_GLOBS + input_globs,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync)
-    path = run_capture(opts, _log(quiet))
-    if not quiet:
+    path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))
+    if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
         from .dump import load
 
         d = load(path)

@@ -117,7 +117,8 @@ def _stored_key(d: Dump, e: Entry) -> str | None:
 
 
 def _align(b: Dump, t: Dump) -> list[_Pair]:
-    logits = {b.meta.get("logits_key"), t.meta.get("logits_key")} - {None}
+    logits = ({b.meta.get("logits_key"), t.meta.get("logits_key")}
+              | set(b.meta.get("logits_keys", ())) | set(t.meta.get("logits_keys", ()))) - {None}
     # logits stored under different names (a capture's lm_head:out, an external 'logits')
     renamed = {}
     lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")

@@ -45,6 +45,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    file: Path | None = None  # the shard holding it, for directory dumps
 
     @property
     def numel(self) -> int:
@@ -288,7 +289,7 @@ class Dump:
     def __getitem__(self, key: str) -> np.ndarray:
         info = self._info(key)
         out = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = os.open(info.file or self.path, os.O_RDONLY)
         try:
             self._read_into(fd, info.start, out.reshape(-1).view(np.uint8))
         finally:
@@ -304,7 +305,7 @@ class Dump:
         dt = numpy_dtype(info.dtype)
         buf = np.empty(max(1, min(chunk_elems, info.numel)), dtype=dt)
         pos = info.start
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = os.open(info.file or self.path, os.O_RDONLY)
         try:
             for first in range(0, info.numel, chunk_elems):
                 n = min(chunk_elems, info.numel - first)
@@ -342,7 +343,12 @@ def load(path: str | os.PathLike[str]) -> Dump:
     if not p.exists():
         raise DumpError(f"{p}: no such file")
     if p.is_dir():
-        raise DumpError(f"{p} is a directory, not a dump file")
+        from .shards import INDEX, load_dir
+
+        if (p / INDEX).is_file():
+            return load_dir(p)
+        raise DumpError(f"{p} is a directory without {INDEX}: not a dump (or an unfinished "
+                        "multi-rank capture)")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)

@@ -47,10 +47,13 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
                   f"{', '.join(policy.get('kept_fp32', [])) or '-'}"),
         ("mode", f"{dump.mode}  {len(dump.entries)} records, {len(dump.tensors)} tensors, "
                  f"{sum(t.nbytes for t in dump.tensors.values()) / 1e6:.2f} MB"),
-        ("logits", str(m.get("logits_key"))),
+        ("logits", str(m.get("logits_key") or ", ".join(m.get("logits_keys", [])) or None)),
         ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
         ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),
     ]
+    if m.get("shards"):
+        rows.insert(0, ("shards", f"{m['shards']} ranks ({m.get('index', {}).get('backend')}), "
+                              "keys prefixed rank<r>/"))
     if m.get("foreign"):
         rows = [("format", "plain safetensors file (no precision metadata)")]
     for name, value in rows:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import devices
+from . import devices, distributed
 from .dtypes import canonical, short
-from .dump import INPUT_PREFIX, Dump, check_output_path, load
+from .dump import INPUT_PREFIX, Dump, check_output_path
 from .errors import InputError
 from .models import (
     Generation,
@@ -71,14 +71,20 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     dtype = canonical(opts.dtype)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise InputError(f"--dtype {opts.dtype} is not supported: use fp32, fp16 or bf16")
-    out = Path(opts.output)
-    check_output_path(out, force=opts.force)
     if opts.max_new_tokens < 0:
         raise InputError("--max-new-tokens must be 0 or more")
-    device = devices.resolve(opts.device, dtype)
+    dist = distributed.current(opts.device)
+    out = Path(opts.output)
+    if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
+        out = distributed.prepare_folder(out, dist, force=opts.force)
+    else:
+        check_output_path(out, force=opts.force)
+    device = devices.resolve(dist.device if dist else opts.device, dtype)
     policy = Policy.parse(opts.keep_fp32)
-    base = load(opts.replay) if opts.replay else None
+    base = (distributed.own_shard(opts.replay, dist) if opts.replay else None)
     prompts = [] if base else read_prompts(opts.prompts, opts.prompts_file)
+    if dist is not None and prompts:
+        prompts = distributed.split(prompts, dist)
 
     log(f"loading {opts.model} as {dtype} on {device.name}")
     t0 = time.perf_counter()
@@ -110,6 +116,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
 
     meta: dict[str, Any] = {
         "device": device.as_meta(), "dtype": dtype,
+        "distributed": dist.as_meta() if dist else None,
         "policy": policy.as_meta() | {"kept_fp32": loaded.kept_fp32},
         "model": {"path": str(loaded.path), "kind": loaded.kind},
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
@@ -133,6 +140,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         loaded.model(**inputs)
         device.synchronize()
         cap.meta["forward_seconds"] = round(time.perf_counter() - t0, 4)
+    if dist is not None:
+        return distributed.finish_folder(out.parent, dist, {"model": opts.model, "dtype": dtype})
     return out
 
 
