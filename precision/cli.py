@@ -186,11 +186,14 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
 @click.option("--all", "show_all", is_flag=True, help="List every record, aliases included.")
 @_guard
 def inspect(dump: str, show_all: bool) -> None:
-    """Show what a dump holds: metadata, then its records in execution order."""
+    """Show what a dump holds: metadata, then its records in execution order.
+
+    An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE.
+    """
     from .dump import load
     from .render import print_inspect
 
-    print_inspect(load(dump), show_all=show_all)
+    print_inspect(load(dump, allow_partial=True), show_all=show_all)
 
 
 @main.command(context_settings=CONTEXT)
@@ -216,13 +219,16 @@ def inspect(dump: str, show_all: bool) -> None:
 @click.option("--jobs", type=int, metavar="N", help="Threads (default: CPU count).")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
+@click.option("--allow-partial", is_flag=True,
+              help="Read the shards of an unfinished multi-rank dump (no index.json).")
 @click.option("--force", is_flag=True, help="Overwrite the --json/--markdown files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @_guard
 def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
             profile: str | None, fail_on: str, topk: int, jobs: int | None,
-            allow_different_models: bool, force: bool, quiet: bool) -> None:
+            allow_different_models: bool, allow_partial: bool, force: bool,
+            quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
 
     \b
@@ -244,7 +250,8 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
     with _progress(enabled=not quiet and json_out != "-") as progress:
         report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
                              fail_on=fail_on, topk=topk, jobs=jobs,
-                             allow_different_models=allow_different_models, progress=progress)
+                             allow_different_models=allow_different_models,
+                             allow_partial=allow_partial, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
     else:

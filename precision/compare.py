@@ -51,17 +51,19 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
             rtol: float | None = None, atol: float | None = None, profile: str | None = None,
             fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
             chunk_elems: int = CHUNK_ELEMS, allow_different_models: bool = False,
+            allow_partial: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Report:
     """Compare two dumps of the same model and inputs; returns a :class:`Report`.
 
     ``profile`` (``fp16``/``bf16``/``fp32``) overrides the tolerance profile chosen from the
     two runs' dtypes; ``rtol``/``atol`` override its norm tolerance and absolute floor.
     ``fail_on`` decides which statuses make the report falsy (see ``report.FAIL_ON``).
+    ``allow_partial`` reads an unfinished multi-rank dump's shards (with a warning).
     """
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
-    b = base if isinstance(base, Dump) else open_any(base)
-    t = target if isinstance(target, Dump) else open_any(target)
+    b = base if isinstance(base, Dump) else open_any(base, allow_partial=allow_partial)
+    t = target if isinstance(target, Dump) else open_any(target, allow_partial=allow_partial)
     _check_same_model(b, t, allow_different_models)
     prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
     pairs = _align(b, t)

@@ -45,7 +45,7 @@ EXTERNAL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".json")
 _WORKDIR: Path | None = None
 
 
-def open_any(path: str | os.PathLike[str]) -> Dump:
+def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
     """A precision dump, or external logits converted into one (see the module docstring)."""
     p = Path(path)
     if p.is_dir() and (p / "dump.json").is_file():
@@ -54,7 +54,7 @@ def open_any(path: str | os.PathLike[str]) -> Dump:
         tensors, meta = _msprobe(p)
         return load(_write(p, tensors, meta))
     if p.suffix.lower() not in EXTERNAL_SUFFIXES:
-        d = load(p)
+        d = load(p, allow_partial=allow_partial)
         if d.meta.get("foreign") and LOGITS_KEY in d.tensors:
             d.meta["logits_key"] = LOGITS_KEY
         return d

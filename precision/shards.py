@@ -66,6 +66,18 @@ def load_dir(folder: Path) -> Dump:
     return _merge(folder, parts, doc.get("meta") or {})
 
 
+def load_partial(folder: Path) -> Dump:
+    """The shards an unfinished multi-rank capture left (no index), marked incomplete."""
+    parts = []
+    for f in sorted(folder.glob("rank*.st")):
+        rank = f.stem.removeprefix("rank")
+        if rank.isdigit():
+            parts.append((int(rank), load(f)))
+    d = _merge(folder, parts, {})
+    d.meta["complete"] = False
+    return d
+
+
 def _merge(folder: Path, parts: list[tuple[int, Dump]], index_meta: dict[str, Any]) -> Dump:
     tensors = {}
     entries: list[Entry] = []

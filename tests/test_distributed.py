@@ -69,3 +69,18 @@ def test_missing_extra_and_unindexed_shards(runs: dict[str, Path], tmp_path: Pat
     (bad / "index.json").write_text('{"format": "precision-dump-dir", "format_version": 1}')
     with pytest.raises(precision.DumpError, match="not a precision dump index"):
         precision.load(bad)
+
+
+def test_unfinished_run_needs_allow_partial(runs: dict[str, Path], tmp_path: Path) -> None:
+    dead = tmp_path / "dead"
+    shutil.copytree(runs["fp16"], dead)
+    (dead / "index.json").unlink()  # rank 0 never got to write it
+    r = CliRunner().invoke(main, ["compare", str(runs["base"]), str(dead)])
+    assert r.exit_code == 2 and "--allow-partial" in r.output
+    r = CliRunner().invoke(main, ["compare", str(runs["base"]), str(dead), "--allow-partial",
+                                  "-q"])
+    assert r.exit_code == 0 and "PASS" in r.output
+    report = precision.compare(runs["base"], dead, allow_partial=True)
+    assert any("marked incomplete" in w for w in report.warnings)
+    shown = CliRunner().invoke(main, ["inspect", str(dead)])
+    assert shown.exit_code == 0 and "INCOMPLETE" in shown.output
