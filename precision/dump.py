@@ -337,8 +337,9 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
 
     Raises :class:`~precision.errors.DumpError` with a one-line reason for a missing,
     truncated or corrupt file. A directory dump whose index was never written (a multi-rank
-    run that died) is refused unless ``allow_partial``; it then reads as incomplete. Plain safetensors files without precision metadata load too:
-    every tensor becomes an entry, in file order.
+    run that died) is refused unless ``allow_partial``; it then reads as incomplete. Plain
+    safetensors files without precision metadata load too: every tensor becomes an entry,
+    in file order.
     """
     p = Path(path)
     if not p.exists():
