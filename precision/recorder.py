@@ -82,12 +82,22 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
 
 
 def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
-                   exclude: Sequence[str] = ()) -> list[tuple[str, torch.nn.Module]]:
-    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``."""
+                   exclude: Sequence[str] = (),
+                   every: int = 1) -> list[tuple[str, torch.nn.Module]]:
+    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``.
+
+    ``every`` K keeps, of the repeated blocks (the first numbered component of a name, as in
+    ``encoder.block.3`` or ``model.layers.12``), only those numbered 0, K, 2K, ...; modules
+    outside numbered blocks are always kept.
+    """
     chosen = []
     for name, mod in model.named_modules():
         if not name:
             continue
+        if every > 1:
+            number = next((int(p) for p in name.split(".") if p.isdigit()), None)
+            if number is not None and number % every:
+                continue
         if include and not _matches(name, include):
             continue
         if exclude and _matches(name, exclude):
@@ -136,7 +146,8 @@ class Capture:
                  mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
-                 fsync: bool = False, detail: bool = False, root_inputs: bool = True) -> None:
+                 fsync: bool = False, detail: bool = False, root_inputs: bool = True,
+                 every: int = 1) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = model
@@ -148,7 +159,9 @@ class Capture:
             path = Path(self._tmpdir) / "capture.st"
         self.path = Path(path)
         self._force = force
-        self._modules = select_modules(model, include, exclude)
+        if every < 1:
+            raise InputError("--every must be 1 or more")
+        self._modules = select_modules(model, include, exclude, every)
         if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)

@@ -52,6 +52,7 @@ class CaptureOptions:
     max_new_tokens: int = 8
     num_beams: int = 1
     capture_steps: bool = False
+    every: int = 1
     force: bool = False
     fsync: bool = False
     detail: bool = False
@@ -126,7 +127,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
             loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
-            root_inputs=not opts.capture_steps, meta=meta) as cap:
+            root_inputs=not opts.capture_steps, every=opts.every, meta=meta) as cap:
         if opts.capture_steps:  # each decoding step's layer outputs get a call index
             inputs, gen, prompt = prepare()
         if gen is not None:

@@ -250,3 +250,13 @@ def test_aliases_read_through(t5: object, tmp_path: Path) -> None:
     d = cap.dump
     assert "encoder.dropout:out" in d and "encoder.dropout:out" not in d.tensors
     np.testing.assert_array_equal(d["encoder.dropout:out"], d["encoder.embed_tokens:out"])
+
+
+def test_every_kth_block(tmp_path: Path) -> None:
+    d = capture(tmp_path, "every.st", dtype="fp32", max_new_tokens=1, every=2)
+    modules = {e.module for e in d.entries}
+    assert "encoder.block.2.layer.1.DenseReluDense.wo" in modules
+    assert not any(m.startswith(("encoder.block.1.", "encoder.block.3.")) for m in modules)
+    assert {"lm_head", "encoder.final_layer_norm"} <= modules  # outside the blocks: kept
+    with pytest.raises(precision.InputError, match="--every"):
+        capture(tmp_path, "bad.st", dtype="fp32", every=0)
