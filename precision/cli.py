@@ -124,6 +124,11 @@ def main() -> None:
               help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip modules whose name matches (repeatable), e.g. '*.dropout'.")
+@click.option("--backward", is_flag=True,
+              help="One training step: also record each module's output gradient (:grad) "
+                   "and every parameter's gradient (:pgrad), unscaled, in fp32.")
+@click.option("--loss-scale", default=1.0, show_default=True, type=float,
+              help="Multiply the loss before backward (fp16 training uses e.g. 65536).")
 @click.option("--every", default=1, show_default=True, type=int, metavar="K",
               help="Capture only every K-th block (blocks 0, K, 2K, ...) of large models.")
 @click.option("--inputs", "input_globs", multiple=True, metavar="GLOB",
@@ -152,7 +157,8 @@ def main() -> None:
 @_guard
 def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
-            exclude: tuple[str, ...], every: int, input_globs: tuple[str, ...],
+            exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
+            input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None,
             max_new_tokens: int, capture_steps: bool, num_beams: int, output: str,
             force: bool, fsync: bool, quiet: bool) -> None:
@@ -171,6 +177,7 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,
+                          backward=backward, loss_scale=loss_scale,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync)
     path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))

@@ -215,7 +215,7 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
         vocab = row.shape[-1]
         rows_chunk = max(1, chunk // vocab) * vocab
         lg = compare_logit_rows(_chunk_pairs(b, t, p, rows_chunk), vocab, k=topk)
-    status, reason = judge(m, prof)
+    status, reason = judge(m, prof, heavy_tailed=_is_gradient(p.key))
     if status == "OK" and lg is not None:
         if lg.kl_mean > prof.kl_mean:
             status, reason = "DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}"
@@ -227,8 +227,18 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
     return replace(row, status=status, reason=reason, metrics=m, logits=lg)
 
 
-def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
-    """Status and reason for float metrics under a profile (rules in docs/verdicts.md)."""
+def _is_gradient(key: str) -> bool:
+    """``--backward`` records: module output gradients (``:grad``), parameter ones (``:pgrad``)."""
+    kind = key.rsplit(":", 1)[-1].split(".")[0].split("#")[0]
+    return kind in ("grad", "pgrad")
+
+
+def judge(m: TensorMetrics, prof: Profile, *, heavy_tailed: bool = False) -> tuple[str, str]:
+    """Status and reason for float metrics under a profile (rules in docs/verdicts.md).
+
+    ``heavy_tailed`` (gradients: a few entries dominate) judges outliers against the
+    baseline's largest magnitude instead of its RMS.
+    """
     if m.new_nan:
         return "NAN", f"{m.new_nan} NaN where the baseline is finite"
     if m.new_inf or m.saturated:
@@ -241,8 +251,9 @@ def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
     bound = prof.rel_l2 * m.norm_base + prof.atol * math.sqrt(m.compared)
     if m.rmse * math.sqrt(m.compared) > bound:
         return "DRIFT", f"rel_l2 {m.rel_l2:.3g} > {prof.rel_l2:.3g}"
-    if m.max_abs > prof.outlier * m.rms_base + prof.atol:
-        scale = f"{m.max_abs / m.rms_base:.3g} x rms" if m.rms_base else "the baseline is all 0"
+    ref, name = (m.absmax_base, "absmax") if heavy_tailed else (m.rms_base, "rms")
+    if m.max_abs > prof.outlier * ref + prof.atol:
+        scale = f"{m.max_abs / ref:.3g} x {name}" if ref else "the baseline is all 0"
         return "DRIFT", f"outlier: max|d| {m.max_abs:.3g} is {scale} (> {prof.outlier:.3g})"
     return "OK", ""
 

@@ -147,7 +147,7 @@ class Capture:
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
                  fsync: bool = False, detail: bool = False, root_inputs: bool = True,
-                 every: int = 1) -> None:
+                 every: int = 1, backward: bool = False, loss_scale: float = 1.0) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = model
@@ -169,6 +169,9 @@ class Capture:
         self._fsync = fsync
         self._detail = detail
         self._want_inputs = root_inputs
+        self._backward = backward
+        self.loss_scale = loss_scale
+        self._grad_calls: dict[str, int] = {}
         self._handles: list[Any] = []
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
@@ -188,6 +191,8 @@ class Capture:
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
         for name, mod in self._modules:
             self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+            if self._backward:
+                self._handles.append(mod.register_full_backward_hook(self._grad_hook(name)))
         self._handles.append(self.model.register_forward_pre_hook(self._root_inputs,
                                                                   with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
@@ -268,6 +273,31 @@ class Capture:
     def expect_inputs(self) -> None:
         """Record the model's inputs at its next call (instead of its first)."""
         self._want_inputs = True
+
+    def _grad_hook(self, name: str) -> Any:
+        """Record the gradient of the loss with respect to the module's output (``:grad``),
+        unscaled (divided by ``loss_scale``) and in fp32, so runs with different loss
+        scales compare; an fp16 gradient that overflowed stays inf."""
+
+        def hook(module: torch.nn.Module, grad_input: Any, grad_output: Any) -> None:
+            call = self._grad_calls.get(name, 0)
+            self._grad_calls[name] = call + 1
+            for idx, t in flatten(grad_output):
+                self._store(make_key(name, "grad", idx, call), name, "grad", idx, call,
+                            t.detach().float() / self.loss_scale, alias=None)
+
+        return hook
+
+    def add_parameter_grads(self) -> int:
+        """Store every parameter's gradient (``<param>:pgrad``), unscaled, after backward."""
+        n = 0
+        for pname, p in self.model.named_parameters():
+            if p.grad is not None:
+                key = f"{pname}:pgrad"
+                self._store(key, pname, "pgrad", "", 0, p.grad.detach().float() / self.loss_scale,
+                            alias=None)
+                n += 1
+        return n
 
     def _root_inputs(self, module: torch.nn.Module, args: tuple[Any, ...],
                      kwargs: dict[str, Any]) -> None:

@@ -53,6 +53,8 @@ class CaptureOptions:
     num_beams: int = 1
     capture_steps: bool = False
     every: int = 1
+    backward: bool = False
+    loss_scale: float = 1.0
     force: bool = False
     fsync: bool = False
     detail: bool = False
@@ -123,11 +125,13 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
     }
-    log(f"capturing a forward pass ({opts.mode} mode)")
+    log(f"capturing a forward pass ({opts.mode} mode)"
+        + (" and its backward" if opts.backward else ""))
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
             loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
-            root_inputs=not opts.capture_steps, every=opts.every, meta=meta) as cap:
+            root_inputs=not opts.capture_steps, every=opts.every, backward=opts.backward,
+            loss_scale=opts.loss_scale, meta=meta) as cap:
         if opts.capture_steps:  # each decoding step's layer outputs get a call index
             inputs, gen, prompt = prepare()
         if gen is not None:
@@ -138,7 +142,10 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
                 "layers_per_step": opts.capture_steps}
         cap.expect_inputs()  # what --replay needs: the teacher-forced forward's inputs
         t0 = time.perf_counter()
-        loaded.model(**inputs)
+        if opts.backward:
+            cap.meta["backward"] = _training_step(loaded, inputs, opts.loss_scale, cap)
+        else:
+            loaded.model(**inputs)
         device.synchronize()
         cap.meta["forward_seconds"] = round(time.perf_counter() - t0, 4)
     if dist is not None:
@@ -158,6 +165,25 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
 
 
 GEN_PREFIX = "generation:"
+
+
+def _training_step(loaded: LoadedModel, inputs: dict[str, torch.Tensor], loss_scale: float,
+                   cap: Capture) -> dict[str, Any]:
+    """Forward, next-token cross-entropy (in fp32) times ``loss_scale``, backward; then the
+    parameter gradients. Dropout stays off (eval mode) so two runs are comparable."""
+    import warnings
+
+    targets = inputs.get("decoder_input_ids", inputs["input_ids"])
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*backward hook.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+        logits = loaded.model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
+        (loss * loss_scale).backward()
+    params = cap.add_parameter_grads()
+    loaded.model.zero_grad(set_to_none=True)
+    return {"loss": float(loss), "loss_scale": loss_scale, "parameter_grads": params}
 
 
 def _fresh_inputs(loaded: LoadedModel, prompt: dict[str, torch.Tensor], max_new_tokens: int,
