@@ -275,3 +275,15 @@ def test_module_inputs_on_one_side_only_are_not_missing(make_dump: MakeDump) -> 
     assert [r.key for r in compare(a, b).rows] == ["m:out"]
     c = make_dump("c.st", {"m:out": x, "input:input_ids": np.arange(3)})
     assert status(compare(c, a), "input:input_ids") == "MISSING"  # model inputs still count
+
+
+def test_subnormals_have_defined_metrics(make_dump: MakeDump) -> None:
+    """fp32 subnormals that fp16 flushes to zero: compared, ULP at fp16's subnormal spacing."""
+    a = np.array([1e-40, -3e-39, 2e-45, 1.0], np.float32)  # three fp32 subnormals
+    b = a.astype(np.float16)  # all three flush to 0 in fp16
+    assert (b[:3] == 0).all()
+    row = compare(*pair(make_dump, "x:out", a, b)).rows[0]
+    m = row.metrics
+    assert row.status == "OK" and m.compared == 4 and not np.isnan(m.rel_l2)
+    assert m.max_abs == pytest.approx(3e-39, rel=1e-6)
+    assert m.max_ulp == pytest.approx(3e-39 / 2.0**-24, rel=1e-6)  # fp16 subnormal spacing
