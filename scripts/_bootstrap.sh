@@ -21,7 +21,13 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   # A pinned CPU build; an unpinned 'torch' would pull several GB of CUDA packages.
   spec=${PRECISION_TORCH_SPEC:-torch==2.13.0}
   echo "· installing $spec (CPU build)" >&2
-  "$PY" -m pip install -q "$spec"
+  log=$(mktemp)
+  if ! "$PY" -m pip install -q "$spec" >"$log" 2>&1; then
+    grep -v "is ignored: it is neither" "$log" >&2 || true
+    echo "error: installing $spec failed (pip output above); set PRECISION_TORCH_SPEC" >&2
+    exit 2
+  fi
+  rm -f "$log"
 fi
 
 stamp="$ROOT/.venv/.installed${EXTRAS:+-$EXTRAS}"
