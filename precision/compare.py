@@ -30,7 +30,7 @@ from .logits import compare_logit_rows
 from .metrics import PairAccumulator, TensorMetrics, compare_exact
 from .profiles import Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
-from .statsdiff import array_stats, stats_delta
+from .statsdiff import record_stats, stats_delta
 
 GEN_TOKENS = GEN_PREFIX + "tokens"
 CHUNK_ELEMS = 1 << 18  # per thread: about 14 MiB of reused float64 work arrays
@@ -259,8 +259,9 @@ def judge(m: TensorMetrics, prof: Profile, *, heavy_tailed: bool = False) -> tup
 
 
 def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) -> Row:
-    sa = _stats_of(b, p.base_key, p.base, chunk)
-    sb = _stats_of(t, p.target_key, p.target, chunk)
+    assert p.base is not None and p.target is not None
+    sa = record_stats(b, p.base.key, chunk=chunk)
+    sb = record_stats(t, p.target.key, chunk=chunk)
     if sa is None or sb is None:
         return replace(row, status="MISSING", reason="no data stored for this record")
     delta = stats_delta(sa, sb)
@@ -277,16 +278,6 @@ def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) 
                        reason=f"norms differ by {delta['norm_gap_rel']:.3g} relative "
                               f"(> {prof.rel_l2:.3g}; proves rel_l2 at least that)")
     return replace(row, reason="stats only: norms agree (cannot rule out elementwise drift)")
-
-
-def _stats_of(d: Dump, key: str | None, e: Entry | None, chunk: int) -> dict[str, Any] | None:
-    if e is not None and e.stats is not None:
-        return e.stats
-    if key is not None and key in d.tensors:
-        return array_stats(d.chunks(key, chunk))
-    if key is not None and (src := d.entry(key)) is not None:
-        return src.stats
-    return None
 
 
 def _with_growth(rows: list[Row]) -> list[Row]:

@@ -258,9 +258,9 @@ class Dump:
 
     def __contains__(self, key: object) -> bool:
         """True for stored tensors and for aliases of them."""
-        return key in self.tensors or (isinstance(key, str) and self._resolve(key) is not None)
+        return key in self.tensors or (isinstance(key, str) and self.resolve(key) is not None)
 
-    def _resolve(self, key: str) -> str | None:
+    def resolve(self, key: str) -> str | None:
         """The stored key holding ``key``'s data: itself, or the key it aliases."""
         if key in self.tensors:
             return key
@@ -317,7 +317,7 @@ class Dump:
             os.close(fd)
 
     def _info(self, key: str) -> TensorInfo:
-        stored = self._resolve(key)
+        stored = self.resolve(key)
         if stored is None:
             raise DumpError(f"{self.path}: no tensor {key!r} in this dump")
         return self.tensors[stored]

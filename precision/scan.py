@@ -27,7 +27,7 @@ from typing import Any
 
 from .dtypes import FORMATS, canonical, is_float, short
 from .dump import Dump, Entry
-from .statsdiff import array_stats
+from .statsdiff import record_stats
 
 CHUNK = 1 << 18
 
@@ -110,13 +110,14 @@ def scan(dump: Dump, *, against: str | None = None) -> ScanReport:
     ref = canonical(against) if against else _default_against(dump)
     fmt = FORMATS[ref]
     recorded = {(e.module, e.call) for e in dump.entries if e.kind == "in"}
-    bad_inputs = _nonfinite_inputs(dump)
+    cache: dict[str, dict[str, Any] | None] = {}  # inputs alias outputs: read each once
+    bad_inputs = _nonfinite_inputs(dump, cache)
     rows: list[ScanRow] = []
     bad_modules: list[tuple[str, int]] = []
     for e in dump.entries:
         if e.kind != "out" or e.alias_of or not is_float(e.dtype):
             continue
-        st = _stats(dump, e)
+        st = record_stats(dump, e.key, chunk=CHUNK, cache=cache)
         if st is None:
             continue
         nonfinite = int(st.get("nan", 0)) + int(st.get("posinf", 0)) + int(st.get("neginf", 0))
@@ -149,22 +150,14 @@ def _default_against(dump: Dump) -> str:
     return dump.dtype if dump.dtype in ("float16", "bfloat16") else "float16"
 
 
-def _stats(dump: Dump, e: Entry) -> dict[str, Any] | None:
-    if e.stats is not None:
-        return e.stats
-    if e.key in dump.tensors:
-        return array_stats(dump.chunks(e.key, CHUNK))
-    return None
-
-
-def _nonfinite_inputs(dump: Dump) -> set[tuple[str, int]]:
+def _nonfinite_inputs(dump: Dump, cache: dict[str, dict[str, Any] | None]
+                      ) -> set[tuple[str, int]]:
     """(module, call) pairs whose recorded inputs hold NaN/inf (aliases resolved)."""
     bad: set[tuple[str, int]] = set()
     for e in dump.entries:
         if e.kind != "in" or not is_float(e.dtype):
             continue
-        src = dump.entry(e.alias_of) if e.alias_of else e
-        st = _stats(dump, src) if src is not None else None
+        st = record_stats(dump, e.key, chunk=CHUNK, cache=cache)
         if st and int(st.get("nan", 0)) + int(st.get("posinf", 0)) + int(st.get("neginf", 0)):
             bad.add((e.module, e.call))
     return bad

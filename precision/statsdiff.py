@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .dump import Dump
+
 FP16_MAX = 65504.0
 NEAR_FP16_MAX = 0.98 * FP16_MAX
 FP16_FLUSH = 2.0**-25
@@ -54,6 +56,26 @@ def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),
                   "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
+
+
+def record_stats(d: Dump, key: str, *, chunk: int = 1 << 18,
+                 cache: dict[str, dict[str, Any] | None] | None = None
+                 ) -> dict[str, Any] | None:
+    """Statistics of a record however it was stored: its stats-mode record, the tensor that
+    holds it (itself or what it aliases; ``cache`` avoids reading one tensor twice), or the
+    stats record it aliases. ``None`` when the dump holds no data for it."""
+    e = d.entry(key)
+    if e is not None and e.stats is not None:
+        return e.stats
+    stored = d.resolve(key)
+    if stored is not None:
+        if cache is None:
+            return array_stats(d.chunks(stored, chunk))
+        if stored not in cache:
+            cache[stored] = array_stats(d.chunks(stored, chunk))
+        return cache[stored]
+    source = d.entry(e.alias_of) if e is not None and e.alias_of else None
+    return source.stats if source is not None else None
 
 
 def _within(st: dict[str, Any]) -> int:
