@@ -207,14 +207,22 @@ def _exact_row(b: Dump, t: Dump, p: _Pair, row: Row, chunk: int) -> Row:
 def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
                chunk: int) -> Row:
     acc = PairAccumulator(row.base_dtype, row.target_dtype)
-    for x, y in _chunk_pairs(b, t, p, chunk):
-        acc.update(x, y)
-    m = acc.result()
     lg = None
     if p.is_logits and len(row.shape) >= 1 and row.shape[-1] > 0:
+        # one pass over the (largest) tensor: row-aligned chunks feed both measurements
         vocab = row.shape[-1]
-        rows_chunk = max(1, chunk // vocab) * vocab
-        lg = compare_logit_rows(_chunk_pairs(b, t, p, rows_chunk), vocab, k=topk)
+
+        def fed(pairs: Any) -> Any:
+            for x, y in pairs:
+                acc.update(x, y)
+                yield x, y
+
+        lg = compare_logit_rows(fed(_chunk_pairs(b, t, p, max(1, chunk // vocab) * vocab)),
+                                vocab, k=topk)
+    else:
+        for x, y in _chunk_pairs(b, t, p, chunk):
+            acc.update(x, y)
+    m = acc.result()
     status, reason = judge(m, prof, heavy_tailed=_is_gradient(p.key))
     if status == "OK" and lg is not None:
         if lg.kl_mean > prof.kl_mean:
