@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -84,6 +84,27 @@ def _write_text(path: str, text: str, force: bool) -> None:
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: ``1048576``, ``512K``, ``256M``, ``2G`` (powers of 1024)."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in self._UNITS else ""
+        try:
+            number = float(text[:len(text) - len(unit)])
+        except ValueError:
+            self.fail(f"{value!r} is not a size: use e.g. 512M or 2G", param, ctx)
+        if not number > 0:
+            self.fail(f"{value!r}: a size must be positive", param, ctx)
+        return int(number * (1 << self._UNITS[unit]))
 
 
 def _log(quiet: bool) -> Callable[[str], None]:
@@ -225,7 +246,11 @@ def inspect(dump: str, show_all: bool) -> None:
                    "overflow: OVERFLOW/NAN; any: also MISSING.")
 @click.option("--topk", default=5, show_default=True, type=int,
               help="k for the logits top-k overlap.")
-@click.option("--jobs", type=int, metavar="N", help="Threads (default: CPU count).")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="Worker processes sharing the tensors (default: the usable cores).")
+@click.option("--max-memory", type=ByteSize(), metavar="SIZE",
+              help="Cap the work buffers of all jobs together, e.g. 256M or 2G: chunks shrink, "
+                   "then fewer jobs run. Default: 40 MiB per job at most.")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @click.option("--allow-partial", is_flag=True,
@@ -236,8 +261,8 @@ def inspect(dump: str, show_all: bool) -> None:
 def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
             profile: str | None, fail_on: str, topk: int, jobs: int | None,
-            allow_different_models: bool, allow_partial: bool, force: bool,
-            quiet: bool) -> None:
+            max_memory: int | None, allow_different_models: bool, allow_partial: bool,
+            force: bool, quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
 
     \b
@@ -258,7 +283,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
     _check_outputs(force, json_out, md_out)
     with _progress(enabled=not quiet and json_out != "-") as progress:
         report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
-                             fail_on=fail_on, topk=topk, jobs=jobs,
+                             fail_on=fail_on, topk=topk, jobs=jobs, max_memory=max_memory,
                              allow_different_models=allow_different_models,
                              allow_partial=allow_partial, progress=progress)
     if json_out == "-":

@@ -5,21 +5,21 @@ Aliases (a module output that is the very tensor of an earlier record) are not c
 twice, unless only one side aliases: T5's block output is its FF layer's output in fp32 but
 a new, clamped tensor in fp16, and that clamp is worth a row.
 
-Work is spread over threads (numpy releases the GIL), each streaming its tensor pair in
-chunks, so memory stays bounded by ``jobs x chunk`` buffers whatever the dump size.
+Work is spread over worker processes (:mod:`precision.parallel`), each streaming its tensor
+pair in chunks, so memory stays bounded by ``jobs x chunk`` work buffers whatever the dump
+size; ``max_memory`` shrinks the chunk (and, if need be, the number of jobs) to fit a budget.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import parallel
 from .dtypes import is_float
 from .dump import INPUT_PREFIX, Dump, Entry
 from .errors import DumpError, InputError
@@ -33,7 +33,13 @@ from .report import FAIL_ON, Report, Row
 from .statsdiff import record_stats, stats_delta
 
 GEN_TOKENS = GEN_PREFIX + "tokens"
-CHUNK_ELEMS = 1 << 18  # per thread: about 14 MiB of reused float64 work arrays
+CHUNK_ELEMS = 1 << 18  # per job: at most 40 MiB of work arrays (logits are the costliest)
+#: work memory per chunk element, at most: the read buffers, the six float64 and two small
+#: scratch arrays of the metrics, and the float64 log-softmax temporaries of the logits
+WORK_BYTES_PER_ELEMENT = 160
+MIN_CHUNK_ELEMS = 1 << 12
+#: below this much work (elements, see _cost), starting processes costs more than it saves
+PARALLEL_MIN_ELEMENTS = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,8 @@ class _Pair:
 def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] | Dump, *,
             rtol: float | None = None, atol: float | None = None, profile: str | None = None,
             fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
-            chunk_elems: int = CHUNK_ELEMS, allow_different_models: bool = False,
-            allow_partial: bool = False,
+            chunk_elems: int = CHUNK_ELEMS, max_memory: int | None = None,
+            allow_different_models: bool = False, allow_partial: bool = False,
             progress: Callable[[int, int], None] | None = None) -> Report:
     """Compare two dumps of the same model and inputs; returns a :class:`Report`.
 
@@ -59,6 +65,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     two runs' dtypes; ``rtol``/``atol`` override its norm tolerance and absolute floor.
     ``fail_on`` decides which statuses make the report falsy (see ``report.FAIL_ON``).
     ``allow_partial`` reads an unfinished multi-rank dump's shards (with a warning).
+    ``jobs`` worker processes (default: the usable cores) share the tensor pairs;
+    ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`).
     """
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
@@ -67,20 +75,13 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     _check_same_model(b, t, allow_different_models)
     prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
     pairs = _align(b, t)
-    workers = max(1, jobs or os.cpu_count() or 1)
-    finished = itertools.count(1)
-
-    def run(pair: _Pair) -> Row:
-        row = _compare_pair(b, t, pair, prof, topk, chunk_elems)
-        if progress is not None:
-            progress(next(finished), len(pairs))  # count() is atomic under the GIL
-        return row
-
-    if workers == 1:
-        rows = [run(p) for p in pairs]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            rows = list(pool.map(run, pairs))
+    if jobs is not None and jobs < 1:
+        raise InputError(f"--jobs {jobs}: use 1 or more")
+    workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
+    if sum(_cost(p) for p in pairs) < PARALLEL_MIN_ELEMENTS:
+        workers = 1
+    rows = parallel.run(_run_pair, pairs, _Job(b, t, prof, topk, chunk), workers=workers,
+                        cost=_cost, progress=progress)
     rows = _with_growth(rows)
     if has_generation(b) and has_generation(t):
         rows.append(_generation_row(b, t, len(rows), topk))
@@ -88,6 +89,49 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first, warnings=tuple(_warnings(b, t, rows)),
                   fail_on=fail_on, info=_info(b, t))
+
+
+def plan_jobs(jobs: int, max_memory: int | None, chunk_elems: int = CHUNK_ELEMS
+              ) -> tuple[int, int]:
+    """Worker count and chunk size whose work buffers fit ``max_memory`` bytes.
+
+    Each job holds at most ``chunk x WORK_BYTES_PER_ELEMENT`` bytes of work arrays; the chunk
+    shrinks to fit, down to ``MIN_CHUNK_ELEMS``, and then the job count drops. Each worker
+    process also costs its interpreter (about 30 MB, mostly shared with the forkserver).
+    """
+    if max_memory is None:
+        return jobs, chunk_elems
+    per_job = max_memory // max(1, jobs) // WORK_BYTES_PER_ELEMENT
+    if per_job >= MIN_CHUNK_ELEMS:
+        return jobs, min(chunk_elems, per_job)
+    fits = max_memory // (MIN_CHUNK_ELEMS * WORK_BYTES_PER_ELEMENT)
+    if fits < 1:
+        raise InputError(f"--max-memory {max_memory / 2**20:.3g} MiB is below the "
+                         f"{MIN_CHUNK_ELEMS * WORK_BYTES_PER_ELEMENT / 2**20:.3g} MiB one "
+                         "job needs")
+    return int(fits), MIN_CHUNK_ELEMS
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs: the two dumps' headers (no data) and the settings."""
+
+    b: Dump
+    t: Dump
+    prof: Profile
+    topk: int
+    chunk: int
+
+
+def _run_pair(job: _Job, pair: _Pair) -> Row:
+    return _compare_pair(job.b, job.t, pair, job.prof, job.topk, job.chunk)
+
+
+def _cost(p: _Pair) -> float:
+    """Relative work of a pair: its elements, thrice for logits (top-k, log-softmax, KL)."""
+    e = p.base or p.target
+    assert e is not None
+    return math.prod(e.shape) * (3 if p.is_logits else 1)
 
 
 def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:

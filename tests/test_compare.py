@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def test_logits_metrics_present_on_real_runs(t5_runs: dict[str, Path]) -> None:
     assert 0 <= row.logits.kl_mean < 5e-3
 
 
-def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path]) -> None:
+def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # worker processes even for this small pair of dumps
+    monkeypatch.setattr(sys.modules["precision.compare"], "PARALLEL_MIN_ELEMENTS", 0)
     one = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=1, chunk_elems=1 << 16)
     two = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=2, chunk_elems=1000)
     assert [r.status for r in one.rows] == [r.status for r in two.rows]
@@ -82,6 +86,7 @@ def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path]) -> 
             assert r2.metrics is not None
             assert r2.metrics.max_abs == r1.metrics.max_abs
             assert r2.metrics.rel_l2 == pytest.approx(r1.metrics.rel_l2, rel=1e-9, abs=1e-300)
+    assert [r.key for r in one.rows] == [r.key for r in two.rows]
 
 
 # ---------------------------------------------------------------- verdict rules
