@@ -250,7 +250,7 @@ def inspect(dump: str, show_all: bool) -> None:
               help="Worker processes sharing the tensors (default: the usable cores).")
 @click.option("--max-memory", type=ByteSize(), metavar="SIZE",
               help="Cap the work buffers of all jobs together, e.g. 256M or 2G: chunks shrink, "
-                   "then fewer jobs run. Default: 40 MiB per job at most.")
+                   "then fewer jobs run. Default: 10 MiB per job at most.")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @click.option("--allow-partial", is_flag=True,

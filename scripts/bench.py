@@ -6,21 +6,19 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from benchutil import interleaved, peak_rss  # scripts/ is on the path
 
 import precision
 from precision import streaming
-from precision.compare import compare
 
 
 def bench_model(dtype: torch.dtype) -> transformers.T5ForConditionalGeneration:
@@ -32,58 +30,25 @@ def bench_model(dtype: torch.dtype) -> transformers.T5ForConditionalGeneration:
     return transformers.T5ForConditionalGeneration(cfg).to(dtype).eval()
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextmanager
-def peak_rss() -> Iterator[dict[str, int]]:
-    """Sample resident memory every 2 ms; yields a dict that gets 'extra' (peak - start)."""
-    out = {"extra": 0}
-    start = rss()
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            out["extra"] = max(out["extra"], rss() - start)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        t.join()
-
-
-def timed(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
-                prepare: Callable[[], None]) -> dict[str, list[float]]:
-    """Run the functions round-robin so that machine-load drift hits them all alike;
-    ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            prepare()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def ratio(times: dict[str, list[float]], name: str) -> float:
     """Median over rounds of (this run / the plain forward of the same round)."""
     return statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=True))
+
+
+def capture_in_ranks(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Capture overhead (captured / plain forward) per rank of a ``torchrun`` job on CPU: the
+    batch is split between the ranks and so are the cores."""
+    folder = work / f"ranks{ranks}"
+    folder.mkdir()
+    cores = os.cpu_count() or 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+           "--master-port", str(29500 + ranks), str(Path(__file__).with_name("bench_ranks.py")),
+           "--batch", str(max(1, args.batch // ranks)), "--enc-len", str(args.enc_len),
+           "--dec-len", str(args.dec_len), "--repeat", str(args.repeat),
+           "--threads", str(max(1, cores // ranks)), "--folder", str(folder)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          env=os.environ | {"OMP_NUM_THREADS": str(max(1, cores // ranks))})
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def main() -> None:
@@ -138,12 +103,12 @@ def main() -> None:
     with torch.no_grad(), precision.capture(half, half_path):
         half(**inputs)
     compare_bytes = full_path.stat().st_size + half_path.stat().st_size
-    compare(full_path, half_path)  # warm the page cache, as a second compare would see it
-    t_cmp = timed(lambda: compare(full_path, half_path), max(1, args.repeat // 2))
-    t_cmp1 = timed(lambda: compare(full_path, half_path, jobs=1), 1)
-    with peak_rss() as mem_cmp:
-        compare(full_path, half_path)
+    cmp = json.loads(subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bench_compare.py")), str(full_path),
+         str(half_path), "--repeat", str(args.repeat)],
+        capture_output=True, text=True, check=True).stdout)
     largest = max(t.nbytes for t in dump.tensors.values())
+    ranks = {n: capture_in_ranks(n, args, work) for n in (1, 2)}
 
     result = {
         "model": "flan-t5-small shape, seeded, CPU fp32",
@@ -160,17 +125,26 @@ def main() -> None:
         "dump_size_ratio": round(full_path.stat().st_size / tensor_bytes, 4),
         "capture_full_peak_extra_mb": round(mem_full["extra"] / 1e6, 1),
         "compare_input_mb": round(compare_bytes / 1e6, 1),
-        "compare_s": round(t_cmp, 3), "compare_mb_per_s": round(compare_bytes / 1e6 / t_cmp, 1),
-        "compare_jobs1_mb_per_s": round(compare_bytes / 1e6 / t_cmp1, 1),
-        "compare_peak_extra_mb": round(mem_cmp["extra"] / 1e6, 1),
+        "compare_s": round(cmp["jobs2_s"], 3),
+        "compare_mb_per_s": round(compare_bytes / 1e6 / cmp["jobs2_s"], 1),
+        "compare_jobs1_mb_per_s": round(compare_bytes / 1e6 / cmp["jobs1_s"], 1),
+        "compare_jobs2_speedup": round(cmp["jobs2_speedup"], 2),
+        "compare_peak_extra_mb": round(cmp["peak_extra_bytes"] / 1e6, 1),
+        "compare_max_memory_4m_peak_extra_mb": round(cmp["capped_peak_extra_bytes"] / 1e6, 1),
+        "capture_ratio_1_rank": ranks[1]["ratio"], "capture_ratio_2_ranks": ranks[2]["ratio"],
+        "capture_ratio_2_ranks_per_rank": ranks[2]["per_rank_ratio"],
         "largest_tensor_mb": round(largest / 1e6, 1),
         "targets": {"capture_full_ratio": 1.5, "capture_stats_ratio": 1.3,
-                    "dump_size_ratio": 1.1, "compare_mb_per_s": 250},
+                    "dump_size_ratio": 1.1, "compare_mb_per_s": 250,
+                    "compare_jobs2_speedup": "close to 2 (>= 1.7)",
+                    "capture_ratio_2_ranks": "<= capture_ratio_1_rank (+5% noise)"},
     }
     result["meets_targets"] = (result["capture_full_ratio"] <= 1.5
                                and result["capture_stats_ratio"] <= 1.3
                                and result["dump_size_ratio"] <= 1.1
-                               and result["compare_mb_per_s"] >= 250)
+                               and result["compare_mb_per_s"] >= 250
+                               and result["compare_jobs2_speedup"] >= 1.7
+                               and ranks[2]["ratio"] <= 1.05 * ranks[1]["ratio"])
     for p in (full_path, stats_path, half_path):
         p.unlink(missing_ok=True)
     json.dump(result, sys.stdout, indent=1)

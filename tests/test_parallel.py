@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from precision import parallel
 from precision.cli import ByteSize, main
 from precision.compare import (
+    CHUNK_ELEMS,
     MIN_CHUNK_ELEMS,
     WORK_BYTES_PER_ELEMENT,
     compare,
@@ -87,13 +88,13 @@ def test_batches_cover_every_task_once_largest_first() -> None:
 
 
 def test_memory_budget_shrinks_chunks_then_jobs() -> None:
-    assert plan_jobs(2, None) == (2, 1 << 18)
-    jobs, chunk = plan_jobs(2, 64 << 20)
-    assert jobs == 2 and chunk * WORK_BYTES_PER_ELEMENT * jobs <= 64 << 20
-    assert chunk == (64 << 20) // 2 // WORK_BYTES_PER_ELEMENT
+    assert plan_jobs(2, None) == (2, CHUNK_ELEMS)
+    jobs, chunk = plan_jobs(2, 8 << 20)
+    assert jobs == 2 and chunk * WORK_BYTES_PER_ELEMENT * jobs <= 8 << 20
+    assert chunk == (8 << 20) // 2 // WORK_BYTES_PER_ELEMENT < CHUNK_ELEMS
     one_job = MIN_CHUNK_ELEMS * WORK_BYTES_PER_ELEMENT
     assert plan_jobs(4, one_job * 2) == (2, MIN_CHUNK_ELEMS)  # fewer jobs, not tinier chunks
-    assert plan_jobs(8, 1 << 40) == (8, 1 << 18)  # a large budget does not grow chunks
+    assert plan_jobs(8, 1 << 40) == (8, CHUNK_ELEMS)  # a large budget does not grow chunks
     with pytest.raises(InputError, match="below"):
         plan_jobs(1, one_job - 1)
 

@@ -1,0 +1,66 @@
+"""Timing and memory helpers shared by the benchmark scripts (no torch: compare's process
+must stay as lean as `precision compare`'s)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def rss() -> int:
+    """This process's proportional set size plus its children's (compare's workers): pages
+    shared after fork count once in total, not once per process."""
+    total = 0
+    pids = ["self"] + [c for task in Path("/proc/self/task").iterdir()
+                       for c in _read(task / "children").split()]
+    for pid in pids:
+        for line in _read(Path(f"/proc/{pid}/smaps_rollup")).splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a worker that just exited
+        return ""
+
+
+@contextmanager
+def peak_rss() -> Iterator[dict[str, int]]:
+    """Sample memory (:func:`rss`) every 2 ms; yields a dict that gets 'extra' (peak - start)."""
+    out = {"extra": 0}
+    start = rss()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["extra"] = max(out["extra"], rss() - start)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
+                prepare: Callable[[], None]) -> dict[str, list[float]]:
+    """Run the functions round-robin so that machine-load drift hits them all alike;
+    ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            prepare()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
