@@ -134,6 +134,10 @@ def main() -> None:
               help="Hugging Face model directory (config.json, weights, tokenizer).")
 @click.option("--device", default="cpu", show_default=True, metavar="DEV",
               help="cpu, cuda, cuda:N, npu or npu:N.")
+@click.option("--device-map", metavar="auto|balanced|sequential|MAP.json",
+              help="Spread a model too big for one device over all of them (needs "
+                   "accelerate), or place modules as MAP.json says: "
+                   '{"encoder": 0, "decoder": 1, "lm_head": "cpu"}; "disk" offloads.')
 @click.option("--dtype", default="fp32", show_default=True,
               type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype of the model.")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
@@ -176,7 +180,8 @@ def main() -> None:
               help="Force the dump to disk before renaming it into place (power-loss safe).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_guard
-def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
+def capture(model: str, device: str, device_map: str | None, dtype: str,
+            prompts: tuple[str, ...],
             prompts_file: str | None, mode: str, include: tuple[str, ...],
             exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
             input_globs: tuple[str, ...],
@@ -194,7 +199,8 @@ def capture(model: str, device: str, dtype: str, prompts: tuple[str, ...],
     from .recorder import DEFAULT_INPUT_GLOBS
     from .runner import CaptureOptions, run_capture
 
-    opts = CaptureOptions(model=model, output=output, device=device, dtype=dtype,
+    opts = CaptureOptions(model=model, output=output, device=device, device_map=device_map,
+                          dtype=dtype,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,

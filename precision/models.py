@@ -56,6 +56,29 @@ class Policy:
         return {"base": self.base, "globs": list(self.globs)}
 
 
+def read_device_map(value: str) -> str | dict[str, Any]:
+    """``--device-map``: a strategy name transformers knows, or a JSON file mapping module
+    names to devices (``0``, ``"cuda:1"``, ``"npu:0"``, ``"cpu"``, ``"disk"``)."""
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise InputError(f"--device-map {value}: not one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                         "and not a JSON file")
+    try:
+        mapping = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--device-map {p} is not readable JSON: {exc}") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, str)) for k, v in mapping.items()):
+        raise InputError(f"--device-map {p} must map module names to devices, e.g. "
+                         '{"encoder": 0, "decoder": 1, "lm_head": 1}')
+    return mapping
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass
 class LoadedModel:
     """A model ready to run, with what is needed to feed it and to describe it."""
@@ -81,8 +104,15 @@ def model_kind(path: Path) -> str:
     return "encoder-decoder" if cfg.get("is_encoder_decoder") else "causal-lm"
 
 
-def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> LoadedModel:
-    """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``."""
+def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
+               device_map: str | dict[str, Any] | None = None,
+               offload_folder: str | None = None) -> LoadedModel:
+    """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential`` or a module -> device dict, as
+    transformers takes it) spreads the model over devices with accelerate instead; modules
+    mapped to ``disk`` are offloaded to ``offload_folder``.
+    """
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -94,8 +124,22 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> 
     target = TORCH_DTYPES[dtype]
     load_dtype = target if policy.base == "auto" else torch.float32
     dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+    extra: dict[str, Any] = {dtype_kw: load_dtype}
+    if device_map is not None:
+        if policy != Policy():
+            raise InputError("--device-map works with --keep-fp32 auto only: modules placed "
+                             "by accelerate cannot be recast after loading")
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for device_map)
+        except ImportError:
+            raise ModelError("--device-map needs the accelerate package: "
+                             "pip install accelerate") from None
+        extra |= {"device_map": device_map, "offload_folder": offload_folder}
+        import logging
+
+        logging.getLogger("accelerate").setLevel(logging.ERROR)  # "parameters on meta" notes
     try:
-        model: Any = auto_cls.from_pretrained(p, local_files_only=True, **{dtype_kw: load_dtype})
+        model: Any = auto_cls.from_pretrained(p, local_files_only=True, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
     except Exception as exc:  # transformers raises many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -103,7 +147,8 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy) -> 
     if policy.base == "none":
         model.to(target)
     kept = keep_fp32(model, policy.globs) if policy.globs else []
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     if kind == "causal-lm":
         tokenizer.padding_side = "left"

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,6 +37,7 @@ from .tensorstats import tensor_stats
 
 #: modules whose inputs are recorded by default (T5's bucket ids)
 DEFAULT_INPUT_GLOBS = ("*relative_attention_bias",)
+GradGetter = Callable[[str, torch.nn.Parameter], "torch.Tensor | None"]
 ROOT = "root"
 
 
@@ -75,6 +76,21 @@ def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
             yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+#: wrappers whose ``.module`` is the real model: their names would prefix every key
+WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/DataParallel/DeepSpeed wrappers, so that a wrapped run's keys
+    (``encoder.block.0...``, not ``module.encoder.block.0...``) match an unwrapped one's."""
+    while type(model).__name__ in WRAPPERS:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -140,6 +156,8 @@ class Capture:
     buffer that bounds capture memory; ``fsync`` forces the dump to disk before it is renamed
     into place. ``detail`` adds the fp16 flush-to-zero count to stats records.
     ``root_inputs=False`` records the model's inputs only after :meth:`expect_inputs`.
+    A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
+    inside (see :func:`unwrap`); call the wrapper as usual.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
@@ -150,9 +168,11 @@ class Capture:
                  every: int = 1, backward: bool = False, loss_scale: float = 1.0) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
-        self.model = model
+        self.model = unwrap(model)
         self.mode = mode
         self.meta: dict[str, Any] = dict(meta or {})
+        if self.model is not model:
+            self.meta["wrapped_in"] = type(model).__name__
         self._tmpdir: str | None = None
         if path is None:
             self._tmpdir = tempfile.mkdtemp(prefix="precision-")
@@ -161,7 +181,7 @@ class Capture:
         self._force = force
         if every < 1:
             raise InputError("--every must be 1 or more")
-        self._modules = select_modules(model, include, exclude, every)
+        self._modules = select_modules(self.model, include, exclude, every)
         if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
@@ -186,7 +206,8 @@ class Capture:
         check_output_path(self.path, force=self._force)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=65536 + 512 * len(self._modules))
-        dev = next((p.device.type for p in self.model.parameters()), "cpu")
+        dev = next((p.device.type for p in self.model.parameters()
+                    if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
         for name, mod in self._modules:
@@ -288,14 +309,20 @@ class Capture:
 
         return hook
 
-    def add_parameter_grads(self) -> int:
-        """Store every parameter's gradient (``<param>:pgrad``), unscaled, after backward."""
+    def add_parameter_grads(self, grad_of: GradGetter | None = None) -> int:
+        """Store every parameter's gradient (``<param>:pgrad``), unscaled, after backward.
+
+        ``grad_of(name, param)`` returns a parameter's full gradient where ``param.grad`` does
+        not hold it: under DeepSpeed ZeRO-3 the gradients are partitioned, and
+        ``lambda name, p: deepspeed.utils.safe_get_full_grad(p)`` gathers them.
+        Returns how many were stored.
+        """
         n = 0
         for pname, p in self.model.named_parameters():
-            if p.grad is not None:
-                key = f"{pname}:pgrad"
-                self._store(key, pname, "pgrad", "", 0, p.grad.detach().float() / self.loss_scale,
-                            alias=None)
+            grad = p.grad if grad_of is None else grad_of(pname, p)
+            if grad is not None:
+                self._store(f"{pname}:pgrad", pname, "pgrad", "", 0,
+                            grad.detach().float() / self.loss_scale, alias=None)
                 n += 1
         return n
 

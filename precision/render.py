@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -51,6 +52,10 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
         ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
         ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),
     ]
+    if m.get("device_map"):
+        counts = Counter(m["device_map"].values())
+        rows.insert(2, ("placed", "device map: " + ", ".join(
+            f"{n} module(s) on {where}" for where, n in counts.items())))
     if m.get("shards"):
         rows.insert(0, ("shards", f"{m['shards']} ranks ({m.get('index', {}).get('backend')}), "
                               "keys prefixed rank<r>/"))

@@ -9,6 +9,7 @@ from an earlier dump instead, so two devices see identical ids and masks.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .models import (
     Policy,
     generate,
     load_model,
+    read_device_map,
     read_prompts,
     tokenize,
 )
@@ -58,6 +60,7 @@ class CaptureOptions:
     force: bool = False
     fsync: bool = False
     detail: bool = False
+    device_map: str | None = None
 
 
 def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
@@ -76,6 +79,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         raise InputError(f"--dtype {opts.dtype} is not supported: use fp32, fp16 or bf16")
     if opts.max_new_tokens < 0:
         raise InputError("--max-new-tokens must be 0 or more")
+    if opts.num_beams < 1:
+        raise InputError("--num-beams must be 1 or more")
     dist = distributed.current(opts.device)
     out = Path(opts.output)
     if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
@@ -89,13 +94,25 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     if dist is not None and prompts:
         prompts = distributed.split(prompts, dist)
 
-    log(f"loading {opts.model} as {dtype} on {device.name}")
+    device_map = read_device_map(opts.device_map) if opts.device_map else None
+    where = f"spread by --device-map {opts.device_map}" if device_map else f"on {device.name}"
+    log(f"loading {opts.model} as {dtype} {where}")
     t0 = time.perf_counter()
-    loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy)
-    load_s = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:  # accelerate's offload folder lives until the end
+        offload_dir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="precision-"))
+                       if device_map else None)
+        loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy,
+                            device_map=device_map, offload_folder=offload_dir)
+        load_s = time.perf_counter() - t0
+        return _capture_loaded(opts, loaded, dtype, device, dist, out, base, prompts, policy,
+                               load_s, log)
 
-    if opts.num_beams < 1:
-        raise InputError("--num-beams must be 1 or more")
+
+def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
+                    device: devices.Device, dist: distributed.Dist | None, out: Path,
+                    base: Dump | None, prompts: list[str], policy: Policy, load_s: float,
+                    log: Callable[[str], None]) -> Path:
+    """The capture itself, once the model is loaded."""
     if base is not None:
         require_same_model(base, loaded.model, f"--replay {base.path}")
 
@@ -122,6 +139,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         "distributed": dist.as_meta() if dist else None,
         "policy": policy.as_meta() | {"kept_fp32": loaded.kept_fp32},
         "model": {"path": str(loaded.path), "kind": loaded.kind},
+        "device_map": _json_device_map(loaded.model),
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
     }
@@ -151,6 +169,14 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     if dist is not None:
         return distributed.finish_folder(out.parent, dist, {"model": opts.model, "dtype": dtype})
     return out
+
+
+def _json_device_map(model: torch.nn.Module) -> dict[str, str] | None:
+    """Where accelerate put each module (``hf_device_map``), if it did."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not isinstance(mapping, dict) or len(set(mapping.values())) <= 1:
+        return None
+    return {str(k): str(v) for k, v in mapping.items()}
 
 
 @contextlib.contextmanager

@@ -126,10 +126,13 @@ class BackgroundWriter:
         event = None
         if t.device.type == "cpu":
             host.copy_(t)
-        else:
-            host.copy_(t, non_blocking=True)
-            event = getattr(torch, t.device.type).Event()
-            event.record()
+        else:  # on the stream of the tensor's own device (models spread over several)
+            backend = getattr(torch, t.device.type)
+            stream = backend.current_stream(t.device)
+            with backend.stream(stream):
+                host.copy_(t, non_blocking=True)
+            event = backend.Event()
+            event.record(stream)
         self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
 
     def _run(self) -> None:

@@ -1,0 +1,156 @@
+"""Big models and training set-ups: device_map/accelerate, DDP under torchrun, ZeRO-3 grads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import precision
+from precision.cli import main
+from precision.errors import ModelError
+from precision.models import Policy, load_model
+
+from .conftest import T5
+
+SCRIPTS = Path(__file__).parent / "scripts"
+#: encoder block 1 offloaded to disk: accelerate loads its weights at each forward
+DISK_MAP = {"shared": "cpu", "encoder.embed_tokens": "cpu", "encoder.block.0": "cpu",
+            "encoder.block.1": "disk", "encoder.block.2": "cpu", "encoder.block.3": "cpu",
+            "encoder.final_layer_norm": "cpu", "encoder.dropout": "cpu", "decoder": "cpu",
+            "lm_head": "cpu"}
+
+
+def cli(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.output
+
+
+@pytest.mark.slow
+def test_device_map_with_disk_offload_records_the_same_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps(DISK_MAP))
+    base, spread = tmp_path / "base.st", tmp_path / "spread.st"
+    assert cli("capture", "--model", str(T5), "-q", "--max-new-tokens", "2", "-o",
+               str(base))[0] == 0
+    code, out = cli("capture", "--model", str(T5), "-q", "--device-map", str(mapping),
+                    "--replay", str(base), "-o", str(spread))
+    assert code == 0, out
+    d = precision.load(spread)
+    assert d.meta["device_map"]["encoder.block.1"] == "disk"
+    assert Counter(d.meta["device_map"].values()) == {"cpu": 9, "disk": 1}
+    assert [e.key for e in d.entries] == [e.key for e in precision.load(base).entries]
+    report = precision.compare(base, spread)
+    compared = [r for r in report.rows if r.metrics is not None]
+    assert report and len(compared) > 100
+    assert all(r.metrics.max_abs == 0 for r in compared)  # same CPU fp32 arithmetic
+    code, out = cli("inspect", str(spread))
+    assert "9 module(s) on cpu, 1 module(s) on disk" in out
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "not one of auto, balanced"),
+    ("{not json", "not readable JSON"),
+    ('["encoder", 0]', "must map module names to devices"),
+    ('{"encoder": [0, 1]}', "must map module names to devices"),
+])
+def test_bad_device_maps_are_one_line_errors(tmp_path: Path, content: str | None,
+                                             message: str) -> None:
+    mapping = tmp_path / "map.json"
+    if content is not None:
+        mapping.write_text(content)
+    code, out = cli("capture", "--model", str(T5), "--device-map", str(mapping), "-o",
+                    str(tmp_path / "x.st"))
+    assert code == 2 and message in out and "Traceback" not in out
+    assert not (tmp_path / "x.st").exists()
+
+
+def test_device_map_refuses_recasting_policies(tmp_path: Path) -> None:
+    code, out = cli("capture", "--model", str(T5), "--device-map", "auto", "--keep-fp32",
+                    "none", "-o", str(tmp_path / "x.st"))
+    assert code == 2 and "--keep-fp32 auto only" in out
+
+
+def test_device_map_without_accelerate_says_what_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # import fails as if absent
+    with pytest.raises(ModelError, match="pip install accelerate"):
+        load_model(T5, dtype="float32", device="cpu", policy=Policy(), device_map="auto")
+
+
+# ---------------------------------------------------------------- wrappers and training
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_a_wrapped_model_records_the_keys_of_the_model_inside(tmp_path: Path) -> None:
+    model = Tiny()
+    x = torch.randn(3, 4)
+    with torch.no_grad(), precision.capture(model, tmp_path / "plain.st") as plain:
+        model(x)
+    wrapped = nn.DataParallel(model)  # on CPU it just calls the module
+    with torch.no_grad(), precision.capture(wrapped, tmp_path / "wrapped.st") as cap:
+        wrapped(x)
+    assert [e.key for e in cap.dump.entries] == [e.key for e in plain.dump.entries]
+    assert not any(k.startswith("module.") for k in cap.dump.tensors)
+    assert cap.dump.meta["wrapped_in"] == "DataParallel"
+    assert "wrapped_in" not in plain.dump.meta
+    assert precision.compare(tmp_path / "plain.st", tmp_path / "wrapped.st")
+
+
+def test_partitioned_gradients_come_through_grad_of(tmp_path: Path) -> None:
+    """ZeRO-3 keeps no full ``param.grad``; ``grad_of`` fetches it (here from a dict)."""
+    model = Tiny()
+    loss = model(torch.randn(5, 4)).square().sum()
+    loss.backward()
+    held = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)  # what a partitioned optimizer leaves behind
+    with precision.capture(model, tmp_path / "none.st") as cap:
+        assert cap.add_parameter_grads() == 0
+    with precision.capture(model, tmp_path / "full.st", loss_scale=4.0) as cap:
+        stored = cap.add_parameter_grads(grad_of=lambda name, p: held.get(name))
+    assert stored == len(held) == 4
+    d = cap.dump
+    for name, grad in held.items():
+        assert torch.equal(torch.from_numpy(d[f"{name}:pgrad"]), grad / 4.0)
+
+
+@pytest.mark.slow
+def test_ddp_step_gradients_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", str(SCRIPTS / "ddp_step.py"), str(T5), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    for rank in (0, 1):
+        d = precision.load(tmp_path / f"rank{rank}.st")
+        assert d.meta["wrapped_in"] == "DistributedDataParallel"
+        assert not any(k.startswith("module.") for k in d.tensors)
+
+    def pgrad_statuses(other: str) -> Counter[str]:
+        report = precision.compare(tmp_path / "single.st", tmp_path / other)
+        return Counter(r.status for r in report.rows if r.key.endswith(":pgrad"))
+
+    n_params = sum(1 for e in precision.load(tmp_path / "single.st").entries
+                   if e.kind == "pgrad")
+    assert n_params > 50
+    # DDP averaged the two halves' gradients: the whole batch's, up to rounding
+    assert pgrad_statuses("rank0.st") == {"OK": n_params}
+    assert pgrad_statuses("rank1.st") == {"OK": n_params}
+    # control: one half's own gradients are not the whole batch's
+    assert pgrad_statuses("half.st")["DRIFT"] == n_params
