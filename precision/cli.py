@@ -143,8 +143,13 @@ def main() -> None:
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="A prompt (repeat for a batch). Default: three built-in Flan-style prompts.")
 @click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
-@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
-              help="full: store every tensor. stats: per-tensor statistics only (small).")
+@click.option("--mode", default="auto", show_default=True,
+              type=click.Choice(["auto", "full", "stats"]),
+              help="full: store every tensor. stats: per-tensor statistics only (small). "
+                   "auto: stats above 1B parameters, else full.")
+@click.option("--full", "full_globs", multiple=True, metavar="GLOB",
+              help="In stats mode, still store whole the outputs of modules whose name "
+                   "matches (repeatable), e.g. lm_head for the logits metrics.")
 @click.option("--include", multiple=True, metavar="GLOB",
               help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
 @click.option("--exclude", multiple=True, metavar="GLOB",
@@ -171,6 +176,9 @@ def main() -> None:
 @click.option("--capture-steps", is_flag=True,
               help="Also record every layer at each decoding step of the generation "
                    "(call indices #0, #1, ...); the teacher-forced forward comes after.")
+@click.option("--steps", "steps_spec", metavar="LIST",
+              help="Like --capture-steps, for these decoding steps only: e.g. 0,3,5-7 "
+                   "(0 is the first; an encoder runs in step 0).")
 @click.option("--num-beams", default=1, show_default=True, type=int,
               help="Beam search width for the generation (1: greedy, with per-step top-k "
                    "log-probabilities recorded).")
@@ -182,11 +190,13 @@ def main() -> None:
 @_guard
 def capture(model: str, device: str, device_map: str | None, dtype: str,
             prompts: tuple[str, ...],
-            prompts_file: str | None, mode: str, include: tuple[str, ...],
+            prompts_file: str | None, mode: str, full_globs: tuple[str, ...],
+            include: tuple[str, ...],
             exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
             input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None,
-            max_new_tokens: int, capture_steps: bool, num_beams: int, output: str,
+            max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
+            num_beams: int, output: str,
             force: bool, fsync: bool, quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
@@ -197,10 +207,11 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
       precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
     """
     from .recorder import DEFAULT_INPUT_GLOBS
-    from .runner import CaptureOptions, run_capture
+    from .runner import CaptureOptions, parse_steps, run_capture
 
     opts = CaptureOptions(model=model, output=output, device=device, device_map=device_map,
-                          dtype=dtype,
+                          dtype=dtype, full=full_globs,
+                          steps=parse_steps(steps_spec) if steps_spec else None,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,

@@ -158,6 +158,10 @@ class Capture:
     ``root_inputs=False`` records the model's inputs only after :meth:`expect_inputs`.
     A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
     inside (see :func:`unwrap`); call the wrapper as usual.
+    ``full`` globs pick modules whose outputs are stored whole in stats mode too.
+    Setting :attr:`steps` to a set of numbers records module outputs only during those calls
+    of the model (0 is the first; a generation calls it once per decoding step, and an
+    encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
@@ -165,7 +169,8 @@ class Capture:
                  inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
                  fsync: bool = False, detail: bool = False, root_inputs: bool = True,
-                 every: int = 1, backward: bool = False, loss_scale: float = 1.0) -> None:
+                 every: int = 1, backward: bool = False, loss_scale: float = 1.0,
+                 full: Sequence[str] = ()) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = unwrap(model)
@@ -185,6 +190,9 @@ class Capture:
         if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
+        self._full_globs = tuple(full)
+        self.steps: set[int] | None = None
+        self._model_calls = 0
         self._buffer = buffer_mb * 1024 * 1024
         self._fsync = fsync
         self._detail = detail
@@ -283,6 +291,8 @@ class Capture:
                  output: Any) -> None:
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
+            if self.steps is not None and self._model_calls not in self.steps:
+                return
             if record_inputs:
                 for idx, t in list(flatten(args)) + list(flatten(kwargs)):
                     self._record(name, "in", idx or "0", call, t)
@@ -339,6 +349,9 @@ class Capture:
                    kwargs: dict[str, Any], output: Any) -> None:
         call = self._calls.get(ROOT, 0)
         self._calls[ROOT] = call + 1
+        self._model_calls += 1
+        if self.steps is not None and call not in self.steps:
+            return
         for idx, t in flatten(output):
             key = self._record(ROOT, "out", idx, call, t)
             if idx == "logits" and call == 0:
@@ -371,7 +384,8 @@ class Capture:
             return
         if self.mode == "stats":
             entry["stats"] = tensor_stats(t, detail=self._detail)
-        if self.mode == "full" or whole or (kind == "in" and not t.is_floating_point()):
+        if (self.mode == "full" or whole or (kind == "in" and not t.is_floating_point())
+                or (self._full_globs and _matches(module, self._full_globs))):
             assert self._bg is not None  # ids and masks are kept whole even in stats mode
             self._bg.submit(key, entry["dtype"], t)
         self._entries.append(entry)

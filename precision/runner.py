@@ -37,7 +37,8 @@ from .recorder import DEFAULT_INPUT_GLOBS, Capture, require_same_model
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """Everything ``precision capture`` takes, with the CLI's defaults."""
+    """Everything ``precision capture`` takes (``mode`` ``auto``: stats above
+    :data:`AUTO_STATS_PARAMS` parameters, else full; the CLI's default, not this API's)."""
 
     model: str
     output: str
@@ -54,6 +55,8 @@ class CaptureOptions:
     max_new_tokens: int = 8
     num_beams: int = 1
     capture_steps: bool = False
+    steps: Sequence[int] | None = None
+    full: Sequence[str] = ()
     every: int = 1
     backward: bool = False
     loss_scale: float = 1.0
@@ -61,6 +64,40 @@ class CaptureOptions:
     fsync: bool = False
     detail: bool = False
     device_map: str | None = None
+
+
+#: ``--mode auto`` switches to stats mode above this many parameters (flan-t5-large: 0.78B)
+AUTO_STATS_PARAMS = 1_000_000_000
+
+
+def choose_mode(mode: str, model: torch.nn.Module) -> tuple[str, str]:
+    """``full``/``stats`` as asked, or for ``auto`` by the model's size; and why."""
+    if mode != "auto":
+        return mode, "asked"
+    n = sum(p.numel() for p in model.parameters())
+    chosen = "stats" if n > AUTO_STATS_PARAMS else "full"
+    side = ">" if chosen == "stats" else "<="
+    return chosen, f"auto: {_count(n)} parameters {side} {_count(AUTO_STATS_PARAMS)}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def parse_steps(spec: str) -> list[int]:
+    """``--steps 0,2,5-7`` -> [0, 2, 5, 6, 7]."""
+    steps: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        first, dash, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last) if dash else int(first)
+        except ValueError:
+            raise InputError(f"--steps {spec!r}: use step numbers and ranges, e.g. 0,2,5-7") \
+                from None
+        if lo < 0 or hi < lo:
+            raise InputError(f"--steps {spec!r}: {part} is not a range of steps from 0 up")
+        steps.update(range(lo, hi + 1))
+    return sorted(steps)
 
 
 def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
@@ -81,6 +118,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         raise InputError("--max-new-tokens must be 0 or more")
     if opts.num_beams < 1:
         raise InputError("--num-beams must be 1 or more")
+    if opts.mode not in ("full", "stats", "auto"):
+        raise InputError(f"--mode {opts.mode}: use full, stats or auto")
     dist = distributed.current(opts.device)
     out = Path(opts.output)
     if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
@@ -127,10 +166,12 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams, log)
         return inputs, gen, prompt
 
+    by_step = opts.capture_steps or opts.steps is not None
+    mode, why = choose_mode(opts.mode, loaded.model)
     inputs: dict[str, torch.Tensor] = {}
     gen: Generation | None = None
     prompt: dict[str, torch.Tensor] = {}
-    if not opts.capture_steps:
+    if not by_step:
         with _model_errors(dtype, device.name):
             inputs, gen, prompt = prepare()
 
@@ -142,22 +183,31 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "device_map": _json_device_map(loaded.model),
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
+        "mode_reason": why, "full_globs": list(opts.full),
     }
-    log(f"capturing a forward pass ({opts.mode} mode)"
-        + (" and its backward" if opts.backward else ""))
+    full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
+        else ""
+    log(f"capturing a forward pass ({mode} mode{'' if why == 'asked' else ', ' + why}"
+        f"{full_note})" + (" and its backward" if opts.backward else ""))
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
-            loaded.model, out, mode=opts.mode, include=opts.include, exclude=opts.exclude,
+            loaded.model, out, mode=mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
-            root_inputs=not opts.capture_steps, every=opts.every, backward=opts.backward,
-            loss_scale=opts.loss_scale, meta=meta) as cap:
-        if opts.capture_steps:  # each decoding step's layer outputs get a call index
+            root_inputs=not by_step, every=opts.every, backward=opts.backward,
+            loss_scale=opts.loss_scale, full=opts.full, meta=meta) as cap:
+        if by_step:  # each decoding step's layer outputs get a call index
+            cap.steps = None if opts.steps is None else set(opts.steps)
             inputs, gen, prompt = prepare()
+            cap.steps = None
+            made = 0 if gen is None else int(gen.tokens.shape[1])
+            if opts.steps is not None and max(opts.steps) >= made:
+                log(f"--steps: the generation took {made} step(s); later steps are absent")
         if gen is not None:
             _store_generation(cap, gen, prompt)
             cap.meta["generation"] = {
                 "num_beams": gen.num_beams, "steps": int(gen.tokens.shape[1]),
                 "topk": None if gen.topk_ids is None else int(gen.topk_ids.shape[-1]),
-                "layers_per_step": opts.capture_steps}
+                "layers_per_step": by_step,
+                "layer_steps": None if opts.steps is None else sorted(opts.steps)}
         cap.expect_inputs()  # what --replay needs: the teacher-forced forward's inputs
         t0 = time.perf_counter()
         if opts.backward:

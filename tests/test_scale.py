@@ -154,3 +154,76 @@ def test_ddp_step_gradients_match_one_process_on_the_whole_batch(tmp_path: Path)
     assert pgrad_statuses("rank1.st") == {"OK": n_params}
     # control: one half's own gradients are not the whole batch's
     assert pgrad_statuses("half.st")["DRIFT"] == n_params
+
+
+# ---------------------------------------------------------------- what a large capture keeps
+
+
+def _calls(d: precision.Dump, module: str) -> list[int]:
+    return sorted({e.call for e in d.entries if e.module == module and e.kind == "out"})
+
+
+@pytest.mark.slow
+def test_steps_records_layers_only_at_the_chosen_decoding_steps(tmp_path: Path) -> None:
+    chosen, every = tmp_path / "chosen.st", tmp_path / "every.st"
+    assert cli("capture", "--model", str(T5), "-q", "--max-new-tokens", "4", "--steps", "0,2",
+               "-o", str(chosen))[0] == 0
+    assert cli("capture", "--model", str(T5), "-q", "--max-new-tokens", "4",
+               "--capture-steps", "-o", str(every))[0] == 0
+    c, e = precision.load(chosen), precision.load(every)
+    dec, enc = "decoder.block.0.layer.1.EncDecAttention", "encoder.block.0.layer.0"
+    assert _calls(e, dec) == [0, 1, 2, 3, 4]  # 4 steps, then the teacher-forced forward
+    assert _calls(c, dec) == [0, 2, 4]  # the call numbers stay those of every step
+    assert _calls(c, enc) == _calls(e, enc) == [0, 1]  # the encoder runs in step 0
+    assert c.meta["generation"]["layer_steps"] == [0, 2]
+    assert {x.key for x in c.entries} < {x.key for x in e.entries}
+    report = precision.compare(every, chosen)
+    assert all(r.status in ("OK", "MISSING") for r in report.rows)
+    assert all(r.metrics.max_abs == 0 for r in report.rows if r.metrics)
+    assert {r.key.rsplit("#", 1)[-1] for r in report.rows if r.status == "MISSING"
+            and r.key.startswith(dec)} == {"1", "3"}
+
+
+@pytest.mark.parametrize(("spec", "message"), [("a", "step numbers and ranges"),
+                                               ("3-1", "not a range"), ("-2", "step numbers"),
+                                               ("1,,2", "step numbers")])
+def test_bad_steps_are_one_line_errors(spec: str, message: str, tmp_path: Path) -> None:
+    code, out = cli("capture", "--model", str(T5), "--steps", spec, "-o",
+                    str(tmp_path / "x.st"))
+    assert code == 2 and message in out and "Traceback" not in out
+
+
+def test_steps_spec_parses_lists_and_ranges() -> None:
+    from precision.runner import parse_steps
+
+    assert parse_steps("5-7,0, 2,6") == [0, 2, 5, 6, 7]
+    assert parse_steps("3") == [3]
+
+
+@pytest.mark.slow
+def test_auto_mode_keeps_small_models_whole_and_large_ones_as_stats(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = tmp_path / "small.st"
+    assert cli("capture", "--model", str(T5), "-q", "--max-new-tokens", "2", "-o",
+               str(small))[0] == 0
+    d = precision.load(small)
+    assert d.mode == "full" and d.meta["mode_reason"].startswith("auto: 0.")
+    # the same model judged "large": stats, except the modules asked for with --full
+    monkeypatch.setattr("precision.runner.AUTO_STATS_PARAMS", 1000)
+    large = tmp_path / "large.st"
+    code, out = cli("capture", "--model", str(T5), "-q", "--replay", str(small), "--full",
+                    "lm_head", "-o", str(large))
+    assert code == 0, out
+    s = precision.load(large)
+    assert s.mode == "stats" and s.meta["mode_reason"].endswith("parameters > 0.001M")
+    whole = {k for k in s.tensors if not k.startswith(("input:", "generation:"))}
+    assert whole - {k for k in whole if k.endswith("relative_attention_bias:in.0")} == {
+        "lm_head:out"}  # bucket ids (integers) are kept whole in stats mode anyway
+    assert s.entry("encoder.block.0.layer.1:out").stats is not None
+    report = precision.compare(small, large)
+    logits = next(r for r in report.rows if r.key == "lm_head:out")
+    assert logits.logits is not None and logits.metrics.max_abs == 0
+    assert report.rows[5].stats_delta is not None  # the rest compare as statistics
+    assert cli("capture", "--model", str(T5), "-q", "--replay", str(small), "--mode", "full",
+               "-o", str(tmp_path / "asked.st"))[0] == 0
+    assert precision.load(tmp_path / "asked.st").meta["mode_reason"] == "asked"
