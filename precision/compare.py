@@ -25,7 +25,7 @@ from .dump import INPUT_PREFIX, Dump, Entry
 from .errors import DumpError, InputError
 from .external import open_any
 from .generation import PREFIX as GEN_PREFIX
-from .generation import compare_generation, has_generation, summarise
+from .generation import compare_generation, generation_prefixes, has_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, TensorMetrics, compare_exact
 from .profiles import Profile, named_profile, profile_for
@@ -85,8 +85,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     rows = parallel.run(_run_pair, pairs, _Job(b, t, prof, topk, chunk), workers=workers,
                         cost=_cost, progress=progress)
     rows = _with_growth(rows)
-    if has_generation(b) and has_generation(t):
-        rows.append(_generation_row(b, t, len(rows), topk))
+    for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
+        rows.append(_generation_row(b, t, len(rows), topk, prefix))
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first, warnings=tuple(_warnings(b, t, rows)),
@@ -201,12 +201,13 @@ def _optional(e: Entry) -> bool:
     return (e.kind == "in" and e.module != "input") or e.kind == "generation"
 
 
-def _generation_row(b: Dump, t: Dump, order: int, topk: int) -> Row:
-    g = compare_generation(b, t, k=topk)
+def _generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str) -> Row:
+    g = compare_generation(b, t, k=topk, prefix=prefix)
     status, reason = summarise(g)
-    info = b.tensors[GEN_TOKENS]
-    return Row(order, GEN_TOKENS, status, reason, info.shape, info.dtype,
-               t.tensors[GEN_TOKENS].dtype, generation=g)
+    key = prefix + GEN_TOKENS
+    info = b.tensors[key]
+    return Row(order, key, status, reason, info.shape, info.dtype, t.tensors[key].dtype,
+               generation=g)
 
 
 def _compare_pair(b: Dump, t: Dump, p: _Pair, prof: Profile, topk: int,

@@ -75,19 +75,29 @@ class GenerationMetrics:
                 "divergences": [vars(d) for d in self.divergences]}
 
 
+def generation_prefixes(d: Dump) -> list[str]:
+    """Where a dump's generations live: ``[""]`` for a single dump, ``["rank0/", ...]`` for
+    a directory dump (each rank generated from its own prompts)."""
+    ending = PREFIX + "tokens"
+    return sorted(k[:-len(ending)] for k in d.tensors if k.endswith(ending))
+
+
 def has_generation(d: Dump) -> bool:
-    return PREFIX + "tokens" in d.tensors
+    return bool(generation_prefixes(d))
 
 
-def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5) -> GenerationMetrics:
-    """Compare the generations stored in two dumps (see the module docstring)."""
-    tb, tt = b[PREFIX + "tokens"], t[PREFIX + "tokens"]
+def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5,
+                       prefix: str = "") -> GenerationMetrics:
+    """Compare the generations stored in two dumps (see the module docstring); ``prefix``
+    picks one rank's of a directory dump (``rank1/``)."""
+    pre = prefix + PREFIX
+    tb, tt = b[pre + "tokens"], t[pre + "tokens"]
     rows = min(tb.shape[0], tt.shape[0])
-    scored = all(PREFIX + n in d.tensors for d in (b, t) for n in ("topk_ids", "topk_logprobs"))
-    ids_b = b[PREFIX + "topk_ids"] if scored else None
-    ids_t = t[PREFIX + "topk_ids"] if scored else None
-    lp_b = b[PREFIX + "topk_logprobs"] if scored else None
-    lp_t = t[PREFIX + "topk_logprobs"] if scored else None
+    scored = all(pre + n in d.tensors for d in (b, t) for n in ("topk_ids", "topk_logprobs"))
+    ids_b = b[pre + "topk_ids"] if scored else None
+    ids_t = t[pre + "topk_ids"] if scored else None
+    lp_b = b[pre + "topk_logprobs"] if scored else None
+    lp_t = t[pre + "topk_logprobs"] if scored else None
     identical = 0
     overlaps: list[float] = []
     lp_diff: float | None = None

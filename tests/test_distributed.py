@@ -51,6 +51,10 @@ def test_directory_dump_reads_and_compares_as_one(runs: dict[str, Path]) -> None
     report = precision.compare(runs["base"], runs["fp16"])
     assert report, report.summary  # healthy fp16, replayed rank by rank
     assert sum(r.logits is not None for r in report.rows) == 2
+    generations = [r for r in report.rows if r.generation is not None]
+    assert [r.key for r in generations] == ["rank0/generation:tokens",
+                                            "rank1/generation:tokens"]
+    assert [r.generation.sequences for r in generations] == [2, 1]  # prompts[rank::2]
 
 
 def test_missing_extra_and_unindexed_shards(runs: dict[str, Path], tmp_path: Path) -> None:
