@@ -182,7 +182,12 @@ def main() -> None:
 @click.option("--num-beams", default=1, show_default=True, type=int,
               help="Beam search width for the generation (1: greedy, with per-step top-k "
                    "log-probabilities recorded).")
-@click.option("-o", "--output", required=True, metavar="OUT.st", help="Dump file to write.")
+@click.option("-o", "--output", metavar="OUT.st", help="Dump file to write (required unless "
+              "--dry-run).")
+@click.option("--dry-run", is_flag=True,
+              help="Write nothing: run the model on the meta device (config and tokenizer "
+                   "only, no weights read) and print the records and dump sizes a capture "
+                   "with these options would make.")
 @click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
 @click.option("--fsync", is_flag=True,
               help="Force the dump to disk before renaming it into place (power-loss safe).")
@@ -196,7 +201,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None,
             max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
-            num_beams: int, output: str,
+            num_beams: int, output: str | None, dry_run: bool,
             force: bool, fsync: bool, quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
@@ -209,7 +214,9 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
     from .recorder import DEFAULT_INPUT_GLOBS
     from .runner import CaptureOptions, parse_steps, run_capture
 
-    opts = CaptureOptions(model=model, output=output, device=device, device_map=device_map,
+    if not output and not dry_run:
+        raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
+    opts = CaptureOptions(model=model, output=output or "", device=device, device_map=device_map,
                           dtype=dtype, full=full_globs,
                           steps=parse_steps(steps_spec) if steps_spec else None,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
@@ -218,6 +225,11 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           backward=backward, loss_scale=loss_scale,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync)
+    if dry_run:
+        from .plan import plan_model, render
+
+        click.echo(render(plan_model(opts)))
+        return
     path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
         from .dump import load

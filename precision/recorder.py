@@ -159,6 +159,8 @@ class Capture:
     A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
     inside (see :func:`unwrap`); call the wrapper as usual.
     ``full`` globs pick modules whose outputs are stored whole in stats mode too.
+    ``dry_run`` writes nothing: it records the entries and counts, in :attr:`planned`, the
+    bytes a full and a stats capture would store (works on the ``meta`` device).
     Setting :attr:`steps` to a set of numbers records module outputs only during those calls
     of the model (0 is the first; a generation calls it once per decoding step, and an
     encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
@@ -170,7 +172,7 @@ class Capture:
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
                  fsync: bool = False, detail: bool = False, root_inputs: bool = True,
                  every: int = 1, backward: bool = False, loss_scale: float = 1.0,
-                 full: Sequence[str] = ()) -> None:
+                 full: Sequence[str] = (), dry_run: bool = False) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         self.model = unwrap(model)
@@ -179,10 +181,10 @@ class Capture:
         if self.model is not model:
             self.meta["wrapped_in"] = type(model).__name__
         self._tmpdir: str | None = None
-        if path is None:
+        if path is None and not dry_run:
             self._tmpdir = tempfile.mkdtemp(prefix="precision-")
             path = Path(self._tmpdir) / "capture.st"
-        self.path = Path(path)
+        self.path = Path(path or "dry-run.st")
         self._force = force
         if every < 1:
             raise InputError("--every must be 1 or more")
@@ -191,6 +193,8 @@ class Capture:
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._full_globs = tuple(full)
+        self._dry_run = dry_run
+        self.planned = {"full": 0, "stats": 0}
         self.steps: set[int] | None = None
         self._model_calls = 0
         self._buffer = buffer_mb * 1024 * 1024
@@ -211,13 +215,8 @@ class Capture:
 
     # ---- context management
     def __enter__(self) -> Capture:
-        check_output_path(self.path, force=self._force)
-        self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
-                                  reserve=65536 + 512 * len(self._modules))
-        dev = next((p.device.type for p in self.model.parameters()
-                    if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
-        ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
-        self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
+        if not self._dry_run:
+            self._open_writer()
         for name, mod in self._modules:
             self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
             if self._backward:
@@ -226,6 +225,15 @@ class Capture:
                                                                   with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
         return self
+
+    def _open_writer(self) -> None:
+        check_output_path(self.path, force=self._force)
+        self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
+                                  reserve=65536 + 512 * len(self._modules))
+        dev = next((p.device.type for p in self.model.parameters()
+                    if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
+        ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
+        self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -249,6 +257,8 @@ class Capture:
             self._writer.abort()
 
     def _finish(self) -> None:
+        if self._dry_run:
+            return
         assert self._writer is not None
         if self._bg is not None:
             self._bg.finish()
@@ -261,6 +271,11 @@ class Capture:
         module, _, index = key.partition(":")
         self._store(key, module, kind, index, 0, tensor, alias=None, whole=True)
         return key
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The records so far, in execution order (what the dump's metadata will list)."""
+        return self._entries
 
     @property
     def dump(self) -> Dump:
@@ -382,12 +397,19 @@ class Capture:
             entry["alias_of"] = alias
             self._entries.append(entry)
             return
-        if self.mode == "stats":
-            entry["stats"] = tensor_stats(t, detail=self._detail)
-        if (self.mode == "full" or whole or (kind == "in" and not t.is_floating_point())
-                or (self._full_globs and _matches(module, self._full_globs))):
-            assert self._bg is not None  # ids and masks are kept whole even in stats mode
-            self._bg.submit(key, entry["dtype"], t)
+        # ids and masks are kept whole even in stats mode, and so are --full modules
+        whole = whole or (kind == "in" and not t.is_floating_point()) or bool(
+            self._full_globs and _matches(module, self._full_globs))
+        if self._dry_run:
+            nbytes = t.numel() * t.element_size()
+            self.planned["full"] += nbytes
+            self.planned["stats"] += nbytes if whole else 0
+        else:
+            if self.mode == "stats":
+                entry["stats"] = tensor_stats(t, detail=self._detail)
+            if self.mode == "full" or whole:
+                assert self._bg is not None
+                self._bg.submit(key, entry["dtype"], t)
         self._entries.append(entry)
         self._seen[id(t)] = (weakref.ref(t), key, _version(t))
 

@@ -77,10 +77,11 @@ def choose_mode(mode: str, model: torch.nn.Module) -> tuple[str, str]:
     n = sum(p.numel() for p in model.parameters())
     chosen = "stats" if n > AUTO_STATS_PARAMS else "full"
     side = ">" if chosen == "stats" else "<="
-    return chosen, f"auto: {_count(n)} parameters {side} {_count(AUTO_STATS_PARAMS)}"
+    return chosen, f"auto: {count_text(n)} parameters {side} {count_text(AUTO_STATS_PARAMS)}"
 
 
-def _count(n: int) -> str:
+def count_text(n: int) -> str:
+    """``11003736064`` -> ``11B``; ``446464`` -> ``0.446M``."""
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
 
 

@@ -227,3 +227,59 @@ def test_auto_mode_keeps_small_models_whole_and_large_ones_as_stats(
     assert cli("capture", "--model", str(T5), "-q", "--replay", str(small), "--mode", "full",
                "-o", str(tmp_path / "asked.st"))[0] == 0
     assert precision.load(tmp_path / "asked.st").meta["mode_reason"] == "asked"
+
+
+# ---------------------------------------------------------------- sizing a capture first
+
+
+@pytest.mark.slow
+def test_dry_run_predicts_the_dump_a_real_capture_writes(tmp_path: Path) -> None:
+    from precision.plan import plan_model
+    from precision.runner import CaptureOptions, run_capture
+
+    opts = CaptureOptions(model=str(T5), output=str(tmp_path / "full.st"), max_new_tokens=8)
+    plan = plan_model(opts)
+    full = precision.load(run_capture(opts))
+    stats_path = run_capture(CaptureOptions(model=str(T5), output=str(tmp_path / "stats.st"),
+                                            max_new_tokens=8, mode="stats"))
+    model_records = [e for e in full.entries if e.kind != "generation"
+                     and e.key != "input:attention_mask"]  # the dry run has no mask
+    assert plan.records == len(model_records)
+    assert plan.tensors == sum(1 for e in model_records if not e.alias_of)
+    real = (tmp_path / "full.st").stat().st_size
+    assert abs(plan.full_bytes - real) < 0.05 * real
+    real_stats = stats_path.stat().st_size
+    assert abs(plan.stats_bytes - real_stats) < 0.25 * real_stats
+    assert plan.largest[0][0] == "lm_head:out" and plan.auto_mode == "full"
+    # selection shrinks the plan as it would shrink the capture
+    fewer = plan_model(CaptureOptions(model=str(T5), output="", max_new_tokens=8, every=2))
+    assert fewer.records < plan.records and fewer.full_bytes < plan.full_bytes
+
+
+def test_dry_run_in_fp16_keeps_t5_wo_in_fp32_like_transformers(tmp_path: Path) -> None:
+    from precision.plan import plan_model
+    from precision.runner import CaptureOptions
+
+    half = plan_model(CaptureOptions(model=str(T5), output="", dtype="fp16"))
+    full = plan_model(CaptureOptions(model=str(T5), output="", dtype="fp32"))
+    assert half.records == full.records and half.full_bytes < 0.7 * full.full_bytes
+    code, out = cli("capture", "--model", str(T5), "--dtype", "fp16", "--dry-run")
+    assert code == 0 and "dry run: T5ForConditionalGeneration" in out and "float16" in out
+    assert "--mode auto would choose full" in out and not list(tmp_path.iterdir())
+
+
+def test_a_model_that_cannot_run_on_meta_is_a_one_line_error() -> None:
+    from precision.errors import InputError
+    from precision.plan import plan_forward
+
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float(x.sum())  # needs values: meta tensors have none
+
+    with pytest.raises(InputError, match="cannot run on the meta device"):
+        plan_forward(DataDependent(), {"x": torch.zeros(3, device="meta")})
+
+
+def test_capture_without_output_needs_dry_run() -> None:
+    code, out = cli("capture", "--model", str(T5))
+    assert code == 2 and "--dry-run" in out
