@@ -154,6 +154,16 @@ def test_ddp_step_gradients_match_one_process_on_the_whole_batch(tmp_path: Path)
     assert pgrad_statuses("rank1.st") == {"OK": n_params}
     # control: one half's own gradients are not the whole batch's
     assert pgrad_statuses("half.st")["DRIFT"] == n_params
+    # the per-rank files, indexed as the docs say, read as one directory dump
+    from precision.shards import write_index
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}.st").rename(folder / f"rank{rank}.st")
+    write_index(folder, 2, {})
+    both = precision.load(folder)
+    assert both.meta["shards"] == 2 and "rank1/lm_head.weight:pgrad" in both.tensors
 
 
 # ---------------------------------------------------------------- what a large capture keeps
