@@ -8,6 +8,7 @@ transformers) are imported only by ``capture``, so ``compare`` starts fast.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -102,8 +103,8 @@ class ByteSize(click.ParamType):
             number = float(text[:len(text) - len(unit)])
         except ValueError:
             self.fail(f"{value!r} is not a size: use e.g. 512M or 2G", param, ctx)
-        if not number > 0:
-            self.fail(f"{value!r}: a size must be positive", param, ctx)
+        if not (number > 0 and math.isfinite(number)):
+            self.fail(f"{value!r}: a size must be positive and finite", param, ctx)
         return int(number * (1 << self._UNITS[unit]))
 
 
@@ -279,7 +280,8 @@ def inspect(dump: str, show_all: bool) -> None:
               help="Worker processes sharing the tensors (default: the usable cores).")
 @click.option("--max-memory", type=ByteSize(), metavar="SIZE",
               help="Cap the work buffers of all jobs together, e.g. 256M or 2G: chunks shrink, "
-                   "then fewer jobs run. Default: 10 MiB per job at most.")
+                   "then fewer jobs run. Default: about 10 MiB per job (a logits chunk holds "
+                   "at least one vocabulary row).")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @click.option("--allow-partial", is_flag=True,

@@ -33,7 +33,8 @@ from .report import FAIL_ON, Report, Row
 from .statsdiff import record_stats, stats_delta
 
 GEN_TOKENS = GEN_PREFIX + "tokens"
-#: per job: at most 10 MiB of work arrays; 2^16 float64 (512 KiB) per array stays in cache
+#: per job: about 10 MiB of work arrays (a logits chunk is at least one vocabulary row);
+#: 2^16 float64 (512 KiB) per array stays in cache
 #: (2^14 to 2^18 measured: 2^16 was fastest with one job and with two)
 CHUNK_ELEMS = 1 << 16
 #: work memory per chunk element, at most: the read buffers, the six float64 and two small
@@ -98,8 +99,10 @@ def plan_jobs(jobs: int, max_memory: int | None, chunk_elems: int = CHUNK_ELEMS
     """Worker count and chunk size whose work buffers fit ``max_memory`` bytes.
 
     Each job holds at most ``chunk x WORK_BYTES_PER_ELEMENT`` bytes of work arrays; the chunk
-    shrinks to fit, down to ``MIN_CHUNK_ELEMS``, and then the job count drops. Each worker
-    process also costs its interpreter (about 30 MB, mostly shared with the forkserver).
+    shrinks to fit, down to ``MIN_CHUNK_ELEMS``, and then the job count drops. Logits are
+    read a whole vocabulary row at a time at least, so a job comparing them may hold
+    ``vocab x WORK_BYTES_PER_ELEMENT`` (24 MB for a 152k vocabulary) whatever the budget.
+    Each forked worker also costs the pages it writes, a few MB.
     """
     if max_memory is None:
         return jobs, chunk_elems

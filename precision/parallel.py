@@ -16,7 +16,8 @@ Workers are forked: a pool starts in about 10 ms and inherits the state without 
 script that calls ``precision.compare`` without an ``if __name__ == "__main__"`` guard. A
 forked worker runs only numpy code that the parent has already imported, so locks held by
 the parent's other threads (torch's, a progress bar's) are never taken in the child. Where
-``fork`` does not exist (Windows), the work runs in the calling process. Workers ignore
+the platform is not Linux (no ``fork`` on Windows; on macOS, forking after the system
+frameworks started can crash the child), the work runs in the calling process. Workers ignore
 Ctrl-C; the parent cancels what has not started.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -58,7 +60,7 @@ def run(fn: Callable[[S, T], R], tasks: Sequence[T], state: S, *, workers: int,
     """
     order = sorted(range(len(tasks)), key=lambda i: -cost(tasks[i]))
     results: list[Any] = [None] * len(tasks)
-    if workers <= 1 or len(tasks) <= 1 or not hasattr(os, "fork"):
+    if workers <= 1 or len(tasks) <= 1 or not sys.platform.startswith("linux"):
         for done, i in enumerate(order, 1):
             results[i] = fn(state, tasks[i])
             if progress is not None:

@@ -86,6 +86,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP/DataParallel/DeepSpeed wrappers, so that a wrapped run's keys
     (``encoder.block.0...``, not ``module.encoder.block.0...``) match an unwrapped one's."""
     while type(model).__name__ in WRAPPERS:
+        devices = list(getattr(model, "device_ids", None) or [])
+        if len(devices) > 1:
+            raise InputError(f"DataParallel over {len(devices)} devices runs its "
+                             "replicas in threads that share hooks: capture model.module on "
+                             "one device, or use DistributedDataParallel")
         inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
             break
@@ -160,7 +165,8 @@ class Capture:
     inside (see :func:`unwrap`); call the wrapper as usual.
     ``full`` globs pick modules whose outputs are stored whole in stats mode too.
     ``dry_run`` writes nothing: it records the entries and counts, in :attr:`planned`, the
-    bytes a full and a stats capture would store (works on the ``meta`` device).
+    tensor bytes a full and a stats capture would store and how many tensors stats keeps
+    (works on the ``meta`` device).
     Setting :attr:`steps` to a set of numbers records module outputs only during those calls
     of the model (0 is the first; a generation calls it once per decoding step, and an
     encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
@@ -193,8 +199,13 @@ class Capture:
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._full_globs = tuple(full)
+        names = [ROOT] + [n for n, _ in self.model.named_modules() if n]
+        for glob in self._full_globs:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise InputError(f"--full {glob} matches no module: check the names with "
+                                 "`precision inspect` on a dump (or --dry-run)")
         self._dry_run = dry_run
-        self.planned = {"full": 0, "stats": 0}
+        self.planned = {"full": 0, "stats": 0, "stats_tensors": 0}
         self.steps: set[int] | None = None
         self._model_calls = 0
         self._buffer = buffer_mb * 1024 * 1024
@@ -212,6 +223,7 @@ class Capture:
         self._bg: BackgroundWriter | None = None
         self._dump: Dump | None = None
         self.logits_key: str | None = None
+        self._logits_next = True  # the first call's logits, unless expect_inputs() says
 
     # ---- context management
     def __enter__(self) -> Capture:
@@ -229,7 +241,7 @@ class Capture:
     def _open_writer(self) -> None:
         check_output_path(self.path, force=self._force)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
-                                  reserve=65536 + 512 * len(self._modules))
+                                  reserve=self.header_reserve)
         dev = next((p.device.type for p in self.model.parameters()
                     if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
@@ -271,6 +283,11 @@ class Capture:
         module, _, index = key.partition(":")
         self._store(key, module, kind, index, 0, tensor, alias=None, whole=True)
         return key
+
+    @property
+    def header_reserve(self) -> int:
+        """Bytes set aside for the header up front (rewritten larger if it outgrows them)."""
+        return 65536 + 512 * len(self._modules)
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -317,8 +334,11 @@ class Capture:
         return hook
 
     def expect_inputs(self) -> None:
-        """Record the model's inputs at its next call (instead of its first)."""
+        """Make the model's next call the main one: its inputs are recorded (what
+        ``--replay`` reuses) and its logits become the dump's logits (instead of the first
+        call's: a generation's single-token steps come before the teacher-forced forward)."""
         self._want_inputs = True
+        self._logits_next = True
 
     def _grad_hook(self, name: str) -> Any:
         """Record the gradient of the loss with respect to the module's output (``:grad``),
@@ -369,8 +389,9 @@ class Capture:
             return
         for idx, t in flatten(output):
             key = self._record(ROOT, "out", idx, call, t)
-            if idx == "logits" and call == 0:
+            if idx == "logits" and self._logits_next:
                 self.logits_key = self._resolve(key)
+                self._logits_next = False
 
     def _resolve(self, key: str) -> str:
         for e in self._entries:
@@ -404,6 +425,7 @@ class Capture:
             nbytes = t.numel() * t.element_size()
             self.planned["full"] += nbytes
             self.planned["stats"] += nbytes if whole else 0
+            self.planned["stats_tensors"] += int(whole)
         else:
             if self.mode == "stats":
                 entry["stats"] = tensor_stats(t, detail=self._detail)

@@ -85,9 +85,15 @@ def count_text(n: int) -> str:
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
 
 
+#: more decoding steps than any capture would record layers at
+MAX_STEP = 100_000
+
+
 def parse_steps(spec: str) -> list[int]:
     """``--steps 0,2,5-7`` -> [0, 2, 5, 6, 7]."""
     steps: set[int] = set()
+    if not spec.strip():
+        raise InputError("--steps needs step numbers, e.g. 0,2,5-7")
     for part in (p.strip() for p in spec.split(",")):
         first, dash, last = part.partition("-")
         try:
@@ -97,6 +103,8 @@ def parse_steps(spec: str) -> list[int]:
                 from None
         if lo < 0 or hi < lo:
             raise InputError(f"--steps {spec!r}: {part} is not a range of steps from 0 up")
+        if hi > MAX_STEP:
+            raise InputError(f"--steps {spec!r}: steps go up to {MAX_STEP} at most")
         steps.update(range(lo, hi + 1))
     return sorted(steps)
 
@@ -121,6 +129,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         raise InputError("--num-beams must be 1 or more")
     if opts.mode not in ("full", "stats", "auto"):
         raise InputError(f"--mode {opts.mode}: use full, stats or auto")
+    if opts.steps is not None and not opts.steps:
+        raise InputError("--steps needs at least one step")
     dist = distributed.current(opts.device)
     out = Path(opts.output)
     if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
@@ -135,6 +145,12 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         prompts = distributed.split(prompts, dist)
 
     device_map = read_device_map(opts.device_map) if opts.device_map else None
+    if device_map is not None and dist is not None:
+        raise InputError("--device-map under torchrun would spread every rank over all the "
+                         "devices: give each rank its own device (--device cuda) instead")
+    if isinstance(device_map, str) and device.type == "cpu":
+        raise InputError(f"--device-map {device_map} spreads a model over accelerators: with "
+                         "--device cpu leave it out, or give a JSON map (\"cpu\", \"disk\")")
     where = f"spread by --device-map {opts.device_map}" if device_map else f"on {device.name}"
     log(f"loading {opts.model} as {dtype} {where}")
     t0 = time.perf_counter()
@@ -235,8 +251,11 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
     """A model that fails to run (an op without a half kernel, out of memory) is one line."""
     try:
         yield
-    except (RuntimeError, ValueError, NotImplementedError) as exc:
+    except (RuntimeError, ValueError, NotImplementedError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, KeyError):  # accelerate's offload index lacks a tied weight
+            first = (f"weight {first} was not found (a --device-map that offloads a module "
+                     "apart from the module its weights are tied to? keep them together)")
         raise InputError(f"the model failed to run in {short(dtype)} on {device}: {first}") \
             from None
 

@@ -141,7 +141,7 @@ def test_sizes_parse(text: str, size: int) -> None:
     assert ByteSize().convert(text, None, None) == size
 
 
-@pytest.mark.parametrize("text", ["0", "-5M", "lots", "12X"])
+@pytest.mark.parametrize("text", ["0", "-5M", "lots", "12X", "inf", "1e400", "nan"])
 def test_bad_sizes_are_usage_errors(text: str, tmp_path: Path) -> None:
     a = write_dump(tmp_path / "a.st", {"x:out": np.ones(4, np.float32)})
     result = CliRunner().invoke(main, ["compare", str(a), str(a), "--max-memory", text])
