@@ -33,7 +33,29 @@ class Dist:
 
     def as_meta(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size,
-                "local_rank": self.local_rank, "backend": self.backend}
+                "local_rank": self.local_rank, "backend": self.backend,
+                "group_ranks": group_ranks()}
+
+
+def group_ranks() -> list[int]:
+    """The ranks of the default process group (all of them, in order)."""
+    import torch.distributed as td
+
+    try:
+        return [int(r) for r in td.get_process_group_ranks(td.group.WORLD)]
+    except (AttributeError, RuntimeError, ValueError):  # older torch, or no group
+        return list(range(td.get_world_size()))
+
+
+def describe() -> dict[str, Any] | None:
+    """This process's place in a process group someone else started (a training script
+    calling ``precision.capture``), or None when there is none."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return None
+    return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                td.get_backend(), "").as_meta()
 
 
 def current(device: str) -> Dist | None:

@@ -448,6 +448,10 @@ class Capture:
         }
         for k, v in self.meta.items():
             meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
+        if meta.get("distributed") is None:  # a process group the caller started (DDP)
+            from .distributed import describe
+
+            meta["distributed"] = describe()
         return meta
 
 

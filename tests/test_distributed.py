@@ -37,7 +37,7 @@ def test_each_rank_writes_a_shard_of_its_prompts(runs: dict[str, Path]) -> None:
                                                               "rank1.st"]
     r0, r1 = (precision.load(runs["base"] / f"rank{r}.st") for r in (0, 1))
     assert r0.meta["distributed"] == {"rank": 0, "world_size": 2, "local_rank": 0,
-                                      "backend": "gloo"}
+                                      "backend": "gloo", "group_ranks": [0, 1]}
     assert r1.meta["distributed"]["rank"] == 1
     # the three default prompts split as prompts[rank::2]: two on rank 0, one on rank 1
     assert (r0["input:input_ids"].shape[0], r1["input:input_ids"].shape[0]) == (2, 1)

@@ -126,6 +126,7 @@ def test_a_wrapped_model_records_the_keys_of_the_model_inside(tmp_path: Path) ->
     assert not any(k.startswith("module.") for k in cap.dump.tensors)
     assert cap.dump.meta["wrapped_in"] == "DataParallel"
     assert "wrapped_in" not in plain.dump.meta
+    assert plain.dump.meta["distributed"] is None  # no process group in this test
     assert precision.compare(tmp_path / "plain.st", tmp_path / "wrapped.st")
 
 
@@ -168,6 +169,8 @@ def test_ddp_step_gradients_match_one_process_on_the_whole_batch(tmp_path: Path)
     for rank in (0, 1):
         d = precision.load(tmp_path / f"rank{rank}.st")
         assert d.meta["wrapped_in"] == "DistributedDataParallel"
+        assert d.meta["distributed"] == {"rank": rank, "world_size": 2, "local_rank": rank,
+                                         "backend": "gloo", "group_ranks": [0, 1]}
         assert not any(k.startswith("module.") for k in d.tensors)
 
     def pgrad_statuses(other: str) -> Counter[str]:
