@@ -29,11 +29,10 @@ from .models import (
     Policy,
     keep_fp32,
     model_kind,
-    read_device_map,
     read_prompts,
 )
 from .recorder import Capture
-from .runner import AUTO_STATS_PARAMS, CaptureOptions, count_text
+from .runner import AUTO_STATS_PARAMS, CaptureOptions, check_options, count_text
 
 #: header JSON per record, without and with statistics, and per stored tensor's line
 #: (measured on the fixtures: 195-209, 358-404 and 90-119 bytes), plus the rest of the
@@ -104,9 +103,7 @@ def plan_model(opts: CaptureOptions) -> Plan:
     """The plan for ``precision capture`` with these options, from the config alone."""
     import transformers
 
-    from .dtypes import canonical
-
-    dtype = canonical(opts.dtype)
+    dtype = check_options(opts)
     unsized = [flag for flag, used in (("--backward", opts.backward),
                                        ("--capture-steps", opts.capture_steps),
                                        ("--steps", opts.steps is not None),
@@ -115,11 +112,7 @@ def plan_model(opts: CaptureOptions) -> Plan:
         raise InputError(f"--dry-run sizes one teacher-forced forward: it cannot size "
                          f"{' and '.join(unsized)}; leave {'them' if len(unsized) > 1 else 'it'} "
                          "out to plan the forward")
-    if opts.max_new_tokens < 0:
-        raise InputError("--max-new-tokens must be 0 or more")
-    if opts.device_map:
-        read_device_map(opts.device_map)  # checked, then ignored: placement changes no size
-    path = opts.model
+    path = opts.model  # (--device-map is checked, then ignored: placement changes no size)
     kind = model_kind(Path(path))
     transformers.logging.set_verbosity_error()
     try:

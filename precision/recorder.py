@@ -207,7 +207,6 @@ class Capture:
         self._dry_run = dry_run
         self.planned = {"full": 0, "stats": 0, "stats_tensors": 0}
         self.steps: set[int] | None = None
-        self._model_calls = 0
         self._buffer = buffer_mb * 1024 * 1024
         self._fsync = fsync
         self._detail = detail
@@ -323,8 +322,8 @@ class Capture:
                  output: Any) -> None:
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
-            if self.steps is not None and self._model_calls not in self.steps:
-                return
+            if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
+                return  # the model's calls finished so far: the decoding step under way
             if record_inputs:
                 for idx, t in list(flatten(args)) + list(flatten(kwargs)):
                     self._record(name, "in", idx or "0", call, t)
@@ -384,7 +383,6 @@ class Capture:
                    kwargs: dict[str, Any], output: Any) -> None:
         call = self._calls.get(ROOT, 0)
         self._calls[ROOT] = call + 1
-        self._model_calls += 1
         if self.steps is not None and call not in self.steps:
             return
         for idx, t in flatten(output):

@@ -118,8 +118,8 @@ def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(dump[key]).to(device) for name, key in found.items()}
 
 
-def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Run the capture described by ``opts``; returns the written dump's path."""
+def check_options(opts: CaptureOptions) -> str:
+    """Refuse option values no capture can use; returns the canonical dtype name."""
     dtype = canonical(opts.dtype)
     if dtype not in ("float32", "float16", "bfloat16"):
         raise InputError(f"--dtype {opts.dtype} is not supported: use fp32, fp16 or bf16")
@@ -131,6 +131,14 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         raise InputError(f"--mode {opts.mode}: use full, stats or auto")
     if opts.steps is not None and not opts.steps:
         raise InputError("--steps needs at least one step")
+    if opts.device_map:
+        read_device_map(opts.device_map)
+    return dtype
+
+
+def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: None) -> Path:
+    """Run the capture described by ``opts``; returns the written dump's path."""
+    dtype = check_options(opts)
     dist = distributed.current(opts.device)
     out = Path(opts.output)
     if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
