@@ -18,14 +18,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .compare import compare
-from .dump import Dump, load
+from .dumps.dump import Dump, load
 from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
-from .report import Report, Row
-from .scan import ScanReport, scan
+from .judge.compare import compare
+from .judge.report import Report, Row
+from .judge.scan import ScanReport, scan
 
 if TYPE_CHECKING:
-    from .recorder import Capture
+    from .runtime.recorder import Capture
 
 __all__ = [
     "Capture",
@@ -51,35 +51,35 @@ __all__ = [
 
 def capture(model: Any, path: Any = None, **options: Any) -> Capture:
     """Record ``model``'s module outputs while the ``with`` block runs; see :class:`Capture`."""
-    from .recorder import Capture
+    from .runtime.recorder import Capture
 
     return Capture(model, path, **options)
 
 
 def keep_fp32(model: Any, patterns: Any) -> list[str]:
     """Keep the modules of ``model`` matching glob ``patterns`` in fp32; returns their names."""
-    from .models import keep_fp32 as _keep
+    from .runtime.models import keep_fp32 as _keep
 
     return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns))
 
 
 def suggest(model: str, **options: Any) -> Any:
     """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.suggest`."""
-    from .doctor import suggest as _suggest
+    from .doctor.checks import suggest as _suggest
 
     return _suggest(model, **options)
 
 
 def isolate(base: Any, model: str, **options: Any) -> Any:
     """Local versus inherited error per module; see :func:`precision.isolation.isolate`."""
-    from .isolation import isolate as _isolate
+    from .doctor.isolation import isolate as _isolate
 
     return _isolate(base, model, **options)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Capture":
-        from .recorder import Capture
+        from .runtime.recorder import Capture
 
         return Capture
     raise AttributeError(f"module 'precision' has no attribute {name!r}")

@@ -69,7 +69,7 @@ def _check_outputs(force: bool, *paths: str | None) -> None:
     """Refuse, before any work, outputs that exist (without --force) or have no folder."""
     from pathlib import Path
 
-    from .dump import check_output_path
+    from .dumps.dump import check_output_path
 
     for p in paths:
         if p and p != "-":
@@ -212,8 +212,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
       precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
       precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
     """
-    from .recorder import DEFAULT_INPUT_GLOBS
-    from .runner import CaptureOptions, parse_steps, run_capture
+    from .runtime.recorder import DEFAULT_INPUT_GLOBS
+    from .runtime.runner import CaptureOptions, parse_steps, run_capture
 
     if not output and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
@@ -227,13 +227,13 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync)
     if dry_run:
-        from .plan import plan_model, render
+        from .runtime.plan import plan_model, render
 
         click.echo(render(plan_model(opts)))
         return
     path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
-        from .dump import load
+        from .dumps.dump import load
 
         d = load(path)
         size = os.path.getsize(path) / 1e6
@@ -250,8 +250,8 @@ def inspect(dump: str, show_all: bool) -> None:
 
     An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE.
     """
-    from .dump import load
-    from .render import print_inspect
+    from .dumps.dump import load
+    from .outputs.render import print_inspect
 
     print_inspect(load(dump, allow_partial=True), show_all=show_all)
 
@@ -306,8 +306,8 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
       MISSING   the key is in one dump only
     Exit code: 0 nothing to fail on, 1 something flagged (see --fail-on), 2 bad input.
     """
-    from .compare import compare as run_compare
-    from .render import print_report
+    from .judge.compare import compare as run_compare
+    from .outputs.render import print_report
 
     if top is not None and top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
@@ -383,9 +383,9 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
     but round to zero in fp16.
     """
 
-    from .dump import load
-    from .render import print_scan
-    from .scan import scan as run_scan
+    from .dumps.dump import load
+    from .judge.scan import scan as run_scan
+    from .outputs.render import print_scan
 
     if (dump is None) == (model is None):
         raise click.UsageError("give either a DUMP.st or --model DIR")
@@ -393,8 +393,8 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
     if dump is not None:
         report = run_scan(load(dump), against=against)
     else:
-        from .doctor import scan_model
-        from .runner import CaptureOptions
+        from .doctor.checks import scan_model
+        from .runtime.runner import CaptureOptions
 
         assert model is not None
         opts = CaptureOptions(model=model, output=output or "", device=device, dtype=dtype,
@@ -433,8 +433,8 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
       precision suggest --model ./flan-t5-base --dtype fp16
     Exit code 1 when no policy within the budget fixes the model.
     """
-    from .doctor import suggest as run_suggest
-    from .render import print_suggestion
+    from .doctor.checks import suggest as run_suggest
+    from .outputs.render import print_suggestion
 
     if model is None:
         raise click.UsageError("--model DIR is required")
@@ -476,10 +476,10 @@ def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str
     A module whose error alone is beyond the profile is a culprit; one that is only bad in
     the full run inherited its error. Exit code 1 when there is a culprit.
     """
-    from .devices import resolve
+    from .doctor.isolation import isolate as run_isolate
     from .dtypes import canonical
-    from .isolation import isolate as run_isolate
-    from .render import print_isolate
+    from .outputs.render import print_isolate
+    from .runtime.devices import resolve
 
     resolve(device, canonical(dtype))
     report = run_isolate(base, model, dtype=dtype, device=device, keep_fp32=keep_fp32,
@@ -521,9 +521,9 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     """
     from pathlib import Path
 
-    from .compare import compare as run_compare
-    from .dump import check_output_path, load
-    from .htmlreport import build
+    from .dumps.dump import check_output_path, load
+    from .judge.compare import compare as run_compare
+    from .outputs.htmlreport import build
 
     out = Path(output)
     check_output_path(out, force=force)
@@ -563,7 +563,7 @@ def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, 
     from rich.markup import escape
     from rich.table import Table
 
-    from .doctor import consistency as run_consistency
+    from .doctor.checks import consistency as run_consistency
 
     if model is None:
         raise click.UsageError("--model DIR is required")

@@ -18,7 +18,7 @@ import transformers
 from benchutil import interleaved, peak_rss  # scripts/ is on the path
 
 import precision
-from precision import streaming
+from precision.runtime import streaming
 
 
 def bench_model(dtype: torch.dtype) -> transformers.T5ForConditionalGeneration:

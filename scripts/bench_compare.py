@@ -14,7 +14,7 @@ import sys
 
 from benchutil import interleaved, peak_rss  # scripts/ is on the path
 
-from precision.compare import compare
+from precision.judge.compare import compare
 
 
 def main() -> None:

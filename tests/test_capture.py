@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import precision
-from precision.models import Policy, load_model
-from precision.recorder import flatten
-from precision.runner import CaptureOptions, run_capture
-from precision.streaming import HostRing
+from precision.runtime.models import Policy, load_model
+from precision.runtime.recorder import flatten
+from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.streaming import HostRing
 
 from .conftest import QWEN, T5, T5_OVERFLOW
 

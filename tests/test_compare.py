@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from precision import DumpError, compare
 from precision.cli import main
-from precision.profiles import profile_for
+from precision.judge.profiles import profile_for
 
 from .conftest import OVERFLOW_WO, stats_of
 
@@ -77,7 +77,7 @@ def test_logits_metrics_present_on_real_runs(t5_runs: dict[str, Path]) -> None:
 def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # worker processes even for this small pair of dumps
-    monkeypatch.setattr(sys.modules["precision.compare"], "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(sys.modules["precision.judge.compare"], "PARALLEL_MIN_ELEMENTS", 0)
     one = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=1, chunk_elems=1 << 16)
     two = compare(t5_runs["obase"], t5_runs["ofp16_none"], jobs=2, chunk_elems=1000)
     assert [r.status for r in one.rows] == [r.status for r in two.rows]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import precision
 from precision.cli import main
-from precision.consistency import consistency_of
+from precision.judge.consistency import consistency_of
 
 from .conftest import QWEN
 

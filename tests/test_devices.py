@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from precision import devices
+from precision.runtime import devices
 from precision.errors import DeviceError, PrecisionError
 
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -131,8 +131,8 @@ def test_resolve_npu_broken_cann_injected(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_import_does_not_load_torch_npu() -> None:
-    """Importing precision.devices (and resolving cpu) never imports torch_npu."""
-    code = ("import sys, precision.devices as d; d.resolve('cpu'); d.parse('npu:1'); "
+    """Importing precision.runtime.devices (and resolving cpu) never imports torch_npu."""
+    code = ("import sys, precision.runtime.devices as d; d.resolve('cpu'); d.parse('npu:1'); "
             "print('torch_npu' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)

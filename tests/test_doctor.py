@@ -14,8 +14,8 @@ from transformers import AutoModelForSeq2SeqLM
 
 import precision
 from precision.cli import main
-from precision.doctor import generalise, scan_model, suggest
-from precision.runner import CaptureOptions, run_capture
+from precision.doctor.checks import generalise, scan_model, suggest
+from precision.runtime.runner import CaptureOptions, run_capture
 
 from .conftest import OVERFLOW_WO, T5, T5_OVERFLOW
 

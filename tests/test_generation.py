@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import precision
-from precision.generation import compare_generation
-from precision.runner import CaptureOptions, run_capture
+from precision.judge.generation import compare_generation
+from precision.runtime.runner import CaptureOptions, run_capture
 
 from .conftest import QWEN, T5
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import precision
 from precision.cli import main
-from precision.htmlreport import build
+from precision.outputs.htmlreport import build
 
 from .conftest import OVERFLOW_WO
 

@@ -1,4 +1,4 @@
-"""precision.logits against scipy softmax/rel_entr references in float64."""
+"""precision.judge.logits against scipy softmax/rel_entr references in float64."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, rel_entr, softmax
 
-from precision.logits import compare_logit_rows, compare_logits
+from precision.judge.logits import compare_logit_rows, compare_logits
 
 BF16 = ml_dtypes.bfloat16
 

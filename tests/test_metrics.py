@@ -1,4 +1,4 @@
-"""precision.metrics against independent float64 references written from the docstring."""
+"""precision.judge.metrics against independent float64 references written from the docstring."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import cosine
 from scipy.stats import pearsonr
 
-from precision.metrics import PairAccumulator, compare_exact, compare_float
+from precision.judge.metrics import PairAccumulator, compare_exact, compare_float
 
 BF16 = ml_dtypes.bfloat16
 F32_MIN = float(np.finfo(np.float32).min)

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from precision import parallel
+from precision.judge import parallel
 from precision.cli import ByteSize, main
-from precision.compare import (
+from precision.errors import DumpError, InputError, PrecisionError
+from precision.judge.compare import (
     CHUNK_ELEMS,
     MIN_CHUNK_ELEMS,
     WORK_BYTES_PER_ELEMENT,
     compare,
     plan_jobs,
 )
-from precision.errors import DumpError, InputError, PrecisionError
 
 from .conftest import write_dump
 
@@ -101,7 +101,7 @@ def test_memory_budget_shrinks_chunks_then_jobs() -> None:
 
 def test_compare_under_a_small_budget_matches_the_default(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys.modules["precision.compare"], "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(sys.modules["precision.judge.compare"], "PARALLEL_MIN_ELEMENTS", 0)
     rng = np.random.default_rng(1)
     tensors = {f"l{i}:out": rng.standard_normal(50_000).astype(np.float32) for i in range(6)}
     a = write_dump(tmp_path / "a.st", tensors)
@@ -124,7 +124,7 @@ def test_a_script_without_a_main_guard_can_compare_in_parallel(tmp_path: Path) -
     script = tmp_path / "check.py"
     script.write_text(
         "import sys, precision\n"
-        "c = sys.modules['precision.compare']\n"
+        "c = sys.modules['precision.judge.compare']\n"
         "c.PARALLEL_MIN_ELEMENTS = 0\n"
         f"r = c.compare({str(a)!r}, {str(a)!r}, jobs=2)\n"
         "print('RESULT', r.summary)\n")

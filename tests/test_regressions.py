@@ -15,9 +15,9 @@ from torch import nn
 
 import precision
 from precision.cli import main
-from precision.dump import DumpWriter
-from precision.htmlreport import build
-from precision.runner import CaptureOptions, run_capture
+from precision.dumps.dump import DumpWriter
+from precision.outputs.htmlreport import build
+from precision.runtime.runner import CaptureOptions, run_capture
 
 from .conftest import T5, write_dump
 

@@ -1,0 +1,2 @@
+"""Workflows that need both halves: scan a running model, isolate, suggest, consistency.
+"""

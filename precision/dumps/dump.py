@@ -1,0 +1,487 @@
+"""Read and write precision dumps: safetensors files with JSON metadata.
+
+A dump is a valid safetensors file (``8-byte little-endian header length``, a JSON
+header, then the tensor bytes). Its ``__metadata__`` holds ``format`` =
+``precision-dump``, ``format_version`` and ``meta``: one JSON document describing the
+capture (see ``docs/format.md``). Reading needs numpy and ml_dtypes only, never torch,
+and never unpickles anything.
+
+Writing is streamed: tensor bytes are appended as they arrive behind a reserved header
+region, and :meth:`DumpWriter.close` writes the header in front and renames the temporary
+file into place, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, numpy_dtype
+from ..errors import DumpError
+
+FORMAT_NAME = "precision-dump"
+#: keys of the model's own inputs (``input:input_ids`` ...), which ``--replay`` reuses
+INPUT_PREFIX = "input:"
+FORMAT_VERSION = 1
+_MAX_HEADER = 256 * 1024 * 1024  # refuse absurd header lengths before allocating
+_ALIGN = 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file: ``dtype`` name, ``shape`` and absolute byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    file: Path | None = None  # the shard holding it, for directory dumps
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One captured record in execution order.
+
+    ``key`` is ``module:kind[.index][#call]`` (``kind`` is ``out`` or ``in``); ``stats`` is
+    set for stats-mode records; ``alias_of`` names an earlier key holding the same tensor.
+    """
+
+    key: str
+    module: str
+    kind: str
+    index: str
+    call: int
+    order: int
+    shape: tuple[int, ...]
+    dtype: str
+    stats: dict[str, Any] | None = None
+    alias_of: str | None = None
+
+
+def make_key(module: str, kind: str, index: str = "", call: int = 0) -> str:
+    """Build a tensor key: ``encoder.block.0.layer.1.DenseReluDense.wo:out``, ``...:out.1#2``."""
+    key = f"{module}:{kind}"
+    if index:
+        key += f".{index}"
+    if call:
+        key += f"#{call}"
+    return key
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class DumpWriter:
+    """Streams tensors into ``path`` atomically.
+
+    Bytes go to a hidden temporary file next to ``path`` behind ``reserve`` bytes kept for
+    the header. :meth:`close` writes the header into that space (or, when it is too small,
+    rewrites the file with a kernel-side copy), flushes and renames into place. The rename
+    makes the dump atomic against a killed or crashed process; ``fsync=True`` also forces
+    the bytes to disk before the rename, against power loss, at the cost of waiting for it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
+                 reserve: int = 64 * 1024, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self._fsync = fsync
+        check_output_path(self.path, force=force)
+        self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self._reserve = max(_ALIGN * 2, reserve - reserve % _ALIGN)
+        self._file = open(self._tmp, "w+b")  # noqa: SIM115 - closed in close()/abort()
+        self._file.truncate(self._reserve)
+        self._file.seek(self._reserve)
+        self._offset = 0
+        self._header: dict[str, dict[str, Any]] = {}
+
+    @property
+    def bytes_written(self) -> int:
+        return self._offset
+
+    def write(self, key: str, dtype: str, shape: tuple[int, ...], data: Any) -> None:
+        """Append one tensor; ``data`` is a buffer (bytes, memoryview, contiguous ndarray)."""
+        if key in self._header:
+            raise DumpError(f"duplicate tensor key {key!r} while writing {self.path}")
+        if dtype not in NAME_TO_SAFETENSORS:
+            raise DumpError(f"tensor {key!r}: dtype {dtype!r} cannot be stored in a dump")
+        if isinstance(data, np.ndarray):  # any shape, bf16 included
+            flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+            view = memoryview(flat)  # type: ignore[arg-type]
+        else:
+            view = memoryview(data).cast("B")
+        itemsize = numpy_dtype(dtype).itemsize
+        if view.nbytes != math.prod(shape) * itemsize:
+            raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match "
+                            f"{dtype}{list(shape)}")
+        self._file.write(view)
+        self._header[key] = {
+            "dtype": NAME_TO_SAFETENSORS[dtype],
+            "shape": list(shape),
+            "data_offsets": [self._offset, self._offset + view.nbytes],
+        }
+        self._offset += view.nbytes
+
+    def close(self, meta: dict[str, Any]) -> Path:
+        """Write the header with ``meta`` and move the file into place; returns the path."""
+        header: dict[str, Any] = dict(self._header)
+        header["__metadata__"] = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "meta": json.dumps(meta, separators=(",", ":"), allow_nan=False),
+        }
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        self._file.flush()
+        if len(blob) + 8 <= self._reserve:
+            blob = blob.ljust(self._reserve - 8, b" ")
+            self._file.seek(0)
+            self._file.write(struct.pack("<Q", len(blob)) + blob)
+            self._file.flush()
+            if self._fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        else:
+            self._rewrite_with_header(blob)
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def _rewrite_with_header(self, blob: bytes) -> None:
+        """Header did not fit the reserved space: write a new file and copy the data behind it."""
+        blob = blob + b" " * (-(len(blob) + 8) % _ALIGN)
+        final = self._tmp.with_name(self._tmp.name + "-final")
+        with open(final, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+            out.flush()
+            self._copy_data(out)
+            out.flush()
+            if self._fsync:
+                os.fsync(out.fileno())
+        self._file.close()
+        os.replace(final, self._tmp)
+
+    def _copy_data(self, out: Any) -> None:
+        """Copy the tensor bytes behind the new header: in the kernel where the platform can
+        (``copy_file_range``), through a buffer otherwise (macOS, some filesystems)."""
+        remaining, src_off = self._offset, self._reserve
+        try:
+            while remaining:
+                n = os.copy_file_range(self._file.fileno(), out.fileno(), remaining,
+                                       src_off, out.tell())
+                if n <= 0:
+                    break
+                out.seek(n, os.SEEK_CUR)
+                src_off += n
+                remaining -= n
+        except (AttributeError, OSError):
+            pass
+        if remaining:
+            self._file.seek(src_off)
+            shutil.copyfileobj(self._file, out, 16 * 1024 * 1024)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the destination is left untouched."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def check_output_path(path: Path, *, force: bool) -> None:
+    """Refuse an output in a missing folder, a folder itself, or an existing file without force."""
+    if not path.parent.is_dir():
+        raise DumpError(f"output folder {path.parent} does not exist: create it first")
+    if path.is_dir():
+        raise DumpError(f"output {path} is a directory: give a file name such as {path}/run.st")
+    if path.exists() and not force:
+        raise DumpError(f"output {path} already exists: pass --force to overwrite it")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Dump:
+    """A dump opened for reading: metadata, entries in execution order, lazy tensor access.
+
+    Tensors are read from the file on request (``dump[key]`` or :meth:`chunks`), so opening
+    a large dump costs only its header.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    entries: list[Entry] = field(default_factory=list)
+
+    # ---- basic facts
+    @property
+    def mode(self) -> str:
+        """``full`` (tensors stored) or ``stats`` (statistics only)."""
+        return str(self.meta.get("mode", "full"))
+
+    @property
+    def dtype(self) -> str | None:
+        """The capture's compute dtype (``float16`` ...), if recorded."""
+        value = self.meta.get("dtype")
+        return str(value) if value else None
+
+    @property
+    def config_hash(self) -> str | None:
+        """The model's config hash, if recorded (see :func:`precision.recorder.model_identity`)."""
+        value = self.meta.get("model", {}).get("config_hash")
+        return str(value) if value else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete", True))
+
+    def entry(self, key: str) -> Entry | None:
+        return self._by_key.get(key)
+
+    def __post_init__(self) -> None:
+        self._by_key = {e.key: e for e in self.entries}
+
+    def __contains__(self, key: object) -> bool:
+        """True for stored tensors and for aliases of them."""
+        return key in self.tensors or (isinstance(key, str) and self.resolve(key) is not None)
+
+    def resolve(self, key: str) -> str | None:
+        """The stored key holding ``key``'s data: itself, or the key it aliases."""
+        if key in self.tensors:
+            return key
+        e = self._by_key.get(key)
+        if e is not None and e.alias_of in self.tensors:
+            return e.alias_of
+        return None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keys(self) -> list[str]:
+        """Keys of stored tensors, in file order."""
+        return list(self.tensors)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        model = m.get("model", {}).get("class", "?")
+        dev = m.get("device", {}).get("name", "?")
+        size = sum(t.nbytes for t in self.tensors.values())
+        return (f"<Dump {self.path.name}: {model} on {dev} {m.get('dtype', '?')}, "
+                f"mode={self.mode}, {len(self.entries)} entries, {len(self.tensors)} tensors, "
+                f"{size / 1e6:.1f} MB>")
+
+    # ---- tensor access
+    def __getitem__(self, key: str) -> np.ndarray:
+        info = self._info(key)
+        out = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
+        fd = os.open(info.file or self.path, os.O_RDONLY)
+        try:
+            self._read_into(fd, info.start, out.reshape(-1).view(np.uint8))
+        finally:
+            os.close(fd)
+        return out
+
+    def chunks(self, key: str, chunk_elems: int) -> Iterator[np.ndarray]:
+        """Yield the flattened tensor in pieces of at most ``chunk_elems`` elements.
+
+        The yielded arrays share one buffer: use each before asking for the next.
+        """
+        info = self._info(key)
+        dt = numpy_dtype(info.dtype)
+        buf = np.empty(max(1, min(chunk_elems, info.numel)), dtype=dt)
+        pos = info.start
+        fd = os.open(info.file or self.path, os.O_RDONLY)
+        try:
+            for first in range(0, info.numel, chunk_elems):
+                n = min(chunk_elems, info.numel - first)
+                part = buf[:n]
+                self._read_into(fd, pos, part.view(np.uint8))
+                pos += n * dt.itemsize
+                yield part
+        finally:
+            os.close(fd)
+
+    def _info(self, key: str) -> TensorInfo:
+        stored = self.resolve(key)
+        if stored is None:
+            raise DumpError(f"{self.path}: no tensor {key!r} in this dump")
+        return self.tensors[stored]
+
+    def _read_into(self, fd: int, pos: int, out: np.ndarray) -> None:
+        view = memoryview(out).cast("B")  # type: ignore[arg-type]
+        done = 0
+        while done < view.nbytes:
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise DumpError(f"{self.path}: file ends inside tensor data (truncated?)")
+            done += got
+
+
+def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
+    """Open a dump (or any safetensors file) for reading, checking its header against the file.
+
+    Raises :class:`~precision.errors.DumpError` with a one-line reason for a missing,
+    truncated or corrupt file. A directory dump whose index was never written (a multi-rank
+    run that died) is refused unless ``allow_partial``; it then reads as incomplete. Plain
+    safetensors files without precision metadata load too: every tensor becomes an entry,
+    in file order.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DumpError(f"{p}: no such file")
+    if p.is_dir():
+        from .shards import INDEX, load_dir, load_partial
+
+        if (p / INDEX).is_file():
+            return load_dir(p)
+        if allow_partial and any(p.glob("rank*.st")):
+            return load_partial(p)
+        raise DumpError(f"{p} is a directory without {INDEX}: not a dump, or an unfinished "
+                        "multi-rank capture (pass --allow-partial to read the shards it has)")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DumpError(f"{p}: file too short to be a safetensors dump ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 and size > 8:
+            raise DumpError(f"{p}: an unfinished capture (the process stopped before writing "
+                            f"its index), {size} bytes that cannot be read: delete it")
+        if n > min(size - 8, _MAX_HEADER):
+            raise DumpError(f"{p}: header length {n} exceeds the file size: "
+                            "not a safetensors file, or truncated")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DumpError(f"{p}: header is not valid JSON: not a safetensors dump") from None
+    except _DuplicateKey as dup:
+        raise DumpError(f"{p}: the header names tensor {dup.args[0]!r} twice: corrupt "
+                        "(a reader would silently take one of them)") from None
+    if not isinstance(header, dict):
+        raise DumpError(f"{p}: header is not a JSON object")
+    meta_raw = header.pop("__metadata__", None) or {}
+    tensors = _parse_tensors(p, header, data_start=8 + n, size=size)
+    meta = _parse_meta(p, meta_raw)
+    try:
+        entries = _entries(meta, tensors)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise DumpError(f"{p}: the record list in the dump metadata is malformed") from None
+    for e in entries:
+        t = tensors.get(e.key)
+        if t is not None and (t.shape != e.shape or t.dtype != e.dtype):
+            raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
+                            f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
+    return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object with the same key twice."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
+                   size: int) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for key, spec in header.items():
+        try:
+            dtype = SAFETENSORS_TO_NAME[spec["dtype"]]
+            if not isinstance(spec["shape"], list) or not isinstance(spec["data_offsets"], list):
+                raise TypeError
+            shape = tuple(int(s) for s in spec["shape"])
+            begin, end = (int(x) for x in spec["data_offsets"])
+        except KeyError as exc:
+            raise DumpError(f"{p}: tensor {key!r} has unknown or missing field {exc}") from None
+        except (TypeError, ValueError):
+            raise DumpError(f"{p}: tensor {key!r} has a malformed header entry") from None
+        if any(s < 0 for s in shape) or begin < 0 or end < begin:
+            raise DumpError(f"{p}: tensor {key!r} has a negative shape or offsets")
+        if (end - begin) != math.prod(shape) * numpy_dtype(dtype).itemsize:
+            raise DumpError(f"{p}: tensor {key!r} byte size {end - begin} does not match "
+                            f"{dtype}{list(shape)}")
+        if data_start + end > size:
+            raise DumpError(f"{p}: tensor {key!r} lies beyond the end of the file (truncated?)")
+        infos[key] = TensorInfo(dtype, shape, data_start + begin, data_start + end)
+    spans = sorted((t.start, t.end) for t in infos.values() if t.end > t.start)
+    for (_, e1), (s2, _) in itertools.pairwise(spans):
+        if s2 < e1:
+            raise DumpError(f"{p}: tensors overlap in the file: corrupt header")
+    return dict(sorted(infos.items(), key=lambda kv: kv[1].start))
+
+
+def _parse_meta(p: Path, meta_raw: Any) -> dict[str, Any]:
+    if not isinstance(meta_raw, dict):
+        raise DumpError(f"{p}: __metadata__ is not a JSON object")
+    if meta_raw.get("format") != FORMAT_NAME:
+        return {"mode": "full", "foreign": True}
+    version = str(meta_raw.get("format_version", "?"))
+    if version != str(FORMAT_VERSION):
+        raise DumpError(f"{p}: dump format version {version} is not supported by this "
+                        f"precision (reads version {FORMAT_VERSION}): upgrade precision")
+    try:
+        meta = json.loads(meta_raw.get("meta", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        raise DumpError(f"{p}: dump metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise DumpError(f"{p}: dump metadata is not a JSON object")
+    for section in ("model", "device", "policy", "env", "module_dtypes"):
+        if not isinstance(meta.get(section, {}), dict):
+            raise DumpError(f"{p}: dump metadata field {section!r} is not an object: corrupt")
+    return meta
+
+
+def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry]:
+    raw = meta.get("entries")
+    if raw is None:  # plain safetensors: every tensor, in file order
+        return [Entry(key=k, module=k, kind="out", index="", call=0, order=i,
+                      shape=t.shape, dtype=t.dtype) for i, (k, t) in enumerate(tensors.items())]
+    if not isinstance(raw, list):
+        raise TypeError("entries is not a list")
+    entries = []
+    for i, e in enumerate(raw):
+        texts = [e["key"], e.get("module", e["key"]), e.get("kind", "out"), e.get("index", ""),
+                 e.get("dtype", "float32")]
+        shape = e.get("shape", [])
+        stats = e.get("stats")
+        alias = e.get("alias_of")
+        if (not all(isinstance(s, str) for s in texts) or not isinstance(shape, list)
+                or texts[4] not in NAME_TO_SAFETENSORS
+                or not (alias is None or isinstance(alias, str))
+                or not (stats is None or _valid_stats(stats))):
+            raise TypeError(f"record {i}")
+        entries.append(Entry(
+            key=texts[0], module=texts[1], kind=texts[2], index=texts[3],
+            call=int(e.get("call", 0)), order=i, shape=tuple(int(s) for s in shape),
+            dtype=texts[4], stats=stats, alias_of=alias,
+        ))
+    return entries
+
+
+def _valid_stats(stats: Any) -> bool:
+    """A stats record: a dict of numbers (or null where there were no finite values)."""
+    return isinstance(stats, dict) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        for v in stats.values())

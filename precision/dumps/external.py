@@ -1,0 +1,270 @@
+"""Logits that did not come from ``precision capture``, as either side of a comparison.
+
+Accepted (see docs/external.md):
+
+- ``.npy``: one array, the logits (``(..., vocab)``)
+- ``.npz``: the array named ``logits``, or the only array
+- ``.pt`` / ``.pth``: a tensor, or a dict with a ``logits`` tensor, read with
+  ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers
+- ``.safetensors`` / ``.st`` without precision metadata: the tensor named ``logits``
+- msprobe dumps: a ``dump.json`` (or its folder) with the tensors it names under
+  ``dump_tensor_data/`` (``.npy``, or ``.pt`` read with ``weights_only=True``); forward
+  inputs and outputs. L0 module records (``Module.<path>.<Class>.forward.<n>``) take
+  precision's keys (``<path>:out``), so they line up with a capture; API records keep their
+  names. Without tensor files (msprobe statistics), Max/Min/Mean/Norm become stats records;
+  msprobe keeps no NaN/inf counts, so an infinite or NaN Max/Min counts as one.
+- ``.json``: top-k log-probabilities per generated token, as vLLM's
+  ``SamplingParams(logprobs=k)`` gives them: a list with one object per sequence,
+  ``{"token_ids": [...], "logprobs": [{"<id>": logprob | {"logprob": x}, ...}, ...]}``
+
+Each is converted into a temporary precision dump: logits under the key ``logits`` (marked
+as the dump's logits), top-k data under ``generation:*``, so the usual logits and
+generation comparisons apply. Files are removed when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import SAFETENSORS_TO_NAME, canonical, is_float
+from ..errors import DumpError
+from .dump import Dump, DumpWriter, load, make_key
+
+LOGITS_KEY = "logits"
+EXTERNAL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".json")
+_WORKDIR: Path | None = None
+
+
+def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
+    """A precision dump, or external logits converted into one (see the module docstring)."""
+    p = Path(path)
+    if p.is_dir() and (p / "dump.json").is_file():
+        p = p / "dump.json"
+    if p.name == "dump.json":
+        tensors, meta = _msprobe(p)
+        return load(_write(p, tensors, meta))
+    if p.suffix.lower() not in EXTERNAL_SUFFIXES:
+        d = load(p, allow_partial=allow_partial)
+        if d.meta.get("foreign") and LOGITS_KEY in d.tensors:
+            d.meta["logits_key"] = LOGITS_KEY
+        return d
+    if not p.is_file():
+        raise DumpError(f"{p}: no such file")
+    reader = {".npy": _npy, ".npz": _npz, ".pt": _pt, ".pth": _pt, ".json": _vllm_json}
+    tensors, meta = reader[p.suffix.lower()](p)
+    return load(_write(p, tensors, meta))
+
+
+def _write(src: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    global _WORKDIR
+    if _WORKDIR is None:
+        _WORKDIR = Path(tempfile.mkdtemp(prefix="precision-external-"))
+        atexit.register(shutil.rmtree, _WORKDIR, True)
+    out = _WORKDIR / f"{len(list(_WORKDIR.iterdir()))}-{src.stem}.st"
+    w = DumpWriter(out, force=True)
+    entries = []
+    for key, arr in tensors.items():
+        a = np.ascontiguousarray(arr)
+        name = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
+        if name not in SAFETENSORS_TO_NAME.values():
+            raise DumpError(f"{src}: {key} has dtype {a.dtype}, which a dump cannot hold")
+        w.write(key, name, tuple(a.shape), a)
+        module, _, rest = key.partition(":")
+        kind, _, index = rest.split("#")[0].partition(".")
+        if module == "generation" or not rest:
+            kind, index = ("generation", rest) if module == "generation" else ("out", "")
+        entries.append({"key": key, "module": module, "kind": kind, "index": index,
+                        "call": 0, "shape": list(a.shape), "dtype": name})
+    entries += meta.pop("extra_entries", [])
+    w.close({"mode": "full", "external": str(src), "entries": entries,
+             "model": {"class": "external"}} | meta)
+    return out
+
+
+def _logits_meta(arr: np.ndarray, src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    if arr.ndim < 1 or not is_float("bfloat16" if arr.dtype.name == "bfloat16" else
+                                    arr.dtype.name):
+        raise DumpError(f"{src}: expected floating-point logits (..., vocab), got "
+                        f"{arr.dtype} {list(arr.shape)}")
+    dtype = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
+    return {LOGITS_KEY: arr}, {"logits_key": LOGITS_KEY, "dtype": dtype}
+
+
+def _npy(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        raise DumpError(f"{p}: not a plain .npy array ({exc})") from None
+    return _logits_meta(arr, p)
+
+
+def _npz(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = list(z.keys())
+            if LOGITS_KEY in names:
+                return _logits_meta(z[LOGITS_KEY], p)
+            if len(names) == 1:
+                return _logits_meta(z[names[0]], p)
+    except ValueError as exc:
+        raise DumpError(f"{p}: not a plain .npz archive ({exc})") from None
+    raise DumpError(f"{p}: holds {names}; name the logits array 'logits'")
+
+
+def _pt(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import torch
+
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle payloads beyond tensors are refused here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DumpError(f"{p}: not loadable with weights_only=True ({first})") from None
+    if isinstance(obj, dict):
+        obj = obj.get(LOGITS_KEY)
+    if not isinstance(obj, torch.Tensor):
+        raise DumpError(f"{p}: expected a tensor or a dict with a 'logits' tensor")
+    t = obj.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    else:
+        arr = t.numpy()
+    return _logits_meta(arr, p)
+
+
+def _vllm_json(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DumpError(f"{p}: not valid JSON ({exc})") from None
+    seqs = doc.get("sequences", doc) if isinstance(doc, dict) else doc
+    if not isinstance(seqs, list) or not seqs:
+        raise DumpError(f"{p}: expected a list of sequences with token_ids and logprobs")
+    try:
+        tokens = [list(map(int, s["token_ids"])) for s in seqs]
+        steps = [[_step(step) for step in s["logprobs"]] for s in seqs]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DumpError(f"{p}: sequence entries need 'token_ids' and 'logprobs' ({exc})") \
+            from None
+    n_steps = max(len(t) for t in tokens)
+    k = max((len(s) for seq in steps for s in seq), default=1)
+    tok = np.full((len(seqs), n_steps), -1, np.int64)
+    ids = np.full((len(seqs), n_steps, k), -1, np.int64)
+    lps = np.full((len(seqs), n_steps, k), -np.inf, np.float32)
+    for r, (t, seq) in enumerate(zip(tokens, steps, strict=True)):
+        tok[r, :len(t)] = t
+        for s, pairs in enumerate(seq[:n_steps]):
+            for j, (i, lp) in enumerate(pairs):
+                ids[r, s, j], lps[r, s, j] = i, lp
+    tensors: dict[str, np.ndarray] = {"generation:tokens": tok, "generation:topk_ids": ids,
+                                      "generation:topk_logprobs": lps}
+    return tensors, {"generation": {"num_beams": 1, "steps": n_steps, "topk": k},
+                     "logits_key": None}
+
+
+def _step(entry: dict[str, Any]) -> list[tuple[int, float]]:
+    """One step's {token id: logprob} as (id, logprob) pairs, most likely first."""
+    pairs = []
+    for key, value in entry.items():
+        lp = value["logprob"] if isinstance(value, dict) else value
+        pairs.append((int(key), float(lp)))
+    return sorted(pairs, key=lambda kv: -kv[1])
+
+
+# ----------------------------------------------------------------------------- msprobe
+
+_MSPROBE_MODULE = re.compile(r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_]\w*)\.forward\.(?P<n>\d+)$")
+
+
+def _msprobe_key(name: str, kind: str, index: int) -> str:
+    """``Module.encoder.block.0.layer.1.DenseReluDense.wo.Linear.forward.0`` -> the precision
+    key of that module's output (``encoder...wo:out``); API records keep their own names."""
+    m = _MSPROBE_MODULE.match(name)
+    if m:
+        return make_key(m["path"], kind, str(index) if index else "", int(m["n"]))
+    return make_key(name.removesuffix(".forward"), kind, str(index))
+
+
+def _msprobe(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """msprobe's dump.json (+ dump_tensor_data/*.npy|.pt): forward inputs and outputs."""
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        data = doc["data"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DumpError(f"{p}: not an msprobe dump.json ({exc})") from None
+    folder = next((d for d in (p.parent / "dump_tensor_data", p.parent) if d.is_dir()), p.parent)
+    tensors: dict[str, np.ndarray] = {}
+    stats: list[dict[str, Any]] = []
+    for name, record in data.items():
+        if not name.endswith(".forward") and ".forward." not in name:
+            continue  # backward records: gradients are issue 8's business
+        parts = [("out", record.get("output") or [])]
+        parts.append(("in", list(record.get("input_args") or [])
+                      + list((record.get("input_kwargs") or {}).values())))
+        for kind, items in parts:
+            for i, item in enumerate(items if isinstance(items, list) else [items]):
+                if not isinstance(item, dict) or "Tensor" not in str(item.get("type", "")):
+                    continue
+                key = _msprobe_key(name, kind, i)
+                arr = _msprobe_tensor(folder, item.get("data_name"))
+                if arr is not None:
+                    tensors[key] = arr
+                else:
+                    stats.append(_msprobe_stats(key, item))
+    if not tensors and not stats:
+        raise DumpError(f"{p}: no forward tensors in this msprobe dump")
+    return tensors, {"msprobe": {"task": doc.get("task"), "level": doc.get("level"),
+                                 "framework": doc.get("framework")},
+                     "mode": "full" if tensors else "stats", "extra_entries": stats}
+
+
+def _msprobe_tensor(folder: Path, data_name: Any) -> np.ndarray | None:
+    if not isinstance(data_name, str) or data_name in ("", "-1"):
+        return None
+    f = folder / data_name
+    if not f.is_file():
+        return None
+    if f.suffix == ".npy":
+        return _npy(f)[0][LOGITS_KEY]
+    if f.suffix == ".pt":
+        return _pt(f)[0][LOGITS_KEY]
+    return None
+
+
+def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A stats-only record from msprobe's Max/Min/Mean/Norm (no std: msprobe has none)."""
+    shape = [int(s) for s in item.get("shape") or []]
+    numel = math.prod(shape)
+
+    def num(name: str) -> float | None:
+        v = item.get(name)
+        try:
+            return float(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    raw = {k: num(k) for k in ("Min", "Max", "Mean", "Norm")}
+    # msprobe keeps no counts: an infinite or NaN Max/Min says "at least one" (a NaN Mean
+    # alone can come from +inf and -inf together)
+    counts = {"nan": int(any(v is not None and math.isnan(v) for v in (raw["Max"], raw["Min"]))),
+              "posinf": int(raw["Max"] == math.inf), "neginf": int(raw["Min"] == -math.inf)}
+    fin = {k: (v if v is not None and math.isfinite(v) else None) for k, v in raw.items()}
+    lo, hi = fin["Min"], fin["Max"]
+    absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
+    module, _, rest = key.partition(":")
+    dtype = canonical(str(item.get("dtype", "float32")))
+    return {"key": key, "module": module, "kind": rest.split(".")[0].split("#")[0], "index": "",
+            "call": 0, "shape": shape, "dtype": dtype,
+            "stats": {"numel": numel, "min": lo, "max": hi, "mean": fin["Mean"],
+                      "norm": fin["Norm"], "absmax": absmax} | counts}

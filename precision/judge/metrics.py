@@ -1,0 +1,319 @@
+"""Error metrics between a baseline tensor ``a`` and a target tensor ``b`` (numpy only).
+
+Every metric is accumulated in float64 over chunks, so memory stays bounded by the chunk
+size and the result does not depend on it (up to float64 rounding). With ``d = b - a`` over
+the *compared* elements (both finite, not masked):
+
+- ``max_abs = max|d|``, ``mean_abs = mean|d|``, ``rmse = sqrt(mean(d²))``
+- ``rel_l2 = ||d|| / ||a||`` (norm-relative error; 0/0 = 0, x/0 = inf)
+- ``max_rel = max |d| / max(|a|, floor)``: elementwise relative error with the denominator
+  floored at ``floor`` (default 1e-3 for half types, 1e-6 otherwise: the Ascend small-value
+  thresholds), so near-zero baselines do not explode it
+- ``ratio_1e2/1e3/1e4``: share of compared elements whose floored relative error exceeds
+  1e-2, 1e-3, 1e-4 (Ascend's "error ratio"; reported, not used for verdicts, because a
+  fixed floor makes them fire on near-zero elements of healthy tensors)
+- ``rms_base = ||a|| / sqrt(n)``: the baseline's scale, against which ``max_abs`` is judged
+- ``cos = a·b / (||a|| ||b||)``; ``one_minus_cos`` is computed as
+  ``(||d||² - (||a|| - ||b||)²) / (2 ||a|| ||b||)``, which keeps its digits near cos = 1
+- ``snr_db = 10 log10(||a||² / ||d||²)`` (inf when d = 0)
+- ``pearson = cov(a, b) / (std(a) std(b))`` from Chan's pairwise co-moments
+- ``max_ulp = max |d| / ulp_T(a)``: error in units in the last place of the target format T
+  at the baseline value, ``ulp_T(x) = 2^(max(floor(log2|x|), e_min) - m)``
+
+Masked elements (``a`` at or below the baseline format's lowest finite value or -inf, i.e.
+an additive attention mask folded into T5's position bias) are excluded and counted. A
+baseline value beyond the target's range that the target turns into -inf is an overflow,
+not a mask. NaN/inf are excluded and counted per side; a
+target NaN/inf where the baseline is finite counts as ``new_nan``/``new_inf``. Target values
+within 2% of the target format's max that differ from the baseline by more than 1% count
+as ``saturated`` (clamps such as transformers' T5 ±64504). ``beyond_target_range`` counts
+finite, unmasked baseline values that the target tensor's dtype cannot hold
+(``|a| > max_T``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..dtypes import float_format, is_float
+
+RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
+_THREAD = threading.local()
+SATURATION = 0.98
+
+
+def default_floor(target_dtype: str) -> float:
+    """Denominator floor for elementwise relative error: 1e-3 for half types, else 1e-6."""
+    return 1e-3 if target_dtype in ("float16", "bfloat16") else 1e-6
+
+
+@dataclass(frozen=True)
+class TensorMetrics:
+    """Comparison of one tensor pair; see the module docstring for each formula."""
+
+    numel: int
+    compared: int
+    masked: int
+    nan_base: int
+    nan_target: int
+    inf_base: int
+    inf_target: int
+    new_nan: int
+    new_inf: int
+    saturated: int
+    beyond_target_range: int
+    max_abs: float
+    mean_abs: float
+    rmse: float
+    rel_l2: float
+    max_rel: float
+    ratio_1e2: float
+    ratio_1e3: float
+    ratio_1e4: float
+    cos: float
+    one_minus_cos: float
+    snr_db: float
+    pearson: float
+    max_ulp: float
+    absmax_base: float
+    absmax_target: float
+    norm_base: float
+    target_max: float
+
+    @property
+    def rms_base(self) -> float:
+        """Root mean square of the compared baseline elements, ``||a|| / sqrt(n)``."""
+        return self.norm_base / math.sqrt(self.compared) if self.compared else 0.0
+
+    @property
+    def headroom_bits(self) -> float:
+        """``log2(target_max / absmax_target)``: doublings left before the target overflows."""
+        if self.absmax_target == 0:
+            return math.inf
+        return math.log2(self.target_max / self.absmax_target)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "headroom_bits": self.headroom_bits, "rms_base": self.rms_base}
+
+
+class PairAccumulator:
+    """Streams chunk pairs of a baseline and a target tensor into :class:`TensorMetrics`."""
+
+    def __init__(self, base_dtype: str, target_dtype: str, *, floor: float | None = None) -> None:
+        self.base_fmt = float_format(base_dtype)
+        self.tgt_fmt = float_format(target_dtype if is_float(target_dtype) else base_dtype)
+        self.floor = default_floor(target_dtype) if floor is None else floor
+        self.numel = self.masked = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
+        self.new_nan = self.new_inf = self.saturated = self.beyond = 0
+        self.n = 0
+        self.mean_a = self.mean_b = self.m2a = self.m2b = self.cab = 0.0
+        self.sum_d2 = self.sum_abs = self.max_abs = self.max_rel = self.max_ulp = 0.0
+        self.absmax_a = self.absmax_b = 0.0
+        self.over = [0, 0, 0]
+
+    @staticmethod
+    def _scratch(n: int) -> list[np.ndarray]:
+        """Work arrays (six float64, one C int, one bool) reused by every accumulator of this
+        thread: fresh large temporaries would page-fault on every chunk."""
+        work: list[np.ndarray] | None = getattr(_THREAD, "work", None)
+        if work is None or work[0].size < n:
+            work = [np.empty(n) for _ in range(6)]
+            work += [np.empty(n, dtype=np.intc), np.empty(n, dtype=bool)]
+            _THREAD.work = work
+        return [w[:n] for w in work]
+
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Add one chunk (flat arrays of equal length, any float dtypes)."""
+        a = np.asarray(a).reshape(-1)
+        b = np.asarray(b).reshape(-1)
+        n = a.size
+        self.numel += n
+        if n == 0:
+            return
+        a64, b64 = self._scratch(n)[:2]
+        np.copyto(a64, a)
+        np.copyto(b64, b)
+        with np.errstate(invalid="ignore", over="ignore"):
+            amin, amax = float(a64.min()), float(a64.max())
+            clean = math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
+            tmax = self.tgt_fmt.max
+            if not (-tmax <= amin and amax <= tmax):  # NaN lands here too
+                live = self._unmasked(a64) & np.isfinite(a64)
+                self.beyond += int(np.count_nonzero(live & (np.abs(a64) > tmax)))
+        if not clean:
+            a64, b64 = self._filter(a64, b64)
+            if a64.size == 0:
+                return
+            a64, b64 = a64.copy(), b64.copy()  # off the scratch arrays _accumulate uses
+        self._accumulate(a64, b64)
+
+    def _unmasked(self, a: np.ndarray) -> np.ndarray:
+        """False where the baseline is an additive mask: at or below its dtype's lowest
+        finite value, or -inf (``finfo.min`` folded into T5's position bias)."""
+        with np.errstate(invalid="ignore"):
+            return ~(a <= self.base_fmt.lowest)
+
+    def _filter(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Count masked and non-finite elements; return the comparable ones."""
+        live = self._unmasked(a)
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        masked = ~live
+        self.masked += int(masked.sum())
+        nan_a, nan_b = np.isnan(a) & live, np.isnan(b) & live
+        inf_a, inf_b = np.isinf(a) & live, np.isinf(b) & live
+        self.nan_a += int(nan_a.sum())
+        self.nan_b += int(nan_b.sum())
+        self.inf_a += int(inf_a.sum())
+        self.inf_b += int(inf_b.sum())
+        self.new_nan += int((nan_b & fa).sum())
+        self.new_inf += int((inf_b & fa).sum())
+        keep = live & fa & fb
+        return a[keep], b[keep]
+
+    def _accumulate(self, a: np.ndarray, b: np.ndarray) -> None:
+        n2 = a.size
+        _, _, d, absd, abs_a, tmp, exp, flag = self._scratch(n2)
+        np.subtract(b, a, out=d)
+        np.abs(d, out=absd)
+        np.abs(a, out=abs_a)
+        self.sum_d2 += _dot(d, d)
+        self.sum_abs += float(absd.sum())
+        self.max_abs = max(self.max_abs, float(absd.max()))
+        self.absmax_a = max(self.absmax_a, float(abs_a.max()))
+        chunk_absmax_b = max(float(b.max()), -float(b.min()))
+        self.absmax_b = max(self.absmax_b, chunk_absmax_b)
+        rel = np.maximum(abs_a, self.floor, out=tmp)
+        np.divide(absd, rel, out=rel)
+        self.max_rel = max(self.max_rel, float(rel.max()))
+        for i, t in enumerate(RATIO_THRESHOLDS):
+            self.over[i] += int(np.count_nonzero(np.greater(rel, t, out=flag)))
+        tmax = self.tgt_fmt.max
+        if chunk_absmax_b >= SATURATION * tmax:
+            self.saturated += int(np.count_nonzero((np.abs(b) >= SATURATION * tmax)
+                                                   & (rel > 1e-2)))
+        ulp = np.maximum(abs_a, self.tgt_fmt.smallest_normal, out=tmp)
+        np.frexp(ulp, out=(d, exp))  # d is free again: sum_d2 and absd are taken
+        np.subtract(exp, 1 + self.tgt_fmt.mantissa_bits, out=exp)
+        np.ldexp(1.0, exp, out=ulp)
+        np.divide(absd, ulp, out=ulp)
+        self.max_ulp = max(self.max_ulp, float(ulp.max()))
+        # Chan et al.: merge this chunk's means and co-moments into the running ones
+        ma2, mb2 = float(a.mean()), float(b.mean())
+        ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
+        m2a2, m2b2, c2 = _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)
+        n1 = self.n
+        n = n1 + n2
+        da, db = ma2 - self.mean_a, mb2 - self.mean_b
+        w = n1 * n2 / n
+        self.m2a += m2a2 + da * da * w
+        self.m2b += m2b2 + db * db * w
+        self.cab += c2 + da * db * w
+        self.mean_a += da * n2 / n
+        self.mean_b += db * n2 / n
+        self.n = n
+
+    def result(self) -> TensorMetrics:
+        n = self.n
+        norm_a = math.sqrt(max(self.m2a + n * self.mean_a**2, 0.0))
+        norm_b = math.sqrt(max(self.m2b + n * self.mean_b**2, 0.0))
+        norm_d = math.sqrt(self.sum_d2)
+        sum_ab = self.cab + n * self.mean_a * self.mean_b
+        return TensorMetrics(
+            numel=self.numel, compared=n, masked=self.masked, nan_base=self.nan_a,
+            nan_target=self.nan_b, inf_base=self.inf_a, inf_target=self.inf_b,
+            new_nan=self.new_nan, new_inf=self.new_inf, saturated=self.saturated,
+            beyond_target_range=self.beyond, max_abs=self.max_abs,
+            mean_abs=self.sum_abs / n if n else 0.0,
+            rmse=math.sqrt(self.sum_d2 / n) if n else 0.0,
+            rel_l2=_ratio(norm_d, norm_a), max_rel=self.max_rel,
+            ratio_1e2=self.over[0] / n if n else 0.0, ratio_1e3=self.over[1] / n if n else 0.0,
+            ratio_1e4=self.over[2] / n if n else 0.0,
+            cos=1.0 - _one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
+            one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
+            snr_db=_snr(norm_a, norm_d), pearson=_pearson(self.m2a, self.m2b, self.cab, norm_d),
+            max_ulp=self.max_ulp, absmax_base=self.absmax_a, absmax_target=self.absmax_b,
+            norm_base=norm_a, target_max=self.tgt_fmt.max,
+        )
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> float:
+    """Sum of products without BLAS: OpenBLAS threads spin and fight over small chunks."""
+    return float(np.einsum("i,i->", x, y))
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den`` with 0/0 = 0 and x/0 = inf."""
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+def _one_minus_cos(na: float, nb: float, nd: float, sum_ab: float) -> float:
+    """``1 - cos``: from ``||d||`` when the norms are alike (keeps digits near cos = 1), else
+    from ``a·b`` directly (the identity cancels when one norm dwarfs the other)."""
+    if na == 0 or nb == 0:
+        return 0.0 if na == nb else 1.0
+    if max(na, nb) <= 2 * min(na, nb):
+        value = (nd * nd - (na - nb) ** 2) / (2 * na * nb)
+    else:
+        value = 1.0 - sum_ab / (na * nb)
+    return min(max(value, 0.0), 2.0)
+
+
+def _snr(na: float, nd: float) -> float:
+    if nd == 0:
+        return math.inf
+    if na == 0:
+        return -math.inf
+    return 10.0 * math.log10(na * na / (nd * nd))
+
+
+def _pearson(m2a: float, m2b: float, cab: float, nd: float) -> float:
+    """Correlation; for a constant side: 1 when the tensors are equal, else 0."""
+    if m2a <= 0 or m2b <= 0:
+        return 1.0 if nd == 0 else 0.0
+    return max(-1.0, min(1.0, cab / math.sqrt(m2a * m2b)))
+
+
+def compare_float(pairs: Iterable[tuple[np.ndarray, np.ndarray]], base_dtype: str,
+                  target_dtype: str, *, floor: float | None = None) -> TensorMetrics:
+    """Metrics over an iterable of (baseline chunk, target chunk) pairs."""
+    acc = PairAccumulator(base_dtype, target_dtype, floor=floor)
+    for a, b in pairs:
+        acc.update(a, b)
+    return acc.result()
+
+
+@dataclass(frozen=True)
+class ExactMetrics:
+    """Integer/bool comparison: ``mismatched`` elements and their share; ``max_abs`` diff."""
+
+    numel: int
+    mismatched: int
+    max_abs: float
+
+    @property
+    def share(self) -> float:
+        return self.mismatched / self.numel if self.numel else 0.0
+
+
+def compare_exact(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> ExactMetrics:
+    """Exact comparison of integer or bool tensors, chunk by chunk."""
+    numel = mismatched = 0
+    max_abs = 0.0
+    for a, b in pairs:
+        ne = a != b
+        numel += a.size
+        k = int(np.count_nonzero(ne))
+        mismatched += k
+        if k:  # Python ints: exact for any int64, no overflow
+            diff = np.abs(a[ne].astype(object) - b[ne].astype(object))
+            max_abs = max(max_abs, float(diff.max()))
+    return ExactMetrics(numel, mismatched, max_abs)

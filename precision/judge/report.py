@@ -1,0 +1,196 @@
+"""Comparison results: frozen :class:`Row` objects inside a :class:`Report`.
+
+A report is truthy when no row is flagged, so ``assert precision.compare(a, b)`` works in a
+test. It renders to JSON (schema in ``docs/json-schema.md``), Markdown and pandas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .generation import GenerationMetrics
+from .logits import LogitsMetrics
+from .metrics import ExactMetrics, TensorMetrics
+from .profiles import Profile
+
+SCHEMA_VERSION = 1
+#: statuses, mildest first
+STATUSES = ("OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN")
+#: what each --fail-on choice fails on
+FAIL_ON = {
+    "never": frozenset(),
+    "nan": frozenset({"NAN"}),
+    "overflow": frozenset({"OVERFLOW", "NAN"}),
+    "drift": frozenset({"DRIFT", "OVERFLOW", "NAN", "MISMATCH"}),
+    "any": frozenset({"DRIFT", "OVERFLOW", "NAN", "MISMATCH", "MISSING"}),
+}
+FLAGGED = FAIL_ON["drift"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One aligned key: its verdict and metrics (``None`` where they do not apply)."""
+
+    order: int
+    key: str
+    status: str
+    reason: str
+    shape: tuple[int, ...]
+    base_dtype: str
+    target_dtype: str
+    metrics: TensorMetrics | None = None
+    exact: ExactMetrics | None = None
+    logits: LogitsMetrics | None = None
+    stats_delta: dict[str, Any] | None = None
+    growth: float | None = None
+    generation: GenerationMetrics | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.status in FLAGGED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "order": self.order, "key": self.key, "status": self.status, "reason": self.reason,
+            "shape": list(self.shape), "base_dtype": self.base_dtype,
+            "target_dtype": self.target_dtype, "growth": self.growth,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "exact": ({"numel": self.exact.numel, "mismatched": self.exact.mismatched,
+                       "share": self.exact.share, "max_abs": self.exact.max_abs}
+                      if self.exact else None),
+            "logits": self.logits.as_dict() if self.logits else None,
+            "stats": self.stats_delta,
+            "generation": self.generation.as_dict() if self.generation else None,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """All rows of a comparison in the baseline's execution order, plus the verdict."""
+
+    base: str
+    target: str
+    profile: Profile
+    rows: tuple[Row, ...]
+    first_divergence: Row | None
+    warnings: tuple[str, ...] = ()
+    fail_on: str = "drift"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return not self.failing
+
+    @property
+    def failing(self) -> list[Row]:
+        """Rows whose status is one that ``fail_on`` fails on."""
+        bad = FAIL_ON[self.fail_on]
+        return [r for r in self.rows if r.status in bad]
+
+    @property
+    def flagged(self) -> list[Row]:
+        return [r for r in self.rows if r.flagged]
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        for r in self.rows:
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+    @property
+    def summary(self) -> str:
+        """One line: verdict, first divergence and counts by status."""
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        if self.first_divergence is None:
+            head = "no divergence beyond the expected noise"
+        else:
+            r = self.first_divergence
+            head = f"first divergence at {r.key} ({r.status}: {r.reason})"
+        return f"{'PASS' if self else 'FAIL'} [{self.profile.name}]: {head}; {counts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION, "base": self.base, "target": self.target,
+            "profile": vars(self.profile), "fail_on": self.fail_on, "passed": bool(self),
+            "summary": self.summary, "counts": self.counts(),
+            "first_divergence": self.first_divergence.key if self.first_divergence else None,
+            "warnings": list(self.warnings), "info": self.info,
+            "rows": [r.as_dict() for r in self.rows],
+        }
+
+    def plot(self) -> Any:
+        """Matplotlib figure: error versus depth (rel_l2 and 1-cos), flagged layers marked."""
+        import matplotlib.pyplot as plt
+
+        from ..outputs.plots import error_vs_depth
+
+        fig, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
+        error_vs_depth(self, ax)
+        return fig
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the summary and the flagged rows (all rows when none is flagged)."""
+        from .html import num, table
+
+        rows = self.flagged or list(self.rows)
+        return table(self.summary, ["#", "layer", "status", "rel_l2", "1-cos", "max_abs", "why"],
+                     ([r.order, r.key, r.status, num(r.metrics.rel_l2 if r.metrics else None),
+                       num(r.metrics.one_minus_cos if r.metrics else None),
+                       num(r.metrics.max_abs if r.metrics else None), r.reason] for r in rows))
+
+    def to_json(self) -> str:
+        """JSON text; non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
+        return json.dumps(json_safe(self.to_dict()), indent=1)
+
+    def to_markdown(self, *, only_flagged: bool = True, top: int | None = 20) -> str:
+        """A summary fit for a pull-request comment."""
+        lines = [f"**precision**: {self.summary}", ""]
+        lines += [f"> warning: {w}" for w in self.warnings]
+        rows = [r for r in self.rows if r.flagged] if only_flagged else list(self.rows)
+        if top is not None:
+            rows = rows[:top]
+        if rows:
+            lines += ["| # | layer | status | rel_l2 | 1-cos | max_abs | why |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                m = r.metrics
+                lines.append(f"| {r.order} | `{r.key}` | {r.status} | "
+                             f"{_num(m.rel_l2) if m else '-'} | "
+                             f"{_num(m.one_minus_cos) if m else '-'} | "
+                             f"{_num(m.max_abs) if m else '-'} | "
+                             f"{r.reason.replace('|', chr(92) + '|')} |")
+        return "\n".join(lines) + "\n"
+
+    def to_pandas(self) -> Any:
+        """One DataFrame row per compared key with the main metrics as columns."""
+        import pandas as pd
+
+        records = []
+        for r in self.rows:
+            rec: dict[str, Any] = {"order": r.order, "key": r.key, "status": r.status,
+                                   "reason": r.reason, "shape": r.shape,
+                                   "base_dtype": r.base_dtype, "target_dtype": r.target_dtype,
+                                   "growth": r.growth}
+            if r.metrics:
+                rec |= r.metrics.as_dict()
+            if r.logits:
+                rec |= {f"logits_{k}": v for k, v in r.logits.as_dict().items() if k != "flips"}
+            records.append(rec)
+        return pd.DataFrame.from_records(records)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats as the strings ``inf``, ``-inf``, ``nan`` (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -1,0 +1,100 @@
+"""Comparisons from per-tensor statistics, when one or both dumps were taken in stats mode.
+
+Statistics cannot give elementwise errors, but they bound them: by the reverse triangle
+inequality ``| ||b|| - ||a|| | <= ||b - a||``, so a norm gap beyond the tolerance proves
+drift. Agreement of statistics cannot prove its absence; such rows say so in their reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from ..dumps.dump import Dump
+
+FP16_MAX = 65504.0
+NEAR_FP16_MAX = 0.98 * FP16_MAX
+FP16_FLUSH = 2.0**-25
+
+
+def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
+    """The statistics that stats-mode capture records, computed in float64 from chunks."""
+    n = nan = posinf = neginf = beyond = near = flush = 0
+    count, mean, m2, sq = 0, 0.0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    for c in chunks:
+        x = np.asarray(c, dtype=np.float64).reshape(-1)
+        n += x.size
+        finite = np.isfinite(x)
+        if not finite.all():
+            nan += int(np.isnan(x).sum())
+            posinf += int((x == math.inf).sum())
+            neginf += int((x == -math.inf).sum())
+            x = x[finite]
+        if x.size == 0:
+            continue
+        # Chan et al.: merge this chunk's mean and squared deviations (no cancellation)
+        cm = float(x.mean())
+        dev = x - cm
+        cm2 = float(np.einsum("i,i->", dev, dev))
+        delta, total_n = cm - mean, count + x.size
+        m2 += cm2 + delta * delta * count * x.size / total_n
+        mean += delta * x.size / total_n
+        count = total_n
+        sq += float(np.einsum("i,i->", x, x))
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+        mag = np.abs(x)
+        beyond += int(np.count_nonzero(mag > FP16_MAX))
+        near += int(np.count_nonzero(mag >= NEAR_FP16_MAX))
+        flush += int(np.count_nonzero((mag <= FP16_FLUSH) & (mag > 0)))  # ties go to 0
+    out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
+                           "beyond_fp16": beyond, "near_fp16_max": near, "flush_fp16": flush}
+    if count == 0:
+        return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
+    return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),
+                  "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
+
+
+def record_stats(d: Dump, key: str, *, chunk: int = 1 << 18,
+                 cache: dict[str, dict[str, Any] | None] | None = None
+                 ) -> dict[str, Any] | None:
+    """Statistics of a record however it was stored: its stats-mode record, the tensor that
+    holds it (itself or what it aliases; ``cache`` avoids reading one tensor twice), or the
+    stats record it aliases. ``None`` when the dump holds no data for it."""
+    e = d.entry(key)
+    if e is not None and e.stats is not None:
+        return e.stats
+    stored = d.resolve(key)
+    if stored is not None:
+        if cache is None:
+            return array_stats(d.chunks(stored, chunk))
+        if stored not in cache:
+            cache[stored] = array_stats(d.chunks(stored, chunk))
+        return cache[stored]
+    source = d.entry(e.alias_of) if e is not None and e.alias_of else None
+    return source.stats if source is not None else None
+
+
+def _within(st: dict[str, Any]) -> int:
+    return int(st.get("near_fp16_max", 0)) - int(st.get("beyond_fp16", 0))
+
+
+def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+    """What two statistics records say about the pair: norm gap, new NaN/inf, saturation."""
+    na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
+    gap = abs(nb - na)
+    return {
+        "norm_base": na, "norm_target": nb, "norm_gap": gap,
+        "norm_gap_rel": (gap / na) if na else (0.0 if gap == 0 else math.inf),
+        "absmax_base": sa.get("absmax"), "absmax_target": sb.get("absmax"),
+        "mean_base": sa.get("mean"), "mean_target": sb.get("mean"),
+        "new_nan": max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
+        "new_inf": max(0, int(sb.get("posinf", 0)) + int(sb.get("neginf", 0))
+                       - int(sa.get("posinf", 0)) - int(sa.get("neginf", 0))),
+        # pinned near the max but within it: values beyond 65504 count as "near" too
+        "new_near_fp16_max": max(0, _within(sb) - _within(sa)),
+        "numel": int(sa.get("numel", 0)),
+    }

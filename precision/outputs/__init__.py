@@ -1,0 +1,2 @@
+"""What people read: terminal tables (rich), the HTML report and matplotlib figures.
+"""

@@ -1,0 +1,203 @@
+"""Terminal output with rich: ``inspect`` listings and ``compare`` tables."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..dtypes import short
+from ..dumps.dump import FORMAT_VERSION, Dump
+
+if TYPE_CHECKING:
+    from ..doctor.checks import Suggestion
+    from ..doctor.isolation import IsolateReport
+    from ..judge.report import Report, Row
+    from ..judge.scan import ScanReport
+
+STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN": "bold red",
+                "MISMATCH": "magenta", "MISSING": "dim", "EXACT": "green"}
+
+
+def _console() -> Console:
+    """A console that keeps long layer names whole when output goes to a file or pipe."""
+    import sys
+
+    width = None if sys.stdout.isatty() else 220
+    return Console(highlight=False, soft_wrap=False, width=width)
+
+
+def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
+    """Metadata summary and the records of ``dump`` (aliases hidden unless ``show_all``)."""
+    con = _console()
+    m = dump.meta
+    model = m.get("model", {})
+    dev = m.get("device", {})
+    policy = m.get("policy", {})
+    con.print(f"[bold]{escape(str(dump.path))}[/]  format v{FORMAT_VERSION}  "
+              f"{'complete' if dump.complete else '[red]INCOMPLETE[/]'}")
+    rows = [
+        ("model", f"{model.get('class', '?')} ({model.get('kind', '?')}) "
+                  f"{model.get('path', '')}  config {model.get('config_hash', '?')}"),
+        ("device", f"{dev.get('name', '?')} [{dev.get('torch_device', '?')}]"),
+        ("dtype", f"{short(str(m.get('dtype', '?')))}  keep-fp32: {policy.get('base', '?')} "
+                  f"{' '.join(policy.get('globs', []))}  kept: "
+                  f"{', '.join(policy.get('kept_fp32', [])) or '-'}"),
+        ("mode", f"{dump.mode}  {len(dump.entries)} records, {len(dump.tensors)} tensors, "
+                 f"{sum(t.nbytes for t in dump.tensors.values()) / 1e6:.2f} MB"),
+        ("logits", str(m.get("logits_key") or ", ".join(m.get("logits_keys", [])) or None)),
+        ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
+        ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),
+    ]
+    if m.get("device_map"):
+        counts = Counter(m["device_map"].values())
+        rows.insert(2, ("placed", "device map: " + ", ".join(
+            f"{n} module(s) on {where}" for where, n in counts.items())))
+    if m.get("shards"):
+        rows.insert(0, ("shards", f"{m['shards']} ranks ({m.get('index', {}).get('backend')}), "
+                              "keys prefixed rank<r>/"))
+    if m.get("foreign"):
+        rows = [("format", "plain safetensors file (no precision metadata)")]
+    for name, value in rows:
+        con.print(f"  [cyan]{name:8}[/] {escape(value)}")
+    fp32_mods = [k for k, v in m.get("module_dtypes", {}).items() if v == "float32"]
+    if m.get("dtype") not in (None, "float32") and fp32_mods:
+        con.print(f"  [cyan]{'fp32':8}[/] modules with fp32 parameters: {len(fp32_mods)} "
+                  f"(e.g. {escape(fp32_mods[0])})")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("#", "key", "shape", "dtype", "absmax" if dump.mode == "stats" else "note"):
+        table.add_column(col, overflow="fold")
+    for e in dump.entries:
+        if e.alias_of and not show_all:
+            continue
+        note = f"= {e.alias_of}" if e.alias_of else ""
+        if e.stats is not None:
+            note = _fmt(e.stats.get("absmax"))
+        table.add_row(str(e.order), escape(e.key), "x".join(map(str, e.shape)) or "scalar",
+                      short(e.dtype), note)
+    con.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_report(report: Report, *, only_flagged: bool = False, top: int | None = None) -> None:
+    """The summary line, warnings, then the rows (flagged ones highlighted)."""
+    con = _console()
+    style = "bold green" if report else "bold red"
+    con.print(f"[{style}]{escape(report.summary)}[/]")
+    for w in report.warnings:
+        con.print(f"[yellow]warning:[/] {escape(w)}")
+    rows = [r for r in report.rows if r.status != "OK"] if only_flagged else list(report.rows)
+    if top is not None:
+        worst = sorted(rows, key=_severity, reverse=True)[:top]
+        first = report.first_divergence
+        if first is not None and first not in worst:
+            worst.append(first)  # the row the summary names is always shown
+        rows = sorted(worst, key=lambda r: r.order)
+    if not rows:
+        return
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
+                         ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
+                         ("1-cos", "right"), ("max_abs", "right"), ("absmax tgt", "right"),
+                         ("why", "left")):
+        table.add_column(col, justify=justify, no_wrap=col != "why")  # type: ignore[arg-type]
+    first = report.first_divergence
+    for r in rows:
+        m = r.metrics
+        st = STATUS_STYLE.get(r.status, "")
+        mark = " ◀ first" if first is not None and r.key == first.key else ""
+        reason = r.reason
+        if r.logits is not None:
+            lg = r.logits
+            ties = len(lg.flips) and sum(f[4] for f in lg.flips)
+            reason = (f"{reason}; " if reason else "") + (
+                f"top1 {lg.top1_agreement:.1%}" + (f" ({ties} near-tie flips)" if ties else "")
+                + f", top{lg.k} {lg.topk_overlap:.1%}, KL mean {lg.kl_mean:.2g} max "
+                  f"{lg.kl_max:.2g}")
+        table.add_row(
+            str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
+            "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
+            _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
+            _fmt(m.max_abs) if m else "-", _fmt(m.absmax_target) if m else "-", escape(reason),
+            style="on grey15" if r.flagged else None)
+    con.print(table)
+
+
+def _severity(r: Row) -> tuple[int, float]:
+    from ..judge.report import STATUSES
+
+    m = r.metrics
+    return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
+
+
+def print_scan(report: ScanReport, *, top: int | None = None) -> None:
+    """The scan summary, then rows worst first."""
+    con = _console()
+    con.print(f"[{'bold green' if report else 'bold red'}]{escape(report.summary)}[/]")
+    for n in report.notes:
+        con.print(f"[yellow]note:[/] {escape(n)}")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("#", "layer", "status", "absmax", "headroom bits", "nan", "inf",
+                "saturated", "fp16 flush", "origin"):
+        table.add_column(col, justify="left" if col in ("layer", "status", "origin") else "right",
+                         no_wrap=True)
+    style = {"NAN": "bold red", "OVERFLOW": "bold red", "SATURATED": "red", "LOW": "yellow",
+             "OK": "green"}
+    for r in report.rows[:top] if top else report.rows:
+        flush = "-" if r.flush_share is None else f"{r.flush_share:.2%}"
+        table.add_row(str(r.order), escape(r.key), f"[{style[r.status]}]{r.status}[/]",
+                      _fmt(r.absmax), f"{r.headroom_bits:.1f}", str(r.nan), str(r.inf),
+                      str(r.saturated), flush, r.origin)
+    con.print(table)
+
+
+def print_suggestion(s: Suggestion) -> None:
+    """Before/after table and the policy to apply."""
+    con = _console()
+    con.print(f"[{'bold green' if s.fixed else 'bold red'}]{escape(s.message)}[/]")
+    for step in s.steps:
+        con.print(f"  keep {escape(', '.join(step.kept))}: {escape(step.report.summary)}")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("", "before", "after"):
+        table.add_column(col)
+    for row in s.table():
+        table.add_row(*(escape(c) for c in row))
+    con.print(table)
+    if s.fixed and s.policy:
+        patterns = s.general or s.policy
+        con.print("policy: " + escape(s.cli_flags))
+        con.print("python: precision.keep_fp32(model, " + escape(repr(list(patterns))) + ")")
+        if s.general:
+            con.print(f"(the general form covers every block; the minimal set is "
+                      f"{escape(', '.join(s.policy))})")
+
+
+def print_isolate(report: IsolateReport, *, only_flagged: bool = False) -> None:
+    """Local error next to accumulated error, with the verdict per module."""
+    con = _console()
+    con.print(f"[{'bold green' if report else 'bold red'}]{escape(report.summary)}[/]")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("#", "layer", "verdict", "local rel_l2", "local", "accumulated rel_l2",
+                "accumulated", "why"):
+        table.add_column(col, no_wrap=col != "why")
+    style = {"culprit": "bold red", "inherited": "yellow", "ok": "green"}
+    for r in report.rows:
+        if only_flagged and r.verdict == "ok":
+            continue
+        acc = r.accumulated
+        acc_m = acc.metrics if acc is not None else None
+        table.add_row(str(r.order), escape(r.key), f"[{style[r.verdict]}]{r.verdict}[/]",
+                      _fmt(r.local.rel_l2), r.local_status,
+                      _fmt(acc_m.rel_l2) if acc_m else "-", acc.status if acc else "-",
+                      escape(r.local_reason or (acc.reason if acc else "")))
+    con.print(table)

@@ -1,0 +1,268 @@
+"""Load Hugging Face models and tokenizers, apply a dtype policy, build inputs (torch needed).
+
+Dtype policy (``--keep-fp32``):
+
+- ``auto``: load exactly as transformers does for the dtype (``from_pretrained(dtype=...)``);
+  for T5 that keeps every ``wo`` in fp32 under fp16 (``_keep_in_fp32_modules``).
+- ``none``: load in fp32 and cast every module to the dtype.
+- globs (``'*.DenseReluDense.wo'``): modules whose names match stay in fp32, on top of
+  ``auto`` when it is given too and of ``none`` otherwise. Kept modules get their floating
+  inputs upcast to fp32; their outputs stay fp32 and type promotion carries them on, as
+  transformers does for T5's ``wo``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError, ModelError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+DEFAULT_PROMPTS = (
+    "translate English to German: The house is wonderful.",
+    "summarize: The quick brown fox jumps over the lazy dog. The dog does not react.",
+    "question: What is the capital of France? context: France is in Europe and Paris is "
+    "its capital.",
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which modules stay in fp32: ``base`` is ``auto`` or ``none``, plus ``globs``."""
+
+    base: str = "auto"
+    globs: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> Policy:
+        """From ``--keep-fp32`` values: ``auto``, ``none`` and globs, in any combination."""
+        vals = [v.strip() for v in values if v.strip()]
+        words = {v for v in vals if v in ("auto", "none")}
+        if words == {"auto", "none"}:
+            raise InputError("--keep-fp32 auto and none contradict each other: choose one")
+        globs = tuple(v for v in vals if v not in ("auto", "none"))
+        base = words.pop() if words else ("none" if globs else "auto")
+        return cls(base, globs)
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"base": self.base, "globs": list(self.globs)}
+
+
+def read_device_map(value: str) -> str | dict[str, Any]:
+    """``--device-map``: a strategy name transformers knows, or a JSON file mapping module
+    names to devices (``0``, ``"cuda:1"``, ``"npu:0"``, ``"cpu"``, ``"disk"``)."""
+    if value in DEVICE_MAP_STRATEGIES:
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise InputError(f"--device-map {value}: not one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                         "and not a JSON file")
+    try:
+        mapping = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--device-map {p} is not readable JSON: {exc}") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, str)) for k, v in mapping.items()):
+        raise InputError(f"--device-map {p} must map module names to devices, e.g. "
+                         '{"encoder": 0, "decoder": 1, "lm_head": 1}')
+    return mapping
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what is needed to feed it and to describe it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str  # "encoder-decoder" or "causal-lm"
+    path: Path
+    kept_fp32: list[str] = field(default_factory=list)
+
+
+def model_kind(path: Path) -> str:
+    """``encoder-decoder`` or ``causal-lm`` from a model directory's ``config.json``."""
+    if not path.exists():
+        raise ModelError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not path.is_dir() or not cfg_file.is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg_file} is not readable JSON: {exc}") from None
+    return "encoder-decoder" if cfg.get("is_encoder_decoder") else "causal-lm"
+
+
+def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
+               device_map: str | dict[str, Any] | None = None,
+               offload_folder: str | None = None) -> LoadedModel:
+    """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``.
+
+    ``device_map`` (``auto``, ``balanced``, ``sequential`` or a module -> device dict, as
+    transformers takes it) spreads the model over devices with accelerate instead; modules
+    mapped to ``disk`` are offloaded to ``offload_folder``.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    p = Path(path)
+    kind = model_kind(p)
+    auto_cls = (transformers.AutoModelForSeq2SeqLM if kind == "encoder-decoder"
+                else transformers.AutoModelForCausalLM)
+    target = TORCH_DTYPES[dtype]
+    load_dtype = target if policy.base == "auto" else torch.float32
+    dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+    extra: dict[str, Any] = {dtype_kw: load_dtype}
+    if device_map is not None:
+        if policy != Policy():
+            raise InputError("--device-map works with --keep-fp32 auto only: modules placed "
+                             "by accelerate cannot be recast after loading")
+        try:
+            import accelerate  # noqa: F401  (transformers needs it for device_map)
+        except ImportError:
+            raise ModelError("--device-map needs the accelerate package: "
+                             "pip install accelerate") from None
+        extra |= {"device_map": device_map, "offload_folder": offload_folder}
+        import logging
+
+        logging.getLogger("accelerate").setLevel(logging.ERROR)  # "parameters on meta" notes
+    try:
+        model: Any = auto_cls.from_pretrained(p, local_files_only=True, **extra)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the model in {p}: {first}") from None
+    if policy.base == "none":
+        model.to(target)
+    kept = keep_fp32(model, policy.globs) if policy.globs else []
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if kind == "causal-lm":
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, kind, p, kept)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def keep_fp32(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Keep modules whose names match ``patterns`` in fp32; returns their names.
+
+    Their parameters are cast to fp32 and a pre-hook upcasts floating inputs to fp32, so they
+    compute in fp32 whatever the rest of the model runs in.
+    """
+    kept: list[str] = []
+    for name, mod in model.named_modules():
+        if name and any(fnmatch.fnmatchcase(name, g) for g in patterns):
+            if any(name.startswith(k + ".") for k in kept):
+                continue
+            mod.float()
+            mod.register_forward_pre_hook(_upcast_inputs, with_kwargs=True)
+            kept.append(name)
+    if not kept:
+        raise InputError(f"--keep-fp32 {' '.join(patterns)} matches no module: "
+                         "check the names with `precision inspect` on a dump")
+    return kept
+
+
+def _upcast(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, tuple):
+        return tuple(_upcast(v) for v in value)
+    if isinstance(value, list):
+        return [_upcast(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _upcast(v) for k, v in value.items()}
+    return value
+
+
+def _upcast_inputs(module: torch.nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return _upcast(args), _upcast(kwargs)
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
+    """Prompts from ``--prompt`` values and a ``--prompts`` file (one per non-empty line)."""
+    out = list(prompts)
+    if prompts_file:
+        f = Path(prompts_file)
+        if not f.is_file():
+            raise InputError(f"prompts file {f} does not exist")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"prompts file {f} is not UTF-8 text: convert it "
+                             "(iconv -t UTF-8)") from None
+        lines = [ln.strip() for ln in text.splitlines()]
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            raise InputError(f"prompts file {f} holds no prompt (it is empty)")
+        out += lines
+    return out or list(DEFAULT_PROMPTS)
+
+
+def tokenize(loaded: LoadedModel, prompts: Sequence[str], device: str) -> dict[str, torch.Tensor]:
+    """Batch-encode prompts with padding into tensors on ``device``."""
+    enc = loaded.tokenizer(list(prompts), return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What ``generate`` produced.
+
+    ``sequences`` feed a teacher-forced forward (encoder-decoder: start token plus generated
+    tokens; causal LM: prompt plus generated tokens). ``tokens`` are the generated tokens
+    alone, (rows, steps). For greedy decoding, ``topk_ids``/``topk_logprobs`` hold each
+    step's K most likely tokens and their log-probabilities, (rows, steps, K): enough for
+    top-k agreement and the vLLM-style check, at a fraction of the full logits' size.
+    """
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    num_beams: int
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+
+
+GENERATION_TOPK = 20
+
+
+def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new_tokens: int,
+             num_beams: int = 1) -> Generation:
+    """Deterministic generation (greedy, or beam search with ``num_beams`` > 1), KV cache on."""
+    model: Any = loaded.model
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             num_beams=num_beams, output_logits=num_beams == 1,
+                             return_dict_in_generate=True, use_cache=True)
+    seq = out.sequences
+    start = 1 if loaded.kind == "encoder-decoder" else inputs["input_ids"].shape[1]
+    tokens = seq[:, start:]
+    if num_beams > 1 or not out.logits:
+        return Generation(seq, tokens, num_beams)
+    steps = torch.stack([s.float() for s in out.logits], dim=1)  # (rows, steps, vocab)
+    logprobs = torch.log_softmax(steps, dim=-1)
+    top = torch.topk(logprobs, min(GENERATION_TOPK, logprobs.shape[-1]), dim=-1)
+    return Generation(seq, tokens, num_beams, top.indices, top.values)
