@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .dumps.dump import Dump, load
+from .dumps import load
+from .dumps.dump import Dump
 from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
 from .judge.compare import compare
 from .judge.report import Report, Row
@@ -64,14 +65,14 @@ def keep_fp32(model: Any, patterns: Any) -> list[str]:
 
 
 def suggest(model: str, **options: Any) -> Any:
-    """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.suggest`."""
+    """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.checks.suggest`."""
     from .doctor.checks import suggest as _suggest
 
     return _suggest(model, **options)
 
 
 def isolate(base: Any, model: str, **options: Any) -> Any:
-    """Local versus inherited error per module; see :func:`precision.isolation.isolate`."""
+    """Local versus inherited error per module; see :func:`precision.doctor.isolation.isolate`."""
     from .doctor.isolation import isolate as _isolate
 
     return _isolate(base, model, **options)

@@ -19,6 +19,8 @@ import click
 from ._version import __version__
 from .errors import PrecisionError
 
+#: what only the capture side needs; the install's [capture] extra brings them
+MODEL_SIDE = ("torch", "transformers", "accelerate")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -37,6 +39,12 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except PrecisionError as exc:
             _fail(str(exc))
+        except ModuleNotFoundError as exc:
+            top = (exc.name or "").split(".")[0]
+            if top not in MODEL_SIDE:
+                raise
+            _fail(f"this command runs a model and needs {top}, which is not installed: "
+                  "pip install 'precision[capture]' (inspect, compare and report do not)")
         except KeyboardInterrupt:
             _fail("interrupted; no output was written")
         except OSError as exc:
@@ -233,7 +241,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
         return
     path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
-        from .dumps.dump import load
+        from .dumps import load
 
         d = load(path)
         size = os.path.getsize(path) / 1e6
@@ -250,7 +258,7 @@ def inspect(dump: str, show_all: bool) -> None:
 
     An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE.
     """
-    from .dumps.dump import load
+    from .dumps import load
     from .outputs.render import print_inspect
 
     print_inspect(load(dump, allow_partial=True), show_all=show_all)
@@ -383,7 +391,7 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
     but round to zero in fp16.
     """
 
-    from .dumps.dump import load
+    from .dumps import load
     from .judge.scan import scan as run_scan
     from .outputs.render import print_scan
 
@@ -521,7 +529,8 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     """
     from pathlib import Path
 
-    from .dumps.dump import check_output_path, load
+    from .dumps import load
+    from .dumps.dump import check_output_path
     from .judge.compare import compare as run_compare
     from .outputs.htmlreport import build
 

@@ -13,7 +13,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from precision.dumps.dump import FORMAT_NAME, DumpWriter, load
+from precision.dumps import load
+from precision.dumps.dump import FORMAT_NAME, DumpWriter
 from precision.errors import DumpError
 
 # name -> sample array (every dtype the format stores, odd shapes included)

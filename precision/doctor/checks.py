@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..dumps.dump import load
+from ..dumps import load
 from ..errors import InputError
 from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from ..dtypes import canonical, is_float, short
-from ..dumps.dump import Dump, Entry, load
+from ..dumps import load
+from ..dumps.dump import Dump, Entry
 from ..errors import InputError
 from ..judge.compare import compare, judge
 from ..judge.metrics import PairAccumulator, TensorMetrics

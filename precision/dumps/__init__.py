@@ -2,3 +2,32 @@
 
 Numpy and safetensors only: never imports torch or transformers.
 """
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DumpError
+from .dump import Dump, load_file
+from .shards import INDEX, load_dir, load_partial
+
+
+def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
+    """Open a dump (or any safetensors file) for reading, checking its header against the file.
+
+    Raises :class:`~precision.errors.DumpError` with a one-line reason for a missing,
+    truncated or corrupt file. A directory dump whose index was never written (a multi-rank
+    run that died) is refused unless ``allow_partial``; it then reads as incomplete. Plain
+    safetensors files without precision metadata load too: every tensor becomes an entry,
+    in file order.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / INDEX).is_file():
+            return load_dir(p)
+        if allow_partial and any(p.glob("rank*.st")):
+            return load_partial(p)
+        raise DumpError(f"{p} is a directory without {INDEX}: not a dump, or an unfinished "
+                        "multi-rank capture (pass --allow-partial to read the shards it has)")
+    return load_file(p)

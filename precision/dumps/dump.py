@@ -242,7 +242,8 @@ class Dump:
 
     @property
     def config_hash(self) -> str | None:
-        """The model's config hash, if recorded (see :func:`precision.recorder.model_identity`)."""
+        """The model's config hash, if recorded (see
+        :func:`precision.runtime.recorder.model_identity`)."""
         value = self.meta.get("model", {}).get("config_hash")
         return str(value) if value else None
 
@@ -332,27 +333,14 @@ class Dump:
             done += got
 
 
-def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
-    """Open a dump (or any safetensors file) for reading, checking its header against the file.
+def load_file(path: str | os.PathLike[str]) -> Dump:
+    """Open one dump file (or any safetensors file), checking its header against the file.
 
-    Raises :class:`~precision.errors.DumpError` with a one-line reason for a missing,
-    truncated or corrupt file. A directory dump whose index was never written (a multi-rank
-    run that died) is refused unless ``allow_partial``; it then reads as incomplete. Plain
-    safetensors files without precision metadata load too: every tensor becomes an entry,
-    in file order.
+    Directory dumps are opened by :func:`precision.dumps.load`, which calls this per shard.
     """
     p = Path(path)
     if not p.exists():
         raise DumpError(f"{p}: no such file")
-    if p.is_dir():
-        from .shards import INDEX, load_dir, load_partial
-
-        if (p / INDEX).is_file():
-            return load_dir(p)
-        if allow_partial and any(p.glob("rank*.st")):
-            return load_partial(p)
-        raise DumpError(f"{p} is a directory without {INDEX}: not a dump, or an unfinished "
-                        "multi-rank capture (pass --allow-partial to read the shards it has)")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)

@@ -38,7 +38,8 @@ import numpy as np
 
 from ..dtypes import SAFETENSORS_TO_NAME, canonical, is_float
 from ..errors import DumpError
-from .dump import Dump, DumpWriter, load, make_key
+from . import load
+from .dump import Dump, DumpWriter, make_key
 
 LOGITS_KEY = "logits"
 EXTERNAL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".json")
@@ -122,7 +123,11 @@ def _npz(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def _pt(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise DumpError(f"{p}: reading a .pt file needs torch (pip install torch), or save "
+                        "the logits as .npy/.safetensors instead") from None
 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)

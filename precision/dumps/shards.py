@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DumpError
-from .dump import Dump, Entry, load
+from .dump import Dump, Entry, load_file
 
 INDEX = "index.json"
 FORMAT = "precision-dump-dir"
@@ -62,7 +62,7 @@ def load_dir(folder: Path) -> Dump:
     if extra:
         raise DumpError(f"{folder}: {extra[0]} is not listed in {INDEX}: a shard of another "
                         "run? remove it or capture again")
-    parts = [(r, load(folder / name)) for r, name in sorted(shards)]
+    parts = [(r, load_file(folder / name)) for r, name in sorted(shards)]
     return _merge(folder, parts, doc.get("meta") or {})
 
 
@@ -72,7 +72,7 @@ def load_partial(folder: Path) -> Dump:
     for f in sorted(folder.glob("rank*.st")):
         rank = f.stem.removeprefix("rank")
         if rank.isdigit():
-            parts.append((int(rank), load(f)))
+            parts.append((int(rank), load_file(f)))
     d = _merge(folder, parts, {})
     d.meta["complete"] = False
     return d

@@ -5,7 +5,7 @@ Aliases (a module output that is the very tensor of an earlier record) are not c
 twice, unless only one side aliases: T5's block output is its FF layer's output in fp32 but
 a new, clamped tensor in fp16, and that clamp is worth a row.
 
-Work is spread over worker processes (:mod:`precision.parallel`), each streaming its tensor
+Work is spread over worker processes (:mod:`precision.judge.parallel`), each streaming its tensor
 pair in chunks, so memory stays bounded by ``jobs x chunk`` work buffers whatever the dump
 size; ``max_memory`` shrinks the chunk (and, if need be, the number of jobs) to fit a budget.
 """

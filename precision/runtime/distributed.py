@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..dumps.dump import Dump, check_output_path, load
+from ..dumps import load
+from ..dumps.dump import Dump, check_output_path
 from ..dumps.shards import INDEX, shard_name, write_index
 from ..errors import InputError
 

@@ -70,7 +70,7 @@ class Plan:
 def plan_forward(model: torch.nn.Module, model_inputs: dict[str, torch.Tensor], *,
                  dtype: str = "float32", **capture: Any) -> Plan:
     """Run ``model(**model_inputs)`` under a dry-run capture (``capture`` takes
-    :class:`~precision.recorder.Capture`'s selection options) and size what it records."""
+    :class:`~precision.runtime.recorder.Capture`'s selection options) and size what it records."""
     with torch.no_grad(), Capture(model, dry_run=True, **capture) as cap:
         try:
             model(**model_inputs)

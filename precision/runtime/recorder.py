@@ -30,7 +30,8 @@ import torch
 
 from .._version import __version__
 from ..dtypes import canonical
-from ..dumps.dump import Dump, DumpWriter, check_output_path, load, make_key
+from ..dumps import load
+from ..dumps.dump import Dump, DumpWriter, check_output_path, make_key
 from ..errors import InputError
 from .streaming import BackgroundWriter
 from .tensorstats import tensor_stats

@@ -2,7 +2,7 @@
 
 Forward hooks copy each tensor into a slot of :class:`HostRing`, a pre-faulted (pinned on
 CUDA/NPU) host buffer, and hand the slot to :class:`BackgroundWriter`, whose thread writes it
-to the :class:`~precision.dump.DumpWriter` and frees the slot. Reusing memory that is already
+to the :class:`~precision.dumps.dump.DumpWriter` and frees the slot. Reusing memory that is already
 mapped avoids the page faults that make naive clone-everything capture slow; writing in a
 thread overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when
 the ring is full.

@@ -2,7 +2,7 @@
 
 Each backend module exposes ``check(index, dtype)`` (raise :class:`DeviceError` with what to
 install or choose), ``describe(index)`` (a human-readable device name) and
-``synchronize(index)``. ``torch_npu`` is imported only inside :mod:`precision.devices.npu`,
+``synchronize(index)``. ``torch_npu`` is imported only inside :mod:`precision.runtime.devices.npu`,
 only when an NPU is asked for.
 """
 
