@@ -1,23 +1,26 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: make a virtualenv under the
 # project (unless one is active), reuse an installed torch, otherwise install a CPU build,
-# then install the project (with the extras in $PRECISION_EXTRAS, e.g. dev). Sets $PY.
+# then install the project with the extras in $PRECISION_EXTRAS (default: capture, the
+# torch side; dev adds the test tools). Sets $PY.
 # Re-runs are fast: a stamp records what was installed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-EXTRAS=${PRECISION_EXTRAS:-}
+EXTRAS=${PRECISION_EXTRAS:-capture}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ -n "${VIRTUAL_ENV:-}" ]; then
   PY=$(command -v python)
 else
   if [ ! -x "$ROOT/.venv/bin/python" ]; then
-    echo "· creating a virtualenv in .venv (it sees an already installed torch)" >&2
+    echo "· creating a virtualenv in .venv" >&2
     python3 -m venv --system-site-packages "$ROOT/.venv"
   fi
   PY="$ROOT/.venv/bin/python"
 fi
 
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+if have=$("$PY" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+  echo "· using the torch $have already installed" >&2
+else
   # A pinned CPU build; an unpinned 'torch' would pull several GB of CUDA packages.
   spec=${PRECISION_TORCH_SPEC:-torch==2.13.0}
   echo "· installing $spec (CPU build)" >&2

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from precision.runtime import devices
 from precision.errors import DeviceError, PrecisionError
+from precision.runtime import devices
 
 DTYPES = ["float32", "float16", "bfloat16"]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from precision.judge import parallel
 from precision.cli import ByteSize, main
 from precision.errors import DumpError, InputError, PrecisionError
+from precision.judge import parallel
 from precision.judge.compare import (
     CHUNK_ELEMS,
     MIN_CHUNK_ELEMS,
