@@ -1,8 +1,11 @@
 """``precision report``: one self-contained HTML file (inline SVG, CSS and script, no network).
 
-Sections: the verdict with the first divergence and counts by status, error versus depth,
-headroom to the fp16 limit, the logits panel, T5's position-bias heatmap, and the full
-table, sortable by clicking a header and filterable by text or to flagged rows.
+Sections: the verdict with the first divergence (linked to its row) and counts by status,
+error versus depth, headroom to the limit of the dtype that ran, the logits panel, T5's
+position-bias difference against the expected noise, and the full table, sortable by
+clicking a header and filterable by text or to flagged rows. When anything is flagged the
+table opens on the flagged rows alone, the first divergence marked. Hovering a point of a
+plot names its layer (an SVG ``<title>``, no script needed).
 """
 
 from __future__ import annotations
@@ -12,23 +15,30 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from ..dtypes import short
 from ..dumps.dump import Dump
 from ..judge.report import Report, Row
 from . import plots
 
 STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#1f2328}
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2328}
+main{max-width:1600px;margin:0 auto}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}
 .verdict{padding:10px 14px;border-radius:6px;font-weight:600}
+.verdict a{color:inherit}
 .PASS{background:#dafbe1;color:#1a7f37}.FAIL{background:#ffebe9;color:#cf222e}
+.scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:12px;width:100%}
-th,td{padding:3px 8px;border-bottom:1px solid #d0d7de;text-align:left;white-space:nowrap}
+th,td{padding:3px 6px;border-bottom:1px solid #d0d7de;text-align:left;white-space:nowrap}
 th{cursor:pointer;background:#f6f8fa;position:sticky;top:0}
-td.why{white-space:normal}
+td.why{white-space:normal;min-width:24em}td.layer{white-space:normal}
 .s-OK{color:#1a7f37}.s-DRIFT{color:#9a6700;font-weight:600}.s-MISSING{color:#6e7781}
 .s-OVERFLOW,.s-NAN{color:#cf222e;font-weight:600}.s-MISMATCH{color:#8250df;font-weight:600}
 tr.flagged{background:#fff8f0}.counts td{border:none;padding-right:18px}
+tr.first{background:#ffebe9;outline:2px solid #cf222e}tr.first:target{outline-width:3px}
+.mark{color:#cf222e;font-weight:700}
 svg{max-width:100%;height:auto}.muted{color:#6e7781}
+.hits :hover{fill-opacity:.25;stroke:#1f2328;stroke-width:1}
 """
 
 SCRIPT = """
@@ -50,24 +60,33 @@ SCRIPT = """
     rows.forEach(r=>body.appendChild(r));
   });
   const text=document.getElementById('filter'), only=document.getElementById('flagged');
+  const shown=document.getElementById('shown');
   function apply(){
     const q=text.value.toLowerCase();
+    let n=0;
     for(const r of body.rows){
       const hit=r.cells[1].dataset.v.toLowerCase().includes(q);
       r.hidden=!(hit&&(!only.checked||r.classList.contains('flagged')));
+      n+=!r.hidden;
     }
+    shown.textContent=n+' of '+body.rows.length+' rows shown';
   }
   text.addEventListener('input', apply); only.addEventListener('change', apply);
+  const first=document.getElementById('first-divergence');
+  document.querySelectorAll('a[href="#first-divergence"]').forEach(a=>a.addEventListener(
+    'click', ()=>{ if(first&&first.hidden){ only.checked=false; text.value=''; apply(); } }));
+  apply();
   document.body.dataset.ready='1';
 })();
 """
+
+FIRST_MARK = '<span class="mark" title="first divergence">◀ first</span>'
 
 COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
     ("#", lambda r: r.order),
     ("layer", lambda r: r.key),
     ("status", lambda r: r.status),
-    ("shape", lambda r: "x".join(map(str, r.shape))),
-    ("dtypes", lambda r: f"{r.base_dtype}/{r.target_dtype}"),
+    ("why", lambda r: r.reason),
     ("rel_l2", lambda r: r.metrics.rel_l2 if r.metrics else None),
     ("1-cos", lambda r: r.metrics.one_minus_cos if r.metrics else None),
     ("max_abs", lambda r: r.metrics.max_abs if r.metrics else None),
@@ -75,11 +94,13 @@ COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
     ("max_ulp", lambda r: r.metrics.max_ulp if r.metrics else None),
     ("absmax tgt", lambda r: r.metrics.absmax_target if r.metrics else None),
     ("growth", lambda r: r.growth),
-    ("why", lambda r: r.reason),
+    ("shape", lambda r: "x".join(map(str, r.shape))),
+    ("dtypes", lambda r: f"{short(r.base_dtype)}/{short(r.target_dtype)}"),
 ]
 
 
 def _cell(value: Any, css: str = "") -> str:
+    """One cell; ``data-v`` holds the sort key. Layer names may break after their dots."""
     if isinstance(value, float):
         sort = repr(value) if math.isfinite(value) else ("1e999" if value > 0 else "-1e999")
         shown = f"{value:.4g}"
@@ -88,20 +109,46 @@ def _cell(value: Any, css: str = "") -> str:
     else:
         sort = shown = str(value)
     cls = f' class="{css}"' if css else ""
-    return f'<td{cls} data-v="{html.escape(sort)}">{html.escape(shown)}</td>'
+    text = html.escape(shown)
+    if css == "layer":
+        text = text.replace(".", ".<wbr>")
+    return f'<td{cls} data-v="{html.escape(sort)}">{text}</td>'
 
 
-def _table(report: Report) -> str:
+def _table(report: Report, only_flagged: bool) -> str:
+    """The rows in execution order; the first divergence has ``id="first-divergence"`` and a
+    mark; with ``only_flagged`` the others start ``hidden`` (the page works without script)."""
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in COLUMNS)
+    first = report.first_divergence
     body = []
     for r in report.rows:
         cells = []
+        is_first = first is not None and r.order == first.order and r.key == first.key
         for name, get in COLUMNS:
-            css = f"s-{r.status}" if name == "status" else ("why" if name == "why" else "")
-            cells.append(_cell(get(r), css))
-        body.append(f'<tr class="{"flagged" if r.flagged else ""}">{"".join(cells)}</tr>')
-    return (f'<table id="rows"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+            css = f"s-{r.status}" if name == "status" else (
+                name if name in ("why", "layer") else "")
+            cell = _cell(get(r), css)
+            if name == "status" and is_first:
+                cell = cell.replace("</td>", f" {FIRST_MARK}</td>")
+            cells.append(cell)
+        css = " ".join(c for c in ("flagged" if r.flagged else "",
+                                   "first" if is_first else "") if c)
+        attrs = f' class="{css}"' + (' id="first-divergence"' if is_first else "") + (
+            " hidden" if only_flagged and not r.flagged else "")
+        body.append(f"<tr{attrs}>{''.join(cells)}</tr>")
+    return (f'<div class="scroll"><table id="rows"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def _banner(report: Report) -> str:
+    """The summary line; the first divergence's name links to its table row."""
+    text = html.escape(report.summary)
+    first = report.first_divergence
+    if first is not None:
+        name = html.escape(first.key)
+        text = text.replace(f"first divergence at {name}",
+                            f'first divergence at <a href="#first-divergence">{name}</a>', 1)
+    return f"<p class='verdict {'PASS' if report else 'FAIL'}'>{text}</p>"
 
 
 def _figure_html(make: Callable[[], Any], caption: str) -> str:
@@ -113,7 +160,6 @@ def _figure_html(make: Callable[[], Any], caption: str) -> str:
 
 def build(report: Report, base: Dump, target: Dump) -> str:
     """The whole HTML page for ``report`` (``base``/``target`` feed the bias heatmap)."""
-    verdict = "PASS" if report else "FAIL"
     counts = "".join(f"<td>{html.escape(k)}: <b>{v}</b></td>"
                      for k, v in report.counts().items() if v)
     warnings = "".join(f"<p class='muted'>warning: {html.escape(w)}</p>"
@@ -127,24 +173,29 @@ def build(report: Report, base: Dump, target: Dump) -> str:
         f"<p>Logits: top-1 agreement {lg.top1_agreement:.2%} ({lg.hard_flips} flips beyond a "
         f"near-tie), top-{lg.k} overlap {lg.topk_overlap:.2%}, mean KL {lg.kl_mean:.3g}, "
         f"max KL {lg.kl_max:.3g}.</p>")
+    only = bool(report.flagged)
+    shown = (f"{len(report.flagged) if only else len(report.rows)} of {len(report.rows)} "
+             "rows shown")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>precision: {html.escape(report.summary[:80])}</title>",
-        f"<style>{STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body><main>",
         "<h1>precision comparison</h1>",
         f"<p class='muted'>{sides}</p>",
-        f"<p class='verdict {verdict}'>{html.escape(report.summary)}</p>",
+        _banner(report),
         f"<table class='counts'><tr>{counts}</tr></table>{warnings}{logits_line}",
         _figure_html(lambda: plots.error_vs_depth(report), "Error versus depth"),
         _figure_html(lambda: plots.headroom(report), "Headroom"),
-        _figure_html(lambda: plots.logits_panel(report), "Logits"),
-        _figure_html(lambda: plots.position_bias_heatmap(base, target),
+        _figure_html(lambda: plots.logits_panel(report, base), "Logits"),
+        _figure_html(lambda: plots.position_bias_heatmap(base, target, report.profile),
                      "T5 relative position bias"),
         "<h2>All layers</h2>",
         "<p><input id='filter' placeholder='filter layers' size='40'> "
-        "<label><input type='checkbox' id='flagged'> only flagged</label> "
-        "<span class='muted'>click a header to sort</span></p>",
-        _table(report),
-        f"<script>{SCRIPT}</script></body></html>",
+        f"<label><input type='checkbox' id='flagged'{' checked' if only else ''}> "
+        f"only flagged</label> <span id='shown' class='muted'>{shown}</span> "
+        "<span class='muted'>· click a header to sort · hover a plot's point to name "
+        "it</span></p>",
+        _table(report, only),
+        f"<script>{SCRIPT}</script></main></body></html>",
     ]
     return "\n".join(p for p in parts if p)
