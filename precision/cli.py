@@ -152,6 +152,15 @@ def main() -> None:
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="A prompt (repeat for a batch). Default: three built-in Flan-style prompts.")
 @click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
+@click.option("--image", "images", multiple=True, metavar="FILE",
+              help="An image for the model's image processor (repeat for a batch).")
+@click.option("--audio", "audio", multiple=True, metavar="FILE.wav",
+              help="A wav file for the model's feature extractor (repeat for a batch).")
+@click.option("--feed", metavar="FILE", help="A .safetensors or .npz file of named tensors "
+              "passed to the model's forward as they are (any model, any preprocessing).")
+@click.option("--class", "model_class", metavar="NAME",
+              help="Load the model as this transformers class (e.g. BertModel) instead of "
+                   "the one its config names.")
 @click.option("--mode", default="auto", show_default=True,
               type=click.Choice(["auto", "full", "stats"]),
               help="full: store every tensor. stats: per-tensor statistics only (small). "
@@ -204,7 +213,8 @@ def main() -> None:
 @_guard
 def capture(model: str, device: str, device_map: str | None, dtype: str,
             prompts: tuple[str, ...],
-            prompts_file: str | None, mode: str, full_globs: tuple[str, ...],
+            prompts_file: str | None, images: tuple[str, ...], audio: tuple[str, ...],
+            feed: str | None, model_class: str | None, mode: str, full_globs: tuple[str, ...],
             include: tuple[str, ...],
             exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
             input_globs: tuple[str, ...],
@@ -233,7 +243,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,
                           backward=backward, loss_scale=loss_scale,
                           replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          capture_steps=capture_steps, force=force, fsync=fsync)
+                          capture_steps=capture_steps, force=force, fsync=fsync,
+                          images=images, audio=audio, feed=feed, model_class=model_class)
     if dry_run:
         from .runtime.plan import plan_model, render
 

@@ -351,7 +351,7 @@ def test_dry_run_refuses_what_it_cannot_size(flag: list[str]) -> None:
     assert code == 2 and "--dry-run sizes one teacher-forced forward" in out
 
 
-def test_dry_run_of_an_architecture_without_a_language_model_head(tmp_path: Path) -> None:
+def test_dry_run_of_an_image_model_asks_for_an_image(tmp_path: Path) -> None:
     import shutil
 
     for f in T5.iterdir():
@@ -359,7 +359,7 @@ def test_dry_run_of_an_architecture_without_a_language_model_head(tmp_path: Path
             shutil.copy(f, tmp_path / f.name)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
     code, out = cli("capture", "--model", str(tmp_path), "--dry-run")
-    assert code == 2 and "cannot" in out and "Traceback" not in out
+    assert code == 2 and "takes pixel_values: give --image" in out and "Traceback" not in out
 
 
 def test_capture_without_output_needs_dry_run() -> None:

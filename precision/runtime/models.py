@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,17 +81,24 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 @dataclass
 class LoadedModel:
-    """A model ready to run, with what is needed to feed it and to describe it."""
+    """A model ready to run, with what is needed to feed it and to describe it.
+
+    ``kind`` is ``encoder-decoder`` or ``causal-lm`` (models that generate) or ``encoder``
+    (one forward: BERT, ViT, classifiers). ``loading`` is what the dump records of the load
+    (:func:`precision.runtime.loading.load_checked`, plus the weights' fingerprint).
+    ``tokenizer`` is ``None`` for a model without one (an image classifier).
+    """
 
     model: torch.nn.Module
     tokenizer: Any
-    kind: str  # "encoder-decoder" or "causal-lm"
+    kind: str
     path: Path
     kept_fp32: list[str] = field(default_factory=list)
+    loading: dict[str, Any] = field(default_factory=dict)
 
 
-def model_kind(path: Path) -> str:
-    """``encoder-decoder`` or ``causal-lm`` from a model directory's ``config.json``."""
+def read_config(path: Path) -> dict[str, Any]:
+    """A model directory's ``config.json`` as a dict; one-line errors when it is not one."""
     if not path.exists():
         raise ModelError(f"model directory {path} does not exist")
     cfg_file = path / "config.json"
@@ -101,26 +108,53 @@ def model_kind(path: Path) -> str:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{cfg_file} is not readable JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{cfg_file} is not a JSON object")
+    return cfg
+
+
+def model_kind(path: Path) -> str:
+    """``encoder-decoder`` or ``causal-lm`` from a model directory's ``config.json`` (a first
+    guess before loading; :func:`kind_of` tells from the loaded model)."""
+    cfg = read_config(path)
     return "encoder-decoder" if cfg.get("is_encoder_decoder") else "causal-lm"
+
+
+def kind_of(model: Any) -> str:
+    """``encoder-decoder``/``causal-lm`` for a model that generates, else ``encoder``."""
+    can = getattr(model, "can_generate", None)
+    if not (callable(can) and can()):
+        return "encoder"
+    config = getattr(model, "config", None)
+    return "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "causal-lm"
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
                device_map: str | dict[str, Any] | None = None,
-               offload_folder: str | None = None) -> LoadedModel:
+               offload_folder: str | None = None, model_class: str | None = None,
+               log: Callable[[str], None] = lambda _msg: None) -> LoadedModel:
     """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``.
 
+    The class is the checkpoint's own (``model_class`` overrides it; see
+    :mod:`precision.runtime.loading`); no weight is ever newly initialised.
     ``device_map`` (``auto``, ``balanced``, ``sequential`` or a module -> device dict, as
     transformers takes it) spreads the model over devices with accelerate instead; modules
-    mapped to ``disk`` are offloaded to ``offload_folder``.
+    mapped to ``disk`` are offloaded to ``offload_folder``. ``log`` gets the fallback note.
     """
     import transformers
+
+    from .loading import load_checked, weights_fingerprint
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     p = Path(path)
-    kind = model_kind(p)
-    auto_cls = (transformers.AutoModelForSeq2SeqLM if kind == "encoder-decoder"
-                else transformers.AutoModelForCausalLM)
+    read_config(p)
     target = TORCH_DTYPES[dtype]
     load_dtype = target if policy.base == "auto" else torch.float32
     dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
@@ -139,22 +173,39 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
 
         logging.getLogger("accelerate").setLevel(logging.ERROR)  # "parameters on meta" notes
     try:
-        model: Any = auto_cls.from_pretrained(p, local_files_only=True, **extra)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(p, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(p, local_files_only=True)
+        model, loading = load_checked(p, config, model_class, **extra)
+    except (InputError, ModelError):
+        raise
     except Exception as exc:  # transformers raises many types; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the model in {p}: {first}") from None
+        raise ModelError(f"cannot load the model in {p}: {one_line(exc)}") from None
+    if loading["fallback"]:
+        log(loading["fallback"])
+    loading["weights_fingerprint"] = weights_fingerprint(p)
+    tokenizer = load_tokenizer(p)
     if policy.base == "none":
         model.to(target)
     kept = keep_fp32(model, policy.globs) if policy.globs else []
     if device_map is None:
         model.to(device)
     model.eval()
-    if kind == "causal-lm":
+    kind = kind_of(model)
+    if tokenizer is not None and kind == "causal-lm":  # generation appends on the right
         tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, kind, p, kept)
+    if tokenizer is not None and tokenizer.pad_token is None and kind != "encoder":
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, kind, p, kept, loading)
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved with the model, or ``None`` when it has none (ViT, Whisper's
+    feature extractor alone)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # no tokenizer files, or a model type without a tokenizer
+        return None
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -222,12 +273,6 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
     return out or list(DEFAULT_PROMPTS)
 
 
-def tokenize(loaded: LoadedModel, prompts: Sequence[str], device: str) -> dict[str, torch.Tensor]:
-    """Batch-encode prompts with padding into tensors on ``device``."""
-    enc = loaded.tokenizer(list(prompts), return_tensors="pt", padding=True)
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
 @dataclass(frozen=True)
 class Generation:
     """What ``generate`` produced.
@@ -258,7 +303,10 @@ def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new_token
                              num_beams=num_beams, output_logits=num_beams == 1,
                              return_dict_in_generate=True, use_cache=True)
     seq = out.sequences
-    start = 1 if loaded.kind == "encoder-decoder" else inputs["input_ids"].shape[1]
+    if num_beams == 1 and out.logits:  # one logits row per generated token
+        start = seq.shape[1] - len(out.logits)
+    else:  # decoders start from one token (Whisper's forced ones come as logits steps)
+        start = 1 if loaded.kind == "encoder-decoder" else inputs["input_ids"].shape[1]
     tokens = seq[:, start:]
     if num_beams > 1 or not out.logits:
         return Generation(seq, tokens, num_beams)

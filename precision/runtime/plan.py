@@ -23,16 +23,28 @@ from typing import Any
 import torch
 
 from ..dtypes import numpy_dtype
+from ..dumps.dump import format_bytes
 from ..errors import InputError, ModelError
+from .inputs import Sources, build
+from .loading import choose_class
 from .models import (
+    DEFAULT_PROMPTS,
     TORCH_DTYPES,
     Policy,
     keep_fp32,
-    model_kind,
-    read_prompts,
+    kind_of,
+    load_tokenizer,
+    one_line,
+    read_config,
 )
 from .recorder import Capture
-from .runner import AUTO_STATS_PARAMS, CaptureOptions, check_options, count_text
+from .runner import (
+    AUTO_STATS_PARAMS,
+    CaptureOptions,
+    capture_prompts,
+    check_options,
+    count_text,
+)
 
 #: header JSON per record, without and with statistics, and per stored tensor's line
 #: (measured on the fixtures: 195-209, 358-404 and 90-119 bytes), plus the rest of the
@@ -113,35 +125,46 @@ def plan_model(opts: CaptureOptions) -> Plan:
                          f"{' and '.join(unsized)}; leave {'them' if len(unsized) > 1 else 'it'} "
                          "out to plan the forward")
     path = opts.model  # (--device-map is checked, then ignored: placement changes no size)
-    kind = model_kind(Path(path))
+    read_config(Path(path))
+    prompts = capture_prompts(opts)
     transformers.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read the config and tokenizer in {path}: {first}") from None
-    auto_cls = (transformers.AutoModelForSeq2SeqLM if kind == "encoder-decoder"
-                else transformers.AutoModelForCausalLM)
+        raise ModelError(f"cannot read the config in {path}: {one_line(exc)}") from None
+    choice = choose_class(config, opts.model_class)
     try:
         with torch.device("meta"):
-            model = auto_cls.from_config(config).to(TORCH_DTYPES[dtype]).eval()
+            model = _from_config(choice.cls, config).to(TORCH_DTYPES[dtype]).eval()
     except Exception as exc:  # an architecture transformers cannot build for this task
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot build the model in {path} from its config: {first}") \
-            from None
+        raise ModelError(f"cannot build the model in {path} from its config: "
+                         f"{one_line(exc)}") from None
     _keep_like_transformers(model, dtype, opts.keep_fp32)
-    if tokenizer.pad_token is None:
+    kind = kind_of(model)
+    tokenizer = load_tokenizer(Path(path))
+    if tokenizer is not None and tokenizer.pad_token is None and kind != "encoder":
         tokenizer.pad_token = tokenizer.eos_token
-    prompts = read_prompts(opts.prompts, opts.prompts_file)
-    ids = tokenizer(list(prompts), return_tensors="pt", padding=True)["input_ids"]
-    rows, length = ids.shape
+    src = Sources(prompts, opts.images, opts.audio, opts.feed, DEFAULT_PROMPTS)
+    fed = build(model, tokenizer, Path(path), src, generates=kind != "encoder")
+    shapes = {k: (tuple(v.shape), v.dtype if not v.is_floating_point() else TORCH_DTYPES[dtype])
+              for k, v in fed.items() if k != "attention_mask"}
     new = max(1, opts.max_new_tokens)
-    shapes = ({"input_ids": (rows, length), "decoder_input_ids": (rows, new + 1)}
-              if kind == "encoder-decoder" else {"input_ids": (rows, length + new)})
-    ids_on_meta = {k: torch.zeros(s, dtype=torch.long, device="meta") for k, s in shapes.items()}
-    return plan_forward(model, ids_on_meta, dtype=dtype, include=opts.include, exclude=opts.exclude,
+    if kind == "encoder-decoder":
+        rows = next(iter(shapes.values()))[0][0]
+        shapes["decoder_input_ids"] = ((rows, new + 1), torch.long)
+    elif kind == "causal-lm" and "input_ids" in shapes:
+        (rows, length), _ = shapes["input_ids"]
+        shapes["input_ids"] = ((rows, length + new), torch.long)
+    on_meta = {k: torch.zeros(s, dtype=d, device="meta") for k, (s, d) in shapes.items()}
+    return plan_forward(model, on_meta, dtype=dtype, include=opts.include, exclude=opts.exclude,
                         every=opts.every, inputs=opts.inputs, full=opts.full)
+
+
+def _from_config(cls: Any, config: Any) -> torch.nn.Module:
+    """A model of class ``cls`` (an auto-class or a model class) built from ``config``."""
+    if hasattr(cls, "_model_mapping"):
+        return cls.from_config(config)
+    return cls._from_config(config)
 
 
 def _keep_like_transformers(model: torch.nn.Module, dtype: str, keep: Any) -> None:
@@ -168,8 +191,7 @@ def _nbytes(entry: dict[str, Any]) -> int:
 
 def render(plan: Plan) -> str:
     """The dry run's report, as plain text lines."""
-    def size(b: int) -> str:
-        return f"{b / 1e9:.3g} GB" if b >= 1e9 else f"{b / 1e6:.3g} MB"
+    size = format_bytes
 
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in plan.inputs.items())
     lines = [

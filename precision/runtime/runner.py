@@ -22,7 +22,10 @@ from ..dtypes import canonical, short
 from ..dumps.dump import INPUT_PREFIX, Dump, check_output_path
 from ..errors import InputError
 from . import devices, distributed
+from . import inputs as feeds
 from .models import (
+    DEFAULT_PROMPTS,
+    TORCH_DTYPES,
     Generation,
     LoadedModel,
     Policy,
@@ -30,7 +33,6 @@ from .models import (
     load_model,
     read_device_map,
     read_prompts,
-    tokenize,
 )
 from .recorder import DEFAULT_INPUT_GLOBS, Capture, require_same_model
 
@@ -64,6 +66,10 @@ class CaptureOptions:
     fsync: bool = False
     detail: bool = False
     device_map: str | None = None
+    images: Sequence[str] = ()
+    audio: Sequence[str] = ()
+    feed: str | None = None
+    model_class: str | None = None
 
 
 #: ``--mode auto`` switches to stats mode above this many parameters (flan-t5-large: 0.78B)
@@ -109,13 +115,26 @@ def parse_steps(spec: str) -> list[int]:
     return sorted(steps)
 
 
-def replay_inputs(dump: Dump, device: str) -> dict[str, torch.Tensor]:
-    """The model inputs stored in a dump (``input:*`` tensors) as torch tensors on ``device``."""
+def replay_inputs(dump: Dump, device: str,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model inputs stored in a dump (``input:*`` tensors) as torch tensors on ``device``,
+    floating ones (pixels, audio features) in ``dtype``."""
     found = {k[len(INPUT_PREFIX):]: k for k in dump.tensors if k.startswith(INPUT_PREFIX)}
-    if "input_ids" not in found:
-        raise InputError(f"--replay {dump.path} holds no input ids: it was not written by "
+    if not found:
+        raise InputError(f"--replay {dump.path} holds no input ids or other model "
+                         "inputs: it was not written by "
                          "`precision capture` (or captured without inputs)")
-    return {name: torch.from_numpy(dump[key]).to(device) for name, key in found.items()}
+    return feeds.to_model({name: torch.from_numpy(dump[key]) for name, key in found.items()},
+                          device, dtype)
+
+
+def capture_prompts(opts: CaptureOptions) -> list[str]:
+    """The prompts to tokenize: as given, or the built-in ones when nothing else is fed."""
+    feeds.check_prompts(opts.prompts)
+    if opts.images or opts.audio or opts.feed:
+        return read_prompts(opts.prompts, opts.prompts_file) if (
+            opts.prompts or opts.prompts_file) else []
+    return read_prompts(opts.prompts, opts.prompts_file)
 
 
 def check_options(opts: CaptureOptions) -> str:
@@ -148,7 +167,7 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
     device = devices.resolve(dist.device if dist else opts.device, dtype)
     policy = Policy.parse(opts.keep_fp32)
     base = (distributed.own_shard(opts.replay, dist) if opts.replay else None)
-    prompts = [] if base else read_prompts(opts.prompts, opts.prompts_file)
+    prompts = [] if base else capture_prompts(opts)
     if dist is not None and prompts:
         prompts = distributed.split(prompts, dist)
 
@@ -166,7 +185,8 @@ def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: 
         offload_dir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="precision-"))
                        if device_map else None)
         loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy,
-                            device_map=device_map, offload_folder=offload_dir)
+                            device_map=device_map, offload_folder=offload_dir,
+                            model_class=opts.model_class, log=log)
         load_s = time.perf_counter() - t0
         return _capture_loaded(opts, loaded, dtype, device, dist, out, base, prompts, policy,
                                load_s, log)
@@ -186,8 +206,11 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         if base is not None:
             log(f"replaying the inputs of {base.path}")
             gen, prompt = _replay_generation(base, loaded, device.torch_device, log)
-            return replay_inputs(base, device.torch_device), gen, prompt
-        prompt = tokenize(loaded, prompts, device.torch_device)
+            return replay_inputs(base, device.torch_device, TORCH_DTYPES[dtype]), gen, prompt
+        src = feeds.Sources(prompts, opts.images, opts.audio, opts.feed, DEFAULT_PROMPTS)
+        fed = feeds.build(loaded.model, loaded.tokenizer, loaded.path, src,
+                          generates=loaded.kind != "encoder", log=log)
+        prompt = feeds.to_model(fed, device.torch_device, TORCH_DTYPES[dtype])
         inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams, log)
         return inputs, gen, prompt
 
@@ -204,7 +227,9 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "device": device.as_meta(), "dtype": dtype,
         "distributed": dist.as_meta() if dist else None,
         "policy": policy.as_meta() | {"kept_fp32": loaded.kept_fp32},
-        "model": {"path": str(loaded.path), "kind": loaded.kind},
+        "model": {"path": str(loaded.path), "kind": loaded.kind} | _loading_meta(loaded),
+        "inputs": None if base else feeds.Sources(prompts, opts.images, opts.audio,
+                                                  opts.feed).as_meta(),
         "device_map": _json_device_map(loaded.model),
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
@@ -243,6 +268,17 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         cap.meta["forward_seconds"] = round(time.perf_counter() - t0, 4)
     if dist is not None:
         return distributed.finish_folder(out.parent, dist, {"model": opts.model, "dtype": dtype})
+    return out
+
+
+def _loading_meta(loaded: LoadedModel) -> dict[str, Any]:
+    """How the model was loaded, for the dump: class asked for and loaded, any fallback,
+    and the checkpoint's weight fingerprint (see :mod:`precision.runtime.loading`)."""
+    info = dict(loaded.loading)
+    fingerprint = info.pop("weights_fingerprint", None)
+    out: dict[str, Any] = {"loading": info} if info else {}
+    if fingerprint:
+        out |= {"weights_fingerprint": fingerprint, "weights_basis": "checkpoint"}
     return out
 
 
@@ -293,12 +329,13 @@ def _training_step(loaded: LoadedModel, inputs: dict[str, torch.Tensor], loss_sc
 def _fresh_inputs(loaded: LoadedModel, prompt: dict[str, torch.Tensor], max_new_tokens: int,
                   num_beams: int, log: Callable[[str], None]
                   ) -> tuple[dict[str, torch.Tensor], Generation | None]:
-    """Generate from the prompt; the teacher-forced forward then covers what was generated."""
-    if max_new_tokens == 0 and loaded.kind == "causal-lm":
+    """Generate from the prompt; the teacher-forced forward then covers what was generated.
+    A model that does not generate (an encoder, a classifier) runs one forward."""
+    if loaded.kind == "encoder" or (max_new_tokens == 0 and loaded.kind == "causal-lm"):
         return prompt, None
     how = "greedily" if num_beams == 1 else f"with {num_beams} beams"
-    log(f"generating {max_new_tokens} tokens {how} for {prompt['input_ids'].shape[0]} "
-        "prompt(s)")
+    rows = next(iter(prompt.values())).shape[0]
+    log(f"generating {max_new_tokens} tokens {how} for {rows} input(s)")
     gen = generate(loaded, prompt, max(1, max_new_tokens), num_beams)
     ids = gen.sequences
     if loaded.kind == "encoder-decoder":
@@ -307,7 +344,7 @@ def _fresh_inputs(loaded: LoadedModel, prompt: dict[str, torch.Tensor], max_new_
     mask = torch.cat([prompt["attention_mask"],
                       torch.ones(ids.shape[0], grown, dtype=prompt["attention_mask"].dtype,
                                  device=ids.device)], dim=1)
-    return {"input_ids": ids, "attention_mask": mask}, gen
+    return prompt | {"input_ids": ids, "attention_mask": mask}, gen
 
 
 def _replay_generation(base: Dump, loaded: LoadedModel, device: str,
@@ -315,18 +352,30 @@ def _replay_generation(base: Dump, loaded: LoadedModel, device: str,
                        ) -> tuple[Generation | None, dict[str, torch.Tensor]]:
     """Generate freely from the baseline's own prompt, with its settings, when it has one."""
     settings = base.meta.get("generation")
-    keys = (GEN_PREFIX + "prompt_ids", GEN_PREFIX + "prompt_mask")
-    if not settings or not all(k in base.tensors for k in keys):
+    head = GEN_PREFIX + "prompt_"
+    names = {k: PROMPT_NAMES.get(k[len(head):], k[len(head):])
+             for k in base.tensors if k.startswith(head)}
+    if not settings or not names:
         return None, {}
-    prompt = {"input_ids": torch.from_numpy(base[keys[0]]).to(device),
-              "attention_mask": torch.from_numpy(base[keys[1]]).to(device)}
+    dtype = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()),
+                 torch.float32)
+    prompt = feeds.to_model({name: torch.from_numpy(base[k]) for k, name in names.items()},
+                            device, dtype)
     log(f"generating {settings['steps']} tokens as the baseline did")
     return generate(loaded, prompt, int(settings["steps"]), int(settings["num_beams"])), prompt
 
 
+#: generation:prompt_<short> keys of the prompt's input_ids and attention_mask; any other
+#: input of the generation (pixels, audio features) is stored as generation:prompt_<name>
+PROMPT_NAMES = {"ids": "input_ids", "mask": "attention_mask"}
+
+
 def _store_generation(cap: Capture, gen: Generation, prompt: dict[str, torch.Tensor]) -> None:
-    parts = {"prompt_ids": prompt["input_ids"], "prompt_mask": prompt["attention_mask"],
-             "tokens": gen.tokens, "topk_ids": gen.topk_ids, "topk_logprobs": gen.topk_logprobs}
+    short_names = {v: k for k, v in PROMPT_NAMES.items()}
+    parts: dict[str, torch.Tensor | None] = {
+        "prompt_" + short_names.get(k, k): v for k, v in prompt.items()}
+    parts |= {"tokens": gen.tokens, "topk_ids": gen.topk_ids,
+              "topk_logprobs": gen.topk_logprobs}
     for name, tensor in parts.items():
         if tensor is not None:
             cap.add_tensor(GEN_PREFIX + name, tensor, kind="generation")
