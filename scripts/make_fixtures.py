@@ -4,8 +4,9 @@
 Creates three offline model directories from a fixed seed and the bundled
 ``fixtures/corpus.txt``:
 
-* ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, untied
-  ``lm_head``), with a BPE tokenizer trained on the corpus that appends ``</s>``.
+* ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, no decoder
+  output scaling, ``lm_head`` tied to the embedding so that it loads quietly), with a BPE
+  tokenizer trained on the corpus that appends ``</s>``.
 * ``tiny-flan-t5-overflow``: the same model, but the feed-forward output
   projection ``wo`` of encoder block ``OVERFLOW_BLOCK`` is multiplied by
   ``OVERFLOW_SCALE`` so that its output exceeds the fp16 range (inf under a
@@ -13,9 +14,10 @@ Creates three offline model directories from a fixed seed and the bundled
 * ``tiny-qwen3``: a decoder-only Qwen3 (GQA, RoPE, RMSNorm) using the same
   vocabulary, with a tokenizer that does not append ``</s>``.
 
-Running the script twice produces byte-identical files. Usage::
+Running the script twice produces byte-identical files (tests/test_fixtures.py rebuilds
+them into a temporary folder and compares). Usage::
 
-    .venv/bin/python scripts/make_fixtures.py
+    .venv/bin/python scripts/make_fixtures.py [OUT_DIR]     # default: fixtures/
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def save_tokenizer(tok: Tokenizer, out: Path, *, append_eos: bool) -> None:
 
 
 def build_t5() -> T5ForConditionalGeneration:
-    """Seeded Flan-T5 (T5 v1.1) architecture with an untied, separately initialised ``lm_head``."""
+    """Seeded Flan-T5 (T5 v1.1) architecture, its ``lm_head`` tied to the shared embedding."""
     config = T5Config(
         vocab_size=VOCAB_SIZE,
         d_model=64,
@@ -132,11 +134,13 @@ def build_t5() -> T5ForConditionalGeneration:
     )
     torch.manual_seed(SEED)
     model = T5ForConditionalGeneration(config).float().eval()
-    # transformers 5.x always ties lm_head to the shared embedding at construction time;
-    # Flan-T5 checkpoints carry a separate lm_head (init std 1.0 as in T5's _init_weights).
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB_SIZE, config.d_model))
+    # transformers 5.x always ties lm_head to the shared embedding (T5Config forces
+    # tie_word_embeddings=True) and warns on every load of a checkpoint whose lm_head differs.
+    # So the head stays tied, and the checkpoint stores only ``shared.weight``: the fixtures
+    # load quietly. ``tie_word_embeddings: false`` in config.json keeps Flan-T5's unscaled
+    # decoder output (``scale_decoder_outputs`` is derived from it).
+    assert model.lm_head.weight is model.shared.weight
     model.config.tie_word_embeddings = False
-    model.all_tied_weights_keys.pop("lm_head.weight", None)
     return model
 
 
@@ -244,15 +248,15 @@ def check_qwen3(path: Path) -> None:
     print(f"{path.name}: greedy generate -> {text!r}")
 
 
-def main() -> None:
-    """Build all fixtures, then verify them."""
+def main(out_root: Path = FIXTURES) -> None:
+    """Build all fixtures under ``out_root`` (default ``fixtures/``), then verify them."""
     torch.use_deterministic_algorithms(True)
     lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenizer = train_tokenizer(lines)
     prompts = [torch.tensor([[*tokenizer.encode(line).ids, EOS_ID]]) for line in lines]
 
     names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3")
-    t5_dir, overflow_dir, qwen_dir = (FIXTURES / name for name in names)
+    t5_dir, overflow_dir, qwen_dir = (out_root / name for name in names)
     for out in (t5_dir, overflow_dir, qwen_dir):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -275,4 +279,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else FIXTURES)
