@@ -17,11 +17,12 @@ from typing import Any, ClassVar
 import click
 
 from ._version import __version__
-from .errors import PrecisionError
+from .errors import PrecisionError, command_line
 
 #: what only the capture side needs; the install's [capture] extra brings them
 MODEL_SIDE = ("torch", "transformers", "accelerate")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+INTERRUPTED = 130  #: exit code after Ctrl-C, as shells report a SIGINT (128 + 2)
 
 
 def _fail(message: str) -> None:
@@ -36,7 +37,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with command_line():  # advice in errors names --flags, not keyword arguments
+                return fn(*args, **kwargs)
         except PrecisionError as exc:
             _fail(str(exc))
         except ModuleNotFoundError as exc:
@@ -46,7 +48,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(f"this command runs a model and needs {top}, which is not installed: "
                   "pip install 'precision[capture]' (inspect, compare and report do not)")
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written")
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(INTERRUPTED)
         except OSError as exc:
             _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         except MemoryError:
@@ -124,7 +127,28 @@ def _log(quiet: bool) -> Callable[[str], None]:
     return log
 
 
-@click.group(context_settings=CONTEXT)
+class _Main(click.Group):
+    """The command group, with usage errors on one line (``error: ...``) and Ctrl-C exit 130."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C or end of input while click itself was reading
+            click.echo("error: interrupted", err=True)
+            sys.exit(INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Main, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="precision")
 def main() -> None:
     """Find where and why a model's numbers change between devices and dtypes.
@@ -253,11 +277,11 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
     path = run_capture(opts, _log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
         from .dumps import load
+        from .dumps.dump import format_bytes
 
         d = load(path)
-        size = os.path.getsize(path) / 1e6
         click.echo(f"wrote {path}: {len(d.entries)} records, {len(d.tensors)} tensors, "
-                   f"{size:.1f} MB ({d.mode} mode)")
+                   f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
 
 
 @main.command(context_settings=CONTEXT)
@@ -432,26 +456,46 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
 
 @main.command(context_settings=CONTEXT)
 @_model_options
-@click.option("--keep-fp32", "base_policy", default="none", show_default=True,
-              type=click.Choice(["none", "auto"]),
-              help="Policy to start from: none (cast everything) or auto (as transformers).")
+@click.option("--keep-fp32", "base_policy", default="auto", show_default=True,
+              type=click.Choice(["auto", "none"]),
+              help="Policy to start from, as for capture: auto (as transformers loads) or "
+                   "none (cast everything, like a wholesale .half()).")
+@click.option("--replay", metavar="BASE.st",
+              help="Run on the exact inputs of an earlier dump instead of prompts (then no "
+                   "prompts are held back).")
+@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
+              help="Capture mode of the runs (stats for models too big to dump whole).")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Capture only modules whose name matches (repeatable), as for capture.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip modules whose name matches (repeatable), as for capture.")
 @click.option("--budget", default=8, show_default=True, type=int,
               help="Most modules to keep in fp32 before giving up.")
+@click.option("--json", "json_out", metavar="FILE",
+              help="Write the result as JSON (the verified capture arguments included); "
+                   "'-' for stdout.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
 @_guard
 def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
-            prompts_file: str | None, max_new_tokens: int, base_policy: str, budget: int,
-            quiet: bool) -> None:
+            prompts_file: str | None, max_new_tokens: int, base_policy: str,
+            replay: str | None, mode: str, include: tuple[str, ...], exclude: tuple[str, ...],
+            budget: int, json_out: str | None, force: bool, quiet: bool) -> None:
     """Find, apply and verify the smallest set of modules to keep in fp32.
 
     \b
     Runs an fp32 baseline and the target dtype, keeps the first module that overflows (or
     the first divergence) in fp32, runs again, and repeats until the comparison is clean or
-    the budget is spent. Prints a before/after table and the policy, for
-    `precision capture --keep-fp32 ...` or `precision.keep_fp32(model, [...])`.
-      precision suggest --model ./flan-t5-base --dtype fp16
-    Exit code 1 when no policy within the budget fixes the model.
+    the budget is spent. A third of the prompts (at least one, given two or more) are held
+    back and the policy is checked on them too. Prints a before/after table and exactly the
+    --keep-fp32 arguments it verified, for `precision capture` (or
+    `precision.keep_fp32(model, [...])`).
+      precision suggest --model ./flan-t5-base --dtype fp16 --keep-fp32 none
+    Exit code 1 when no policy within the budget fixes the model (held-back prompts
+    included).
     """
+    import json
+
     from .doctor.checks import suggest as run_suggest
     from .outputs.render import print_suggestion
 
@@ -459,13 +503,19 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
         raise click.UsageError("--model DIR is required")
     if budget < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--budget")
+    _check_outputs(force, json_out)
     result = run_suggest(model, dtype=dtype, device=device, prompts=prompts,
                          prompts_file=prompts_file, base_policy=base_policy, budget=budget,
-                         max_new_tokens=max_new_tokens, log=_log(quiet))
-    if quiet:
-        click.echo(result.message + (f": {result.cli_flags}" if result.policy else ""))
+                         max_new_tokens=max_new_tokens, replay=replay, mode=mode,
+                         include=include, exclude=exclude, log=_log(quiet))
+    if json_out == "-":
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    elif quiet:
+        click.echo(result.message + (f": {result.cli_flags}" if result.fixed else ""))
     else:
         print_suggestion(result)
+    if json_out and json_out != "-":
+        _write_text(json_out, json.dumps(result.to_dict(), indent=1) + "\n", force)
     sys.exit(0 if result.fixed else 1)
 
 
@@ -541,7 +591,7 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     from pathlib import Path
 
     from .dumps import load
-    from .dumps.dump import check_output_path
+    from .dumps.dump import check_output_path, format_bytes
     from .judge.compare import compare as run_compare
     from .outputs.htmlreport import build
 
@@ -556,7 +606,7 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     tmp.replace(out)
     if md_out:
         _write_text(md_out, rep.to_markdown(), force)
-    click.echo(f"{rep.summary}\nwrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    click.echo(f"{rep.summary}\nwrote {out} ({format_bytes(out.stat().st_size)})")
     sys.exit(0 if rep else 1)
 
 

@@ -1,6 +1,32 @@
-"""Errors that the CLI turns into a one-line message and exit code 2."""
+"""Errors that the CLI turns into a one-line message and exit code 2.
+
+A message that tells how to get past it names the option in the caller's terms:
+:func:`option` gives ``--force`` while a command runs (inside :func:`command_line`) and
+``force=True`` when the same code is called from Python.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("precision_cli", default=False)
+
+
+def option(cli: str, python: str) -> str:
+    """``cli`` (e.g. ``--force``) under the command line, else ``python`` (``force=True``)."""
+    return cli if _CLI.get() else python
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """While this is active, :func:`option` speaks in command-line flags."""
+    token = _CLI.set(True)
+    try:
+        yield
+    finally:
+        _CLI.reset(token)
 
 
 class PrecisionError(Exception):

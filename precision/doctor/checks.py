@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import re
+import shlex
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ..dumps import load
 from ..errors import InputError
@@ -23,6 +25,7 @@ from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of
 from ..judge.report import Report
 from ..judge.scan import ScanReport, scan
+from ..runtime.models import read_prompts
 from ..runtime.runner import CaptureOptions, run_capture
 
 Log = Callable[[str], None]
@@ -53,7 +56,12 @@ class Step:
 
 @dataclass(frozen=True)
 class Suggestion:
-    """What :func:`suggest` found: a verified policy, or why there is none within budget."""
+    """What :func:`suggest` found: a verified policy, or why there is none within budget.
+
+    ``keep_fp32`` is exactly what the verifying capture was given (``auto``/``none`` and the
+    globs), ``kept_modules`` the modules it kept in fp32 beyond that base, and ``holdout``
+    the check of the policy on prompts it was not fitted on (``None`` when none were held).
+    """
 
     fixed: bool
     policy: tuple[str, ...]
@@ -64,6 +72,9 @@ class Suggestion:
     general_report: Report | None = None
     message: str = ""
     notes: tuple[str, ...] = field(default=())
+    keep_fp32: tuple[str, ...] = ()
+    kept_modules: tuple[str, ...] = ()
+    holdout: Report | None = None
 
     def _repr_html_(self) -> str:
         """Jupyter: the before/after table and the policy."""
@@ -74,8 +85,22 @@ class Suggestion:
 
     @property
     def cli_flags(self) -> str:
-        """The policy as ``precision capture`` flags."""
-        return " ".join(f"--keep-fp32 '{p}'" for p in (self.general or self.policy))
+        """The verified policy as ``precision capture`` flags, base policy included."""
+        return " ".join(f"--keep-fp32 {shlex.quote(p)}" for p in self.keep_fp32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (``precision suggest --json``)."""
+        def summary(r: Report | None) -> str | None:
+            return r.summary if r is not None else None
+
+        return {"fixed": self.fixed, "message": self.message, "keep_fp32": list(self.keep_fp32),
+                "capture_args": self.cli_flags, "kept_modules": list(self.kept_modules),
+                "minimal": list(self.policy), "general": list(self.general),
+                "before": summary(self.before), "after": summary(self.general_report
+                                                                 or self.after),
+                "holdout": summary(self.holdout), "notes": list(self.notes),
+                "steps": [{"kept": list(st.kept), "summary": st.report.summary}
+                          for st in self.steps]}
 
     def table(self) -> list[tuple[str, str, str]]:
         """(measure, before, after) rows for a before/after display."""
@@ -131,20 +156,35 @@ def _culprit(report: Report) -> str | None:
 def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
             prompts: Sequence[str] = (), prompts_file: str | None = None,
             base_policy: str = "none", budget: int = 8, max_new_tokens: int = 8,
-            log: Log = _quiet) -> Suggestion:
-    """Find and verify a small keep-fp32 policy that makes ``dtype`` match fp32."""
+            replay: str | None = None, mode: str = "full", include: Sequence[str] = (),
+            exclude: Sequence[str] = (), log: Log = _quiet) -> Suggestion:
+    """Find and verify a small keep-fp32 policy that makes ``dtype`` match fp32.
+
+    With two or more prompts (the built-in three by default) about a third are held back:
+    the policy is fitted on the rest and then checked on them. ``replay`` takes the inputs
+    of an earlier dump instead (nothing held back). ``base_policy`` ``none`` matches a
+    wholesale ``.half()`` from Python; the CLI's default is ``auto``, as for capture.
+    """
+    held: list[str] = []
+    if replay is None:
+        fit = read_prompts(prompts, prompts_file)
+        if len(fit) >= 2:
+            cut = len(fit) - max(1, len(fit) // 3)
+            fit, held = fit[:cut], fit[cut:]
+        prompts, prompts_file = fit, None
     with tempfile.TemporaryDirectory(prefix="precision-suggest-") as tmp:
         work = Path(tmp)
-        common = {"model": model, "device": device, "prompts": prompts,
-                  "prompts_file": prompts_file, "max_new_tokens": max_new_tokens}
 
-        def run(name: str, dt: str, keep: Sequence[str], replay: str | None) -> Path:
-            return run_capture(CaptureOptions(output=str(work / f"{name}.st"), dtype=dt,
-                                              keep_fp32=tuple(keep), replay=replay,
-                                              **common), _quiet)  # type: ignore[arg-type]
+        def run(name: str, dt: str, keep: Sequence[str], replay: str | None,
+                batch: Sequence[str] = prompts) -> Path:
+            return run_capture(CaptureOptions(
+                model=model, output=str(work / f"{name}.st"), device=device, dtype=dt,
+                prompts=batch, prompts_file=prompts_file, max_new_tokens=max_new_tokens,
+                keep_fp32=tuple(keep), replay=replay, mode=mode, include=include,
+                exclude=exclude), _quiet)
 
         log(f"capturing the fp32 baseline of {model}")
-        base = run("base", "fp32", ("auto",), None)
+        base = run("base", "fp32", ("auto",), replay)
         log(f"capturing {dtype} with --keep-fp32 {base_policy}")
         before = compare(base, run("step0", dtype, (base_policy,), str(base)))
         steps: list[Step] = []
@@ -160,24 +200,45 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
                 else:
                     why = f"the budget of {budget} module(s) is spent (next: {culprit})"
                 return Suggestion(False, tuple(kept), before, report, tuple(steps),
-                                  message=f"no fp32 policy within budget fixes it: {why}")
+                                  message=f"no fp32 policy within budget fixes it: {why}",
+                                  keep_fp32=(base_policy, *kept))
             kept.append(culprit)
             log(f"keeping {', '.join(kept)} in fp32 and running again")
             report = compare(base, run(f"step{len(kept)}", dtype, (base_policy, *kept),
                                        str(base)))
             steps.append(Step(tuple(kept), report))
+        final = work / f"step{len(kept)}.st"
         general = generalise(kept)
         general_report = None
         if kept and general != tuple(kept):
             log(f"checking the general form {', '.join(general)}")
             general_report = compare(base, run("general", dtype, (base_policy, *general),
                                                str(base)))
-            if not general_report:
+            if general_report:
+                final = work / "general.st"
+            else:
                 general, general_report = (), None
-        message = ("nothing to fix: the run is within the expected noise" if not kept else
-                   f"keeping {len(kept)} module(s) in fp32 fixes it")
+        keep = (base_policy, *(general or kept))
+        modules = tuple(load(final).meta.get("policy", {}).get("kept_fp32", []))
+        holdout = None
+        if held:
+            log(f"checking --keep-fp32 {' '.join(keep)} on {len(held)} prompt(s) held back")
+            held_base = run("held-base", "fp32", ("auto",), None, held)
+            holdout = compare(held_base, run("held", dtype, keep, str(held_base), held))
+        if not kept:
+            message = "nothing to fix: the run is within the expected noise"
+        else:
+            message = f"keeping {len(modules)} module(s) in fp32 fixes it"
+        if holdout is not None and not holdout:
+            return Suggestion(False, tuple(kept), before, report, tuple(steps), general,
+                              general_report, f"{message} on the prompts it was fitted on, "
+                              f"but not on the {len(held)} held back: {holdout.summary}",
+                              keep_fp32=keep, kept_modules=modules, holdout=holdout)
+        if holdout is not None:
+            message += f" (and on {len(held)} prompt(s) held back)"
         return Suggestion(True, tuple(kept), before, report, tuple(steps), general,
-                          general_report, message)
+                          general_report, message, keep_fp32=keep, kept_modules=modules,
+                          holdout=holdout)
 
 
 def consistency(model: str, *, repeat: int = 3, dtype: str = "bf16", device: str = "cpu",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import DumpError
+from ..errors import DumpError, option
 from .dump import Dump, load_file
 from .shards import INDEX, load_dir, load_partial
 
@@ -28,6 +28,11 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
             return load_dir(p)
         if allow_partial and any(p.glob("rank*.st")):
             return load_partial(p)
+        if (p / "config.json").is_file() and not any(p.glob("rank*.st")):
+            raise DumpError(f"{p} is a model directory, not a dump: capture it first, e.g. "
+                            f"precision capture --model {p} -o base.st")
         raise DumpError(f"{p} is a directory without {INDEX}: not a dump, or an unfinished "
-                        "multi-rank capture (pass --allow-partial to read the shards it has)")
+                        "multi-rank capture (pass "
+                        f"{option('--allow-partial', 'allow_partial=True')} to read the shards "
+                        "it has)")
     return load_file(p)

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, numpy_dtype
-from ..errors import DumpError
+from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_dtype, short
+from ..errors import DumpError, option
 
 FORMAT_NAME = "precision-dump"
 #: keys of the model's own inputs (``input:input_ids`` ...), which ``--replay`` reuses
@@ -202,6 +202,13 @@ class DumpWriter:
         self._tmp.unlink(missing_ok=True)
 
 
+def format_bytes(n: int) -> str:
+    """A size as every command prints it: decimal units, 3 significant digits (``1.37 MB``)."""
+    unit, scale = next((u, k) for u, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
+                       if n >= k or k == 1)
+    return f"{n / scale:.3g} {unit}" if scale > 1 else f"{n} B"
+
+
 def check_output_path(path: Path, *, force: bool) -> None:
     """Refuse an output in a missing folder, a folder itself, or an existing file without force."""
     if not path.parent.is_dir():
@@ -209,7 +216,8 @@ def check_output_path(path: Path, *, force: bool) -> None:
     if path.is_dir():
         raise DumpError(f"output {path} is a directory: give a file name such as {path}/run.st")
     if path.exists() and not force:
-        raise DumpError(f"output {path} already exists: pass --force to overwrite it")
+        raise DumpError(f"output {path} already exists: pass {option('--force', 'force=True')} "
+                        "to overwrite it")
 
 
 # --------------------------------------------------------------------------- reading
@@ -277,14 +285,22 @@ class Dump:
         """Keys of stored tensors, in file order."""
         return list(self.tensors)
 
+    @property
+    def file_bytes(self) -> int:
+        """Bytes on disk: the file, or every shard file of a directory dump."""
+        files = {t.file for t in self.tensors.values() if t.file} or {self.path}
+        return sum(f.stat().st_size for f in files if f.is_file())
+
     def __repr__(self) -> str:
-        m = self.meta
-        model = m.get("model", {}).get("class", "?")
-        dev = m.get("device", {}).get("name", "?")
-        size = sum(t.nbytes for t in self.tensors.values())
-        return (f"<Dump {self.path.name}: {model} on {dev} {m.get('dtype', '?')}, "
-                f"mode={self.mode}, {len(self.entries)} entries, {len(self.tensors)} tensors, "
-                f"{size / 1e6:.1f} MB>")
+        m = self.meta  # a Python capture records no device or dtype: derive them
+        device = (m.get("device") or {}).get("name") or (m.get("compute") or {}).get(
+            "device_type")
+        floats = [e.dtype for e in self.entries if is_float(e.dtype)]
+        dtype = self.dtype or (max(set(floats), key=floats.count) if floats else None)
+        where = (f" on {device}" if device else "") + (f" in {short(dtype)}" if dtype else "")
+        return (f"<Dump {self.path.name}: {m.get('model', {}).get('class', 'unknown model')}"
+                f"{where}, {self.mode} mode, {len(self.entries)} records, "
+                f"{len(self.tensors)} tensors, {format_bytes(self.file_bytes)}>")
 
     # ---- tensor access
     def __getitem__(self, key: str) -> np.ndarray:
@@ -343,21 +359,26 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
         raise DumpError(f"{p}: no such file")
     size = p.stat().st_size
     with open(p, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         if len(head) < 8:
             raise DumpError(f"{p}: file too short to be a safetensors dump ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n == 0 and size > 8:
             raise DumpError(f"{p}: an unfinished capture (the process stopped before writing "
                             f"its index), {size} bytes that cannot be read: delete it")
+        if head[8:9] != b"{":  # a safetensors header is a JSON object
+            kind = "a text file" if _is_text(head) else "no safetensors header"
+            raise DumpError(f"{p}: not a precision dump or safetensors file ({kind})")
         if n > min(size - 8, _MAX_HEADER):
-            raise DumpError(f"{p}: header length {n} exceeds the file size: "
-                            "not a safetensors file, or truncated")
+            raise DumpError(f"{p}: a safetensors header of {n} bytes, but the file holds "
+                            f"{size} bytes: truncated (an interrupted copy?)")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DumpError(f"{p}: header is not valid JSON: not a safetensors dump") from None
+        raise DumpError(f"{p}: header is not valid JSON: not a precision dump or "
+                        "safetensors file") from None
     except _DuplicateKey as dup:
         raise DumpError(f"{p}: the header names tensor {dup.args[0]!r} twice: corrupt "
                         "(a reader would silently take one of them)") from None
@@ -376,6 +397,10 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
             raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
                             f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
+
+
+def _is_text(head: bytes) -> bool:
+    return all(32 <= b < 127 or b in b"\t\r\n" for b in head)
 
 
 class _DuplicateKey(Exception):

@@ -22,7 +22,7 @@ from typing import Any
 from ..dtypes import is_float
 from ..dumps.dump import INPUT_PREFIX, Dump, Entry
 from ..dumps.external import open_any
-from ..errors import DumpError, InputError
+from ..errors import DumpError, InputError, option
 from . import parallel
 from .generation import PREFIX as GEN_PREFIX
 from .generation import compare_generation, generation_prefixes, has_generation, summarise
@@ -143,7 +143,8 @@ def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:
     hb, ht = b.config_hash, t.config_hash
     if hb and ht and hb != ht and not allow:
         raise DumpError(f"{b.path.name} and {t.path.name} come from different models "
-                        f"(config hash {hb} vs {ht}); pass --allow-different-models to "
+                        f"(config hash {hb} vs {ht}); pass "
+                        f"{option('--allow-different-models', 'allow_different_models=True')} to "
                         "compare them anyway")
 
 

@@ -83,6 +83,23 @@ class Report:
     def __bool__(self) -> bool:
         return not self.failing
 
+    #: rows ``str(report)`` shows: the worst, as ``precision compare --top 20``
+    STR_TOP = 20
+
+    def __repr__(self) -> str:
+        """One line: verdict, counts and the first divergence (the rows: ``str(report)``)."""
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        first = self.first_divergence
+        where = f"; first divergence {first.key} ({first.status})" if first else ""
+        return (f"<Report {'PASS' if self else 'FAIL'} [{self.profile.name}] "
+                f"{self.base} vs {self.target}: {counts}{where}>")
+
+    def __str__(self) -> str:
+        """The terminal table, as ``precision compare --top 20`` prints it to a pipe."""
+        from ..outputs.render import report_text
+
+        return report_text(self, top=self.STR_TOP)
+
     @property
     def failing(self) -> list[Row]:
         """Rows whose status is one that ``fail_on`` fails on."""
@@ -92,6 +109,17 @@ class Report:
     @property
     def flagged(self) -> list[Row]:
         return [r for r in self.rows if r.flagged]
+
+    def worst(self, top: int | None = None, *, only_flagged: bool = False) -> list[Row]:
+        """Rows to show, in execution order: all (or those not OK), cut to the ``top`` most
+        severe (status, then rel_l2); the first divergence is always among them."""
+        rows = [r for r in self.rows if r.status != "OK"] if only_flagged else list(self.rows)
+        if top is None:
+            return rows
+        kept = sorted(rows, key=_severity, reverse=True)[:top]
+        if self.first_divergence is not None and self.first_divergence not in kept:
+            kept.append(self.first_divergence)  # the row the summary names
+        return sorted(kept, key=lambda r: r.order)
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATUSES, 0)
@@ -179,6 +207,11 @@ class Report:
                 rec |= {f"logits_{k}": v for k, v in r.logits.as_dict().items() if k != "flips"}
             records.append(rec)
         return pd.DataFrame.from_records(records)
+
+
+def _severity(r: Row) -> tuple[int, float]:
+    m = r.metrics
+    return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
 
 
 def _num(x: float) -> str:

@@ -10,12 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..dtypes import short
-from ..dumps.dump import FORMAT_VERSION, Dump
+from ..dumps.dump import FORMAT_VERSION, Dump, format_bytes
 
 if TYPE_CHECKING:
     from ..doctor.checks import Suggestion
     from ..doctor.isolation import IsolateReport
-    from ..judge.report import Report, Row
+    from ..judge.report import Report
     from ..judge.scan import ScanReport
 
 STATUS_STYLE = {"OK": "green", "DRIFT": "yellow", "OVERFLOW": "bold red", "NAN": "bold red",
@@ -43,11 +43,10 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
         ("model", f"{model.get('class', '?')} ({model.get('kind', '?')}) "
                   f"{model.get('path', '')}  config {model.get('config_hash', '?')}"),
         ("device", f"{dev.get('name', '?')} [{dev.get('torch_device', '?')}]"),
-        ("dtype", f"{short(str(m.get('dtype', '?')))}  keep-fp32: {policy.get('base', '?')} "
-                  f"{' '.join(policy.get('globs', []))}  kept: "
-                  f"{', '.join(policy.get('kept_fp32', [])) or '-'}"),
+        ("dtype", f"{short(str(m.get('dtype', '?')))}  keep-fp32: "
+                  + " ".join([policy.get("base", "?"), *policy.get("globs", [])])),
         ("mode", f"{dump.mode}  {len(dump.entries)} records, {len(dump.tensors)} tensors, "
-                 f"{sum(t.nbytes for t in dump.tensors.values()) / 1e6:.2f} MB"),
+                 f"{format_bytes(dump.file_bytes)}"),
         ("logits", str(m.get("logits_key") or ", ".join(m.get("logits_keys", [])) or None)),
         ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
         ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),
@@ -63,10 +62,14 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
         rows = [("format", "plain safetensors file (no precision metadata)")]
     for name, value in rows:
         con.print(f"  [cyan]{name:8}[/] {escape(value)}")
-    fp32_mods = [k for k, v in m.get("module_dtypes", {}).items() if v == "float32"]
-    if m.get("dtype") not in (None, "float32") and fp32_mods:
-        con.print(f"  [cyan]{'fp32':8}[/] modules with fp32 parameters: {len(fp32_mods)} "
-                  f"(e.g. {escape(fp32_mods[0])})")
+    if m.get("dtype") not in (None, "float32") and "module_dtypes" in m:
+        # what ran in fp32: transformers' own choice (auto) and --keep-fp32 globs alike
+        fp32 = [k for k, v in m["module_dtypes"].items() if v == "float32"]
+        fp32 += [k for k in policy.get("kept_fp32", []) if k not in fp32]
+        shown = ", ".join(fp32[:3]) + (f" and {len(fp32) - 3} more" if len(fp32) > 3 else "")
+        con.print(f"  [cyan]{'fp32':8}[/] "
+                  + escape(f"{len(fp32)} module(s) kept in fp32: {shown}" if fp32 else
+                           "no module kept in fp32"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("#", "key", "shape", "dtype", "absmax" if dump.mode == "stats" else "note"):
         table.add_column(col, overflow="fold")
@@ -92,19 +95,30 @@ def _fmt(value: Any) -> str:
 def print_report(report: Report, *, only_flagged: bool = False, top: int | None = None) -> None:
     """The summary line, warnings, then the rows (flagged ones highlighted)."""
     con = _console()
+    for item in _report_parts(report, only_flagged=only_flagged, top=top):
+        con.print(item)
+
+
+def report_text(report: Report, *, only_flagged: bool = False, top: int | None = None) -> str:
+    """What :func:`print_report` prints to a pipe, as plain text (``str(report)``)."""
+    import io
+
+    buf = io.StringIO()
+    con = Console(file=buf, width=220, color_system=None, highlight=False, soft_wrap=False)
+    for item in _report_parts(report, only_flagged=only_flagged, top=top):
+        con.print(item)
+    return "".join(ln.rstrip() + "\n" for ln in buf.getvalue().splitlines())
+
+
+def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> list[Any]:
+    """The summary line, the warnings, the table and, when rows were left out, a note."""
     style = "bold green" if report else "bold red"
-    con.print(f"[{style}]{escape(report.summary)}[/]")
-    for w in report.warnings:
-        con.print(f"[yellow]warning:[/] {escape(w)}")
-    rows = [r for r in report.rows if r.status != "OK"] if only_flagged else list(report.rows)
-    if top is not None:
-        worst = sorted(rows, key=_severity, reverse=True)[:top]
-        first = report.first_divergence
-        if first is not None and first not in worst:
-            worst.append(first)  # the row the summary names is always shown
-        rows = sorted(worst, key=lambda r: r.order)
+    parts: list[Any] = [f"[{style}]{escape(report.summary)}[/]"]
+    parts += [f"[yellow]warning:[/] {escape(w)}" for w in report.warnings]
+    shown = sum(r.status != "OK" for r in report.rows) if only_flagged else len(report.rows)
+    rows = report.worst(top, only_flagged=only_flagged)
     if not rows:
-        return
+        return parts
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
                          ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
@@ -130,14 +144,10 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
             _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
             _fmt(m.max_abs) if m else "-", _fmt(m.absmax_target) if m else "-", escape(reason),
             style="on grey15" if r.flagged else None)
-    con.print(table)
-
-
-def _severity(r: Row) -> tuple[int, float]:
-    from ..judge.report import STATUSES
-
-    m = r.metrics
-    return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
+    parts.append(table)
+    if len(rows) < shown:
+        parts.append(f"({shown - len(rows)} more rows, the mildest, not shown)")
+    return parts
 
 
 def print_scan(report: ScanReport, *, top: int | None = None) -> None:
@@ -173,13 +183,17 @@ def print_suggestion(s: Suggestion) -> None:
     for row in s.table():
         table.add_row(*(escape(c) for c in row))
     con.print(table)
+    if s.holdout is not None:
+        con.print(f"  held-back prompts: {escape(s.holdout.summary)}")
     if s.fixed and s.policy:
-        patterns = s.general or s.policy
-        con.print("policy: " + escape(s.cli_flags))
-        con.print("python: precision.keep_fp32(model, " + escape(repr(list(patterns))) + ")")
+        patterns = list(s.general or s.policy)
+        con.print("capture: " + escape(s.cli_flags))
+        how = ("a model loaded with from_pretrained(..., dtype=...) keeps what auto keeps"
+               if s.keep_fp32[:1] == ("auto",) else "after a wholesale model.half()")
+        con.print(f"python: precision.keep_fp32(model, {escape(repr(patterns))})  # {how}")
         if s.general:
-            con.print(f"(the general form covers every block; the minimal set is "
-                      f"{escape(', '.join(s.policy))})")
+            con.print(f"(the general form covers every block: {len(s.kept_modules)} module(s); "
+                      f"the minimal set is {escape(', '.join(s.policy))})")
 
 
 def print_isolate(report: IsolateReport, *, only_flagged: bool = False) -> None:

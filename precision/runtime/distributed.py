@@ -16,7 +16,7 @@ from typing import Any
 from ..dumps import load
 from ..dumps.dump import Dump, check_output_path
 from ..dumps.shards import INDEX, shard_name, write_index
-from ..errors import InputError
+from ..errors import InputError, option
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 _STARTED = False  # whether we started the process group (then we also end it)
@@ -83,7 +83,8 @@ def prepare_folder(folder: Path, dist: Dist, *, force: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file: a multi-process capture writes a folder")
     if (folder / INDEX).exists() and not force:
-        raise InputError(f"output {folder} already holds a dump: pass --force to overwrite it")
+        raise InputError(f"output {folder} already holds a dump: pass "
+                         f"{option('--force', 'force=True')} to overwrite it")
     _barrier()
     if dist.rank == 0:
         folder.mkdir(exist_ok=True)

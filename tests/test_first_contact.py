@@ -1,0 +1,198 @@
+"""What a new user meets first: reprs, error advice in the caller's terms, sizes, the
+inspect header, dumps that are not dumps, usage errors on one line, Ctrl-C, suggest's
+verified policy (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import precision
+from precision.cli import INTERRUPTED, main
+from precision.errors import DumpError
+
+from .conftest import OVERFLOW_WO, T5, T5_OVERFLOW
+
+MakeDump = Callable[..., Path]
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def test_report_repr_is_one_line_and_str_is_the_capped_table(t5_runs: dict[str, Path]) -> None:
+    report = precision.compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    line = repr(report)
+    assert "\n" not in line and len(line) < 400
+    assert line.startswith("<Report FAIL [fp32->fp16]") and OVERFLOW_WO in line
+    assert f"{report.counts()['OVERFLOW']} OVERFLOW" in line and "OK" in line
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0] == report.summary
+    assert re.match(r"\s*#\s+layer\s+status", lines[1])
+    rows = [ln for ln in lines[2:] if re.match(r"\s*\d+\s", ln)]
+    assert len(rows) == report.STR_TOP and any("◀ first" in ln for ln in rows)
+    assert lines[-1].startswith(f"({len(report.rows) - report.STR_TOP} more rows")
+    assert len(text) < 10_000 and not any(ln != ln.rstrip() for ln in lines)
+    clean = precision.compare(t5_runs["base"], t5_runs["base"])
+    assert repr(clean).startswith("<Report PASS") and "first divergence" not in repr(clean)
+
+
+def test_python_errors_name_keyword_arguments_and_the_cli_names_flags(
+        tmp_path: Path, make_dump: MakeDump) -> None:
+    import numpy as np
+
+    x = {"a:out": np.ones(4, np.float32)}
+    a = make_dump("a.st", x)
+    b = make_dump("b.st", x, meta={"model": {"class": "Other", "config_hash": "abc"}})
+    with pytest.raises(DumpError, match=r"allow_different_models=True") as err:
+        precision.compare(a, b)
+    assert "--" not in str(err.value)
+    code, _, stderr = _run("compare", a, b)
+    assert code == 2 and "--allow-different-models" in stderr and "=True" not in stderr
+    import torch
+
+    with pytest.raises(DumpError, match=r"pass force=True to overwrite"), \
+            precision.capture(torch.nn.Linear(2, 2), a):
+        pass
+    code, _, stderr = _run("compare", a, a, "--json", a)
+    assert code == 2 and "pass --force to overwrite" in stderr
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with pytest.raises(DumpError, match=r"allow_partial=True"):
+        precision.load(folder)
+
+
+def test_dump_repr_names_device_and_dtype_of_python_captures(tmp_path: Path) -> None:
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).half()
+    with torch.no_grad(), precision.capture(model, tmp_path / "py.st"):
+        model(torch.ones(2, 4, dtype=torch.float16))
+    d = precision.load(tmp_path / "py.st")
+    text = repr(d)
+    assert "?" not in text and " on cpu in fp16," in text, text
+    size = os.path.getsize(tmp_path / "py.st")
+    assert text.endswith(f"{size / 1e3:.3g} kB>") if size < 1e6 else "MB>" in text
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_capture_inspect_and_the_file_agree_on_the_size(t5_runs: dict[str, Path]) -> None:
+    path = t5_runs["ofp16_auto"]
+    size = os.path.getsize(path)
+    expected = f"{size / 1e6:.3g} MB"
+    assert precision.load(path).file_bytes == size
+    code, out, _ = _run("inspect", path)
+    assert code == 0 and f"tensors, {expected}" in out
+    assert repr(precision.load(path)).endswith(f"{expected}>")
+    # what ran in fp32 under --keep-fp32 auto is listed, never "kept: -"
+    assert "kept: -" not in out
+    assert re.search(r"fp32\s+8 module\(s\) kept in fp32: encoder\.block\.0\.layer\.1\."
+                     r"DenseReluDense\.wo", out), out
+
+
+def test_capture_prints_the_same_size_as_inspect(tmp_path: Path) -> None:
+    code, out, _ = _run("capture", "--model", T5, "--prompt", "hi", "--max-new-tokens", "1",
+                        "--include", "encoder.block.0*", "-o", tmp_path / "c.st")
+    assert code == 0, out
+    size = os.path.getsize(tmp_path / "c.st")
+    unit, scale = ("MB", 1e6) if size >= 1e6 else ("kB", 1e3)
+    assert f", {size / scale:.3g} {unit} (full mode)" in out, out
+
+
+def test_a_text_file_or_a_model_folder_given_as_a_dump(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not tensors\n" * 50)
+    code, _, stderr = _run("inspect", text)
+    assert code == 2 and "not a precision dump or safetensors file (a text file)" in stderr
+    assert "header length" not in stderr
+    code, _, stderr = _run("compare", T5, T5)
+    assert code == 2 and "is a model directory, not a dump" in stderr
+    assert f"precision capture --model {T5} -o base.st" in stderr
+    assert "--allow-partial" not in stderr
+
+
+@pytest.mark.parametrize("args", [["compare", "a.st"], ["compare", "--top", "0", "a", "b"],
+                                  ["nosuch"], ["compare", "--max-memory", "xx", "a", "b"],
+                                  ["scan"]])
+def test_usage_errors_are_one_line(args: list[str]) -> None:
+    code, out, stderr = _run(*args)
+    assert code == 2 and out == ""
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+
+
+def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, t5_runs: dict[str, Path]) -> None:
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("precision.judge.compare.compare", interrupted)
+    code, _, stderr = _run("compare", t5_runs["base"], t5_runs["fp16"])
+    assert INTERRUPTED == 130 and code == 130
+    assert stderr.strip() == "error: interrupted; no output was written"
+
+
+def test_suggest_prints_and_writes_the_capture_arguments_it_verified(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    code, stdout, _ = _run("suggest", "--model", T5_OVERFLOW, "--keep-fp32", "none",
+                           "--json", out, "-q")
+    assert code == 0, stdout
+    result = json.loads(out.read_text())
+    assert result["keep_fp32"] == ["none", "*.block.*.layer.*.DenseReluDense.wo"]
+    assert result["capture_args"] == ("--keep-fp32 none "
+                                      "--keep-fp32 '*.block.*.layer.*.DenseReluDense.wo'")
+    assert len(result["kept_modules"]) == 8 and "keeping 8 module(s)" in result["message"]
+    assert result["holdout"].startswith("PASS") and "held back" in result["message"]
+    assert stdout.strip().endswith(result["capture_args"])
+    # the printed arguments reproduce the verified run through capture itself
+    base, fixed = tmp_path / "b.st", tmp_path / "f.st"
+    assert _run("capture", "--model", T5_OVERFLOW, "-q", "-o", base)[0] == 0
+    assert _run("capture", "--model", T5_OVERFLOW, "--dtype", "fp16", "--replay", base,
+                *re.findall(r"--keep-fp32|'[^']+'|\S+", result["capture_args"].replace(
+                    "'", "")), "-q", "-o", fixed)[0] == 0
+    assert precision.compare(base, fixed)
+    # the default starts from auto, as capture does: nothing to fix on this model
+    code, stdout, _ = _run("suggest", "--model", T5_OVERFLOW, "-q")
+    assert code == 0 and "nothing to fix" in stdout and stdout.strip().endswith(
+        "--keep-fp32 auto")
+
+
+def test_suggest_fails_when_the_held_back_prompts_are_not_fixed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-back prompts are run apart, and a failure there is not a fix."""
+    from precision.doctor import checks
+
+    seen: list[list[str]] = []
+    real_compare, real_capture = checks.compare, checks.run_capture
+
+    def capture(opts: checks.CaptureOptions, log: object) -> Path:
+        if opts.replay is None:
+            seen.append(list(opts.prompts))
+        return real_capture(opts, log)  # type: ignore[arg-type]
+
+    def compare(base: Path, target: Path) -> precision.Report:
+        # pretend the policy does not hold on the prompts held back
+        report = real_compare(base, target)
+        if Path(base).name == "held-base.st":
+            return real_compare(base, Path(base).with_name("step0.st"))
+        return report
+
+    monkeypatch.setattr(checks, "run_capture", capture)
+    monkeypatch.setattr(checks, "compare", compare)
+    from precision.runtime.models import DEFAULT_PROMPTS as prompts
+
+    s = checks.suggest(str(T5_OVERFLOW), dtype="fp16")
+    assert seen == [list(prompts[:2]), list(prompts[2:])]
+    assert not s.fixed and "but not on the 1 held back" in s.message
+    assert s.holdout is not None and not s.holdout
