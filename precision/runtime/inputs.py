@@ -34,7 +34,8 @@ class Sources:
     defaults: Sequence[str] = field(default_factory=tuple)
 
     def as_meta(self) -> dict[str, Any]:
-        return {"prompts": list(self.prompts), "images": [str(p) for p in self.images],
+        return {"prompts": list(self.prompts or self.defaults),
+                "images": [str(p) for p in self.images],
                 "audio": [str(p) for p in self.audio], "feed": self.feed}
 
 

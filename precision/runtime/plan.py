@@ -25,10 +25,9 @@ import torch
 from ..dtypes import numpy_dtype
 from ..dumps.dump import format_bytes
 from ..errors import InputError, ModelError
-from .inputs import Sources, build
+from .inputs import build
 from .loading import choose_class
 from .models import (
-    DEFAULT_PROMPTS,
     TORCH_DTYPES,
     Policy,
     keep_fp32,
@@ -44,6 +43,7 @@ from .runner import (
     capture_prompts,
     check_options,
     count_text,
+    sources,
 )
 
 #: header JSON per record, without and with statistics, and per stored tensor's line
@@ -144,7 +144,7 @@ def plan_model(opts: CaptureOptions) -> Plan:
     tokenizer = load_tokenizer(Path(path))
     if tokenizer is not None and tokenizer.pad_token is None and kind != "encoder":
         tokenizer.pad_token = tokenizer.eos_token
-    src = Sources(prompts, opts.images, opts.audio, opts.feed, DEFAULT_PROMPTS)
+    src = sources(opts, prompts)
     fed = build(model, tokenizer, Path(path), src, generates=kind != "encoder")
     shapes = {k: (tuple(v.shape), v.dtype if not v.is_floating_point() else TORCH_DTYPES[dtype])
               for k, v in fed.items() if k != "attention_mask"}

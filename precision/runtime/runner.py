@@ -24,7 +24,6 @@ from ..errors import InputError
 from . import devices, distributed
 from . import inputs as feeds
 from .models import (
-    DEFAULT_PROMPTS,
     TORCH_DTYPES,
     Generation,
     LoadedModel,
@@ -129,12 +128,17 @@ def replay_inputs(dump: Dump, device: str,
 
 
 def capture_prompts(opts: CaptureOptions) -> list[str]:
-    """The prompts to tokenize: as given, or the built-in ones when nothing else is fed."""
+    """The prompts to tokenize: as given, or the built-in ones (used only for a model that
+    reads text, when nothing else is fed: see :func:`sources`)."""
     feeds.check_prompts(opts.prompts)
-    if opts.images or opts.audio or opts.feed:
-        return read_prompts(opts.prompts, opts.prompts_file) if (
-            opts.prompts or opts.prompts_file) else []
     return read_prompts(opts.prompts, opts.prompts_file)
+
+
+def sources(opts: CaptureOptions, prompts: list[str]) -> feeds.Sources:
+    """What to feed the model: the built-in prompts count only as a default."""
+    given = bool(opts.prompts or opts.prompts_file)
+    return feeds.Sources(prompts if given else [], opts.images, opts.audio, opts.feed,
+                         () if given else prompts)
 
 
 def check_options(opts: CaptureOptions) -> str:
@@ -152,6 +156,11 @@ def check_options(opts: CaptureOptions) -> str:
         raise InputError("--steps needs at least one step")
     if opts.device_map:
         read_device_map(opts.device_map)
+    fed = [f for f, used in (("--image", opts.images), ("--audio", opts.audio),
+                             ("--feed", opts.feed)) if used]
+    if opts.replay and fed:
+        raise InputError(f"--replay reuses the inputs of {opts.replay}: leave out "
+                         f"{' and '.join(fed)}")
     return dtype
 
 
@@ -207,7 +216,7 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
             log(f"replaying the inputs of {base.path}")
             gen, prompt = _replay_generation(base, loaded, device.torch_device, log)
             return replay_inputs(base, device.torch_device, TORCH_DTYPES[dtype]), gen, prompt
-        src = feeds.Sources(prompts, opts.images, opts.audio, opts.feed, DEFAULT_PROMPTS)
+        src = sources(opts, prompts)
         fed = feeds.build(loaded.model, loaded.tokenizer, loaded.path, src,
                           generates=loaded.kind != "encoder", log=log)
         prompt = feeds.to_model(fed, device.torch_device, TORCH_DTYPES[dtype])
@@ -228,8 +237,7 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "distributed": dist.as_meta() if dist else None,
         "policy": policy.as_meta() | {"kept_fp32": loaded.kept_fp32},
         "model": {"path": str(loaded.path), "kind": loaded.kind} | _loading_meta(loaded),
-        "inputs": None if base else feeds.Sources(prompts, opts.images, opts.audio,
-                                                  opts.feed).as_meta(),
+        "inputs": None if base else sources(opts, prompts).as_meta(),
         "device_map": _json_device_map(loaded.model),
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
