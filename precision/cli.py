@@ -308,11 +308,17 @@ def inspect(dump: str, show_all: bool) -> None:
               "(flagged rows) for a pull-request comment.")
 @click.option("--only-flagged", is_flag=True, help="Show only rows that are not OK.")
 @click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
-@click.option("--rtol", type=float, help="Override the norm tolerance: DRIFT when "
-              "||b-a|| > rtol*||a|| + atol*sqrt(n).")
-@click.option("--atol", type=float, help="Override the absolute floor of that tolerance.")
-@click.option("--profile", type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Judge as fp32 vs this dtype instead of the dtypes the dumps record.")
+@click.option("--rtol", type=float, help="Override the diffuse-drift limit: DRIFT when the "
+              "element-scaled rms error exceeds it (default: 5 eps of the pair's coarser "
+              "format; docs/verdicts.md).")
+@click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
+@click.option("--profile", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+              help="Judge as fp32 vs this precision instead of what the dumps record.")
+@click.option("--base-dtype", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+              help="What the baseline computed in, for a file that cannot say (.npy logits "
+                   "saved as fp32 from a bf16 run).")
+@click.option("--target-dtype", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+              help="What the target computed in, likewise.")
 @click.option("--fail-on", default="drift", show_default=True,
               type=click.Choice(["drift", "overflow", "nan", "any", "never"]),
               help="Exit 1 when a row has such a status. drift: DRIFT/OVERFLOW/NAN/MISMATCH; "
@@ -334,7 +340,8 @@ def inspect(dump: str, show_all: bool) -> None:
 @_guard
 def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
-            profile: str | None, fail_on: str, topk: int, jobs: int | None,
+            profile: str | None, base_dtype: str | None, target_dtype: str | None,
+            fail_on: str, topk: int, jobs: int | None,
             max_memory: int | None, allow_different_models: bool, allow_partial: bool,
             force: bool, quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
@@ -359,7 +366,8 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
         report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
                              fail_on=fail_on, topk=topk, jobs=jobs, max_memory=max_memory,
                              allow_different_models=allow_different_models,
-                             allow_partial=allow_partial, progress=progress)
+                             allow_partial=allow_partial, base_dtype=base_dtype,
+                             target_dtype=target_dtype, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
     else:
@@ -569,7 +577,7 @@ def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str
               help="Also write a Markdown summary for a pull-request comment.")
 @click.option("--rtol", type=float, help="Override the norm tolerance (see compare).")
 @click.option("--atol", type=float, help="Override the absolute floor (see compare).")
-@click.option("--profile", type=click.Choice(["fp32", "fp16", "bf16"]),
+@click.option("--profile", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
               help="Judge as fp32 vs this dtype.")
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
 @click.option("--allow-different-models", is_flag=True,

@@ -119,7 +119,7 @@ def test_sparse_outlier_trips_although_the_norm_is_fine(make_dump: MakeDump) -> 
     b[[5, 900]] += np.float32(1.0)  # about one RMS off, on 2 of 65536 entries
     report = compare(*pair(make_dump, "x:out", a, b, "float32", meta={"dtype": "float16"}))
     row = report.rows[0]
-    assert row.metrics.rel_l2 < profile_for("float32", "float16").rel_l2
+    assert row.metrics.noise_rms < profile_for("float32", "float16").noise_rms
     assert row.status == "DRIFT" and "outlier" in row.reason
 
 
@@ -141,16 +141,20 @@ def test_new_inf_and_saturation_are_overflow(make_dump: MakeDump) -> None:
                   "x:out") == "OK"
 
 
-def test_new_nan_is_nan_but_baseline_nan_is_excluded(make_dump: MakeDump) -> None:
+def test_new_nan_is_nan_shared_nan_is_excluded_baseline_nan_is_flagged(
+        make_dump: MakeDump) -> None:
     a = RNG.standard_normal(100).astype(np.float32)
     b = fp16_noise(a)
     b[7] = np.nan
     assert status(compare(*pair(make_dump, "x:out", a, b)), "x:out") == "NAN"
     a2 = a.copy()
     a2[7] = np.nan
-    report = compare(*pair(make_dump, "x:out", a2, b))
+    report = compare(*pair(make_dump, "x:out", a2, b))  # NaN at the same place in both
     assert report.rows[0].status == "OK" and report.rows[0].metrics.nan_base == 1
-    assert any("baseline itself holds NaN" in w for w in report.warnings)
+    assert any("both runs hold NaN/inf at the same places" in w for w in report.warnings)
+    swapped = compare(*pair(make_dump, "x:out", a2, fp16_noise(a)))  # only the baseline
+    assert swapped.rows[0].status == "NAN" and "swapped" in swapped.rows[0].reason
+    assert any("arguments may be swapped" in w for w in swapped.warnings)
 
 
 def test_masked_position_bias_is_excluded(make_dump: MakeDump) -> None:

@@ -23,10 +23,12 @@ TMAX = {"float16": 65504.0, "bfloat16": float(ml_dtypes.finfo(BF16).max),
 NPDT = {"float16": np.float16, "bfloat16": BF16, "float32": np.float32}
 MANT = {"float16": (10, -14), "bfloat16": (7, -126), "float32": (23, -126)}
 COUNTS = ("numel", "compared", "masked", "nan_base", "nan_target", "inf_base", "inf_target",
-          "new_nan", "new_inf", "saturated", "beyond_target_range")
+          "new_nan", "new_inf", "base_only_nan", "base_only_inf", "saturated", "saturated_base",
+          "beyond_target_range")
 EXACT = ("max_abs", "max_rel", "max_ulp", "absmax_base", "absmax_target", "ratio_1e2",
          "ratio_1e3", "ratio_1e4", "target_max")
-SUMS = ("mean_abs", "rmse", "rel_l2", "snr_db", "rms_base", "headroom_bits")
+SUMS = ("mean_abs", "rmse", "rel_l2", "snr_db", "rms_base", "headroom_bits", "noise_rms",
+        "noise_max", "bulk_scale")
 
 
 def ulp_ref(x: np.ndarray, target: str) -> np.ndarray:
@@ -48,13 +50,33 @@ def one_minus_cos_exact(x: np.ndarray, y: np.ndarray) -> float:
     return float(1 - dot * dot / (na2 * nb2)) / (1 + cos) if cos > 0 else 1 - cos
 
 
+def noise_reference(x: np.ndarray, d: np.ndarray, target: str, floor: float) -> dict:
+    """The noise model element by element, from precision.judge.noise's docstring:
+    s_i = p(|a_i|) + sigma, p(v) = 2^floor(log2 v) from twice the smallest normal up (else
+    0), sigma = max(floor, 2^(floor(log2 m) + 1)) for m the lower median of those |a|."""
+    if x.size == 0:
+        return {"noise_rms": 0.0, "noise_max": 0.0, "bulk_scale": 0.0}
+    big = np.abs(x) >= 2.0 * 2.0 ** MANT[target][1]
+    with np.errstate(divide="ignore"):
+        p = np.where(big, 2.0 ** np.floor(np.log2(np.abs(x))), 0.0)
+    sigma = floor
+    if big.any():
+        vals = np.sort(np.abs(x[big]))
+        m = vals[(vals.size + 1) // 2 - 1]
+        sigma = max(floor, 2.0 ** (math.floor(math.log2(m)) + 1))
+    z = np.abs(d) / (p + sigma)
+    return {"noise_rms": float(np.sqrt(np.mean(z * z))), "noise_max": float(z.max()),
+            "bulk_scale": sigma}
+
+
 def reference(a, b, base: str, target: str, floor: float | None = None) -> dict:
     """All TensorMetrics fields from whole arrays, plain numpy/scipy in float64."""
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     floor = (1e-3 if target in ("float16", "bfloat16") else 1e-6) if floor is None else floor
-    masked = a <= -TMAX[base]  # an additive mask: the baseline dtype's lowest, or -inf
-    live, fa = ~masked, np.isfinite(a)
+    # an additive mask: both runs at their dtype's lowest finite value, or -inf
+    masked = (a <= -TMAX[base]) & (b <= -TMAX[target])
+    live, fa, fb = ~masked, np.isfinite(a), np.isfinite(b)
     keep = live & fa & np.isfinite(b)
     x, y = a[keep], b[keep]
     d, n, tmax = y - x, int(keep.sum()), TMAX[target]
@@ -70,7 +92,10 @@ def reference(a, b, base: str, target: str, floor: float | None = None) -> dict:
          "inf_base": int((np.isinf(a) & live).sum()), "inf_target": int((np.isinf(b) & live).sum()),
          "new_nan": int((np.isnan(b) & live & fa).sum()),
          "new_inf": int((np.isinf(b) & live & fa).sum()),
+         "base_only_nan": int((np.isnan(a) & fb).sum()),
+         "base_only_inf": int((np.isinf(a) & live & fb).sum()),
          "saturated": int(((np.abs(y) >= 0.98 * tmax) & (rel > 1e-2)).sum()),
+         "saturated_base": int(((np.abs(x) >= 0.98 * TMAX[base]) & (rel > 1e-2)).sum()),
          "beyond_target_range": int((live & fa & (np.abs(a) > tmax)).sum()),
          "max_abs": mx(np.abs(d)), "max_rel": mx(rel),
          "max_ulp": mx(np.abs(d) / ulp_ref(x, target)),
@@ -83,6 +108,7 @@ def reference(a, b, base: str, target: str, floor: float | None = None) -> dict:
          "rms_base": na / math.sqrt(n) if n else 0.0,
          "headroom_bits": math.log2(tmax / top) if top else math.inf,
          "one_minus_cos": one_minus_cos_exact(x, y)}
+    r |= noise_reference(x, d, target, floor)
     for i, t in enumerate((1e-2, 1e-3, 1e-4)):
         r[f"ratio_1e{i + 2}"] = float((rel > t).sum() / n) if n else 0.0
     if na and float(np.linalg.norm(y)):
@@ -240,7 +266,8 @@ def test_adversarial_hand_values():
     assert (m.nan_base, m.nan_target, m.inf_base, m.inf_target) == (2, 2, 2, 2)
     assert (m.new_nan, m.new_inf, m.compared) == (1, 1, 1)
     m = cmp(*(np.array(v, np.float32) for v in ADVERSARIAL["masked_lowest"]), "float32", "float16")
-    assert (m.masked, m.compared, m.nan_target, m.inf_base) == (3, 2, 0, 0)
+    # a mask only where both runs hold one (-inf / -65504); F32_MIN against 0 or NaN is not
+    assert (m.masked, m.compared, m.nan_target, m.new_nan, m.inf_base) == (1, 3, 1, 1, 0)
     m = cmp(*(np.array(v, np.float32) for v in ADVERSARIAL["masked_below_fp16"]), "float32",
             "float16")  # -70000 -> -inf is an overflow, not a mask
     assert (m.masked, m.nan_base, m.new_inf, m.beyond_target_range, m.compared) == (
@@ -255,13 +282,46 @@ def test_adversarial_hand_values():
     assert (e.numel, e.compared, e.rms_base, e.cos, e.pearson) == (0, 0, 0.0, 1.0, 1.0)
 
 
+def test_baseline_overflow_is_not_a_mask():
+    """An fp16 baseline's -inf/+inf/NaN where an fp32 target is finite: counted on the
+    baseline's side (compare fp16.st fp32.st, or GPU-fp16 against NPU-fp16)."""
+    a = np.array([-np.inf, np.inf, np.nan, -65504.0, 1.0], np.float16)
+    b = np.array([-70000.0, 70000.0, 3.0, -70000.0, 1.0], np.float32)
+    m = cmp(a, b, "float16", "float32")
+    assert (m.masked, m.base_only_inf, m.base_only_nan, m.saturated_base) == (0, 2, 1, 1)
+    assert (m.new_inf, m.new_nan) == (0, 0)
+    both = cmp(np.array([-np.inf, 1.0], np.float16), np.array([-65504.0, 1.0], np.float16),
+               "float16", "float16")
+    assert (both.masked, both.base_only_inf) == (1, 0)  # the same position in both: a mask
+
+
+def test_noise_model_sees_ordinary_channels_under_massive_ones():
+    """Two massive channels dominate rel_l2; the element-scaled error still sees 8% noise
+    in the ordinary ones, and the massive channels' own rounding is no outlier."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((64, 256))
+    a[:, 0], a[:, 1] = 1800.0, -950.0
+    healthy = a.astype(BF16).astype(np.float64)
+    drift = healthy.copy()
+    drift[:, 2:] += 0.08 * rng.standard_normal((64, 254))
+    mh = cmp(a.astype(np.float32), healthy, "float32", "bfloat16")
+    md = cmp(a.astype(np.float32), drift, "float32", "bfloat16")
+    eps = 2.0**-7
+    assert md.rel_l2 < 4 * eps  # the norm hides it ...
+    assert md.noise_rms > 5 * eps > 20 * mh.noise_rms  # ... the noise model does not
+    assert mh.noise_max < 1 * eps  # the massive channels round by up to 4: no outlier
+    assert mh.signature_bits > 7.5 > md.signature_bits
+
+
 @pytest.mark.parametrize("extra", [[], [np.nan], [F32_MIN]])  # clean and filtered chunks
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_overflow_of_either_sign_is_not_a_mask(extra, sign):
     """-70000 turning into -inf (or saturating at -65504) counts like +70000 does."""
     a = np.array([sign * 7e4, 1.0, *extra], np.float32)
     for tgt, new_inf, saturated in ((sign * np.inf, 1, 0), (sign * 65504.0, 0, 1)):
-        b = np.array([tgt, 1.0, *[1.0] * len(extra)], np.float16)
+        # the extra F32_MIN is a mask only because the target holds one there too
+        b = np.array([tgt, 1.0, *[-np.inf if extra == [F32_MIN] else 1.0] * len(extra)],
+                     np.float16)
         m = cmp(a, b, "float32", "float16")
         assert (m.masked, m.new_inf, m.saturated, m.beyond_target_range) == (
             int(extra == [F32_MIN]), new_inf, saturated, 1)
@@ -283,10 +343,10 @@ def test_cos_with_different_norms(scale):
 def test_beyond_target_range_counts_overflowed_targets():
     a, b = np.array([1e30, 1e5, 1.0], np.float32), np.array([np.inf, np.inf, 1.0], np.float16)
     assert cmp(a, b, "float32", "float16").beyond_target_range == 2
-    # -1e5 -> -inf and -1e9 -> -65504 overflow like positive values; only F32_MIN is a mask,
-    # and a baseline inf is not counted
+    # -1e5 -> -inf and -1e9 -> -65504 overflow like positive values; only F32_MIN against
+    # the target's own mask value is a mask, and a baseline inf is not counted
     a = np.array([-1e5, -1e9, F32_MIN, np.inf, 7e4], np.float32)
-    b = np.array([-np.inf, -65504, 0.0, np.inf, 65504], np.float16)
+    b = np.array([-np.inf, -65504, -65504, np.inf, 65504], np.float16)
     for chunk in (None, 1):
         m = cmp(a, b, "float32", "float16", chunk)
         assert (m.beyond_target_range, m.masked, m.compared, m.new_inf) == (3, 1, 2, 1)

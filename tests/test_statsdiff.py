@@ -24,7 +24,7 @@ def reference(x) -> dict:
     with np.errstate(over="ignore"):  # huge values become inf in fp16: not zero, as wanted
         flushed = int(np.sum((np.abs(f) > 0) & (np.float16(f) == 0)))
     out = {"numel": x.size, "nan": int(np.isnan(x).sum()), "posinf": int(np.sum(x == np.inf)),
-           "neginf": int(np.sum(x == -np.inf)),
+           "neginf": int(np.sum(x == -np.inf)), "masked": int(np.sum(x == -np.inf)),
            "beyond_fp16": int(np.sum(np.abs(f) > FP16_MAX)),
            "near_fp16_max": int(np.sum(np.abs(f) >= 0.98 * FP16_MAX)),
            # fp16 rounds these to zero: below half its smallest subnormal 2^-24
@@ -43,7 +43,7 @@ def stats(x, chunk: int | None = None) -> dict:
 
 def check(got: dict, ref: dict, std_rel: float = 1e-9) -> None:
     assert set(got) == set(ref)
-    for k in ("numel", "nan", "posinf", "neginf", "beyond_fp16", "near_fp16_max"):
+    for k in ("numel", "nan", "posinf", "neginf", "masked", "beyond_fp16", "near_fp16_max"):
         assert got[k] == ref[k], k
     if ref["mean"] is None:
         assert all(got[k] is None for k in STAT_KEYS)

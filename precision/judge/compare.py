@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import is_float
+from ..dtypes import canonical, is_float
 from ..dumps.dump import INPUT_PREFIX, Dump, Entry
 from ..dumps.external import open_any
 from ..errors import DumpError, InputError, option
@@ -28,7 +28,8 @@ from .generation import PREFIX as GEN_PREFIX
 from .generation import compare_generation, generation_prefixes, has_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, TensorMetrics, compare_exact
-from .profiles import Profile, named_profile, profile_for
+from .posbias import diagnose
+from .profiles import Profile, effective_precision, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
 from .statsdiff import record_stats, stats_delta
 
@@ -61,6 +62,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
             fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
             chunk_elems: int = CHUNK_ELEMS, max_memory: int | None = None,
             allow_different_models: bool = False, allow_partial: bool = False,
+            base_dtype: str | None = None, target_dtype: str | None = None,
             progress: Callable[[int, int], None] | None = None) -> Report:
     """Compare two dumps of the same model and inputs; returns a :class:`Report`.
 
@@ -70,12 +72,15 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     ``allow_partial`` reads an unfinished multi-rank dump's shards (with a warning).
     ``jobs`` worker processes (default: the usable cores) share the tensor pairs;
     ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`).
+    ``base_dtype``/``target_dtype`` state what a run computed in when its file cannot say
+    (logits saved as fp32 from a bf16 run: numpy has no bf16); the profile follows them.
     """
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
     b = base if isinstance(base, Dump) else open_any(base, allow_partial=allow_partial)
     t = target if isinstance(target, Dump) else open_any(target, allow_partial=allow_partial)
     _check_same_model(b, t, allow_different_models)
+    b, t = _stated_dtype(b, base_dtype), _stated_dtype(t, target_dtype)
     prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
     pairs = _align(b, t)
     if jobs is not None and jobs < 1:
@@ -85,12 +90,12 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         workers = 1
     rows = parallel.run(_run_pair, pairs, _Job(b, t, prof, topk, chunk), workers=workers,
                         cost=_cost, progress=progress)
-    rows = _with_growth(rows)
+    rows, bias_notes = diagnose(b, t, _with_growth(rows))
     for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
         rows.append(_generation_row(b, t, len(rows), topk, prefix))
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
-                  first_divergence=first, warnings=tuple(_warnings(b, t, rows)),
+                  first_divergence=first, warnings=tuple(_warnings(b, t, rows) + bias_notes),
                   fail_on=fail_on, info=_info(b, t))
 
 
@@ -148,10 +153,21 @@ def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:
                         "compare them anyway")
 
 
+def _stated_dtype(d: Dump, dtype: str | None) -> Dump:
+    """``d`` with the compute dtype the user stated (``--base-dtype``/``--target-dtype``)."""
+    if dtype is None:
+        return d
+    name = dtype if dtype in ("tf32", "hf32") else canonical(dtype)
+    d.meta["dtype"] = name
+    d.meta["dtype_stated"] = True
+    return d
+
+
 def _choose_profile(b: Dump, t: Dump, name: str | None) -> Profile:
     if name:
         return named_profile(name)
-    return profile_for(b.dtype or _guess_dtype(b), t.dtype or _guess_dtype(t))
+    return profile_for(effective_precision(b.dtype or _guess_dtype(b), b.meta.get("compute")),
+                       effective_precision(t.dtype or _guess_dtype(t), t.meta.get("compute")))
 
 
 def _guess_dtype(d: Dump) -> str:
@@ -269,12 +285,13 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
                 yield x, y
 
         lg = compare_logit_rows(fed(_chunk_pairs(b, t, p, max(1, chunk // vocab) * vocab)),
-                                vocab, k=topk)
+                                vocab, k=topk, valid=real_tokens(b, row.shape),
+                                tie_noise=prof.noise_rms)
     else:
         for x, y in _chunk_pairs(b, t, p, chunk):
             acc.update(x, y)
     m = acc.result()
-    status, reason = judge(m, prof, heavy_tailed=_is_gradient(p.key))
+    status, reason = judge(m, prof)
     if status == "OK" and lg is not None:
         if lg.kl_mean > prof.kl_mean:
             status, reason = "DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}"
@@ -286,20 +303,33 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
     return replace(row, status=status, reason=reason, metrics=m, logits=lg)
 
 
-def _is_gradient(key: str) -> bool:
-    """``--backward`` records: module output gradients (``:grad``), parameter ones (``:pgrad``)."""
-    kind = key.rsplit(":", 1)[-1].split(".")[0].split("#")[0]
-    return kind in ("grad", "pgrad")
+def real_tokens(d: Dump, shape: tuple[int, ...]) -> Any:
+    """Which logits rows are real tokens: the recorded attention mask of the positions the
+    logits belong to (``decoder_attention_mask`` for an encoder-decoder, else
+    ``attention_mask`` of a decoder-only model), when its shape matches; else None (all)."""
+    positions = tuple(shape[:-1])
+    has_decoder = INPUT_PREFIX + "decoder_input_ids" in d.tensors
+    name = "decoder_attention_mask" if has_decoder else "attention_mask"
+    key = INPUT_PREFIX + name
+    if key not in d.tensors or tuple(d.tensors[key].shape) != positions:
+        return None
+    return d[key].reshape(-1) != 0
 
 
-def judge(m: TensorMetrics, prof: Profile, *, heavy_tailed: bool = False) -> tuple[str, str]:
+def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
     """Status and reason for float metrics under a profile (rules in docs/verdicts.md).
 
-    ``heavy_tailed`` (gradients: a few entries dominate) judges outliers against the
-    baseline's largest magnitude instead of its RMS.
+    Non-finite values first, on either side: the baseline's own NaN/inf or clamped values
+    where the target is finite are as much a divergence as the target's (the baseline
+    overflowed, e.g. an fp16 baseline, or the arguments are swapped). Then the noise model:
+    element-scaled rms error (diffuse drift) and max error (sparse outliers).
     """
+    swapped = " (the baseline overflowed: are the arguments swapped?)"
     if m.new_nan:
         return "NAN", f"{m.new_nan} NaN where the baseline is finite"
+    if m.base_only_nan:
+        return "NAN", f"the baseline has {m.base_only_nan} NaN where the target is finite" + (
+            swapped.replace("overflowed", "broke"))
     if m.new_inf or m.saturated:
         parts = []
         if m.new_inf:
@@ -307,13 +337,19 @@ def judge(m: TensorMetrics, prof: Profile, *, heavy_tailed: bool = False) -> tup
         if m.saturated:
             parts.append(f"{m.saturated} values pinned near ±{m.target_max:g}")
         return "OVERFLOW", ", ".join(parts)
-    bound = prof.rel_l2 * m.norm_base + prof.atol * math.sqrt(m.compared)
-    if m.rmse * math.sqrt(m.compared) > bound:
-        return "DRIFT", f"rel_l2 {m.rel_l2:.3g} > {prof.rel_l2:.3g}"
-    ref, name = (m.absmax_base, "absmax") if heavy_tailed else (m.rms_base, "rms")
-    if m.max_abs > prof.outlier * ref + prof.atol:
-        scale = f"{m.max_abs / ref:.3g} x {name}" if ref else "the baseline is all 0"
-        return "DRIFT", f"outlier: max|d| {m.max_abs:.3g} is {scale} (> {prof.outlier:.3g})"
+    if m.base_only_inf or m.saturated_base:
+        what = (f"the baseline has {m.base_only_inf} inf where the target is finite"
+                if m.base_only_inf else f"{m.saturated_base} baseline values are pinned near "
+                                        "their format's max")
+        return "OVERFLOW", what + swapped
+    if m.max_abs <= prof.atol:
+        return "OK", ""
+    if m.noise_rms > prof.noise_rms:
+        return "DRIFT", (f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled) > "
+                         f"{prof.in_eps(prof.noise_rms):.3g}")
+    if m.noise_max > prof.noise_max:
+        return "DRIFT", (f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps of "
+                         f"its scale (> {prof.in_eps(prof.noise_max):.3g})")
     return "OK", ""
 
 
@@ -325,17 +361,26 @@ def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) 
         return replace(row, status="MISSING", reason="no data stored for this record")
     delta = stats_delta(sa, sb)
     row = replace(row, stats_delta=delta)
+    swapped = " (are the arguments swapped?)"
     if delta["new_nan"]:
         return replace(row, status="NAN", reason=f"{delta['new_nan']} more NaN than the baseline")
     if delta["new_inf"] or (t.dtype == "float16" and delta["new_near_fp16_max"]):
         return replace(row, status="OVERFLOW",
                        reason=f"{delta['new_inf']} more inf, {delta['new_near_fp16_max']} more "
                               "values near the fp16 max than the baseline")
-    bound = prof.rel_l2 * delta["norm_base"] + prof.atol * math.sqrt(delta["numel"])
+    if delta["base_only_nan"]:
+        return replace(row, status="NAN", reason=f"the baseline has {delta['base_only_nan']} "
+                                                 "more NaN than the target" + swapped)
+    if delta["base_only_inf"]:
+        return replace(row, status="OVERFLOW", reason=f"the baseline has "
+                       f"{delta['base_only_inf']} more inf than the target" + swapped)
+    # a healthy run's ||d|| stays within noise_rms x (||a|| + sigma sqrt(n)) <= 2 x noise_rms
+    # x ||a|| when the bulk scale is at most the rms, and | ||b|| - ||a|| | <= ||d||
+    bound = 2 * prof.noise_rms * delta["norm_base"] + prof.atol * math.sqrt(delta["numel"])
     if delta["norm_gap"] > bound:
         return replace(row, status="DRIFT",
                        reason=f"norms differ by {delta['norm_gap_rel']:.3g} relative "
-                              f"(> {prof.rel_l2:.3g}; proves rel_l2 at least that)")
+                              f"(> {2 * prof.noise_rms:.3g}; proves rel_l2 at least that)")
     return replace(row, reason="stats only: norms agree (cannot rule out elementwise drift)")
 
 
@@ -356,16 +401,33 @@ def _with_growth(rows: list[Row]) -> list[Row]:
 
 def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
     notes = []
+    files = [d for d in (b, t) if d.meta.get("external")]
     if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
         notes.append("the two runs saw different inputs: capture the target with "
                      f"--replay {b.path.name}")
-    dirty = [r.key for r in rows if r.metrics and (r.metrics.nan_base or r.metrics.inf_base)]
+    swapped = [r.key for r in rows if r.metrics and (r.metrics.base_only_inf
+                                                      or r.metrics.base_only_nan
+                                                      or r.metrics.saturated_base)]
+    if swapped:
+        notes.append(f"the baseline holds inf/NaN or clamped values where the target is finite "
+                     f"in {len(swapped)} tensor(s), first {swapped[0]}: is the baseline the "
+                     "low-precision run? The arguments may be swapped")
+    dirty = [r.key for r in rows if r.metrics and (r.metrics.nan_base or r.metrics.inf_base)
+             and r.key not in swapped]
     if dirty:
-        notes.append(f"the baseline itself holds NaN/inf in {len(dirty)} tensor(s), first "
-                     f"{dirty[0]}: those elements are excluded")
-    if has_generation(b) != has_generation(t):
+        notes.append(f"both runs hold NaN/inf at the same places in {len(dirty)} tensor(s), "
+                     f"first {dirty[0]}: those elements are excluded")
+    if has_generation(b) != has_generation(t) and not files:
         notes.append("only one dump holds a generation: capture the target with --replay "
                      "from a baseline taken with --max-new-tokens to compare generations")
+    for d, side in ((b, "base"), (t, "target")):
+        other = t if d is b else b
+        if (d.meta.get("external") and not d.meta.get("dtype_stated")
+                and d.dtype == "float32" and (other.dtype or "float32") == "float32"):
+            name = Path(str(d.meta["external"])).name
+            notes.append(f"{name} came from a file that stores float32 and is judged as an "
+                         f"fp32 run: if it computed in bf16 or fp16, say so with "
+                         f"--{side}-dtype")
     wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
     if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
         notes.append(f"{b.path.name} and {t.path.name} come from different weights "

@@ -7,11 +7,16 @@ For each position (row) r with baseline logits a_r and target logits b_r:
 - ``KL(p_r || q_r) = Σ_v p_v (log p_v - log q_v)`` with ``p = softmax(a_r)``,
   ``q = softmax(b_r)`` computed by log-sum-exp in float64; terms with ``p_v = 0`` are 0
 - ``margin``: the baseline's gap between its top-1 and top-2 logit at each flip. A flip is a
-  *near-tie* when ``margin <= 4 rms_v(a_rv - b_rv)`` (over finite differences): the row's
-  typical error could swap the
-  two tokens (the difference of two such errors exceeds 4 rms with probability below 0.5%
-  under Gaussian noise). ``hard_flips`` counts the others, flips that only an error aimed at
-  the top tokens explains; verdicts use ``hard_top1_agreement = 1 - hard/rows``
+  *near-tie* when the margin is within what the profile expects the two logits to move,
+  ``margin <= 2 noise (|a_top| + median_v |a_rv|)``, with ``noise`` the profile's
+  element-scaled rms limit (:mod:`precision.judge.noise`): each of the two tokens may move by
+  that much. The allowance follows the dtype pair, never the observed error, so a broken run
+  cannot excuse its own flips. ``hard_flips`` counts the others; verdicts use
+  ``hard_top1_agreement = 1 - hard/rows``.
+
+Only real tokens count: ``valid`` (from the recorded attention mask) marks the rows that are
+not padding; padded rows are skipped everywhere and their per-position values are NaN, so
+left padding cannot dilute KL or top-1 by the pad share.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 import numpy as np
 
 ROWS_PER_CHUNK = 256
-NEAR_TIE_RMS = 4.0
+#: the expected element-scaled noise when no profile is given (fp16's limit)
+DEFAULT_TIE_NOISE = 5 * 2.0**-10
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class LogitsMetrics:
     flips: list[tuple[int, int, int, float, bool]] = field(default_factory=list)
     kl_per_position: list[float] = field(default_factory=list)
     overlap_per_position: list[float] = field(default_factory=list)
+    padded: int = 0
 
     @property
     def hard_top1_agreement(self) -> float:
@@ -58,7 +65,7 @@ class LogitsMetrics:
                 "flips": [{"position": r, "base": i, "target": j, "margin": m, "near_tie": t}
                           for r, i, j, m, t in self.flips],
                 "kl_per_position": self.kl_per_position,
-                "overlap_per_position": self.overlap_per_position}
+                "overlap_per_position": self.overlap_per_position, "padded": self.padded}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -74,20 +81,28 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(idx, axis=-1)
 
 
-def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = 5,
-                   max_flips: int = 50) -> LogitsMetrics:
-    """Compare logits ``a`` (baseline) and ``b`` (target) of equal shape ``(..., vocab)``."""
+def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = 5, max_flips: int = 50,
+                   valid: np.ndarray | None = None,
+                   tie_noise: float = DEFAULT_TIE_NOISE) -> LogitsMetrics:
+    """Compare logits ``a`` (baseline) and ``b`` (target) of equal shape ``(..., vocab)``;
+    ``valid`` (shape ``a.shape[:-1]``) marks real tokens."""
     vocab = a.shape[-1] if a.ndim else 1
     a2, b2 = a.reshape(-1, vocab), b.reshape(-1, vocab)
     chunks = ((a2[i:i + ROWS_PER_CHUNK], b2[i:i + ROWS_PER_CHUNK])
               for i in range(0, a2.shape[0], ROWS_PER_CHUNK))
-    return compare_logit_rows(chunks, vocab, k=k, max_flips=max_flips)
+    return compare_logit_rows(chunks, vocab, k=k, max_flips=max_flips, valid=valid,
+                              tie_noise=tie_noise)
 
 
 def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: int, *,
-                       k: int = 5, max_flips: int = 50) -> LogitsMetrics:
-    """Compare logits given as chunks of flattened rows (each a multiple of ``vocab`` long)."""
+                       k: int = 5, max_flips: int = 50, valid: np.ndarray | None = None,
+                       tie_noise: float = DEFAULT_TIE_NOISE) -> LogitsMetrics:
+    """Compare logits given as chunks of flattened rows (each a multiple of ``vocab`` long);
+    ``valid`` (one bool per row, in order) marks real tokens, ``tie_noise`` is the
+    profile's expected element-scaled noise."""
     k = max(1, min(k, vocab))
+    keep_all = None if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
+    seen = padded = 0
     rows = agree = overlap = hard = 0
     kl_sum, kl_max = 0.0, 0.0
     flips: list[tuple[int, int, int, float, bool]] = []
@@ -96,7 +111,19 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
     for a_chunk, b_chunk in chunks:
         x = np.asarray(a_chunk, dtype=np.float64).reshape(-1, vocab)
         y = np.asarray(b_chunk, dtype=np.float64).reshape(-1, vocab)
+        n_chunk = x.shape[0]
+        first = seen
+        seen += n_chunk
+        keep = np.ones(n_chunk, bool)
+        if keep_all is not None:
+            part = keep_all[first:seen]
+            keep[:part.size] = part  # a mask shorter than the rows: the rest count
+            padded += int(n_chunk - keep.sum())
+            x, y = x[keep], y[keep]
+        position = np.flatnonzero(keep) + first
         if x.shape[0] == 0:
+            kls += [math.nan] * n_chunk
+            overlaps += [math.nan] * n_chunk
             continue
         top_a, top_b = np.argmax(x, axis=-1), np.argmax(y, axis=-1)
         same = top_a == top_b
@@ -105,28 +132,30 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
         shared = [len(np.intersect1d(p, q, assume_unique=True))
                   for p, q in zip(ka, kb, strict=True)]
         overlap += sum(shared)
-        overlaps += [s / k for s in shared]
+        per_overlap = np.full(n_chunk, math.nan)
+        per_overlap[keep] = np.asarray(shared) / k
+        overlaps += per_overlap.tolist()
         lp, lq = _log_softmax(x), _log_softmax(y)
         p = np.exp(lp)
         with np.errstate(invalid="ignore"):
             terms = np.where(p > 0, p * (lp - lq), 0.0)
         kl = terms.sum(axis=-1)
-        kls += kl.tolist()
+        per_kl = np.full(n_chunk, math.nan)
+        per_kl[keep] = kl
+        kls += per_kl.tolist()
         kl_sum += float(kl.sum())
         kl_max = max(kl_max, float(np.max(kl)))
         for r in np.flatnonzero(~same):
             top2 = np.sort(x[r])[-2:] if vocab > 1 else np.array([x[r, 0]] * 2)
             margin = float(top2[1] - top2[0])
-            with np.errstate(invalid="ignore", over="ignore"):
-                d = y[r] - x[r]
-                d = d[np.isfinite(d)]  # vocabulary masked (-inf) on both sides: no error
-                rms = float(np.sqrt(np.mean(d * d))) if d.size else math.inf
-            near_tie = margin <= NEAR_TIE_RMS * rms
+            row = x[r][np.isfinite(x[r])]  # vocabulary masked (-inf) is no logit
+            bulk = float(np.median(np.abs(row))) if row.size else 0.0
+            near_tie = margin <= 2 * tie_noise * (abs(float(top2[1])) + bulk)
             hard += not near_tie
             if len(flips) < max_flips:
-                flips.append((rows + int(r), int(top_a[r]), int(top_b[r]), margin, near_tie))
+                flips.append((int(position[r]), int(top_a[r]), int(top_b[r]), margin, near_tie))
         rows += x.shape[0]
     if rows == 0:
-        return LogitsMetrics(0, k, 1.0, 1.0, 0.0, 0.0)
+        return LogitsMetrics(0, k, 1.0, 1.0, 0.0, 0.0, padded=padded)
     return LogitsMetrics(rows, k, agree / rows, overlap / (rows * k), kl_sum / rows, kl_max,
-                         hard, flips, kls, overlaps)
+                         hard, flips, kls, overlaps, padded)

@@ -19,14 +19,28 @@ the *compared* elements (both finite, not masked):
 - ``pearson = cov(a, b) / (std(a) std(b))`` from Chan's pairwise co-moments
 - ``max_ulp = max |d| / ulp_T(a)``: error in units in the last place of the target format T
   at the baseline value, ``ulp_T(x) = 2^(max(floor(log2|x|), e_min) - m)``
+- the noise model (:mod:`precision.judge.noise`): each element's error is scaled by what
+  rounding and accumulation can move it, ``s_i = p(|a_i|) + sigma``, where ``p(x)`` is ``x``
+  rounded down to a power of two (0 below the target's smallest normal) and ``sigma``, the
+  *bulk scale*, is the upper power-of-two edge of the median of the nonzero ``|a|`` (at
+  least the small-value floor). ``noise_rms = sqrt(mean((d_i / s_i)²))`` and
+  ``noise_max = max |d_i| / s_i``. A value's own rounding is relative (``eps/2 |a_i|``)
+  and a near-zero value's error is set by the values it was computed from (``sigma``), so
+  massive channels neither raise false alarms nor hide drift in the ordinary channels
+  (whole-tensor norms are dominated by them). ``signature_bits = -log2(noise_rms)``: the
+  significant bits the target kept, about 8 for a healthy bf16 run, 11 for fp16.
 
-Masked elements (``a`` at or below the baseline format's lowest finite value or -inf, i.e.
-an additive attention mask folded into T5's position bias) are excluded and counted. A
-baseline value beyond the target's range that the target turns into -inf is an overflow,
-not a mask. NaN/inf are excluded and counted per side; a
-target NaN/inf where the baseline is finite counts as ``new_nan``/``new_inf``. Target values
-within 2% of the target format's max that differ from the baseline by more than 1% count
-as ``saturated`` (clamps such as transformers' T5 ±64504). ``beyond_target_range`` counts
+Masked elements are excluded and counted: an additive attention mask (T5 folds
+``finfo.min`` into its position bias) sits at or below the format's lowest finite value, or
+at -inf, *at the same position in both runs*. A value at -inf or the lowest value in one run
+only is not a mask: a baseline value beyond the target's range that the target turns into
+-inf is an overflow, and so is an fp16 baseline's -inf where the target is finite. NaN/inf
+are excluded and counted per side; a target NaN/inf where the baseline is finite counts as
+``new_nan``/``new_inf``, a baseline NaN/inf where the target is finite as
+``base_only_nan``/``base_only_inf`` (the baseline overflowed, or the arguments are swapped).
+Values within 2% of their format's max that differ from the other side by more than 1%
+count as ``saturated`` (target) or ``saturated_base`` (clamps such as transformers' T5
+±64504). ``beyond_target_range`` counts
 finite, unmasked baseline values that the target tensor's dtype cannot hold
 (``|a| > max_T``).
 """
@@ -42,8 +56,12 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import float_format, is_float
+from .noise import BIN_OFFSET as _BIN_OFFSET
+from .noise import BINS as _BINS
+from .noise import noise_model, signature_label
 
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
+
 _THREAD = threading.local()
 SATURATION = 0.98
 
@@ -66,7 +84,10 @@ class TensorMetrics:
     inf_target: int
     new_nan: int
     new_inf: int
+    base_only_nan: int
+    base_only_inf: int
     saturated: int
+    saturated_base: int
     beyond_target_range: int
     max_abs: float
     mean_abs: float
@@ -85,6 +106,19 @@ class TensorMetrics:
     absmax_target: float
     norm_base: float
     target_max: float
+    bulk_scale: float = 0.0
+    noise_rms: float = 0.0
+    noise_max: float = 0.0
+
+    @property
+    def signature_bits(self) -> float:
+        """``-log2(noise_rms)``: significant bits the target kept (inf when exact)."""
+        return -math.log2(self.noise_rms) if self.noise_rms > 0 else math.inf
+
+    @property
+    def signature(self) -> str:
+        """The precision whose healthy noise this error looks like (``bf16``, ...)."""
+        return signature_label(self.signature_bits)
 
     @property
     def rms_base(self) -> float:
@@ -100,7 +134,8 @@ class TensorMetrics:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {
-            "headroom_bits": self.headroom_bits, "rms_base": self.rms_base}
+            "headroom_bits": self.headroom_bits, "rms_base": self.rms_base,
+            "signature_bits": self.signature_bits, "signature": self.signature}
 
 
 class PairAccumulator:
@@ -112,6 +147,10 @@ class PairAccumulator:
         self.floor = default_floor(target_dtype) if floor is None else floor
         self.numel = self.masked = self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
         self.new_nan = self.new_inf = self.saturated = self.beyond = 0
+        self.base_nan_only = self.base_inf_only = self.saturated_base = 0
+        self.h_count = np.zeros(_BINS, dtype=np.int64)
+        self.h_d2 = np.zeros(_BINS)
+        self.h_max = np.zeros(_BINS)
         self.n = 0
         self.mean_a = self.mean_b = self.m2a = self.m2b = self.cab = 0.0
         self.sum_d2 = self.sum_abs = self.max_abs = self.max_rel = self.max_ulp = 0.0
@@ -142,10 +181,11 @@ class PairAccumulator:
         np.copyto(b64, b)
         with np.errstate(invalid="ignore", over="ignore"):
             amin, amax = float(a64.min()), float(a64.max())
-            clean = math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
+            clean = (math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
+                     and float(b64.min()) > self.tgt_fmt.lowest)
             tmax = self.tgt_fmt.max
             if not (-tmax <= amin and amax <= tmax):  # NaN lands here too
-                live = self._unmasked(a64) & np.isfinite(a64)
+                live = self._unmasked(a64, b64) & np.isfinite(a64)
                 self.beyond += int(np.count_nonzero(live & (np.abs(a64) > tmax)))
         if not clean:
             a64, b64 = self._filter(a64, b64)
@@ -154,19 +194,19 @@ class PairAccumulator:
             a64, b64 = a64.copy(), b64.copy()  # off the scratch arrays _accumulate uses
         self._accumulate(a64, b64)
 
-    def _unmasked(self, a: np.ndarray) -> np.ndarray:
-        """False where the baseline is an additive mask: at or below its dtype's lowest
-        finite value, or -inf (``finfo.min`` folded into T5's position bias)."""
+    def _unmasked(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """False where both runs hold an additive mask: at or below their dtype's lowest
+        finite value, or -inf (``finfo.min`` folded into T5's position bias). One run alone
+        at -inf or its lowest value is an overflow or a clamp, never a mask."""
         with np.errstate(invalid="ignore"):
-            return ~(a <= self.base_fmt.lowest)
+            return ~((a <= self.base_fmt.lowest) & (b <= self.tgt_fmt.lowest))
 
     def _filter(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Count masked and non-finite elements; return the comparable ones."""
-        live = self._unmasked(a)
+        live = self._unmasked(a, b)
         fa, fb = np.isfinite(a), np.isfinite(b)
-        masked = ~live
-        self.masked += int(masked.sum())
-        nan_a, nan_b = np.isnan(a) & live, np.isnan(b) & live
+        self.masked += int(np.count_nonzero(~live))
+        nan_a, nan_b = np.isnan(a), np.isnan(b)
         inf_a, inf_b = np.isinf(a) & live, np.isinf(b) & live
         self.nan_a += int(nan_a.sum())
         self.nan_b += int(nan_b.sum())
@@ -174,6 +214,8 @@ class PairAccumulator:
         self.inf_b += int(inf_b.sum())
         self.new_nan += int((nan_b & fa).sum())
         self.new_inf += int((inf_b & fa).sum())
+        self.base_nan_only += int((nan_a & fb).sum())
+        self.base_inf_only += int((inf_a & fb).sum())
         keep = live & fa & fb
         return a[keep], b[keep]
 
@@ -186,7 +228,8 @@ class PairAccumulator:
         self.sum_d2 += _dot(d, d)
         self.sum_abs += float(absd.sum())
         self.max_abs = max(self.max_abs, float(absd.max()))
-        self.absmax_a = max(self.absmax_a, float(abs_a.max()))
+        chunk_absmax_a = float(abs_a.max())
+        self.absmax_a = max(self.absmax_a, chunk_absmax_a)
         chunk_absmax_b = max(float(b.max()), -float(b.min()))
         self.absmax_b = max(self.absmax_b, chunk_absmax_b)
         rel = np.maximum(abs_a, self.floor, out=tmp)
@@ -194,16 +237,26 @@ class PairAccumulator:
         self.max_rel = max(self.max_rel, float(rel.max()))
         for i, t in enumerate(RATIO_THRESHOLDS):
             self.over[i] += int(np.count_nonzero(np.greater(rel, t, out=flag)))
-        tmax = self.tgt_fmt.max
+        tmax, bmax = self.tgt_fmt.max, self.base_fmt.max
         if chunk_absmax_b >= SATURATION * tmax:
             self.saturated += int(np.count_nonzero((np.abs(b) >= SATURATION * tmax)
                                                    & (rel > 1e-2)))
+        if chunk_absmax_a >= SATURATION * bmax:
+            self.saturated_base += int(np.count_nonzero((abs_a >= SATURATION * bmax)
+                                                        & (rel > 1e-2)))
         ulp = np.maximum(abs_a, self.tgt_fmt.smallest_normal, out=tmp)
         np.frexp(ulp, out=(d, exp))  # d is free again: sum_d2 and absd are taken
         np.subtract(exp, 1 + self.tgt_fmt.mantissa_bits, out=exp)
         np.ldexp(1.0, exp, out=ulp)
         np.divide(absd, ulp, out=ulp)
         self.max_ulp = max(self.max_ulp, float(ulp.max()))
+        # noise model: per binade of |a|, the count, sum of d² and max |d|
+        np.add(exp, 1 + self.tgt_fmt.mantissa_bits + _BIN_OFFSET, out=exp)
+        np.clip(exp, 0, _BINS - 1, out=exp)
+        bins = exp.astype(np.intp)
+        self.h_count += np.bincount(bins, minlength=_BINS)
+        self.h_d2 += np.bincount(bins, weights=np.multiply(absd, absd, out=d), minlength=_BINS)
+        np.maximum.at(self.h_max, bins, absd)
         # Chan et al.: merge this chunk's means and co-moments into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
@@ -225,10 +278,14 @@ class PairAccumulator:
         norm_b = math.sqrt(max(self.m2b + n * self.mean_b**2, 0.0))
         norm_d = math.sqrt(self.sum_d2)
         sum_ab = self.cab + n * self.mean_a * self.mean_b
+        model = noise_model(self.h_count, self.h_d2, self.h_max, self.tgt_fmt,
+                            self.floor)
         return TensorMetrics(
             numel=self.numel, compared=n, masked=self.masked, nan_base=self.nan_a,
             nan_target=self.nan_b, inf_base=self.inf_a, inf_target=self.inf_b,
-            new_nan=self.new_nan, new_inf=self.new_inf, saturated=self.saturated,
+            new_nan=self.new_nan, new_inf=self.new_inf, base_only_nan=self.base_nan_only,
+            base_only_inf=self.base_inf_only, saturated=self.saturated,
+            saturated_base=self.saturated_base,
             beyond_target_range=self.beyond, max_abs=self.max_abs,
             mean_abs=self.sum_abs / n if n else 0.0,
             rmse=math.sqrt(self.sum_d2 / n) if n else 0.0,
@@ -239,7 +296,8 @@ class PairAccumulator:
             one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
             snr_db=_snr(norm_a, norm_d), pearson=_pearson(self.m2a, self.m2b, self.cab, norm_d),
             max_ulp=self.max_ulp, absmax_base=self.absmax_a, absmax_target=self.absmax_b,
-            norm_base=norm_a, target_max=self.tgt_fmt.max,
+            norm_base=norm_a, target_max=self.tgt_fmt.max, bulk_scale=model.bulk_scale,
+            noise_rms=model.rms, noise_max=model.max,
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import float_format, is_float
 from ..dumps.dump import Dump
 
 FP16_MAX = 65504.0
@@ -20,20 +21,24 @@ NEAR_FP16_MAX = 0.98 * FP16_MAX
 FP16_FLUSH = 2.0**-25
 
 
-def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
-    """The statistics that stats-mode capture records, computed in float64 from chunks."""
-    n = nan = posinf = neginf = beyond = near = flush = 0
+def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
+                ) -> dict[str, Any]:
+    """The statistics that stats-mode capture records, computed in float64 from chunks;
+    values at or below ``lowest`` (the stored dtype's lowest finite value) count as
+    ``masked`` and stay out of the moments, as in :mod:`precision.runtime.tensorstats`."""
+    n = nan = posinf = neginf = masked = beyond = near = flush = 0
     count, mean, m2, sq = 0, 0.0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     for c in chunks:
         x = np.asarray(c, dtype=np.float64).reshape(-1)
         n += x.size
-        finite = np.isfinite(x)
-        if not finite.all():
+        keep = np.isfinite(x) & (x > lowest)
+        if not keep.all():
             nan += int(np.isnan(x).sum())
             posinf += int((x == math.inf).sum())
             neginf += int((x == -math.inf).sum())
-            x = x[finite]
+            masked += int(np.count_nonzero(x <= lowest))
+            x = x[keep]
         if x.size == 0:
             continue
         # Chan et al.: merge this chunk's mean and squared deviations (no cancellation)
@@ -51,7 +56,8 @@ def array_stats(chunks: Iterable[np.ndarray]) -> dict[str, Any]:
         near += int(np.count_nonzero(mag >= NEAR_FP16_MAX))
         flush += int(np.count_nonzero((mag <= FP16_FLUSH) & (mag > 0)))  # ties go to 0
     out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
-                           "beyond_fp16": beyond, "near_fp16_max": near, "flush_fp16": flush}
+                           "masked": masked, "beyond_fp16": beyond, "near_fp16_max": near,
+                           "flush_fp16": flush}
     if count == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),
@@ -69,10 +75,12 @@ def record_stats(d: Dump, key: str, *, chunk: int = 1 << 18,
         return e.stats
     stored = d.resolve(key)
     if stored is not None:
+        info = d.tensors[stored]
+        lowest = float_format(info.dtype).lowest if is_float(info.dtype) else -math.inf
         if cache is None:
-            return array_stats(d.chunks(stored, chunk))
+            return array_stats(d.chunks(stored, chunk), lowest=lowest)
         if stored not in cache:
-            cache[stored] = array_stats(d.chunks(stored, chunk))
+            cache[stored] = array_stats(d.chunks(stored, chunk), lowest=lowest)
         return cache[stored]
     source = d.entry(e.alias_of) if e is not None and e.alias_of else None
     return source.stats if source is not None else None
@@ -82,8 +90,15 @@ def _within(st: dict[str, Any]) -> int:
     return int(st.get("near_fp16_max", 0)) - int(st.get("beyond_fp16", 0))
 
 
+def _overflowed(st: dict[str, Any]) -> int:
+    """+inf and masked values (-inf or at the lowest value): a mask when the other run has
+    as many, an overflow where it has fewer. Old records without ``masked`` count -inf."""
+    return int(st.get("posinf", 0)) + int(st.get("masked", st.get("neginf", 0)))
+
+
 def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
-    """What two statistics records say about the pair: norm gap, new NaN/inf, saturation."""
+    """What two statistics records say about the pair: norm gap, new NaN/inf on either
+    side, saturation. Masked values (as many in both runs) are a mask, not a difference."""
     na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
     gap = abs(nb - na)
     return {
@@ -92,8 +107,10 @@ def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
         "absmax_base": sa.get("absmax"), "absmax_target": sb.get("absmax"),
         "mean_base": sa.get("mean"), "mean_target": sb.get("mean"),
         "new_nan": max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
-        "new_inf": max(0, int(sb.get("posinf", 0)) + int(sb.get("neginf", 0))
-                       - int(sa.get("posinf", 0)) - int(sa.get("neginf", 0))),
+        "new_inf": max(0, _overflowed(sb) - _overflowed(sa)),
+        "base_only_nan": max(0, int(sa.get("nan", 0)) - int(sb.get("nan", 0))),
+        "base_only_inf": max(0, _overflowed(sa) - _overflowed(sb)),
+        "masked": min(int(sa.get("masked", 0)), int(sb.get("masked", 0))),
         # pinned near the max but within it: values beyond 65504 count as "near" too
         "new_near_fp16_max": max(0, _within(sb) - _within(sa)),
         "numel": int(sa.get("numel", 0)),

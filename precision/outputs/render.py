@@ -110,6 +110,13 @@ def report_text(report: Report, *, only_flagged: bool = False, top: int | None =
     return "".join(ln.rstrip() + "\n" for ln in buf.getvalue().splitlines())
 
 
+def _bits(m: Any) -> str:
+    """The error signature: significant bits kept and the precision that costs as much."""
+    if m.signature_bits == float("inf"):
+        return "exact"
+    return f"{m.signature_bits:.1f} {m.signature}"
+
+
 def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> list[Any]:
     """The summary line, the warnings, the table and, when rows were left out, a note."""
     style = "bold green" if report else "bold red"
@@ -122,8 +129,8 @@ def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> lis
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
                          ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
-                         ("1-cos", "right"), ("max_abs", "right"), ("absmax tgt", "right"),
-                         ("why", "left")):
+                         ("bits", "right"), ("1-cos", "right"), ("max_abs", "right"),
+                         ("absmax tgt", "right"), ("why", "left")):
         table.add_column(col, justify=justify, no_wrap=col != "why")  # type: ignore[arg-type]
     first = report.first_divergence
     for r in rows:
@@ -141,7 +148,8 @@ def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> lis
         table.add_row(
             str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
             "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
-            _fmt(m.rel_l2) if m else "-", _fmt(m.one_minus_cos) if m else "-",
+            _fmt(m.rel_l2) if m else "-", _bits(m) if m else "-",
+            _fmt(m.one_minus_cos) if m else "-",
             _fmt(m.max_abs) if m else "-", _fmt(m.absmax_target) if m else "-", escape(reason),
             style="on grey15" if r.flagged else None)
     parts.append(table)

@@ -33,6 +33,7 @@ from ..dtypes import canonical
 from ..dumps import load
 from ..dumps.dump import Dump, DumpWriter, check_output_path, make_key
 from ..errors import InputError
+from .compute import compute_settings
 from .streaming import BackgroundWriter
 from .tensorstats import tensor_stats
 
@@ -442,6 +443,7 @@ class Capture:
             "complete": True, "mode": self.mode, "env": environment(),
             "model": model_identity(self.model),
             "module_dtypes": module_dtypes(self.model),
+            "compute": compute_settings(self.model),
             "logits_key": self.logits_key,
             "entries": self._entries,
         }

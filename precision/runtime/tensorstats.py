@@ -8,9 +8,11 @@ difference could cancel. Only when the reductions reveal a NaN, an inf or values
 near the fp16 limit is a second, exact pass made to count them.
 
 Fields: ``numel``, ``min``, ``max``, ``mean``, ``std`` (population), ``norm`` (L2),
-``absmax``, ``nan``, ``posinf``, ``neginf``, ``beyond_fp16`` (finite ``|x| > 65504``) and
-``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite values
-only and are ``None`` when there are none.
+``absmax``, ``nan``, ``posinf``, ``neginf``, ``masked`` (values at or below the dtype's
+lowest finite value, -inf included: an additive attention mask, or an overflow; compare
+tells them apart by the count in the other run), ``beyond_fp16`` (finite ``|x| > 65504``)
+and ``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite,
+unmasked values only and are ``None`` when there are none.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:
 def _stats(t: torch.Tensor) -> dict[str, Any]:
     x = t.detach()
     out: dict[str, Any] = {"numel": x.numel(), "nan": 0, "posinf": 0, "neginf": 0,
-                           "beyond_fp16": 0, "near_fp16_max": 0}
+                           "masked": 0, "beyond_fp16": 0, "near_fp16_max": 0}
     if x.numel() == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     if not (x.is_floating_point()):
@@ -84,12 +86,14 @@ def _moments(lo: float, hi: float, mean: float, var: float, norm: float) -> dict
 
 
 def _exact(x: torch.Tensor, acc: torch.dtype) -> dict[str, Any]:
-    """Slow path: count non-finite values and recompute the moments over finite ones."""
-    finite = torch.isfinite(x)
-    counts = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum()])
-    nan, posinf, neginf = (int(v) for v in counts.tolist())
-    xf = x[finite]
-    out: dict[str, Any] = {"nan": nan, "posinf": posinf, "neginf": neginf}
+    """Slow path: count non-finite and masked values; moments over the finite, unmasked."""
+    masked = x <= torch.finfo(x.dtype).min
+    keep = torch.isfinite(x) & ~masked
+    counts = torch.stack([torch.isnan(x).sum(), (x == math.inf).sum(), (x == -math.inf).sum(),
+                          masked.sum()])
+    nan, posinf, neginf, n_masked = (int(v) for v in counts.tolist())
+    xf = x[keep]
+    out: dict[str, Any] = {"nan": nan, "posinf": posinf, "neginf": neginf, "masked": n_masked}
     if xf.numel() == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     mag = xf.abs()
