@@ -180,9 +180,12 @@ def test_cli_scan_suggest_isolate(tmp_path: Path, overflow_runs: dict[str, Path]
     assert runner.invoke(main, ["scan", "--model", str(T5), "-q"]).exit_code == 0
     r = runner.invoke(main, ["scan"])
     assert r.exit_code == 2 and "either a DUMP.st or --model" in r.output
-    r = runner.invoke(main, ["suggest", "--model", str(T5_OVERFLOW), "-q"])
-    assert r.exit_code == 0 and "--keep-fp32 '*.block.*.layer.*.DenseReluDense.wo'" in r.output
-    r = runner.invoke(main, ["suggest", "--model", str(T5_OVERFLOW), "--budget", "0", "-q"])
+    r = runner.invoke(main, ["suggest", "--model", str(T5_OVERFLOW), "--keep-fp32", "none",
+                             "-q"])
+    assert r.exit_code == 0 and ("--keep-fp32 none --keep-fp32 "
+                                 "'*.block.*.layer.*.DenseReluDense.wo'") in r.output
+    r = runner.invoke(main, ["suggest", "--model", str(T5_OVERFLOW), "--keep-fp32", "none",
+                             "--budget", "0", "-q"])
     assert r.exit_code == 1
     r = runner.invoke(main, ["isolate", str(overflow_runs["base"]), "--model",
                              str(T5_OVERFLOW), "-q"])

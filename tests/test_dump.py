@@ -345,7 +345,7 @@ def test_huge_header_length(tmp_path: Path) -> None:
     """A garbage length (random bytes) is refused without allocating it."""
     p = tmp_path / "garbage.st"
     p.write_bytes(b"\xff" * 64)
-    _expect_dump_error(p, "header length")
+    _expect_dump_error(p, "not a precision dump or safetensors file")
 
 
 @pytest.mark.parametrize("blob", [b"not json at all", b"\xff\xfe\x00bad", b"", b"{"],

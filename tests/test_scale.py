@@ -194,7 +194,7 @@ def test_ddp_step_gradients_match_one_process_on_the_whole_batch(tmp_path: Path)
         (tmp_path / f"rank{rank}.st").rename(folder / f"rank{rank}.st")
     write_index(folder, 2, {})
     both = precision.load(folder)
-    assert both.meta["shards"] == 2 and "rank1/lm_head.weight:pgrad" in both.tensors
+    assert both.meta["shards"] == 2 and "rank1/shared.weight:pgrad" in both.tensors
 
 
 # ---------------------------------------------------------------- what a large capture keeps

@@ -366,12 +366,13 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
         if n == 0 and size > 8:
             raise DumpError(f"{p}: an unfinished capture (the process stopped before writing "
                             f"its index), {size} bytes that cannot be read: delete it")
-        if head[8:9] != b"{":  # a safetensors header is a JSON object
-            kind = "a text file" if _is_text(head) else "no safetensors header"
-            raise DumpError(f"{p}: not a precision dump or safetensors file ({kind})")
         if n > min(size - 8, _MAX_HEADER):
-            raise DumpError(f"{p}: a safetensors header of {n} bytes, but the file holds "
-                            f"{size} bytes: truncated (an interrupted copy?)")
+            if head[8:9] != b"{":  # no JSON header follows: not safetensors at all
+                text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
+                kind = "a text file" if text else "no safetensors header"
+                raise DumpError(f"{p}: not a precision dump or safetensors file ({kind})")
+            raise DumpError(f"{p}: header length {n} exceeds the file size ({size} bytes): "
+                            "truncated (an interrupted copy?)")
         f.seek(8)
         raw = f.read(n)
     try:
@@ -397,10 +398,6 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
             raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
                             f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
-
-
-def _is_text(head: bytes) -> bool:
-    return all(32 <= b < 127 or b in b"\t\r\n" for b in head)
 
 
 class _DuplicateKey(Exception):
