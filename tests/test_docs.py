@@ -1,9 +1,13 @@
-"""Docs stay true to the code: the CLI reference matches --help, and README links resolve."""
+"""Docs stay true to the code: the CLI reference matches --help, quoted outputs match what
+the commands print (scripts/make_doc_outputs.py), and README links resolve."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import sys
+
+import pytest
 
 from .conftest import ROOT
 
@@ -45,3 +49,39 @@ def test_quickstart_python_example_runs(tmp_path, monkeypatch) -> None:  # type:
     exec(compile(code, "quickstart.md", "exec"), scope)
     report = scope["report"]
     assert not report and report.first_divergence.status == "OVERFLOW"  # type: ignore[attr-defined]
+
+
+def _doc_outputs():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("make_doc_outputs",
+                                                  ROOT / "scripts" / "make_doc_outputs.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_quoted_output_is_generated() -> None:
+    """A code block quoting a verdict line or a `$ precision` run with output is marked."""
+    mod = _doc_outputs()
+    for path in mod.DOCS:
+        text = path.read_text()
+        marked = {m.start(2) for m in mod.MARKER.finditer(text)}
+        for m in re.finditer(r"^```\w*\n(.*?)^```\n", text, flags=re.M | re.S):
+            body = m.group(1)
+            quotes = re.search(r"^(PASS|FAIL)( \[|:)", body, flags=re.M) or any(
+                not ln.startswith(("$ ", " ")) for ln in body.splitlines()
+                if body.startswith("$ precision"))
+            assert not quotes or m.start(1) in marked, (path.name, body[:200])
+        assert set(mod.marked(text)) <= set(mod.BLOCKS), path.name
+
+
+@pytest.mark.slow
+def test_quoted_outputs_match_the_code() -> None:
+    """README.md and docs/*.md quote what the commands print now (scripts/make_doc_outputs.py)."""
+    mod = _doc_outputs()
+    docs = {p: p.read_text() for p in mod.DOCS}
+    texts = mod.outputs({name for t in docs.values() for name in mod.marked(t)})
+    for path, text in docs.items():
+        assert mod.rewrite(text, texts) == text, \
+            f"{path.name} quotes stale output: run scripts/make_doc_outputs.py"
