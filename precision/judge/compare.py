@@ -92,7 +92,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                         cost=_cost, progress=progress)
     rows, bias_notes = diagnose(b, t, _with_growth(rows))
     for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
-        rows.append(_generation_row(b, t, len(rows), topk, prefix))
+        rows.append(_generation_row(b, t, len(rows), topk, prefix, prof))
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first, warnings=tuple(_warnings(b, t, rows) + bias_notes),
@@ -221,8 +221,9 @@ def _optional(e: Entry) -> bool:
     return (e.kind == "in" and e.module != "input") or e.kind == "generation"
 
 
-def _generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str) -> Row:
-    g = compare_generation(b, t, k=topk, prefix=prefix)
+def _generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,
+                    prof: Profile) -> Row:
+    g = compare_generation(b, t, k=topk, prefix=prefix, tie_noise=prof.noise_rms)
     status, reason = summarise(g)
     key = prefix + GEN_TOKENS
     info = b.tensors[key]

@@ -16,8 +16,10 @@ step's top-K token ids and log-probabilities. Per sequence:
   top-N (``top_n``, default 5) at that step. Greedy decoding follows different paths after
   a flip, so later steps are not compared;
 - a *near-tie*: the baseline's log-probability gap between its token and the target's token
-  is within 4 times the RMS difference of the log-probabilities the two runs share at that
-  step, i.e. within what precision noise explains (the rule used for logits flips).
+  is within what the dtype pair is expected to move two log-probabilities,
+  ``2 noise (1 + |log p_base|)``, with ``noise`` the profile's element-scaled rms limit
+  (the rule used for logits flips; without the logits, their bulk scale is taken as one
+  nat). The allowance never grows with the observed difference.
 
 A sequence that diverges fails only when the vLLM check fails; a divergence after a
 near-tie is reported as such. Beam search keeps no per-step scores here: only sequence
@@ -26,7 +28,6 @@ identity is compared, and a divergence cannot be explained, so it counts as DRIF
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,8 @@ import numpy as np
 from ..dumps.dump import Dump
 
 PREFIX = "generation:"
-NEAR_TIE_RMS = 4.0
+#: the expected element-scaled noise when no profile is given (fp16's limit)
+DEFAULT_TIE_NOISE = 5 * 2.0**-10
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,10 @@ def has_generation(d: Dump) -> bool:
 
 
 def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5,
-                       prefix: str = "") -> GenerationMetrics:
+                       prefix: str = "", tie_noise: float = DEFAULT_TIE_NOISE
+                       ) -> GenerationMetrics:
     """Compare the generations stored in two dumps (see the module docstring); ``prefix``
-    picks one rank's of a directory dump (``rank1/``)."""
+    picks one rank's of a directory dump (``rank1/``); ``tie_noise`` is the profile's."""
     pre = prefix + PREFIX
     tb, tt = b[pre + "tokens"], t[pre + "tokens"]
     rows = min(tb.shape[0], tt.shape[0])
@@ -124,7 +127,8 @@ def compare_generation(b: Dump, t: Dump, *, k: int = 5, top_n: int = 5,
                 if d:
                     lp_diff = max(lp_diff or 0.0, max(abs(x) for x in d))
         if first is not None:
-            divergences.append(_divergence(r, first, tb, tt, ids_b, ids_t, lp_b, lp_t, top_n))
+            divergences.append(_divergence(r, first, tb, tt, ids_b, ids_t, lp_b, lp_t, top_n,
+                                           tie_noise))
     overlap = float(np.mean(overlaps)) if overlaps else None
     top1, topk = _per_step(tb[:rows, :steps], tt[:rows, :steps], ids_b, ids_t, k)
     return GenerationMetrics(rows, identical, overlap, lp_diff, divergences, top1, topk)
@@ -164,7 +168,7 @@ def _shared_diffs(ib: np.ndarray, lb: np.ndarray, it: np.ndarray,
 
 def _divergence(r: int, s: int, tb: np.ndarray, tt: np.ndarray, ids_b: np.ndarray | None,
                 ids_t: np.ndarray | None, lp_b: np.ndarray | None, lp_t: np.ndarray | None,
-                top_n: int) -> Divergence:
+                top_n: int, tie_noise: float) -> Divergence:
     base_tok, tgt_tok = int(tb[r, s]), int(tt[r, s])
     if ids_b is None or ids_t is None or lp_b is None or lp_t is None:
         return Divergence(r, s, base_tok, tgt_tok, None, None, None)
@@ -172,9 +176,7 @@ def _divergence(r: int, s: int, tb: np.ndarray, tt: np.ndarray, ids_b: np.ndarra
     vllm_ok = tgt_tok in nb[:top_n] and base_tok in nt[:top_n]
     lb = dict(zip(nb, lp_b[r, s].tolist(), strict=True))
     margin = lb[base_tok] - lb[tgt_tok] if tgt_tok in lb and base_tok in lb else None
-    shared = _shared_diffs(ids_b[r, s], lp_b[r, s], ids_t[r, s], lp_t[r, s])
-    rms = math.sqrt(sum(x * x for x in shared) / len(shared)) if shared else math.inf
-    near_tie = None if margin is None else margin <= NEAR_TIE_RMS * rms
+    near_tie = None if margin is None else margin <= 2 * tie_noise * (1 + abs(lb[base_tok]))
     return Divergence(r, s, base_tok, tgt_tok, vllm_ok, near_tie, margin)
 
 

@@ -88,6 +88,7 @@ COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
     ("status", lambda r: r.status),
     ("why", lambda r: r.reason),
     ("rel_l2", lambda r: r.metrics.rel_l2 if r.metrics else None),
+    ("bits", lambda r: (r.metrics.signature_bits, r.metrics.signature) if r.metrics else None),
     ("1-cos", lambda r: r.metrics.one_minus_cos if r.metrics else None),
     ("max_abs", lambda r: r.metrics.max_abs if r.metrics else None),
     ("snr dB", lambda r: r.metrics.snr_db if r.metrics else None),
@@ -101,7 +102,11 @@ COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
 
 def _cell(value: Any, css: str = "") -> str:
     """One cell; ``data-v`` holds the sort key. Layer names may break after their dots."""
-    if isinstance(value, float):
+    if isinstance(value, tuple):  # the error signature: bits kept, sorted by the number
+        bits, like = value
+        sort = repr(bits) if math.isfinite(bits) else "1e999"
+        shown = f"{bits:.1f} {like}" if math.isfinite(bits) else "exact"
+    elif isinstance(value, float):
         sort = repr(value) if math.isfinite(value) else ("1e999" if value > 0 else "-1e999")
         shown = f"{value:.4g}"
     elif value is None:
