@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_verdicts  # scripts/ is on the path
 import torch
 import transformers
-from benchutil import interleaved, peak_rss  # scripts/ is on the path
+from benchutil import interleaved, peak_rss
 
 import precision
 from precision.runtime import streaming
@@ -57,7 +58,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--enc-len", type=int, default=128)
     ap.add_argument("--dec-len", type=int, default=32)
+    ap.add_argument("--only", choices=["speed", "verdicts"],
+                    help="run one part: speed (capture, compare) or verdicts (false flags on "
+                         "healthy pairs, smallest detected drift); default both")
     args = ap.parse_args()
+    if args.only == "verdicts":
+        json.dump({"verdicts": bench_verdicts.run()}, sys.stdout, indent=1)
+        print()
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="precision-bench-"))
     model = bench_model(torch.float32)
@@ -147,6 +155,10 @@ def main() -> None:
                                and ranks[2]["ratio"] <= 1.05 * ranks[1]["ratio"])
     for p in (full_path, stats_path, half_path):
         p.unlink(missing_ok=True)
+    if args.only is None:
+        result["verdicts"] = bench_verdicts.run()
+        result["meets_targets"] = result["meets_targets"] and all(
+            result["verdicts"][s]["false_flags"] == 0 for s in ("calibration", "check"))
     json.dump(result, sys.stdout, indent=1)
     print()
 

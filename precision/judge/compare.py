@@ -292,7 +292,7 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
         for x, y in _chunk_pairs(b, t, p, chunk):
             acc.update(x, y)
     m = acc.result()
-    status, reason = judge(m, prof)
+    status, reason = judge(m, prof, gradient=_is_gradient(p.key))
     if status == "OK" and lg is not None:
         if lg.kl_mean > prof.kl_mean:
             status, reason = "DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}"
@@ -302,6 +302,12 @@ def _float_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, topk: int,
     if status == "OK" and m.nan_base + m.inf_base:
         reason = f"baseline holds {m.nan_base} NaN and {m.inf_base} inf (excluded)"
     return replace(row, status=status, reason=reason, metrics=m, logits=lg)
+
+
+def _is_gradient(key: str) -> bool:
+    """``--backward`` records: module output gradients (``:grad``), parameter ones (``:pgrad``)."""
+    kind = key.rsplit(":", 1)[-1].split(".")[0].split("#")[0]
+    return kind in ("grad", "pgrad")
 
 
 def real_tokens(d: Dump, shape: tuple[int, ...]) -> Any:
@@ -317,13 +323,15 @@ def real_tokens(d: Dump, shape: tuple[int, ...]) -> Any:
     return d[key].reshape(-1) != 0
 
 
-def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
+def judge(m: TensorMetrics, prof: Profile, *, gradient: bool = False) -> tuple[str, str]:
     """Status and reason for float metrics under a profile (rules in docs/verdicts.md).
 
     Non-finite values first, on either side: the baseline's own NaN/inf or clamped values
     where the target is finite are as much a divergence as the target's (the baseline
     overflowed, e.g. an fp16 baseline, or the arguments are swapped). Then the noise model:
-    element-scaled rms error (diffuse drift) and max error (sparse outliers).
+    element-scaled rms error (diffuse drift) and max error (sparse outliers). Gradients
+    (``gradient``) are judged by norm instead: their signal is in the tails, and the
+    near-zero bulk, whose error the backward pass accumulates, carries none.
     """
     swapped = " (the baseline overflowed: are the arguments swapped?)"
     if m.new_nan:
@@ -345,12 +353,25 @@ def judge(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
         return "OVERFLOW", what + swapped
     if m.max_abs <= prof.atol:
         return "OK", ""
+    if gradient:
+        return _judge_gradient(m, prof)
     if m.noise_rms > prof.noise_rms:
         return "DRIFT", (f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled) > "
                          f"{prof.in_eps(prof.noise_rms):.3g}")
     if m.noise_max > prof.noise_max:
         return "DRIFT", (f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps of "
                          f"its scale (> {prof.in_eps(prof.noise_max):.3g})")
+    return "OK", ""
+
+
+def _judge_gradient(m: TensorMetrics, prof: Profile) -> tuple[str, str]:
+    """``||d|| <= grad_rel_l2 ||a|| + atol sqrt(n)`` and ``max|d| <= grad_outlier max|a|``."""
+    if m.rmse * math.sqrt(m.compared) > (prof.grad_rel_l2 * m.norm_base
+                                          + prof.atol * math.sqrt(m.compared)):
+        return "DRIFT", f"gradient rel_l2 {m.rel_l2:.3g} > {prof.grad_rel_l2:.3g}"
+    if m.max_abs > prof.grad_outlier * m.absmax_base + prof.atol:
+        return "DRIFT", (f"gradient outlier: max|d| {m.max_abs:.3g} > {prof.grad_outlier:.3g}"
+                         " x max|a|")
     return "OK", ""
 
 

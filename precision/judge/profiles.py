@@ -11,6 +11,9 @@ for an fp32 run whose matmuls ran in TF32 (CUDA) or HF32 (Ascend), that 10-bit f
 - ``noise_max``: or when one element is off by more than ``NOISE_MAX_EPS x eps`` of its
   own scale: sparse, large errors a norm hides (a T5 position bucket that moved);
 - ``atol``: a tensor whose largest error is within ``atol`` is never DRIFT;
+- gradients (``--backward``): ``||d|| <= 16 eps ||a||`` and ``max|d| <= 128 eps max|a|``:
+  their signal is in the tails and the near-zero bulk carries the backward pass's
+  accumulated error (healthy fp16 T5 gradients: 5-8 eps rel_l2);
 - logits: DRIFT when the mean per-token ``KL(base || target)`` over real (unpadded) tokens
   exceeds ``kl_mean`` (Ascend guidance: 1e-4 fp16, 5e-3 bf16), or top-1 agreement falls
   below ``top1`` counting only flips beyond a near-tie (a margin within the expected noise).
@@ -38,6 +41,9 @@ NOISE_RMS_EPS = 5.0
 NOISE_MAX_EPS = 256.0
 FP32_NOISE_RMS_EPS = 128.0
 FP32_NOISE_MAX_EPS = 16384.0
+#: gradients (``--backward``) are judged by norm: rel_l2 and max error against max|a|
+GRAD_REL_L2_EPS = 16.0
+GRAD_OUTLIER_EPS = 128.0
 KL_MEAN = {"float16": 1e-4, "bfloat16": 5e-3, "tf32": 1e-4, "hf32": 1e-4}
 
 
@@ -52,6 +58,8 @@ class Profile:
     atol: float
     kl_mean: float
     top1: float
+    grad_rel_l2: float = 0.0
+    grad_outlier: float = 0.0
 
     @property
     def rel_l2(self) -> float:
@@ -111,6 +119,8 @@ def profile_for(base: str, target: str) -> Profile:
         atol=1e-5 if half else 1e-7,
         kl_mean=KL_MEAN.get(coarse, 1e-6),
         top1=0.99 if not fp32 else 1.0,
+        grad_rel_l2=GRAD_REL_L2_EPS * eps,
+        grad_outlier=GRAD_OUTLIER_EPS * eps,
     )
 
 
