@@ -30,17 +30,27 @@ def healthy(models: tuple[str, ...], work: Path) -> dict[str, Any]:
 
 
 def smallest_drift(model: str, target: str, work: Path) -> float | None:
-    """The smallest drift (fraction of the ordinary channels' rms) that is flagged first
-    at the block where it was planted."""
-    fraction = EPS[target]
-    while fraction < 1.0:
+    """The smallest drift (fraction of the ordinary channels' rms), on the ladder
+    ``eps x 2^k`` below 1, that is flagged first at the block where it was planted;
+    bisection over the ladder (detection grows with the drift)."""
+    ladder = [EPS[target] * 2.0**k for k in range(64) if EPS[target] * 2.0**k < 1.0]
+
+    def found(fraction: float) -> bool:
         case = vc.Case(f"{model}-{target}-drift", model, target,
                        fault=f"drift:{fraction}", profile=vc.PROFILE_OF.get(target))
         first = vc.run(case, work).first_divergence
-        if first is not None:
-            return fraction if first.key == "blocks.11:out" else None
-        fraction *= 2
-    return None
+        return first is not None and first.key == "blocks.11:out"
+
+    lo, hi = 0, len(ladder) - 1
+    if not found(ladder[hi]):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if found(ladder[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ladder[lo]
 
 
 def run() -> dict[str, Any]:

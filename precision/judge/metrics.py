@@ -256,7 +256,9 @@ class PairAccumulator:
         bins = exp.astype(np.intp)
         self.h_count += np.bincount(bins, minlength=_BINS)
         self.h_d2 += np.bincount(bins, weights=np.multiply(absd, absd, out=d), minlength=_BINS)
-        np.maximum.at(self.h_max, bins, absd)
+        rising = absd > self.h_max[bins]  # a gather is cheap; the scatter-max is not
+        if rising.any():
+            np.maximum.at(self.h_max, bins[rising], absd[rising])
         # Chan et al.: merge this chunk's means and co-moments into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
