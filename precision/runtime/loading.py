@@ -139,20 +139,3 @@ def weights_fingerprint(path: Path) -> str | None:
                 fh.seek(min(i * step, max(0, size - CHUNK_BYTES)))
                 h.update(fh.read(CHUNK_BYTES))
     return h.hexdigest()[:16]
-
-
-def parameters_fingerprint(model: Any, samples: int = 64) -> str:
-    """A hash of sampled parameter values in their own dtype (for models not loaded from a
-    folder): equal for the same weights in the same dtype only."""
-    import torch
-
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            if flat.device.type == "meta" or flat.numel() == 0:
-                continue
-            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
-            h.update(name.encode())
-            h.update(flat[idx.to(flat.device)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
