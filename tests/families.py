@@ -67,7 +67,6 @@ def headless(folder: Path) -> list[str]:
 def vit(folder: Path) -> list[str]:
     """A ViT image classifier, its image processor, and a PNG to feed it."""
     import transformers
-    from PIL import Image
 
     # weights drawn wider than the default 0.02 give logits of a trained classifier's size
     # (units, not hundredths: a random head's near-zero logits are all cancellation)
@@ -77,10 +76,17 @@ def vit(folder: Path) -> list[str]:
     _seed()
     transformers.ViTForImageClassification(cfg).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return ["--image", _png(folder)]
+
+
+def _png(folder: Path) -> str:
+    """A seeded 48x40 RGB noise picture beside ``folder``: ``<name>-cat.png``."""
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     image = folder.parent / f"{folder.name}-cat.png"
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
-    return ["--image", str(image)]
+    return str(image)
 
 
 def whisper(folder: Path) -> list[str]:
@@ -135,8 +141,38 @@ def moe(folder: Path) -> list[str]:
     return []
 
 
+def llava(folder: Path) -> list[str]:
+    """A LLaVA-style vision-language model (CLIP vision tower, Llama text model), its
+    processor (image processor, the fixtures' tokenizer with an ``<image>`` token), a PNG."""
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(QWEN)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    # weights drawn wider than the default 0.02, as for ViT: logits of units, not hundredths
+    vision = transformers.CLIPVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, projection_dim=32, initializer_range=0.2)
+    text = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, initializer_range=0.2)
+    cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(
+            "<image>"), vision_feature_select_strategy="default", vision_feature_layer=-1,
+        initializer_range=0.2)
+    _seed()
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(folder)
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                             crop_size={"height": 32, "width": 32})
+    # 16 patches: one <image> token each (the CLS token is dropped: "default" strategy)
+    transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8,
+                                vision_feature_select_strategy="default",
+                                num_additional_image_tokens=1).save_pretrained(folder)
+    return ["--image", _png(folder), "--prompt", "<image> describe the fox"]
+
+
 #: family name -> builder
 FAMILIES: dict[str, Callable[[Path], list[str]]] = {
     "bert": bert, "headless": headless, "vit": vit, "whisper": whisper, "bart": bart,
-    "moe": moe,
+    "moe": moe, "llava": llava,
 }

@@ -63,7 +63,7 @@ def test_only_what_generates_generates(families: dict[str, dict[str, Path]]) -> 
     meta = {name: precision.load(runs["a"]).meta for name, runs in families.items()}
     for name in ("bert", "headless", "vit"):
         assert meta[name]["model"]["kind"] == "encoder" and "generation" not in meta[name]
-    for name in ("whisper", "bart", "moe"):
+    for name in ("whisper", "bart", "moe", "llava"):
         assert meta[name]["generation"]["steps"] == 8, name
     assert meta["bert"]["logits_key"] is None  # last hidden state and pooled output only
     bert = precision.load(families["bert"]["a"])
@@ -71,6 +71,7 @@ def test_only_what_generates_generates(families: dict[str, dict[str, Path]]) -> 
         e.key for e in bert.entries}
     assert meta["vit"]["logits_key"] == "classifier:out"  # the classifier's head output
     assert meta["moe"]["logits_key"] and meta["bart"]["logits_key"]
+    assert meta["llava"]["logits_key"] == "lm_head:out"  # the text model's head
 
 
 def test_inputs_are_recorded_and_replayed(families: dict[str, dict[str, Path]]) -> None:
@@ -84,6 +85,14 @@ def test_inputs_are_recorded_and_replayed(families: dict[str, dict[str, Path]]) 
     assert precision.load(families["bert"]["a"])["input:attention_mask"][:, 0].all()
     moe = precision.load(families["moe"]["a"])["input:attention_mask"]
     assert moe[:, -1].all() and not moe[:, 0].all()
+    # a vision-language model: prompt and image through its processor, one token a patch
+    llava = precision.load(families["llava"]["c"])
+    assert llava["input:pixel_values"].shape == (1, 3, 32, 32)
+    image_token = json.loads((families["llava"]["model"] / "config.json").read_text())[
+        "image_token_index"]
+    assert (llava["generation:prompt_ids"] == image_token).sum() == 16
+    assert "generation:prompt_pixel_values" in llava.tensors
+    assert any(k.startswith("model.vision_tower.") for k in llava.tensors)
 
 
 def test_checkpoint_without_its_heads_weights(families: dict[str, dict[str, Path]]) -> None:
@@ -138,6 +147,19 @@ def test_an_image_model_needs_an_image(families: dict[str, dict[str, Path]],
     code, out = cli("capture", "--model", vit, "--image", vit.parent / "vit-cat.png",
                     "--dry-run")
     assert code == 0 and "pixel_values 1x3x32x32" in out
+
+
+def test_a_vision_language_model_needs_text_with_its_image(
+        families: dict[str, dict[str, Path]], tmp_path: Path) -> None:
+    llava = families["llava"]["model"]
+    image = llava.parent / "llava-cat.png"
+    code, out = cli("capture", "--model", llava, "--image", image, "-o", tmp_path / "x.st")
+    assert code == 2 and out.strip().splitlines()[-1] == (
+        "error: LlavaForConditionalGeneration reads text with its images: give --prompt too, "
+        "holding its processor's image token (e.g. <image>)")
+    code, out = cli("capture", "--model", llava, "--image", image, "--prompt", "no token",
+                    "-o", tmp_path / "x.st")
+    assert code == 2 and "cannot prepare --image" in out and "Traceback" not in out
 
 
 def test_long_prompt_is_truncated_to_the_tokenizers_maximum(

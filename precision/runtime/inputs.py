@@ -59,6 +59,9 @@ def build(model: Any, tokenizer: Any, path: Path, src: Sources, *, generates: bo
     prompts = list(src.prompts)
     check_prompts(prompts)
     main = main_input(model)
+    if src.images and not prompts and not src.feed and main == "input_ids":
+        raise InputError(f"{type(model).__name__} reads text with its images: give --prompt "
+                         "too, holding its processor's image token (e.g. <image>)")
     if src.images:
         out |= _images(path, src.images, prompts, generates)
         prompts = [] if "input_ids" in out else prompts

@@ -459,18 +459,22 @@ class Capture:
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     """Class name and a hash that two captures of the same model share.
 
-    For Hugging Face models the hash covers the config (minus dtype, paths and versions);
-    for other modules it covers parameter names and shapes.
+    For Hugging Face models the hash covers the config (minus dtype, paths and versions, in
+    nested configs too: a vision-language model's ``text_config``); for other modules it
+    covers parameter names and shapes.
     """
     import hashlib
     import json
 
+    skip = ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
+            "_attn_implementation_autoset", "use_cache")
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
+
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        d = {k: v for k, v in config.to_dict().items()
-             if k not in ("torch_dtype", "dtype", "_name_or_path", "transformers_version",
-                          "_commit_hash", "_attn_implementation_autoset", "use_cache")}
-        basis = json.dumps(d, sort_keys=True, default=str)
+        basis = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
     else:
         basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
     return {"class": type(model).__name__,
