@@ -80,8 +80,10 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     b = base if isinstance(base, Dump) else open_any(base, allow_partial=allow_partial)
     t = target if isinstance(target, Dump) else open_any(target, allow_partial=allow_partial)
     _check_same_model(b, t, allow_different_models)
-    b, t = _stated_dtype(b, base_dtype), _stated_dtype(t, target_dtype)
-    prof = _choose_profile(b, t, profile).with_overrides(rtol, atol)
+    stated = {"base": base_dtype, "target": target_dtype}
+    prof = (named_profile(profile) if profile else
+            profile_for(_precision(b, base_dtype), _precision(t, target_dtype))
+            ).with_overrides(rtol, atol)
     pairs = _align(b, t)
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
@@ -95,7 +97,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         rows.append(_generation_row(b, t, len(rows), topk, prefix, prof))
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
-                  first_divergence=first, warnings=tuple(_warnings(b, t, rows) + bias_notes),
+                  first_divergence=first,
+                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
                   fail_on=fail_on, info=_info(b, t))
 
 
@@ -153,21 +156,12 @@ def _check_same_model(b: Dump, t: Dump, allow: bool) -> None:
                         "compare them anyway")
 
 
-def _stated_dtype(d: Dump, dtype: str | None) -> Dump:
-    """``d`` with the compute dtype the user stated (``--base-dtype``/``--target-dtype``)."""
-    if dtype is None:
-        return d
-    name = dtype if dtype in ("tf32", "hf32") else canonical(dtype)
-    d.meta["dtype"] = name
-    d.meta["dtype_stated"] = True
-    return d
-
-
-def _choose_profile(b: Dump, t: Dump, name: str | None) -> Profile:
-    if name:
-        return named_profile(name)
-    return profile_for(effective_precision(b.dtype or _guess_dtype(b), b.meta.get("compute")),
-                       effective_precision(t.dtype or _guess_dtype(t), t.meta.get("compute")))
+def _precision(d: Dump, stated: str | None) -> str:
+    """What a run computed in: as stated (``--base-dtype``), else its recorded dtype (TF32/HF32
+    when its recorded matmul settings say so), else its most common float dtype."""
+    if stated is not None:
+        return stated if stated in ("tf32", "hf32") else canonical(stated)
+    return effective_precision(d.dtype or _guess_dtype(d), d.meta.get("compute"))
 
 
 def _guess_dtype(d: Dump) -> str:
@@ -421,7 +415,8 @@ def _with_growth(rows: list[Row]) -> list[Row]:
     return out
 
 
-def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
+def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
+              ) -> list[str]:
     notes = []
     files = [d for d in (b, t) if d.meta.get("external")]
     if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
@@ -444,7 +439,7 @@ def _warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
                      "from a baseline taken with --max-new-tokens to compare generations")
     for d, side in ((b, "base"), (t, "target")):
         other = t if d is b else b
-        if (d.meta.get("external") and not d.meta.get("dtype_stated")
+        if (d.meta.get("external") and stated[side] is None
                 and d.dtype == "float32" and (other.dtype or "float32") == "float32"):
             name = Path(str(d.meta["external"])).name
             notes.append(f"{name} came from a file that stores float32 and is judged as an "

@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 
 from ..dumps.dump import Dump
+from .logits import DEFAULT_TIE_NOISE
 
 PREFIX = "generation:"
-#: the expected element-scaled noise when no profile is given (fp16's limit)
-DEFAULT_TIE_NOISE = 5 * 2.0**-10
 
 
 @dataclass(frozen=True)

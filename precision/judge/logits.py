@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from .profiles import profile_for
+
 ROWS_PER_CHUNK = 256
-#: the expected element-scaled noise when no profile is given (fp16's limit)
-DEFAULT_TIE_NOISE = 5 * 2.0**-10
+#: the expected element-scaled noise when no profile is given: fp16's limit
+DEFAULT_TIE_NOISE = profile_for("float32", "float16").noise_rms
 
 
 @dataclass(frozen=True)

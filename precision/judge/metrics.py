@@ -58,7 +58,7 @@ import numpy as np
 from ..dtypes import float_format, is_float
 from .noise import BIN_OFFSET as _BIN_OFFSET
 from .noise import BINS as _BINS
-from .noise import noise_model, signature_label
+from .noise import noise_model, signature, signature_label
 
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
 
@@ -113,7 +113,7 @@ class TensorMetrics:
     @property
     def signature_bits(self) -> float:
         """``-log2(noise_rms)``: significant bits the target kept (inf when exact)."""
-        return -math.log2(self.noise_rms) if self.noise_rms > 0 else math.inf
+        return signature(self.noise_rms)
 
     @property
     def signature(self) -> str:

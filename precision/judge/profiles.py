@@ -101,10 +101,6 @@ def effective_precision(dtype: str, compute: dict[str, Any] | None = None) -> st
     return dtype
 
 
-def _label(p: str) -> str:
-    return short(p) if p in MANTISSA and not p.endswith("f32") else p
-
-
 def profile_for(base: str, target: str) -> Profile:
     """The profile for a ``base`` run against a ``target`` run (dtypes or tf32/hf32)."""
     coarse = max((base, target), key=lambda d: 2.0 ** -MANTISSA.get(d, 23))
@@ -112,7 +108,7 @@ def profile_for(base: str, target: str) -> Profile:
     fp32 = MANTISSA.get(coarse, 23) >= 23
     half = coarse in ("float16", "bfloat16")
     return Profile(
-        name=f"{_label(base)}->{_label(target)}",
+        name=f"{short(base)}->{short(target)}",
         eps=eps,
         noise_rms=(FP32_NOISE_RMS_EPS if fp32 else NOISE_RMS_EPS) * eps,
         noise_max=(FP32_NOISE_MAX_EPS if fp32 else NOISE_MAX_EPS) * eps,
