@@ -1,0 +1,1 @@
+"""The commands of ``precision``, one module per family; :mod:`precision.cli` groups them."""

@@ -1,0 +1,149 @@
+"""``precision capture`` and ``precision inspect``: record a model, show a dump."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .common import (
+    CONTEXT,
+    guard,
+    stderr_log,
+)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--model", "model", required=True, metavar="DIR",
+              help="Hugging Face model directory (config.json, weights, tokenizer).")
+@click.option("--device", default="cpu", show_default=True, metavar="DEV",
+              help="cpu, cuda, cuda:N, npu or npu:N.")
+@click.option("--device-map", metavar="auto|balanced|sequential|MAP.json",
+              help="Spread a model too big for one device over all of them (needs "
+                   "accelerate), or place modules as MAP.json says: "
+                   '{"encoder": 0, "decoder": 1, "lm_head": "cpu"}; "disk" offloads.')
+@click.option("--dtype", default="fp32", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype of the model.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="A prompt (repeat for a batch). Default: three built-in Flan-style prompts.")
+@click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
+@click.option("--image", "images", multiple=True, metavar="FILE",
+              help="An image for the model's image processor (repeat for a batch).")
+@click.option("--audio", "audio", multiple=True, metavar="FILE.wav",
+              help="A wav file for the model's feature extractor (repeat for a batch).")
+@click.option("--feed", metavar="FILE", help="A .safetensors or .npz file of named tensors "
+              "passed to the model's forward as they are (any model, any preprocessing).")
+@click.option("--class", "model_class", metavar="NAME",
+              help="Load the model as this transformers class (e.g. BertModel) instead of "
+                   "the one its config names.")
+@click.option("--mode", default="auto", show_default=True,
+              type=click.Choice(["auto", "full", "stats"]),
+              help="full: store every tensor. stats: per-tensor statistics only (small). "
+                   "auto: stats above 1B parameters, else full.")
+@click.option("--full", "full_globs", multiple=True, metavar="GLOB",
+              help="In stats mode, still store whole the outputs of modules whose name "
+                   "matches (repeatable), e.g. lm_head for the logits metrics.")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip modules whose name matches (repeatable), e.g. '*.dropout'.")
+@click.option("--backward", is_flag=True,
+              help="One training step: also record each module's output gradient (:grad) "
+                   "and every parameter's gradient (:pgrad), unscaled, in fp32.")
+@click.option("--loss-scale", default=1.0, show_default=True, type=float,
+              help="Multiply the loss before backward (fp16 training uses e.g. 65536).")
+@click.option("--every", default=1, show_default=True, type=int, metavar="K",
+              help="Capture only every K-th block (blocks 0, K, 2K, ...) of large models.")
+@click.option("--inputs", "input_globs", multiple=True, metavar="GLOB",
+              help="Also record the inputs of modules whose name matches (repeatable). "
+                   "Always recorded: T5's relative_attention_bias bucket ids.")
+@click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
+              metavar="auto|none|GLOB",
+              help="auto: as transformers loads (T5 keeps wo in fp32 under fp16). none: cast "
+                   "every module. GLOB: keep matching modules in fp32 (repeatable).")
+@click.option("--replay", metavar="BASE.st",
+              help="Reuse the exact token ids, masks and decoder ids of an earlier dump.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int,
+              help="Tokens to generate greedily before the captured forward "
+                   "(gives encoder-decoders their decoder ids).")
+@click.option("--capture-steps", is_flag=True,
+              help="Also record every layer at each decoding step of the generation "
+                   "(call indices #0, #1, ...); the teacher-forced forward comes after.")
+@click.option("--steps", "steps_spec", metavar="LIST",
+              help="Like --capture-steps, for these decoding steps only: e.g. 0,3,5-7 "
+                   "(0 is the first; an encoder runs in step 0).")
+@click.option("--num-beams", default=1, show_default=True, type=int,
+              help="Beam search width for the generation (1: greedy, with per-step top-k "
+                   "log-probabilities recorded).")
+@click.option("-o", "--output", metavar="OUT.st", help="Dump file to write (required unless "
+              "--dry-run).")
+@click.option("--dry-run", is_flag=True,
+              help="Write nothing: run the model on the meta device (config and tokenizer "
+                   "only, no weights read) and print the records and dump sizes a capture "
+                   "with these options would make.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
+@click.option("--fsync", is_flag=True,
+              help="Force the dump to disk before renaming it into place (power-loss safe).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@guard
+def capture(model: str, device: str, device_map: str | None, dtype: str,
+            prompts: tuple[str, ...],
+            prompts_file: str | None, images: tuple[str, ...], audio: tuple[str, ...],
+            feed: str | None, model_class: str | None, mode: str, full_globs: tuple[str, ...],
+            include: tuple[str, ...],
+            exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
+            input_globs: tuple[str, ...],
+            keep_fp32: tuple[str, ...], replay: str | None,
+            max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
+            num_beams: int, output: str | None, dry_run: bool,
+            force: bool, fsync: bool, quiet: bool) -> None:
+    """Run a model and dump its per-layer outputs and logits.
+
+    \b
+    Examples:
+      precision capture --model fixtures/tiny-flan-t5 --dtype fp32 -o base.st
+      precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
+      precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
+    """
+    from ..runtime.recorder import DEFAULT_INPUT_GLOBS
+    from ..runtime.runner import CaptureOptions, parse_steps, run_capture
+
+    if not output and not dry_run:
+        raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
+    opts = CaptureOptions(model=model, output=output or "", device=device, device_map=device_map,
+                          dtype=dtype, full=full_globs,
+                          steps=parse_steps(steps_spec) if steps_spec else None,
+                          prompts=prompts, prompts_file=prompts_file, mode=mode,
+                          include=include, exclude=exclude, keep_fp32=keep_fp32,
+                          inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,
+                          backward=backward, loss_scale=loss_scale,
+                          replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                          capture_steps=capture_steps, force=force, fsync=fsync,
+                          images=images, audio=audio, feed=feed, model_class=model_class)
+    if dry_run:
+        from ..runtime.plan import plan_model, render
+
+        click.echo(render(plan_model(opts)))
+        return
+    path = run_capture(opts, stderr_log(quiet or os.environ.get("RANK", "0") != "0"))
+    if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
+        from ..dumps import load
+        from ..dumps.dump import format_bytes
+
+        d = load(path)
+        click.echo(f"wrote {path}: {len(d.entries)} records, {len(d.tensors)} tensors, "
+                   f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
+
+@click.command(context_settings=CONTEXT)
+@click.argument("dump", metavar="DUMP.st")
+@click.option("--all", "show_all", is_flag=True, help="List every record, aliases included.")
+@guard
+def inspect(dump: str, show_all: bool) -> None:
+    """Show what a dump holds: metadata, then its records in execution order.
+
+    An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE.
+    """
+    from ..dumps import load
+    from ..outputs.render import print_inspect
+
+    print_inspect(load(dump, allow_partial=True), show_all=show_all)

@@ -1,0 +1,240 @@
+"""``precision scan``, ``suggest``, ``isolate`` and ``consistency``: run a model and judge it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .common import (
+    CONTEXT,
+    check_outputs,
+    guard,
+    stderr_log,
+    write_text,
+)
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--device/--dtype/--prompt/--prompts/--keep-fp32/--max-new-tokens."""
+    options = [
+        click.option("--model", "model", metavar="DIR", help="Hugging Face model directory."),
+        click.option("--device", default="cpu", show_default=True, metavar="DEV",
+                     help="cpu, cuda, cuda:N, npu or npu:N."),
+        click.option("--dtype", default="fp16", show_default=True,
+                     type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype."),
+        click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                     help="A prompt (repeatable)."),
+        click.option("--prompts", "prompts_file", metavar="FILE",
+                     help="File with one prompt per line."),
+        click.option("--max-new-tokens", default=8, show_default=True, type=int,
+                     help="Tokens generated greedily before the measured forward."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+@click.command(context_settings=CONTEXT)
+@click.argument("dump", metavar="[DUMP.st]", required=False)
+@_model_options
+@click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
+              metavar="auto|none|GLOB", help="Dtype policy, as for capture.")
+@click.option("--against", type=click.Choice(["fp16", "bf16"]),
+              help="Format whose limits to measure against (default: the run's dtype if "
+                   "fp16/bf16, else fp16).")
+@click.option("--json", "json_out", metavar="FILE", help="Write the scan as JSON.")
+@click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
+@click.option("-o", "--output", metavar="OUT.st", help="Keep the stats dump the scan took.")
+@click.option("--force", is_flag=True, help="Overwrite the --json and -o files.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@guard
+def scan(dump: str | None, model: str | None, device: str, dtype: str,
+         prompts: tuple[str, ...], prompts_file: str | None, max_new_tokens: int,
+         keep_fp32: tuple[str, ...], against: str | None, json_out: str | None,
+         top: int | None, output: str | None, force: bool, quiet: bool) -> None:
+    """Headroom scan: how close each layer comes to overflowing fp16 (or bf16).
+
+    \b
+    Scan an existing dump, or run a model (stats capture with module inputs):
+      precision scan fp16.st
+      precision scan --model ./flan-t5-base --dtype fp32     # would it overflow in fp16?
+      precision scan --model ./flan-t5-base --dtype fp16 --keep-fp32 none
+    Per layer: largest magnitude, headroom in bits (log2(65504/|x|max)), NaN/inf counts and
+    whether the layer produces them or passes them on, values pinned near the max, and the
+    share of values fp16 flushes to zero. Exit code 1 when a layer overflows,
+    saturates or turns NaN. The flush column is the share of all values that are nonzero
+    but round to zero in fp16.
+    """
+
+    from ..dumps import load
+    from ..judge.scan import scan as run_scan
+    from ..outputs.render import print_scan
+
+    if (dump is None) == (model is None):
+        raise click.UsageError("give either a DUMP.st or --model DIR")
+    check_outputs(force, json_out, output)
+    if dump is not None:
+        report = run_scan(load(dump), against=against)
+    else:
+        from ..doctor.checks import scan_model
+        from ..runtime.runner import CaptureOptions
+
+        assert model is not None
+        opts = CaptureOptions(model=model, output=output or "", device=device, dtype=dtype,
+                              prompts=prompts, prompts_file=prompts_file,
+                              keep_fp32=keep_fp32, max_new_tokens=max_new_tokens,
+                              force=force)
+        report = scan_model(opts, against=against, log=stderr_log(quiet))
+    if quiet:
+        click.echo(report.summary)
+    else:
+        print_scan(report, top=top)
+    if json_out:
+        write_text(json_out, report.to_json(), force)
+    sys.exit(0 if report else 1)
+
+@click.command(context_settings=CONTEXT)
+@_model_options
+@click.option("--keep-fp32", "base_policy", default="auto", show_default=True,
+              type=click.Choice(["auto", "none"]),
+              help="Policy to start from, as for capture: auto (as transformers loads) or "
+                   "none (cast everything, like a wholesale .half()).")
+@click.option("--replay", metavar="BASE.st",
+              help="Run on the exact inputs of an earlier dump instead of prompts (then no "
+                   "prompts are held back).")
+@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
+              help="Capture mode of the runs (stats for models too big to dump whole).")
+@click.option("--include", multiple=True, metavar="GLOB",
+              help="Capture only modules whose name matches (repeatable), as for capture.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Skip modules whose name matches (repeatable), as for capture.")
+@click.option("--budget", default=8, show_default=True, type=int,
+              help="Most modules to keep in fp32 before giving up.")
+@click.option("--json", "json_out", metavar="FILE",
+              help="Write the result as JSON (the verified capture arguments included); "
+                   "'-' for stdout.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+@guard
+def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
+            prompts_file: str | None, max_new_tokens: int, base_policy: str,
+            replay: str | None, mode: str, include: tuple[str, ...], exclude: tuple[str, ...],
+            budget: int, json_out: str | None, force: bool, quiet: bool) -> None:
+    """Find, apply and verify the smallest set of modules to keep in fp32.
+
+    \b
+    Runs an fp32 baseline and the target dtype, keeps the first module that overflows (or
+    the first divergence) in fp32, runs again, and repeats until the comparison is clean or
+    the budget is spent. A third of the prompts (at least one, given two or more) are held
+    back and the policy is checked on them too. Prints a before/after table and exactly the
+    --keep-fp32 arguments it verified, for `precision capture` (or
+    `precision.keep_fp32(model, [...])`).
+      precision suggest --model ./flan-t5-base --dtype fp16 --keep-fp32 none
+    Exit code 1 when no policy within the budget fixes the model (held-back prompts
+    included).
+    """
+    import json
+
+    from ..doctor.checks import suggest as run_suggest
+    from ..outputs.render import print_suggestion
+
+    if model is None:
+        raise click.UsageError("--model DIR is required")
+    if budget < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--budget")
+    check_outputs(force, json_out)
+    result = run_suggest(model, dtype=dtype, device=device, prompts=prompts,
+                         prompts_file=prompts_file, base_policy=base_policy, budget=budget,
+                         max_new_tokens=max_new_tokens, replay=replay, mode=mode,
+                         include=include, exclude=exclude, log=stderr_log(quiet))
+    if json_out == "-":
+        click.echo(json.dumps(result.to_dict(), indent=1))
+    elif quiet:
+        click.echo(result.message + (f": {result.cli_flags}" if result.fixed else ""))
+    else:
+        print_suggestion(result)
+    if json_out and json_out != "-":
+        write_text(json_out, json.dumps(result.to_dict(), indent=1) + "\n", force)
+    sys.exit(0 if result.fixed else 1)
+
+@click.command(context_settings=CONTEXT)
+@click.argument("base", metavar="BASE.st")
+@click.option("--model", required=True, metavar="DIR", help="The model BASE.st was taken from.")
+@click.option("--dtype", default="fp16", show_default=True,
+              type=click.Choice(["fp32", "fp16", "bf16"]), help="Dtype to re-run modules in.")
+@click.option("--device", default="cpu", show_default=True, metavar="DEV",
+              help="cpu, cuda, cuda:N, npu or npu:N.")
+@click.option("--keep-fp32", multiple=True, default=("none",), show_default=True,
+              metavar="auto|none|GLOB", help="Dtype policy for the re-run, as for capture.")
+@click.option("--target", metavar="TARGET.st",
+              help="A full run in the target dtype, for the accumulated error column.")
+@click.option("--only-flagged", is_flag=True, help="Show only culprits and inherited rows.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@guard
+def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str, ...],
+            target: str | None, only_flagged: bool, quiet: bool) -> None:
+    """Local vs inherited error: re-run each module alone on the baseline's inputs.
+
+    \b
+    BASE.st must hold module inputs (capture it with --inputs '*'):
+      precision capture --model DIR --dtype fp32 --inputs '*' -o base.st
+      precision capture --model DIR --dtype fp16 --keep-fp32 none --replay base.st -o t.st
+      precision isolate base.st --model DIR --dtype fp16 --target t.st
+    A module whose error alone is beyond the profile is a culprit; one that is only bad in
+    the full run inherited its error. Exit code 1 when there is a culprit.
+    """
+    from ..doctor.isolation import isolate as run_isolate
+    from ..dtypes import canonical
+    from ..outputs.render import print_isolate
+    from ..runtime.devices import resolve
+
+    resolve(device, canonical(dtype))
+    report = run_isolate(base, model, dtype=dtype, device=device, keep_fp32=keep_fp32,
+                         target=target)
+    if quiet:
+        click.echo(report.summary)
+    else:
+        print_isolate(report, only_flagged=only_flagged)
+    sys.exit(0 if report else 1)
+
+@click.command(context_settings=CONTEXT)
+@_model_options
+@click.option("--repeat", default=3, show_default=True, type=int, help="Number of runs.")
+@click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
+              help="full compares every tensor bitwise; stats only statistics and tokens.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@guard
+def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
+                prompts_file: str | None, max_new_tokens: int, repeat: int, mode: str,
+                quiet: bool) -> None:
+    """Run the same inputs several times on one device and check the runs are identical.
+
+    \b
+    Every run after the first replays its inputs and generates freely, so the generated
+    tokens and every layer are compared bitwise with the first run; where they are not
+    identical, the largest deviation per layer is shown.
+      precision consistency --model ./qwen --device npu --dtype bf16 --repeat 3
+    Exit code 1 when the runs are not bitwise identical.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..doctor.checks import consistency as run_consistency
+
+    if model is None:
+        raise click.UsageError("--model DIR is required")
+    report = run_consistency(model, repeat=repeat, dtype=dtype, device=device,
+                             prompts=prompts, prompts_file=prompts_file,
+                             max_new_tokens=max_new_tokens, mode=mode, log=stderr_log(quiet))
+    click.echo(report.summary)
+    if report.deviations and not quiet:
+        table = Table("#", "tensor", "runs differing", "elements", "max |deviation|",
+                      box=None, header_style="bold")
+        for d in report.deviations[:40]:
+            table.add_row(str(d.order), escape(d.key), str(d.runs_differing),
+                          str(d.elements_differing), f"{d.max_abs:.3g}")
+        Console(highlight=False).print(table)
+    sys.exit(0 if report else 1)
