@@ -1,4 +1,5 @@
-"""The settings that decide what "fp32" means on a device, recorded with every capture.
+"""What shapes the numbers besides the model, recorded with every capture: library versions,
+and the settings that decide what "fp32" means on a device.
 
 CUDA may run fp32 matmuls in TF32 (10-bit mantissa) when
 ``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision("high")``
@@ -34,3 +35,17 @@ def compute_settings(model: torch.nn.Module) -> dict[str, Any]:
         except AttributeError:  # an older torch_npu without these switches
             pass
     return settings
+
+
+def environment() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import platform
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "platform": platform.platform()}
+    for mod in ("transformers", "torch_npu", "numpy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # absent or broken: not recorded
+            continue
+    return env

@@ -33,7 +33,7 @@ from ..dtypes import canonical
 from ..dumps import load
 from ..dumps.dump import Dump, DumpWriter, check_output_path, make_key
 from ..errors import InputError
-from .compute import compute_settings
+from .compute import compute_settings, environment
 from .streaming import BackgroundWriter
 from .tensorstats import tensor_stats
 
@@ -137,20 +137,6 @@ def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
         if kinds:
             out[name or ROOT] = kinds.pop() if len(kinds) == 1 else "mixed"
     return out
-
-
-def environment() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers."""
-    import platform
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform()}
-    for mod in ("transformers", "torch_npu", "numpy"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # absent or broken: not recorded
-            continue
-    return env
 
 
 class Capture:
