@@ -223,7 +223,7 @@ def test_external_fp32_file_from_a_bf16_run(make_dump, tmp_path: Path) -> None:
     np.save(target, logits.astype(ml_dtypes.bfloat16).astype(np.float32))
     plain = precision.compare(base, target, jobs=1)
     assert plain.profile.name == "fp32->fp32" and not plain
-    assert any("--target-dtype" in w for w in plain.warnings)
+    assert any("target_dtype='bf16'" in w for w in plain.warnings)  # Python's wording
     assert not any("--replay" in w for w in plain.warnings)
     stated = precision.compare(base, target, target_dtype="bf16", jobs=1)
     assert stated.profile.name == "fp32->bf16" and stated, stated.rows

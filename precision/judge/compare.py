@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import canonical, is_float
+from ..dtypes import is_float
 from ..dumps.dump import INPUT_PREFIX, Dump, Entry
 from ..dumps.external import open_any
 from ..errors import DumpError, InputError, option
@@ -29,11 +29,13 @@ from .generation import compare_generation, generation_prefixes, has_generation,
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, TensorMetrics, compare_exact
 from .posbias import diagnose
-from .profiles import Profile, effective_precision, named_profile, profile_for
+from .profiles import Profile, effective_precision, named_profile, precision_name, profile_for
 from .report import FAIL_ON, Report, Row
 from .statsdiff import record_stats, stats_delta
 
 GEN_TOKENS = GEN_PREFIX + "tokens"
+#: said when the baseline, not the target, holds the NaN/inf or the clamped values
+SWAPPED = "the baseline overflowed: are the arguments swapped?"
 #: per job: about 10 MiB of work arrays (a logits chunk is at least one vocabulary row);
 #: 2^16 float64 (512 KiB) per array stays in cache
 #: (2^14 to 2^18 measured: 2^16 was fastest with one job and with two)
@@ -160,7 +162,7 @@ def _precision(d: Dump, stated: str | None) -> str:
     """What a run computed in: as stated (``--base-dtype``), else its recorded dtype (TF32/HF32
     when its recorded matmul settings say so), else its most common float dtype."""
     if stated is not None:
-        return stated if stated in ("tf32", "hf32") else canonical(stated)
+        return precision_name(stated)
     return effective_precision(d.dtype or _guess_dtype(d), d.meta.get("compute"))
 
 
@@ -327,12 +329,11 @@ def judge(m: TensorMetrics, prof: Profile, *, gradient: bool = False) -> tuple[s
     (``gradient``) are judged by norm instead: their signal is in the tails, and the
     near-zero bulk, whose error the backward pass accumulates, carries none.
     """
-    swapped = " (the baseline overflowed: are the arguments swapped?)"
     if m.new_nan:
         return "NAN", f"{m.new_nan} NaN where the baseline is finite"
     if m.base_only_nan:
-        return "NAN", f"the baseline has {m.base_only_nan} NaN where the target is finite" + (
-            swapped.replace("overflowed", "broke"))
+        return "NAN", (f"the baseline has {m.base_only_nan} NaN where the target is finite "
+                       "(are the arguments swapped?)")
     if m.new_inf or m.saturated:
         parts = []
         if m.new_inf:
@@ -344,7 +345,7 @@ def judge(m: TensorMetrics, prof: Profile, *, gradient: bool = False) -> tuple[s
         what = (f"the baseline has {m.base_only_inf} inf where the target is finite"
                 if m.base_only_inf else f"{m.saturated_base} baseline values are pinned near "
                                         "their format's max")
-        return "OVERFLOW", what + swapped
+        return "OVERFLOW", f"{what} ({SWAPPED})"
     if m.max_abs <= prof.atol:
         return "OK", ""
     if gradient:
@@ -377,7 +378,6 @@ def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) 
         return replace(row, status="MISSING", reason="no data stored for this record")
     delta = stats_delta(sa, sb)
     row = replace(row, stats_delta=delta)
-    swapped = " (are the arguments swapped?)"
     if delta["new_nan"]:
         return replace(row, status="NAN", reason=f"{delta['new_nan']} more NaN than the baseline")
     if delta["new_inf"] or (t.dtype == "float16" and delta["new_near_fp16_max"]):
@@ -386,10 +386,11 @@ def _stats_row(b: Dump, t: Dump, p: _Pair, row: Row, prof: Profile, chunk: int) 
                               "values near the fp16 max than the baseline")
     if delta["base_only_nan"]:
         return replace(row, status="NAN", reason=f"the baseline has {delta['base_only_nan']} "
-                                                 "more NaN than the target" + swapped)
+                                                 "more NaN than the target (are the "
+                                                 "arguments swapped?)")
     if delta["base_only_inf"]:
         return replace(row, status="OVERFLOW", reason=f"the baseline has "
-                       f"{delta['base_only_inf']} more inf than the target" + swapped)
+                       f"{delta['base_only_inf']} more inf than the target ({SWAPPED})")
     # a healthy run's ||d|| stays within noise_rms x (||a|| + sigma sqrt(n)) <= 2 x noise_rms
     # x ||a|| when the bulk scale is at most the rms, and | ||b|| - ||a|| | <= ||d||
     bound = 2 * prof.noise_rms * delta["norm_base"] + prof.atol * math.sqrt(delta["numel"])
@@ -442,9 +443,9 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
         if (d.meta.get("external") and stated[side] is None
                 and d.dtype == "float32" and (other.dtype or "float32") == "float32"):
             name = Path(str(d.meta["external"])).name
+            how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
             notes.append(f"{name} came from a file that stores float32 and is judged as an "
-                         f"fp32 run: if it computed in bf16 or fp16, say so with "
-                         f"--{side}-dtype")
+                         f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
     wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
     if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
         notes.append(f"{b.path.name} and {t.path.name} come from different weights "

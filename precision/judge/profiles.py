@@ -123,10 +123,14 @@ def profile_for(base: str, target: str) -> Profile:
 PROFILE_NAMES = ("fp32", "tf32", "hf32", "fp16", "bf16")
 
 
+def precision_name(name: str) -> str:
+    """``bf16``/``torch.float16``/... as a dtype name; ``tf32``/``hf32`` as they are."""
+    return name if name in ("tf32", "hf32") else canonical(name)
+
+
 def named_profile(name: str) -> Profile:
     """``--profile fp16`` style: the profile of fp32 against that precision."""
-    target = name if name in ("tf32", "hf32") else canonical(name)
-    return profile_for("float32", target)
+    return profile_for("float32", precision_name(name))
 
 
 
