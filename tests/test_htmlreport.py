@@ -266,7 +266,7 @@ def test_position_bias_against_expected_noise_on_one_scale(t5_runs: dict[str, Pa
     assert len(heat_axes) == 2 and len(norms) == 1  # encoder and decoder, one scale
     assert len(fig.axes) == 3  # and one colour bar
     assert "eps" in fig.axes[2].get_ylabel() and "DRIFT" in fig.axes[2].get_ylabel()
-    limit = getattr(profile, "noise_max", None) or profile.outlier
+    limit = profile.noise_max
     limit_eps = limit / profile.eps
     healthy = heat_axes[0].images[0].get_array()
     assert np.nanmax(healthy) < limit_eps  # healthy rounding stays under the limit

@@ -61,11 +61,6 @@ class Profile:
     grad_rel_l2: float = 0.0
     grad_outlier: float = 0.0
 
-    @property
-    def rel_l2(self) -> float:
-        """The diffuse-drift limit (``noise_rms``); kept for plots and older callers."""
-        return self.noise_rms
-
     def in_eps(self, value: float) -> float:
         """``value`` in units of this profile's eps."""
         return value / self.eps

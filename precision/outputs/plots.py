@@ -76,16 +76,12 @@ def panels(report: Report) -> list[tuple[str, float, str, float | None]]:
     """The error-vs-depth panels: (metric attribute, unit, axis label, DRIFT limit or None).
 
     First the metric the DRIFT verdict judges, with its limit: the element-scaled rms error
-    in units of eps where the profile has one (``noise_rms``), else ``rel_l2``; then
-    ``rel_l2`` (or ``1-cos`` when ``rel_l2`` came first) for information.
+    in units of eps (``noise_rms``); then ``rel_l2`` for information.
     """
     prof = report.profile
-    noise = getattr(prof, "noise_rms", None)
-    if noise is not None and all(hasattr(_m(r), "noise_rms") for r in _float_rows(report)):
-        return [("noise_rms", prof.eps, "error / eps (rms, element-scaled)", noise / prof.eps),
-                ("rel_l2", 1.0, "rel_l2 = ‖b − a‖ / ‖a‖", None)]
-    return [("rel_l2", 1.0, "rel_l2 = ‖b − a‖ / ‖a‖", prof.rel_l2),
-            ("one_minus_cos", 1.0, "1 − cos(a, b)", None)]
+    return [("noise_rms", prof.eps, "error / eps (rms, element-scaled)",
+             prof.noise_rms / prof.eps),
+            ("rel_l2", 1.0, "rel_l2 = ‖b − a‖ / ‖a‖", None)]
 
 
 def error_vs_depth(report: Report, ax: Any = None) -> Any:
@@ -299,10 +295,8 @@ def position_bias_heatmap(base: Dump, target: Dump, profile: Profile | None = No
     eps = profile.eps if profile is not None else max(
         float_format(base.tensors[keys[0]].dtype).eps,
         float_format(target.tensors[keys[0]].dtype).eps)
-    # the profile's outlier limit in eps: noise_max (element-scaled) or outlier (x rms)
-    limit = (getattr(profile, "noise_max", None) or getattr(profile, "outlier", None)
-             if profile is not None else None)
-    outlier = limit / profile.eps if limit and profile is not None else None
+    # the profile's outlier limit (element-scaled) in eps
+    outlier = profile.noise_max / profile.eps if profile is not None else None
     heats, noises = [], []
     for key in keys:
         a = base[key].astype(np.float64)
