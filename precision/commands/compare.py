@@ -105,8 +105,8 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
               help="HTML file to write (self-contained: opens offline).")
 @click.option("--markdown", "md_out", metavar="FILE",
               help="Also write a Markdown summary for a pull-request comment.")
-@click.option("--rtol", type=float, help="Override the norm tolerance (see compare).")
-@click.option("--atol", type=float, help="Override the absolute floor (see compare).")
+@click.option("--rtol", type=float, help="Override the diffuse-drift limit (see compare).")
+@click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
 @click.option("--profile", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
               help="Judge as fp32 vs this dtype.")
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
