@@ -54,7 +54,7 @@ def test_fp32_twice_is_identical(families: dict[str, dict[str, Path]], family: s
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_is_clean(families: dict[str, dict[str, Path]], family: str) -> None:
     report = precision.compare(families[family]["a"], families[family]["c"])
-    assert report.profile.name.startswith("bf16") or "bf16" in report.summary
+    assert report.profile.name == "fp32->bf16", report.profile.name
     assert not [r.key for r in report.rows if r.flagged], report.summary
     assert report
 

@@ -1,0 +1,301 @@
+"""Guards on the verdict rules a mutation check found unheld (docs/verdicts.md).
+
+Each rule is tripped by a case just beyond its documented limit and left quiet by one just
+inside it, on small dumps written here and compared with ``precision.compare``. The limits
+are the documented multiples of each profile's eps (5/256 eps for fp16, bf16 and TF32,
+128/16384 eps for fp32 against fp32, gradients 16/128 eps, KL 1e-4 fp16 and TF32, 5e-3
+bf16, 1e-6 fp32): the tensors are built from those numbers, not from the code's, so a limit
+moved by 10% either way turns one side of a pair. The cases sit at 0.95x and 1.05x of a
+limit: a point at exactly 0.9x cannot tell the limit from one lowered by 10%.
+
+The baseline is 1536 everywhere, one binade ([1024, 2048)), so every element's noise scale
+is known: ``s = p(1536) + sigma = 1024 + 2048 = 3072`` (:mod:`precision.judge.noise`). The
+targets are stored in float64 (the dump's ``dtype`` says what the run computed in), so the
+metric lands where the test puts it, which each test asserts before the verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import precision
+from precision import Report, Row
+
+from .conftest import stats_of
+
+MakeDump = Callable[..., Path]
+
+A = 1536.0  # the baseline's value: p(|a|) = 1024, bulk scale sigma = 2048
+SCALE = 3072.0  # s = p(|a|) + sigma for every element
+N = 1 << 16  # elements: one outlier moves the rms by max / 256
+INSIDE, BEYOND = 0.95, 1.05
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Documented:
+    """A profile as docs/verdicts.md states it."""
+
+    target: str  # the target dump's dtype
+    name: str  # report.profile.name
+    eps: float
+    rms_eps: float  # noise_rms, in eps
+    max_eps: float  # noise_max, in eps
+    kl_mean: float
+    top1: float
+    meta: tuple[tuple[str, Any], ...] = ()
+
+
+TF32_ON_CUDA = {"device_type": "cuda", "cuda_matmul_allow_tf32": True, "has_conv": False}
+PROFILES = {
+    "fp16": Documented("float16", "fp32->fp16", 2.0**-10, 5, 256, 1e-4, 0.99),
+    "bf16": Documented("bfloat16", "fp32->bf16", 2.0**-7, 5, 256, 5e-3, 0.99),
+    "tf32": Documented("float32", "fp32->tf32", 2.0**-10, 5, 256, 1e-4, 0.99,
+                       (("compute", TF32_ON_CUDA),)),
+    "fp32": Documented("float32", "fp32->fp32", 2.0**-23, 128, 16384, 1e-6, 1.0),
+}
+GRAD_REL_L2_EPS, GRAD_OUTLIER_EPS = 16, 128
+
+
+def _compare(make_dump: MakeDump, doc: Documented, key: str, a: np.ndarray, b: np.ndarray,
+             **kw: Any) -> tuple[Report, Row]:
+    base = make_dump("base.st", {key: a}, dtype="float32", **kw)
+    target = make_dump("target.st", {key: b}, dtype=doc.target, meta=dict(doc.meta), **kw)
+    report = precision.compare(base, target, jobs=1)
+    assert report.profile.name == doc.name
+    assert report.profile.eps == doc.eps
+    (row,) = report.rows
+    return report, row
+
+
+def _baseline() -> np.ndarray:
+    return np.full(N, A, dtype=np.float32)
+
+
+# --- stats mode: values pinned near the fp16 max ----------------------------------------------
+
+NEAR = 0.98 * FP16_MAX  # 64193.92
+PINNED, BELOW_NEAR, ORDINARY = 64224.0, 64192.0, 64000.0  # fp16 values either side of NEAR
+
+
+def _stats_status(make_dump: MakeDump, base: np.ndarray, target: np.ndarray,
+                  target_dtype: str) -> Row:
+    b = make_dump("b.st", {}, stats={"x:out": stats_of(base)})
+    t = make_dump("t.st", {}, dtype=target_dtype, stats={"x:out": stats_of(target)})
+    (row,) = precision.compare(b, t, jobs=1).rows
+    return row
+
+
+def _large_values(top: float) -> np.ndarray:
+    x = np.random.default_rng(0).standard_normal(1000) * 10
+    x[:3] = top
+    return x.astype(np.float16).astype(np.float64)
+
+
+def test_stats_mode_values_pinned_near_the_fp16_max_are_overflow(make_dump: MakeDump) -> None:
+    """Three values pushed from 64000 to 64224 (the first fp16 value within 2% of 65504) in
+    an fp16 target: OVERFLOW, though the norms agree (so DRIFT could not catch it)."""
+    assert BELOW_NEAR < NEAR <= PINNED < FP16_MAX
+    base = _large_values(ORDINARY)
+    pinned = _large_values(PINNED)
+    row = _stats_status(make_dump, base, pinned, "float16")
+    assert row.stats_delta is not None and row.stats_delta["new_near_fp16_max"] == 3
+    assert row.stats_delta["new_inf"] == 0 and row.stats_delta["norm_gap_rel"] < 5 * 2.0**-10
+    assert row.status == "OVERFLOW" and "near the fp16 max" in row.reason, row.reason
+
+
+def test_stats_mode_just_below_the_fp16_band_or_as_many_as_the_baseline_is_ok(
+        make_dump: MakeDump) -> None:
+    base = _large_values(ORDINARY)
+    below = _stats_status(make_dump, base, _large_values(BELOW_NEAR), "float16")
+    assert below.stats_delta is not None and below.stats_delta["new_near_fp16_max"] == 0
+    assert below.status == "OK", below.reason
+    # the baseline holds the same values pinned: nothing new near the max
+    same = _stats_status(make_dump, _large_values(PINNED), _large_values(PINNED), "float16")
+    assert same.status == "OK", same.reason
+
+
+def test_stats_mode_fp16_band_does_not_apply_to_a_bf16_target(make_dump: MakeDump) -> None:
+    """bf16 reaches 3.4e38: values near 65504 are ordinary there."""
+    row = _stats_status(make_dump, _large_values(ORDINARY), _large_values(PINNED), "bfloat16")
+    assert row.stats_delta is not None and row.stats_delta["new_near_fp16_max"] == 3
+    assert row.status == "OK", row.reason
+
+
+# --- first divergence ---------------------------------------------------------------------------
+
+def test_first_divergence_is_a_mismatch_when_that_comes_first(make_dump: MakeDump) -> None:
+    x = np.ones((2, 3), np.float32)
+    a = _baseline()
+    drifted = a * (1 + 0.1)  # far beyond any profile
+    base = make_dump("a.st", {"early:out": x, "late:out": a})
+    target = make_dump("b.st", {"early:out": x.reshape(3, 2), "late:out": drifted},
+                       dtype="float16")
+    report = precision.compare(base, target, jobs=1)
+    assert [(r.key, r.status) for r in report.rows] == [("early:out", "MISMATCH"),
+                                                        ("late:out", "DRIFT")]
+    assert report.first_divergence is not None
+    assert report.first_divergence.key == "early:out"
+    assert report.first_divergence.status == "MISMATCH"
+
+
+def test_first_divergence_skips_missing_and_ok_rows(make_dump: MakeDump) -> None:
+    x = np.ones((2, 3), np.float32)
+    a = _baseline()
+    base = make_dump("a.st", {"gone:out": x, "same:out": x, "late:out": a})
+    target = make_dump("b.st", {"same:out": x, "late:out": a * (1 + 0.1)}, dtype="float16")
+    report = precision.compare(base, target, jobs=1)
+    assert [r.status for r in report.rows] == ["MISSING", "OK", "DRIFT"]
+    assert report.first_divergence is not None
+    assert report.first_divergence.key == "late:out"
+
+
+# --- the element-scaled limits, each profile ----------------------------------------------------
+
+def _diffuse(factor: float, doc: Documented) -> np.ndarray:
+    """Every element off by ``factor x rms_eps`` eps of its scale, alternating in sign."""
+    d = factor * doc.rms_eps * doc.eps * SCALE
+    sign = np.where(np.arange(N) % 2 == 0, 1.0, -1.0)
+    return _baseline().astype(np.float64) + sign * d
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_noise_rms_limit_is_the_documented_eps_multiple(make_dump: MakeDump,
+                                                       profile: str) -> None:
+    doc = PROFILES[profile]
+    for factor, want in ((INSIDE, "OK"), (BEYOND, "DRIFT")):
+        report, row = _compare(make_dump, doc, "x:out", _baseline(), _diffuse(factor, doc))
+        assert row.metrics is not None and row.metrics.bulk_scale == 2048.0
+        assert row.metrics.noise_rms / doc.eps == pytest.approx(factor * doc.rms_eps, rel=1e-9)
+        assert row.metrics.noise_max < doc.max_eps * doc.eps / 10
+        assert row.status == want, (factor, row.reason)
+        if want == "DRIFT":
+            assert "rms" in row.reason
+    assert report.profile.noise_rms == doc.rms_eps * doc.eps
+
+
+def _outlier(factor: float, limit_eps: float, eps: float, scale: float) -> np.ndarray:
+    """One element off by ``factor x limit_eps`` eps of ``scale``; the rest exact."""
+    b = _baseline().astype(np.float64)
+    b[N // 3] += factor * limit_eps * eps * scale
+    return b
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_noise_max_limit_is_the_documented_eps_multiple(make_dump: MakeDump,
+                                                       profile: str) -> None:
+    doc = PROFILES[profile]
+    for factor, want in ((INSIDE, "OK"), (BEYOND, "DRIFT")):
+        b = _outlier(factor, doc.max_eps, doc.eps, SCALE)
+        report, row = _compare(make_dump, doc, "x:out", _baseline(), b)
+        assert row.metrics is not None
+        assert row.metrics.noise_max / doc.eps == pytest.approx(factor * doc.max_eps, rel=1e-9)
+        # the rms stays far inside its own limit: only the outlier rule can fire
+        assert row.metrics.noise_rms < doc.rms_eps * doc.eps / 1.5
+        assert row.status == want, (factor, row.reason)
+        if want == "DRIFT":
+            assert "outlier" in row.reason
+    assert report.profile.noise_max == doc.max_eps * doc.eps
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_gradient_rel_l2_limit_is_16_eps(make_dump: MakeDump, profile: str) -> None:
+    """``:grad`` rows: ||d|| <= 16 eps ||a||; the element-scaled rule (5 eps) is not theirs:
+    the quiet case reads 7.6 eps rms for the half profiles."""
+    doc = PROFILES[profile]
+    for factor, want in ((INSIDE, "OK"), (BEYOND, "DRIFT")):
+        b = _baseline().astype(np.float64) * (1 + factor * GRAD_REL_L2_EPS * doc.eps)
+        report, row = _compare(make_dump, doc, "blocks.0:grad", _baseline(), b)
+        assert row.metrics is not None
+        assert row.metrics.rel_l2 / doc.eps == pytest.approx(factor * GRAD_REL_L2_EPS,
+                                                             rel=1e-6)
+        assert row.status == want, (factor, row.reason)
+        if want == "DRIFT":
+            assert row.reason.startswith("gradient rel_l2"), row.reason
+    assert report.profile.grad_rel_l2 == GRAD_REL_L2_EPS * doc.eps
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_gradient_outlier_limit_is_128_eps_of_max(make_dump: MakeDump, profile: str) -> None:
+    """``:grad`` rows: max|d| <= 128 eps max|a|, while rel_l2 stays at 0.5 eps."""
+    doc = PROFILES[profile]
+    for factor, want in ((INSIDE, "OK"), (BEYOND, "DRIFT")):
+        b = _outlier(factor, GRAD_OUTLIER_EPS, doc.eps, A)  # of max|a| = A
+        report, row = _compare(make_dump, doc, "blocks.0:grad", _baseline(), b)
+        assert row.metrics is not None and row.metrics.absmax_base == A
+        assert row.metrics.max_abs / A / doc.eps == pytest.approx(factor * GRAD_OUTLIER_EPS,
+                                                                  rel=1e-9)
+        assert row.metrics.rel_l2 < GRAD_REL_L2_EPS * doc.eps / 10
+        assert row.status == want, (factor, row.reason)
+        if want == "DRIFT":
+            assert "gradient outlier" in row.reason, row.reason
+    assert report.profile.grad_outlier == GRAD_OUTLIER_EPS * doc.eps
+
+
+# --- logits -------------------------------------------------------------------------------------
+
+POSITIONS, VOCAB = 8, 64
+LOGITS = "lm_head:out"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_logits_kl_mean_limit(make_dump: MakeDump, profile: str) -> None:
+    """Uniform baseline logits; the target moves half the vocabulary up by h and half down,
+    so KL(p || q) = log cosh h at every position, and no top-1 changes."""
+    doc = PROFILES[profile]
+    a = np.full((POSITIONS, VOCAB), A, dtype=np.float32)
+    sign = np.where(np.arange(VOCAB) % 2 == 0, 1.0, -1.0)
+    for factor, want in ((INSIDE, "OK"), (BEYOND, "DRIFT")):
+        h = math.acosh(math.exp(factor * doc.kl_mean))
+        b = a.astype(np.float64) + h * sign
+        report, row = _compare(make_dump, doc, LOGITS, a, b, logits_key=LOGITS)
+        assert row.logits is not None and row.metrics is not None
+        assert row.logits.kl_mean == pytest.approx(factor * doc.kl_mean, rel=1e-6)
+        assert row.logits.hard_flips == 0 and row.logits.top1_agreement == 1.0
+        assert row.metrics.noise_rms < doc.rms_eps * doc.eps / 2  # the noise rules are quiet
+        assert row.status == want, (factor, row.reason)
+        if want == "DRIFT":
+            assert "mean KL" in row.reason, row.reason
+    assert report.profile.kl_mean == doc.kl_mean
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_logits_top1_limit(make_dump: MakeDump, profile: str) -> None:
+    """400 positions whose token 0 leads the rest (1.5) by a quarter of noise_max x 3; the
+    target swaps tokens 0 and 1 at some: a hard flip each (the near-tie allowance,
+    2 noise_rms (|top| + median), is 4 to 16 times smaller). 99% agreement (4 hard flips)
+    is OK for the rounding formats, one more is DRIFT; fp32 allows none. Flips whose
+    baseline margin is 3 eps are near-ties, never counted."""
+    doc = PROFILES[profile]
+    positions, vocab, ties = 400, 256, 3
+    margin = doc.max_eps / 4 * doc.eps * 3  # each swapped element: max_eps / 4 of its scale
+    allowed = round((1 - doc.top1) * positions)
+    a = np.full((positions, vocab), 1.5)
+    a[:, 0] += margin
+    a[-ties:, 1] = a[-ties:, 0] - 3 * doc.eps  # near-ties: within 2 x 5 eps x 3
+
+    def flipped(hard: int) -> np.ndarray:
+        b = a.copy()
+        rows = [*range(hard), *range(positions - ties, positions)]
+        b[rows, 0], b[rows, 1] = a[rows, 1], a[rows, 0]
+        return b
+
+    for hard, want in ((allowed, "OK"), (allowed + 1, "DRIFT")):
+        report, row = _compare(make_dump, doc, LOGITS, a, flipped(hard), logits_key=LOGITS)
+        assert row.logits is not None and row.metrics is not None
+        assert row.logits.top1_agreement == 1 - (hard + ties) / positions
+        assert row.logits.hard_flips == hard, row.logits.flips[:5]
+        assert row.logits.hard_top1_agreement == 1 - hard / positions
+        assert row.logits.kl_mean < doc.kl_mean / 2
+        assert row.metrics.noise_max < doc.max_eps * doc.eps / 2
+        assert row.status == want, (hard, row.reason)
+        if want == "DRIFT":
+            assert "top-1 agreement" in row.reason, row.reason
+    assert report.profile.top1 == doc.top1
