@@ -26,6 +26,8 @@ from .judge.report import Report, Row
 from .judge.scan import ScanReport, scan
 
 if TYPE_CHECKING:
+    from .doctor.checks import Suggestion
+    from .doctor.isolation import IsolateReport
     from .runtime.recorder import Capture
 
 __all__ = [
@@ -64,14 +66,14 @@ def keep_fp32(model: Any, patterns: Any) -> list[str]:
     return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns))
 
 
-def suggest(model: str, **options: Any) -> Any:
+def suggest(model: str, **options: Any) -> Suggestion:
     """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.checks.suggest`."""
     from .doctor.checks import suggest as _suggest
 
     return _suggest(model, **options)
 
 
-def isolate(base: Any, model: str, **options: Any) -> Any:
+def isolate(base: Any, model: str, **options: Any) -> IsolateReport:
     """Local versus inherited error per module; see :func:`precision.doctor.isolation.isolate`."""
     from .doctor.isolation import isolate as _isolate
 

@@ -101,6 +101,15 @@ FORMATS = {
 }
 
 
+#: fp16's limits, which stats-mode records count against whatever dtype ran
+FP16_MAX = FORMATS["float16"].max
+#: nonzero magnitudes below this round to zero in fp16 (half the smallest subnormal, 2^-24)
+FP16_FLUSH = FORMATS["float16"].smallest_subnormal / 2
+#: a value this close to its format's max (as a share of it) is "pinned near the max"
+SATURATION = 0.98
+NEAR_FP16_MAX = SATURATION * FP16_MAX
+
+
 def float_format(name: str) -> FloatFormat:
     """The :class:`FloatFormat` of a floating dtype name; float32 for integer/bool dtypes."""
     return FORMATS.get(name, FORMATS["float32"])

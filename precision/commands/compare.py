@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..judge.profiles import PROFILE_NAMES
 from .common import (
     CONTEXT,
     ByteSize,
@@ -29,12 +30,12 @@ from .common import (
               "element-scaled rms error exceeds it (default: 5 eps of the pair's coarser "
               "format; docs/verdicts.md).")
 @click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
-@click.option("--profile", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+@click.option("--profile", type=click.Choice(PROFILE_NAMES),
               help="Judge as fp32 vs this precision instead of what the dumps record.")
-@click.option("--base-dtype", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+@click.option("--base-dtype", type=click.Choice(PROFILE_NAMES),
               help="What the baseline computed in, for a file that cannot say (.npy logits "
                    "saved as fp32 from a bf16 run).")
-@click.option("--target-dtype", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+@click.option("--target-dtype", type=click.Choice(PROFILE_NAMES),
               help="What the target computed in, likewise.")
 @click.option("--fail-on", default="drift", show_default=True,
               type=click.Choice(["drift", "overflow", "nan", "any", "never"]),
@@ -107,7 +108,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
               help="Also write a Markdown summary for a pull-request comment.")
 @click.option("--rtol", type=float, help="Override the diffuse-drift limit (see compare).")
 @click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
-@click.option("--profile", type=click.Choice(["fp32", "tf32", "hf32", "fp16", "bf16"]),
+@click.option("--profile", type=click.Choice(PROFILE_NAMES),
               help="Judge as fp32 vs this dtype.")
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
 @click.option("--allow-different-models", is_flag=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dumps import load
+from ..dumps.keys import parse_key
 from ..errors import InputError
 from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of
@@ -147,9 +148,9 @@ def _culprit(report: Report) -> str | None:
     rows = [r for r in report.rows if r.status in ("OVERFLOW", "NAN")] or (
         [report.first_divergence] if report.first_divergence else [])
     for r in rows:
-        module = r.key.split(":")[0]
-        if module not in ("root", "input"):
-            return module
+        key = parse_key(r.key)
+        if key.module != "root" and not key.is_input:
+            return key.module
     return None
 
 

@@ -28,10 +28,9 @@ import numpy as np
 
 from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_dtype, short
 from ..errors import DumpError, option
+from .meta import ComputeSettings
 
 FORMAT_NAME = "precision-dump"
-#: keys of the model's own inputs (``input:input_ids`` ...), which ``--replay`` reuses
-INPUT_PREFIX = "input:"
 FORMAT_VERSION = 1
 _MAX_HEADER = 256 * 1024 * 1024  # refuse absurd header lengths before allocating
 _ALIGN = 8
@@ -60,8 +59,9 @@ class TensorInfo:
 class Entry:
     """One captured record in execution order.
 
-    ``key`` is ``module:kind[.index][#call]`` (``kind`` is ``out`` or ``in``); ``stats`` is
-    set for stats-mode records; ``alias_of`` names an earlier key holding the same tensor.
+    ``key`` is ``module:kind[.index][#call]`` (:func:`precision.dumps.keys.parse_key`);
+    ``stats`` is set for stats-mode records; ``alias_of`` names an earlier key holding the
+    same tensor.
     """
 
     key: str
@@ -74,16 +74,6 @@ class Entry:
     dtype: str
     stats: dict[str, Any] | None = None
     alias_of: str | None = None
-
-
-def make_key(module: str, kind: str, index: str = "", call: int = 0) -> str:
-    """Build a tensor key: ``encoder.block.0.layer.1.DenseReluDense.wo:out``, ``...:out.1#2``."""
-    key = f"{module}:{kind}"
-    if index:
-        key += f".{index}"
-    if call:
-        key += f"#{call}"
-    return key
 
 
 # --------------------------------------------------------------------------- writing
@@ -249,6 +239,19 @@ class Dump:
         return str(value) if value else None
 
     @property
+    def compute(self) -> ComputeSettings | None:
+        """The device's precision settings at capture time (``meta["compute"]``), if any."""
+        value = self.meta.get("compute")
+        return value if isinstance(value, dict) else None  # type: ignore[return-value]
+
+    @property
+    def common_float_dtype(self) -> str | None:
+        """The most common float dtype of the records (what a run with no recorded dtype,
+        such as a Python capture or another tool's file, most likely computed in)."""
+        floats = [e.dtype for e in self.entries if is_float(e.dtype)]
+        return max(set(floats), key=floats.count) if floats else None
+
+    @property
     def config_hash(self) -> str | None:
         """The model's config hash, if recorded (see
         :func:`precision.runtime.recorder.model_identity`)."""
@@ -295,8 +298,7 @@ class Dump:
         m = self.meta  # a Python capture records no device or dtype: derive them
         device = (m.get("device") or {}).get("name") or (m.get("compute") or {}).get(
             "device_type")
-        floats = [e.dtype for e in self.entries if is_float(e.dtype)]
-        dtype = self.dtype or (max(set(floats), key=floats.count) if floats else None)
+        dtype = self.dtype or self.common_float_dtype
         where = (f" on {device}" if device else "") + (f" in {short(dtype)}" if dtype else "")
         return (f"<Dump {self.path.name}: {m.get('model', {}).get('class', 'unknown model')}"
                 f"{where}, {self.mode} mode, {len(self.entries)} records, "

@@ -39,7 +39,8 @@ import numpy as np
 from ..dtypes import SAFETENSORS_TO_NAME, canonical, is_float
 from ..errors import DumpError
 from . import load
-from .dump import Dump, DumpWriter, make_key
+from .dump import Dump, DumpWriter
+from .keys import GEN_PREFIX, make_key, parse_key
 
 LOGITS_KEY = "logits"
 EXTERNAL_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".json")
@@ -80,12 +81,10 @@ def _write(src: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> P
         if name not in SAFETENSORS_TO_NAME.values():
             raise DumpError(f"{src}: {key} has dtype {a.dtype}, which a dump cannot hold")
         w.write(key, name, tuple(a.shape), a)
-        module, _, rest = key.partition(":")
-        kind, _, index = rest.split("#")[0].partition(".")
-        if module == "generation" or not rest:
-            kind, index = ("generation", rest) if module == "generation" else ("out", "")
-        entries.append({"key": key, "module": module, "kind": kind, "index": index,
-                        "call": 0, "shape": list(a.shape), "dtype": name})
+        k = parse_key(key)
+        entries.append({"key": key, "module": k.module, "kind": k.kind or "out",
+                        "index": k.index, "call": k.call, "shape": list(a.shape),
+                        "dtype": name})
     entries += meta.pop("extra_entries", [])
     w.close({"mode": "full", "external": str(src), "entries": entries,
              "model": {"class": "external"}} | meta)
@@ -172,8 +171,8 @@ def _vllm_json(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         for s, pairs in enumerate(seq[:n_steps]):
             for j, (i, lp) in enumerate(pairs):
                 ids[r, s, j], lps[r, s, j] = i, lp
-    tensors: dict[str, np.ndarray] = {"generation:tokens": tok, "generation:topk_ids": ids,
-                                      "generation:topk_logprobs": lps}
+    tensors: dict[str, np.ndarray] = {GEN_PREFIX + "tokens": tok, GEN_PREFIX + "topk_ids": ids,
+                                      GEN_PREFIX + "topk_logprobs": lps}
     return tensors, {"generation": {"num_beams": 1, "steps": n_steps, "topk": k},
                      "logits_key": None}
 
@@ -267,9 +266,9 @@ def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
     fin = {k: (v if v is not None and math.isfinite(v) else None) for k, v in raw.items()}
     lo, hi = fin["Min"], fin["Max"]
     absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
-    module, _, rest = key.partition(":")
+    k = parse_key(key)
     dtype = canonical(str(item.get("dtype", "float32")))
-    return {"key": key, "module": module, "kind": rest.split(".")[0].split("#")[0], "index": "",
-            "call": 0, "shape": shape, "dtype": dtype,
+    return {"key": key, "module": k.module, "kind": k.kind or "out", "index": k.index,
+            "call": k.call, "shape": shape, "dtype": dtype,
             "stats": {"numel": numel, "min": lo, "max": hi, "mean": fin["Mean"],
                       "norm": fin["Norm"], "absmax": absmax} | counts}

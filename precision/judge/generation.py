@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..dumps.dump import Dump
+from ..dumps.keys import GEN_PREFIX as PREFIX
 from .logits import DEFAULT_TIE_NOISE
-
-PREFIX = "generation:"
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import float_format, is_float
+from ..dtypes import SATURATION, float_format, is_float
+from .moments import Moments
 from .noise import BIN_OFFSET as _BIN_OFFSET
 from .noise import BINS as _BINS
 from .noise import noise_model, signature, signature_label
@@ -63,7 +64,6 @@ from .noise import noise_model, signature, signature_label
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
 
 _THREAD = threading.local()
-SATURATION = 0.98
 
 
 def default_floor(target_dtype: str) -> float:
@@ -139,7 +139,21 @@ class TensorMetrics:
 
 
 class PairAccumulator:
-    """Streams chunk pairs of a baseline and a target tensor into :class:`TensorMetrics`."""
+    """Streams chunk pairs of a baseline and a target tensor into :class:`TensorMetrics`.
+
+    Its state is declared below: counts and sums that add, maxima that take the larger,
+    the binade histogram (counts and ``d²`` add, ``max |d|`` takes the larger) and the
+    co-moments (:class:`~precision.judge.moments.Moments`). :meth:`merge` combines two
+    accumulators of disjoint parts of one tensor pair, so a tensor can be split across
+    workers, or measured by another kernel, and merged into the same result.
+    """
+
+    #: state that adds on merge
+    SUMS = ("numel", "masked", "nan_a", "nan_b", "inf_a", "inf_b", "new_nan", "new_inf",
+            "saturated", "beyond", "base_nan_only", "base_inf_only", "saturated_base",
+            "sum_d2", "sum_abs", "over", "h_count", "h_d2")
+    #: state that takes the larger on merge
+    MAXIMA = ("max_abs", "max_rel", "max_ulp", "absmax_a", "absmax_b", "h_max")
 
     def __init__(self, base_dtype: str, target_dtype: str, *, floor: float | None = None) -> None:
         self.base_fmt = float_format(base_dtype)
@@ -151,11 +165,22 @@ class PairAccumulator:
         self.h_count = np.zeros(_BINS, dtype=np.int64)
         self.h_d2 = np.zeros(_BINS)
         self.h_max = np.zeros(_BINS)
-        self.n = 0
-        self.mean_a = self.mean_b = self.m2a = self.m2b = self.cab = 0.0
+        self.moments = Moments()
         self.sum_d2 = self.sum_abs = self.max_abs = self.max_rel = self.max_ulp = 0.0
         self.absmax_a = self.absmax_b = 0.0
-        self.over = [0, 0, 0]
+        self.over = np.zeros(len(RATIO_THRESHOLDS), dtype=np.int64)
+
+    def merge(self, other: PairAccumulator) -> None:
+        """Add ``other``'s part (the same dtypes and floor) to this one."""
+        if (other.base_fmt, other.tgt_fmt, other.floor) != (self.base_fmt, self.tgt_fmt,
+                                                            self.floor):
+            raise ValueError("accumulators of different dtypes or floors cannot merge")
+        for name in self.SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in self.MAXIMA:
+            setattr(self, name, np.maximum(getattr(self, name), getattr(other, name))
+                    if name == "h_max" else max(getattr(self, name), getattr(other, name)))
+        self.moments = self.moments.merge(other.moments)
 
     @staticmethod
     def _scratch(n: int) -> list[np.ndarray]:
@@ -258,27 +283,19 @@ class PairAccumulator:
         rising = absd > self.h_max[bins]  # a gather is cheap; the scatter-max is not
         if rising.any():
             np.maximum.at(self.h_max, bins[rising], absd[rising])
-        # Chan et al.: merge this chunk's means and co-moments into the running ones
+        # this chunk's means and co-moments, merged into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
-        m2a2, m2b2, c2 = _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)
-        n1 = self.n
-        n = n1 + n2
-        da, db = ma2 - self.mean_a, mb2 - self.mean_b
-        w = n1 * n2 / n
-        self.m2a += m2a2 + da * da * w
-        self.m2b += m2b2 + db * db * w
-        self.cab += c2 + da * db * w
-        self.mean_a += da * n2 / n
-        self.mean_b += db * n2 / n
-        self.n = n
+        self.moments = self.moments.merge(
+            Moments(n2, ma2, mb2, _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)))
 
     def result(self) -> TensorMetrics:
-        n = self.n
-        norm_a = math.sqrt(max(self.m2a + n * self.mean_a**2, 0.0))
-        norm_b = math.sqrt(max(self.m2b + n * self.mean_b**2, 0.0))
+        mom = self.moments
+        n = mom.n
+        norm_a = math.sqrt(max(mom.m2a + n * mom.mean_a**2, 0.0))
+        norm_b = math.sqrt(max(mom.m2b + n * mom.mean_b**2, 0.0))
         norm_d = math.sqrt(self.sum_d2)
-        sum_ab = self.cab + n * self.mean_a * self.mean_b
+        sum_ab = mom.cab + n * mom.mean_a * mom.mean_b
         model = noise_model(self.h_count, self.h_d2, self.h_max, self.tgt_fmt,
                             self.floor)
         return TensorMetrics(
@@ -291,11 +308,12 @@ class PairAccumulator:
             mean_abs=self.sum_abs / n if n else 0.0,
             rmse=math.sqrt(self.sum_d2 / n) if n else 0.0,
             rel_l2=_ratio(norm_d, norm_a), max_rel=self.max_rel,
-            ratio_1e2=self.over[0] / n if n else 0.0, ratio_1e3=self.over[1] / n if n else 0.0,
-            ratio_1e4=self.over[2] / n if n else 0.0,
+            ratio_1e2=int(self.over[0]) / n if n else 0.0,
+            ratio_1e3=int(self.over[1]) / n if n else 0.0,
+            ratio_1e4=int(self.over[2]) / n if n else 0.0,
             cos=1.0 - _one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
             one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
-            snr_db=_snr(norm_a, norm_d), pearson=_pearson(self.m2a, self.m2b, self.cab, norm_d),
+            snr_db=_snr(norm_a, norm_d), pearson=_pearson(mom.m2a, mom.m2b, mom.cab, norm_d),
             max_ulp=self.max_ulp, absmax_base=self.absmax_a, absmax_target=self.absmax_b,
             norm_base=norm_a, target_max=self.tgt_fmt.max, bulk_scale=model.bulk_scale,
             noise_rms=model.rms, noise_max=model.max,

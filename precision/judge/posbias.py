@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..dumps.dump import Dump
+from ..dumps.keys import parse_key
 from .report import Row
 
 FIX = ("compute the bucket ids on the host in float64 (or reuse the baseline's ids) "
@@ -93,8 +94,8 @@ def diagnose(b: Dump, t: Dump, rows: list[Row]) -> tuple[list[Row], list[str]]:
         shift = shift_of(row.key, b[row.key], t[row.key])
         if shift is None:
             continue
-        stack = row.key.split(".", 1)[0]
-        later = tuple(r.key for r in rows[i + 1:] if r.flagged and r.key.split(".", 1)[0]
+        stack = parse_key(row.key).stack
+        later = tuple(r.key for r in rows[i + 1:] if r.flagged and parse_key(r.key).stack
                       == stack)
         shift = replace(shift, inherited_by=later)
         out[i] = replace(row, reason=f"{row.reason}; {shift.describe().split(';')[0]}")

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
 
 from ..dtypes import canonical, short
+from ..dumps.meta import ComputeSettings
 
 #: effective precisions: significand bits after the leading one (eps = 2^-m)
 MANTISSA = {"float64": 52, "float32": 23, "tf32": 10, "hf32": 10, "float16": 10,
@@ -44,6 +44,13 @@ FP32_NOISE_MAX_EPS = 16384.0
 #: gradients (``--backward``) are judged by norm: rel_l2 and max error against max|a|
 GRAD_REL_L2_EPS = 16.0
 GRAD_OUTLIER_EPS = 128.0
+#: with a same-precision reference run, a record DRIFTs when its element-scaled error is
+#: beyond these multiples of the reference's error against the same baseline, and beyond
+#: the floors (in eps) where the reference's own error is tiny
+REF_RMS_RATIO = 3.0
+REF_MAX_RATIO = 8.0
+REF_FLOOR_RMS_EPS = 1.0
+REF_FLOOR_MAX_EPS = 16.0
 KL_MEAN = {"float16": 1e-4, "bfloat16": 5e-3, "tf32": 1e-4, "hf32": 1e-4}
 
 
@@ -74,7 +81,7 @@ class Profile:
         return p
 
 
-def effective_precision(dtype: str, compute: dict[str, Any] | None = None) -> str:
+def effective_precision(dtype: str, compute: ComputeSettings | None = None) -> str:
     """What an fp32 run computed in: ``tf32``/``hf32`` when its settings said so.
 
     CUDA: matmuls in TF32 under ``allow_tf32`` or matmul precision ``high``/``medium``;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .generation import GenerationMetrics
 from .logits import LogitsMetrics
@@ -17,8 +17,9 @@ from .metrics import ExactMetrics, TensorMetrics
 from .profiles import Profile
 
 SCHEMA_VERSION = 1
+Status = Literal["OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN"]
 #: statuses, mildest first
-STATUSES = ("OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN")
+STATUSES: tuple[Status, ...] = ("OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN")
 #: what each --fail-on choice fails on
 FAIL_ON = {
     "never": frozenset(),
@@ -36,7 +37,7 @@ class Row:
 
     order: int
     key: str
-    status: str
+    status: Status
     reason: str
     shape: tuple[int, ...]
     base_dtype: str
@@ -47,6 +48,9 @@ class Row:
     stats_delta: dict[str, Any] | None = None
     growth: float | None = None
     generation: GenerationMetrics | None = None
+    #: the deciding rule's measure over its limit (above 1 when flagged, 0 when no rule
+    #: flagged the row): how far beyond, on the scale the verdict used
+    score: float = 0.0
 
     @property
     def flagged(self) -> bool:
@@ -112,7 +116,8 @@ class Report:
 
     def worst(self, top: int | None = None, *, only_flagged: bool = False) -> list[Row]:
         """Rows to show, in execution order: all (or those not OK), cut to the ``top`` most
-        severe (status, then rel_l2); the first divergence is always among them."""
+        severe (status, then how far beyond its limit the verdict's measure is, then rel_l2);
+        the first divergence is always among them."""
         rows = [r for r in self.rows if r.status != "OK"] if only_flagged else list(self.rows)
         if top is None:
             return rows
@@ -122,7 +127,7 @@ class Report:
         return sorted(kept, key=lambda r: r.order)
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATUSES, 0)
+        out: dict[str, int] = dict.fromkeys(STATUSES, 0)
         for r in self.rows:
             out[r.status] = out.get(r.status, 0) + 1
         return out
@@ -149,7 +154,8 @@ class Report:
         }
 
     def plot(self) -> Any:
-        """Matplotlib figure: error versus depth (rel_l2 and 1-cos), flagged layers marked."""
+        """Matplotlib figure: error versus depth, the verdict's metric on a log axis with its
+        DRIFT limit, flagged layers marked (:func:`precision.outputs.plots.error_vs_depth`)."""
         import matplotlib.pyplot as plt
 
         from ..outputs.plots import error_vs_depth
@@ -209,9 +215,10 @@ class Report:
         return pd.DataFrame.from_records(records)
 
 
-def _severity(r: Row) -> tuple[int, float]:
+def _severity(r: Row) -> tuple[int, float, float]:
     m = r.metrics
-    return (STATUSES.index(r.status), m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
+    return (STATUSES.index(r.status), r.score,
+            m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
 
 
 def _num(x: float) -> str:

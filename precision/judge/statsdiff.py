@@ -13,12 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import float_format, is_float
+from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX, float_format, is_float
 from ..dumps.dump import Dump
-
-FP16_MAX = 65504.0
-NEAR_FP16_MAX = 0.98 * FP16_MAX
-FP16_FLUSH = 2.0**-25
+from .moments import Moments
 
 
 def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
@@ -27,7 +24,7 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
     values at or below ``lowest`` (the stored dtype's lowest finite value) count as
     ``masked`` and stay out of the moments, as in :mod:`precision.runtime.tensorstats`."""
     n = nan = posinf = neginf = masked = beyond = near = flush = 0
-    count, mean, m2, sq = 0, 0.0, 0.0, 0.0
+    mom, sq = Moments(), 0.0
     lo, hi = math.inf, -math.inf
     for c in chunks:
         x = np.asarray(c, dtype=np.float64).reshape(-1)
@@ -41,14 +38,9 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
             x = x[keep]
         if x.size == 0:
             continue
-        # Chan et al.: merge this chunk's mean and squared deviations (no cancellation)
         cm = float(x.mean())
         dev = x - cm
-        cm2 = float(np.einsum("i,i->", dev, dev))
-        delta, total_n = cm - mean, count + x.size
-        m2 += cm2 + delta * delta * count * x.size / total_n
-        mean += delta * x.size / total_n
-        count = total_n
+        mom = mom.merge(Moments(x.size, cm, m2a=float(np.einsum("i,i->", dev, dev))))
         sq += float(np.einsum("i,i->", x, x))
         lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
         mag = np.abs(x)
@@ -58,9 +50,9 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
     out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
                            "masked": masked, "beyond_fp16": beyond, "near_fp16_max": near,
                            "flush_fp16": flush}
-    if count == 0:
+    if mom.n == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
-    return out | {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(m2 / count),
+    return out | {"min": lo, "max": hi, "mean": mom.mean_a, "std": math.sqrt(mom.m2a / mom.n),
                   "norm": math.sqrt(sq), "absmax": max(abs(lo), abs(hi))}
 
 

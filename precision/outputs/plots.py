@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..dtypes import FORMATS, float_format, is_float, short
+from ..dumps.keys import parse_key
+from ..judge.tokens import real_tokens
 
 if TYPE_CHECKING:
     from ..dumps.dump import Dump
@@ -40,7 +42,7 @@ def _figure(width: float = 11.0, height: float = 3.4) -> Any:
 
 def stack_of(key: str) -> str:
     """``encoder``/``decoder`` for T5-style keys, ``model`` for everything else."""
-    head = key.split(".", 1)[0].split(":", 1)[0]
+    head = parse_key(key).stack
     return head if head in STACK_COLOURS else "model"
 
 
@@ -202,18 +204,11 @@ def headroom(report: Report, ax: Any = None) -> Any:
 
 
 def token_mask(dump: Dump | None, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Which logits rows are real tokens: the recorded attention mask (``input:*``) whose
-    shape is the logits' leading shape (decoder mask for encoder-decoders); None if none."""
+    """Which logits rows are real tokens: the rows the verdict judged
+    (:func:`precision.judge.tokens.real_tokens`); None when all are."""
     if dump is None or len(shape) < 2:
         return None
-    kind = (dump.meta.get("model") or {}).get("kind")
-    names = ["decoder_attention_mask"] + ([] if kind == "encoder-decoder" else
-                                          ["attention_mask"])
-    for name in names:
-        key = "input:" + name
-        if key in dump.tensors and tuple(dump.tensors[key].shape) == tuple(shape[:-1]):
-            return np.asarray(dump[key]).reshape(-1) != 0
-    return None
+    return real_tokens(dump, shape)
 
 
 def logits_panel(report: Report, base: Dump | None = None) -> Any:
@@ -323,7 +318,7 @@ def position_bias_heatmap(base: Dump, target: Dump, profile: Profile | None = No
         cmap = _bias_cmap()
         image = ax.imshow(np.clip(ratio, 0.1, None), aspect="auto", cmap=cmap, norm=norm,
                           interpolation="nearest")
-        stack = key.split(".block")[0]
+        stack = parse_key(key).stack
         ax.set_yticks(range(heat.shape[0]))
         ax.set_title(f"{stack}: worst |diff| {np.nanmax(heat):.2g} = "
                      f"{np.nanmax(ratio):.2g}x expected", fontsize=9)

@@ -12,15 +12,16 @@ tf32/hf32 profile for an fp32 run (:func:`precision.judge.profiles.effective_pre
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 
+from ..dumps.meta import ComputeSettings
 
-def compute_settings(model: torch.nn.Module) -> dict[str, Any]:
+
+def compute_settings(model: torch.nn.Module) -> ComputeSettings:
     """The device type and the matmul/convolution precision settings in force now."""
     param = next(model.parameters(), None)
-    settings: dict[str, Any] = {
+    settings: ComputeSettings = {
         "device_type": param.device.type if param is not None else "cpu",
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),

@@ -113,13 +113,6 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def model_kind(path: Path) -> str:
-    """``encoder-decoder`` or ``causal-lm`` from a model directory's ``config.json`` (a first
-    guess before loading; :func:`kind_of` tells from the loaded model)."""
-    cfg = read_config(path)
-    return "encoder-decoder" if cfg.get("is_encoder_decoder") else "causal-lm"
-
-
 def kind_of(model: Any) -> str:
     """``encoder-decoder``/``causal-lm`` for a model that generates, else ``encoder``."""
     can = getattr(model, "can_generate", None)

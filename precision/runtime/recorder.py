@@ -31,7 +31,8 @@ import torch
 from .._version import __version__
 from ..dtypes import canonical
 from ..dumps import load
-from ..dumps.dump import Dump, DumpWriter, check_output_path, make_key
+from ..dumps.dump import Dump, DumpWriter, check_output_path
+from ..dumps.keys import make_key, parse_key
 from ..errors import InputError
 from .compute import compute_settings, environment
 from .streaming import BackgroundWriter
@@ -267,8 +268,8 @@ class Capture:
     # ---- public helpers
     def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra") -> str:
         """Store an extra tensor whole, in any mode (``generation:tokens``); returns the key."""
-        module, _, index = key.partition(":")
-        self._store(key, module, kind, index, 0, tensor, alias=None, whole=True)
+        k = parse_key(key)
+        self._store(key, k.module, kind, k.index, 0, tensor, alias=None, whole=True)
         return key
 
     @property

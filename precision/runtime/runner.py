@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..dtypes import canonical, short
-from ..dumps.dump import INPUT_PREFIX, Dump, check_output_path
+from ..dumps.dump import Dump, check_output_path
+from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ..errors import InputError
 from . import devices, distributed
 from . import inputs as feeds
@@ -310,9 +311,6 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
                      "apart from the module its weights are tied to? keep them together)")
         raise InputError(f"the model failed to run in {short(dtype)} on {device}: {first}") \
             from None
-
-
-GEN_PREFIX = "generation:"
 
 
 def _training_step(loaded: LoadedModel, inputs: dict[str, torch.Tensor], loss_scale: float,

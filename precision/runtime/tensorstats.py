@@ -22,12 +22,10 @@ from typing import Any
 
 import torch
 
-FP16_MAX = 65504.0
-#: nonzero magnitudes below this round to zero in fp16 (half the smallest subnormal, 2^-24)
-FP16_FLUSH = 2.0**-25
+from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
+
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
-NEAR_FP16_MAX = 0.98 * FP16_MAX
 
 
 def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Align runs: which records of two dumps are the same record, and what each run computed in.
+
+Rows follow the first run's execution order; keys only the second run has come last (as
+MISSING once measured). Aliases (a module output that is the very tensor of an earlier
+record) are not compared twice, unless only one side aliases: T5's block output is its FF
+layer's output in fp32 but a new, clamped tensor in fp16, and that clamp is worth a row.
+
+A report may hold several comparisons between named runs (``base->target``, and with a
+same-precision reference ``base->reference``): :func:`comparisons` lists them and
+:func:`align` pairs the records of each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..dumps.dump import Dump, Entry
+from ..errors import DumpError, option
+from .profiles import effective_precision, precision_name
+
+#: the run every comparison measures against, and the run a report judges
+BASE, TARGET, REFERENCE = "base", "target", "reference"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One measured pair of runs, by name: ``base->target``."""
+
+    base: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.base}->{self.target}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One aligned record of a comparison: its entry in each run (None where absent) and
+    the key whose data holds it (itself, or what it aliases)."""
+
+    order: int
+    key: str
+    base: Entry | None
+    target: Entry | None
+    base_key: str | None
+    target_key: str | None
+    is_logits: bool
+
+    @property
+    def cost(self) -> float:
+        """Relative work: its elements, thrice for logits (top-k, log-softmax, KL)."""
+        e = self.base or self.target
+        assert e is not None
+        return math.prod(e.shape) * (3 if self.is_logits else 1)
+
+
+def comparisons(runs: Mapping[str, Dump]) -> list[Comparison]:
+    """What to measure: ``base->target``, and ``base->reference`` when a reference is given
+    (the error the same precision makes on a trusted backend, which rules compare with)."""
+    out = [Comparison(BASE, TARGET)]
+    if REFERENCE in runs:
+        out.append(Comparison(BASE, REFERENCE))
+    return out
+
+
+def check_same_model(b: Dump, t: Dump, allow: bool) -> None:
+    """Refuse two dumps of different models (config hashes), unless ``allow``."""
+    hb, ht = b.config_hash, t.config_hash
+    if hb and ht and hb != ht and not allow:
+        raise DumpError(f"{b.path.name} and {t.path.name} come from different models "
+                        f"(config hash {hb} vs {ht}); pass "
+                        f"{option('--allow-different-models', 'allow_different_models=True')} to "
+                        "compare them anyway")
+
+
+def run_precision(d: Dump, stated: str | None) -> str:
+    """What a run computed in: as stated (``--base-dtype``), else its recorded dtype (TF32/HF32
+    when its recorded matmul settings say so), else its most common float dtype."""
+    if stated is not None:
+        return precision_name(stated)
+    return effective_precision(d.dtype or d.common_float_dtype or "float32",
+                               d.compute)
+
+
+def _stored_key(d: Dump, e: Entry) -> str | None:
+    """The key whose data holds this entry: itself, or what it aliases (if stored)."""
+    if e.key in d.tensors or e.stats is not None:
+        return e.key
+    if e.alias_of:
+        return e.alias_of
+    return None
+
+
+def _optional(e: Entry) -> bool:
+    """Module inputs recorded on request (``--inputs``), absent on the other side, are fine;
+    generation records get a row of their own."""
+    return (e.kind == "in" and e.module != "input") or e.kind == "generation"
+
+
+def same_positions(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Logits (batch, seq, vocab) against (batch*seq, vocab): the same rows, flattened."""
+    return bool(a) and bool(b) and a[-1] == b[-1] and math.prod(a) == math.prod(b)
+
+
+def align(b: Dump, t: Dump) -> list[Pair]:
+    """The records of two runs paired by key, in ``b``'s execution order."""
+    logits = ({b.meta.get("logits_key"), t.meta.get("logits_key")}
+              | set(b.meta.get("logits_keys", ())) | set(t.meta.get("logits_keys", ()))) - {None}
+    # logits stored under different names (a capture's lm_head:out, an external 'logits')
+    renamed = {}
+    lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")
+    if lb and lt and lb != lt:
+        renamed[lb] = lt
+    pairs: list[Pair] = []
+    seen = set(renamed.values())
+    for e in b.entries:
+        te = t.entry(renamed.get(e.key, e.key))
+        if e.alias_of and (te is None or te.alias_of == e.alias_of):
+            continue  # the same tensor as an earlier record on both sides: compared there
+        if e.kind == "generation" or (te is None and _optional(e)):
+            continue
+        seen.add(e.key)
+        pairs.append(Pair(len(pairs), e.key, e, te, _stored_key(b, e),
+                          _stored_key(t, te) if te else None, e.key in logits))
+    for e in t.entries:
+        if (e.key not in seen and not e.alias_of and b.entry(e.key) is None
+                and not _optional(e)):
+            pairs.append(Pair(len(pairs), e.key, None, e, None, _stored_key(t, e), False))
+    return pairs

@@ -1,0 +1,300 @@
+"""Verdict rules: each a small function from a measured row and its context to a verdict.
+
+The judge runs once, in the parent process, after every row is measured
+(:mod:`precision.judge.measure`). :data:`RULES` lists the rules in order; the first that
+returns a :class:`Verdict` decides the row, and a row that no rule flags keeps the status
+its measurement gave (``OK`` with an informative reason, or ``MISSING``/``MISMATCH`` from
+alignment, which no rule overrides). A rule sees the row and a :class:`Context`: the
+profile, the dtypes each run computed in, every row of the comparison in execution order
+(its neighbours) and the other comparisons' rows of the same key (a same-precision
+reference run's error, for instance). docs/verdicts.md states each rule with its limit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ..dumps.keys import parse_key
+from .generation import summarise
+from .metrics import TensorMetrics
+from .profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO, REF_RMS_RATIO, Profile
+from .report import Row, Status
+
+#: said when the baseline, not the target, holds the NaN/inf or the clamped values
+SWAPPED = "the baseline overflowed: are the arguments swapped?"
+#: the comparisons of a report besides its own (base->target)
+REFERENCE = "base->reference"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule's finding: the status, a one-line reason, and ``score``: the rule's measure
+    over its limit (above 1 when flagged; 0 where a rule has no single measure)."""
+
+    status: Status
+    reason: str
+    score: float = 0.0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a rule may look at besides the row itself."""
+
+    profile: Profile
+    #: the dtype each run computed in, by run name (``base``, ``target``, ``reference``)
+    dtypes: Mapping[str, str | None]
+    #: every row of this comparison, in execution order
+    rows: Sequence[Row] = ()
+    #: the other comparisons' rows by key: ``others["base->reference"][key]``
+    others: Mapping[str, Mapping[str, Row]] = field(default_factory=dict)
+
+    def other(self, comparison: str, key: str) -> Row | None:
+        return self.others.get(comparison, {}).get(key)
+
+
+Rule = Callable[[Row, Context], "Verdict | None"]
+
+
+# --------------------------------------------------------------------- full tensors
+def non_finite(row: Row, ctx: Context) -> Verdict | None:
+    """NaN/inf or clamped values on either side where the other is finite.
+
+    The baseline's own NaN/inf or clamps where the target is finite are as much a divergence
+    as the target's (an fp16 baseline overflowed, or the arguments are swapped).
+    """
+    m = row.metrics
+    if m is None:
+        return None
+    if m.new_nan:
+        return Verdict("NAN", f"{m.new_nan} NaN where the baseline is finite")
+    if m.base_only_nan:
+        return Verdict("NAN", f"the baseline has {m.base_only_nan} NaN where the target is "
+                              "finite (are the arguments swapped?)")
+    if m.new_inf or m.saturated:
+        parts = []
+        if m.new_inf:
+            parts.append(f"{m.new_inf} inf where the baseline is finite")
+        if m.saturated:
+            parts.append(f"{m.saturated} values pinned near ±{m.target_max:g}")
+        return Verdict("OVERFLOW", ", ".join(parts))
+    if m.base_only_inf or m.saturated_base:
+        what = (f"the baseline has {m.base_only_inf} inf where the target is finite"
+                if m.base_only_inf else f"{m.saturated_base} baseline values are pinned near "
+                                        "their format's max")
+        return Verdict("OVERFLOW", f"{what} ({SWAPPED})")
+    return None
+
+
+def _noisy(row: Row, ctx: Context, *, gradient: bool) -> TensorMetrics | None:
+    """The row's metrics when a fixed-limit noise rule applies: beyond ``atol``, of the
+    right kind (activation or gradient), and with no reference measurement of the key
+    (:func:`reference_rms` judges those)."""
+    m = row.metrics
+    if m is None or m.max_abs <= ctx.profile.atol or parse_key(row.key).is_gradient != gradient:
+        return None
+    return m if gradient or _reference(row, ctx) is None else None
+
+
+def _reference(row: Row, ctx: Context) -> tuple[TensorMetrics, TensorMetrics] | None:
+    """An activation's metrics and the reference run's of the same key, when both exist
+    (gradients keep their norm rules: :func:`gradient_norm`)."""
+    ref = ctx.other(REFERENCE, row.key)
+    if (row.metrics is None or ref is None or ref.metrics is None
+            or parse_key(row.key).is_gradient):
+        return None
+    return row.metrics, ref.metrics
+
+
+def reference_rms(row: Row, ctx: Context) -> Verdict | None:
+    """With a reference: element-scaled rms error beyond ``REF_RMS_RATIO`` times the
+    reference's own against the same baseline, and beyond ``REF_FLOOR_RMS_EPS`` eps."""
+    both, prof = _reference(row, ctx), ctx.profile
+    if both is None or both[0].max_abs <= prof.atol:
+        return None
+    m, ref = both
+    limit = max(REF_RMS_RATIO * ref.noise_rms, REF_FLOOR_RMS_EPS * prof.eps)
+    if m.noise_rms <= limit:
+        return None
+    return Verdict("DRIFT", f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled), "
+                            f"{_times(m.noise_rms, ref.noise_rms)} the reference's "
+                            f"{prof.in_eps(ref.noise_rms):.3g} eps (> {prof.in_eps(limit):.3g})",
+                   m.noise_rms / limit)
+
+
+def reference_max(row: Row, ctx: Context) -> Verdict | None:
+    """With a reference: the worst element's scaled error beyond ``REF_MAX_RATIO`` times
+    the reference's worst, and beyond ``REF_FLOOR_MAX_EPS`` eps."""
+    both, prof = _reference(row, ctx), ctx.profile
+    if both is None or both[0].max_abs <= prof.atol:
+        return None
+    m, ref = both
+    limit = max(REF_MAX_RATIO * ref.noise_max, REF_FLOOR_MAX_EPS * prof.eps)
+    if m.noise_max <= limit:
+        return None
+    return Verdict("DRIFT", f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps "
+                            f"of its scale, {_times(m.noise_max, ref.noise_max)} the "
+                            f"reference's worst {prof.in_eps(ref.noise_max):.3g} eps "
+                            f"(> {prof.in_eps(limit):.3g})",
+                   m.noise_max / limit)
+
+
+def _times(value: float, ref: float) -> str:
+    return f"{value / ref:.3g}x" if ref > 0 else "where the reference is exact,"
+
+
+def noise_rms(row: Row, ctx: Context) -> Verdict | None:
+    """Diffuse drift: element-scaled rms error beyond the profile's ``noise_rms``."""
+    m, prof = _noisy(row, ctx, gradient=False), ctx.profile
+    if m is None or m.noise_rms <= prof.noise_rms:
+        return None
+    return Verdict("DRIFT", f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled) > "
+                            f"{prof.in_eps(prof.noise_rms):.3g}", m.noise_rms / prof.noise_rms)
+
+
+def noise_max(row: Row, ctx: Context) -> Verdict | None:
+    """Sparse outliers: one element off by more than ``noise_max`` of its own scale."""
+    m, prof = _noisy(row, ctx, gradient=False), ctx.profile
+    if m is None or m.noise_max <= prof.noise_max:
+        return None
+    return Verdict("DRIFT", f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps of "
+                            f"its scale (> {prof.in_eps(prof.noise_max):.3g})",
+                   m.noise_max / prof.noise_max)
+
+
+def gradient_norm(row: Row, ctx: Context) -> Verdict | None:
+    """Gradients: ``||d|| <= grad_rel_l2 ||a|| + atol sqrt(n)``."""
+    m, prof = _noisy(row, ctx, gradient=True), ctx.profile
+    if m is None:
+        return None
+    limit = prof.grad_rel_l2 * m.norm_base + prof.atol * math.sqrt(m.compared)
+    if m.rmse * math.sqrt(m.compared) <= limit:
+        return None
+    return Verdict("DRIFT", f"gradient rel_l2 {m.rel_l2:.3g} > {prof.grad_rel_l2:.3g}",
+                   m.rmse * math.sqrt(m.compared) / limit)
+
+
+def gradient_outlier(row: Row, ctx: Context) -> Verdict | None:
+    """Gradients: ``max|d| <= grad_outlier max|a| + atol``."""
+    m, prof = _noisy(row, ctx, gradient=True), ctx.profile
+    if m is None:
+        return None
+    limit = prof.grad_outlier * m.absmax_base + prof.atol
+    if m.max_abs <= limit:
+        return None
+    return Verdict("DRIFT", f"gradient outlier: max|d| {m.max_abs:.3g} > "
+                            f"{prof.grad_outlier:.3g} x max|a|", m.max_abs / limit)
+
+
+def logits_kl(row: Row, ctx: Context) -> Verdict | None:
+    """Logits: mean per-token ``KL(base || target)`` over real tokens beyond ``kl_mean``."""
+    lg, prof = row.logits, ctx.profile
+    if lg is None or lg.kl_mean <= prof.kl_mean:
+        return None
+    return Verdict("DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}",
+                   lg.kl_mean / prof.kl_mean)
+
+
+def logits_top1(row: Row, ctx: Context) -> Verdict | None:
+    """Logits: top-1 agreement (near-tie flips excluded) below ``top1``."""
+    lg, prof = row.logits, ctx.profile
+    if lg is None or lg.hard_top1_agreement >= prof.top1:
+        return None
+    return Verdict("DRIFT", f"top-1 agreement {lg.hard_top1_agreement:.2%} < {prof.top1:.0%} "
+                            "(near-tie flips excluded)",
+                   (1 - lg.hard_top1_agreement) / max(1 - prof.top1, 1e-12))
+
+
+# ------------------------------------------------------------------------- stats mode
+def stats_non_finite(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode: more NaN or inf than the other run, or, in an fp16 target, more values
+    pinned near fp16's max than the baseline."""
+    d = row.stats_delta
+    if d is None:
+        return None
+    if d["new_nan"]:
+        return Verdict("NAN", f"{d['new_nan']} more NaN than the baseline")
+    if d["new_inf"] or (ctx.dtypes.get("target") == "float16" and d["new_near_fp16_max"]):
+        return Verdict("OVERFLOW", f"{d['new_inf']} more inf, {d['new_near_fp16_max']} more "
+                                   "values near the fp16 max than the baseline")
+    if d["base_only_nan"]:
+        return Verdict("NAN", f"the baseline has {d['base_only_nan']} more NaN than the target "
+                              "(are the arguments swapped?)")
+    if d["base_only_inf"]:
+        return Verdict("OVERFLOW", f"the baseline has {d['base_only_inf']} more inf than the "
+                                   f"target ({SWAPPED})")
+    return None
+
+
+def stats_norm_gap(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode: ``| ||b|| - ||a|| | > 2 noise_rms ||a|| + atol sqrt(n)`` proves drift.
+
+    A healthy run's ``||d||`` stays within ``noise_rms (||a|| + sigma sqrt(n)) <= 2 noise_rms
+    ||a||`` when the bulk scale is at most the rms, and ``| ||b|| - ||a|| | <= ||d||``.
+    """
+    d, prof = row.stats_delta, ctx.profile
+    if d is None:
+        return None
+    bound = 2 * prof.noise_rms * d["norm_base"] + prof.atol * math.sqrt(d["numel"])
+    if d["norm_gap"] <= bound:
+        return None
+    return Verdict("DRIFT", f"norms differ by {d['norm_gap_rel']:.3g} relative "
+                            f"(> {2 * prof.noise_rms:.3g}; proves rel_l2 at least that)",
+                   d["norm_gap"] / bound if bound else math.inf)
+
+
+# ------------------------------------------------------------- exact and generations
+def exact_mismatch(row: Row, ctx: Context) -> Verdict | None:
+    """Integer and bool tensors compare exactly: the model's inputs differing is a
+    MISMATCH (the runs saw different inputs), any other difference DRIFT."""
+    ex = row.exact
+    if ex is None or ex.mismatched == 0:
+        return None
+    what = f"{ex.mismatched} of {ex.numel} values differ (max |diff| {ex.max_abs:g})"
+    if parse_key(row.key).is_input:
+        return Verdict("MISMATCH", f"inputs differ, {what}: capture the target with --replay "
+                                   "BASE")
+    return Verdict("DRIFT", what, ex.share)
+
+
+def generation_check(row: Row, ctx: Context) -> Verdict | None:
+    """Generations: a sequence that diverges and fails the vLLM top-N check."""
+    if row.generation is None:
+        return None
+    status, reason = summarise(row.generation)
+    return Verdict("DRIFT", reason) if status == "DRIFT" else None
+
+
+#: the rules in the order they are tried; the first verdict decides
+RULES: tuple[Rule, ...] = (
+    non_finite, gradient_norm, gradient_outlier, reference_rms, reference_max, noise_rms,
+    noise_max, logits_kl, logits_top1,
+    stats_non_finite, stats_norm_gap, exact_mismatch, generation_check,
+)
+
+#: statuses a measurement settles (alignment or shapes): no rule overrides them
+SETTLED: frozenset[str] = frozenset({"MISSING", "MISMATCH"})
+
+
+def verdict_of(row: Row, ctx: Context, rules: Sequence[Rule] = RULES) -> Verdict | None:
+    """The first rule's verdict on ``row``, or None when no rule flags it."""
+    if row.status in SETTLED:
+        return None
+    for rule in rules:
+        found = rule(row, ctx)
+        if found is not None:
+            return found
+    return None
+
+
+def judge_rows(rows: Sequence[Row], ctx: Context, rules: Sequence[Rule] = RULES
+               ) -> list[Row]:
+    """Every row with its verdict applied (status, reason, score)."""
+    ctx = Context(ctx.profile, ctx.dtypes, rows, ctx.others)
+    out = []
+    for row in rows:
+        found = verdict_of(row, ctx, rules)
+        out.append(row if found is None else
+                   replace(row, status=found.status, reason=found.reason, score=found.score))
+    return out

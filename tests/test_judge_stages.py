@@ -1,0 +1,172 @@
+"""The judge in three stages: one key parser, accumulators that merge, rules with context.
+
+Each test here holds one piece of the structure: removing the reference rules, letting the
+plot mask other tokens than the verdict, or ranking rows by rel_l2 instead of the verdict's
+measure makes one of them fail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import precision
+from precision.dumps import load
+from precision.dumps.keys import Key, format_key, make_key, parse_key
+from precision.judge.metrics import PairAccumulator
+from precision.judge.rules import RULES, reference_max, reference_rms
+from precision.judge.tokens import real_tokens
+from precision.outputs.plots import token_mask
+
+BF16_EPS = 2.0**-7
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("encoder.block.0.layer.1.DenseReluDense.wo:out",
+     Key("encoder.block.0.layer.1.DenseReluDense.wo", "out")),
+    ("model.layers.3:out.0#2", Key("model.layers.3", "out", "0", 2)),
+    ("shared.weight:pgrad", Key("shared.weight", "pgrad")),
+    ("lm_head:grad.0", Key("lm_head", "grad", "0")),
+    ("input:attention_mask", Key("input", "in", "attention_mask")),
+    ("generation:topk_ids", Key("generation", "generation", "topk_ids")),
+    ("rank1/generation:tokens", Key("generation", "generation", "tokens", rank=1)),
+    ("rank0/model.norm:out", Key("model.norm", "out", rank=0)),
+    ("encoder.block.0.layer.0.SelfAttention/softmax:out#1",
+     Key("encoder.block.0.layer.0.SelfAttention", "out", "", 1, op="softmax")),
+    ("logits", Key("logits", "")),
+])
+def test_keys_parse_and_format_back(text: str, key: Key) -> None:
+    assert parse_key(text) == key
+    assert format_key(key) == str(key) == text
+
+
+def test_key_facts() -> None:
+    assert parse_key("encoder.block.3.layer.1:out").stack == "encoder"
+    assert parse_key("input:input_ids").is_input
+    assert not parse_key("inputs.embed:out").is_input
+    assert parse_key("model.layers.0.mlp:grad").is_gradient
+    assert parse_key("model.embed_tokens.weight:pgrad").is_gradient
+    assert not parse_key("model.layers.0.mlp:out").is_gradient
+    assert make_key("input", "input_ids") == "input:input_ids"
+    assert make_key("model.layers.0", "out", "1", 3) == "model.layers.0:out.1#3"
+
+
+def test_accumulators_of_two_parts_merge_into_the_whole() -> None:
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(50_000) * np.exp(rng.standard_normal(50_000))).astype(np.float32)
+    b = (a + rng.standard_normal(a.size).astype(np.float32) * 1e-3).astype(np.float16)
+    b[7] = np.inf
+    a[11] = np.nan
+    whole = PairAccumulator("float32", "float16")
+    whole.update(a, b)
+    left, right = PairAccumulator("float32", "float16"), PairAccumulator("float32", "float16")
+    for lo, hi in ((0, 13_001), (13_001, 31_000), (31_000, 50_000)):
+        (left if lo < 31_000 else right).update(a[lo:hi], b[lo:hi])
+    left.merge(right)
+    got, want = left.result().as_dict(), whole.result().as_dict()
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if isinstance(value, float):
+            assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-300), name
+        else:
+            assert got[name] == value, name
+    with pytest.raises(ValueError):
+        left.merge(PairAccumulator("float32", "bfloat16"))
+
+
+def _noisy(a: np.ndarray, eps_rms: float) -> np.ndarray:
+    """``a`` (values in [1, 2): element scale p(|a|) + sigma = 1 + 2 = 3) with every element
+    moved by ``eps_rms`` bf16 eps of its scale: noise_rms = eps_rms x eps exactly."""
+    sign = np.where(np.arange(a.size).reshape(a.shape) % 2 == 0, 1.0, -1.0)
+    return (a.astype(np.float64) + sign * eps_rms * BF16_EPS * 3.0).astype(np.float32)
+
+
+@pytest.fixture
+def three_runs(make_dump: Callable[..., Path]) -> Callable[[float, float], precision.Report]:
+    """A baseline, a bf16 target with ``target`` eps rms of error, and a bf16 reference
+    (the same precision on a trusted backend) with ``ref`` eps, compared with a reference."""
+    rng = np.random.default_rng(1)
+    a = (1.0 + rng.random((64, 64)) * 0.999).astype(np.float32)
+    key = "model.layers.20.mlp:out"
+
+    def run(target: float, ref: float, **kw: object) -> precision.Report:
+        base = make_dump("base.st", {key: a})
+        tgt = make_dump("target.st", {key: _noisy(a, target)}, dtype="bfloat16")
+        reference = make_dump("reference.st", {key: _noisy(a, ref)}, dtype="bfloat16")
+        return precision.compare(base, tgt, reference=reference, jobs=1, **kw)
+
+    return run
+
+
+def test_the_reference_rule_judges_error_against_what_the_precision_costs_here(
+        three_runs: Callable[..., precision.Report]) -> None:
+    # 4 eps is within the fixed 5-eps limit, but 4x what bf16 costs on this record
+    added = three_runs(4.0, 1.0)
+    row = added.rows[0]
+    assert row.status == "DRIFT" and "4x the reference's 1 eps" in row.reason, row.reason
+    assert row.metrics is not None and row.metrics.noise_rms / BF16_EPS == pytest.approx(4.0)
+    assert row.score == pytest.approx(4.0 / 3.0)
+    assert not added
+    # 2x the reference, near the 3x limit: healthy
+    assert three_runs(2.0, 1.0).rows[0].status == "OK"
+    # deep layers: 7 eps is beyond the fixed limit, yet what bf16 costs on this record
+    deep = three_runs(7.0, 6.0)
+    assert deep.rows[0].status == "OK" and deep
+    # without the reference rules, the fixed limit alone decides
+    fixed = tuple(r for r in RULES if r not in (reference_rms, reference_max))
+    assert three_runs(4.0, 1.0, rules=fixed).rows[0].status == "OK"
+
+
+def test_the_reference_must_be_the_same_model(make_dump: Callable[..., Path]) -> None:
+    base = make_dump("b.st", {"x:out": np.ones(4, np.float32)})
+    other = make_dump("r.st", {"x:out": np.ones(4, np.float32)},
+                      meta={"model": {"class": "Other", "config_hash": "other"}})
+    with pytest.raises(precision.DumpError, match="different models"):
+        precision.compare(base, base, reference=other)
+
+
+def test_the_plot_masks_the_tokens_the_verdict_judged(make_dump: Callable[..., Path]) -> None:
+    rng = np.random.default_rng(2)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=np.int64)
+    logits = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    noisy = logits + rng.standard_normal(logits.shape).astype(np.float32) * 0.5
+    tensors = {"input:attention_mask": mask, "lm_head:out": logits}
+    base = make_dump("b.st", tensors, logits_key="lm_head:out")
+    tgt = make_dump("t.st", tensors | {"lm_head:out": noisy}, logits_key="lm_head:out")
+    report = precision.compare(base, tgt, jobs=1)
+    row = next(r for r in report.rows if r.logits is not None)
+    assert row.logits is not None and row.logits.padded == 3
+    judged = ~np.isnan(np.asarray(row.logits.kl_per_position))
+    plotted = token_mask(load(base), row.shape)
+    assert plotted is not None
+    assert np.array_equal(plotted, mask.reshape(-1) != 0)
+    assert np.array_equal(plotted, judged)
+    assert np.array_equal(plotted, real_tokens(load(base), row.shape))
+
+
+def test_the_worst_rows_are_ranked_by_the_measure_their_verdict_used(
+        make_dump: Callable[..., Path]) -> None:
+    rng = np.random.default_rng(3)
+    ordinary = (1.0 + rng.random(4096) * 0.999).astype(np.float32)
+    # a few massive channels carry the norm: drift in the bulk barely moves rel_l2
+    massive = (0.01 + rng.random(4096) * 0.005).astype(np.float32)
+    massive[:4] = 1000.0
+    bulk_scale = 2.0**-7 + 2.0**-6  # p(|a|) + sigma for the bulk
+    moved = massive.astype(np.float64)
+    moved[4:] += 20 * BF16_EPS * bulk_scale
+    base = make_dump("b.st", {"first:out": ordinary, "barely:out": ordinary,
+                              "far:out": massive})
+    tgt = make_dump("t.st", {"first:out": _noisy(ordinary.reshape(64, 64), 9).reshape(-1),
+                             "barely:out": _noisy(ordinary.reshape(64, 64), 5.5).reshape(-1),
+                             "far:out": moved.astype(np.float32)}, dtype="bfloat16")
+    report = precision.compare(base, tgt, jobs=1)
+    by_key = {r.key: r for r in report.rows}
+    assert all(r.status == "DRIFT" for r in report.rows)
+    barely, far = by_key["barely:out"], by_key["far:out"]
+    assert barely.metrics is not None and far.metrics is not None
+    assert far.metrics.rel_l2 < barely.metrics.rel_l2 / 100  # rel_l2 would rank it last
+    assert far.score > 3 > 1 < barely.score < 1.2
+    assert [r.key for r in report.worst(1, only_flagged=True)] == ["first:out", "far:out"]
