@@ -13,10 +13,13 @@ written under ``DEST/<name>/``; ``scripts/test`` points ``$PRECISION_REAL_MODELS
   with ``config.json`` saying float32, so a ``from_pretrained`` without ``dtype`` still
   loads them in fp32.
 
-Best effort: a model that cannot be had is reported in one line and its tests skip. A model
-whose ``DEST/<name>/config.json`` exists is skipped, so re-runs take no time.
+A model that cannot be had is reported in one line and the script exits 1 (``scripts/test``
+then fails in CI, and elsewhere its tests skip). A model whose ``DEST/<name>/config.json``
+exists is skipped, so re-runs take no time: the default DEST is a cache outside the
+checkout (``$PRECISION_REAL_MODELS``, else ``~/.cache/precision/real-models``), which a fresh
+clone on the same machine, CI's included, reuses.
 
-    python scripts/get_real_models.py [DEST] [NAME ...]   (default: .venv/real-models, all)
+    python scripts/get_real_models.py [DEST] [NAME ...]   (default: the cache, all)
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_dest() -> Path:
+    """Where the models live: ``$PRECISION_REAL_MODELS``, else a cache outside the checkout."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("PRECISION_REAL_MODELS") or cache / "precision" / "real-models")
+
 #: what a model folder needs; training state (pickles) is never extracted
 KEEP = {"config.json", "pytorch_model.bin", "vocab.txt", "tokenizer_config.json",
         "special_tokens_map.json"}
@@ -175,7 +185,7 @@ def _sha256(path: Path) -> str:
 
 
 def main() -> None:
-    dest = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / ".venv" / "real-models"
+    dest = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dest()
     names = sys.argv[2:] or [*MODELS, *GGUF_MODELS]
     unknown = [n for n in names if n not in MODELS and n not in GGUF_MODELS]
     if unknown:
@@ -184,6 +194,8 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     have = [n for n in names if (fetch(n, dest) if n in MODELS else fetch_gguf(n, dest))]
     print(f"· real models in {dest}: {', '.join(have) or 'none'}", file=sys.stderr)
+    if len(have) < len(names):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

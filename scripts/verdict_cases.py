@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from get_real_models import default_dest  # scripts/ is on the path
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,7 +37,7 @@ import precision
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 #: folders extracted by scripts/get_real_models.py (scripts/test fetches them)
-REAL_MODELS = Path(os.environ.get("PRECISION_REAL_MODELS", ROOT / ".venv" / "real-models"))
+REAL_MODELS = default_dest()
 
 
 # --- a synthetic stack shaped like a trained LLM ----------------------------------------------

@@ -63,6 +63,11 @@ from .common import (
                    "every module. GLOB: keep matching modules in fp32 (repeatable).")
 @click.option("--replay", metavar="BASE.st",
               help="Reuse the exact token ids, masks and decoder ids of an earlier dump.")
+@click.option("--expect", "expect", multiple=True, type=click.Choice(["fp16", "bf16"]),
+              help="Also capture the same inputs in this precision here, as OUT's "
+                   "same-precision reference (OUT.bf16-reference.st): compare then judges a "
+                   "target in that precision against what it costs on this model, layer by "
+                   "layer. One more forward and dump per precision (repeatable).")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int,
               help="Tokens to generate greedily before the captured forward "
                    "(gives encoder-decoders their decoder ids).")
@@ -93,7 +98,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             include: tuple[str, ...],
             exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
             input_globs: tuple[str, ...],
-            keep_fp32: tuple[str, ...], replay: str | None,
+            keep_fp32: tuple[str, ...], replay: str | None, expect: tuple[str, ...],
             max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
             num_beams: int, output: str | None, dry_run: bool,
             force: bool, fsync: bool, quiet: bool) -> None:
@@ -104,6 +109,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
       precision capture --model fixtures/tiny-flan-t5 --dtype fp32 -o base.st
       precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
       precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
+      precision capture --model ./qwen --dtype fp32 --expect bf16 -o base.st
     """
     from ..runtime.recorder import DEFAULT_INPUT_GLOBS
     from ..runtime.runner import CaptureOptions, parse_steps, run_capture
@@ -117,7 +123,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,
                           backward=backward, loss_scale=loss_scale,
-                          replay=replay, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                          replay=replay, expect=expect, max_new_tokens=max_new_tokens,
+                          num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync,
                           images=images, audio=audio, feed=feed, model_class=model_class)
     if dry_run:
@@ -127,12 +134,13 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
         return
     path = run_capture(opts, stderr_log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
-        from ..dumps import load
+        from ..dumps import load, reference_path
         from ..dumps.dump import format_bytes
 
-        d = load(path)
-        click.echo(f"wrote {path}: {len(d.entries)} records, {len(d.tensors)} tensors, "
-                   f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
+        for written in (path, *(reference_path(path, e) for e in expect)):
+            d = load(written)
+            click.echo(f"wrote {written}: {len(d.entries)} records, {len(d.tensors)} tensors, "
+                       f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
 
 @click.command(context_settings=CONTEXT)
 @click.argument("dump", metavar="DUMP.st")

@@ -37,6 +37,13 @@ from .common import (
                    "saved as fp32 from a bf16 run).")
 @click.option("--target-dtype", type=click.Choice(PROFILE_NAMES),
               help="What the target computed in, likewise.")
+@click.option("--reference", metavar="REF.st",
+              help="The same inputs in the target's precision on a trusted backend (the "
+                   "CPU): each record is judged against the error that run makes. Default: "
+                   "BASE's sibling BASE.<precision>-reference.st when it exists (capture "
+                   "--expect).")
+@click.option("--no-reference", is_flag=True,
+              help="Judge by the fixed noise limits even when a reference exists.")
 @click.option("--fail-on", default="drift", show_default=True,
               type=click.Choice(["drift", "overflow", "nan", "any", "never"]),
               help="Exit 1 when a row has such a status. drift: DRIFT/OVERFLOW/NAN/MISMATCH; "
@@ -59,7 +66,8 @@ from .common import (
 def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
             profile: str | None, base_dtype: str | None, target_dtype: str | None,
-            fail_on: str, topk: int, jobs: int | None,
+            reference: str | None, no_reference: bool, fail_on: str, topk: int,
+            jobs: int | None,
             max_memory: int | None, allow_different_models: bool, allow_partial: bool,
             force: bool, quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
@@ -81,7 +89,9 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
         raise click.BadParameter("must be at least 1", param_hint="--top")
     check_outputs(force, json_out, md_out)
     with progress_bar(enabled=not quiet and json_out != "-") as progress:
-        report = run_compare(base, target, rtol=rtol, atol=atol, profile=profile,
+        report = run_compare(base, target, reference=reference,
+                             auto_reference=not no_reference, rtol=rtol, atol=atol,
+                             profile=profile,
                              fail_on=fail_on, topk=topk, jobs=jobs, max_memory=max_memory,
                              allow_different_models=allow_different_models,
                              allow_partial=allow_partial, base_dtype=base_dtype,
@@ -110,12 +120,20 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
 @click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
 @click.option("--profile", type=click.Choice(PROFILE_NAMES),
               help="Judge as fp32 vs this dtype.")
+@click.option("--reference", metavar="REF.st",
+              help="The same inputs in the target's precision on a trusted backend (the "
+                   "CPU): each record is judged against the error that run makes. Default: "
+                   "BASE's sibling BASE.<precision>-reference.st when it exists (capture "
+                   "--expect).")
+@click.option("--no-reference", is_flag=True,
+              help="Judge by the fixed noise limits even when a reference exists.")
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @guard
 def report(base: str, target: str, output: str, md_out: str | None, rtol: float | None,
-           atol: float | None, profile: str | None, force: bool,
+           atol: float | None, profile: str | None, reference: str | None,
+           no_reference: bool, force: bool,
            allow_different_models: bool) -> None:
     """Write a self-contained HTML report of a comparison.
 
@@ -138,7 +156,8 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     check_output_path(out, force=force)
     check_outputs(force, md_out)
     b, t = load(base), load(target)
-    rep = run_compare(b, t, rtol=rtol, atol=atol, profile=profile,
+    rep = run_compare(b, t, reference=reference, auto_reference=not no_reference,
+                      rtol=rtol, atol=atol, profile=profile,
                       allow_different_models=allow_different_models)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.write_text(build(rep, b, t), encoding="utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..dtypes import canonical, short
 from ..errors import DumpError, option
 from .dump import Dump, load_file
 from .shards import INDEX, load_dir, load_partial
@@ -36,3 +37,10 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
                         f"{option('--allow-partial', 'allow_partial=True')} to read the shards "
                         "it has)")
     return load_file(p)
+
+
+def reference_path(base: str | os.PathLike[str], precision: str) -> Path:
+    """Where ``capture --expect PRECISION`` puts the same-precision reference of a baseline,
+    and where ``compare`` looks for it: ``base.st`` -> ``base.bf16-reference.st``."""
+    p = Path(base)
+    return p.with_name(f"{p.stem}.{short(canonical(precision))}-reference{p.suffix or '.st'}")

@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import short
+from ..dumps import reference_path
 from ..dumps.dump import Dump
 from ..dumps.external import open_any
 from ..dumps.keys import INPUT_PREFIX
@@ -33,7 +35,7 @@ from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
 from .metrics import TensorMetrics
 from .posbias import diagnose
-from .profiles import Profile, named_profile, profile_for
+from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
 from .rules import RULES, SWAPPED, Context, Rule, judge_rows, verdict_of
 
@@ -53,6 +55,7 @@ PARALLEL_MIN_ELEMENTS = 8 << 20
 
 def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] | Dump, *,
             reference: str | os.PathLike[str] | Dump | None = None,
+            auto_reference: bool = True,
             rtol: float | None = None, atol: float | None = None, profile: str | None = None,
             fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
             chunk_elems: int = CHUNK_ELEMS, max_memory: int | None = None,
@@ -64,7 +67,10 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
 
     ``reference``: a third run of the same model and inputs in the target's precision on a
     trusted backend; its error against the baseline is measured too and given to the rules
-    (:data:`precision.judge.rules.REFERENCE`). ``rules`` replaces the verdict rules.
+    (:data:`precision.judge.rules.REFERENCE`), which then judge each record against what
+    that precision costs there. Without one, ``auto_reference`` takes the baseline's
+    sibling ``BASE.<precision>-reference.st`` (``capture --expect``) when it exists.
+    ``rules`` replaces the verdict rules.
     ``profile`` (``fp16``/``bf16``/``fp32``) overrides the tolerance profile chosen from the
     two runs' dtypes; ``rtol``/``atol`` override its norm tolerance and absolute floor.
     ``fail_on`` decides which statuses make the report falsy (see ``report.FAIL_ON``).
@@ -77,14 +83,24 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
     runs = {BASE: _open(base, allow_partial), TARGET: _open(target, allow_partial)}
+    stated = {BASE: base_dtype, TARGET: target_dtype}
+    target_precision = run_precision(runs[TARGET], target_dtype)
+    if reference is None and auto_reference:
+        found = reference_path(runs[BASE].path, target_precision) if target_precision in (
+            "float16", "bfloat16") else None
+        reference = found if found is not None and found.is_file() else None
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
     b, t = runs[BASE], runs[TARGET]
     for name, other in runs.items():
         if name != BASE:
             check_same_model(b, other, allow_different_models)
-    stated = {BASE: base_dtype, TARGET: target_dtype}
     dtypes = {name: run_precision(d, stated.get(name)) for name, d in runs.items()}
+    if REFERENCE in runs and dtypes[REFERENCE] != dtypes[TARGET]:
+        raise InputError(f"the reference {runs[REFERENCE].path.name} computed in "
+                         f"{short(dtypes[REFERENCE])} and the target in "
+                         f"{short(dtypes[TARGET])}: a reference is the target's precision "
+                         "on a trusted backend")
     prof = (named_profile(profile) if profile else profile_for(dtypes[BASE], dtypes[TARGET])
             ).with_overrides(rtol, atol)
     tasks = [Task(c.base, c.target, p) for c in comparisons(runs)
@@ -112,7 +128,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first,
                   warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
-                  fail_on=fail_on, info=_info(b, t))
+                  fail_on=fail_on, info=_info(b, t),
+                  notes=tuple(_notes(rows) + _reference_notes(runs, dtypes, prof)))
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
@@ -207,6 +224,35 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
         if d.meta.get("foreign"):
             notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
     return notes
+
+
+def _notes(rows: list[Row]) -> list[str]:
+    """What the verdicts left out: padded positions."""
+    padded = [r for r in rows if r.metrics is not None and r.metrics.padded]
+    if not padded:
+        return []
+    r = max(padded, key=lambda r: r.metrics.padded if r.metrics else 0)
+    assert r.metrics is not None
+    share = r.metrics.padded / r.metrics.numel
+    return [f"padding left out: {len(padded)} record(s) with a token axis judged on real "
+            f"tokens only (up to {share:.0%} of a record's elements are padding, per the "
+            "recorded attention masks)"]
+
+
+def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
+                     ) -> list[str]:
+    """What the noise verdicts judged against: the reference, or the fixed limits."""
+    if REFERENCE in runs:
+        ref = runs[REFERENCE]
+        where = (ref.meta.get("device") or {}).get("name") or "its device"
+        return [f"judged against {ref.path.name}, the same inputs in "
+                f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
+                f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
+    if dtypes[TARGET] in ("float16", "bfloat16") or dtypes[BASE] in ("float16", "bfloat16"):
+        return [f"no same-precision reference: fixed limits ({prof.in_eps(prof.noise_rms):g} "
+                "eps rms); for deep models capture the baseline with --expect "
+                f"{short(dtypes[TARGET])} (docs/verdicts.md)"]
+    return []
 
 
 def _info(b: Dump, t: Dump) -> dict[str, Any]:

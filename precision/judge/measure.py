@@ -26,7 +26,7 @@ from .metrics import PairAccumulator, compare_exact
 from .profiles import Profile
 from .report import Row
 from .statsdiff import record_stats, stats_delta
-from .tokens import real_tokens
+from .tokens import keep_rows, padding_of, real_chunks, real_tokens
 
 
 @dataclass(frozen=True)
@@ -95,24 +95,41 @@ def _chunk_pairs(b: Dump, t: Dump, p: Pair, chunk: int
 
 def _float_row(b: Dump, t: Dump, p: Pair, row: Row, prof: Profile, topk: int,
                chunk: int) -> Row:
+    """Float metrics over real tokens: padded positions (:func:`padding_of`) are left out
+    of every measure and counted in ``padded``."""
     acc = PairAccumulator(row.base_dtype, row.target_dtype)
     lg = None
+    padded = 0
     if p.is_logits and len(row.shape) >= 1 and row.shape[-1] > 0:
         # one pass over the (largest) tensor: row-aligned chunks feed both measurements
         vocab = row.shape[-1]
+        valid = real_tokens(b, row.shape)
+        padded = 0 if valid is None else int(np.count_nonzero(~valid)) * vocab
 
         def fed(pairs: Any) -> Any:
-            for x, y in pairs:
-                acc.update(x, y)
+            start = 0
+            for x, y in pairs:  # all rows go on to the logits metrics, which skip pads
+                rows = x.size // vocab
+                if valid is None:
+                    acc.update(x, y)
+                else:
+                    acc.update(*keep_rows(x, y, valid[start:start + rows], vocab))
+                start += rows
                 yield x, y
 
         lg = compare_logit_rows(fed(_chunk_pairs(b, t, p, max(1, chunk // vocab) * vocab)),
-                                vocab, k=topk, valid=real_tokens(b, row.shape),
-                                tie_noise=prof.noise_rms)
+                                vocab, k=topk, valid=valid, tie_noise=prof.noise_rms)
     else:
-        for x, y in _chunk_pairs(b, t, p, chunk):
+        pad = padding_of(b, p.key, row.shape)
+        if pad is None:
+            pairs = _chunk_pairs(b, t, p, chunk)
+        else:
+            padded = pad.padded_elements
+            pairs = real_chunks(_chunk_pairs(b, t, p, max(1, chunk // pad.width) * pad.width),
+                                pad)
+        for x, y in pairs:
             acc.update(x, y)
-    m = acc.result()
+    m = replace(acc.result(), padded=padded)
     reason = (f"baseline holds {m.nan_base} NaN and {m.inf_base} inf (excluded)"
               if m.nan_base + m.inf_base else "")
     return replace(row, reason=reason, metrics=m, logits=lg)

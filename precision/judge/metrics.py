@@ -109,6 +109,7 @@ class TensorMetrics:
     bulk_scale: float = 0.0
     noise_rms: float = 0.0
     noise_max: float = 0.0
+    padded: int = 0
 
     @property
     def signature_bits(self) -> float:

@@ -83,6 +83,8 @@ class Report:
     warnings: tuple[str, ...] = ()
     fail_on: str = "drift"
     info: dict[str, Any] = field(default_factory=dict)
+    #: what the verdicts left out or judged against (padding, the reference), one line each
+    notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return not self.failing
@@ -149,7 +151,7 @@ class Report:
             "profile": vars(self.profile), "fail_on": self.fail_on, "passed": bool(self),
             "summary": self.summary, "counts": self.counts(),
             "first_divergence": self.first_divergence.key if self.first_divergence else None,
-            "warnings": list(self.warnings), "info": self.info,
+            "warnings": list(self.warnings), "notes": list(self.notes), "info": self.info,
             "rows": [r.as_dict() for r in self.rows],
         }
 
@@ -182,6 +184,7 @@ class Report:
         """A summary fit for a pull-request comment."""
         lines = [f"**precision**: {self.summary}", ""]
         lines += [f"> warning: {w}" for w in self.warnings]
+        lines += [f"> note: {n}" for n in self.notes]
         rows = [r for r in self.rows if r.flagged] if only_flagged else list(self.rows)
         if top is not None:
             rows = rows[:top]

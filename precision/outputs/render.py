@@ -122,6 +122,7 @@ def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> lis
     style = "bold green" if report else "bold red"
     parts: list[Any] = [f"[{style}]{escape(report.summary)}[/]"]
     parts += [f"[yellow]warning:[/] {escape(w)}" for w in report.warnings]
+    parts += [f"note: {escape(n)}" for n in report.notes]
     shown = sum(r.status != "OK" for r in report.rows) if only_flagged else len(report.rows)
     rows = report.worst(top, only_flagged=only_flagged)
     if not rows:

@@ -12,13 +12,14 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..dtypes import canonical, short
+from ..dumps import reference_path
 from ..dumps.dump import Dump, check_output_path
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ..errors import InputError
@@ -54,6 +55,8 @@ class CaptureOptions:
     keep_fp32: Sequence[str] = ("auto",)
     inputs: Sequence[str] = DEFAULT_INPUT_GLOBS
     replay: str | None = None
+    #: precisions to capture again on the same inputs, as the baseline's references
+    expect: Sequence[str] = ()
     max_new_tokens: int = 8
     num_beams: int = 1
     capture_steps: bool = False
@@ -162,13 +165,41 @@ def check_options(opts: CaptureOptions) -> str:
     if opts.replay and fed:
         raise InputError(f"--replay reuses the inputs of {opts.replay}: leave out "
                          f"{' and '.join(fed)}")
+    for e in opts.expect:
+        if canonical(e) not in ("float16", "bfloat16") or canonical(e) == dtype:
+            raise InputError(f"--expect {e}: give fp16 or bf16, another precision than "
+                             f"--dtype {opts.dtype}")
     return dtype
 
 
 def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """Run the capture described by ``opts``; returns the written dump's path."""
+    """Run the capture described by ``opts``; returns the written dump's path. With
+    ``expect``, each precision's reference follows (:func:`capture_references`)."""
+    path = _run_capture(opts, log)
+    capture_references(opts, path, log)
+    return path
+
+
+def capture_references(opts: CaptureOptions, base: Path,
+                       log: Callable[[str], None] = lambda _msg: None) -> list[Path]:
+    """The same model and inputs in each ``expect`` precision on the same device, written
+    beside ``base`` (:func:`precision.dumps.reference_path`): what that precision costs on
+    this model, record by record, for compare's reference rules."""
+    out = []
+    for e in opts.expect:
+        ref = reference_path(base, e)
+        log(f"capturing the {short(canonical(e))} reference of {base.name}: {ref.name}")
+        out.append(_run_capture(replace(opts, dtype=e, replay=str(base), output=str(ref),
+                                        expect=()), log))
+    return out
+
+
+def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
     dtype = check_options(opts)
     dist = distributed.current(opts.device)
+    if dist is not None and opts.expect:
+        raise InputError("--expect under torchrun: capture the reference in a run of its own "
+                         "(--dtype bf16 --replay BASE -o BASE.bf16-reference.st)")
     out = Path(opts.output)
     if dist is not None:  # OUT is a folder: this rank's shard, then rank 0's index
         out = distributed.prepare_folder(out, dist, force=opts.force)

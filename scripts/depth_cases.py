@@ -1,0 +1,306 @@
+"""Real deep decoders: healthy runs against a same-precision reference, and faults at depth.
+
+The models come from ``$PRECISION_REAL_MODELS`` (scripts/get_real_models.py):
+``smollm2-135m`` (SmolLM2-135M-Instruct, Llama architecture, 30 layers) and ``gemma3-270m``
+(Gemma 3 270M, 18 layers). Every run reads the same left-padded batch of prompts of
+different lengths, as ``precision capture`` feeds a decoder.
+
+- **base**: fp32 with PyTorch's sdpa attention;
+- **reference**: the target's precision (bf16 or fp16), sdpa, nothing else changed: what
+  that precision costs on this model, record by record (``capture --expect``);
+- **healthy targets**: ``bf16-eager``/``fp16-eager`` (another attention kernel),
+  ``bf16-fp32acc`` (every Linear accumulated in fp32 and rounded once, as a device kernel
+  with a wider accumulator does), ``fp32-eager`` (fp32, another attention kernel);
+- **faults**, planted in one block on top of the bf16 (or fp16) target, each a kernel
+  that skips a step a correct one takes: ``norm-lowprec`` (the block's input RMSNorm sums
+  its squares in the low precision, one addition at a time, instead of in fp32),
+  ``rotary-lowprec`` (the block's rotary angles from positions held in the low precision:
+  the batch continues a cached prefix at position ``POSITION0``, where bf16 holds only
+  even integers; Llama only), ``linear-truncate`` (the block's MLP down projection adds
+  its partial sums, 32 products each, in the low precision, truncating instead of
+  rounding), ``drift:F`` (noise of F times the rms of the ordinary channels added to the
+  block's output, the massive channels left alone).
+
+    python scripts/depth_cases.py [MODEL ...]      (prints one JSON line per case)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from get_real_models import default_dest  # scripts/ is on the path
+from torch import nn
+from torch.nn import functional as F
+
+import precision
+from precision.dumps import reference_path
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MODELS = default_dest()
+DEEP = ("smollm2-135m", "gemma3-270m")
+PROMPTS = ["The capital of France is",
+           "Write a short poem about the sea, the wind and the sailors who cross it.",
+           "2 + 2 =",
+           "Explain in one sentence why the sky looks blue during the day but red at sunset."]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: every run's first position: the batch continues a cached prefix of this many tokens
+POSITION0 = 300
+
+
+def available(names: tuple[str, ...] = DEEP) -> tuple[str, ...]:
+    return tuple(n for n in names if (REAL_MODELS / n / "config.json").is_file())
+
+
+def load(name: str, dtype: str, attn: str = "sdpa") -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model in ``dtype`` with attention ``attn``, and the left-padded prompts."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    folder = REAL_MODELS / name
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    seq = inputs["input_ids"].shape[1]
+    inputs["position_ids"] = torch.arange(POSITION0, POSITION0 + seq).expand(len(PROMPTS), -1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=DTYPES[dtype], attn_implementation=attn).eval()
+    return model, inputs
+
+
+def layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def linear_fp32_accumulate() -> Iterator[None]:
+    """Every nn.Linear computes in fp32 and rounds its result once to its own dtype."""
+    original = nn.Linear.forward
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+    nn.Linear.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.forward = original  # type: ignore[method-assign]
+
+
+def _truncate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``x`` to ``dtype`` rounded toward zero (dropping the bits below its mantissa)."""
+    if dtype == torch.bfloat16:
+        bits = x.float().contiguous().view(torch.int32)
+        return ((bits >> 16) << 16).view(torch.float32).to(dtype)
+    rounded = x.to(dtype)  # fp16: step back one ulp where rounding went away from zero
+    up = rounded.float().abs() > x.float().abs()
+    return torch.where(up, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
+
+
+def _sum_low(terms: torch.Tensor, add: Any) -> torch.Tensor:
+    """Sum the last axis one term at a time, each partial sum through ``add``."""
+    total = terms[..., 0]
+    for i in range(1, terms.shape[-1]):
+        total = add(total, terms[..., i])
+    return total
+
+
+def plant(model: nn.Module, fault: str, block: int) -> list[Any]:
+    """Plant ``fault`` in layer ``block``; returns the hook handles to remove."""
+    layer = layers(model)[block]
+    if fault == "norm-lowprec":
+        norm = layer.input_layernorm
+        gemma = "Gemma" in type(norm).__name__
+
+        def low(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> torch.Tensor:
+            x = args[0]
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+            squares = x.pow(2)
+            var = _sum_low(squares, lambda s, t: (s + t).to(x.dtype)) / x.shape[-1]
+            normed = x * torch.rsqrt(var[..., None] + eps)
+            return normed * (1.0 + norm.weight) if gemma else norm.weight * normed
+
+        return [norm.register_forward_hook(low)]
+    if fault == "rotary-lowprec":
+        rotary = model.model.rotary_emb
+
+        def angles(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            cos, _sin = kwargs["position_embeddings"]
+            dtype = cos.dtype
+            seq = cos.shape[-2]
+            pos = torch.arange(POSITION0, POSITION0 + seq).to(dtype).float()  # held in dtype
+            freqs = pos[:, None] * rotary.inv_freq.float()[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            new = ((emb.cos() * rotary.attention_scaling).to(dtype)[None].expand_as(cos),
+                   (emb.sin() * rotary.attention_scaling).to(dtype)[None].expand_as(cos))
+            return args, kwargs | {"position_embeddings": new}
+
+        return [layer.self_attn.register_forward_pre_hook(angles, with_kwargs=True)]
+    if fault == "linear-truncate":
+        down = layer.mlp.down_proj
+
+        def trunc(m: nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> torch.Tensor:
+            x = args[0]
+            k = x.shape[-1] // 32 * 32
+            parts = torch.einsum("...gk,ngk->...ng", x[..., :k].float().unflatten(-1, (-1, 32)),
+                                 m.weight[:, :k].float().unflatten(-1, (-1, 32)))
+            total = _sum_low(parts, lambda s, t: _truncate(s.float() + t.float(), x.dtype))
+            rest = F.linear(x[..., k:].float(), m.weight[:, k:].float())
+            return _truncate(total.float() + rest, x.dtype)
+
+        return [down.register_forward_hook(trunc)]
+    if fault.startswith("drift:"):
+        fraction = float(fault.split(":")[1])
+        gen = torch.Generator().manual_seed(7)
+
+        def drift(_m: nn.Module, _args: Any, out: Any) -> Any:
+            h = out[0] if isinstance(out, tuple) else out
+            x = h.float()
+            width = x.abs().amax(dim=(0, 1))
+            ordinary = width <= 8 * width.median()  # the massive channels are left alone
+            scale = x[..., ordinary].pow(2).mean().sqrt()
+            noise = torch.randn(x.shape, generator=gen) * fraction * scale * ordinary
+            moved = (x + noise).to(h.dtype)
+            return (moved, *out[1:]) if isinstance(out, tuple) else moved
+
+        return [layer.register_forward_hook(drift)]
+    raise ValueError(f"unknown fault {fault!r}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """``model``'s ``target`` run (``bf16-eager``, ...), with ``fault`` planted at ``block``."""
+
+    model: str
+    target: str
+    fault: str = ""
+    block: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.target}" + (f"-{self.fault}@{self.block}" if self.fault else "")
+
+    @property
+    def dtype(self) -> str:
+        return self.target.split("-")[0]
+
+
+def _capture(name: str, dtype: str, attn: str, path: Path, *, fault: str = "",
+             block: int = 0, fp32acc: bool = False) -> Path:
+    model, inputs = load(name, dtype, attn)
+    handles = plant(model, fault, block) if fault else []
+    ctx = linear_fp32_accumulate() if fp32acc else contextlib.nullcontext()
+    with torch.no_grad(), ctx, precision.capture(model, path, force=True):
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    return path
+
+
+def base_of(model: str, work: Path) -> Path:
+    """The fp32 baseline (sdpa), captured once per ``work`` folder."""
+    base = work / f"{model}-fp32.st"
+    if not base.exists():
+        _capture(model, "fp32", "sdpa", base)
+    return base
+
+
+def reference_of(model: str, dtype: str, work: Path) -> Path:
+    """The baseline's same-precision reference, where ``compare`` finds it by itself."""
+    ref = reference_path(base_of(model, work), dtype)
+    if not ref.exists():
+        _capture(model, dtype, "sdpa", ref)
+    return ref
+
+
+def run(case: Case, work: Path, *, reference: bool = True) -> precision.Report:
+    """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for
+    a low-precision target, the reference unless ``reference`` is False)."""
+    base = base_of(case.model, work)
+    if case.dtype != "fp32" and reference:
+        reference_of(case.model, case.dtype, work)
+    target = work / f"{case.name}.st"
+    attn = "eager" if case.target.endswith("eager") else "sdpa"
+    _capture(case.model, case.dtype, attn, target, fault=case.fault, block=case.block,
+             fp32acc=case.target.endswith("fp32acc"))
+    return precision.compare(base, target, jobs=1, auto_reference=reference)
+
+
+HEALTHY = ("bf16-eager", "bf16-fp32acc", "fp16-eager", "fp32-eager")
+FAULTS = ("norm-lowprec", "rotary-lowprec", "linear-truncate", "drift:0.25")
+
+
+def healthy_cases(model: str) -> list[Case]:
+    """Gemma 3 overflows fp16 (its residual stream passes 65504 at layer 7): no healthy fp16."""
+    return [Case(model, t) for t in HEALTHY if not (model.startswith("gemma") and "fp16" in t)]
+
+
+def fault_cases(model: str, blocks: tuple[int, ...] = (2, 20)) -> list[Case]:
+    depth = 30 if model.startswith("smollm") else 18
+    out = []
+    for block in blocks:
+        for fault in FAULTS:
+            if fault == "rotary-lowprec" and model.startswith("gemma"):
+                continue  # Gemma's local and global rotary embeddings: not planted here
+            out.append(Case(model, "bf16-eager", fault, min(block, depth - 4)))
+    return out
+
+
+def ratios(report: precision.Report, reference: precision.Report) -> dict[str, list[float]]:
+    """Per record, the target's element-scaled error (rms and max) over the reference's."""
+    ref = {r.key: r.metrics for r in reference.rows if r.metrics is not None}
+    out: dict[str, list[float]] = {"rms": [], "max": []}
+    for r in report.rows:
+        m, rm = r.metrics, ref.get(r.key)
+        if m is None or rm is None or m.max_abs <= report.profile.atol:
+            continue
+        out["rms"].append(m.noise_rms / max(rm.noise_rms, report.profile.eps / 4))
+        out["max"].append(m.noise_max / max(rm.noise_max, report.profile.eps))
+    return out
+
+
+def summarise(report: precision.Report, reference: precision.Report | None = None
+              ) -> dict[str, Any]:
+    """Flagged rows, the first divergence, the worst noise, and the worst ratios to the
+    reference (``reference``: the baseline against it)."""
+    eps = report.profile.eps
+    rows = [r for r in report.rows if r.metrics is not None]
+    out = {"summary": report.summary.split(";")[0], "flagged": len(report.flagged),
+           "first": report.first_divergence.key if report.first_divergence else None,
+           "worst_noise_rms_eps": round(max((r.metrics.noise_rms / eps for r in rows
+                                             if r.metrics), default=0.0), 2)}
+    if reference is not None:
+        rs = ratios(report, reference)
+        out |= {"max_ratio_rms": round(max(rs["rms"], default=0.0), 3),
+                "max_ratio_max": round(max(rs["max"], default=0.0), 3)}
+    return out
+
+
+def main() -> None:
+    import tempfile
+
+    models = available(tuple(sys.argv[1:]) or DEEP)
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in models:
+            for case in healthy_cases(m) + fault_cases(m):
+                rep = run(case, Path(tmp))
+                ref = (precision.compare(base_of(m, Path(tmp)),
+                                         reference_of(m, case.dtype, Path(tmp)),
+                                         auto_reference=False, jobs=1)
+                       if case.dtype != "fp32" else None)
+                print(json.dumps({"case": case.name} | summarise(rep, ref)), flush=True)
+    if not models:
+        print(f"no deep model in {REAL_MODELS}: run scripts/get_real_models.py", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
