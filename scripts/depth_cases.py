@@ -184,10 +184,14 @@ class Case:
     target: str
     fault: str = ""
     block: int = 0
+    #: ``full`` or ``stats`` (every run of the case: base, reference and target)
+    mode: str = "full"
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.target}" + (f"-{self.fault}@{self.block}" if self.fault else "")
+        return (f"{self.model}-{self.target}" + (f"-{self.fault}@{self.block}" if self.fault
+                                                 else "")
+                + ("-stats" if self.mode == "stats" else ""))
 
     @property
     def dtype(self) -> str:
@@ -195,43 +199,43 @@ class Case:
 
 
 def _capture(name: str, dtype: str, attn: str, path: Path, *, fault: str = "",
-             block: int = 0, fp32acc: bool = False) -> Path:
+             block: int = 0, fp32acc: bool = False, mode: str = "full") -> Path:
     model, inputs = load(name, dtype, attn)
     handles = plant(model, fault, block) if fault else []
     ctx = linear_fp32_accumulate() if fp32acc else contextlib.nullcontext()
-    with torch.no_grad(), ctx, precision.capture(model, path, force=True):
+    with torch.no_grad(), ctx, precision.capture(model, path, force=True, mode=mode):
         model(**inputs)
     for h in handles:
         h.remove()
     return path
 
 
-def base_of(model: str, work: Path) -> Path:
-    """The fp32 baseline (sdpa), captured once per ``work`` folder."""
-    base = work / f"{model}-fp32.st"
+def base_of(model: str, work: Path, mode: str = "full") -> Path:
+    """The fp32 baseline (sdpa), captured once per ``work`` folder and mode."""
+    base = work / f"{model}-fp32{'-stats' if mode == 'stats' else ''}.st"
     if not base.exists():
-        _capture(model, "fp32", "sdpa", base)
+        _capture(model, "fp32", "sdpa", base, mode=mode)
     return base
 
 
-def reference_of(model: str, dtype: str, work: Path) -> Path:
+def reference_of(model: str, dtype: str, work: Path, mode: str = "full") -> Path:
     """The baseline's same-precision reference, where ``compare`` finds it by itself."""
-    ref = reference_path(base_of(model, work), dtype)
+    ref = reference_path(base_of(model, work, mode), dtype)
     if not ref.exists():
-        _capture(model, dtype, "sdpa", ref)
+        _capture(model, dtype, "sdpa", ref, mode=mode)
     return ref
 
 
 def run(case: Case, work: Path, *, reference: bool = True) -> precision.Report:
     """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for
     a low-precision target, the reference unless ``reference`` is False)."""
-    base = base_of(case.model, work)
+    base = base_of(case.model, work, case.mode)
     if case.dtype != "fp32" and reference:
-        reference_of(case.model, case.dtype, work)
+        reference_of(case.model, case.dtype, work, case.mode)
     target = work / f"{case.name}.st"
     attn = "eager" if case.target.endswith("eager") else "sdpa"
     _capture(case.model, case.dtype, attn, target, fault=case.fault, block=case.block,
-             fp32acc=case.target.endswith("fp32acc"))
+             fp32acc=case.target.endswith("fp32acc"), mode=case.mode)
     return precision.compare(base, target, jobs=1, auto_reference=reference)
 
 

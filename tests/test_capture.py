@@ -260,3 +260,36 @@ def test_every_kth_block(tmp_path: Path) -> None:
     assert {"lm_head", "encoder.final_layer_norm"} <= modules  # outside the blocks: kept
     with pytest.raises(precision.InputError, match="--every"):
         capture(tmp_path, "bad.st", dtype="fp32", every=0)
+
+
+def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
+    """A stats record of a left-padded batch covers real tokens only, in element order, and
+    its count sketch is the one numpy computes on the same elements."""
+    from precision.dumps.sketch import count_sketch
+    from precision.runtime.tensorstats import SKETCH_CACHE, sketch
+
+    class Heads(nn.Module):
+        def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            b, s, _ = hidden.shape
+            return hidden * 2, hidden.view(b, s, 2, 3).transpose(1, 2)  # (b, heads, s, d)
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    model = Heads()
+    with torch.no_grad(), precision.capture(model, tmp_path / "s.st", mode="stats") as cap:
+        flat, heads = model(hidden, attention_mask=mask)
+    d = cap.dump
+    real = flat[mask.bool()].double().numpy().ravel()
+    st = d.entry("root:out.0").stats
+    assert st["numel"] == real.size and st["padded"] == 2 * 6
+    assert st["norm"] == pytest.approx(np.linalg.norm(real), rel=1e-6)
+    np.testing.assert_allclose(st["sketch"], count_sketch([real]), rtol=1e-12, atol=1e-12)
+    in_order = heads[mask.bool()[:, None, :, None].expand(heads.shape)].double().numpy()
+    st2 = d.entry("root:out.1").stats
+    assert st2["numel"] == in_order.size
+    np.testing.assert_allclose(st2["sketch"], count_sketch([in_order]), atol=1e-12)
+    # chunks past the cached plans give the same sketch as numpy's
+    big = torch.randn(SKETCH_CACHE + 1000, dtype=torch.float64)
+    np.testing.assert_allclose(sketch(big), count_sketch([big.numpy()]), rtol=1e-9, atol=1e-9)

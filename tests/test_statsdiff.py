@@ -29,10 +29,22 @@ def reference(x) -> dict:
            "near_fp16_max": int(np.sum(np.abs(f) >= 0.98 * FP16_MAX)),
            # fp16 rounds these to zero: below half its smallest subnormal 2^-24
            "flush_fp16": flushed}
+    if f.size == x.size:
+        out["sketch"] = reference_sketch(x)
     if f.size == 0:
         return out | dict.fromkeys(STAT_KEYS)
     return out | {"min": f.min(), "max": f.max(), "mean": f.mean(), "std": f.std(),
                   "norm": np.linalg.norm(f), "absmax": np.abs(f).max()}
+
+
+def reference_sketch(x: np.ndarray) -> list[float]:
+    """The count sketch element by element with Python integers: bucket = the top 5 bits of
+    (i x 2654435761) mod 2^32, sign from the next bit."""
+    y = [0.0] * 32
+    for i, v in enumerate(np.asarray(x, np.float64).ravel().tolist()):
+        g = (i * 2654435761) % 2**32
+        y[g >> 27] += -v if (g >> 26) & 1 else v
+    return y
 
 
 def stats(x, chunk: int | None = None) -> dict:
@@ -53,6 +65,26 @@ def check(got: dict, ref: dict, std_rel: float = 1e-9) -> None:
     assert got["mean"] == pytest.approx(ref["mean"], rel=1e-9, abs=1e-300)
     assert got["norm"] == pytest.approx(ref["norm"], rel=1e-12)
     assert got["std"] == pytest.approx(ref["std"], rel=std_rel, abs=1e-300)
+    if "sketch" in ref:
+        scale = float(np.abs(ref["sketch"]).max()) or 1.0
+        assert np.allclose(got["sketch"], ref["sketch"], rtol=1e-12, atol=1e-12 * scale)
+
+
+def test_the_sketch_estimates_the_error_norm() -> None:
+    """E ||y(b) - y(a)||² = ||b - a||²: over many pairs the estimate is unbiased, and one
+    estimate is within about sqrt(2/32) relative."""
+    from precision.dumps.sketch import count_sketch, sketch_distance
+
+    rng = np.random.default_rng(5)
+    ratios = []
+    for _ in range(300):
+        a = rng.standard_normal(5000) * np.where(rng.random(5000) < 0.01, 100.0, 1.0)
+        b = a + rng.standard_normal(5000) * 0.01 * (1 + np.abs(a))
+        est = sketch_distance(count_sketch([a[:1234], a[1234:]]), count_sketch([b]))
+        assert est is not None
+        ratios.append(est**2 / float(np.sum((b - a) ** 2)))
+    assert np.mean(ratios) == pytest.approx(1.0, abs=0.05)
+    assert 0.12 < np.std(ratios) < 0.4  # sqrt(2/32) = 0.25 for a Gaussian d
 
 
 def randn(seed: int, shape, dtype, scale: float = 1.0) -> np.ndarray:

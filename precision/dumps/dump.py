@@ -493,7 +493,11 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
 
 
 def _valid_stats(stats: Any) -> bool:
-    """A stats record: a dict of numbers (or null where there were no finite values)."""
+    """A stats record: a dict of numbers (or null where there were no finite values), and
+    optionally a ``sketch``: a list of finite numbers."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     return isinstance(stats, dict) and all(
-        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-        for v in stats.values())
+        (isinstance(v, list) and all(number(x) and math.isfinite(x) for x in v))
+        if k == "sketch" else (v is None or number(v)) for k, v in stats.items())

@@ -228,13 +228,17 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
 
 def _notes(rows: list[Row]) -> list[str]:
     """What the verdicts left out: padded positions."""
-    padded = [r for r in rows if r.metrics is not None and r.metrics.padded]
-    if not padded:
+    def padded(r: Row) -> tuple[int, int]:
+        if r.metrics is not None:
+            return r.metrics.padded, r.metrics.numel
+        d = r.stats_delta or {}
+        return int(d.get("padded", 0)), int(d.get("numel", 0)) + int(d.get("padded", 0))
+
+    left_out = [padded(r) for r in rows if padded(r)[0]]
+    if not left_out:
         return []
-    r = max(padded, key=lambda r: r.metrics.padded if r.metrics else 0)
-    assert r.metrics is not None
-    share = r.metrics.padded / r.metrics.numel
-    return [f"padding left out: {len(padded)} record(s) with a token axis judged on real "
+    share = max(n / total for n, total in left_out)
+    return [f"padding left out: {len(left_out)} record(s) with a token axis judged on real "
             f"tokens only (up to {share:.0%} of a record's elements are padding, per the "
             "recorded attention masks)"]
 

@@ -113,7 +113,8 @@ def _float_row(b: Dump, t: Dump, p: Pair, row: Row, prof: Profile, topk: int,
                 if valid is None:
                     acc.update(x, y)
                 else:
-                    acc.update(*keep_rows(x, y, valid[start:start + rows], vocab))
+                    keep = valid[start:start + rows]
+                    acc.update(keep_rows(x, keep, vocab), keep_rows(y, keep, vocab))
                 start += rows
                 yield x, y
 

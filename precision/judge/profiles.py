@@ -51,6 +51,8 @@ REF_RMS_RATIO = 3.0
 REF_MAX_RATIO = 8.0
 REF_FLOOR_RMS_EPS = 1.0
 REF_FLOOR_MAX_EPS = 16.0
+#: stats mode: the count-sketch estimate of the error norm against the reference's
+REF_SKETCH_RATIO = 3.0
 KL_MEAN = {"float16": 1e-4, "bfloat16": 5e-3, "tf32": 1e-4, "hf32": 1e-4}
 
 

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from ..dumps.keys import parse_key
 from .generation import summarise
 from .metrics import TensorMetrics
-from .profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO, REF_RMS_RATIO, Profile
+from .profiles import (
+    REF_FLOOR_MAX_EPS,
+    REF_FLOOR_RMS_EPS,
+    REF_MAX_RATIO,
+    REF_RMS_RATIO,
+    REF_SKETCH_RATIO,
+    Profile,
+)
 from .report import Row, Status
 
 #: said when the baseline, not the target, holds the NaN/inf or the clamped values
@@ -227,6 +234,24 @@ def stats_non_finite(row: Row, ctx: Context) -> Verdict | None:
     return None
 
 
+def reference_sketch(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode with a reference: the count-sketch estimate of ``||b - a||``
+    (:mod:`precision.dumps.sketch`) beyond ``REF_SKETCH_RATIO`` times the reference's, and
+    beyond ``eps / 4 x ||a||`` where the reference is nearly exact."""
+    d, ref = row.stats_delta, ctx.other(REFERENCE, row.key)
+    if d is None or ref is None or ref.stats_delta is None:
+        return None
+    gap, ref_gap = d.get("sketch_gap"), ref.stats_delta.get("sketch_gap")
+    if gap is None or ref_gap is None:
+        return None
+    limit = max(REF_SKETCH_RATIO * ref_gap, ctx.profile.eps / 4 * d["norm_base"])
+    if gap <= limit or gap <= ctx.profile.atol:
+        return None
+    return Verdict("DRIFT", f"error norm about {gap / d['norm_base']:.3g} relative (count "
+                            f"sketch), {_times(gap, ref_gap)} the reference's (> "
+                            f"{limit / d['norm_base']:.3g})", gap / limit)
+
+
 def stats_norm_gap(row: Row, ctx: Context) -> Verdict | None:
     """Stats mode: ``| ||b|| - ||a|| | > 2 noise_rms ||a|| + atol sqrt(n)`` proves drift.
 
@@ -270,7 +295,7 @@ def generation_check(row: Row, ctx: Context) -> Verdict | None:
 RULES: tuple[Rule, ...] = (
     non_finite, gradient_norm, gradient_outlier, reference_rms, reference_max, noise_rms,
     noise_max, logits_kl, logits_top1,
-    stats_non_finite, stats_norm_gap, exact_mismatch, generation_check,
+    stats_non_finite, reference_sketch, stats_norm_gap, exact_mismatch, generation_check,
 )
 
 #: statuses a measurement settles (alignment or shapes): no rule overrides them

@@ -15,7 +15,9 @@ import numpy as np
 
 from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX, float_format, is_float
 from ..dumps.dump import Dump
+from ..dumps.sketch import BUCKETS, buckets_and_signs, sketch_distance
 from .moments import Moments
+from .tokens import padding_of, real_elements
 
 
 def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
@@ -26,10 +28,16 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
     n = nan = posinf = neginf = masked = beyond = near = flush = 0
     mom, sq = Moments(), 0.0
     lo, hi = math.inf, -math.inf
+    sketch: np.ndarray | None = np.zeros(BUCKETS)
     for c in chunks:
         x = np.asarray(c, dtype=np.float64).reshape(-1)
-        n += x.size
         keep = np.isfinite(x) & (x > lowest)
+        if sketch is not None and keep.all():
+            bucket, sign = buckets_and_signs(n, x.size)
+            sketch += np.bincount(bucket, weights=sign * x, minlength=BUCKETS)
+        else:
+            sketch = None
+        n += x.size
         if not keep.all():
             nan += int(np.isnan(x).sum())
             posinf += int((x == math.inf).sum())
@@ -50,6 +58,8 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
     out: dict[str, Any] = {"numel": n, "nan": nan, "posinf": posinf, "neginf": neginf,
                            "masked": masked, "beyond_fp16": beyond, "near_fp16_max": near,
                            "flush_fp16": flush}
+    if sketch is not None:
+        out["sketch"] = sketch.tolist()
     if mom.n == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     return out | {"min": lo, "max": hi, "mean": mom.mean_a, "std": math.sqrt(mom.m2a / mom.n),
@@ -67,13 +77,21 @@ def record_stats(d: Dump, key: str, *, chunk: int = 1 << 18,
         return e.stats
     stored = d.resolve(key)
     if stored is not None:
+        if cache is not None and stored in cache:
+            return cache[stored]
         info = d.tensors[stored]
         lowest = float_format(info.dtype).lowest if is_float(info.dtype) else -math.inf
-        if cache is None:
-            return array_stats(d.chunks(stored, chunk), lowest=lowest)
-        if stored not in cache:
-            cache[stored] = array_stats(d.chunks(stored, chunk), lowest=lowest)
-        return cache[stored]
+        # over real tokens only, as a stats-mode capture computes them
+        pad = padding_of(d, stored, tuple(info.shape))
+        if pad is None:
+            stats = array_stats(d.chunks(stored, chunk), lowest=lowest)
+        else:
+            rows = max(1, chunk // pad.width) * pad.width
+            stats = array_stats(real_elements(d.chunks(stored, rows), pad), lowest=lowest)
+            stats["padded"] = pad.padded_elements
+        if cache is not None:
+            cache[stored] = stats
+        return stats
     source = d.entry(e.alias_of) if e is not None and e.alias_of else None
     return source.stats if source is not None else None
 
@@ -106,4 +124,7 @@ def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
         # pinned near the max but within it: values beyond 65504 count as "near" too
         "new_near_fp16_max": max(0, _within(sb) - _within(sa)),
         "numel": int(sa.get("numel", 0)),
+        "padded": int(sa.get("padded", 0)),
+        # an estimate of ||b - a|| from the count sketches (None where one has none)
+        "sketch_gap": sketch_distance(sa.get("sketch") or [], sb.get("sketch") or []),
     }

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..dumps.dump import Dump
-from ..dumps.keys import INPUT_PREFIX, parse_key
+from ..dumps.keys import INPUT_PREFIX
+from ..dumps.padding import MASKS, token_axis
 
 
 def real_tokens(d: Dump, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -55,34 +56,16 @@ class Padding:
 
 
 def padding_of(d: Dump, key: str, shape: tuple[int, ...]) -> Padding | None:
-    """For a record with a token axis, where its padded positions are; None when it has no
-    token axis or nothing is padded.
-
-    The token axis is axis 1 (``(batch, seq, hidden)``), or axis 2 (``(batch, heads, seq,
-    head_dim)``, attention's layout) when axis 1 is not, of the shape of the mask of its
-    stack: ``decoder_attention_mask`` for an encoder-decoder's ``decoder.*`` records,
-    ``attention_mask`` for its ``encoder.*`` records, and for every record of a model with
-    one input stream (decoder-only, encoder-only). Records of an encoder-decoder outside its
-    two stacks (a shared embedding, the head) are left whole: which stream they saw cannot
-    be told from the shape alone.
-    """
-    if len(shape) < 2:
+    """For a record with a token axis (:func:`precision.dumps.padding.token_axis`), where
+    its padded positions are; None when it has none or nothing is padded."""
+    masks = {n: tuple(d.tensors[INPUT_PREFIX + n].shape) for n in MASKS
+             if INPUT_PREFIX + n in d.tensors}
+    found = token_axis(key, shape, masks,
+                       encoder_decoder=INPUT_PREFIX + "decoder_input_ids" in d.tensors)
+    if found is None:
         return None
-    stack = parse_key(key).stack
-    if INPUT_PREFIX + "decoder_input_ids" in d.tensors:
-        names = {"encoder": "attention_mask", "decoder": "decoder_attention_mask"}
-        name = names.get(stack)
-    else:
-        name = "attention_mask"
-    mask_key = INPUT_PREFIX + name if name else ""
-    mask_shape = tuple(d.tensors[mask_key].shape) if mask_key in d.tensors else ()
-    if len(mask_shape) != 2 or shape[0] != mask_shape[0]:
-        return None
-    seq = mask_shape[1]
-    axis = next((a for a in (1, 2) if a < len(shape) and shape[a] == seq), None)
-    if axis is None:
-        return None
-    valid = np.asarray(d[mask_key]) != 0
+    name, axis = found
+    valid = np.asarray(d[INPUT_PREFIX + name]) != 0
     if valid.all():
         return None
     return Padding(valid, int(np.prod(shape[1:axis], dtype=np.int64)),
@@ -99,13 +82,17 @@ def real_chunks(pairs: Iterable[tuple[np.ndarray, np.ndarray]], pad: Padding
         keep = pad.keep(start, rows)
         start += rows
         if keep.any():
-            yield keep_rows(x, y, keep, pad.width)
+            yield keep_rows(x, keep, pad.width), keep_rows(y, keep, pad.width)
 
 
-def keep_rows(x: np.ndarray, y: np.ndarray, keep: np.ndarray, width: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+def real_elements(chunks: Iterable[np.ndarray], pad: Padding) -> Iterator[np.ndarray]:
+    """Chunks of whole rows of one tensor with the padded positions left out."""
+    for x, _ in real_chunks(((c, c) for c in chunks), pad):
+        yield x
+
+
+def keep_rows(x: np.ndarray, keep: np.ndarray, width: int) -> np.ndarray:
     """The elements of the rows ``keep`` marks, of a chunk of whole rows."""
     if keep.all():
-        return x, y
-    rows = keep.size
-    return x.reshape(rows, width)[keep].reshape(-1), y.reshape(rows, width)[keep].reshape(-1)
+        return x
+    return x.reshape(keep.size, width)[keep].reshape(-1)

@@ -33,6 +33,7 @@ from ..dtypes import canonical
 from ..dumps import load
 from ..dumps.dump import Dump, DumpWriter, check_output_path
 from ..dumps.keys import make_key, parse_key
+from ..dumps.padding import MASKS, token_axis
 from ..errors import InputError
 from .compute import compute_settings, environment
 from .streaming import BackgroundWriter
@@ -200,6 +201,9 @@ class Capture:
         self._fsync = fsync
         self._detail = detail
         self._want_inputs = root_inputs
+        #: the model's recorded attention masks (True at real tokens), for stats mode
+        self._token_masks: dict[str, torch.Tensor] = {}
+        self._encoder_decoder = False
         self._backward = backward
         self.loss_scale = loss_scale
         self._grad_calls: dict[str, int] = {}
@@ -365,8 +369,28 @@ class Capture:
         :meth:`expect_inputs`) so another run can replay them."""
         if self._want_inputs:
             self._want_inputs = False
-            for idx, t in flatten(named_arguments(module, args, kwargs)):
+            named = dict(flatten(named_arguments(module, args, kwargs)))
+            for idx, t in named.items():
                 self._store(make_key("input", idx), "input", "in", idx, 0, t, alias=None)
+            self._token_masks = {n: named[n].detach() != 0 for n in MASKS
+                                 if n in named and named[n].dim() == 2}
+            self._encoder_decoder = "decoder_input_ids" in named
+
+    def _real_tokens(self, key: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``t`` at real tokens only (flattened over batch and tokens) for a record with a
+        token axis (:func:`precision.dumps.padding.token_axis`), and how many elements were
+        left out: stats-mode statistics describe what a comparison judges."""
+        shapes = {n: tuple(m.shape) for n, m in self._token_masks.items()}
+        found = token_axis(key, tuple(t.shape), shapes, self._encoder_decoder)
+        if found is None:
+            return t, 0
+        mask, axis = self._token_masks[found[0]], found[1]
+        if bool(mask.all()):
+            return t, 0
+        shape = [mask.shape[0]] + [1] * (t.dim() - 1)
+        shape[axis] = mask.shape[1]
+        real = t.detach()[mask.to(t.device).view(shape).expand(t.shape)]  # in element order
+        return real, t.numel() - real.numel()
 
     def _root_hook(self, module: torch.nn.Module, args: tuple[Any, ...],
                    kwargs: dict[str, Any], output: Any) -> None:
@@ -415,7 +439,10 @@ class Capture:
             self.planned["stats_tensors"] += int(whole)
         else:
             if self.mode == "stats":
-                entry["stats"] = tensor_stats(t, detail=self._detail)
+                real, padded = self._real_tokens(key, t)
+                entry["stats"] = tensor_stats(real, detail=self._detail)
+                if padded:
+                    entry["stats"]["padded"] = padded
             if self.mode == "full" or whole:
                 assert self._bg is not None
                 self._bg.submit(key, entry["dtype"], t)

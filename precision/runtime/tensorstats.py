@@ -12,7 +12,9 @@ Fields: ``numel``, ``min``, ``max``, ``mean``, ``std`` (population), ``norm`` (L
 lowest finite value, -inf included: an additive attention mask, or an overflow; compare
 tells them apart by the count in the other run), ``beyond_fp16`` (finite ``|x| > 65504``)
 and ``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite,
-unmasked values only and are ``None`` when there are none.
+unmasked values only and are ``None`` when there are none. ``sketch``: the count sketch of
+:mod:`precision.dumps.sketch` (32 numbers, float64 on CPU and CUDA), from which compare
+estimates two runs' error norm; left out where the tensor holds NaN, inf or masked values.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
+from ..dumps.sketch import BUCKETS, INDEX_MASK, MULTIPLIER
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
@@ -54,8 +57,11 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     summary = _summary(x, acc)
     lo, hi = summary[0], summary[1]
     if all(math.isfinite(v) for v in summary) and max(abs(lo), abs(hi)) < NEAR_FP16_MAX:
-        return out | _moments(*summary)
-    return out | _exact(x, acc)
+        return out | _moments(*summary) | {"sketch": sketch(x)}
+    exact = _exact(x, acc)
+    if not (exact["nan"] or exact["posinf"] or exact["neginf"] or exact["masked"]):
+        exact["sketch"] = sketch(x)
+    return out | exact
 
 
 def _summary(x: torch.Tensor, acc: torch.dtype) -> list[float]:
@@ -101,3 +107,36 @@ def _exact(x: torch.Tensor, acc: torch.dtype) -> dict[str, Any]:
     moments = {k: (v if math.isfinite(v) else None)
                for k, v in _moments(*_summary(xf, wide)).items()}
     return out | moments | {"beyond_fp16": int(counts2[0]), "near_fp16_max": int(counts2[1])}
+
+
+#: (elements, device) -> bucket and sign of each element, for tensors up to SKETCH_CACHE
+_SKETCH_PLANS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+SKETCH_CACHE = 1 << 22
+SKETCH_CHUNK = 1 << 22
+
+
+def _plan(first: int, n: int, device: torch.device, acc: torch.dtype
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket and sign of elements ``first .. first + n - 1`` (see precision.dumps.sketch)."""
+    i = (torch.arange(first, first + n, device=device, dtype=torch.int64) & INDEX_MASK)
+    g = (i * MULTIPLIER) & 0xFFFFFFFF
+    return g >> 27, (1 - 2 * ((g >> 26) & 1)).to(acc)
+
+
+def sketch(x: torch.Tensor) -> list[float]:
+    """The count sketch of ``x`` (flattened), identical to :func:`precision.dumps.sketch.
+    count_sketch` up to summation order; bucket plans of common sizes are cached."""
+    flat = x.detach().reshape(-1)
+    acc = torch.float64 if flat.device.type in ("cpu", "cuda") else torch.float32
+    y = torch.zeros(BUCKETS, dtype=acc, device=flat.device)
+    n = flat.numel()
+    for start in range(0, n, SKETCH_CHUNK):
+        part = flat[start:start + SKETCH_CHUNK]
+        key = (part.numel(), str(flat.device))
+        plan = _SKETCH_PLANS.get(key) if start == 0 else None
+        if plan is None:
+            plan = _plan(start, part.numel(), flat.device, acc)
+            if start == 0 and part.numel() <= SKETCH_CACHE:
+                _SKETCH_PLANS[key] = plan
+        y.index_add_(0, plan[0], part.to(acc) * plan[1])
+    return [float(v) for v in y.tolist()]
