@@ -260,15 +260,34 @@ def fault_cases(model: str, blocks: tuple[int, ...] = (2, 20)) -> list[Case]:
 
 
 def ratios(report: precision.Report, reference: precision.Report) -> dict[str, list[float]]:
-    """Per record, the target's element-scaled error (rms and max) over the reference's."""
-    ref = {r.key: r.metrics for r in reference.rows if r.metrics is not None}
-    out: dict[str, list[float]] = {"rms": [], "max": []}
+    """Per record, the target's element-scaled error (rms and max) over the reference's, as
+    the reference rules compute them (floors included); in stats mode the count-sketch
+    error estimates' ratio (``sketch``)."""
+    from precision.judge.profiles import (
+        REF_FLOOR_MAX_EPS,
+        REF_FLOOR_RMS_EPS,
+        REF_MAX_RATIO,
+        REF_RMS_RATIO,
+        REF_SKETCH_RATIO,
+    )
+
+    eps = report.profile.eps
+    ref = {r.key: r for r in reference.rows}
+    out: dict[str, list[float]] = {"rms": [], "max": [], "sketch": []}
     for r in report.rows:
-        m, rm = r.metrics, ref.get(r.key)
-        if m is None or rm is None or m.max_abs <= report.profile.atol:
+        other = ref.get(r.key)
+        if other is None:
             continue
-        out["rms"].append(m.noise_rms / max(rm.noise_rms, report.profile.eps / 4))
-        out["max"].append(m.noise_max / max(rm.noise_max, report.profile.eps))
+        m, rm = r.metrics, other.metrics
+        if m is not None and rm is not None and m.max_abs > report.profile.atol:
+            out["rms"].append(m.noise_rms / max(rm.noise_rms,
+                                                REF_FLOOR_RMS_EPS * eps / REF_RMS_RATIO))
+            out["max"].append(m.noise_max / max(rm.noise_max,
+                                                REF_FLOOR_MAX_EPS * eps / REF_MAX_RATIO))
+        d, rd = r.stats_delta, other.stats_delta
+        if d and rd and d.get("sketch_gap") is not None and rd.get("sketch_gap") is not None:
+            floor = eps / 4 * d["norm_base"] / REF_SKETCH_RATIO
+            out["sketch"].append(d["sketch_gap"] / max(rd["sketch_gap"], floor, 1e-300))
     return out
 
 
@@ -284,9 +303,22 @@ def summarise(report: precision.Report, reference: precision.Report | None = Non
                                              if r.metrics), default=0.0), 2)}
     if reference is not None:
         rs = ratios(report, reference)
-        out |= {"max_ratio_rms": round(max(rs["rms"], default=0.0), 3),
-                "max_ratio_max": round(max(rs["max"], default=0.0), 3)}
+        out |= {f"max_ratio_{k}": round(max(v), 3) for k, v in rs.items() if v}
     return out
+
+
+DRIFTS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+
+
+def smallest_drift(model: str, dtype: str, block: int, work: Path, mode: str = "full"
+                   ) -> float | None:
+    """The smallest ordinary-channel drift (fraction of their rms) found first where planted."""
+    for f in DRIFTS:
+        rep = run(Case(model, f"{dtype}-eager", f"drift:{f}", block, mode), work)
+        first = rep.first_divergence
+        if first is not None and first.key.startswith(f"model.layers.{block}"):
+            return f
+    return None
 
 
 def main() -> None:
@@ -294,14 +326,23 @@ def main() -> None:
 
     models = available(tuple(sys.argv[1:]) or DEEP)
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         for m in models:
-            for case in healthy_cases(m) + fault_cases(m):
-                rep = run(case, Path(tmp))
-                ref = (precision.compare(base_of(m, Path(tmp)),
-                                         reference_of(m, case.dtype, Path(tmp)),
+            stats = [Case(c.model, c.target, c.fault, c.block, "stats")
+                     for c in healthy_cases(m) + fault_cases(m) if not c.target.startswith("fp32")]
+            for case in healthy_cases(m) + fault_cases(m) + stats:
+                rep = run(case, work)
+                ref = (precision.compare(base_of(m, work, case.mode),
+                                         reference_of(m, case.dtype, work, case.mode),
                                          auto_reference=False, jobs=1)
                        if case.dtype != "fp32" else None)
                 print(json.dumps({"case": case.name} | summarise(rep, ref)), flush=True)
+            deep = 20 if m.startswith("smollm") else 14
+            for mode in ("full", "stats"):
+                for dtype in ("bf16", "fp16") if m.startswith("smollm") else ("bf16",):
+                    found = {b: smallest_drift(m, dtype, b, work, mode) for b in (2, deep)}
+                    print(json.dumps({"case": f"{m}-{dtype}-{mode}-smallest-drift",
+                                      "by_block": found}), flush=True)
     if not models:
         print(f"no deep model in {REAL_MODELS}: run scripts/get_real_models.py", file=sys.stderr)
 

@@ -47,3 +47,29 @@ def test_fp16_gradient_overflow_is_found(tmp_path: Path) -> None:
     grads = [r for r in report.rows if ":grad" in r.key or ":pgrad" in r.key]
     assert any(r.status in ("OVERFLOW", "NAN") for r in grads)
     assert not report
+
+
+def test_padded_labels_stay_out_of_the_loss(tmp_path: Path) -> None:
+    """A left-padded batch: the loss is the mean over real next tokens only, so a batch's
+    gradients do not depend on how much padding it carries."""
+    import torch
+    import transformers
+
+    from .conftest import QWEN
+
+    out = run_capture(CaptureOptions(model=str(QWEN), output=str(tmp_path / "q.st"),
+                                     backward=True, max_new_tokens=0,
+                                     prompts=("hi", "a much longer prompt with more words")))
+    d = precision.load(out)
+    ids, mask = (torch.from_numpy(d[f"input:{k}"]) for k in ("input_ids", "attention_mask"))
+    assert not mask.all()
+    model = transformers.AutoModelForCausalLM.from_pretrained(QWEN).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             targets.reshape(-1))
+    everything = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert d.meta["backward"]["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(everything) - float(want)) > 1e-3

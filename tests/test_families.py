@@ -269,3 +269,22 @@ def test_compare_tells_other_weights(families: dict[str, dict[str, Path]],
     assert any("come from different weights" in w for w in report.warnings)
     same = precision.compare(families["bert"]["a"], families["bert"]["c"])
     assert not any("different weights" in w for w in same.warnings)
+
+
+def test_two_clips_of_different_lengths_feed_whisper(families: dict[str, dict[str, Path]],
+                                                     tmp_path: Path) -> None:
+    """Whisper pads each clip to its window itself; padding to the longest clip broke it
+    ("expects the mel input features to be of length ..., but found ...")."""
+    from scipy.io import wavfile
+
+    clips = []
+    for i, seconds in enumerate((0.4, 0.9)):
+        t = np.arange(int(16000 * seconds)) / 16000
+        clips.append(tmp_path / f"clip{i}.wav")
+        wavfile.write(clips[-1], 16000, (np.sin(2 * np.pi * 300 * (i + 1) * t) * 9000
+                                         ).astype(np.int16))
+    out = tmp_path / "two.st"
+    code, text = cli("capture", "--model", families["whisper"]["model"], "-q", "-o", out,
+                     "--audio", clips[0], "--audio", clips[1], "--max-new-tokens", "2")
+    assert code == 0, text
+    assert precision.load(out)["input:input_features"].shape == (2, 80, 100)

@@ -39,7 +39,9 @@ def test_report_repr_is_one_line_and_str_is_the_capped_table(t5_runs: dict[str, 
     text = str(report)
     lines = text.splitlines()
     assert lines[0] == report.summary
-    assert re.match(r"\s*#\s+layer\s+status", lines[1])
+    notes = [ln for ln in lines[1:] if ln.startswith("note: ")]
+    assert notes == [f"note: {n}" for n in report.notes] and len(notes) == 2
+    assert re.match(r"\s*#\s+layer\s+status", lines[1 + len(notes)])
     rows = [ln for ln in lines[2:] if re.match(r"\s*\d+\s", ln)]
     assert len(rows) == report.STR_TOP and any("◀ first" in ln for ln in rows)
     assert lines[-1].startswith(f"({len(report.rows) - report.STR_TOP} more rows")

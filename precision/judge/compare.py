@@ -238,9 +238,8 @@ def _notes(rows: list[Row]) -> list[str]:
     if not left_out:
         return []
     share = max(n / total for n, total in left_out)
-    return [f"padding left out: {len(left_out)} record(s) with a token axis judged on real "
-            f"tokens only (up to {share:.0%} of a record's elements are padding, per the "
-            "recorded attention masks)"]
+    return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
+            f"{share:.0%} of a record is padding, per the recorded attention masks)"]
 
 
 def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
@@ -253,9 +252,9 @@ def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profil
                 f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
                 f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
     if dtypes[TARGET] in ("float16", "bfloat16") or dtypes[BASE] in ("float16", "bfloat16"):
-        return [f"no same-precision reference: fixed limits ({prof.in_eps(prof.noise_rms):g} "
-                "eps rms); for deep models capture the baseline with --expect "
-                f"{short(dtypes[TARGET])} (docs/verdicts.md)"]
+        return [f"no same-precision reference, so fixed limits ({prof.in_eps(prof.noise_rms):g} "
+                "eps rms): for verdicts that hold at depth, capture the baseline with "
+                f"--expect {short(dtypes[TARGET])}"]
     return []
 
 

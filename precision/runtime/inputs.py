@@ -200,14 +200,27 @@ def _audio(path: Path, files: Sequence[str]) -> dict[str, torch.Tensor]:
             audio = resample_poly(audio, want // g, rate // g).astype(np.float32)
         clips.append(audio)
     kw: dict[str, Any] = {"return_tensors": "pt", "sampling_rate": want}
-    if len(clips) > 1:
-        kw["padding"] = True
+    if len(clips) > 1 and not _pads_by_itself(fe):
+        kw["padding"] = True  # clips of different lengths in one batch
     try:
         enc = fe(clips, **kw)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"cannot prepare --audio for {path}: {first}") from None
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def _pads_by_itself(fe: Any) -> bool:
+    """Whether a feature extractor pads every clip by default (Whisper pads to its window,
+    ``padding="max_length"``, and needs exactly that length): ``padding=True`` would
+    override it with the longest clip's length."""
+    import inspect
+
+    try:
+        default = inspect.signature(fe.__call__).parameters["padding"].default
+    except (KeyError, TypeError, ValueError):
+        return False
+    return bool(default) and default is not inspect.Parameter.empty
 
 
 def read_feed(file: str) -> dict[str, torch.Tensor]:

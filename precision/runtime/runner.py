@@ -347,10 +347,15 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
 def _training_step(loaded: LoadedModel, inputs: dict[str, torch.Tensor], loss_scale: float,
                    cap: Capture) -> dict[str, Any]:
     """Forward, next-token cross-entropy (in fp32) times ``loss_scale``, backward; then the
-    parameter gradients. Dropout stays off (eval mode) so two runs are comparable."""
+    parameter gradients. Dropout stays off (eval mode) so two runs are comparable. Padded
+    targets (the recorded mask of the targets' positions is 0) are left out of the loss."""
     import warnings
 
-    targets = inputs.get("decoder_input_ids", inputs["input_ids"])
+    decoder = "decoder_input_ids" in inputs
+    targets = inputs["decoder_input_ids" if decoder else "input_ids"]
+    mask = inputs.get("decoder_attention_mask" if decoder else "attention_mask")
+    if mask is not None and mask.shape == targets.shape:
+        targets = targets.masked_fill(mask == 0, -100)  # cross_entropy's ignore_index
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*backward hook.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook.*")
