@@ -74,6 +74,13 @@ BLOCKS: dict[str, Block] = {
         "precision compare base.st fp16.st -q",
         f"precision capture --model {OVERFLOW} --dtype fp16 --replay base.st -o fixed.st",
         "precision compare base.st fixed.st -q")),
+    # docs/verdicts.md: a decoder's left-padded batch, judged against its bf16 reference
+    "verdicts-reference": Block("reference", (
+        "precision capture --model fixtures/tiny-qwen3 --dtype fp32 --expect bf16 "
+        "--prompt 'hi' --prompt 'a longer prompt, padded on the left' -o q32.st",
+        "precision capture --model fixtures/tiny-qwen3 --dtype bf16 --replay q32.st "
+        "-o qbf16.st -q",
+        "precision compare q32.st qbf16.st --top 2")),
     # docs/seed-workflows.md
     "seed-qwen-bf16": Block("seed", (
         "precision capture --model fixtures/tiny-qwen3 --dtype fp32 --max-new-tokens 8 "
