@@ -18,8 +18,9 @@ fails when this file and the code disagree.
 
 Exit codes for every command: **0** success, **1** the check found trouble (`compare` and
 `report`: a flagged row, see `--fail-on`; `scan`: a layer overflows or saturates;
-`isolate`: a culprit; `suggest`: no fix within the budget; `consistency`: runs differ),
-**2** bad input or usage (one line on stderr starting with `error:`).
+`isolate`: a culprit, or a target run that overflows or turns NaN; `suggest`: no fix within
+the budget; `consistency`: runs differ), **2** bad input or usage (one line on stderr
+starting with `error:`).
 """
 
 

@@ -54,13 +54,13 @@ BLOCKS: dict[str, Block] = {
     "overflow-scan": Block("overflow", (
         f"precision scan --model {OVERFLOW} --dtype fp32 --top 4",)),
     "overflow-compare": Block("overflow", (
-        f"precision capture --model {OVERFLOW} --dtype fp32 --inputs '*' -o base.st",
+        f"precision capture --model {OVERFLOW} --dtype fp32 -o base.st",
         f"precision capture --model {OVERFLOW} --dtype fp16 --keep-fp32 none "
         "--replay base.st -o fp16.st",
-        "precision compare base.st fp16.st --only-flagged --top 6"), keep=(1, 1, 4)),
+        "precision compare base.st fp16.st --only-flagged --top 6"), keep=(1, 1, 6)),
     "overflow-isolate": Block("overflow", (
         f"precision isolate base.st --model {OVERFLOW} --dtype fp16 --target fp16.st "
-        "--only-flagged",), keep=(6,)),
+        "--only-flagged",), keep=(12,)),
     "overflow-suggest": Block("overflow", (
         f"precision suggest --model {OVERFLOW} --dtype fp16 --keep-fp32 none",)),
     # README.md: step 3 on the same dumps

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForSeq2SeqLM
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import precision
 from precision.cli import main
@@ -104,26 +105,161 @@ def test_isolate_names_the_culprit_and_the_inherited(overflow_runs: dict[str, Pa
     report = precision.isolate(overflow_runs["base"], str(T5_OVERFLOW), dtype="fp16",
                                target=overflow_runs["target"])
     assert [r.key for r in report.culprits] == [OVERFLOW_WO]
-    assert report.culprits[0].local.new_inf > 0
+    assert report.culprits[0].local is not None and report.culprits[0].local.new_inf > 0
     q = next(r for r in report.rows if r.key == "encoder.block.3.layer.0.SelfAttention.q:out")
     assert q.verdict == "inherited" and q.local_status == "OK"
     assert q.accumulated is not None and q.accumulated.status == "DRIFT"
     norm = next(r for r in report.rows if r.key == "encoder.block.3.layer.0.layer_norm:out")
     assert norm.verdict == "inherited" and "does not fit fp16" in norm.local_reason
-    assert report.skipped > 0  # attention blocks called with masks cannot run alone
+    assert "no worse than that implies" in norm.local_reason
+    # blocks called with masks and position bias are re-run too: they enclose the culprit
+    by_key = {r.key: r for r in report.rows}
+    for key in ("encoder.block.2:out.0", "encoder.block.2.layer.1:out",
+                "encoder.block.2.layer.1.DenseReluDense:out"):
+        assert by_key[key].verdict == "encloses" and OVERFLOW_WO in by_key[key].local_reason
+    assert by_key["encoder.block.3:out.0"].verdict == "inherited"
+    assert by_key["decoder.block.1:out.0"].verdict in ("ok", "inherited")
+    assert report.skipped == 0 and not report.unknown and not report
 
 
 def test_isolate_healthy_has_no_culprit_and_needs_inputs(overflow_runs: dict[str, Path],
-                                                        t5_runs: dict[str, Path]) -> None:
+                                                        t5_runs: dict[str, Path],
+                                                        make_dump: Callable[..., Path]) -> None:
     report = precision.isolate(overflow_runs["base"], str(T5_OVERFLOW), dtype="bf16")
-    assert report and not report.culprits
-    with pytest.raises(precision.InputError, match="--inputs"):
-        precision.isolate(t5_runs["fp16"], str(T5), dtype="fp16")
+    assert report and not report.culprits and report.summary.startswith("PASS")
+    healthy = precision.isolate(t5_runs["base"], str(T5), dtype="fp16",
+                                target=t5_runs["fp16"])
+    assert healthy and {r.verdict for r in healthy.rows} == {"ok"}, healthy.summary
+    assert any(r.key == "encoder.block.1:out.0" for r in healthy.rows)
+    bare = make_dump("bare.st", {"encoder.block.0:out.0": np.zeros((1, 2, 4), np.float32)})
+    with pytest.raises(precision.InputError, match="input:"):
+        precision.isolate(bare, str(T5), dtype="fp16")
     with pytest.raises(precision.InputError, match="different model"):
         precision.isolate(overflow_runs["base"], str(FIXTURE_QWEN), dtype="fp16")
 
 
 FIXTURE_QWEN = T5.parent / "tiny-qwen3"
+#: the Qwen3 decoder layer whose own residual adds overflow fp16 (none of its submodules do)
+QWEN_LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def qwen_residual_overflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-qwen3 with the residual stream's channel 0 at 40000 (embedding column 0) and
+    layer 2's o_proj and down_proj each adding 15000 to it: the layer's two residual adds
+    reach 70000, while its attention and MLP outputs stay at 15000."""
+    out = tmp_path_factory.mktemp("qwen") / "tiny-qwen3-residual-overflow"
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE_QWEN).eval()
+    layer = model.model.layers[QWEN_LAYER]
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def mean_input(mod: torch.nn.Module) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        handle = mod.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        model(input_ids=ids, use_cache=False)
+        handle.remove()
+        return seen[0].reshape(-1, seen[0].shape[-1]).mean(0)
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 40000.0
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            u = mean_input(proj)  # (nearly) every token's input: the stream is all channel 0
+            proj.weight[0] = 15000.0 * u / u.dot(u)
+    model.save_pretrained(out)
+    for f in FIXTURE_QWEN.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_runs(qwen_residual_overflow: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, Path]:
+    """fp32 baseline (no --inputs: isolate needs only the model inputs) and fp16 target."""
+    d = tmp_path_factory.mktemp("qruns")
+    model = str(qwen_residual_overflow)
+    base = run_capture(CaptureOptions(model=model, output=str(d / "base.st")))
+    target = run_capture(CaptureOptions(model=model, output=str(d / "t.st"), dtype="fp16",
+                                        keep_fp32=("none",), replay=str(base)))
+    return {"base": base, "target": target}
+
+
+def test_qwen_overflow_is_made_by_the_layer_not_its_submodules(
+        qwen_residual_overflow: Path, qwen_runs: dict[str, Path]) -> None:
+    """The premise, in fp32: the layer's input and every submodule output fit fp16, its
+    output does not; and the fp16 run overflows there."""
+    model = AutoModelForCausalLM.from_pretrained(qwen_residual_overflow).eval()
+    name = f"model.layers.{QWEN_LAYER}"
+    layer = model.model.layers[QWEN_LAYER]
+    absmax: dict[str, float] = {}
+    handles = [m.register_forward_hook(
+        lambda _m, _a, o, n=n: absmax.__setitem__(n, float(o[0].abs().max()) if isinstance(
+            o, tuple) else float(o.abs().max())))
+        for n, m in layer.named_modules(prefix=name)]
+    handles.append(layer.register_forward_pre_hook(
+        lambda _m, a, k: absmax.__setitem__("input", float(
+            (a[0] if a else k["hidden_states"]).abs().max())), with_kwargs=True))
+    ids = torch.from_numpy(precision.load(qwen_runs["base"])["input:input_ids"])
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    subs = {n: v for n, v in absmax.items() if n.startswith(name + ".")}
+    assert len(subs) >= 10 and max(subs.values()) < 65504 < absmax[name]
+    assert absmax["input"] < 65504
+    compared = precision.compare(qwen_runs["base"], qwen_runs["target"])
+    assert compared.first_divergence.key == f"{name}:out"
+    assert compared.first_divergence.status == "OVERFLOW"
+
+
+def test_isolate_names_the_decoder_layer_whose_residual_add_overflows(
+        qwen_residual_overflow: Path, qwen_runs: dict[str, Path]) -> None:
+    report = precision.isolate(qwen_runs["base"], str(qwen_residual_overflow), dtype="fp16",
+                               target=qwen_runs["target"])
+    layer = f"model.layers.{QWEN_LAYER}:out"
+    assert [r.key for r in report.culprits] == [layer], report.summary
+    assert not report and report.summary.startswith(f"FAIL [fp32->fp16]: culprit: {layer}")
+    assert report.culprits[0].local_status == "OVERFLOW"
+    by_key = {r.key: r for r in report.rows}
+    # every submodule of the layer was re-run, in range and fine alone
+    subs = [r for k, r in by_key.items() if k.startswith(f"model.layers.{QWEN_LAYER}.")]
+    assert len(subs) >= 10 and all(r.verdict == "ok" for r in subs)
+    # the norm fed the overflowed stream inherits it, and says so
+    norm = by_key["model.norm:out"]
+    assert norm.verdict == "inherited" and "does not fit fp16" in norm.local_reason
+    assert by_key[f"model.layers.{QWEN_LAYER + 1}:out"].verdict == "inherited"
+    assert by_key["model:out.last_hidden_state"].verdict == "encloses"
+    assert report.calls > 60 and report.skipped == 0 and not report.unknown
+    page = report._repr_html_()
+    assert "culprit" in page and "encloses" in page and f"model.layers.{QWEN_LAYER}:out" in page
+
+
+def test_isolate_a_module_that_cannot_rerun_is_unknown_and_never_passes(
+        qwen_residual_overflow: Path, qwen_runs: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+    forward = Qwen3DecoderLayer.forward
+
+    def no_half(self: Qwen3DecoderLayer, hidden_states: torch.Tensor, *args: object,
+                **kwargs: object) -> torch.Tensor:
+        if hidden_states.dtype == torch.float16 and self.self_attn.layer_idx == QWEN_LAYER:
+            raise RuntimeError("no fp16 kernel for this op\n(second line)")
+        return forward(self, hidden_states, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Qwen3DecoderLayer, "forward", no_half)
+    report = precision.isolate(qwen_runs["base"], str(qwen_residual_overflow), dtype="fp16",
+                               target=qwen_runs["target"])
+    row = next(r for r in report.rows if r.key == f"model.layers.{QWEN_LAYER}:out")
+    assert row.verdict == "unknown" and row.local is None
+    assert row.local_reason == ("re-running it alone raised RuntimeError: no fp16 kernel for "
+                                "this op")
+    assert not report.culprits and report.unknown
+    assert not report and report.summary.startswith("FAIL") and "PASS" not in report.summary
+    assert "OVERFLOW/NAN" in report.summary and "could not be re-run" in report.summary
+    assert any("full run in fp16 failed" in n for n in report.notes)
+    # without a target run to say it overflowed, nothing alone is beyond the profile
+    assert precision.isolate(qwen_runs["base"], str(qwen_residual_overflow), dtype="fp16")
 
 
 # ---------------------------------------------------------------- suggest
@@ -191,6 +327,15 @@ def test_cli_scan_suggest_isolate(tmp_path: Path, overflow_runs: dict[str, Path]
                              str(T5_OVERFLOW), "-q"])
     assert r.exit_code == 1 and "culprit: " + OVERFLOW_WO in r.output
     assert np.isfinite(precision.load(overflow_runs["base"])[OVERFLOW_WO]).all()
+
+
+def test_cli_isolate_decoder_layer_culprit(qwen_residual_overflow: Path,
+                                           qwen_runs: dict[str, Path]) -> None:
+    r = CliRunner().invoke(main, ["isolate", str(qwen_runs["base"]), "--model",
+                                  str(qwen_residual_overflow), "--dtype", "fp16", "--target",
+                                  str(qwen_runs["target"]), "-q"])
+    assert r.exit_code == 1, r.output
+    assert f"culprit: model.layers.{QWEN_LAYER}:out" in r.output and "PASS" not in r.output
 
 
 def test_results_render_in_jupyter(t5_runs: dict[str, Path]) -> None:

@@ -169,21 +169,28 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
 @click.option("--keep-fp32", multiple=True, default=("none",), show_default=True,
               metavar="auto|none|GLOB", help="Dtype policy for the re-run, as for capture.")
 @click.option("--target", metavar="TARGET.st",
-              help="A full run in the target dtype, for the accumulated error column.")
-@click.option("--only-flagged", is_flag=True, help="Show only culprits and inherited rows.")
+              help="A full run in the target dtype, for the accumulated error column; when it "
+                   "overflows or turns NaN, the result is never a pass.")
+@click.option("--only-flagged", is_flag=True, help="Show only the rows that are not ok.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @guard
 def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str, ...],
             target: str | None, only_flagged: bool, quiet: bool) -> None:
-    """Local vs inherited error: re-run each module alone on the baseline's inputs.
+    """Local vs inherited error: re-run every module alone on the baseline's inputs.
 
     \b
-    BASE.st must hold module inputs (capture it with --inputs '*'):
-      precision capture --model DIR --dtype fp32 --inputs '*' -o base.st
+    Any capture of the model will do as BASE.st (it needs only the model inputs):
+      precision capture --model DIR --dtype fp32 -o base.st
       precision capture --model DIR --dtype fp16 --keep-fp32 none --replay base.st -o t.st
       precision isolate base.st --model DIR --dtype fp16 --target t.st
-    A module whose error alone is beyond the profile is a culprit; one that is only bad in
-    the full run inherited its error. Exit code 1 when there is a culprit.
+    The model runs once in fp32 on BASE.st's inputs, keeping every module call's arguments
+    (decoder layers with their masks, position embeddings and flags included; caches off),
+    then each module runs alone on them in --dtype and is measured against its fp32 output.
+    Verdicts: culprit (inputs finite and in range, alone beyond the profile: the overflow or
+    error is made here), encloses (a module it calls is the culprit), inherited (its inputs
+    already overflowed and its output is no worse than that implies, or it is only bad in the
+    full run), unknown (re-running it raised), ok. Exit code 1 when there is a culprit, or
+    when the --target run has an OVERFLOW or NAN record.
     """
     from ..doctor.isolation import isolate as run_isolate
     from ..dtypes import canonical

@@ -206,21 +206,25 @@ def print_suggestion(s: Suggestion) -> None:
 
 
 def print_isolate(report: IsolateReport, *, only_flagged: bool = False) -> None:
-    """Local error next to accumulated error, with the verdict per module."""
+    """Local error next to accumulated error, with the verdict per module output."""
     con = _console()
     con.print(f"[{'bold green' if report else 'bold red'}]{escape(report.summary)}[/]")
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("#", "layer", "verdict", "local rel_l2", "local", "accumulated rel_l2",
                 "accumulated", "why"):
         table.add_column(col, no_wrap=col != "why")
-    style = {"culprit": "bold red", "inherited": "yellow", "ok": "green"}
+    style = {"culprit": "bold red", "encloses": "red", "unknown": "bold magenta",
+             "inherited": "yellow", "ok": "green"}
     for r in report.rows:
         if only_flagged and r.verdict == "ok":
             continue
         acc = r.accumulated
         acc_m = acc.metrics if acc is not None else None
-        table.add_row(str(r.order), escape(r.key), f"[{style[r.verdict]}]{r.verdict}[/]",
-                      _fmt(r.local.rel_l2), r.local_status,
+        table.add_row("-" if r.order < 0 else str(r.order), escape(r.key),
+                      f"[{style[r.verdict]}]{r.verdict}[/]",
+                      _fmt(r.local.rel_l2 if r.local else None), r.local_status,
                       _fmt(acc_m.rel_l2) if acc_m else "-", acc.status if acc else "-",
                       escape(r.local_reason or (acc.reason if acc else "")))
     con.print(table)
+    for note in report.notes:
+        con.print(f"note: {escape(note)}")
