@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,17 @@ def plant(model: nn.Module, fault: str, block: int) -> list[Any]:
             return _truncate(total.float() + rest, x.dtype)
 
         return [down.register_forward_hook(trunc)]
+    if fault.startswith("grad-drift:"):
+        fraction = float(fault.split(":")[1])
+        gen = torch.Generator().manual_seed(11)
+
+        def noisy(_m: nn.Module, grad_input: Any, _grad_output: Any) -> Any:
+            g = grad_input[0]
+            scale = g.float().pow(2).mean().sqrt()
+            moved = g + (torch.randn(g.shape, generator=gen) * fraction * scale).to(g.dtype)
+            return (moved, *grad_input[1:])
+
+        return [layer.register_full_backward_hook(noisy)]
     if fault.startswith("drift:"):
         fraction = float(fault.split(":")[1])
         gen = torch.Generator().manual_seed(7)
@@ -186,12 +198,15 @@ class Case:
     block: int = 0
     #: ``full`` or ``stats`` (every run of the case: base, reference and target)
     mode: str = "full"
+    #: one training step (next-token loss over real tokens, backward) instead of a forward
+    backward: bool = False
 
     @property
     def name(self) -> str:
         return (f"{self.model}-{self.target}" + (f"-{self.fault}@{self.block}" if self.fault
                                                  else "")
-                + ("-stats" if self.mode == "stats" else ""))
+                + ("-stats" if self.mode == "stats" else "")
+                + ("-step" if self.backward else ""))
 
     @property
     def dtype(self) -> str:
@@ -199,43 +214,57 @@ class Case:
 
 
 def _capture(name: str, dtype: str, attn: str, path: Path, *, fault: str = "",
-             block: int = 0, fp32acc: bool = False, mode: str = "full") -> Path:
+             block: int = 0, fp32acc: bool = False, mode: str = "full",
+             backward: bool = False) -> Path:
     model, inputs = load(name, dtype, attn)
     handles = plant(model, fault, block) if fault else []
     ctx = linear_fp32_accumulate() if fp32acc else contextlib.nullcontext()
-    with torch.no_grad(), ctx, precision.capture(model, path, force=True, mode=mode):
-        model(**inputs)
+    with ctx, warnings.catch_warnings(), precision.capture(model, path, force=True, mode=mode,
+                                                          backward=backward) as cap:
+        warnings.filterwarnings("ignore", message=".*backward hook.*")
+        if not backward:
+            with torch.no_grad():
+                model(**inputs)
+        else:
+            logits = model(**inputs).logits
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                            targets.reshape(-1)).backward()
+            cap.add_parameter_grads()
     for h in handles:
         h.remove()
     return path
 
 
-def base_of(model: str, work: Path, mode: str = "full") -> Path:
-    """The fp32 baseline (sdpa), captured once per ``work`` folder and mode."""
-    base = work / f"{model}-fp32{'-stats' if mode == 'stats' else ''}.st"
+def base_of(model: str, work: Path, mode: str = "full", backward: bool = False) -> Path:
+    """The fp32 baseline (sdpa), captured once per ``work`` folder, mode and kind of run."""
+    base = work / (f"{model}-fp32{'-stats' if mode == 'stats' else ''}"
+                   f"{'-step' if backward else ''}.st")
     if not base.exists():
-        _capture(model, "fp32", "sdpa", base, mode=mode)
+        _capture(model, "fp32", "sdpa", base, mode=mode, backward=backward)
     return base
 
 
-def reference_of(model: str, dtype: str, work: Path, mode: str = "full") -> Path:
+def reference_of(model: str, dtype: str, work: Path, mode: str = "full",
+                 backward: bool = False) -> Path:
     """The baseline's same-precision reference, where ``compare`` finds it by itself."""
-    ref = reference_path(base_of(model, work, mode), dtype)
+    ref = reference_path(base_of(model, work, mode, backward), dtype)
     if not ref.exists():
-        _capture(model, dtype, "sdpa", ref, mode=mode)
+        _capture(model, dtype, "sdpa", ref, mode=mode, backward=backward)
     return ref
 
 
 def run(case: Case, work: Path, *, reference: bool = True) -> precision.Report:
     """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for
     a low-precision target, the reference unless ``reference`` is False)."""
-    base = base_of(case.model, work, case.mode)
+    base = base_of(case.model, work, case.mode, case.backward)
     if case.dtype != "fp32" and reference:
-        reference_of(case.model, case.dtype, work, case.mode)
+        reference_of(case.model, case.dtype, work, case.mode, case.backward)
     target = work / f"{case.name}.st"
     attn = "eager" if case.target.endswith("eager") else "sdpa"
     _capture(case.model, case.dtype, attn, target, fault=case.fault, block=case.block,
-             fp32acc=case.target.endswith("fp32acc"), mode=case.mode)
+             fp32acc=case.target.endswith("fp32acc"), mode=case.mode, backward=case.backward)
     return precision.compare(base, target, jobs=1, auto_reference=reference)
 
 

@@ -103,3 +103,29 @@ def test_faults_at_depth_are_found_in_stats_mode(work: Path, fault: str, block: 
     assert report.first_divergence is not None, dc.summarise(report)
     assert report.first_divergence.key == first, dc.summarise(report)
     assert "count sketch" in report.first_divergence.reason
+
+
+def test_healthy_training_step_of_a_deep_decoder_passes(work: Path) -> None:
+    """One bf16 step (loss over real tokens of a left-padded batch): activations and
+    gradients within what bf16 costs; the fixed limits alone flag it."""
+    _need("smollm2-135m")
+    case = dc.Case("smollm2-135m", "bf16-fp32acc", backward=True)
+    report = dc.run(case, work)
+    assert report, dc.summarise(report)
+    assert sum(r.key.endswith(":pgrad") for r in report.rows) > 200
+    fixed = precision.compare(dc.base_of("smollm2-135m", work, backward=True),
+                              work / f"{case.name}.st", auto_reference=False, jobs=1)
+    assert not fixed
+
+
+@pytest.mark.parametrize(("block", "first"), [(20, "model.layers.19.mlp.down_proj:grad.0"),
+                                              (2, "model.layers.1.mlp.down_proj:grad.0")])
+def test_gradient_fault_is_found_where_it_enters(work: Path, block: int, first: str) -> None:
+    """25% noise added to the gradient leaving block ``block`` backwards: the first record
+    it reaches is the gradient of the block below's last module."""
+    _need("smollm2-135m")
+    report = dc.run(dc.Case("smollm2-135m", "bf16-fp32acc", "grad-drift:0.25", block,
+                            backward=True), work)
+    assert report.first_divergence is not None, dc.summarise(report)
+    assert report.first_divergence.key == first, dc.summarise(report)
+    assert "the reference's" in report.first_divergence.reason

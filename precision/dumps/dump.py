@@ -246,9 +246,11 @@ class Dump:
 
     @property
     def common_float_dtype(self) -> str | None:
-        """The most common float dtype of the records (what a run with no recorded dtype,
-        such as a Python capture or another tool's file, most likely computed in)."""
-        floats = [e.dtype for e in self.entries if is_float(e.dtype)]
+        """The most common float dtype of the module outputs, else of all records (what a run
+        with no recorded dtype, a Python capture or another tool's file, most likely computed
+        in; a training step's gradients are recorded in fp32 whatever it computed in)."""
+        floats = ([e.dtype for e in self.entries if is_float(e.dtype) and e.kind == "out"]
+                  or [e.dtype for e in self.entries if is_float(e.dtype)])
         return max(set(floats), key=floats.count) if floats else None
 
     @property

@@ -101,15 +101,16 @@ def _noisy(row: Row, ctx: Context, *, gradient: bool) -> TensorMetrics | None:
     m = row.metrics
     if m is None or m.max_abs <= ctx.profile.atol or parse_key(row.key).is_gradient != gradient:
         return None
-    return m if gradient or _reference(row, ctx) is None else None
+    return m if _reference(row, ctx, gradient=gradient) is None else None
 
 
-def _reference(row: Row, ctx: Context) -> tuple[TensorMetrics, TensorMetrics] | None:
-    """An activation's metrics and the reference run's of the same key, when both exist
-    (gradients keep their norm rules: :func:`gradient_norm`)."""
+def _reference(row: Row, ctx: Context, *, gradient: bool = False
+               ) -> tuple[TensorMetrics, TensorMetrics] | None:
+    """The row's metrics and the reference run's of the same key, when both exist and the
+    row is of the kind asked for (activation, or ``gradient``)."""
     ref = ctx.other(REFERENCE, row.key)
     if (row.metrics is None or ref is None or ref.metrics is None
-            or parse_key(row.key).is_gradient):
+            or parse_key(row.key).is_gradient != gradient):
         return None
     return row.metrics, ref.metrics
 
@@ -145,6 +146,29 @@ def reference_max(row: Row, ctx: Context) -> Verdict | None:
                             f"reference's worst {prof.in_eps(ref.noise_max):.3g} eps "
                             f"(> {prof.in_eps(limit):.3g})",
                    m.noise_max / limit)
+
+
+def reference_gradient(row: Row, ctx: Context) -> Verdict | None:
+    """Gradients with a reference: ``rel_l2`` beyond ``REF_RMS_RATIO`` times the reference's
+    (and ``REF_FLOOR_RMS_EPS`` eps), or ``max|d| / max|a|`` beyond ``REF_MAX_RATIO`` times
+    the reference's (and ``REF_FLOOR_MAX_EPS`` eps): the backward pass's accumulated error
+    grows with depth like the forward's, and the reference carries it too."""
+    both, prof = _reference(row, ctx, gradient=True), ctx.profile
+    if both is None or both[0].max_abs <= prof.atol:
+        return None
+    m, ref = both
+    limit = max(REF_RMS_RATIO * ref.rel_l2, REF_FLOOR_RMS_EPS * prof.eps)
+    if m.rel_l2 > limit:
+        return Verdict("DRIFT", f"gradient rel_l2 {m.rel_l2:.3g}, "
+                                f"{_times(m.rel_l2, ref.rel_l2)} the reference's "
+                                f"{ref.rel_l2:.3g} (> {limit:.3g})", m.rel_l2 / limit)
+    worst, ref_worst = (x.max_abs / x.absmax_base if x.absmax_base else 0.0 for x in (m, ref))
+    limit = max(REF_MAX_RATIO * ref_worst, REF_FLOOR_MAX_EPS * prof.eps)
+    if worst > limit:
+        return Verdict("DRIFT", f"gradient outlier: max|d| {worst:.3g} x max|a|, "
+                                f"{_times(worst, ref_worst)} the reference's (> {limit:.3g})",
+                       worst / limit)
+    return None
 
 
 def _times(value: float, ref: float) -> str:
@@ -293,7 +317,8 @@ def generation_check(row: Row, ctx: Context) -> Verdict | None:
 
 #: the rules in the order they are tried; the first verdict decides
 RULES: tuple[Rule, ...] = (
-    non_finite, gradient_norm, gradient_outlier, reference_rms, reference_max, noise_rms,
+    non_finite, reference_gradient, gradient_norm, gradient_outlier, reference_rms,
+    reference_max, noise_rms,
     noise_max, logits_kl, logits_top1,
     stats_non_finite, reference_sketch, stats_norm_gap, exact_mismatch, generation_check,
 )
