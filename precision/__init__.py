@@ -59,11 +59,19 @@ def capture(model: Any, path: Any = None, **options: Any) -> Capture:
     return Capture(model, path, **options)
 
 
-def keep_fp32(model: Any, patterns: Any) -> list[str]:
-    """Keep the modules of ``model`` matching glob ``patterns`` in fp32; returns their names."""
-    from .runtime.models import keep_fp32 as _keep
+def keep_fp32(model: Any, patterns: Any, *, hand_on: str = "auto") -> list[str]:
+    """Keep the modules of ``model`` matching glob ``patterns`` in fp32; returns their names.
 
-    return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns))
+    They compute in fp32 on upcast inputs and hand their outputs on in the model's compute
+    dtype (``hand_on="compute"``) or in fp32 (``"fp32"``: a residual stream in fp32, the
+    modules after them still computing in fp16/bf16); ``"auto"`` is ``fp32`` for the modules
+    the model keeps in fp32 itself (T5's ``wo``) and ``compute`` for the rest. A glob may
+    carry its own: ``'model.layers.*:fp32'``. See :mod:`precision.runtime.keep`.
+    """
+    from .runtime.keep import keep_fp32 as _keep
+
+    return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns),
+                 hand_on=hand_on)
 
 
 def suggest(model: str, **options: Any) -> Suggestion:

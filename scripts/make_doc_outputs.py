@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 MARKER = re.compile(r"^<!-- make_doc_outputs: ([\w-]+) -->\n```\n(.*?)```\n", re.M | re.S)
 OVERFLOW = "fixtures/tiny-flan-t5-overflow"
+RESIDUAL = "fixtures/tiny-llama-overflow"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,24 @@ BLOCKS: dict[str, Block] = {
         "--only-flagged",), keep=(12,)),
     "overflow-suggest": Block("overflow", (
         f"precision suggest --model {OVERFLOW} --dtype fp16 --keep-fp32 none",)),
+    # docs/fp16-overflow.md, section 5: a residual stream beyond fp16's range
+    "residual-compare": Block("residual", (
+        f"precision capture --model {RESIDUAL} --dtype fp32 -o base.st",
+        f"precision capture --model {RESIDUAL} --dtype fp16 --keep-fp32 none "
+        "--replay base.st -o fp16.st",
+        "precision compare base.st fp16.st --only-flagged --top 3"), keep=(1, 1, 6)),
+    "residual-fixed": Block("residual", (
+        f"precision capture --model {RESIDUAL} --dtype fp16 --keep-fp32 none "
+        "--keep-fp32 'model.layers.*' --replay base.st -o layers.st",
+        "precision compare base.st layers.st -q",
+        f"precision capture --model {RESIDUAL} --dtype bf16 --replay base.st -o bf16.st",
+        "precision compare base.st bf16.st -q",
+        f"precision capture --model {RESIDUAL} --dtype fp16 --keep-fp32 none "
+        "--keep-fp32 'model.layers.*:fp32' --replay base.st -o layers32.st",
+        "precision compare base.st layers32.st -q",
+        f"precision capture --model {RESIDUAL} --dtype fp16 --keep-fp32 none "
+        "--keep-fp32 'model.embed_tokens:fp32' --replay base.st -o residual32.st",
+        "precision compare base.st residual32.st -q"), keep=(1, 1, 1, 1, 1, 1, 1, 1)),
     # README.md: step 3 on the same dumps
     "readme-compare": Block("overflow", (
         "precision compare base.st fp16.st --only-flagged --top 3",)),

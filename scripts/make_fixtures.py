@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build tiny, deterministic Hugging Face model fixtures under ``fixtures/``.
 
-Creates three offline model directories from a fixed seed and the bundled
+Creates four offline model directories from a fixed seed and the bundled
 ``fixtures/corpus.txt``:
 
 * ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, no decoder
@@ -13,6 +13,11 @@ Creates three offline model directories from a fixed seed and the bundled
   wholesale ``.half()``) while staying finite in fp32 and bf16.
 * ``tiny-qwen3``: a decoder-only Qwen3 (GQA, RoPE, RMSNorm) using the same
   vocabulary, with a tokenizer that does not append ``</s>``.
+* ``tiny-llama-overflow``: a decoder-only Llama (8 layers) whose residual stream grows with
+  depth, as trained decoders' does: one "massive" channel gains about 14,000 in every
+  layer's MLP, so the decoder layer outputs exceed the fp16 range from layer
+  ``RESIDUAL_OVERFLOW_LAYER`` on while no submodule's output comes near it: in fp16 the
+  overflow is made by the residual add in the layer's own forward.
 
 Running the script twice produces byte-identical files (tests/test_fixtures.py rebuilds
 them into a temporary folder and compares). Usage::
@@ -40,6 +45,8 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -59,6 +66,19 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 OVERFLOW_BLOCK = 2  # encoder block whose FFN ``wo`` overflows in fp16
 OVERFLOW_SCALE = 65536.0  # 2**16: exact in fp32/bf16/fp16, keeps max |wo weight| < 65504
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
+
+# tiny-llama-overflow: channel MASSIVE_CHANNEL of the residual stream is set to 1 by every
+# token's embedding; in every layer one MLP unit (MASSIVE_UNIT) reads it (gate and up weights
+# 1, after the RMSNorm it is about 8) and writes MASSIVE_DOWN (224) times silu(8) * 8, about
+# 14,300, back into it. The stream's channel grows by that much per layer (maxima over the
+# corpus): 13,849 after layer 0, 56,843 after layer 3, 71,174 after layer 4 (> 65504),
+# 114,168 after layer 7.
+LLAMA_LAYERS = 8
+MASSIVE_CHANNEL = 0
+MASSIVE_UNIT = 0
+MASSIVE_DOWN = 224.0  # exact in fp16 and bf16
+RESIDUAL_OVERFLOW_LAYER = 4  # the first decoder layer whose output exceeds 65504
+SUBMODULE_LIMIT = 30000.0  # no submodule output comes above this (fp32)
 
 
 def train_tokenizer(lines: list[str]) -> Tokenizer:
@@ -165,6 +185,40 @@ def build_qwen3() -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).float().eval()
 
 
+def build_llama_overflow() -> LlamaForCausalLM:
+    """Seeded tiny Llama decoder whose residual stream grows by about 14,300 per layer in one
+    channel (a massive activation), written by the MLPs: its layer outputs pass 65504 from
+    layer ``RESIDUAL_OVERFLOW_LAYER`` on, its submodules' outputs stay below 15,000."""
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LLAMA_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config).float().eval()
+    c, u = MASSIVE_CHANNEL, MASSIVE_UNIT
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, c] = 1.0
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            for proj in (mlp.gate_proj, mlp.up_proj):  # unit u reads channel c alone
+                proj.weight[u] = 0.0
+                proj.weight[u, c] = 1.0
+            mlp.down_proj.weight[:, u] = 0.0  # and writes channel c alone
+            mlp.down_proj.weight[c, u] = MASSIVE_DOWN
+    return model
+
+
 def save_model(model: PreTrainedModel, out: Path) -> None:
     """Save fp32 safetensors weights, config and generation config."""
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -188,8 +242,8 @@ def encoder_wo_max(model: T5ForConditionalGeneration, prompts: list[torch.Tensor
     return maxima
 
 
-def first_nonfinite_module(model: PreTrainedModel, ids: torch.Tensor) -> str | None:
-    """Name of the first module (in execution order) whose output holds inf/NaN, if any."""
+def nonfinite_modules(model: PreTrainedModel, **inputs: torch.Tensor) -> list[str]:
+    """Names of the modules (in execution order) whose output holds inf/NaN."""
     names = {m: n for n, m in model.named_modules()}
     found: list[str] = []
 
@@ -200,11 +254,36 @@ def first_nonfinite_module(model: PreTrainedModel, ids: torch.Tensor) -> str | N
 
     hooks = [m.register_forward_hook(hook) for m in model.modules()]
     with torch.no_grad():
-        logits = model(input_ids=ids, decoder_input_ids=model._shift_right(ids)).logits
+        model(**inputs)
     for h in hooks:
         h.remove()
-    assert torch.isfinite(logits).all(), "logits must stay finite"
+    return found
+
+
+def first_nonfinite_module(model: PreTrainedModel, ids: torch.Tensor) -> str | None:
+    """Name of the first module (in execution order) whose output holds inf/NaN, if any."""
+    found = nonfinite_modules(model, input_ids=ids, decoder_input_ids=model._shift_right(ids))
+    assert "lm_head" not in found, "logits must stay finite"
     return found[0] if found else None
+
+
+def output_maxima(model: PreTrainedModel, prompts: list[torch.Tensor]) -> dict[str, list[float]]:
+    """Max |output| of every module with a tensor output, per prompt (model's own dtype)."""
+    names = {m: n for n, m in model.named_modules()}
+    maxima: dict[str, list[float]] = {}
+
+    def hook(module: torch.nn.Module, _inp: object, out: object) -> None:
+        tensor = out[0] if isinstance(out, tuple) else out
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            maxima.setdefault(names[module], []).append(tensor.abs().max().item())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    with torch.no_grad():
+        for ids in prompts:
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return maxima
 
 
 def check_t5(path: Path, prompts: list[torch.Tensor], *, overflow: bool) -> None:
@@ -248,6 +327,38 @@ def check_qwen3(path: Path) -> None:
     print(f"{path.name}: greedy generate -> {text!r}")
 
 
+def check_llama_overflow(path: Path, prompts: list[torch.Tensor]) -> None:
+    """The residual stream (decoder layer outputs) passes 65504 from layer K on while every
+    submodule stays below SUBMODULE_LIMIT; fp32 and bf16 stay finite; under ``.half()`` the
+    first inf is layer K's output (its residual add) on every prompt."""
+    k = RESIDUAL_OVERFLOW_LAYER
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    maxima = output_maxima(model, prompts)
+    layers = [f"model.layers.{i}" for i in range(LLAMA_LAYERS)]
+    top = [max(maxima[n]) for n in layers]
+    print(f"{path.name}: fp32 max |decoder layer output|: {[f'{m:.0f}' for m in top]}")
+    assert all(max(maxima[n]) < 0.95 * FP16_MAX for n in layers[:k])
+    assert all(min(maxima[n]) > FP16_MAX for n in layers[k:])  # every prompt
+    sub = {n: max(v) for n, v in maxima.items() if n not in (*layers, "model")}
+    worst = max(sub, key=sub.__getitem__)
+    print(f"{path.name}: largest submodule output {worst} {sub[worst]:.0f}")
+    assert sub[worst] < SUBMODULE_LIMIT
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        assert all(not nonfinite_modules(model, input_ids=ids) for ids in prompts), dtype
+    model.half()
+    for ids in prompts:
+        found = nonfinite_modules(model, input_ids=ids)
+        assert found[0] == layers[k], found[:3]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["question: What is the capital of France?", "summarize: rain"],
+                      return_tensors="pt", padding=True)
+    generated = model.float().generate(**batch, max_new_tokens=8, do_sample=False,
+                                       pad_token_id=PAD_ID)
+    text = tokenizer.decode(generated[0], skip_special_tokens=True)
+    print(f"{path.name}: greedy generate -> {text!r}")
+
+
 def main(out_root: Path = FIXTURES) -> None:
     """Build all fixtures under ``out_root`` (default ``fixtures/``), then verify them."""
     torch.use_deterministic_algorithms(True)
@@ -255,9 +366,9 @@ def main(out_root: Path = FIXTURES) -> None:
     tokenizer = train_tokenizer(lines)
     prompts = [torch.tensor([[*tokenizer.encode(line).ids, EOS_ID]]) for line in lines]
 
-    names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3")
-    t5_dir, overflow_dir, qwen_dir = (out_root / name for name in names)
-    for out in (t5_dir, overflow_dir, qwen_dir):
+    names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3", "tiny-llama-overflow")
+    t5_dir, overflow_dir, qwen_dir, llama_dir = (out_root / name for name in names)
+    for out in (t5_dir, overflow_dir, qwen_dir, llama_dir):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
 
@@ -273,9 +384,13 @@ def main(out_root: Path = FIXTURES) -> None:
     save_model(build_qwen3(), qwen_dir)
     save_tokenizer(tokenizer, qwen_dir, append_eos=False)
 
+    save_model(build_llama_overflow(), llama_dir)
+    save_tokenizer(tokenizer, llama_dir, append_eos=False)
+
     check_t5(t5_dir, prompts, overflow=False)
     check_t5(overflow_dir, prompts, overflow=True)
     check_qwen3(qwen_dir)
+    check_llama_overflow(llama_dir, [ids[:, :-1] for ids in prompts])  # no </s>, as fed
 
 
 if __name__ == "__main__":

@@ -41,3 +41,18 @@ def test_t5_fixtures_load_without_transformers_warnings() -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_decoder_fixtures_load_without_transformers_warnings() -> None:
+    code = ("import transformers\n"
+            "transformers.logging.set_verbosity_warning()\n"
+            "transformers.utils.logging.disable_progress_bar()\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"for d in ({str(FIXTURES / 'tiny-qwen3')!r}, "
+            f"{str(FIXTURES / 'tiny-llama-overflow')!r}):\n"
+            "    AutoModelForCausalLM.from_pretrained(d)\n"
+            "    AutoTokenizer.from_pretrained(d)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == proc.stderr.strip() == "", proc.stderr

@@ -58,9 +58,13 @@ from .common import (
               help="Also record the inputs of modules whose name matches (repeatable). "
                    "Always recorded: T5's relative_attention_bias bucket ids.")
 @click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
-              metavar="auto|none|GLOB",
+              metavar="auto|none|GLOB[:fp32]",
               help="auto: as transformers loads (T5 keeps wo in fp32 under fp16). none: cast "
-                   "every module. GLOB: keep matching modules in fp32 (repeatable).")
+                   "every module. GLOB: keep matching modules in fp32 (repeatable): they "
+                   "compute in fp32 on upcast inputs and hand their outputs back in the "
+                   "model's dtype. GLOB:fp32 hands them on in fp32 instead, for a residual "
+                   "stream that needs fp32's range (e.g. 'model.layers.*:fp32'; the modules "
+                   "after them still compute in fp16/bf16). GLOB:compute always hands back.")
 @click.option("--replay", metavar="BASE.st",
               help="Reuse the exact token ids, masks and decoder ids of an earlier dump.")
 @click.option("--expect", "expect", multiple=True, type=click.Choice(["fp16", "bf16"]),

@@ -40,7 +40,7 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("dump", metavar="[DUMP.st]", required=False)
 @_model_options
 @click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
-              metavar="auto|none|GLOB", help="Dtype policy, as for capture.")
+              metavar="auto|none|GLOB[:fp32]", help="Dtype policy, as for capture.")
 @click.option("--against", type=click.Choice(["fp16", "bf16"]),
               help="Format whose limits to measure against (default: the run's dtype if "
                    "fp16/bf16, else fp16).")
@@ -167,7 +167,8 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
 @click.option("--device", default="cpu", show_default=True, metavar="DEV",
               help="cpu, cuda, cuda:N, npu or npu:N.")
 @click.option("--keep-fp32", multiple=True, default=("none",), show_default=True,
-              metavar="auto|none|GLOB", help="Dtype policy for the re-run, as for capture.")
+              metavar="auto|none|GLOB[:fp32]",
+              help="Dtype policy for the re-run, as for capture.")
 @click.option("--target", metavar="TARGET.st",
               help="A full run in the target dtype, for the accumulated error column; when it "
                    "overflows or turns NaN, the result is never a pass.")

@@ -7,13 +7,13 @@ Dtype policy (``--keep-fp32``):
 - ``none``: load in fp32 and cast every module to the dtype.
 - globs (``'*.DenseReluDense.wo'``): modules whose names match stay in fp32, on top of
   ``auto`` when it is given too and of ``none`` otherwise. Kept modules get their floating
-  inputs upcast to fp32; their outputs stay fp32 and type promotion carries them on, as
-  transformers does for T5's ``wo``.
+  inputs upcast to fp32 and hand their outputs on in the model's compute dtype, or in fp32
+  with a ``:fp32`` suffix (``'model.layers.*:fp32'``: a residual stream in fp32);
+  :mod:`precision.runtime.keep` states the whole contract.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelError
+from .keep import keep_fp32, split_pattern
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -49,6 +50,8 @@ class Policy:
         if words == {"auto", "none"}:
             raise InputError("--keep-fp32 auto and none contradict each other: choose one")
         globs = tuple(v for v in vals if v not in ("auto", "none"))
+        for g in globs:
+            split_pattern(g)  # a bad ':SUFFIX' fails here, before the model loads
         base = words.pop() if words else ("none" if globs else "auto")
         return cls(base, globs)
 
@@ -207,43 +210,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
         digits = "".join(c for c in piece if c.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
-
-
-def keep_fp32(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Keep modules whose names match ``patterns`` in fp32; returns their names.
-
-    Their parameters are cast to fp32 and a pre-hook upcasts floating inputs to fp32, so they
-    compute in fp32 whatever the rest of the model runs in.
-    """
-    kept: list[str] = []
-    for name, mod in model.named_modules():
-        if name and any(fnmatch.fnmatchcase(name, g) for g in patterns):
-            if any(name.startswith(k + ".") for k in kept):
-                continue
-            mod.float()
-            mod.register_forward_pre_hook(_upcast_inputs, with_kwargs=True)
-            kept.append(name)
-    if not kept:
-        raise InputError(f"--keep-fp32 {' '.join(patterns)} matches no module: "
-                         "check the names with `precision inspect` on a dump")
-    return kept
-
-
-def _upcast(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.float()
-    if isinstance(value, tuple):
-        return tuple(_upcast(v) for v in value)
-    if isinstance(value, list):
-        return [_upcast(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _upcast(v) for k, v in value.items()}
-    return value
-
-
-def _upcast_inputs(module: torch.nn.Module, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return _upcast(args), _upcast(kwargs)
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
