@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import canonical, short
 from ..dumps import load
 from ..dumps.keys import parse_key
 from ..errors import InputError
@@ -76,6 +77,9 @@ class Suggestion:
     keep_fp32: tuple[str, ...] = ()
     kept_modules: tuple[str, ...] = ()
     holdout: Report | None = None
+    #: when no policy within budget fixes it: the other fixes tried, as (capture flags,
+    #: report), e.g. ``--dtype bf16`` and the residual stream in fp32
+    alternatives: tuple[tuple[str, Report], ...] = ()
 
     def _repr_html_(self) -> str:
         """Jupyter: the before/after table and the policy."""
@@ -100,6 +104,8 @@ class Suggestion:
                 "before": summary(self.before), "after": summary(self.general_report
                                                                  or self.after),
                 "holdout": summary(self.holdout), "notes": list(self.notes),
+                "alternatives": [{"capture_args": a, "passed": bool(r), "summary": r.summary}
+                                 for a, r in self.alternatives],
                 "steps": [{"kept": list(st.kept), "summary": st.report.summary}
                           for st in self.steps]}
 
@@ -193,25 +199,40 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         report = before
         while not report:
             culprit = _culprit(report)
-            if culprit is None or culprit in kept or len(kept) >= budget:
+            if culprit is not None and culprit in kept:
+                # kept in fp32 yet its output still overflows when handed back: the values
+                # it hands on need fp32's range (a residual stream): hand them on in fp32
+                kept[kept.index(culprit)] = f"{culprit}:fp32"
+                log(f"{culprit} in fp32 still hands on values beyond {dtype}: handing its "
+                    "output on in fp32 (the residual stream from there on)")
+            elif culprit is None or f"{culprit}:fp32" in kept or len(kept) >= budget:
                 if culprit is None:
                     why = "the trouble is not in any module"
-                elif culprit in kept:
-                    why = f"keeping {culprit} in fp32 did not remove its error"
+                elif f"{culprit}:fp32" in kept:
+                    why = (f"keeping {culprit} in fp32, its output handed on in fp32, did not "
+                           "remove its error")
                 else:
                     why = f"the budget of {budget} module(s) is spent (next: {culprit})"
+                alternatives = _alternatives(base, dtype, base_policy, run, log)
+                good = [a for a, r in alternatives if r]
                 return Suggestion(False, tuple(kept), before, report, tuple(steps),
-                                  message=f"no fp32 policy within budget fixes it: {why}",
-                                  keep_fp32=(base_policy, *kept))
-            kept.append(culprit)
+                                  message=f"no fp32 policy within budget fixes it: {why}"
+                                  + (f"; verified instead: {good[0]}" if good else
+                                     "; no alternative verified either"),
+                                  keep_fp32=(base_policy, *kept),
+                                  alternatives=tuple(alternatives))
+            else:
+                kept.append(culprit)
             log(f"keeping {', '.join(kept)} in fp32 and running again")
-            report = compare(base, run(f"step{len(kept)}", dtype, (base_policy, *kept),
+            report = compare(base, run(f"step{len(steps) + 1}", dtype, (base_policy, *kept),
                                        str(base)))
             steps.append(Step(tuple(kept), report))
-        final = work / f"step{len(kept)}.st"
+        final = work / f"step{len(steps)}.st"
         general = generalise(kept)
         general_report = None
-        if kept and general != tuple(kept):
+        if general == tuple(kept):
+            general = ()
+        if kept and general:
             log(f"checking the general form {', '.join(general)}")
             general_report = compare(base, run("general", dtype, (base_policy, *general),
                                                str(base)))
@@ -240,6 +261,27 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         return Suggestion(True, tuple(kept), before, report, tuple(steps), general,
                           general_report, message, keep_fp32=keep, kept_modules=modules,
                           holdout=holdout)
+
+
+def _alternatives(base: Path, dtype: str, base_policy: str,
+                  run: Callable[..., Path], log: Log) -> list[tuple[str, Report]]:
+    """The fixes a user has when no module set does: bf16 (fp32's range) for an fp16 run,
+    and the whole residual stream in fp32 with compute in ``dtype`` (the first module's
+    output, the input embedding, handed on in fp32); each captured and compared."""
+    out: list[tuple[str, Report]] = []
+    if canonical(dtype) == "float16":
+        log("trying bf16 instead of fp16 (fp32's range, fewer mantissa bits)")
+        out.append(("--dtype bf16", compare(base, run("alt-bf16", "bf16", (base_policy,),
+                                                      str(base)))))
+    first = next((e.module for e in load(base).entries
+                  if e.kind == "out" and e.module not in ("root", "input")), None)
+    if first is not None:
+        keep = (base_policy, f"{first}:fp32")
+        log(f"trying the residual stream in fp32 from {first} on, computing in {dtype}")
+        flags = " ".join(f"--keep-fp32 {shlex.quote(k)}" for k in keep)
+        out.append((f"--dtype {short(canonical(dtype))} {flags}",
+                    compare(base, run("alt-stream", dtype, keep, str(base)))))
+    return out
 
 
 def consistency(model: str, *, repeat: int = 3, dtype: str = "bf16", device: str = "cpu",

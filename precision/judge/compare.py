@@ -37,7 +37,7 @@ from .metrics import TensorMetrics
 from .posbias import diagnose
 from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
-from .rules import RULES, SWAPPED, Context, Rule, judge_rows, verdict_of
+from .rules import RULES, SWAPPED, Context, Rule, judge_rows, made_in_own_forward, verdict_of
 
 __all__ = ["SWAPPED", "compare", "judge", "plan_jobs"]
 
@@ -120,7 +120,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         rows.append(generation_row(b, t, len(rows), topk, prefix, prof))
     ctx = Context(prof, {name: d.dtype for name, d in runs.items()},
                   others={name: {r.key: r for r in rs} for name, rs in by_comparison.items()})
-    judged = judge_rows(rows, ctx, rules)
+    judged = made_in_own_forward(judge_rows(rows, ctx, rules))
     gen = [r for r in judged if r.generation is not None]
     rows, bias_notes = diagnose(b, t, _with_growth([r for r in judged if r.generation is None]))
     rows += gen

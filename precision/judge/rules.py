@@ -348,3 +348,26 @@ def judge_rows(rows: Sequence[Row], ctx: Context, rules: Sequence[Rule] = RULES
         out.append(row if found is None else
                    replace(row, status=found.status, reason=found.reason, score=found.score))
     return out
+
+
+BLOWN = frozenset({"OVERFLOW", "NAN"})
+
+
+def made_in_own_forward(rows: Sequence[Row]) -> list[Row]:
+    """The first OVERFLOW/NAN row, when it was made in its module's own forward: no recorded
+    output of its submodules is blown (a residual add, or another operation written in the
+    module's forward, made it). The reason says so."""
+    out = list(rows)
+    for i, row in enumerate(rows):
+        if row.status not in BLOWN:
+            continue
+        key = parse_key(row.key)
+        if key.kind != "out" or key.module in ("root", "input"):
+            break
+        inside = [r for r in rows[:i] if parse_key(r.key).module.startswith(key.module + ".")]
+        if inside and not any(r.status in BLOWN for r in inside):
+            out[i] = replace(row, reason=f"{row.reason}; made in {key.module}'s own forward, "
+                                         "not in a submodule: a residual add or another "
+                                         "operation there")
+        break
+    return out

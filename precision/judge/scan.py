@@ -9,6 +9,9 @@ For every floating output record of a dump (stats or full), against a reference 
   the module's recorded inputs already held NaN/inf, ``produces`` when its recorded inputs
   were finite; for a module without recorded inputs, the first non-finite record in
   execution order is ``first seen`` and later ones ``unknown``
+- ``own forward``: the first values beyond F, in a module's output while none of its
+  submodules' outputs went beyond: made in the module's own forward (a residual add), which
+  keeping a submodule in fp32 cannot fix
 - ``saturated``: values within 2% of the fp16 max (what clamps such as transformers' T5
   ±64504 leave behind)
 - ``flush``: share of the tensor's values that are nonzero but that fp16 rounds to zero
@@ -114,6 +117,7 @@ def scan(dump: Dump, *, against: str | None = None) -> ScanReport:
     bad_inputs = _nonfinite_inputs(dump, cache)
     rows: list[ScanRow] = []
     bad_modules: list[tuple[str, int]] = []
+    seen: dict[str, bool] = {}  # module -> whether an output of it held values beyond fmt
     for e in dump.entries:
         if e.kind != "out" or e.alias_of or not is_float(e.dtype):
             continue
@@ -121,10 +125,17 @@ def scan(dump: Dump, *, against: str | None = None) -> ScanReport:
         if st is None:
             continue
         nonfinite = int(st.get("nan", 0)) + int(st.get("posinf", 0)) + int(st.get("neginf", 0))
+        beyond = (st.get("absmax") or 0.0) > fmt.max
         origin = ""
         if nonfinite:
             origin = _origin(e, bad_modules, recorded, bad_inputs)
             bad_modules.append((e.module, e.call))
+        elif beyond:
+            inside = [b for m, b in seen.items() if m.startswith(e.module + ".")]
+            before = [b for m, b in seen.items() if not m.startswith(e.module + ".")]
+            if inside and not any(inside) and not any(before):
+                origin = "own forward"  # the first beyond, and in no submodule: a residual add
+        seen[e.module] = seen.get(e.module, False) or beyond or bool(nonfinite)
         rows.append(_row(e, st, fmt.max, origin))
     rows.sort(key=_severity)
     guessed = any(r.origin in ("first seen", "unknown") for r in rows)

@@ -194,6 +194,8 @@ def print_suggestion(s: Suggestion) -> None:
     con.print(table)
     if s.holdout is not None:
         con.print(f"  held-back prompts: {escape(s.holdout.summary)}")
+    for flags, rep in s.alternatives:
+        con.print(f"  instead, {escape(flags)}: {escape(rep.summary)}")
     if s.fixed and s.policy:
         patterns = list(s.general or s.policy)
         con.print("capture: " + escape(s.cli_flags))
