@@ -82,6 +82,10 @@ BLOCKS: dict[str, Block] = {
         f"precision capture --model {RESIDUAL} --dtype fp16 --keep-fp32 none "
         "--keep-fp32 'model.embed_tokens:fp32' --replay base.st -o residual32.st",
         "precision compare base.st residual32.st -q"), keep=(1, 1, 1, 1, 1, 1, 1, 1)),
+    "residual-suggest": Block("residual", (
+        "precision scan --model fixtures/tiny-llama-overflow --dtype fp32 --top 2",
+        "precision suggest --model fixtures/tiny-llama-overflow --dtype fp16 "
+        "--keep-fp32 none")),
     # README.md: step 3 on the same dumps
     "readme-compare": Block("overflow", (
         "precision compare base.st fp16.st --only-flagged --top 3",)),
