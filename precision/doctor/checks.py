@@ -197,6 +197,8 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         steps: list[Step] = []
         kept: list[str] = []
         report = before
+        final = work / "step0.st"
+        alternatives: list[tuple[str, Report, tuple[str, ...] | None, Path]] = []
         while not report:
             culprit = _culprit(report)
             if culprit is not None and culprit in kept:
@@ -214,20 +216,26 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
                 else:
                     why = f"the budget of {budget} module(s) is spent (next: {culprit})"
                 alternatives = _alternatives(base, dtype, base_policy, run, log)
-                good = [a for a, r in alternatives if r]
-                return Suggestion(False, tuple(kept), before, report, tuple(steps),
-                                  message=f"no fp32 policy within budget fixes it: {why}"
-                                  + (f"; verified instead: {good[0]}" if good else
-                                     "; no alternative verified either"),
-                                  keep_fp32=(base_policy, *kept),
-                                  alternatives=tuple(alternatives))
+                stream = next(((keep, r, path) for _, r, keep, path in alternatives
+                               if keep is not None and r), None)
+                if stream is None or len(stream[0]) - 1 > budget:
+                    good = [a for a, r, _, _ in alternatives if r]
+                    return Suggestion(False, tuple(kept), before, report, tuple(steps),
+                                      message=f"no fp32 policy within budget fixes it: {why}"
+                                      + (f"; verified instead: {good[0]}" if good else
+                                         "; no alternative verified either"),
+                                      keep_fp32=(base_policy, *kept),
+                                      alternatives=tuple((a, r) for a, r, _, _ in alternatives))
+                log(f"{why}; the residual stream in fp32 from the first module on fixes it")
+                kept, report, final = list(stream[0][1:]), stream[1], stream[2]
+                steps.append(Step(tuple(kept), report))
+                break
             else:
                 kept.append(culprit)
             log(f"keeping {', '.join(kept)} in fp32 and running again")
-            report = compare(base, run(f"step{len(steps) + 1}", dtype, (base_policy, *kept),
-                                       str(base)))
+            final = run(f"step{len(steps) + 1}", dtype, (base_policy, *kept), str(base))
+            report = compare(base, final)
             steps.append(Step(tuple(kept), report))
-        final = work / f"step{len(steps)}.st"
         general = generalise(kept)
         general_report = None
         if general == tuple(kept):
@@ -260,27 +268,30 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
             message += f" (and on {len(held)} prompt(s) held back)"
         return Suggestion(True, tuple(kept), before, report, tuple(steps), general,
                           general_report, message, keep_fp32=keep, kept_modules=modules,
-                          holdout=holdout)
+                          holdout=holdout,
+                          alternatives=tuple((a, r) for a, r, _, _ in alternatives))
 
 
-def _alternatives(base: Path, dtype: str, base_policy: str,
-                  run: Callable[..., Path], log: Log) -> list[tuple[str, Report]]:
+def _alternatives(base: Path, dtype: str, base_policy: str, run: Callable[..., Path],
+                  log: Log) -> list[tuple[str, Report, tuple[str, ...] | None, Path]]:
     """The fixes a user has when no module set does: bf16 (fp32's range) for an fp16 run,
     and the whole residual stream in fp32 with compute in ``dtype`` (the first module's
-    output, the input embedding, handed on in fp32); each captured and compared."""
-    out: list[tuple[str, Report]] = []
+    output, the input embedding, handed on in fp32); each captured and compared. Each is
+    (capture flags, report, the keep-fp32 policy when it is one, the dump)."""
+    out: list[tuple[str, Report, tuple[str, ...] | None, Path]] = []
     if canonical(dtype) == "float16":
         log("trying bf16 instead of fp16 (fp32's range, fewer mantissa bits)")
-        out.append(("--dtype bf16", compare(base, run("alt-bf16", "bf16", (base_policy,),
-                                                      str(base)))))
+        path = run("alt-bf16", "bf16", (base_policy,), str(base))
+        out.append(("--dtype bf16", compare(base, path), None, path))
     first = next((e.module for e in load(base).entries
                   if e.kind == "out" and e.module not in ("root", "input")), None)
     if first is not None:
         keep = (base_policy, f"{first}:fp32")
         log(f"trying the residual stream in fp32 from {first} on, computing in {dtype}")
         flags = " ".join(f"--keep-fp32 {shlex.quote(k)}" for k in keep)
-        out.append((f"--dtype {short(canonical(dtype))} {flags}",
-                    compare(base, run("alt-stream", dtype, keep, str(base)))))
+        path = run("alt-stream", dtype, keep, str(base))
+        out.append((f"--dtype {short(canonical(dtype))} {flags}", compare(base, path), keep,
+                    path))
     return out
 
 
