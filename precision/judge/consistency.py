@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..dumps.dump import Dump
+from ..dumps.keys import GEN_PREFIX
 
 CHUNK = 1 << 18
 
@@ -48,7 +49,7 @@ class ConsistencyReport:
                     "(generated tokens included)")
         worst = max(self.deviations, key=lambda d: d.max_abs)
         first = min(self.deviations, key=lambda d: d.order)
-        gen = next((d for d in self.deviations if d.key == "generation:tokens"), None)
+        gen = next((d for d in self.deviations if d.key == GEN_PREFIX + "tokens"), None)
         return (f"FAIL: {len(self.deviations)} of {self.tensors} tensors differ between "
                 f"{self.runs} runs; first {first.key}, largest deviation {worst.max_abs:.3g} "
                 f"at {worst.key}" + ("; generated tokens differ" if gen else ""))
