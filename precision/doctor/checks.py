@@ -149,14 +149,15 @@ def generalise(modules: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _culprit(report: Report) -> str | None:
-    """The module to keep in fp32 next: first overflow/NaN, else the first divergence."""
+def _culprit(report: Report) -> tuple[str, bool] | None:
+    """The module to keep in fp32 next, and whether it overflowed: the first overflow/NaN,
+    else the first divergence."""
     rows = [r for r in report.rows if r.status in ("OVERFLOW", "NAN")] or (
         [report.first_divergence] if report.first_divergence else [])
     for r in rows:
         key = parse_key(r.key)
         if key.module != "root" and not key.is_input:
-            return key.module
+            return key.module, r.status in ("OVERFLOW", "NAN")
     return None
 
 
@@ -200,19 +201,20 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         final = work / "step0.st"
         alternatives: list[tuple[str, Report, tuple[str, ...] | None, Path]] = []
         while not report:
-            culprit = _culprit(report)
-            if culprit is not None and culprit in kept:
+            found = _culprit(report)
+            culprit, blown = found if found is not None else (None, False)
+            if culprit is not None and culprit in kept and blown:
                 # kept in fp32 yet its output still overflows when handed back: the values
                 # it hands on need fp32's range (a residual stream): hand them on in fp32
                 kept[kept.index(culprit)] = f"{culprit}:fp32"
                 log(f"{culprit} in fp32 still hands on values beyond {dtype}: handing its "
                     "output on in fp32 (the residual stream from there on)")
-            elif culprit is None or f"{culprit}:fp32" in kept or len(kept) >= budget:
+            elif (culprit is None or culprit in kept or f"{culprit}:fp32" in kept
+                  or len(kept) >= budget):
                 if culprit is None:
                     why = "the trouble is not in any module"
-                elif f"{culprit}:fp32" in kept:
-                    why = (f"keeping {culprit} in fp32, its output handed on in fp32, did not "
-                           "remove its error")
+                elif culprit in kept or f"{culprit}:fp32" in kept:
+                    why = f"keeping {culprit} in fp32 did not remove its error"
                 else:
                     why = f"the budget of {budget} module(s) is spent (next: {culprit})"
                 alternatives = _alternatives(base, dtype, base_policy, run, log)
