@@ -170,3 +170,19 @@ def test_the_worst_rows_are_ranked_by_the_measure_their_verdict_used(
     assert far.metrics.rel_l2 < barely.metrics.rel_l2 / 100  # rel_l2 would rank it last
     assert far.score > 3 > 1 < barely.score < 1.2
     assert [r.key for r in report.worst(1, only_flagged=True)] == ["first:out", "far:out"]
+
+
+def test_a_reference_that_overflowed_is_not_used(make_dump: Callable[..., Path]) -> None:
+    """Where the reference itself holds inf (an fp16 reference of a model that overflows),
+    it says nothing about what the precision costs: the fixed limits judge the record."""
+    rng = np.random.default_rng(4)
+    a = (1.0 + rng.random((64, 64)) * 0.999).astype(np.float32)
+    blown = _noisy(a, 1.0)
+    blown[0, :8] = np.inf
+    base = make_dump("b.st", {"x:out": a})
+    tgt = make_dump("t.st", {"x:out": _noisy(a, 4.0)}, dtype="bfloat16")
+    ref = make_dump("r.st", {"x:out": blown}, dtype="bfloat16")
+    report = precision.compare(base, tgt, reference=ref, jobs=1)
+    assert report.rows[0].status == "OK"  # 4 eps: within the fixed 5
+    fine = make_dump("r2.st", {"x:out": _noisy(a, 1.0)}, dtype="bfloat16")
+    assert precision.compare(base, tgt, reference=fine, jobs=1).rows[0].status == "DRIFT"

@@ -184,15 +184,21 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         work = Path(tmp)
 
         def run(name: str, dt: str, keep: Sequence[str], replay: str | None,
-                batch: Sequence[str] = prompts) -> Path:
+                batch: Sequence[str] = prompts, expect: Sequence[str] = ()) -> Path:
             return run_capture(CaptureOptions(
                 model=model, output=str(work / f"{name}.st"), device=device, dtype=dt,
                 prompts=batch, prompts_file=prompts_file, max_new_tokens=max_new_tokens,
                 keep_fp32=tuple(keep), replay=replay, mode=mode, include=include,
-                exclude=exclude), _quiet)
+                exclude=exclude, expect=tuple(expect)), _quiet)
 
-        log(f"capturing the fp32 baseline of {model}")
-        base = run("base", "fp32", ("auto",), replay)
+        # the baselines' same-precision references (the base policy, here): each step is
+        # judged against what the precision costs on this model, so that healthy noise at
+        # depth is not chased as a culprit (docs/verdicts.md)
+        expect = sorted({short(canonical(dtype))} | (
+            {"bf16"} if canonical(dtype) == "float16" else set()))
+        log(f"capturing the fp32 baseline of {model}, and its {' and '.join(expect)} "
+            "reference")
+        base = run("base", "fp32", ("auto",), replay, expect=expect)
         log(f"capturing {dtype} with --keep-fp32 {base_policy}")
         before = compare(base, run("step0", dtype, (base_policy,), str(base)))
         steps: list[Step] = []
@@ -255,7 +261,7 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         holdout = None
         if held:
             log(f"checking --keep-fp32 {' '.join(keep)} on {len(held)} prompt(s) held back")
-            held_base = run("held-base", "fp32", ("auto",), None, held)
+            held_base = run("held-base", "fp32", ("auto",), None, held, expect=expect)
             holdout = compare(held_base, run("held", dtype, keep, str(held_base), held))
         if not kept:
             message = "nothing to fix: the run is within the expected noise"

@@ -106,13 +106,18 @@ def _noisy(row: Row, ctx: Context, *, gradient: bool) -> TensorMetrics | None:
 
 def _reference(row: Row, ctx: Context, *, gradient: bool = False
                ) -> tuple[TensorMetrics, TensorMetrics] | None:
-    """The row's metrics and the reference run's of the same key, when both exist and the
-    row is of the kind asked for (activation, or ``gradient``)."""
+    """The row's metrics and the reference run's of the same key, when both exist, the row
+    is of the kind asked for (activation, or ``gradient``) and the reference is usable there:
+    a reference that overflowed itself (NaN/inf where the baseline is finite) measures
+    nothing about the precision's cost, and the fixed limits judge such records."""
     ref = ctx.other(REFERENCE, row.key)
     if (row.metrics is None or ref is None or ref.metrics is None
             or parse_key(row.key).is_gradient != gradient):
         return None
-    return row.metrics, ref.metrics
+    r = ref.metrics
+    if r.new_nan or r.new_inf or r.saturated or r.compared == 0:
+        return None
+    return row.metrics, r
 
 
 def reference_rms(row: Row, ctx: Context) -> Verdict | None:
