@@ -129,3 +129,42 @@ def test_gradient_fault_is_found_where_it_enters(work: Path, block: int, first: 
     assert report.first_divergence is not None, dc.summarise(report)
     assert report.first_divergence.key == first, dc.summarise(report)
     assert "the reference's" in report.first_divergence.reason
+
+
+def test_real_fp16_residual_overflow_end_to_end(tmp_path: Path) -> None:
+    """Gemma 3 270M's residual stream passes 65504 at layer 7 in fp16 (a real checkpoint):
+    scan, compare, isolate and suggest name it, and suggest's policy is verified."""
+    import json
+
+    from click.testing import CliRunner
+
+    from precision.cli import main
+
+    _need("gemma3-270m")
+    model = dc.REAL_MODELS / "gemma3-270m"
+    layer = "model.layers.7"
+
+    def cli(*args: object) -> tuple[int, str]:
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        return r.exit_code, r.output
+
+    base, half = tmp_path / "b.st", tmp_path / "h.st"
+    code, text = cli("capture", "--model", model, "--dtype", "fp32", "--expect", "fp16",
+                     "-q", "-o", base)
+    assert code == 0, text
+    assert cli("capture", "--model", model, "--dtype", "fp16", "--replay", base, "-q",
+               "-o", half)[0] == 0
+    scan = precision.scan(precision.load(base))
+    assert min(scan.problems, key=lambda r: r.order).key == f"{layer}:out", scan.summary
+    report = precision.compare(base, half)
+    first = report.first_divergence
+    assert first is not None and first.key == f"{layer}:out" and first.status == "OVERFLOW"
+    assert "own forward" in first.reason
+    code, text = cli("isolate", base, "--model", model, "--dtype", "fp16", "--target", half)
+    assert code == 1 and f"culprit: {layer}:out" in text, text
+    out = tmp_path / "s.json"
+    code, text = cli("suggest", "--model", model, "--dtype", "fp16", "--json", out, "-q")
+    assert code == 0, text
+    result = json.loads(out.read_text())
+    assert result["fixed"] and f"{layer}:fp32" in result["keep_fp32"], result
+    assert result["holdout"].startswith("PASS")
