@@ -21,6 +21,7 @@ A key without ``:`` (a plain safetensors file's tensor name) is a module's only 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class Key:
         return self.kind in GRADIENT_KINDS
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_key(text: str) -> Key:
     """``"rank1/encoder.block.0:out.1#2"`` -> ``Key("encoder.block.0", "out", "1", 2, rank=1)``."""
     rank = None
