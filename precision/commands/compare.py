@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -15,6 +17,20 @@ from .common import (
     progress_bar,
     write_text,
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reference_options(command: F) -> F:
+    """``--reference REF.st`` and ``--no-reference``, as compare and report take them."""
+    command = click.option("--no-reference", is_flag=True,
+                           help="Judge by the fixed noise limits even when a reference "
+                                "exists.")(command)
+    return click.option("--reference", metavar="REF.st",
+                        help="The same inputs in the target's precision on a trusted backend "
+                             "(the CPU): each record is judged against the error that run "
+                             "makes. Default: BASE's sibling BASE.<precision>-reference.st "
+                             "when it exists (capture --expect).")(command)
 
 
 @click.command(context_settings=CONTEXT)
@@ -37,13 +53,7 @@ from .common import (
                    "saved as fp32 from a bf16 run).")
 @click.option("--target-dtype", type=click.Choice(PROFILE_NAMES),
               help="What the target computed in, likewise.")
-@click.option("--reference", metavar="REF.st",
-              help="The same inputs in the target's precision on a trusted backend (the "
-                   "CPU): each record is judged against the error that run makes. Default: "
-                   "BASE's sibling BASE.<precision>-reference.st when it exists (capture "
-                   "--expect).")
-@click.option("--no-reference", is_flag=True,
-              help="Judge by the fixed noise limits even when a reference exists.")
+@reference_options
 @click.option("--fail-on", default="drift", show_default=True,
               type=click.Choice(["drift", "overflow", "nan", "any", "never"]),
               help="Exit 1 when a row has such a status. drift: DRIFT/OVERFLOW/NAN/MISMATCH; "
@@ -120,13 +130,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
 @click.option("--atol", type=float, help="Errors within this absolute value are never DRIFT.")
 @click.option("--profile", type=click.Choice(PROFILE_NAMES),
               help="Judge as fp32 vs this dtype.")
-@click.option("--reference", metavar="REF.st",
-              help="The same inputs in the target's precision on a trusted backend (the "
-                   "CPU): each record is judged against the error that run makes. Default: "
-                   "BASE's sibling BASE.<precision>-reference.st when it exists (capture "
-                   "--expect).")
-@click.option("--no-reference", is_flag=True,
-              help="Judge by the fixed noise limits even when a reference exists.")
+@reference_options
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")

@@ -120,37 +120,42 @@ def _reference(row: Row, ctx: Context, *, gradient: bool = False
     return row.metrics, r
 
 
-def reference_rms(row: Row, ctx: Context) -> Verdict | None:
-    """With a reference: element-scaled rms error beyond ``REF_RMS_RATIO`` times the
-    reference's own against the same baseline, and beyond ``REF_FLOOR_RMS_EPS`` eps."""
+def _beyond_reference(row: Row, ctx: Context, measure: str, ratio: float,
+                      floor_eps: float) -> tuple[float, float, float] | None:
+    """(the row's ``measure``, the reference's, the limit) when the row's is beyond
+    ``max(ratio x the reference's, floor_eps eps)``; None otherwise."""
     both, prof = _reference(row, ctx), ctx.profile
     if both is None or both[0].max_abs <= prof.atol:
         return None
-    m, ref = both
-    limit = max(REF_RMS_RATIO * ref.noise_rms, REF_FLOOR_RMS_EPS * prof.eps)
-    if m.noise_rms <= limit:
+    value, ref = (float(getattr(m, measure)) for m in both)
+    limit = max(ratio * ref, floor_eps * prof.eps)
+    return (value, ref, limit) if value > limit else None
+
+
+def reference_rms(row: Row, ctx: Context) -> Verdict | None:
+    """With a reference: element-scaled rms error beyond ``REF_RMS_RATIO`` times the
+    reference's own against the same baseline, and beyond ``REF_FLOOR_RMS_EPS`` eps."""
+    found, eps = _beyond_reference(row, ctx, "noise_rms", REF_RMS_RATIO,
+                                   REF_FLOOR_RMS_EPS), ctx.profile.eps
+    if found is None:
         return None
-    return Verdict("DRIFT", f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled), "
-                            f"{_times(m.noise_rms, ref.noise_rms)} the reference's "
-                            f"{prof.in_eps(ref.noise_rms):.3g} eps (> {prof.in_eps(limit):.3g})",
-                   m.noise_rms / limit)
+    value, ref, limit = found
+    return Verdict("DRIFT", f"error {value / eps:.3g} eps rms (element-scaled), "
+                            f"{_times(value, ref)} the reference's {ref / eps:.3g} eps "
+                            f"(> {limit / eps:.3g})", value / limit)
 
 
 def reference_max(row: Row, ctx: Context) -> Verdict | None:
     """With a reference: the worst element's scaled error beyond ``REF_MAX_RATIO`` times
     the reference's worst, and beyond ``REF_FLOOR_MAX_EPS`` eps."""
-    both, prof = _reference(row, ctx), ctx.profile
-    if both is None or both[0].max_abs <= prof.atol:
+    found, eps = _beyond_reference(row, ctx, "noise_max", REF_MAX_RATIO,
+                                   REF_FLOOR_MAX_EPS), ctx.profile.eps
+    if found is None:
         return None
-    m, ref = both
-    limit = max(REF_MAX_RATIO * ref.noise_max, REF_FLOOR_MAX_EPS * prof.eps)
-    if m.noise_max <= limit:
-        return None
-    return Verdict("DRIFT", f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps "
-                            f"of its scale, {_times(m.noise_max, ref.noise_max)} the "
-                            f"reference's worst {prof.in_eps(ref.noise_max):.3g} eps "
-                            f"(> {prof.in_eps(limit):.3g})",
-                   m.noise_max / limit)
+    value, ref, limit = found
+    return Verdict("DRIFT", f"outlier: an element off by {value / eps:.3g} eps of its scale, "
+                            f"{_times(value, ref)} the reference's worst {ref / eps:.3g} eps "
+                            f"(> {limit / eps:.3g})", value / limit)
 
 
 def reference_gradient(row: Row, ctx: Context) -> Verdict | None:
