@@ -46,7 +46,7 @@ from .runner import (
     sources,
 )
 
-#: header JSON per record, without and with statistics (a count sketch of 32 numbers
+#: header JSON per record, without and with statistics (a count sketch of 31 numbers
 #: included), and per stored tensor's line (measured on the fixtures: 195-209, about 810
 #: and 90-119 bytes), plus the rest of the metadata; the header is padded to
 #: Capture.header_reserve when smaller

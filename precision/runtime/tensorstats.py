@@ -13,7 +13,7 @@ lowest finite value, -inf included: an additive attention mask, or an overflow; 
 tells them apart by the count in the other run), ``beyond_fp16`` (finite ``|x| > 65504``)
 and ``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite,
 unmasked values only and are ``None`` when there are none. ``sketch``: the count sketch of
-:mod:`precision.dumps.sketch` (32 numbers, float64 on CPU and CUDA), from which compare
+:mod:`precision.dumps.sketch` (31 numbers, float64 on CPU and CUDA), from which compare
 estimates two runs' error norm; left out where the tensor holds NaN, inf or masked values.
 """
 
@@ -109,34 +109,41 @@ def _exact(x: torch.Tensor, acc: torch.dtype) -> dict[str, Any]:
     return out | moments | {"beyond_fp16": int(counts2[0]), "near_fp16_max": int(counts2[1])}
 
 
-#: (elements, device) -> bucket and sign of each element, for tensors up to SKETCH_CACHE
-_SKETCH_PLANS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+#: (elements, device) -> the sign of each element, for tensors up to SKETCH_CACHE elements
+_SIGNS: dict[tuple[int, str], torch.Tensor] = {}
 SKETCH_CACHE = 1 << 22
-SKETCH_CHUNK = 1 << 22
+SKETCH_CHUNK = BUCKETS << 17  # a multiple of BUCKETS: each chunk starts at bucket 0
 
 
-def _plan(first: int, n: int, device: torch.device, acc: torch.dtype
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bucket and sign of elements ``first .. first + n - 1`` (see precision.dumps.sketch)."""
+def _signs(first: int, n: int, device: torch.device) -> torch.Tensor:
+    """The sign (+-1, float32) of elements ``first .. first + n - 1`` (see
+    precision.dumps.sketch)."""
     i = (torch.arange(first, first + n, device=device, dtype=torch.int64) & INDEX_MASK)
     g = (i * MULTIPLIER) & 0xFFFFFFFF
-    return g >> 27, (1 - 2 * ((g >> 26) & 1)).to(acc)
+    return (1 - 2 * ((g >> 26) & 1)).to(torch.float32)
 
 
 def sketch(x: torch.Tensor) -> list[float]:
     """The count sketch of ``x`` (flattened), identical to :func:`precision.dumps.sketch.
-    count_sketch` up to summation order; bucket plans of common sizes are cached."""
+    count_sketch` up to summation order: one multiply by the cached signs and a sum over
+    every 31st element (products in float32 are exact; sums in float64 on CPU and CUDA)."""
     flat = x.detach().reshape(-1)
     acc = torch.float64 if flat.device.type in ("cpu", "cuda") else torch.float32
     y = torch.zeros(BUCKETS, dtype=acc, device=flat.device)
     n = flat.numel()
     for start in range(0, n, SKETCH_CHUNK):
         part = flat[start:start + SKETCH_CHUNK]
-        key = (part.numel(), str(flat.device))
-        plan = _SKETCH_PLANS.get(key) if start == 0 else None
-        if plan is None:
-            plan = _plan(start, part.numel(), flat.device, acc)
-            if start == 0 and part.numel() <= SKETCH_CACHE:
-                _SKETCH_PLANS[key] = plan
-        y.index_add_(0, plan[0], part.to(acc) * plan[1])
+        size = part.numel()
+        key = (size, str(flat.device))
+        signs = _SIGNS.get(key) if start == 0 else None
+        if signs is None:
+            signs = _signs(start, size, flat.device)
+            if start == 0 and size <= SKETCH_CACHE:
+                _SIGNS[key] = signs
+        prod = part * signs.double() if part.dtype == torch.float64 else part.float() * signs
+        whole = size - size % BUCKETS
+        if whole:
+            y += prod[:whole].view(-1, BUCKETS).sum(0, dtype=acc)
+        if size > whole:  # the tail: buckets 0 .. size % 31 - 1 of this chunk's last row
+            y[: size - whole] += prod[whole:].to(acc)
     return [float(v) for v in y.tolist()]
