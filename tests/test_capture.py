@@ -285,11 +285,14 @@ def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     st = d.entry("root:out.0").stats
     assert st["numel"] == real.size and st["padded"] == 2 * 6
     assert st["norm"] == pytest.approx(np.linalg.norm(real), rel=1e-6)
-    np.testing.assert_allclose(st["sketch"], count_sketch([real]), rtol=1e-12, atol=1e-12)
+    # the CPU sums in float32 (docs: about 1e-6 of ||x||)
+    np.testing.assert_allclose(st["sketch"], count_sketch([real]), rtol=0,
+                               atol=1e-5 * np.linalg.norm(real))
     in_order = heads[mask.bool()[:, None, :, None].expand(heads.shape)].double().numpy()
     st2 = d.entry("root:out.1").stats
     assert st2["numel"] == in_order.size
-    np.testing.assert_allclose(st2["sketch"], count_sketch([in_order]), atol=1e-12)
+    np.testing.assert_allclose(st2["sketch"], count_sketch([in_order]), rtol=0,
+                               atol=1e-5 * np.linalg.norm(in_order))
     # chunks past the cached plans give the same sketch as numpy's
     big = torch.randn(SKETCH_CACHE + 1000, dtype=torch.float64)
     np.testing.assert_allclose(sketch(big), count_sketch([big.numpy()]), rtol=1e-9, atol=1e-9)

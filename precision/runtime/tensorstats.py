@@ -124,9 +124,11 @@ def _signs(first: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def sketch(x: torch.Tensor) -> list[float]:
-    """The count sketch of ``x`` (flattened), identical to :func:`precision.dumps.sketch.
-    count_sketch` up to summation order: one multiply by the cached signs and a sum over
-    every 31st element (products in float32 are exact; sums in float64 on CPU and CUDA)."""
+    """The count sketch of ``x`` (flattened), :func:`precision.dumps.sketch.count_sketch` up
+    to rounding: one multiply by the cached signs (exact in float32) and a sum over every
+    31st element. On the CPU the sum is a float32 matrix-vector product (four times faster
+    than a strided float64 sum; relative error about 1e-6 of ``||x||``, far below the
+    half-precision errors a sketch estimates); elsewhere a float64 (CUDA) or float32 sum."""
     flat = x.detach().reshape(-1)
     acc = torch.float64 if flat.device.type in ("cpu", "cuda") else torch.float32
     y = torch.zeros(BUCKETS, dtype=acc, device=flat.device)
@@ -143,7 +145,11 @@ def sketch(x: torch.Tensor) -> list[float]:
         prod = part * signs.double() if part.dtype == torch.float64 else part.float() * signs
         whole = size - size % BUCKETS
         if whole:
-            y += prod[:whole].view(-1, BUCKETS).sum(0, dtype=acc)
+            rows = prod[:whole].view(-1, BUCKETS)
+            if flat.device.type == "cpu":
+                y += (torch.ones(rows.shape[0], dtype=rows.dtype) @ rows).to(acc)
+            else:
+                y += rows.sum(0, dtype=acc)
         if size > whole:  # the tail: buckets 0 .. size % 31 - 1 of this chunk's last row
             y[: size - whole] += prod[whole:].to(acc)
     return [float(v) for v in y.tolist()]
