@@ -10,7 +10,8 @@ different lengths, as ``precision capture`` feeds a decoder.
   that precision costs on this model, record by record (``capture --expect``);
 - **healthy targets**: ``bf16-eager``/``fp16-eager`` (another attention kernel),
   ``bf16-fp32acc`` (every Linear accumulated in fp32 and rounded once, as a device kernel
-  with a wider accumulator does), ``fp32-eager`` (fp32, another attention kernel);
+  with a wider accumulator does), ``fp32-eager`` (fp32, another attention kernel), ``tf32``
+  (every Linear's inputs and weights rounded to TF32's 10 bits, judged by the tf32 profile);
 - **faults**, planted in one block on top of the bf16 (or fp16) target, each a kernel
   that skips a step a correct one takes: ``norm-lowprec`` (the block's input RMSNorm sums
   its squares in the low precision, one addition at a time, instead of in fp32),
@@ -39,6 +40,7 @@ import torch
 from get_real_models import default_dest  # scripts/ is on the path
 from torch import nn
 from torch.nn import functional as F
+from verdict_cases import linear_in
 
 import precision
 from precision.dumps import reference_path
@@ -216,9 +218,10 @@ class Case:
 def _capture(name: str, dtype: str, attn: str, path: Path, *, fault: str = "",
              block: int = 0, fp32acc: bool = False, mode: str = "full",
              backward: bool = False) -> Path:
-    model, inputs = load(name, dtype, attn)
+    model, inputs = load(name, "fp32" if dtype == "tf32" else dtype, attn)
     handles = plant(model, fault, block) if fault else []
-    ctx = linear_fp32_accumulate() if fp32acc else contextlib.nullcontext()
+    ctx = (linear_fp32_accumulate() if fp32acc else linear_in("tf32") if dtype == "tf32"
+           else contextlib.nullcontext())
     with ctx, warnings.catch_warnings(), precision.capture(model, path, force=True, mode=mode,
                                                           backward=backward) as cap:
         warnings.filterwarnings("ignore", message=".*backward hook.*")
@@ -259,16 +262,17 @@ def run(case: Case, work: Path, *, reference: bool = True) -> precision.Report:
     """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for
     a low-precision target, the reference unless ``reference`` is False)."""
     base = base_of(case.model, work, case.mode, case.backward)
-    if case.dtype != "fp32" and reference:
+    if case.dtype not in ("fp32", "tf32") and reference:
         reference_of(case.model, case.dtype, work, case.mode, case.backward)
     target = work / f"{case.name}.st"
     attn = "eager" if case.target.endswith("eager") else "sdpa"
     _capture(case.model, case.dtype, attn, target, fault=case.fault, block=case.block,
              fp32acc=case.target.endswith("fp32acc"), mode=case.mode, backward=case.backward)
-    return precision.compare(base, target, jobs=1, auto_reference=reference)
+    return precision.compare(base, target, jobs=1, auto_reference=reference,
+                             profile="tf32" if case.dtype == "tf32" else None)
 
 
-HEALTHY = ("bf16-eager", "bf16-fp32acc", "fp16-eager", "fp32-eager")
+HEALTHY = ("bf16-eager", "bf16-fp32acc", "fp16-eager", "fp32-eager", "tf32")
 FAULTS = ("norm-lowprec", "rotary-lowprec", "linear-truncate", "drift:0.25")
 
 
@@ -358,13 +362,13 @@ def main() -> None:
         work = Path(tmp)
         for m in models:
             stats = [Case(c.model, c.target, c.fault, c.block, "stats")
-                     for c in healthy_cases(m) + fault_cases(m) if not c.target.startswith("fp32")]
+                     for c in healthy_cases(m) + fault_cases(m) if c.dtype not in ("fp32", "tf32")]
             for case in healthy_cases(m) + fault_cases(m) + stats:
                 rep = run(case, work)
                 ref = (precision.compare(base_of(m, work, case.mode),
                                          reference_of(m, case.dtype, work, case.mode),
                                          auto_reference=False, jobs=1)
-                       if case.dtype != "fp32" else None)
+                       if case.dtype not in ("fp32", "tf32") else None)
                 print(json.dumps({"case": case.name} | summarise(rep, ref)), flush=True)
             deep = 20 if m.startswith("smollm") else 14
             for mode in ("full", "stats"):

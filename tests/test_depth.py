@@ -39,7 +39,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("smollm2-135m", "bf16-eager"), ("smollm2-135m", "fp16-eager"),
     ("smollm2-135m", "bf16-fp32acc"), ("smollm2-135m", "fp32-eager"),
     ("gemma3-270m", "bf16-eager"), ("gemma3-270m", "bf16-fp32acc"),
-    ("gemma3-270m", "fp32-eager"),
+    ("gemma3-270m", "fp32-eager"), ("smollm2-135m", "tf32"), ("gemma3-270m", "tf32"),
 ])
 def test_healthy_deep_decoders_pass_against_their_reference(work: Path, model: str,
                                                             target: str) -> None:
@@ -48,7 +48,7 @@ def test_healthy_deep_decoders_pass_against_their_reference(work: Path, model: s
     assert report, dc.summarise(report)
     assert sum(r.metrics.padded > 0 for r in report.rows if r.metrics) > 100
     assert any("padding left out" in n for n in report.notes)
-    if target.startswith("fp32"):
+    if target.startswith(("fp32", "tf32")):
         return
     assert any("judged against" in n for n in report.notes), report.notes
     # the fixed limit alone fails these runs somewhere at depth, or comes close
