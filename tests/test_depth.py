@@ -64,6 +64,10 @@ def test_healthy_deep_decoders_pass_against_their_reference(work: Path, model: s
     ("smollm2-135m", "linear-truncate", 2, "model.layers.2.mlp.down_proj:out"),
     ("smollm2-135m", "drift:0.25", 2, "model.layers.2:out"),
     ("smollm2-135m", "rotary-lowprec", 20, "model.layers.20.self_attn.o_proj:out"),
+    # deep, the reference carries the inherited error too: found as error added in the block
+    ("smollm2-135m", "norm-lowprec", 20, "model.layers.20.self_attn.q_proj:out"),
+    ("smollm2-135m", "linear-truncate", 20, "model.layers.20.mlp.down_proj:out"),
+    ("gemma3-270m", "norm-lowprec", 14, "model.layers.14.self_attn.q_proj:out"),
     ("smollm2-135m", "drift:0.25", 20, "model.layers.20:out"),
     ("gemma3-270m", "linear-truncate", 2, "model.layers.2.mlp.down_proj:out"),
     ("gemma3-270m", "linear-truncate", 14, "model.layers.14.mlp.down_proj:out"),

@@ -186,3 +186,24 @@ def test_a_reference_that_overflowed_is_not_used(make_dump: Callable[..., Path])
     assert report.rows[0].status == "OK"  # 4 eps: within the fixed 5
     fine = make_dump("r2.st", {"x:out": _noisy(a, 1.0)}, dtype="bfloat16")
     assert precision.compare(base, tgt, reference=fine, jobs=1).rows[0].status == "DRIFT"
+
+
+def test_error_added_at_depth_is_a_step_in_the_ratio(make_dump: Callable[..., Path]) -> None:
+    """2.2x the reference after a record at 1.0x is error added here (DRIFT, though under
+    the 3x rms limit); the same 2.2x after a record already at 1.5x is inherited (OK)."""
+    rng = np.random.default_rng(6)
+    a = (1.0 + rng.random((32, 32)) * 0.999).astype(np.float32)
+
+    def run(first: float, second: float) -> precision.Report:
+        base = make_dump("b.st", {"m.l.19:out": a, "m.l.20.q:out": a})
+        tgt = make_dump("t.st", {"m.l.19:out": _noisy(a, 4.0 * first),
+                                 "m.l.20.q:out": _noisy(a, 4.0 * second)}, dtype="bfloat16")
+        ref = make_dump("r.st", {"m.l.19:out": _noisy(a, 4.0), "m.l.20.q:out": _noisy(a, 4.0)},
+                        dtype="bfloat16")
+        return precision.compare(base, tgt, reference=ref, jobs=1)
+
+    added = run(1.0, 2.2)
+    assert [r.status for r in added.rows] == ["OK", "DRIFT"]
+    assert "error added here: 2.2x the reference's, up from 1x" in added.rows[1].reason
+    assert [r.status for r in run(1.5, 2.2).rows] == ["OK", "OK"]
+    assert [r.status for r in run(1.0, 1.9).rows] == ["OK", "OK"]  # under the 2x floor

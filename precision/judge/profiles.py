@@ -51,6 +51,11 @@ REF_RMS_RATIO = 3.0
 REF_MAX_RATIO = 8.0
 REF_FLOOR_RMS_EPS = 1.0
 REF_FLOOR_MAX_EPS = 16.0
+#: error added near a record: its ratio to the reference at least REF_JUMP_FLOOR, and
+#: REF_JUMP times the lowest ratio among the REF_JUMP_WINDOW records before it
+REF_JUMP = 1.75
+REF_JUMP_FLOOR = 2.0
+REF_JUMP_WINDOW = 8
 #: stats mode: the count-sketch estimate of the error norm against the reference's
 REF_SKETCH_RATIO = 3.0
 KL_MEAN = {"float16": 1e-4, "bfloat16": 5e-3, "tf32": 1e-4, "hf32": 1e-4}

@@ -22,6 +22,9 @@ from .metrics import TensorMetrics
 from .profiles import (
     REF_FLOOR_MAX_EPS,
     REF_FLOOR_RMS_EPS,
+    REF_JUMP,
+    REF_JUMP_FLOOR,
+    REF_JUMP_WINDOW,
     REF_MAX_RATIO,
     REF_RMS_RATIO,
     REF_SKETCH_RATIO,
@@ -59,6 +62,10 @@ class Context:
 
     def other(self, comparison: str, key: str) -> Row | None:
         return self.others.get(comparison, {}).get(key)
+
+    def before(self, row: Row) -> list[Row]:
+        """The rows before ``row`` in execution order, nearest first."""
+        return list(reversed(self.rows[:row.order])) if self.rows else []
 
 
 Rule = Callable[[Row, Context], "Verdict | None"]
@@ -179,6 +186,38 @@ def reference_gradient(row: Row, ctx: Context) -> Verdict | None:
                                 f"{_times(worst, ref_worst)} the reference's (> {limit:.3g})",
                        worst / limit)
     return None
+
+
+def _rms_ratio(row: Row, ctx: Context) -> float | None:
+    """An activation's element-scaled rms error over the reference's (the rms rule's floor
+    keeps a nearly exact reference from making it explode)."""
+    both = _reference(row, ctx)
+    if both is None:
+        return None
+    m, ref = both
+    return m.noise_rms / max(ref.noise_rms, REF_FLOOR_RMS_EPS * ctx.profile.eps / REF_RMS_RATIO)
+
+
+def reference_jump(row: Row, ctx: Context) -> Verdict | None:
+    """With a reference: error *added* nearby. The ratio to the reference is at least
+    ``REF_JUMP_FLOOR`` and ``REF_JUMP`` times the lowest ratio among the ``REF_JUMP_WINDOW``
+    records before it: deep in a model the reference carries the inherited error too, so
+    one faulty kernel's share shows as a step in the ratio before it reaches
+    ``REF_RMS_RATIO``; a ratio inherited from a fault upstream is no step."""
+    ratio = _rms_ratio(row, ctx)
+    if ratio is None or ratio < REF_JUMP_FLOOR or row.metrics is None \
+            or row.metrics.max_abs <= ctx.profile.atol:
+        return None
+    before = [r for r in (_rms_ratio(p, ctx) for p in ctx.before(row)) if r is not None]
+    if not before:
+        return None
+    low = max(min(before[:REF_JUMP_WINDOW]), 1.0)
+    if ratio < REF_JUMP * low:
+        return None
+    return Verdict("DRIFT", f"error added here: {ratio:.3g}x the reference's, up from "
+                            f"{low:.3g}x within the {REF_JUMP_WINDOW} records before "
+                            f"(> {REF_JUMP:g}x that, and {REF_JUMP_FLOOR:g}x)",
+                   ratio / (REF_JUMP * low))
 
 
 def _times(value: float, ref: float) -> str:
@@ -328,7 +367,7 @@ def generation_check(row: Row, ctx: Context) -> Verdict | None:
 #: the rules in the order they are tried; the first verdict decides
 RULES: tuple[Rule, ...] = (
     non_finite, reference_gradient, gradient_norm, gradient_outlier, reference_rms,
-    reference_max, noise_rms,
+    reference_max, reference_jump, noise_rms,
     noise_max, logits_kl, logits_top1,
     stats_non_finite, reference_sketch, stats_norm_gap, exact_mismatch, generation_check,
 )
