@@ -12,8 +12,9 @@ reference run's error, for instance). docs/verdicts.md states each rule with its
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..dumps.keys import parse_key
@@ -63,9 +64,9 @@ class Context:
     def other(self, comparison: str, key: str) -> Row | None:
         return self.others.get(comparison, {}).get(key)
 
-    def before(self, row: Row) -> list[Row]:
+    def before(self, row: Row) -> Iterator[Row]:
         """The rows before ``row`` in execution order, nearest first."""
-        return list(reversed(self.rows[:row.order])) if self.rows else []
+        return (self.rows[i] for i in range(min(row.order, len(self.rows)) - 1, -1, -1))
 
 
 Rule = Callable[[Row, Context], "Verdict | None"]
@@ -208,10 +209,11 @@ def reference_jump(row: Row, ctx: Context) -> Verdict | None:
     if ratio is None or ratio < REF_JUMP_FLOOR or row.metrics is None \
             or row.metrics.max_abs <= ctx.profile.atol:
         return None
-    before = [r for r in (_rms_ratio(p, ctx) for p in ctx.before(row)) if r is not None]
+    ratios = (r for r in (_rms_ratio(p, ctx) for p in ctx.before(row)) if r is not None)
+    before = list(itertools.islice(ratios, REF_JUMP_WINDOW))
     if not before:
         return None
-    low = max(min(before[:REF_JUMP_WINDOW]), 1.0)
+    low = max(min(before), 1.0)
     if ratio < REF_JUMP * low:
         return None
     return Verdict("DRIFT", f"error added here: {ratio:.3g}x the reference's, up from "
