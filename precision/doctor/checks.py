@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import canonical, short
-from ..dumps import load
+from ..dumps import load, reference_path
 from ..dumps.keys import parse_key
 from ..errors import InputError
 from ..judge.compare import compare
@@ -184,21 +184,29 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         work = Path(tmp)
 
         def run(name: str, dt: str, keep: Sequence[str], replay: str | None,
-                batch: Sequence[str] = prompts, expect: Sequence[str] = ()) -> Path:
+                batch: Sequence[str] = prompts) -> Path:
             return run_capture(CaptureOptions(
                 model=model, output=str(work / f"{name}.st"), device=device, dtype=dt,
                 prompts=batch, prompts_file=prompts_file, max_new_tokens=max_new_tokens,
                 keep_fp32=tuple(keep), replay=replay, mode=mode, include=include,
-                exclude=exclude, expect=tuple(expect)), _quiet)
+                exclude=exclude), _quiet)
 
-        # the baselines' same-precision references (the base policy, here): each step is
-        # judged against what the precision costs on this model, so that healthy noise at
-        # depth is not chased as a culprit (docs/verdicts.md)
+        # each baseline's same-precision references, cast as the steps are (the base
+        # policy): a step is judged against what the precision costs on this model cast
+        # this way, so neither healthy noise at depth nor what the cast itself costs (a
+        # wholesale .half() rounds rotary frequencies too) is chased as a culprit
         expect = sorted({short(canonical(dtype))} | (
             {"bf16"} if canonical(dtype) == "float16" else set()))
+
+        def baseline(name: str, replay: str | None, batch: Sequence[str]) -> Path:
+            path = run(name, "fp32", ("auto",), replay, batch)
+            for e in expect:
+                run(reference_path(path, e).stem, e, (base_policy,), str(path), batch)
+            return path
+
         log(f"capturing the fp32 baseline of {model}, and its {' and '.join(expect)} "
-            "reference")
-        base = run("base", "fp32", ("auto",), replay, expect=expect)
+            f"reference (--keep-fp32 {base_policy})")
+        base = baseline("base", replay, prompts)
         log(f"capturing {dtype} with --keep-fp32 {base_policy}")
         before = compare(base, run("step0", dtype, (base_policy,), str(base)))
         steps: list[Step] = []
@@ -261,7 +269,7 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         holdout = None
         if held:
             log(f"checking --keep-fp32 {' '.join(keep)} on {len(held)} prompt(s) held back")
-            held_base = run("held-base", "fp32", ("auto",), None, held, expect=expect)
+            held_base = baseline("held-base", None, held)
             holdout = compare(held_base, run("held", dtype, keep, str(held_base), held))
         if not kept:
             message = "nothing to fix: the run is within the expected noise"
