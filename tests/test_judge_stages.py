@@ -207,3 +207,12 @@ def test_error_added_at_depth_is_a_step_in_the_ratio(make_dump: Callable[..., Pa
     assert "error added here: 2.2x the reference's, up from 1x" in added.rows[1].reason
     assert [r.status for r in run(1.5, 2.2).rows] == ["OK", "OK"]
     assert [r.status for r in run(1.0, 1.9).rows] == ["OK", "OK"]  # under the 2x floor
+
+
+def test_a_reference_in_another_precision_is_refused(make_dump: Callable[..., Path]) -> None:
+    a = np.ones(8, np.float32)
+    base = make_dump("b.st", {"x:out": a})
+    tgt = make_dump("t.st", {"x:out": a}, dtype="float16")
+    ref = make_dump("r.st", {"x:out": a}, dtype="bfloat16")
+    with pytest.raises(precision.InputError, match="computed in bf16 and the target in fp16"):
+        precision.compare(base, tgt, reference=ref)
