@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import (
@@ -164,23 +165,20 @@ def build_t5() -> T5ForConditionalGeneration:
     return model
 
 
+def decoder_shape(num_hidden_layers: int) -> dict[str, Any]:
+    """The tiny decoders' shared config: width 64, GQA 4 query / 2 kv heads, RoPE; like
+    Qwen, bos == eos and the tokenizer adds neither."""
+    return {"vocab_size": VOCAB_SIZE, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": num_hidden_layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": False, "pad_token_id": PAD_ID, "bos_token_id": EOS_ID,
+            "eos_token_id": EOS_ID}
+
+
 def build_qwen3() -> Qwen3ForCausalLM:
     """Seeded tiny Qwen3 decoder-only model (GQA 4 query / 2 kv heads, RoPE, RMSNorm)."""
-    config = Qwen3Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        bos_token_id=EOS_ID,  # like Qwen: bos == eos, and the tokenizer adds neither
-        eos_token_id=EOS_ID,
-    )
+    config = Qwen3Config(**decoder_shape(num_hidden_layers=4))
     torch.manual_seed(SEED)
     return Qwen3ForCausalLM(config).float().eval()
 
@@ -189,21 +187,7 @@ def build_llama_overflow() -> LlamaForCausalLM:
     """Seeded tiny Llama decoder whose residual stream grows by about 14,300 per layer in one
     channel (a massive activation), written by the MLPs: its layer outputs pass 65504 from
     layer ``RESIDUAL_OVERFLOW_LAYER`` on, its submodules' outputs stay below 15,000."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LLAMA_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        pad_token_id=PAD_ID,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-    )
+    config = LlamaConfig(**decoder_shape(num_hidden_layers=LLAMA_LAYERS))
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).float().eval()
     c, u = MASSIVE_CHANNEL, MASSIVE_UNIT
