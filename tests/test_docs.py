@@ -4,6 +4,7 @@ the commands print (scripts/make_doc_outputs.py), and README links resolve."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 
@@ -85,3 +86,18 @@ def test_quoted_outputs_match_the_code() -> None:
     for path, text in docs.items():
         assert mod.rewrite(text, texts) == text, \
             f"{path.name} quotes stale output: run scripts/make_doc_outputs.py"
+
+
+def test_cuda_page_shows_its_recorded_run() -> None:
+    """docs/cuda.md's tables are what scripts/gpu_check.py renders from the committed record."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    page = (ROOT / "docs" / "cuda.md").read_text()
+    for name in re.findall(r"<!-- gpu_check: ([\w-]+) -->", page):
+        if name == "end":
+            continue
+        shown = page.split(f"<!-- gpu_check: {name} -->\n", 1)[1].split("<!-- gpu_check: end")[0]
+        record = json.loads((ROOT / "docs" / "cuda" / f"{name}.json").read_text())
+        assert shown == gpu_check.tables(record), f"docs/cuda.md: {name} is not its record"
