@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import precision
 from precision.cli import main
+from precision.dumps import reference_path
 
 from .conftest import QWEN, T5
 from .families import FAMILIES
@@ -129,6 +130,13 @@ def test_feed_files(families: dict[str, dict[str, Path]], tmp_path: Path) -> Non
                          tmp_path / name, "-o", out)
         assert code == 0, text
         assert np.array_equal(precision.load(out)["input:input_ids"], ids)
+    # a reference replays the fed inputs (it once refused them as "--replay ... --feed")
+    out = tmp_path / "expect.st"
+    code, text = cli("capture", "--model", families["bert"]["model"], "-q", "--feed",
+                     tmp_path / "ids.npz", "--expect", "bf16", "-o", out)
+    assert code == 0, text
+    ref = precision.load(reference_path(out, "bf16"))
+    assert np.array_equal(ref["input:input_ids"], ids) and ref.meta["dtype"] == "bfloat16"
     (tmp_path / "bad.npz").write_bytes(b"nope")
     code, text = cli("capture", "--model", families["bert"]["model"], "--feed",
                      tmp_path / "bad.npz", "-o", tmp_path / "bad.st")

@@ -184,13 +184,15 @@ def capture_references(opts: CaptureOptions, base: Path,
                        log: Callable[[str], None] = lambda _msg: None) -> list[Path]:
     """The same model and inputs in each ``expect`` precision on the same device, written
     beside ``base`` (:func:`precision.dumps.reference_path`): what that precision costs on
-    this model, record by record, for compare's reference rules."""
+    this model, record by record, for compare's reference rules. They replay ``base``'s
+    inputs, whatever gave them (prompts, images, audio or a feed file)."""
     out = []
     for e in opts.expect:
         ref = reference_path(base, e)
         log(f"capturing the {short(canonical(e))} reference of {base.name}: {ref.name}")
         out.append(_run_capture(replace(opts, dtype=e, replay=str(base), output=str(ref),
-                                        expect=()), log))
+                                        expect=(), prompts=(), prompts_file=None, images=(),
+                                        audio=(), feed=None), log))
     return out
 
 
