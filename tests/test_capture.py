@@ -296,3 +296,44 @@ def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     # chunks past the cached plans give the same sketch as numpy's
     big = torch.randn(SKETCH_CACHE + 1000, dtype=torch.float64)
     np.testing.assert_allclose(sketch(big), count_sketch([big.numpy()]), rtol=1e-9, atol=1e-9)
+
+
+class Rotary(nn.Module):
+    """Like Gemma 3's rotary embedding: one module, called once per kind of layer."""
+
+    def forward(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        return x * (2.0 if kind == "global" else 0.5)
+
+
+class SetOrdered(nn.Module):
+    """Calls ``rot`` per layer kind in the order given: Gemma 3 takes it from a ``set``, whose
+    order changes with ``PYTHONHASHSEED`` from one process to the next."""
+
+    def __init__(self, order: tuple[str, ...]) -> None:
+        super().__init__()
+        self.order = order
+        self.rot = Rotary()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = {kind: self.rot(x, kind) for kind in self.order}
+        return self.lin(emb["global"] + emb["local"])
+
+
+def test_calls_made_in_another_order_are_paired_by_their_arguments(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    paths = []
+    for n, order in enumerate((("global", "local"), ("local", "global"))):
+        model = SetOrdered(order)
+        torch.manual_seed(1)
+        model.lin.reset_parameters()
+        paths.append(tmp_path / f"{n}.st")
+        with torch.no_grad(), precision.capture(model, paths[-1]):
+            model(x)
+    entries = {e.key: e.signature for e in precision.load(paths[1]).entries}
+    assert entries["rot:out"] == "'local'" and entries["rot:out#1"] == "'global'"
+    report = precision.compare(paths[0], paths[1])
+    assert report, [(r.key, r.status) for r in report.rows]
+    assert {r.key for r in report.rows} >= {"rot:out", "rot:out#1", "lin:out"}
+    assert all(r.metrics is not None and r.metrics.max_abs == 0 for r in report.rows)

@@ -172,3 +172,25 @@ def test_real_fp16_residual_overflow_end_to_end(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["fixed"] and f"{layer}:fp32" in result["keep_fp32"], result
     assert result["holdout"].startswith("PASS")
+
+
+def test_gemma_captures_from_processes_with_other_hash_seeds_line_up(tmp_path: Path) -> None:
+    """Gemma 3 calls its rotary embedding once per layer type, in the order of a set: two CLI
+    captures in processes with other hash seeds call it in another order, and compare pairs
+    the calls by their arguments (it once read 3e6 eps of drift in fp32 against fp32)."""
+    import subprocess
+
+    _need("gemma3-270m")
+    model = str(dc.REAL_MODELS / "gemma3-270m")
+    paths = [tmp_path / "a.st", tmp_path / "b.st"]
+    for seed, path in zip(("0", "1"), paths, strict=True):  # opposite orders on CPython
+        replay = ["--replay", str(paths[0])] if path != paths[0] else []
+        done = subprocess.run([sys.executable, "-m", "precision.cli", "capture", "--model",
+                               model, "-q", "-o", str(path), *replay], capture_output=True,
+                              text=True, env=os.environ | {"PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+    calls = [[e.signature for e in precision.load(p).entries
+              if e.module == "model.rotary_emb" and e.index == "0"] for p in paths]
+    assert calls[0] == calls[1][::-1] and calls[0][0] != calls[0][1], calls
+    report = precision.compare(*paths)
+    assert report and all(r.status == "OK" for r in report.rows), report.summary

@@ -61,7 +61,7 @@ class Entry:
 
     ``key`` is ``module:kind[.index][#call]`` (:func:`precision.dumps.keys.parse_key`);
     ``stats`` is set for stats-mode records; ``alias_of`` names an earlier key holding the
-    same tensor.
+    same tensor; ``signature`` is the call's plain arguments, when it had any.
     """
 
     key: str
@@ -74,6 +74,7 @@ class Entry:
     dtype: str
     stats: dict[str, Any] | None = None
     alias_of: str | None = None
+    signature: str | None = None
 
 
 # --------------------------------------------------------------------------- writing
@@ -481,7 +482,9 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
         shape = e.get("shape", [])
         stats = e.get("stats")
         alias = e.get("alias_of")
+        signature = e.get("signature")
         if (not all(isinstance(s, str) for s in texts) or not isinstance(shape, list)
+                or not (signature is None or isinstance(signature, str))
                 or texts[4] not in NAME_TO_SAFETENSORS
                 or not (alias is None or isinstance(alias, str))
                 or not (stats is None or _valid_stats(stats))):
@@ -489,7 +492,7 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
         entries.append(Entry(
             key=texts[0], module=texts[1], kind=texts[2], index=texts[3],
             call=int(e.get("call", 0)), order=i, shape=tuple(int(s) for s in shape),
-            dtype=texts[4], stats=stats, alias_of=alias,
+            dtype=texts[4], stats=stats, alias_of=alias, signature=signature,
         ))
     return entries
 

@@ -105,12 +105,45 @@ def same_positions(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return bool(a) and bool(b) and a[-1] == b[-1] and math.prod(a) == math.prod(b)
 
 
+def repaired_calls(b: Dump, t: Dump) -> dict[str, str]:
+    """Base key -> target key for calls of one module made in another order on each side.
+
+    A module called several times with different plain arguments (Gemma 3's rotary embedding,
+    once per layer type, in the order of a ``set``) can be called in another order in
+    another process: the k-th call with a signature on one side is paired with the k-th call
+    with the same signature on the other, when both sides hold the same signatures.
+    """
+    def calls(d: Dump) -> dict[tuple[str, str, str], list[Entry]]:
+        groups: dict[tuple[str, str, str], list[Entry]] = {}
+        for e in d.entries:
+            if e.signature is not None:
+                groups.setdefault((e.module, e.kind, e.index), []).append(e)
+        return groups
+
+    mapped: dict[str, str] = {}
+    theirs = calls(t)
+    for group, ours in calls(b).items():
+        other = theirs.get(group, [])
+        signatures = [e.signature for e in ours]
+        if len(ours) < 2 or signatures == [e.signature for e in other] or sorted(
+                signatures, key=str) != sorted((e.signature for e in other), key=str):
+            continue
+        pending: dict[str | None, list[Entry]] = {}
+        for e in other:
+            pending.setdefault(e.signature, []).append(e)
+        for e in ours:
+            match = pending[e.signature].pop(0)
+            if match.key != e.key:
+                mapped[e.key] = match.key
+    return mapped
+
+
 def align(b: Dump, t: Dump) -> list[Pair]:
     """The records of two runs paired by key, in ``b``'s execution order."""
     logits = ({b.meta.get("logits_key"), t.meta.get("logits_key")}
               | set(b.meta.get("logits_keys", ())) | set(t.meta.get("logits_keys", ()))) - {None}
     # logits stored under different names (a capture's lm_head:out, an external 'logits')
-    renamed = {}
+    renamed = repaired_calls(b, t)
     lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")
     if lb and lt and lb != lt:
         renamed[lb] = lt

@@ -82,6 +82,20 @@ def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
 
 
+def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The plain arguments of a module call (strings, numbers, booleans), e.g. Gemma 3's
+    ``rotary_emb(x, positions, "sliding_attention")``; None when there are none.
+
+    Calls of one module whose order comes from a set (Gemma 3 iterates
+    ``set(config.layer_types)``, an order that changes with ``PYTHONHASHSEED`` from one
+    process to the next) are paired by it across dumps (:func:`precision.judge.align.align`).
+    """
+    plain = (str, int, float, bool)
+    parts = [repr(a) for a in args if isinstance(a, plain)]
+    parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if isinstance(v, plain)]
+    return ",".join(parts)[:200] or None
+
+
 #: wrappers whose ``.module`` is the real model: their names would prefix every key
 WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
 
@@ -317,11 +331,12 @@ class Capture:
             self._calls[name] = call + 1
             if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
                 return  # the model's calls finished so far: the decoding step under way
+            signature = call_signature(args, kwargs)
             if record_inputs:
                 for idx, t in list(flatten(args)) + list(flatten(kwargs)):
-                    self._record(name, "in", idx or "0", call, t)
+                    self._record(name, "in", idx or "0", call, t, signature)
             for idx, t in flatten(output):
-                self._record(name, "out", idx, call, t)
+                self._record(name, "out", idx, call, t, signature)
 
         return hook
 
@@ -410,21 +425,24 @@ class Capture:
                 return str(e["alias_of"])
         return key
 
-    def _record(self, module: str, kind: str, idx: str, call: int, t: torch.Tensor) -> str:
+    def _record(self, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
+                signature: str | None = None) -> str:
         """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
         key = make_key(module, kind, idx, call)
         seen = self._seen.get(id(t))
         alias = None
         if seen is not None and seen[0]() is t and seen[2] is not None and seen[2] == _version(t):
             alias = seen[1]  # the very tensor, unchanged since (an in-place op bumps _version)
-        self._store(key, module, kind, idx, call, t, alias=alias)
+        self._store(key, module, kind, idx, call, t, alias=alias, signature=signature)
         return key
 
     def _store(self, key: str, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
-               alias: str | None, whole: bool = False) -> None:
+               alias: str | None, whole: bool = False, signature: str | None = None) -> None:
         entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
                                  "call": call, "shape": list(t.shape),
                                  "dtype": torch_dtype_name(t.dtype)}
+        if signature is not None:
+            entry["signature"] = signature
         if alias is not None:
             entry["alias_of"] = alias
             self._entries.append(entry)
