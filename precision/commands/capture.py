@@ -36,6 +36,10 @@ from .common import (
 @click.option("--class", "model_class", metavar="NAME",
               help="Load the model as this transformers class (e.g. BertModel) instead of "
                    "the one its config names.")
+@click.option("--attention", metavar="IMPL",
+              help="transformers' attention implementation: eager (its own matmul, softmax "
+                   "and mask add, each an operation --level ops records) or sdpa (PyTorch's "
+                   "fused kernel). Default: the model's own choice.")
 @click.option("--mode", default="auto", show_default=True,
               type=click.Choice(["auto", "full", "stats"]),
               help="full: store every tensor. stats: per-tensor statistics only (small). "
@@ -47,6 +51,16 @@ from .common import (
               help="Capture only modules whose name matches (repeatable), e.g. 'encoder.*'.")
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Skip modules whose name matches (repeatable), e.g. '*.dropout'.")
+@click.option("--level", default="modules", show_default=True,
+              type=click.Choice(["modules", "ops"]),
+              help="modules: each module's outputs. ops: also the torch operations each "
+                   "module's own forward calls (softmax, a residual add, a cast), keyed "
+                   "MODULE/OP:out#N (docs/format.md); --inputs then records their inputs.")
+@click.option("--ops", "ops_include", multiple=True, metavar="GLOB",
+              help="With --level ops: record only operations whose name matches "
+                   "(repeatable), e.g. softmax, 'add*'.")
+@click.option("--skip-ops", "ops_exclude", multiple=True, metavar="GLOB",
+              help="With --level ops: skip operations whose name matches (repeatable).")
 @click.option("--backward", is_flag=True,
               help="One training step: also record each module's output gradient (:grad) "
                    "and every parameter's gradient (:pgrad), unscaled, in fp32.")
@@ -98,9 +112,11 @@ from .common import (
 def capture(model: str, device: str, device_map: str | None, dtype: str,
             prompts: tuple[str, ...],
             prompts_file: str | None, images: tuple[str, ...], audio: tuple[str, ...],
-            feed: str | None, model_class: str | None, mode: str, full_globs: tuple[str, ...],
+            feed: str | None, model_class: str | None, attention: str | None, mode: str,
+            full_globs: tuple[str, ...],
             include: tuple[str, ...],
-            exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
+            exclude: tuple[str, ...], level: str, ops_include: tuple[str, ...],
+            ops_exclude: tuple[str, ...], backward: bool, loss_scale: float, every: int,
             input_globs: tuple[str, ...],
             keep_fp32: tuple[str, ...], replay: str | None, expect: tuple[str, ...],
             max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
@@ -126,11 +142,13 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           prompts=prompts, prompts_file=prompts_file, mode=mode,
                           include=include, exclude=exclude, keep_fp32=keep_fp32,
                           inputs=DEFAULT_INPUT_GLOBS + input_globs, every=every,
-                          backward=backward, loss_scale=loss_scale,
+                          backward=backward, loss_scale=loss_scale, level=level,
+                          ops_include=ops_include, ops_exclude=ops_exclude,
                           replay=replay, expect=expect, max_new_tokens=max_new_tokens,
                           num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync,
-                          images=images, audio=audio, feed=feed, model_class=model_class)
+                          images=images, audio=audio, feed=feed, model_class=model_class,
+                          attention=attention)
     if dry_run:
         from ..runtime.plan import plan_model, render
 

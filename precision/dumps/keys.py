@@ -31,6 +31,9 @@ INPUT_PREFIX = INPUT + ":"
 GEN_PREFIX = GENERATION + ":"
 GRADIENT_KINDS = frozenset({"grad", "pgrad"})
 _RANK = re.compile(r"rank(\d+)/")
+#: operator records of casts are named ``cast_<from>_<to>`` (``MODULE/cast_bfloat16_float32``):
+#: recorded only where the dtype changes, so a run in another precision has other ones
+CAST_PREFIX = "cast_"
 
 
 @dataclass(frozen=True)

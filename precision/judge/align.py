@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..dumps.dump import Dump, Entry
+from ..dumps.keys import CAST_PREFIX, parse_key
 from ..errors import DumpError, option
 from .profiles import effective_precision, precision_name
 
@@ -95,9 +96,11 @@ def _stored_key(d: Dump, e: Entry) -> str | None:
 
 
 def _optional(e: Entry) -> bool:
-    """Module inputs recorded on request (``--inputs``), absent on the other side, are fine;
-    generation records get a row of their own."""
-    return (e.kind == "in" and e.module != "input") or e.kind == "generation"
+    """Module inputs recorded on request (``--inputs``) and casts (recorded where the dtype
+    changes: a run in another precision has other casts), absent on the other side, are
+    fine; generation records get a row of their own."""
+    return ((e.kind == "in" and e.module != "input") or e.kind == "generation"
+            or parse_key(e.key).op.startswith(CAST_PREFIX))
 
 
 def same_positions(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

@@ -134,6 +134,7 @@ def one_line(exc: BaseException) -> str:
 def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
                device_map: str | dict[str, Any] | None = None,
                offload_folder: str | None = None, model_class: str | None = None,
+               attention: str | None = None,
                log: Callable[[str], None] = lambda _msg: None) -> LoadedModel:
     """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``.
 
@@ -141,7 +142,9 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
     :mod:`precision.runtime.loading`); no weight is ever newly initialised.
     ``device_map`` (``auto``, ``balanced``, ``sequential`` or a module -> device dict, as
     transformers takes it) spreads the model over devices with accelerate instead; modules
-    mapped to ``disk`` are offloaded to ``offload_folder``. ``log`` gets the fallback note.
+    mapped to ``disk`` are offloaded to ``offload_folder``. ``attention`` picks transformers'
+    attention implementation (``eager``, ``sdpa``...; None: the model's default). ``log``
+    gets the fallback note.
     """
     import transformers
 
@@ -155,6 +158,8 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
     load_dtype = target if policy.base == "auto" else torch.float32
     dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
     extra: dict[str, Any] = {dtype_kw: load_dtype}
+    if attention is not None:
+        extra["attn_implementation"] = attention
     if device_map is not None:
         if policy != Policy():
             raise InputError("--device-map works with --keep-fp32 auto only: modules placed "

@@ -168,6 +168,9 @@ class Capture:
     A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
     inside (see :func:`unwrap`); call the wrapper as usual.
     ``full`` globs pick modules whose outputs are stored whole in stats mode too.
+    ``level="ops"`` also records the torch operations each module's own forward calls
+    (:mod:`precision.runtime.ops`), ``ops_include``/``ops_exclude`` being globs on their names;
+    ``inputs`` globs then record the inputs of the operations in matching modules too.
     ``dry_run`` writes nothing: it records the entries and counts, in :attr:`planned`, the
     tensor bytes a full and a stats capture would store and how many tensors stats keeps
     (works on the ``meta`` device).
@@ -182,9 +185,16 @@ class Capture:
                  meta: dict[str, Any] | None = None, buffer_mb: int = 64,
                  fsync: bool = False, detail: bool = False, root_inputs: bool = True,
                  every: int = 1, backward: bool = False, loss_scale: float = 1.0,
-                 full: Sequence[str] = (), dry_run: bool = False) -> None:
+                 full: Sequence[str] = (), dry_run: bool = False, level: str = "modules",
+                 ops_include: Sequence[str] = (), ops_exclude: Sequence[str] = ()) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
+        if level not in ("modules", "ops"):
+            raise InputError(f"unknown capture level {level!r}: use modules or ops")
+        self.level = level
+        self._ops_globs = (tuple(ops_include), tuple(ops_exclude))
+        self._stack: list[str] = []
+        self._op_mode: Any = None
         self.model = unwrap(model)
         self.mode = mode
         self.meta: dict[str, Any] = dict(meta or {})
@@ -242,7 +252,41 @@ class Capture:
         self._handles.append(self.model.register_forward_pre_hook(self._root_inputs,
                                                                   with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+        if self.level == "ops":
+            self._enter_ops()
         return self
+
+    def _enter_ops(self) -> None:
+        """Keep the stack of running modules and record the operations they call."""
+        from .ops import OpCapture
+
+        def enter(name: str) -> Any:
+            return lambda _module, _args: self._stack.append(name)
+
+        def leave(_module: Any, _args: Any, _output: Any) -> None:
+            self._stack.pop()
+
+        for name, mod in [(ROOT, self.model), *self._modules]:
+            self._handles.append(mod.register_forward_pre_hook(enter(name)))
+            self._handles.append(mod.register_forward_hook(leave))
+        self._op_mode = OpCapture(self._stack, self._op, *self._ops_globs)
+        self._op_mode.__enter__()
+
+    def _op(self, module: str, op: str, output: Any, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> None:
+        """One operation called by ``module``'s own forward: ``module/op:out[.i][#n]``."""
+        name = f"{module}/{op}"
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
+            return
+        signature = call_signature(args, kwargs)
+        if _matches(module, self._input_globs):
+            for idx, t in list(flatten(args)) + list(flatten(kwargs)):
+                self._record(name, "in", idx or "0", call, t, signature)
+        for idx, t in flatten(output):
+            if t.is_floating_point():
+                self._record(name, "out", idx, call, t, signature)
 
     def _open_writer(self) -> None:
         check_output_path(self.path, force=self._force)
@@ -255,6 +299,9 @@ class Capture:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self._op_mode is not None:
+            self._op_mode.__exit__(None, None, None)
+            self._op_mode = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -438,6 +485,15 @@ class Capture:
 
     def _store(self, key: str, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
                alias: str | None, whole: bool = False, signature: str | None = None) -> None:
+        if self._op_mode is not None:
+            with self._op_mode.pause():  # statistics and copies are no operations of the model
+                self._store_entry(key, module, kind, idx, call, t, alias, whole, signature)
+        else:
+            self._store_entry(key, module, kind, idx, call, t, alias, whole, signature)
+
+    def _store_entry(self, key: str, module: str, kind: str, idx: str, call: int,
+                     t: torch.Tensor, alias: str | None, whole: bool,
+                     signature: str | None) -> None:
         entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
                                  "call": call, "shape": list(t.shape),
                                  "dtype": torch_dtype_name(t.dtype)}
@@ -472,7 +528,7 @@ class Capture:
         meta: dict[str, Any] = {
             "tool": "precision", "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "complete": True, "mode": self.mode, "env": environment(),
+            "complete": True, "mode": self.mode, "level": self.level, "env": environment(),
             "model": model_identity(self.model),
             "module_dtypes": module_dtypes(self.model),
             "compute": compute_settings(self.model),

@@ -73,6 +73,12 @@ class CaptureOptions:
     audio: Sequence[str] = ()
     feed: str | None = None
     model_class: str | None = None
+    #: ``ops``: also the operations modules call (:mod:`precision.runtime.ops`)
+    level: str = "modules"
+    ops_include: Sequence[str] = ()
+    ops_exclude: Sequence[str] = ()
+    #: transformers' attention implementation (``eager``, ``sdpa``); None: the model's own
+    attention: str | None = None
 
 
 #: ``--mode auto`` switches to stats mode above this many parameters (flan-t5-large: 0.78B)
@@ -154,6 +160,10 @@ def check_options(opts: CaptureOptions) -> str:
         raise InputError("--max-new-tokens must be 0 or more")
     if opts.num_beams < 1:
         raise InputError("--num-beams must be 1 or more")
+    if opts.level not in ("modules", "ops"):
+        raise InputError(f"--level {opts.level}: use modules or ops")
+    if (opts.ops_include or opts.ops_exclude) and opts.level != "ops":
+        raise InputError("--ops and --skip-ops choose operations: give --level ops too")
     if opts.mode not in ("full", "stats", "auto"):
         raise InputError(f"--mode {opts.mode}: use full, stats or auto")
     if opts.steps is not None and not opts.steps:
@@ -229,7 +239,7 @@ def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
                        if device_map else None)
         loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy,
                             device_map=device_map, offload_folder=offload_dir,
-                            model_class=opts.model_class, log=log)
+                            model_class=opts.model_class, attention=opts.attention, log=log)
         load_s = time.perf_counter() - t0
         return _capture_loaded(opts, loaded, dtype, device, dist, out, base, prompts, policy,
                                load_s, log)
@@ -276,6 +286,7 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "prompts": prompts, "replayed_from": str(base.path) if base else None,
         "max_new_tokens": opts.max_new_tokens, "load_seconds": round(load_s, 3),
         "mode_reason": why, "full_globs": list(opts.full),
+        "attention": getattr(getattr(loaded.model, "config", None), "_attn_implementation", None),
     }
     full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
         else ""
@@ -285,7 +296,8 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
             loaded.model, out, mode=mode, include=opts.include, exclude=opts.exclude,
             inputs=opts.inputs, force=opts.force, fsync=opts.fsync, detail=opts.detail,
             root_inputs=not by_step, every=opts.every, backward=opts.backward,
-            loss_scale=opts.loss_scale, full=opts.full, meta=meta) as cap:
+            loss_scale=opts.loss_scale, full=opts.full, meta=meta, level=opts.level,
+            ops_include=opts.ops_include, ops_exclude=opts.ops_exclude) as cap:
         if by_step:  # each decoding step's layer outputs get a call index
             cap.steps = None if opts.steps is None else set(opts.steps)
             inputs, gen, prompt = prepare()

@@ -1,0 +1,124 @@
+"""Operator level (``--level ops``): the operations inside modules, captured and compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import precision
+from precision.cli import main
+from precision.dumps.keys import parse_key
+
+from .conftest import FIXTURES, QWEN, T5, T5_OVERFLOW
+
+pytestmark = pytest.mark.slow
+
+WO = "encoder.block.2.layer.1.DenseReluDense.wo"
+
+
+def cli(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+class Block(nn.Module):
+    """A residual block whose own forward adds, scales and casts: no submodule does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).view(2, 2, 4).reshape(4, 4)  # views: not recorded
+        y = torch.softmax(x + h, dim=-1) * 2.0
+        y = y.float()  # a cast that keeps the dtype: not recorded
+        return y.to(torch.float64).to(torch.float32)  # two that change it: recorded
+
+
+def test_operations_are_recorded_under_the_module_that_calls_them(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(4, 4)
+    with torch.no_grad(), precision.capture(model, tmp_path / "o.st", level="ops") as cap:
+        out = model(x)
+    d = precision.load(cap.path)
+    ops = [e.key for e in d.entries if parse_key(e.key).op]
+    assert ops == ["lin/linear:out", "root/add:out", "root/softmax:out", "root/mul:out",
+                   "root/cast_float32_float64:out", "root/cast_float64_float32:out"], ops
+    # each is its value, copied when it was made
+    h = model.lin(x)
+    assert torch.equal(torch.from_numpy(d["root/add:out"]), x + h)
+    assert torch.equal(torch.from_numpy(d["root/mul:out"]), torch.softmax(x + h, -1) * 2.0)
+    assert d.entry("root/cast_float32_float64:out").dtype == "float64"
+    assert torch.equal(torch.from_numpy(d["root/cast_float64_float32:out"]), out)
+    assert d.meta["level"] == "ops"
+    assert d.entry("lin:out").alias_of == "lin/linear:out"  # stored once
+
+
+def test_operation_globs_and_module_level_default(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(4, 4)
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st", level="ops",
+                                            ops_include=["soft*", "add"],
+                                            ops_exclude=["add"]) as cap:
+        model(x)
+    assert [e.key for e in precision.load(cap.path).entries
+            if parse_key(e.key).op] == ["root/softmax:out"]
+    with torch.no_grad(), precision.capture(model, tmp_path / "m.st") as cap:
+        model(x)
+    assert not any(parse_key(e.key).op for e in precision.load(cap.path).entries)
+
+
+def test_t5_softmax_position_bias_add_and_ffn_residual_add(tmp_path: Path) -> None:
+    """With eager attention T5's attention is matmul, + position bias, softmax."""
+    out = tmp_path / "t5.st"
+    code, text = cli("capture", "--model", T5, "--attention", "eager", "--level", "ops",
+                     "-q", "-o", out)
+    assert code == 0, text
+    d = precision.load(out)
+    keys = {e.key for e in d.entries}
+    attn = "encoder.block.0.layer.0.SelfAttention"
+    assert {f"{attn}/matmul:out", f"{attn}/add:out", f"{attn}/softmax:out",
+            "encoder.block.0.layer.1/add:out"} <= keys, sorted(keys)[:40]
+    assert d.meta["attention"] == "eager"
+
+
+def test_the_planted_wo_overflow_is_traced_to_its_operation(tmp_path: Path) -> None:
+    base, half = tmp_path / "b.st", tmp_path / "h.st"
+    assert cli("capture", "--model", T5_OVERFLOW, "--level", "ops", "-q", "-o", base)[0] == 0
+    assert cli("capture", "--model", T5_OVERFLOW, "--dtype", "fp16", "--keep-fp32", "none",
+               "--level", "ops", "--replay", base, "-q", "-o", half)[0] == 0
+    report = precision.compare(base, half)
+    first = report.first_divergence
+    assert first is not None and (first.key, first.status) == (f"{WO}/linear:out", "OVERFLOW")
+    # the FFN's residual add hands the inf on, and T5's fp16-only clamp is a row of its own
+    add = next(r for r in report.rows if r.key == "encoder.block.2.layer.1/add:out")
+    assert add.status == "OVERFLOW"
+    assert any(r.key.startswith("encoder.block.2/clamp:out") and r.status == "MISSING"
+               for r in report.rows)
+
+
+@pytest.mark.parametrize("model", [T5, QWEN], ids=lambda p: p.name)
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_healthy_half_runs_pass_at_operator_level(tmp_path: Path, model: Path,
+                                                  mode: str) -> None:
+    base = tmp_path / "b.st"
+    code, text = cli("capture", "--model", model, "--level", "ops", "--mode", mode,
+                     "--expect", "bf16", "-q", "-o", base)
+    assert code == 0, text
+    target = tmp_path / "t.st"
+    assert cli("capture", "--model", model, "--level", "ops", "--mode", mode, "--dtype",
+               "bf16", "--replay", base, "-q", "-o", target)[0] == 0
+    report = precision.compare(base, target)
+    assert report, report.summary
+    ops = [r for r in report.rows if parse_key(r.key).op]
+    assert len(ops) > 20 and all(r.status == "OK" for r in ops)
+
+
+def test_ops_options_need_the_ops_level(tmp_path: Path) -> None:
+    code, text = cli("capture", "--model", FIXTURES / "tiny-qwen3", "--ops", "softmax",
+                     "-o", tmp_path / "x.st")
+    assert code == 2 and "--level ops" in text and "Traceback" not in text
