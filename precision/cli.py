@@ -56,7 +56,8 @@ def main() -> None:
 
 
 for command in (capture.capture, capture.inspect, compare.compare, compare.report,
-                doctor.scan, doctor.suggest, doctor.isolate, doctor.consistency):
+                doctor.scan, doctor.suggest, doctor.isolate, doctor.consistency,
+                doctor.check):
     main.add_command(command)
 
 

@@ -104,6 +104,14 @@ BLOCKS: dict[str, Block] = {
         "precision capture --model fixtures/tiny-qwen3 --dtype bf16 --replay q32.st "
         "-o qbf16.st -q",
         "precision compare q32.st qbf16.st --top 2")),
+    # docs/operators.md: the operations inside modules, and each checked on its own inputs
+    "ops-compare": Block("ops", (
+        f"precision capture --model {OVERFLOW} --dtype fp32 --level ops -o base.st",
+        f"precision capture --model {OVERFLOW} --dtype fp16 --keep-fp32 none --level ops "
+        "--inputs 'encoder.*' --replay base.st -o fp16.st",
+        "precision compare base.st fp16.st --only-flagged --top 4"), keep=(1, 1, 8)),
+    "ops-check": Block("ops", (
+        "precision check fp16.st --top 6",), keep=(10,)),
     # docs/seed-workflows.md
     "seed-qwen-bf16": Block("seed", (
         "precision capture --model fixtures/tiny-qwen3 --dtype fp32 --max-new-tokens 8 "

@@ -246,3 +246,56 @@ def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, 
                           str(d.elements_differing), f"{d.max_abs:.3g}")
         Console(highlight=False).print(table)
     sys.exit(0 if report else 1)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("dump", metavar="DUMP.st")
+@click.option("--json", "json_out", metavar="FILE",
+              help="Write every checked operation as JSON; '-' for stdout.")
+@click.option("--only-flagged", is_flag=True, help="Show only the operations not OK.")
+@click.option("--top", type=int, metavar="N", help="Show only the N operations with the "
+              "largest error over the CPU's.")
+@click.option("--force", is_flag=True, help="Overwrite the --json file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
+@guard
+def check(dump: str, json_out: str | None, only_flagged: bool, top: int | None, force: bool,
+          quiet: bool) -> None:
+    """Run each recorded operation again on the CPU on the inputs the device gave it.
+
+    Local error only: every operation whose inputs were recorded (capture --level ops
+    --inputs GLOB) runs in float64 (the golden output) and in its own dtype on the CPU; the
+    device's output is judged against the golden by what the dtype costs there (DRIFT beyond
+    3x the CPU's relative L2 error or 8x its worst element; OVERFLOW where the golden is
+    finite). No baseline run or model needed; needs torch.
+
+    \b
+    Example:
+      precision capture --model ./t5 --device npu --dtype fp16 --level ops \\
+                        --inputs '*' -o npu.st
+      precision check npu.st --only-flagged
+    """
+    import json
+    from dataclasses import asdict
+
+    from ..doctor.opcheck import check as run_check
+    from ..outputs.render import print_check
+
+    check_outputs(force, json_out)
+    report = run_check(dump, log=stderr_log(quiet))
+    if json_out:
+        def plain(value: Any) -> Any:  # JSON has no NaN: a figure not measured is null
+            return None if isinstance(value, float) and value != value else value
+
+        ops = [{k: plain(v) for k, v in (asdict(o) | {"ratio": o.ratio}).items()}
+               for o in report.ops]
+        text = json.dumps({"summary": report.summary, "passed": bool(report),
+                           "operations": ops}, indent=1, allow_nan=False)
+        if json_out == "-":
+            click.echo(text)
+        else:
+            write_text(json_out, text, force)
+    if quiet:
+        click.echo(report.summary)
+    elif json_out != "-":
+        print_check(report, only_flagged=only_flagged, top=top)
+    sys.exit(0 if report else 1)

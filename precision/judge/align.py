@@ -96,11 +96,23 @@ def _stored_key(d: Dump, e: Entry) -> str | None:
 
 
 def _optional(e: Entry) -> bool:
-    """Module inputs recorded on request (``--inputs``) and casts (recorded where the dtype
-    changes: a run in another precision has other casts), absent on the other side, are
-    fine; generation records get a row of their own."""
+    """Module inputs recorded on request (``--inputs``) and operations (a run in another
+    precision casts elsewhere, and takes code paths of its own: T5's fp16 clamp), absent on
+    the other side, are no rows (:func:`one_sided_operations` counts them); generation
+    records get a row of their own."""
     return ((e.kind == "in" and e.module != "input") or e.kind == "generation"
-            or parse_key(e.key).op.startswith(CAST_PREFIX))
+            or bool(parse_key(e.key).op))
+
+
+def one_sided_operations(b: Dump, t: Dump) -> dict[str, list[str]]:
+    """Operation outputs found in one run only, by side (``base``/``target``): their
+    operation names, casts (``cast_<from>_<to>``) left out."""
+    def ops(d: Dump, other: Dump) -> list[str]:
+        keys = (parse_key(e.key) for e in d.entries
+                if e.kind == "out" and other.entry(e.key) is None)
+        return [k.op for k in keys if k.op and not k.op.startswith(CAST_PREFIX)]
+
+    return {BASE: ops(b, t), TARGET: ops(t, b)}
 
 
 def same_positions(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +31,16 @@ from ..dumps.external import open_any
 from ..dumps.keys import INPUT_PREFIX
 from ..errors import InputError, option
 from . import parallel
-from .align import BASE, REFERENCE, TARGET, align, check_same_model, comparisons, run_precision
+from .align import (
+    BASE,
+    REFERENCE,
+    TARGET,
+    align,
+    check_same_model,
+    comparisons,
+    one_sided_operations,
+    run_precision,
+)
 from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
 from .metrics import TensorMetrics
@@ -129,7 +139,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   first_divergence=first,
                   warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
                   fail_on=fail_on, info=_info(b, t),
-                  notes=tuple(_notes(rows) + _reference_notes(runs, dtypes, prof)))
+                  notes=tuple(_notes(rows) + _operation_notes(b, t)
+                              + _reference_notes(runs, dtypes, prof)))
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
@@ -240,6 +251,20 @@ def _notes(rows: list[Row]) -> list[str]:
     share = max(n / total for n, total in left_out)
     return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
             f"{share:.0%} of a record is padding, per the recorded attention masks)"]
+
+
+def _operation_notes(b: Dump, t: Dump) -> list[str]:
+    """Operations (``--level ops``) that ran in one run only: a code path of one precision
+    (T5's fp16 clamp), with nothing to compare them with."""
+    notes = []
+    for side, names in one_sided_operations(b, t).items():
+        if names:
+            counts = Counter(names)
+            top = ", ".join(f"{n} x{c}" for n, c in counts.most_common(4))
+            more = ", ..." if len(counts) > 4 else ""
+            notes.append(f"{len(names)} operation(s) ran in the {side} only ({top}{more}): "
+                         "a code path of its precision, with nothing to compare them with")
+    return notes
 
 
 def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile

@@ -15,6 +15,7 @@ from ..dumps.dump import FORMAT_VERSION, Dump, format_bytes
 if TYPE_CHECKING:
     from ..doctor.checks import Suggestion
     from ..doctor.isolation import IsolateReport
+    from ..doctor.opcheck import CheckReport
     from ..judge.report import Report
     from ..judge.scan import ScanReport
 
@@ -230,3 +231,26 @@ def print_isolate(report: IsolateReport, *, only_flagged: bool = False) -> None:
     con.print(table)
     for note in report.notes:
         con.print(f"note: {escape(note)}")
+
+
+def print_check(report: CheckReport, *, only_flagged: bool = False,
+                top: int | None = None) -> None:
+    """Each operation run again: the device's and the CPU's error against float64."""
+    con = _console()
+    con.print(f"[{'bold green' if report else 'bold red'}]{escape(report.summary)}[/]")
+    rows = [o for o in report.ops if not only_flagged or o.status in ("DRIFT", "OVERFLOW")]
+    if top is not None:
+        rows = sorted(rows, key=lambda o: (o.status not in ("DRIFT", "OVERFLOW"),
+                                           -o.ratio if o.ratio == o.ratio else 0))[:top]
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("operation", "status", "dtype", "device err", "CPU err", "ratio", "why"):
+        table.add_column(col, no_wrap=col != "why")
+    style = {"OK": "green", "DRIFT": "bold red", "OVERFLOW": "bold red", "SKIPPED": "magenta"}
+    for o in rows:
+        table.add_row(escape(o.key), f"[{style[o.status]}]{o.status}[/]", o.dtype,
+                      _fmt(o.device_err), _fmt(o.cpu_err),
+                      "-" if o.ratio != o.ratio else f"{o.ratio:.3g}", escape(o.reason))
+    con.print(table)
+    if report.skipped_without_inputs:
+        con.print(f"note: {report.skipped_without_inputs} operation record(s) have no inputs "
+                  "recorded (their modules did not match --inputs): not checked")

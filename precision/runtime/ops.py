@@ -47,8 +47,8 @@ SKIPPED = frozenset({
 
 
 def op_name(func: Any) -> str:
-    """``torch.nn.functional.softmax`` -> ``softmax``; ``Tensor.__add__`` -> ``add``;
-    ``Tensor.__iadd__`` -> ``iadd`` (in place: ``scores += bias``)."""
+    """``torch.nn.functional.softmax`` -> ``softmax``; ``a + b`` -> ``add``; ``a += b`` ->
+    ``add_`` (in place); ``1 - a`` -> ``rsub``."""
     name = getattr(func, "__name__", None) or type(func).__name__
     return name.strip("_") or "call"
 
@@ -65,18 +65,65 @@ def _first_tensor(args: Sequence[Any]) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
 
 
-class OpCapture(TorchFunctionMode):
-    """Hands each computing call made while a module runs to ``record(module, op, result,
-    args, kwargs)``; ``stack`` holds the running modules' names, innermost last (the
-    recorder's forward pre- and post-hooks keep it). ``include``/``exclude`` are globs on
-    operation names."""
+#: where ``precision check`` may find a recorded operation again (nothing else is imported)
+CALLABLE_HOMES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.special",
+                  "torch.linalg", "torch.fft", "Tensor")
 
-    def __init__(self, stack: list[str], record: Callable[[str, str, Any, tuple[Any, ...],
-                                                          dict[str, Any]], None],
-                 include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+
+def func_path(func: Any) -> str | None:
+    """A name that finds ``func`` again: ``torch.nn.functional.softmax``, ``Tensor.add_``,
+    ``torch.matmul``, ``torch._C._nn.linear``; None for anything else."""
+    name = getattr(func, "__name__", None)
+    qualname = getattr(func, "__qualname__", "") or ""
+    if not name:
+        return None
+    if qualname.startswith(("TensorBase.", "Tensor.")):
+        return f"Tensor.{name}"
+    home = getattr(func, "__module__", None) or ""
+    return f"{home}.{name}" if home in CALLABLE_HOMES else None
+
+
+def call_spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The call's arguments as JSON, each tensor replaced by the index its input record has
+    (``{"tensor": "0"}``, as :func:`precision.runtime.recorder.flatten` names them); None when
+    an argument is neither a tensor nor plain data (it could not be replayed)."""
+    def spec(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {"tensor": path}
+        if isinstance(value, torch.dtype):
+            return {"dtype": canonical(str(value))}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            if isinstance(value, float) and value != value:  # NaN: JSON has none
+                raise ValueError
+            return value
+        if isinstance(value, (tuple, list, torch.Size)):
+            return {"list": [spec(v, f"{path}.{i}" if path else str(i))
+                             for i, v in enumerate(value)]}
+        raise ValueError
+
+    try:
+        return {"args": [spec(a, str(i)) for i, a in enumerate(args)],
+                "kwargs": {k: spec(v, k) for k, v in kwargs.items()}}
+    except ValueError:
+        return None
+
+
+class OpCapture(TorchFunctionMode):
+    """Hands each computing call made while a module runs to ``record(module, op, func,
+    result, args, kwargs)``; ``stack`` holds the running modules' names, innermost last (the
+    recorder's forward pre- and post-hooks keep it). ``include``/``exclude`` are globs on
+    operation names. ``snapshot(module)`` says whether the inputs of ``module``'s
+    operations are recorded: an in-place operation's first argument is then copied before
+    it runs, so the input recorded is the one it read."""
+
+    def __init__(self, stack: list[str],
+                 record: Callable[[str, str, Any, Any, tuple[Any, ...], dict[str, Any]], None],
+                 include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 snapshot: Callable[[str], bool] = lambda _module: False) -> None:
         super().__init__()
         self._stack = stack
         self._record = record
+        self._snapshot = snapshot
         self._include = tuple(include)
         self._exclude = tuple(exclude)
         self._paused = 0
@@ -100,11 +147,17 @@ class OpCapture(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         if not self._stack or self._paused:
-            return out
-        name = op_name(func)
-        if not self.wanted(name) or not _floats(out):
+            return func(*args, **kwargs)
+        name, module = op_name(func), self._stack[-1]
+        if not self.wanted(name):
+            return func(*args, **kwargs)
+        seen = args
+        if name.endswith("_") and args and isinstance(args[0], torch.Tensor) \
+                and self._snapshot(module):
+            seen = (args[0].clone(), *args[1:])
+        out = func(*args, **kwargs)
+        if not _floats(out):
             return out
         if name in CASTS:
             src = _first_tensor(args)
@@ -112,5 +165,5 @@ class OpCapture(TorchFunctionMode):
                 return out
             name = (f"{CAST_PREFIX}{canonical(str(src.dtype))}_"
                     f"{canonical(str(out.dtype))}")
-        self._record(self._stack[-1], name, out, args, kwargs)
+        self._record(module, name, func, out, seen, kwargs)
         return out

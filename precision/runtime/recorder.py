@@ -32,7 +32,7 @@ from .._version import __version__
 from ..dtypes import canonical
 from ..dumps import load
 from ..dumps.dump import Dump, DumpWriter, check_output_path
-from ..dumps.keys import make_key, parse_key
+from ..dumps.keys import CAST_PREFIX, make_key, parse_key
 from ..dumps.padding import MASKS, token_axis
 from ..errors import InputError
 from .compute import compute_settings, environment
@@ -269,24 +269,36 @@ class Capture:
         for name, mod in [(ROOT, self.model), *self._modules]:
             self._handles.append(mod.register_forward_pre_hook(enter(name)))
             self._handles.append(mod.register_forward_hook(leave))
-        self._op_mode = OpCapture(self._stack, self._op, *self._ops_globs)
+        self._op_mode = OpCapture(self._stack, self._op, *self._ops_globs,
+                                  snapshot=lambda module: _matches(module, self._input_globs))
         self._op_mode.__enter__()
 
-    def _op(self, module: str, op: str, output: Any, args: tuple[Any, ...],
+    def _op(self, module: str, op: str, func: Any, output: Any, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> None:
-        """One operation called by ``module``'s own forward: ``module/op:out[.i][#n]``."""
+        """One operation called by ``module``'s own forward: ``module/op:out[.i][#n]``. With
+        its inputs recorded, its first output's entry holds ``op_call``: the function and
+        its arguments, for ``precision check`` to run it again."""
+        from .ops import call_spec, func_path
+
         name = f"{module}/{op}"
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
         if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
             return
         signature = call_signature(args, kwargs)
+        replay: dict[str, Any] | None = None
         if _matches(module, self._input_globs):
             for idx, t in list(flatten(args)) + list(flatten(kwargs)):
                 self._record(name, "in", idx or "0", call, t, signature)
+            path, spec = func_path(func), call_spec(args, kwargs)
+            if path is not None and spec is not None and not op.startswith(CAST_PREFIX):
+                replay = {"func": path} | spec
         for idx, t in flatten(output):
             if t.is_floating_point():
                 self._record(name, "out", idx, call, t, signature)
+                if replay is not None:
+                    self._entries[-1]["op_call"] = replay
+                    replay = None
 
     def _open_writer(self) -> None:
         check_output_path(self.path, force=self._force)
