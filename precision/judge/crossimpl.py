@@ -18,6 +18,8 @@ usual align/measure/judge then compare record by record:
 from __future__ import annotations
 
 import atexit
+import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -63,7 +65,7 @@ def engine_of(d: Dump) -> str | None:
     return str(engine.get("name")) if isinstance(engine, dict) and engine.get("name") else None
 
 
-def translate(d: Dump, mapping: str | None = None) -> Lineup:
+def translate(d: Dump, mapping: str | os.PathLike[str] | None = None) -> Lineup:
     """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout."""
     if d.mode != "full":
         raise DumpError(f"{d.path.name}: a stats-mode engine dump cannot be unpacked into "
@@ -155,7 +157,7 @@ def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     rows, width = ids.shape
     flat = np.full(eids.shape[0], -1, np.int64)
     taken: set[int] = set()
-    for a, b in zip(starts[:-1], starts[1:], strict=True):
+    for a, b in itertools.pairwise(starts):
         a, b = int(a), int(b)
         if b <= a:
             continue
@@ -192,14 +194,14 @@ def _unpack(d: Dump, e: Entry, steps: int, where: list[np.ndarray],
             shape: tuple[int, ...]) -> np.ndarray:
     """One record's calls, packed ``[tokens, ...]`` each, as ``[batch, seq, ...]``."""
     first = np.asarray(d[e.key])
-    out = np.zeros((int(np.prod(shape)),) + first.shape[1:], first.dtype)
+    out = np.zeros((int(np.prod(shape)), *first.shape[1:]), first.dtype)
     for c in range(steps):
         part = first if c == 0 else np.asarray(d[_call_key(e.key, c)])
         if part.shape[0] != where[c].shape[0]:
             raise DumpError(f"{d.path.name}: {_call_key(e.key, c)} holds {part.shape[0]} "
                             f"tokens, step {c} ran {where[c].shape[0]}")
         out[where[c]] = part
-    return out.reshape(tuple(shape) + first.shape[1:])
+    return out.reshape((*shape, *first.shape[1:]))
 
 
 def _split(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
@@ -252,7 +254,8 @@ def _new_path(d: Dump) -> Path:
     return _WORKDIR / f"{len(list(_WORKDIR.iterdir()))}-{d.path.stem}.hf.st"
 
 
-def line_up(runs: dict[str, Dump], mapping: str | None = None) -> dict[str, Lineup]:
+def line_up(runs: dict[str, Dump], mapping: str | os.PathLike[str] | None = None
+            ) -> dict[str, Lineup]:
     """Translate, in place in ``runs``, each engine's dump compared with a Hugging Face one;
     returns what was made of each, by run name."""
     if not any(engine_of(d) for d in runs.values()) or all(engine_of(d) for d in runs.values()):

@@ -288,9 +288,11 @@ def request_records(outputs: list[Any]) -> tuple[dict[str, np.ndarray], dict[str
     tokens = np.full((len(made), steps), -1, np.int64)
     for i, m in enumerate(made):
         tokens[i, :len(m)] = m
-    tensors = {INPUT_PREFIX + "input_ids": ids, INPUT_PREFIX + "attention_mask": mask,
-               GEN_PREFIX + "prompt_ids": pids, GEN_PREFIX + "prompt_mask": pmask,
-               GEN_PREFIX + "tokens": tokens}
+    tensors: dict[str, np.ndarray] = {INPUT_PREFIX + "input_ids": ids,
+                                      INPUT_PREFIX + "attention_mask": mask,
+                                      GEN_PREFIX + "prompt_ids": pids,
+                                      GEN_PREFIX + "prompt_mask": pmask,
+                                      GEN_PREFIX + "tokens": tokens}
     k = 0
     logprobs = [o.outputs[0].logprobs for o in outputs]
     if all(lp for lp in logprobs):
