@@ -30,7 +30,7 @@ from ..dumps.dump import Dump
 from ..dumps.external import open_any
 from ..dumps.keys import INPUT_PREFIX
 from ..errors import InputError, option
-from . import parallel
+from . import crossimpl, parallel
 from .align import (
     BASE,
     REFERENCE,
@@ -71,7 +71,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
             chunk_elems: int = CHUNK_ELEMS, max_memory: int | None = None,
             allow_different_models: bool = False, allow_partial: bool = False,
             base_dtype: str | None = None, target_dtype: str | None = None,
-            rules: Sequence[Rule] = RULES,
+            rules: Sequence[Rule] = RULES, mapping: str | os.PathLike[str] | None = None,
             progress: Callable[[int, int], None] | None = None) -> Report:
     """Compare two dumps of the same model and inputs; returns a :class:`Report`.
 
@@ -89,6 +89,9 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`).
     ``base_dtype``/``target_dtype`` state what a run computed in when its file cannot say
     (logits saved as fp32 from a bf16 run: numpy has no bf16); the profile follows them.
+    A run captured inside an engine (``precision.vllm``) against a Hugging Face capture is
+    first lined up with it (:mod:`precision.judge.crossimpl`): its records renamed, split and
+    unpacked into Hugging Face's keys, by its family's table or the ``mapping`` file.
     """
     if fail_on not in FAIL_ON:
         raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
@@ -101,6 +104,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
+    lined = crossimpl.line_up(runs, mapping)
     b, t = runs[BASE], runs[TARGET]
     for name, other in runs.items():
         if name != BASE:
@@ -114,7 +118,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     prof = (named_profile(profile) if profile else profile_for(dtypes[BASE], dtypes[TARGET])
             ).with_overrides(rtol, atol)
     tasks = [Task(c.base, c.target, p) for c in comparisons(runs)
-             for p in align(runs[c.base], runs[c.target])]
+             for p in align(runs[c.base], runs[c.target])
+             if not crossimpl.engine_lacks(lined, p.key)]
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
     workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
@@ -140,7 +145,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
                   fail_on=fail_on, info=_info(b, t),
                   notes=tuple(_notes(rows) + _operation_notes(b, t)
-                              + _reference_notes(runs, dtypes, prof)))
+                              + _reference_notes(runs, dtypes, prof)
+                              + crossimpl.notes(lined, [r.key for r in rows])))
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:

@@ -344,9 +344,10 @@ class Capture:
 
     # ---- public helpers
     def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra") -> str:
-        """Store an extra tensor whole, in any mode (``generation:tokens``); returns the key."""
+        """Store an extra tensor whole, in any mode (``generation:tokens``, or a call's
+        ``engine:in.positions#2``); returns the key."""
         k = parse_key(key)
-        self._store(key, k.module, kind, k.index, 0, tensor, alias=None, whole=True)
+        self._store(key, k.module, kind, k.index, k.call, tensor, alias=None, whole=True)
         return key
 
     @property
@@ -566,19 +567,29 @@ def model_identity(model: torch.nn.Module) -> dict[str, Any]:
     import hashlib
     import json
 
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {"class": type(model).__name__, "config_hash": config_hash(config)}
+    basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
+    return {"class": type(model).__name__,
+            "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
+
+
+def config_hash(config: Any) -> str:
+    """A SHA-256 prefix of a Hugging Face config without dtype, paths and versions (in nested
+    configs too: a vision-language model's ``text_config``): equal for two captures of the
+    same model, whichever dtype, device or engine (:mod:`precision.runtime.vllm`) ran it."""
+    import hashlib
+    import json
+
     skip = ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
             "_attn_implementation_autoset", "use_cache")
 
     def strip(d: dict[str, Any]) -> dict[str, Any]:
         return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
 
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        basis = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
-    else:
-        basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
-    return {"class": type(model).__name__,
-            "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
+    basis = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
 
 
 def require_same_model(dump: Dump, model: torch.nn.Module, what: str) -> None:

@@ -220,6 +220,12 @@ def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
     device = devices.resolve(dist.device if dist else opts.device, dtype)
     policy = Policy.parse(opts.keep_fp32)
     base = (distributed.own_shard(opts.replay, dist) if opts.replay else None)
+    if base is not None:  # an engine's dump (precision.vllm) asks for some modules' inputs
+        wanted = [g for g in base.meta.get("reference_inputs") or () if g not in opts.inputs]
+        if wanted:
+            log(f"recording the inputs of {' '.join(wanted)} too, as {base.path.name} asks "
+                "(what its engine's fused modules compute)")
+            opts = replace(opts, inputs=tuple(opts.inputs) + tuple(wanted))
     prompts = [] if base else capture_prompts(opts)
     if dist is not None and prompts:
         prompts = distributed.split(prompts, dist)
