@@ -25,6 +25,7 @@ generation comparisons apply. Files are removed when the process exits.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 from ..dtypes import SAFETENSORS_TO_NAME, canonical, is_float
 from ..errors import DumpError
 from . import load
-from .dump import Dump, DumpWriter
+from .dump import Dump, DumpWriter, Entry
 from .keys import GEN_PREFIX, make_key, parse_key
 
 LOGITS_KEY = "logits"
@@ -82,13 +83,20 @@ def _write(src: Path, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> P
             raise DumpError(f"{src}: {key} has dtype {a.dtype}, which a dump cannot hold")
         w.write(key, name, tuple(a.shape), a)
         k = parse_key(key)
-        entries.append({"key": key, "module": k.module, "kind": k.kind or "out",
+        entries.append({"key": key, "module": _module(key), "kind": k.kind or "out",
                         "index": k.index, "call": k.call, "shape": list(a.shape),
                         "dtype": name})
     entries += meta.pop("extra_entries", [])
     w.close({"mode": "full", "external": str(src), "entries": entries,
              "model": {"class": "external"}} | meta)
     return out
+
+
+def _module(key: str) -> str:
+    """An entry's module as a capture writes it: an operation's with its name
+    (``model.layers.0.self_attn/softmax``)."""
+    k = parse_key(key)
+    return k.module + (f"/{k.op}" if k.op else "")
 
 
 def _logits_meta(arr: np.ndarray, src: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -101,11 +109,14 @@ def _logits_meta(arr: np.ndarray, src: Path) -> tuple[dict[str, np.ndarray], dic
 
 
 def _npy(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    return _logits_meta(_npy_array(p), p)
+
+
+def _npy_array(p: Path) -> np.ndarray:
     try:
-        arr = np.load(p, allow_pickle=False)
+        return np.load(p, allow_pickle=False)
     except ValueError as exc:
         raise DumpError(f"{p}: not a plain .npy array ({exc})") from None
-    return _logits_meta(arr, p)
 
 
 def _npz(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -122,6 +133,10 @@ def _npz(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 def _pt(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    return _logits_meta(_pt_array(p), p)
+
+
+def _pt_array(p: Path) -> np.ndarray:
     try:
         import torch
     except ImportError:
@@ -144,7 +159,7 @@ def _pt(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arr = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     else:
         arr = t.numpy()
-    return _logits_meta(arr, p)
+    return arr
 
 
 def _vllm_json(p: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -239,11 +254,13 @@ def _msprobe_tensor(folder: Path, data_name: Any) -> np.ndarray | None:
     f = folder / data_name
     if not f.is_file():
         return None
-    if f.suffix == ".npy":
-        return _npy(f)[0][LOGITS_KEY]
-    if f.suffix == ".pt":
-        return _pt(f)[0][LOGITS_KEY]
-    return None
+    if f.suffix == ".pt" and importlib.util.find_spec("torch") is None:
+        return None  # compare is torch-free: msprobe's statistics of it from dump.json
+    arr = _npy_array(f) if f.suffix == ".npy" else _pt_array(f) if f.suffix == ".pt" else None
+    if arr is None or (arr.dtype.name != "bfloat16"
+                       and arr.dtype.name not in SAFETENSORS_TO_NAME.values()):
+        return None  # a dtype a dump cannot hold: its statistics from dump.json instead
+    return arr
 
 
 def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +285,166 @@ def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
     absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
     k = parse_key(key)
     dtype = canonical(str(item.get("dtype", "float32")))
-    return {"key": key, "module": k.module, "kind": k.kind or "out", "index": k.index,
+    return {"key": key, "module": _module(key), "kind": k.kind or "out", "index": k.index,
             "call": k.call, "shape": shape, "dtype": dtype,
             "stats": {"numel": numel, "min": lo, "max": hi, "mean": fin["Mean"],
                       "norm": fin["Norm"], "absmax": absmax} | counts}
+
+
+# ------------------------------------------------------------- msprobe L1 against op records
+
+_MSPROBE_API = re.compile(r"^(?P<family>[A-Za-z_]\w*)\.(?P<api>.+)\.(?P<n>\d+)$")
+#: msprobe API names (without their underscores) that precision's ops level records under
+#: another name; any other API is the name without underscores (``__matmul__`` -> ``matmul``,
+#: ``__rsub__`` -> ``rsub``), as :func:`precision.runtime.ops.op_name` names torch's functions
+MSPROBE_OP_NAMES = {"radd": "add", "iadd": "add", "rmul": "mul", "imul": "mul", "isub": "sub",
+                    "truediv": "div", "itruediv": "div", "idiv": "div", "rtruediv": "rdiv",
+                    "ipow": "pow", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+
+
+def msprobe_op(api: str) -> str:
+    """``__add__`` / ``add`` / ``__iadd__`` -> ``add``; ``softmax`` -> ``softmax``."""
+    bare = api.strip("_")
+    return MSPROBE_OP_NAMES.get(bare, MSPROBE_OP_NAMES.get(api.lstrip("_"), bare))
+
+
+def is_msprobe_l1(d: Dump) -> bool:
+    """An msprobe dump holding API records (level L1, or mix)."""
+    return bool(d.meta.get("msprobe")) and any(
+        _msprobe_api(e.key) is not None for e in d.entries)
+
+
+def _msprobe_api(key: str) -> str | None:
+    """``Tensor.__add__.3:out.0`` -> ``add``; None for anything but an msprobe API record."""
+    k = parse_key(key)
+    if k.op or k.module.startswith("Module."):
+        return None
+    m = _MSPROBE_API.match(k.module)
+    return msprobe_op(m["api"]) if m else None
+
+
+def msprobe_pairs(ms: Dump, ops: Dump) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+    """msprobe key -> precision key for the API records of ``ms`` that line up with the
+    operation records of ``ops`` (a ``--level ops`` capture), and the operations that could
+    not be paired (name -> (msprobe calls, precision calls)).
+
+    msprobe's names carry no module, so calls are paired by order: each side's calls with a
+    floating-point output are listed per operation name in execution order (msprobe's
+    ``dump.json`` order, in which its per-API counters ``<api>.<n>`` count up; precision's
+    entry order), and the k-th ``softmax`` of one is the k-th ``softmax`` of the other. An
+    operation whose call counts differ is not paired at all (order would not say which
+    call is which); a pair whose floating-point outputs differ in number or shape is not
+    renamed. Inputs are renamed with their call when precision recorded the same input
+    (``:in.<i>``, ``--inputs``).
+    """
+    calls: dict[str, list[list[Entry]]] = {}
+    groups: dict[tuple[str, int], list[Entry]] = {}
+    for e in ops.entries:
+        k = parse_key(e.key)
+        if not k.op or k.kind != "out" or k.rank is not None or not is_float(e.dtype):
+            continue
+        group = groups.get((e.module, k.call))
+        if group is None:
+            group = groups[(e.module, k.call)] = []
+            calls.setdefault(k.op, []).append(group)
+        group.append(e)
+    mine: dict[str, list[list[Entry]]] = {}
+    records: dict[str, list[Entry]] = {}
+    for e in ms.entries:
+        op = _msprobe_api(e.key)
+        if op is None:
+            continue
+        rec = records.get(e.module)
+        if rec is None:
+            rec = records[e.module] = []
+            mine.setdefault(op, []).append(rec)
+        rec.append(e)
+    renamed: dict[str, str] = {}
+    unpaired: dict[str, tuple[int, int]] = {}
+    for op, recs in mine.items():
+        recs = [r for r in recs if any(e.kind == "out" and is_float(e.dtype) for e in r)]
+        theirs = calls.get(op, [])
+        if not recs:
+            continue
+        if len(recs) != len(theirs):
+            unpaired[op] = (len(recs), len(theirs))
+            continue
+        for rec, group in zip(recs, theirs, strict=True):
+            outs = [e for e in rec if e.kind == "out" and is_float(e.dtype)]
+            if [e.shape for e in outs] != [e.shape for e in group]:
+                continue
+            renamed.update((a.key, b.key) for a, b in zip(outs, group, strict=True))
+            first = parse_key(group[0].key)
+            for e in rec:
+                if e.kind == "in":
+                    theirs_in = make_key(group[0].module, "in", e.index, first.call)
+                    other = ops.entry(theirs_in)
+                    if other is not None and other.shape == e.shape:
+                        renamed[e.key] = theirs_in
+    return renamed, unpaired
+
+
+def line_up_msprobe(ms: Dump, ops: Dump) -> Dump:
+    """``ms`` (an msprobe L1 dump, see :func:`open_any`) with its API records renamed to the
+    operation records of ``ops`` they pair with (:func:`msprobe_pairs`); what was paired is
+    in ``meta["msprobe"]["lineup"]``."""
+    renamed, unpaired = msprobe_pairs(ms, ops)
+    api = {e.module for e in ms.entries if _msprobe_api(e.key) is not None}
+    computing = {e.module for e in ms.entries if e.module in api and e.kind == "out"
+                 and is_float(e.dtype)}
+    tensors: dict[str, np.ndarray] = {}
+    stats: list[dict[str, Any]] = []
+    for e in ms.entries:
+        if e.module in api and e.module not in computing:
+            continue  # integer and boolean bookkeeping: precision records none
+        key = renamed.get(e.key, e.key)
+        if e.key in ms.tensors:
+            tensors[key] = np.asarray(ms[e.key])
+        elif e.stats is not None:
+            k = parse_key(key)
+            stats.append({"key": key, "module": _module(key), "kind": k.kind or "out",
+                          "index": k.index, "call": k.call, "shape": list(e.shape),
+                          "dtype": e.dtype, "stats": e.stats})
+    paired = {parse_key(k).module for k in renamed}
+    kept = sorted({op for e in ms.entries if (op := _msprobe_api(e.key)) is not None
+                   and e.module not in paired and e.kind == "out" and is_float(e.dtype)})
+    info = dict(ms.meta.get("msprobe") or {}) | {"lineup": {
+        "with": ops.path.name, "records": len(api), "paired": len(paired),
+        "not_float": len(api - computing),
+        "renamed": len(renamed), "unpaired": {op: list(n) for op, n in unpaired.items()},
+        "kept": kept}}
+    src = Path(str(ms.meta.get("external") or ms.path))
+    return load(_write(src, tensors, {"msprobe": info, "mode": ms.mode,
+                                      "extra_entries": stats}))
+
+
+def line_up_runs(runs: dict[str, Dump]) -> dict[str, Dump]:
+    """Each msprobe L1 run among ``runs`` lined up with the first ``--level ops`` capture
+    among them (unchanged when there is none)."""
+    ops = next((d for d in runs.values() if d.meta.get("level") == "ops"), None)
+    if ops is None:
+        return runs
+    return {name: line_up_msprobe(d, ops) if is_msprobe_l1(d) else d
+            for name, d in runs.items()}
+
+
+def lineup_notes(runs: dict[str, Dump]) -> list[str]:
+    """One line per msprobe run lined up with op records: how many of its API calls."""
+    notes = []
+    for d in runs.values():
+        info = (d.meta.get("msprobe") or {}).get("lineup")
+        if not info:
+            continue
+        line = (f"msprobe L1: {info['paired']} of {info['records']} API calls lined up with "
+                f"the operation records of {info['with']} by call order")
+        if info.get("not_float"):
+            line += (f"; {info['not_float']} with no floating-point output left out (precision "
+                     "records none)")
+        if info["unpaired"]:
+            line += "; not paired, as the call counts differ: " + ", ".join(
+                f"{op} ({a} vs {b})" for op, (a, b) in sorted(info["unpaired"].items()))
+        if info["kept"]:
+            line += "; kept msprobe's names: " + ", ".join(info["kept"][:8]) + (
+                ", ..." if len(info["kept"]) > 8 else "")
+        notes.append(line)
+    return notes

@@ -27,7 +27,7 @@ from typing import Any
 from ..dtypes import short
 from ..dumps import reference_path
 from ..dumps.dump import Dump
-from ..dumps.external import open_any
+from ..dumps.external import line_up_runs, lineup_notes, open_any
 from ..dumps.keys import INPUT_PREFIX
 from ..errors import InputError, option
 from . import crossimpl, parallel
@@ -104,6 +104,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
+    runs = line_up_runs(runs)
     lined = crossimpl.line_up(runs, mapping)
     b, t = runs[BASE], runs[TARGET]
     for name, other in runs.items():
@@ -145,7 +146,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
                   fail_on=fail_on, info=_info(b, t),
                   notes=tuple(_notes(rows) + _operation_notes(b, t)
-                              + _reference_notes(runs, dtypes, prof)
+                              + _reference_notes(runs, dtypes, prof) + lineup_notes(runs)
                               + crossimpl.notes(lined, [r.key for r in rows])))
 
 
