@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bench_verdicts  # scripts/ is on the path
+import bench_ops  # scripts/ is on the path
+import bench_verdicts
 import torch
 import transformers
 from benchutil import interleaved, peak_rss
@@ -58,9 +59,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--enc-len", type=int, default=128)
     ap.add_argument("--dec-len", type=int, default=32)
-    ap.add_argument("--only", choices=["speed", "verdicts"],
-                    help="run one part: speed (capture, compare) or verdicts (false flags on "
-                         "healthy pairs, smallest detected drift); default both")
+    ap.add_argument("--only", choices=["speed", "verdicts", "ops"],
+                    help="run one part: speed (capture, compare), verdicts (false flags on "
+                         "healthy pairs, smallest detected drift) or ops (--level ops against "
+                         "the plain forward and msprobe L1); default all")
     args = ap.parse_args()
     if args.only == "verdicts":
         json.dump({"verdicts": bench_verdicts.run()}, sys.stdout, indent=1)
@@ -74,6 +76,10 @@ def main() -> None:
               "attention_mask": torch.ones(args.batch, args.enc_len, dtype=torch.long),
               "decoder_input_ids": torch.randint(2, 32128, (args.batch, args.dec_len),
                                                  generator=g)}
+    if args.only == "ops":
+        json.dump({"ops": bench_ops.run(model, inputs, args.repeat, work)}, sys.stdout, indent=1)
+        print()
+        return
 
     def forward() -> None:
         with torch.no_grad():
@@ -156,6 +162,8 @@ def main() -> None:
     for p in (full_path, stats_path, half_path):
         p.unlink(missing_ok=True)
     if args.only is None:
+        result["ops"] = bench_ops.run(model, inputs, args.repeat, work)  # last: msprobe
+        result["meets_targets"] = result["meets_targets"] and result["ops"]["meets_targets"]
         result["verdicts"] = bench_verdicts.run()
         result["meets_targets"] = result["meets_targets"] and all(
             result["verdicts"][s]["false_flags"] == 0 for s in ("calibration", "check"))
