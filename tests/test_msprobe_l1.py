@@ -29,9 +29,10 @@ def ops_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_api_names() -> None:
     assert [msprobe_op(a) for a in ("softmax", "__add__", "__radd__", "__iadd__", "add",
-                                    "__matmul__", "matmul", "__truediv__", "__rsub__",
+                                    "add_", "__matmul__", "matmul", "__truediv__", "__rsub__",
                                     "linear")] == [
-        "softmax", "add", "add", "add", "add", "matmul", "matmul", "div", "rsub", "linear"]
+        "softmax", "add", "add", "add_", "add", "add_", "matmul", "matmul", "div", "rsub",
+        "linear"]
 
 
 def test_real_l1_dump_lines_up_with_op_records(ops_run: Path) -> None:

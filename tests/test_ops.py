@@ -122,3 +122,31 @@ def test_ops_options_need_the_ops_level(tmp_path: Path) -> None:
     code, text = cli("capture", "--model", FIXTURES / "tiny-qwen3", "--ops", "softmax",
                      "-o", tmp_path / "x.st")
     assert code == 2 and "--level ops" in text and "Traceback" not in text
+
+
+def test_an_in_place_operation_records_the_input_it_read(tmp_path: Path) -> None:
+    """``a += b`` is ``add_``, and with its inputs recorded, input 0 is ``a`` before the add."""
+
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            h += x
+            return h
+
+    torch.manual_seed(0)
+    model, x = InPlace(), torch.randn(2, 4)
+    with torch.no_grad(), precision.capture(model, tmp_path / "i.st", level="ops",
+                                            inputs=["root"]) as cap:
+        model(x)
+    d = precision.load(cap.path)
+    h = model.lin(x).detach()
+    assert torch.equal(torch.from_numpy(d["root/add_:in.0"]), h)
+    assert torch.equal(torch.from_numpy(d["root/add_:out"]), h + x)
+    from precision.doctor.opcheck import check
+
+    report = check(cap.path)
+    assert report and [o.key for o in report.ops] == ["root/add_:out"], report.summary

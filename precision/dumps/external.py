@@ -294,18 +294,20 @@ def _msprobe_stats(key: str, item: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------- msprobe L1 against op records
 
 _MSPROBE_API = re.compile(r"^(?P<family>[A-Za-z_]\w*)\.(?P<api>.+)\.(?P<n>\d+)$")
-#: msprobe API names (without their underscores) that precision's ops level records under
-#: another name; any other API is the name without underscores (``__matmul__`` -> ``matmul``,
-#: ``__rsub__`` -> ``rsub``), as :func:`precision.runtime.ops.op_name` names torch's functions
-MSPROBE_OP_NAMES = {"radd": "add", "iadd": "add", "rmul": "mul", "imul": "mul", "isub": "sub",
-                    "truediv": "div", "itruediv": "div", "idiv": "div", "rtruediv": "rdiv",
-                    "ipow": "pow", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+#: msprobe API names (a dunder without its underscores) that precision's ops level records
+#: under another name; any other API is its name, a dunder's without its underscores
+#: (``__matmul__`` -> ``matmul``, ``__rsub__`` -> ``rsub``), as
+#: :func:`precision.runtime.ops.op_name` names torch's functions
+MSPROBE_OP_NAMES = {"radd": "add", "rmul": "mul", "truediv": "div", "rtruediv": "rdiv",
+                    "iadd": "add_", "imul": "mul_", "isub": "sub_", "itruediv": "div_",
+                    "idiv": "div_", "ipow": "pow_"}
 
 
 def msprobe_op(api: str) -> str:
-    """``__add__`` / ``add`` / ``__iadd__`` -> ``add``; ``softmax`` -> ``softmax``."""
-    bare = api.strip("_")
-    return MSPROBE_OP_NAMES.get(bare, MSPROBE_OP_NAMES.get(api.lstrip("_"), bare))
+    """``__add__`` / ``add`` -> ``add``; ``__iadd__`` / ``add_`` -> ``add_`` (in place, as
+    :func:`precision.runtime.ops.op_name` names it); ``softmax`` -> ``softmax``."""
+    bare = api[2:-2] if len(api) > 4 and api.startswith("__") and api.endswith("__") else api
+    return MSPROBE_OP_NAMES.get(bare, bare)
 
 
 def is_msprobe_l1(d: Dump) -> bool:

@@ -49,8 +49,10 @@ SKIPPED = frozenset({
 def op_name(func: Any) -> str:
     """``torch.nn.functional.softmax`` -> ``softmax``; ``a + b`` -> ``add``; ``a += b`` ->
     ``add_`` (in place); ``1 - a`` -> ``rsub``."""
-    name = getattr(func, "__name__", None) or type(func).__name__
-    return name.strip("_") or "call"
+    name = str(getattr(func, "__name__", None) or type(func).__name__)
+    if len(name) > 4 and name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]  # a dunder: the operator's name (in place keeps its "_": add_)
+    return name or "call"
 
 
 def _floats(value: Any) -> list[torch.Tensor]:
