@@ -394,3 +394,10 @@ def msprobe_symlink_out(d: Path) -> Path:
     folder = msprobe(d, record(output=[TENSOR | {"data_name": "link.npy"}]))
     (folder / "dump_tensor_data" / "link.npy").symlink_to(outside)
     return folder
+_msprobe_case("msprobe_norm_negative", "Norm -1.0 is negative",
+              record(output=[TENSOR | {"Norm": -1}]))
+_msprobe_case("msprobe_min_above_max", "Min 2.0 is above Max 1.0",
+              record(output=[TENSOR | {"Min": 2}]))
+_msprobe_case("msprobe_one_file_many_records", "name the same tensor file", {
+    f"Module.fc{i}.Linear.forward.0": {"output": [TENSOR | {"data_name": "x.npy"}]}
+    for i in range(3)}, files={"x.npy": npy_bytes(logits())})

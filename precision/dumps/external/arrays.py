@@ -10,6 +10,7 @@ archive, a ``.pt`` tensor may not hold more bytes than its file. Nothing is unpi
 from __future__ import annotations
 
 import math
+import tokenize
 import warnings
 import zipfile
 from pathlib import Path
@@ -54,7 +55,7 @@ def read_npy(f: IO[bytes], size: int, src: str) -> np.ndarray:
                         "supported (1.0 and 2.0 are)")
     try:
         shape, fortran, dtype = _HEADERS[version](f)
-    except ValueError as exc:
+    except (ValueError, TypeError, SyntaxError, tokenize.TokenError) as exc:
         raise DumpError(f"{src}: the .npy header does not parse ({one_line(exc)})") from None
     if dtype.hasobject:
         raise DumpError(f"{src}: not a plain .npy array: it holds Python objects, which are "

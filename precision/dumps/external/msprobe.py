@@ -51,7 +51,8 @@ def read(p: Path) -> Converted:
     folder = folder if folder.is_dir() else p.parent
     files: list[tuple[str, Path]] = []
     stats: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # key -> the record that gave it
+    named: dict[Path, str] = {}  # tensor file -> the record that names it
     for name, record in doc["data"].items():
         if not name.endswith(".forward") and ".forward." not in name:
             continue  # backward records: gradients are issue 8's business
@@ -66,7 +67,11 @@ def read(p: Path) -> Converted:
             f = _tensor_file(p, root, folder, name, item.get("data_name"))
             if f is None:
                 stats.append(_stats(p, name, key, item))
+            elif f in named:  # one file copied under many keys: a dump far larger than this
+                raise DumpError(f"{p}: records {named[f]!r} and {name!r} name the same tensor "
+                                f"file {item['data_name']}")
             else:
+                named[f] = name
                 files.append((key, f))
     if not files and not stats:
         raise DumpError(f"{p}: no forward tensors in this msprobe dump")
@@ -167,6 +172,10 @@ def _stats(p: Path, name: str, key: str, item: dict[str, Any]) -> dict[str, Any]
               "posinf": int(raw["Max"] == math.inf), "neginf": int(raw["Min"] == -math.inf)}
     fin = {k: (v if v is not None and math.isfinite(v) else None) for k, v in raw.items()}
     lo, hi = fin["Min"], fin["Max"]
+    if lo is not None and hi is not None and lo > hi:
+        raise DumpError(f"{p}: record {name!r}: Min {lo} is above Max {hi}")
+    if fin["Norm"] is not None and fin["Norm"] < 0:
+        raise DumpError(f"{p}: record {name!r}: Norm {fin['Norm']} is negative")
     absmax = max(abs(lo), abs(hi)) if lo is not None and hi is not None else None
     k = parse_key(key)
     return {"key": key, "module": k.module, "kind": k.kind or "out", "index": k.index,
