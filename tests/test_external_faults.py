@@ -105,3 +105,20 @@ def test_npy_header_shape_is_checked_before_allocating(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 10_000_000
+
+
+def test_an_end_of_file_anywhere_is_bad_input_not_ctrl_c(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """click takes an EOFError for Ctrl-D (exit 130, "interrupted"): one that a reader does not
+    catch is still bad input, exit 2, one line."""
+    import precision.judge.compare
+
+    def truncated(*args: object, **kwargs: object) -> None:
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr(precision.judge.compare, "compare", truncated)
+    a = tmp_path / "a.npy"
+    a.write_bytes(b"")
+    result = CliRunner().invoke(main, ["compare", str(a), str(a)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr == "error: a file ends too early (empty or truncated): Ran out of input\n"

@@ -44,6 +44,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(INTERRUPTED)
+        except EOFError as exc:  # a file that ended early: click would take it for Ctrl-D
+            fail(f"a file ends too early (empty or truncated){f': {exc}' if str(exc) else ''}")
         except OSError as exc:
             fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         except MemoryError:
