@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .dumps import load
 from .dumps.dump import Dump
-from .errors import DeviceError, DumpError, InputError, ModelError, PrecisionError
+from .errors import DeviceError, DumpError, InputError, ModelError, OutputError, PrecisionError
 from .judge.compare import compare
 from .judge.report import Report, Row
 from .judge.scan import ScanReport, scan
@@ -37,6 +37,7 @@ __all__ = [
     "DumpError",
     "InputError",
     "ModelError",
+    "OutputError",
     "PrecisionError",
     "Report",
     "Row",

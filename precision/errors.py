@@ -51,3 +51,7 @@ class ModelError(PrecisionError):
 
 class InputError(PrecisionError):
     """Prompts, replay inputs or options are unusable."""
+
+
+class OutputError(DumpError):
+    """An output cannot be written: no space left on the device, or the like."""

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 import precision
 from precision import DumpError
+from precision.cli import main
+from precision.dumps.external import LOGITS_KEY, open_any
 
 LOGITS = "lm_head:out"
 
@@ -160,3 +166,106 @@ def test_msprobe_statistics_only(t5_runs: dict[str, Path], tmp_path: Path) -> No
     (bad / "dump.json").write_text("{}")
     with pytest.raises(DumpError, match=r"not an msprobe dump\.json"):
         precision.compare(base, bad)
+
+
+def test_big_endian_npy_reads_the_same_numbers(tmp_path: Path) -> None:
+    """A big-endian float32 .npy was read without byte-swapping and judged all NaN."""
+    flat = np.random.default_rng(1).standard_normal((4, 32)).astype(np.float32)
+    np.save(tmp_path / "little.npy", flat)
+    np.save(tmp_path / "big.npy", flat.astype(">f4"))
+    np.savez(tmp_path / "big.npz", logits=flat.astype(">f4"))
+    for name in ("big.npy", "big.npz"):
+        assert np.array_equal(open_any(tmp_path / name)[LOGITS_KEY], flat)
+        row = precision.compare(tmp_path / "little.npy", tmp_path / name).rows[0]
+        assert row.status == "OK" and row.metrics is not None and row.metrics.max_abs == 0
+
+
+def test_vllm_ragged_sequences_pad_and_refuse_negative_ids(tmp_path: Path) -> None:
+    """Sequences of different lengths pad with -1 internally; a -1 (or any negative id) in
+    the file would pass as padding, so it is refused."""
+    seqs = [{"token_ids": [5, 7, 9], "logprobs": [{"5": -0.1, "6": -2.0}, {"7": -0.2},
+                                                   {"9": -0.3, "1": -4.0, "2": -5.0}]},
+            {"token_ids": [3], "logprobs": [{"3": -0.5}]}]
+    (tmp_path / "ok.json").write_text(json.dumps(seqs))
+    d = open_any(tmp_path / "ok.json")
+    assert d["generation:tokens"].tolist() == [[5, 7, 9], [3, -1, -1]]
+    assert d["generation:topk_ids"][0, 2].tolist() == [9, 1, 2]
+    assert precision.compare(tmp_path / "ok.json", tmp_path / "ok.json").rows[-1].status == "OK"
+    seqs[1]["token_ids"] = [-1]
+    (tmp_path / "neg.json").write_text(json.dumps(seqs))
+    with pytest.raises(DumpError, match="sequence 1 has token id -1"):
+        precision.compare(tmp_path / "ok.json", tmp_path / "neg.json")
+
+
+BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+
+
+def test_msprobe_inputs_integers_and_scalars_line_up(t5_runs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """Input 0 of a module is <path>:in.0 (it was <path>:in and never lined up), integer
+    tensors (T5's bucket ids, input_ids) and 0-d tensors are ordinary records."""
+    base = precision.load(t5_runs["obase"])
+    folder = tmp_path / "msprobe"
+    (folder / "dump_tensor_data").mkdir(parents=True)
+
+    def item(name: str, arr: np.ndarray) -> dict[str, object]:
+        np.save(folder / "dump_tensor_data" / name, arr)
+        return {"type": "torch.Tensor", "dtype": f"torch.{arr.dtype}", "shape": list(arr.shape),
+                "data_name": name}
+
+    data = {f"Module.{BIAS}.Embedding.forward.0": {
+        "input_args": [item("bias.in.0.npy", base[BIAS + ":in.0"])], "input_kwargs": {},
+        "output": [item("bias.out.0.npy", base[BIAS + ":out"])]},
+        "Functional.mul.0.forward": {
+            "input_args": [item("mul.in.0.npy", np.float32(2.5))],
+            "input_kwargs": {"steps": item("mul.steps.npy", np.int64(3))},
+            "output": [item("mul.out.0.npy", np.array(7.5, np.float32))]}}
+    (folder / "dump.json").write_text(json.dumps({"task": "tensor", "level": "mix",
+                                                  "data": data}))
+    d = open_any(folder)
+    assert {e.key: (e.dtype, e.shape) for e in d.entries} == {
+        BIAS + ":out": ("float32", base[BIAS + ":out"].shape),
+        BIAS + ":in.0": ("int64", base[BIAS + ":in.0"].shape),
+        "Functional.mul.0:out.0": ("float32", ()), "Functional.mul.0:in.0": ("float32", ()),
+        "Functional.mul.0:in.steps": ("int64", ())}
+    rows = {r.key: r for r in precision.compare(base, folder).rows}
+    assert rows[BIAS + ":in.0"].status == "OK" and rows[BIAS + ":out"].status == "OK"
+    assert rows[BIAS + ":out"].metrics.max_abs == 0
+
+
+def test_report_accepts_what_compare_accepts(t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    """report opened its inputs with load(), refusing .npy, vLLM JSON and msprobe folders."""
+    base = precision.load(t5_runs["obase"])
+    logits = base[LOGITS]
+    np.save(tmp_path / "l.npy", logits.reshape(-1, logits.shape[-1]))
+    inputs = [tmp_path / "l.npy", vllm_json(base, tmp_path / "v.json"),
+              msprobe_dir(precision.load(t5_runs["ofp16_none"]), tmp_path / "msprobe")]
+    for n, target in enumerate(inputs):
+        out = tmp_path / f"r{n}.html"
+        result = CliRunner().invoke(main, ["report", str(t5_runs["obase"]), str(target),
+                                           "-o", str(out)])
+        assert result.exit_code in (0, 1), (target, result.output)
+        assert out.stat().st_size > 10_000
+
+
+NO_TORCH = ("import sys\n"
+            "for name in ('torch', 'transformers', 'torch_npu', 'accelerate'):\n"
+            "    sys.modules[name] = None\n"
+            "from precision.cli import main\n"
+            "sys.argv = ['precision', *sys.argv[1:]]\n"
+            "main()\n")
+
+
+def test_external_inputs_without_torch(tmp_path: Path) -> None:
+    """compare stays torch-free: .npy compares, a .pt says in one line that it needs torch."""
+    np.save(tmp_path / "l.npy", np.ones((2, 8), np.float32))
+    torch.save(torch.ones(2, 8), tmp_path / "l.pt")
+    run = [sys.executable, "-c", NO_TORCH, "compare", "-q"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ok = subprocess.run([*run, "l.npy", "l.npy"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr
+    pt = subprocess.run([*run, "l.npy", "l.pt"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=env)
+    assert pt.returncode == 2 and pt.stderr.count("\n") == 1, pt.stderr
+    assert pt.stderr.startswith("error: l.pt: reading a .pt file needs torch")

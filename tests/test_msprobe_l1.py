@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import precision
-from precision.dumps.external import msprobe_op, msprobe_pairs, open_any
+from precision.dumps.external import open_any
+from precision.dumps.external.msprobe_l1 import msprobe_op, msprobe_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -157,7 +157,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
     path = run_capture(opts, stderr_log(quiet or os.environ.get("RANK", "0") != "0"))
     if not quiet and os.environ.get("RANK", "0") == "0":  # one report for a torchrun job
         from ..dumps import load, reference_path
-        from ..dumps.dump import format_bytes
+        from ..dumps.atomic import format_bytes
 
         for written in (path, *(reference_path(path, e) for e in expect)):
             d = load(written)

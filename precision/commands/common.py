@@ -44,6 +44,8 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(INTERRUPTED)
+        except EOFError as exc:  # a file that ended early: click would take it for Ctrl-D
+            fail(f"a file ends too early (empty or truncated){f': {exc}' if str(exc) else ''}")
         except OSError as exc:
             fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         except MemoryError:
@@ -74,7 +76,7 @@ def check_outputs(force: bool, *paths: str | None) -> None:
     """Refuse, before any work, outputs that exist (without --force) or have no folder."""
     from pathlib import Path
 
-    from ..dumps.dump import check_output_path
+    from ..dumps.atomic import check_output_path
 
     for p in paths:
         if p and p != "-":
@@ -82,14 +84,11 @@ def check_outputs(force: bool, *paths: str | None) -> None:
 
 
 def write_text(path: str, text: str, force: bool) -> None:
-    """Write a text output atomically (temporary file, then rename)."""
-    from pathlib import Path
+    """Write a text output atomically: whole or not at all, the old file kept on failure
+    (:func:`precision.dumps.atomic.write_output`)."""
+    from ..dumps.atomic import write_output
 
-    check_outputs(force, path)
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    write_output(path, text, force=force)
 
 
 class ByteSize(click.ParamType):

@@ -151,21 +151,19 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     """
     from pathlib import Path
 
-    from ..dumps import load
-    from ..dumps.dump import check_output_path, format_bytes
+    from ..dumps.atomic import check_output_path, format_bytes
+    from ..dumps.external import open_any
     from ..judge.compare import compare as run_compare
     from ..outputs.htmlreport import build
 
     out = Path(output)
     check_output_path(out, force=force)
     check_outputs(force, md_out)
-    b, t = load(base), load(target)
+    b, t = open_any(base), open_any(target)
     rep = run_compare(b, t, reference=reference, auto_reference=not no_reference,
                       rtol=rtol, atol=atol, profile=profile,
                       allow_different_models=allow_different_models)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(build(rep, b, t), encoding="utf-8")
-    tmp.replace(out)
+    write_text(output, build(rep, b, t), force)
     if md_out:
         write_text(md_out, rep.to_markdown(), force)
     click.echo(f"{rep.summary}\nwrote {out} ({format_bytes(out.stat().st_size)})")

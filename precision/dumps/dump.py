@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_dtype, short
-from ..errors import DumpError, option
+from ..errors import DumpError
+from .atomic import DISK_FULL, AtomicFile, format_bytes
 from .meta import ComputeSettings
 
 FORMAT_NAME = "precision-dump"
@@ -83,23 +84,26 @@ class Entry:
 class DumpWriter:
     """Streams tensors into ``path`` atomically.
 
-    Bytes go to a hidden temporary file next to ``path`` behind ``reserve`` bytes kept for
-    the header. :meth:`close` writes the header into that space (or, when it is too small,
-    rewrites the file with a kernel-side copy), flushes and renames into place. The rename
-    makes the dump atomic against a killed or crashed process; ``fsync=True`` also forces
-    the bytes to disk before the rename, against power loss, at the cost of waiting for it.
+    Bytes go to a hidden temporary file next to ``path`` (an
+    :class:`~precision.dumps.atomic.AtomicFile`) behind ``reserve`` bytes kept for the header.
+    :meth:`close` writes the header into that space (or, when it is too small, writes a new
+    file with the header in front and a kernel-side copy of the data), flushes and renames
+    into place. The rename makes the dump atomic against a killed or crashed process;
+    ``fsync=True`` also forces the bytes to disk before the rename, against power loss, at the
+    cost of waiting for it. Any failure, a full disk included, removes the temporary file.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, force: bool = False,
                  reserve: int = 64 * 1024, fsync: bool = False) -> None:
         self.path = Path(path)
         self._fsync = fsync
-        check_output_path(self.path, force=force)
-        self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        self._out = AtomicFile(self.path, force=force, tag=f"-{os.getpid()}", fsync=fsync)
+        self._tmp = self._out.tmp
+        self._file = self._out.file
         self._reserve = max(_ALIGN * 2, reserve - reserve % _ALIGN)
-        self._file = open(self._tmp, "w+b")  # noqa: SIM115 - closed in close()/abort()
-        self._file.truncate(self._reserve)
-        self._file.seek(self._reserve)
+        with self._out.guard(self._reserve):
+            self._file.truncate(self._reserve)
+            self._file.seek(self._reserve)
         self._offset = 0
         self._header: dict[str, dict[str, Any]] = {}
 
@@ -122,7 +126,8 @@ class DumpWriter:
         if view.nbytes != math.prod(shape) * itemsize:
             raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match "
                             f"{dtype}{list(shape)}")
-        self._file.write(view)
+        with self._out.guard(self._reserve + self._offset + view.nbytes):
+            self._file.write(view)
         self._header[key] = {
             "dtype": NAME_TO_SAFETENSORS[dtype],
             "shape": list(shape),
@@ -139,33 +144,28 @@ class DumpWriter:
             "meta": json.dumps(meta, separators=(",", ":"), allow_nan=False),
         }
         blob = json.dumps(header, separators=(",", ":")).encode()
-        self._file.flush()
-        if len(blob) + 8 <= self._reserve:
+        needed = max(self._reserve, len(blob) + 8 + _ALIGN) + self._offset
+        with self._out.guard(needed):
+            self._file.flush()
+            if len(blob) + 8 > self._reserve:
+                return self._rewrite_with_header(blob, needed)
             blob = blob.ljust(self._reserve - 8, b" ")
             self._file.seek(0)
             self._file.write(struct.pack("<Q", len(blob)) + blob)
-            self._file.flush()
-            if self._fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-        else:
-            self._rewrite_with_header(blob)
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self._out.commit(needed)
 
-    def _rewrite_with_header(self, blob: bytes) -> None:
-        """Header did not fit the reserved space: write a new file and copy the data behind it."""
+    def _rewrite_with_header(self, blob: bytes, needed: int) -> Path:
+        """The header did not fit the reserved space: write the final file anew, the header in
+        front and the data copied behind it, then drop the first one."""
         blob = blob + b" " * (-(len(blob) + 8) % _ALIGN)
-        final = self._tmp.with_name(self._tmp.name + "-final")
-        with open(final, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)) + blob)
-            out.flush()
-            self._copy_data(out)
-            out.flush()
-            if self._fsync:
-                os.fsync(out.fileno())
-        self._file.close()
-        os.replace(final, self._tmp)
+        final = AtomicFile(self.path, force=True, tag=f"-{os.getpid()}-final", fsync=self._fsync)
+        with final.guard(needed):
+            final.file.write(struct.pack("<Q", len(blob)) + blob)
+            final.file.flush()
+            self._copy_data(final.file)
+        final.commit(needed)
+        self._out.discard()
+        return self.path
 
     def _copy_data(self, out: Any) -> None:
         """Copy the tensor bytes behind the new header: in the kernel where the platform can
@@ -180,35 +180,19 @@ class DumpWriter:
                 out.seek(n, os.SEEK_CUR)
                 src_off += n
                 remaining -= n
-        except (AttributeError, OSError):
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise
+        except AttributeError:
             pass
         if remaining:
             self._file.seek(src_off)
             shutil.copyfileobj(self._file, out, 16 * 1024 * 1024)
 
     def abort(self) -> None:
-        """Drop the temporary file; the destination is left untouched."""
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
-
-
-def format_bytes(n: int) -> str:
-    """A size as every command prints it: decimal units, 3 significant digits (``1.37 MB``)."""
-    unit, scale = next((u, k) for u, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
-                       if n >= k or k == 1)
-    return f"{n / scale:.3g} {unit}" if scale > 1 else f"{n} B"
-
-
-def check_output_path(path: Path, *, force: bool) -> None:
-    """Refuse an output in a missing folder, a folder itself, or an existing file without force."""
-    if not path.parent.is_dir():
-        raise DumpError(f"output folder {path.parent} does not exist: create it first")
-    if path.is_dir():
-        raise DumpError(f"output {path} is a directory: give a file name such as {path}/run.st")
-    if path.exists() and not force:
-        raise DumpError(f"output {path} already exists: pass {option('--force', 'force=True')} "
-                        "to overwrite it")
+        """Drop the temporary file; the destination is left untouched. Never raises: a close
+        that fails (a full disk while flushing) still removes the file."""
+        self._out.discard()
 
 
 # --------------------------------------------------------------------------- reading
@@ -385,6 +369,9 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DumpError(f"{p}: header is not valid JSON: not a precision dump or "
                         "safetensors file") from None
+    except RecursionError:
+        raise DumpError(f"{p}: header JSON is nested too deeply: not a precision dump or "
+                        "safetensors file") from None
     except _DuplicateKey as dup:
         raise DumpError(f"{p}: the header names tensor {dup.args[0]!r} twice: corrupt "
                         "(a reader would silently take one of them)") from None
@@ -458,7 +445,7 @@ def _parse_meta(p: Path, meta_raw: Any) -> dict[str, Any]:
                         f"precision (reads version {FORMAT_VERSION}): upgrade precision")
     try:
         meta = json.loads(meta_raw.get("meta", "{}"))
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         raise DumpError(f"{p}: dump metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise DumpError(f"{p}: dump metadata is not a JSON object")

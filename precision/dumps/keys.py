@@ -104,6 +104,13 @@ def format_key(key: Key) -> str:
     return text + (f"#{key.call}" if key.call else "")
 
 
+def entry_module(key: str) -> str:
+    """An entry's ``module`` as a capture writes it: the module's path, an operation's with
+    its name (``model.layers.0.self_attn/softmax``)."""
+    k = parse_key(key)
+    return k.module + (f"/{k.op}" if k.op else "")
+
+
 def make_key(module: str, kind: str, index: str = "", call: int = 0) -> str:
     """``encoder.block.0.layer.1.DenseReluDense.wo:out``, ``...:out.1#2``."""
     if module in (INPUT, GENERATION):

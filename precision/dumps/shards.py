@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DumpError
+from .atomic import write_output
 from .dump import Dump, Entry, load_file
 
 INDEX = "index.json"
@@ -31,10 +32,7 @@ def write_index(folder: Path, world_size: int, meta: dict[str, Any]) -> Path:
     doc = {"format": FORMAT, "format_version": VERSION, "world_size": world_size,
            "shards": [{"rank": r, "file": shard_name(r)} for r in range(world_size)],
            "meta": meta}
-    tmp = folder / f".{INDEX}.partial"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(folder / INDEX)
-    return folder / INDEX
+    return write_output(folder / INDEX, json.dumps(doc, indent=1), force=True)
 
 
 def load_dir(folder: Path) -> Dump:
@@ -45,7 +43,7 @@ def load_dir(folder: Path) -> Dump:
         shards = [(int(s["rank"]), str(s["file"])) for s in doc["shards"]]
         world = int(doc["world_size"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            ValueError):
+            ValueError, RecursionError):
         raise DumpError(f"{index}: not a precision dump index") from None
     if doc.get("format") != FORMAT or doc.get("format_version") != VERSION:
         raise DumpError(f"{index}: unsupported directory dump format "
@@ -54,6 +52,10 @@ def load_dir(folder: Path) -> Dump:
         raise DumpError(f"{index}: lists ranks {sorted(r for r, _ in shards)} for a world of "
                         f"{world}: corrupt index")
     listed = {name for _, name in shards}
+    outside = sorted(name for name in listed if Path(name).name != name)
+    if outside:
+        raise DumpError(f"{index}: shard {outside[0]!r} is not a file in the dump's folder: "
+                        "corrupt index")
     missing = [name for name in sorted(listed) if not (folder / name).is_file()]
     if missing:
         raise DumpError(f"{folder}: shard {missing[0]} listed in {INDEX} is missing "

@@ -27,7 +27,8 @@ from typing import Any
 from ..dtypes import short
 from ..dumps import reference_path
 from ..dumps.dump import Dump
-from ..dumps.external import line_up_runs, lineup_notes, open_any
+from ..dumps.external import open_any
+from ..dumps.external.msprobe_l1 import line_up_runs, lineup_notes
 from ..dumps.keys import INPUT_PREFIX
 from ..errors import InputError, option
 from . import crossimpl, parallel

@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..dtypes import short
-from ..dumps.dump import FORMAT_VERSION, Dump, format_bytes
+from ..dumps.atomic import format_bytes
+from ..dumps.dump import FORMAT_VERSION, Dump
 
 if TYPE_CHECKING:
     from ..doctor.checks import Suggestion

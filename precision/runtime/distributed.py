@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..dumps import load
-from ..dumps.dump import Dump, check_output_path
+from ..dumps.atomic import check_output_path
+from ..dumps.dump import Dump
 from ..dumps.shards import INDEX, shard_name, write_index
 from ..errors import InputError, option
 

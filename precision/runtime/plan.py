@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..dtypes import numpy_dtype
-from ..dumps.dump import format_bytes
+from ..dumps.atomic import format_bytes
 from ..errors import InputError, ModelError
 from .inputs import build
 from .loading import choose_class

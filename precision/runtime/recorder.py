@@ -31,7 +31,8 @@ import torch
 from .._version import __version__
 from ..dtypes import canonical
 from ..dumps import load
-from ..dumps.dump import Dump, DumpWriter, check_output_path
+from ..dumps.atomic import check_output_path
+from ..dumps.dump import Dump, DumpWriter
 from ..dumps.keys import CAST_PREFIX, make_key, parse_key
 from ..dumps.padding import MASKS, token_axis
 from ..errors import InputError

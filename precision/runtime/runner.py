@@ -20,7 +20,8 @@ import torch
 
 from ..dtypes import canonical, short
 from ..dumps import reference_path
-from ..dumps.dump import Dump, check_output_path
+from ..dumps.atomic import check_output_path
+from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ..errors import InputError
 from . import devices, distributed

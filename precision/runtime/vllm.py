@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..dtypes import canonical
-from ..dumps.dump import check_output_path
+from ..dumps.atomic import check_output_path
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key
 from ..errors import InputError
 from .recorder import Capture, config_hash, named_arguments
