@@ -53,9 +53,10 @@ from typing import Any
 import numpy as np
 
 #: CTranslate2's dtype ids (include/ctranslate2/types.h); 5, bfloat16, is not read here
-DTYPES = {0: np.dtype(np.float32), 1: np.dtype(np.int8), 2: np.dtype(np.int16),
-          3: np.dtype(np.int32), 4: np.dtype(np.float16)}
-FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
+DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype(np.float32), 1: np.dtype(np.int8),
+                                    2: np.dtype(np.int16), 3: np.dtype(np.int32),
+                                    4: np.dtype(np.float16)}
+FLOATS: tuple[np.dtype[Any], ...] = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 def read_model_bin(data: bytes) -> dict[str, np.ndarray]:
@@ -225,19 +226,19 @@ def convert(folder: Path, out: Path) -> None:
     model.tie_weights()
     if model.proj_out.weight.data_ptr() != model.model.decoder.embed_tokens.weight.data_ptr():
         raise ValueError("proj_out is not tied to the token embedding")
-    generation = transformers.GenerationConfig(
+    languages: dict[str, Any] = {}
+    if multilingual:
+        languages = {"lang_to_id": {tokenizer.convert_ids_to_tokens(i): i
+                                    for i in ct2["lang_ids"]},
+                     "task_to_id": {"transcribe": ids("<|transcribe|>"),
+                                    "translate": ids("<|translate|>")}}
+    model.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=eot + 1, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
         max_length=config.max_target_positions, is_multilingual=multilingual,
         no_timestamps_token_id=ids("<|notimestamps|>"),
         prev_sot_token_id=ids("<|startofprev|>"),
         suppress_tokens=ct2["suppress_ids"], begin_suppress_tokens=ct2["suppress_ids_begin"],
-        alignment_heads=ct2["alignment_heads"])
-    if multilingual:
-        generation.lang_to_id = {tokenizer.convert_ids_to_tokens(i): i
-                                 for i in ct2["lang_ids"]}
-        generation.task_to_id = {"transcribe": ids("<|transcribe|>"),
-                                 "translate": ids("<|translate|>")}
-    model.generation_config = generation
+        alignment_heads=ct2["alignment_heads"], **languages)
     model.to(torch.float16).save_pretrained(out)
     features = transformers.WhisperFeatureExtractor(feature_size=mels)
     transformers.WhisperProcessor(feature_extractor=features,
