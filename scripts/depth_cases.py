@@ -173,21 +173,27 @@ def plant(model: nn.Module, fault: str, block: int) -> list[Any]:
 
         return [layer.register_full_backward_hook(noisy)]
     if fault.startswith("drift:"):
-        fraction = float(fault.split(":")[1])
-        gen = torch.Generator().manual_seed(7)
-
-        def drift(_m: nn.Module, _args: Any, out: Any) -> Any:
-            h = out[0] if isinstance(out, tuple) else out
-            x = h.float()
-            width = x.abs().amax(dim=(0, 1))
-            ordinary = width <= 8 * width.median()  # the massive channels are left alone
-            scale = x[..., ordinary].pow(2).mean().sqrt()
-            noise = torch.randn(x.shape, generator=gen) * fraction * scale * ordinary
-            moved = (x + noise).to(h.dtype)
-            return (moved, *out[1:]) if isinstance(out, tuple) else moved
-
-        return [layer.register_forward_hook(drift)]
+        return [drift(layer, float(fault.split(":")[1]))]
     raise ValueError(f"unknown fault {fault!r}")
+
+
+def drift(layer: nn.Module, fraction: float) -> Any:
+    """Noise of ``fraction`` times the rms of the ordinary channels added to ``layer``'s
+    output (``(batch, seq, channels)``, or the first of a tuple), the massive channels left
+    alone; returns the hook's handle."""
+    gen = torch.Generator().manual_seed(7)
+
+    def hook(_m: nn.Module, _args: Any, out: Any) -> Any:
+        h = out[0] if isinstance(out, tuple) else out
+        x = h.float()
+        width = x.abs().amax(dim=(0, 1))
+        ordinary = width <= 8 * width.median()  # the massive channels are left alone
+        scale = x[..., ordinary].pow(2).mean().sqrt()
+        noise = torch.randn(x.shape, generator=gen) * fraction * scale * ordinary
+        moved = (x + noise).to(h.dtype)
+        return (moved, *out[1:]) if isinstance(out, tuple) else moved
+
+    return layer.register_forward_hook(hook)
 
 
 @dataclass(frozen=True)

