@@ -150,3 +150,35 @@ def test_an_in_place_operation_records_the_input_it_read(tmp_path: Path) -> None
 
     report = check(cap.path)
     assert report and [o.key for o in report.ops] == ["root/add_:out"], report.summary
+
+
+def test_report_nests_operations_under_their_module_and_the_plot_leaves_them_out(
+        tmp_path: Path) -> None:
+    import re
+
+    from precision.outputs import plots
+
+    base, half = tmp_path / "b.st", tmp_path / "h.st"
+    assert cli("capture", "--model", T5_OVERFLOW, "--level", "ops", "-q", "-o", base)[0] == 0
+    assert cli("capture", "--model", T5_OVERFLOW, "--dtype", "fp16", "--keep-fp32", "none",
+               "--level", "ops", "--replay", base, "-q", "-o", half)[0] == 0
+    page = tmp_path / "r.html"
+    code, text = cli("report", base, half, "-o", page)
+    assert code == 1, text
+    html = page.read_text()
+    assert "id='ops'" in html
+    rows = re.findall(r"<tr([^>]*)><td[^>]*>\d+</td><td class=\"layer\" data-v=\"([^\"]+)\"",
+                      html)
+    ops = {key: attrs for attrs, key in rows if "/" in key}
+    assert ops and all('class="' in a and "op" in a for a in ops.values())
+    flagged_op = ops[f"{WO}/linear:out"]
+    assert "hidden" not in flagged_op and "flagged" in flagged_op  # flagged: always shown
+    assert any("hidden" in a for a in ops.values())  # the others start folded away
+    report = precision.compare(base, half)
+    drawn = [label.split("\n")[0].split(" ", 1)[1] for hit in
+             plots.error_vs_depth(report).__dict__[plots.HITS_ATTR] for label in hit[3]]
+    assert drawn and not any("/" in k for k in drawn)
+    drawn = [label.split("\n")[0].split(" ", 1)[1] for hit in
+             plots.error_vs_depth(report, operations=True).__dict__[plots.HITS_ATTR]
+             for label in hit[3]]
+    assert any("/" in k for k in drawn)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..dtypes import short
 from ..dumps.dump import Dump
+from ..dumps.keys import parse_key
 from ..judge.report import Report, Row
 from . import plots
 
@@ -34,7 +35,8 @@ th{cursor:pointer;background:#f6f8fa;position:sticky;top:0}
 td.why{white-space:normal;min-width:24em}td.layer{white-space:normal}
 .s-OK{color:#1a7f37}.s-DRIFT{color:#9a6700;font-weight:600}.s-MISSING{color:#6e7781}
 .s-OVERFLOW,.s-NAN{color:#cf222e;font-weight:600}.s-MISMATCH{color:#8250df;font-weight:600}
-tr.flagged{background:#fff8f0}.counts td{border:none;padding-right:18px}
+tr.flagged{background:#fff8f0}tr.op td.layer{padding-left:22px;color:#57606a}
+.counts td{border:none;padding-right:18px}
 tr.first{background:#ffebe9;outline:2px solid #cf222e}tr.first:target{outline-width:3px}
 .mark{color:#cf222e;font-weight:700}
 svg{max-width:100%;height:auto}.muted{color:#6e7781}
@@ -60,18 +62,21 @@ SCRIPT = """
     rows.forEach(r=>body.appendChild(r));
   });
   const text=document.getElementById('filter'), only=document.getElementById('flagged');
+  const ops=document.getElementById('ops');
   const shown=document.getElementById('shown');
   function apply(){
     const q=text.value.toLowerCase();
     let n=0;
     for(const r of body.rows){
       const hit=r.cells[1].dataset.v.toLowerCase().includes(q);
-      r.hidden=!(hit&&(!only.checked||r.classList.contains('flagged')));
+      const op=r.classList.contains('op')&&!r.classList.contains('flagged');
+      r.hidden=!(hit&&(!only.checked||r.classList.contains('flagged'))&&(!op||!ops||ops.checked));
       n+=!r.hidden;
     }
     shown.textContent=n+' of '+body.rows.length+' rows shown';
   }
   text.addEventListener('input', apply); only.addEventListener('change', apply);
+  if(ops) ops.addEventListener('change', apply);
   const first=document.getElementById('first-divergence');
   document.querySelectorAll('a[href="#first-divergence"]').forEach(a=>a.addEventListener(
     'click', ()=>{ if(first&&first.hidden){ only.checked=false; text.value=''; apply(); } }));
@@ -122,7 +127,9 @@ def _cell(value: Any, css: str = "") -> str:
 
 def _table(report: Report, only_flagged: bool) -> str:
     """The rows in execution order; the first divergence has ``id="first-divergence"`` and a
-    mark; with ``only_flagged`` the others start ``hidden`` (the page works without script)."""
+    mark; with ``only_flagged`` the others start ``hidden`` (the page works without script),
+    and so do operation rows (``class="op"``, shown under their module with the
+    "operations" box) that are not flagged."""
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in COLUMNS)
     first = report.first_divergence
     body = []
@@ -137,9 +144,10 @@ def _table(report: Report, only_flagged: bool) -> str:
                 cell = cell.replace("</td>", f" {FIRST_MARK}</td>")
             cells.append(cell)
         css = " ".join(c for c in ("flagged" if r.flagged else "",
-                                   "first" if is_first else "") if c)
+                                   "first" if is_first else "",
+                                   "op" if parse_key(r.key).op else "") if c)
         attrs = f' class="{css}"' + (' id="first-divergence"' if is_first else "") + (
-            " hidden" if only_flagged and not r.flagged else "")
+            " hidden" if (only_flagged or parse_key(r.key).op) and not r.flagged else "")
         body.append(f"<tr{attrs}>{''.join(cells)}</tr>")
     return (f'<div class="scroll"><table id="rows"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div>')
@@ -179,6 +187,7 @@ def build(report: Report, base: Dump, target: Dump) -> str:
         f"near-tie), top-{lg.k} overlap {lg.topk_overlap:.2%}, mean KL {lg.kl_mean:.3g}, "
         f"max KL {lg.kl_max:.3g}.</p>")
     only = bool(report.flagged)
+    has_ops = any(parse_key(r.key).op for r in report.rows)
     shown = (f"{len(report.flagged) if only else len(report.rows)} of {len(report.rows)} "
              "rows shown")
     parts = [
@@ -189,7 +198,8 @@ def build(report: Report, base: Dump, target: Dump) -> str:
         f"<p class='muted'>{sides}</p>",
         _banner(report),
         f"<table class='counts'><tr>{counts}</tr></table>{warnings}{logits_line}",
-        _figure_html(lambda: plots.error_vs_depth(report), "Error versus depth"),
+        _figure_html(lambda: plots.error_vs_depth(report), "Error versus depth"
+                     + (" (modules; operations in the table)" if has_ops else "")),
         _figure_html(lambda: plots.headroom(report), "Headroom"),
         _figure_html(lambda: plots.logits_panel(report, base), "Logits"),
         _figure_html(lambda: plots.position_bias_heatmap(base, target, report.profile),
@@ -197,7 +207,10 @@ def build(report: Report, base: Dump, target: Dump) -> str:
         "<h2>All layers</h2>",
         "<p><input id='filter' placeholder='filter layers' size='40'> "
         f"<label><input type='checkbox' id='flagged'{' checked' if only else ''}> "
-        f"only flagged</label> <span id='shown' class='muted'>{shown}</span> "
+        f"only flagged</label> "
+        + ("<label><input type='checkbox' id='ops'> operations (each under its module; "
+           "flagged ones always shown)</label> " if has_ops else "")
+        + f"<span id='shown' class='muted'>{shown}</span> "
         "<span class='muted'>· click a header to sort · hover a plot's point to name "
         "it</span></p>",
         _table(report, only),

@@ -86,8 +86,11 @@ def panels(report: Report) -> list[tuple[str, float, str, float | None]]:
             ("rel_l2", 1.0, "rel_l2 = ‖b − a‖ / ‖a‖", None)]
 
 
-def error_vs_depth(report: Report, ax: Any = None) -> Any:
+def error_vs_depth(report: Report, ax: Any = None, *, operations: bool = False) -> Any:
     """Error per layer in execution order, one metric per axis (log scale, :func:`panels`).
+
+    Operation records (``capture --level ops``) are left out unless ``operations``: the
+    modules' outputs alone give the depth axis its meaning.
 
     With no ``ax``: two panels sharing the layer axis, the verdict's metric with its DRIFT
     limit above ``rel_l2``; with ``ax``: the verdict's metric on it. Encoder and decoder in
@@ -97,22 +100,22 @@ def error_vs_depth(report: Report, ax: Any = None) -> Any:
     """
     specs = panels(report)
     if ax is not None:
-        _error_axis(report, ax, specs[0], legend=True)
+        _error_axis(report, ax, specs[0], legend=True, operations=operations)
         return ax.figure
     fig = _figure(height=5.4)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    _error_axis(report, top, specs[0], legend=True)
-    _error_axis(report, bottom, specs[1], legend=False)
+    _error_axis(report, top, specs[0], legend=True, operations=operations)
+    _error_axis(report, bottom, specs[1], legend=False, operations=operations)
     top.set_xlabel("")
     return fig
 
 
 def _error_axis(report: Report, ax: Any, spec: tuple[str, float, str, float | None], *,
-                legend: bool) -> None:
+                legend: bool, operations: bool = False) -> None:
     from matplotlib.transforms import blended_transform_factory
 
     metric, unit, ylabel, limit = spec
-    rows = _float_rows(report)
+    rows = [r for r in _float_rows(report) if operations or not parse_key(r.key).op]
     blown = [r for r in rows if r.status in BLOWN_UP
              or not math.isfinite(getattr(_m(r), metric))]
     off_scale = {r.order for r in blown}
