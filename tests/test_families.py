@@ -155,6 +155,11 @@ def test_an_image_model_needs_an_image(families: dict[str, dict[str, Path]],
     code, out = cli("capture", "--model", vit, "--image", vit.parent / "vit-cat.png",
                     "--dry-run")
     assert code == 0 and "pixel_values 1x3x32x32" in out
+    code, out = cli("capture", "--model", vit, "--image", vit.parent / "vit-cat.png", "-q",
+                    "-o", tmp_path / "cat.st")
+    assert code == 0, out
+    fed = precision.load(tmp_path / "cat.st").meta["inputs"]
+    assert fed["prompts"] == [] and fed["images"], fed  # no built-in prompt recorded
 
 
 def test_a_vision_language_model_needs_text_with_its_image(

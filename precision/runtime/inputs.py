@@ -34,7 +34,9 @@ class Sources:
     defaults: Sequence[str] = field(default_factory=tuple)
 
     def as_meta(self) -> dict[str, Any]:
-        return {"prompts": list(self.prompts or self.defaults),
+        """What fed the model; the built-in prompts only when nothing else did."""
+        fed = self.images or self.audio or self.feed
+        return {"prompts": list(self.prompts) or ([] if fed else list(self.defaults)),
                 "images": [str(p) for p in self.images],
                 "audio": [str(p) for p in self.audio], "feed": self.feed}
 
