@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -182,3 +183,18 @@ def test_report_nests_operations_under_their_module_and_the_plot_leaves_them_out
              plots.error_vs_depth(report, operations=True).__dict__[plots.HITS_ATTR]
              for label in hit[3]]
     assert any("/" in k for k in drawn)
+
+
+def test_a_training_step_records_the_gradients_of_operations(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(4, 4)
+    with precision.capture(model, tmp_path / "g.st", level="ops", backward=True) as cap:
+        out = model(x)
+        out.sum().backward()
+    d = precision.load(cap.path)
+    # d(sum(2 softmax(z)))/d softmax = 2 everywhere; the cast back to fp32 passes 1s on
+    assert np.array_equal(d["root/softmax:grad"], np.full((4, 4), 2.0, np.float32))
+    assert np.array_equal(d["root/cast_float64_float32:grad"], np.ones((4, 4), np.float32))
+    assert "lin/linear:grad" in d and "lin:grad.0" in d
+    # the forward's records are there as without --backward
+    assert "root/softmax:out" in d

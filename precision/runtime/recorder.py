@@ -300,6 +300,8 @@ class Capture:
                 if replay is not None:
                     self._entries[-1]["op_call"] = replay
                     replay = None
+                if self._backward and t.requires_grad:
+                    t.register_hook(self._op_grad_hook(name, idx, call))
 
     def _open_writer(self) -> None:
         check_output_path(self.path, force=self._force)
@@ -419,6 +421,16 @@ class Capture:
             for idx, t in flatten(grad_output):
                 self._store(make_key(name, "grad", idx, call), name, "grad", idx, call,
                             t.detach().float() / self.loss_scale, alias=None)
+
+        return hook
+
+    def _op_grad_hook(self, name: str, idx: str, call: int) -> Any:
+        """Record the gradient with respect to an operation's output (``MODULE/OP:grad``),
+        unscaled and in fp32 as a module's, keyed by the operation's forward call."""
+
+        def hook(grad: torch.Tensor) -> None:
+            self._store(make_key(name, "grad", idx, call), name, "grad", idx, call,
+                        grad.detach().float() / self.loss_scale, alias=None)
 
         return hook
 
