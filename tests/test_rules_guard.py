@@ -299,3 +299,42 @@ def test_logits_top1_limit(make_dump: MakeDump, profile: str) -> None:
         if want == "DRIFT":
             assert "top-1 agreement" in row.reason, row.reason
     assert report.profile.top1 == doc.top1
+
+
+# --- inherited scale: a parameter-free module judged by what it was computed from -------
+
+def _activation_pair(make_dump: Callable[..., Any], *, error: float, holders: dict[str, str],
+                     source_numel: int = 4096) -> Any:
+    """fc1 (bulk ~8) then an activation that squashes 90% of it to ~1e-3, its error ``error``
+    times fc1's scale: by its own tiny bulk scale that is far beyond 5 eps; by fc1's not."""
+    rng = np.random.default_rng(0)
+    fc1 = rng.normal(0, 8, source_numel).astype(np.float32)
+    act = np.where(rng.random(4096) < 0.9, 1e-3, rng.normal(0, 8, 4096)).astype(np.float32)
+    eps = 2.0**-8  # bf16
+    noisy = (act + rng.normal(0, 1, 4096) * error * eps * 8).astype(np.float32)
+    base = make_dump("b.st", {"fc1:out": fc1, "act:out": act},
+                     meta={"module_dtypes": holders})
+    target = make_dump("t.st", {"fc1:out": fc1, "act:out": noisy}, dtype="bfloat16",
+                       meta={"module_dtypes": holders})
+    return precision.compare(base, target, target_dtype="bf16")
+
+
+def test_an_activation_within_its_inputs_scale_passes(make_dump: Callable[..., Any]) -> None:
+    report = _activation_pair(make_dump, error=1.0, holders={"fc1": "float32"})
+    act = next(r for r in report.rows if r.key == "act:out")
+    assert act.metrics is not None and act.metrics.noise_rms > report.profile.noise_rms
+    assert act.status == "OK", act.reason
+
+
+@pytest.mark.parametrize(("error", "holders", "source_numel"), [
+    (1.0, {"fc1": "float32", "act": "float32"}, 4096),  # a module with parameters
+    (1.0, {"fc1": "float32"}, 2048),  # no record of as many elements before it
+    (12.0, {"fc1": "float32"}, 4096),  # beyond the limit against its input's scale too
+])
+def test_the_inherited_scale_does_not_hide_drift(make_dump: Callable[..., Any], error: float,
+                                                 holders: dict[str, str],
+                                                 source_numel: int) -> None:
+    report = _activation_pair(make_dump, error=error, holders=holders,
+                              source_numel=source_numel)
+    act = next(r for r in report.rows if r.key == "act:out")
+    assert act.status == "DRIFT", act.reason

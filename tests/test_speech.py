@@ -67,26 +67,25 @@ def test_healthy_runs_pass_against_their_reference(work: Path, target: str) -> N
     assert all(r.status == "OK" for r in generation)
 
 
-@pytest.mark.parametrize(("target", "reason"), [("bf16", "eps rms"), ("fp16", "outlier")])
-def test_fixed_limits_alone_flag_the_last_encoder_gelu(work: Path, target: str,
-                                                      reason: str) -> None:
-    """The issue's report: Whisper's last encoder GELU is flagged by the fixed limits (most
-    of its units are off: their tiny outputs set its bulk scale, while their error comes
-    from fc1's, about 14). The reference sees the same error and passes it."""
+def test_fixed_limits_judge_the_last_encoder_gelu_by_its_inputs_scale(work: Path) -> None:
+    """The issue's report: by its own bulk scale Whisper's last encoder GELU is beyond the
+    fixed limits in bf16 (most of its units are off: their tiny outputs set its bulk scale,
+    while their error comes from fc1's, about 14). Judged by fc1's scale, what it was
+    computed from, it is healthy: the fixed limits alone PASS too. (fp16 without its
+    reference still flags 4 outliers: docs/verdicts.md.)"""
     _need()
-    fixed = sc.run(MODEL, target, work, reference=False)
-    first = fixed.first_divergence
-    assert first is not None and first.key == GELU, sc.summarise(fixed)
-    assert reason in first.reason
+    fixed = sc.run(MODEL, "bf16", work, reference=False)
+    assert fixed and not fixed.flagged, sc.summarise(fixed)
+    gelu = next(r for r in fixed.rows if r.key == GELU)
+    m, prof = gelu.metrics, fixed.profile
+    assert m is not None and (m.noise_rms > prof.noise_rms or m.noise_max > prof.noise_max)
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="no same-precision reference for fp32 or tf32, and the fixed limits "
-                          "flag the last encoder GELU (fp32: 267 eps rms > 128; tf32: an "
-                          "element 2e3 eps off > 256): a false alarm on this check model, "
-                          "left as measured (docs/verdicts.md)")
 @pytest.mark.parametrize("target", ["fp32-eager", "tf32"])
 def test_healthy_fp32_and_tf32_runs_pass(work: Path, target: str) -> None:
+    """No same-precision reference exists for fp32 or TF32: the fixed limits judge, the
+    GELU by its input's scale (it read 267 eps rms > 128 in fp32, and an element 2e3 eps
+    off > 256 in TF32, by its own)."""
     _need()
     report = sc.run(MODEL, target, work)
     assert report and not report.flagged, sc.summarise(report)

@@ -136,7 +136,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
         rows.append(generation_row(b, t, len(rows), topk, prefix, prof))
     ctx = Context(prof, {name: d.dtype for name, d in runs.items()},
-                  others={name: {r.key: r for r in rs} for name, rs in by_comparison.items()})
+                  others={name: {r.key: r for r in rs} for name, rs in by_comparison.items()},
+                  stateless=stateless_modules(b))
     judged = made_in_own_forward(judge_rows(rows, ctx, rules))
     gen = [r for r in judged if r.generation is not None]
     rows, bias_notes = diagnose(b, t, _with_growth([r for r in judged if r.generation is None]))
@@ -259,6 +260,20 @@ def _notes(rows: list[Row]) -> list[str]:
     share = max(n / total for n, total in left_out)
     return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
             f"{share:.0%} of a record is padding, per the recorded attention masks)"]
+
+
+def stateless_modules(d: Dump) -> frozenset[str]:
+    """The modules of a capture that hold no parameter, themselves or below them
+    (activations, dropout; not a decoder layer, whose parameters are its children's), from
+    its ``module_dtypes``; none when the dump does not say."""
+    holders = d.meta.get("module_dtypes")
+    if not isinstance(holders, dict) or not holders:
+        return frozenset()
+    with_params = {".".join(name.split(".")[:i]) for name in holders
+                   for i in range(1, name.count(".") + 2)}
+    return frozenset(e.module for e in d.entries
+                     if e.kind == "out" and "/" not in e.module and e.module not in with_params
+                     and e.module not in ("root", "input", "generation"))
 
 
 def _operation_notes(b: Dump, t: Dump) -> list[str]:

@@ -60,6 +60,9 @@ class Context:
     rows: Sequence[Row] = ()
     #: the other comparisons' rows by key: ``others["base->reference"][key]``
     others: Mapping[str, Mapping[str, Row]] = field(default_factory=dict)
+    #: modules known to hold no parameters (activations, dropout): their output is a function
+    #: of their input alone (:func:`inherited_scale`)
+    stateless: frozenset[str] = frozenset()
 
     def other(self, comparison: str, key: str) -> Row | None:
         return self.others.get(comparison, {}).get(key)
@@ -226,19 +229,49 @@ def _times(value: float, ref: float) -> str:
     return f"{value / ref:.3g}x" if ref > 0 else "where the reference is exact,"
 
 
+def inherited_scale(row: Row, ctx: Context) -> float | None:
+    """The bulk scale of what a parameter-free module's output was computed from, when it
+    is larger than the output's own: the record just before it with as many elements (GELU
+    after ``fc1``, SiLU after ``gate_proj``). A squashing activation maps most of its inputs
+    near zero, so its own bulk scale is tiny while its error follows its input's: an
+    element's expected error follows the scale of what it was computed from
+    (docs/verdicts.md). None for modules with parameters, operations and the rest."""
+    key = parse_key(row.key)
+    if key.op or key.module not in ctx.stateless or row.metrics is None:
+        return None
+    numel = math.prod(row.shape)
+    source = next((r for r in ctx.before(row) if r.metrics is not None
+                   and not parse_key(r.key).is_gradient), None)
+    if source is None or source.metrics is None or math.prod(source.shape) != numel:
+        return None
+    scale = source.metrics.bulk_scale
+    return scale if scale > row.metrics.bulk_scale else None
+
+
+def _within_inherited(row: Row, ctx: Context, error: float, limit: float) -> bool:
+    """Whether ``error`` (an rms or a largest |d|) over the inherited bulk scale is within
+    ``limit``: every element's scale is at least that, so the element-scaled error is too."""
+    scale = inherited_scale(row, ctx)
+    return scale is not None and error / scale <= limit
+
+
 def noise_rms(row: Row, ctx: Context) -> Verdict | None:
-    """Diffuse drift: element-scaled rms error beyond the profile's ``noise_rms``."""
+    """Diffuse drift: element-scaled rms error beyond the profile's ``noise_rms`` (and, for
+    a parameter-free module, beyond it against its input's scale too)."""
     m, prof = _noisy(row, ctx, gradient=False), ctx.profile
-    if m is None or m.noise_rms <= prof.noise_rms:
+    if m is None or m.noise_rms <= prof.noise_rms or _within_inherited(
+            row, ctx, m.rmse, prof.noise_rms):
         return None
     return Verdict("DRIFT", f"error {prof.in_eps(m.noise_rms):.3g} eps rms (element-scaled) > "
                             f"{prof.in_eps(prof.noise_rms):.3g}", m.noise_rms / prof.noise_rms)
 
 
 def noise_max(row: Row, ctx: Context) -> Verdict | None:
-    """Sparse outliers: one element off by more than ``noise_max`` of its own scale."""
+    """Sparse outliers: one element off by more than ``noise_max`` of its own scale (and,
+    for a parameter-free module, of its input's scale too)."""
     m, prof = _noisy(row, ctx, gradient=False), ctx.profile
-    if m is None or m.noise_max <= prof.noise_max:
+    if m is None or m.noise_max <= prof.noise_max or _within_inherited(
+            row, ctx, m.max_abs, prof.noise_max):
         return None
     return Verdict("DRIFT", f"outlier: an element off by {prof.in_eps(m.noise_max):.3g} eps of "
                             f"its scale (> {prof.in_eps(prof.noise_max):.3g})",
@@ -392,7 +425,7 @@ def verdict_of(row: Row, ctx: Context, rules: Sequence[Rule] = RULES) -> Verdict
 def judge_rows(rows: Sequence[Row], ctx: Context, rules: Sequence[Rule] = RULES
                ) -> list[Row]:
     """Every row with its verdict applied (status, reason, score)."""
-    ctx = Context(ctx.profile, ctx.dtypes, rows, ctx.others)
+    ctx = Context(ctx.profile, ctx.dtypes, rows, ctx.others, ctx.stateless)
     out = []
     for row in rows:
         found = verdict_of(row, ctx, rules)
