@@ -33,7 +33,7 @@ from . import parallel
 from .align import BASE, REFERENCE, TARGET, align, check_same_model, comparisons, run_precision
 from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
-from .metrics import TensorMetrics
+from .metrics import TensorMetrics, choose_kernel
 from .posbias import diagnose
 from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
@@ -108,10 +108,12 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
     workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
-    if sum(task.cost for task in tasks) < PARALLEL_MIN_ELEMENTS:
+    work = sum(task.cost for task in tasks)
+    if work < PARALLEL_MIN_ELEMENTS:
         workers = 1
-    measured = parallel.run(run_task, tasks, Job(runs, prof, topk, chunk), workers=workers,
-                            cost=task_cost, progress=progress)
+    kernel = choose_kernel(work)  # loaded here, before the workers fork
+    measured = parallel.run(run_task, tasks, Job(runs, prof, topk, chunk, kernel),
+                            workers=workers, cost=task_cost, progress=progress)
     by_comparison: dict[str, list[Row]] = {}
     for task, row in zip(tasks, measured, strict=True):
         by_comparison.setdefault(f"{task.base}->{task.target}", []).append(row)
