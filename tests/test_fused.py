@@ -97,6 +97,19 @@ def test_kernels_merge() -> None:
         assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-300), name
 
 
+@needs_numba
+def test_half_to_float64_is_numpys_conversion() -> None:
+    """Every fp16 bit pattern: zeros, subnormals, normals, infinities, NaN."""
+    from precision.judge import fused
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    out = np.empty(bits.size)
+    fused.half_to_float64(bits, out)
+    want = bits.view(np.float16).astype(np.float64)
+    assert np.array_equal(out, want, equal_nan=True)
+    assert np.array_equal(np.signbit(out), np.signbit(want))
+
+
 def test_unknown_kernel_is_refused() -> None:
     with pytest.raises(ValueError, match="kernel"):
         metrics.PairAccumulator("float32", "float16", kernel="cuda")

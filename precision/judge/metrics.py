@@ -221,8 +221,22 @@ class PairAccumulator:
         if n == 0:
             return
         a64, b64 = self._scratch(n)[:2]
-        np.copyto(a64, a)
-        np.copyto(b64, b)
+        if self.kernel == "numba":
+            fused = _fused()
+            for x, x64 in ((a, a64), (b, b64)):
+                if x.dtype == np.float16:
+                    fused.half_to_float64(x.view(np.uint16), x64)
+                else:
+                    np.copyto(x64, x)
+            # one pass: every element finite, unmasked, within the target's range and
+            # small enough for the kernel's fast-math (else numpy filters and counts)
+            if fused.ordinary(a64, b64, self.base_fmt.lowest, self.tgt_fmt.lowest,
+                              self.tgt_fmt.max):
+                self._accumulate_fused(a64, b64)
+                return
+        else:
+            np.copyto(a64, a)
+            np.copyto(b64, b)
         with np.errstate(invalid="ignore", over="ignore"):
             # four vectorised reductions tell a clean chunk (NaN propagates into min/max)
             lo_a, hi_a, lo_b, hi_b = (float(f(x)) for x in (a64, b64) for f in (np.min, np.max))
@@ -269,11 +283,11 @@ class PairAccumulator:
                     absmax_b: float) -> None:
         """A clean chunk (all elements compared, float64) whose ``max |a|``, ``max |b|`` are
         known."""
-        self.absmax_a = max(self.absmax_a, absmax_a)
-        self.absmax_b = max(self.absmax_b, absmax_b)
         if self.kernel == "numba" and max(absmax_a, absmax_b) < _fused().SAFE_ABS:
             self._accumulate_fused(a, b)
         else:
+            self.absmax_a = max(self.absmax_a, absmax_a)
+            self.absmax_b = max(self.absmax_b, absmax_b)
             self._accumulate_numpy(a, b, absmax_a, absmax_b)
 
     def _accumulate_fused(self, a: np.ndarray, b: np.ndarray) -> None:
@@ -284,8 +298,8 @@ class PairAccumulator:
         if lanes is None:
             lanes = _THREAD.lanes = fused.lanes()
         sat = SATURATION
-        (o1, o2, o3, saturated, saturated_base, sum_d2, sum_abs, max_abs, max_rel, _, _,
-         mean_a, mean_b, m2a, m2b, cab) = fused.accumulate(
+        (o1, o2, o3, saturated, saturated_base, sum_d2, sum_abs, max_abs, max_rel, absmax_a,
+         absmax_b, mean_a, mean_b, m2a, m2b, cab) = fused.accumulate(
             a, b, self.floor, self.tgt_fmt.smallest_normal, sat * self.tgt_fmt.max,
             sat * self.base_fmt.max, *RATIO_THRESHOLDS, lanes, work[6], work[3], self.h_count,
             self.h_d2, self.h_max)
@@ -296,6 +310,8 @@ class PairAccumulator:
         self.sum_abs += sum_abs
         self.max_abs = max(self.max_abs, max_abs)
         self.max_rel = max(self.max_rel, max_rel)
+        self.absmax_a = max(self.absmax_a, absmax_a)
+        self.absmax_b = max(self.absmax_b, absmax_b)
         self.moments = self.moments.merge(Moments(n, mean_a, mean_b, m2a, m2b, cab))
 
     def _accumulate_numpy(self, a: np.ndarray, b: np.ndarray, absmax_a: float,
