@@ -117,8 +117,11 @@ def test_unknown_kernel_is_refused() -> None:
 
 def test_choose_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
     assert choose_kernel(FUSED_MIN_ELEMENTS - 1) == "numpy"  # not worth loading numba
     assert choose_kernel(FUSED_MIN_ELEMENTS) == ("numba" if HAS_NUMBA else "numpy")
+    # once loaded, it serves small compares too
+    assert choose_kernel(1) == ("numba" if HAS_NUMBA else "numpy")
     monkeypatch.setenv(KERNEL_ENV, "numpy")
     assert choose_kernel(1e12) == "numpy"
     monkeypatch.setenv(KERNEL_ENV, "fortran")
@@ -142,6 +145,7 @@ def test_compare_is_the_same_on_both_kernels(make_dump: Callable[..., Path],
     target = {k: (v * (1 + 3e-3 * rng.standard_normal(v.shape))).astype(np.float16)
               for k, v in base.items()}
     pa, pb = make_dump("base.st", base), make_dump("fp16.st", target, dtype="float16")
+    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)  # later tests: numpy as before
     reports = {}
     for kernel in ("numpy", "numba"):
         monkeypatch.setenv(KERNEL_ENV, kernel)

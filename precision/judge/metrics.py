@@ -68,8 +68,11 @@ RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
 KERNELS = ("numpy", "numba")
 #: environment variable that picks the kernel whatever the size (see :func:`choose_kernel`)
 KERNEL_ENV = "PRECISION_KERNEL"
-#: below this much work (elements), loading numba costs more than the fused kernel saves
-FUSED_MIN_ELEMENTS = 16 << 20
+#: below this much work (elements), loading numba (about 0.5 s) costs more than the fused
+#: kernel saves on one job (about 8 ns per element; docs/performance.md)
+FUSED_MIN_ELEMENTS = 64 << 20
+
+_FUSED_LOADED = False
 
 _THREAD = threading.local()
 
@@ -411,13 +414,16 @@ def _fused() -> Any:
 
 def choose_kernel(elements: float) -> str:
     """The kernel for a compare of ``elements`` (see ``Pair.cost``): ``numba`` when it is
-    installed and the work is large enough to repay loading it (about 0.4 s per process,
-    :data:`FUSED_MIN_ELEMENTS`), compiled here so that forked workers inherit it; else
-    ``numpy``. ``PRECISION_KERNEL=numpy`` or ``=numba`` decides instead of the size."""
+    installed and either already loaded in this process or the work is large enough to
+    repay loading it (about 0.5 s per process: :data:`FUSED_MIN_ELEMENTS`); it is loaded
+    here, so that forked workers inherit it. Else ``numpy``. ``PRECISION_KERNEL=numpy`` or
+    ``=numba`` decides instead."""
+    global _FUSED_LOADED
     wanted = os.environ.get(KERNEL_ENV, "").strip().lower()
     if wanted not in ("", "auto", *KERNELS):
         raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
-    if wanted == "numpy" or (wanted != "numba" and elements < FUSED_MIN_ELEMENTS):
+    if wanted == "numpy" or (wanted != "numba" and not _FUSED_LOADED
+                             and elements < FUSED_MIN_ELEMENTS):
         return "numpy"
     try:
         _fused().warm()
@@ -426,6 +432,7 @@ def choose_kernel(elements: float) -> str:
             raise InputError(f"{KERNEL_ENV}=numba, but numba is not installed: "
                              "pip install 'precision[fast]'") from None
         return "numpy"
+    _FUSED_LOADED = True
     return "numba"
 
 
