@@ -353,7 +353,8 @@ class PairAccumulator:
             np.maximum.at(self.h_max, bins[::64], absd[::64])
         rising = np.greater(absd, np.take(self.h_max, bins, out=tmp), out=flag)
         if rising.any():  # a gather is cheap; the scatter-max is not
-            np.maximum.at(self.h_max, bins[rising], absd[rising])
+            up = np.flatnonzero(rising)
+            np.maximum.at(self.h_max, bins[up], absd[up])
         # this chunk's means and co-moments, merged into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
