@@ -45,8 +45,9 @@ __all__ = ["SWAPPED", "compare", "judge", "plan_jobs"]
 #: 2^16 float64 (512 KiB) per array stays in cache
 #: (2^14 to 2^18 measured: 2^16 was fastest with one job and with two)
 CHUNK_ELEMS = 1 << 16
-#: work memory per chunk element, at most: the read buffers, the six float64 and two small
-#: scratch arrays of the metrics, and the float64 log-softmax temporaries of the logits
+#: work memory per chunk element, at most: the read buffers (16), the six float64, one int64
+#: and one bool scratch arrays of the metrics (57), and the five float64 work arrays of the
+#: logits (40); the fused kernel adds 210 KiB of histogram lanes per job
 WORK_BYTES_PER_ELEMENT = 160
 MIN_CHUNK_ELEMS = 1 << 12
 #: below this much work (elements, see Pair.cost), starting processes costs more than it saves
