@@ -118,6 +118,7 @@ def test_unknown_kernel_is_refused() -> None:
 def test_choose_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
+    monkeypatch.setattr(metrics, "_FUSED_FAILED", False)
     assert choose_kernel(FUSED_MIN_ELEMENTS - 1) == "numpy"  # not worth loading numba
     assert choose_kernel(FUSED_MIN_ELEMENTS) == ("numba" if HAS_NUMBA else "numpy")
     # once loaded, it serves small compares too
@@ -133,6 +134,23 @@ def test_choose_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     else:
         with pytest.raises(InputError, match="fast"):
             choose_kernel(1)
+
+
+def test_a_kernel_that_cannot_load_falls_back_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba installed but unloadable (LLVM under an address-space limit raises OSError):
+    compare goes on with numpy, and says why when the kernel was asked for."""
+    def broken() -> None:
+        raise OSError("Could not find/load shared object file 'libllvmlite.so'")
+
+    monkeypatch.setattr(metrics, "_fused", broken)
+    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
+    monkeypatch.setattr(metrics, "_FUSED_FAILED", False)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert choose_kernel(FUSED_MIN_ELEMENTS) == "numpy"
+    assert metrics._FUSED_FAILED  # not tried again in this process
+    monkeypatch.setenv(KERNEL_ENV, "numba")
+    with pytest.raises(InputError, match="libllvmlite"):
+        choose_kernel(1)
 
 
 @needs_numba

@@ -73,6 +73,7 @@ KERNEL_ENV = "PRECISION_KERNEL"
 FUSED_MIN_ELEMENTS = 64 << 20
 
 _FUSED_LOADED = False
+_FUSED_FAILED = False
 
 _THREAD = threading.local()
 
@@ -419,19 +420,20 @@ def choose_kernel(elements: float) -> str:
     repay loading it (about 0.5 s per process: :data:`FUSED_MIN_ELEMENTS`); it is loaded
     here, so that forked workers inherit it. Else ``numpy``. ``PRECISION_KERNEL=numpy`` or
     ``=numba`` decides instead."""
-    global _FUSED_LOADED
+    global _FUSED_LOADED, _FUSED_FAILED
     wanted = os.environ.get(KERNEL_ENV, "").strip().lower()
     if wanted not in ("", "auto", *KERNELS):
         raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
-    if wanted == "numpy" or (wanted != "numba" and not _FUSED_LOADED
-                             and elements < FUSED_MIN_ELEMENTS):
+    if wanted == "numpy" or (wanted != "numba" and (
+            _FUSED_FAILED or (not _FUSED_LOADED and elements < FUSED_MIN_ELEMENTS))):
         return "numpy"
     try:
         _fused().warm()
-    except ImportError:
+    except Exception as e:  # not installed, or LLVM cannot load (under a memory limit)
         if wanted == "numba":
-            raise InputError(f"{KERNEL_ENV}=numba, but numba is not installed: "
+            raise InputError(f"{KERNEL_ENV}=numba, but numba cannot be loaded ({e}): "
                              "pip install 'precision[fast]'") from None
+        _FUSED_FAILED = True
         return "numpy"
     _FUSED_LOADED = True
     return "numba"
