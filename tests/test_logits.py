@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, rel_entr, softmax
 
-from precision.judge.logits import DEFAULT_TIE_NOISE, compare_logit_rows, compare_logits
+from precision.judge.logits import (
+    DEFAULT_TIE_NOISE,
+    _topk,
+    _topk_whole,
+    compare_logit_rows,
+    compare_logits,
+)
 
 BF16 = ml_dtypes.bfloat16
 
@@ -68,7 +74,7 @@ def make_logits(seed: int, rows: int, vocab: int, dtype, noise: float, k: int = 
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
-@pytest.mark.parametrize(("rows", "vocab"), [(1, 2), (40, 50), (300, 17)])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 2), (40, 50), (300, 17), (30, 2000)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_against_reference(seed, rows, vocab, dtype):
     a, b = make_logits(seed, rows, vocab, dtype, noise=0.3)
@@ -236,3 +242,42 @@ def test_per_position_series_match_the_reference():
     assert m.kl_per_position == pytest.approx(kl.tolist(), rel=1e-7, abs=1e-15)
     top = [set(np.argsort(-r)[:4]) for r in x], [set(np.argsort(-r)[:4]) for r in y]
     assert m.overlap_per_position == [len(p & q) / 4 for p, q in zip(*top, strict=True)]
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_topk_of_long_rows_is_the_whole_row_partition(k):
+    """Long rows sort only the elements above a sampled bound; ties at the k-th place (fp16
+    logits), NaN and -inf fall back to partitioning the whole row, so the sets are the same
+    as ever."""
+    rng = np.random.default_rng(k)
+    x = (3 * rng.standard_normal((12, 4000))).astype(np.float16).astype(np.float64)
+    x[1, :] = -np.inf
+    x[1, 7] = 0.0
+    x[2, ::16] = np.nan  # every sampled element
+    x[3, 5] = np.nan
+    x[4, :] = 1.0  # all tied
+    top = np.sort(x[5])[-k]
+    x[5, [10, 3000]] = top  # a tie at the k-th place
+    x[6, ::2] = -np.inf
+    got = _topk(x, k)
+    assert got.shape == (12, k)
+    assert np.array_equal(got, _topk_whole(x, k))
+    finite = np.where(np.isnan(x), -np.inf, x)
+    for r in (0, 3, 7, 8):  # untied rows: exactly the k largest
+        assert set(got[r]) == set(np.argsort(-finite[r], kind="stable")[:k])
+
+
+def test_kl_of_long_rows_with_masked_vocabulary():
+    """Rows with -inf (masked vocabulary) go term by term: 0 where p = 0, inf where the
+    target masks what the baseline does not."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 3000))
+    b = a + 0.01 * rng.standard_normal(a.shape)
+    a[0, :100] = b[0, :100] = -np.inf
+    b[1, 7] = -np.inf
+    a[2, 9] = -np.inf
+    m = compare_logits(a, b, k=5)
+    want = rel_entr(softmax(a, axis=-1), softmax(b, axis=-1)).sum(axis=-1)
+    assert m.kl_per_position[1] == math.inf
+    for r in (0, 2):
+        assert m.kl_per_position[r] == pytest.approx(want[r], rel=1e-7)

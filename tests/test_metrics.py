@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import sys
 from fractions import Fraction
 
 import ml_dtypes
@@ -14,7 +17,24 @@ from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import cosine
 from scipy.stats import pearsonr
 
+from precision.judge import metrics
 from precision.judge.metrics import PairAccumulator, compare_exact, compare_float
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+#: every test here runs on both kernels: numpy and the fused one (numba, an optional extra)
+KERNELS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not HAS_NUMBA, reason="numba (the fast extra) is not installed"))]
+
+
+@pytest.fixture(autouse=True, params=KERNELS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Bind this module's compare_float and PairAccumulator to one kernel."""
+    here = sys.modules[__name__]
+    monkeypatch.setattr(here, "compare_float",
+                        functools.partial(metrics.compare_float, kernel=request.param))
+    monkeypatch.setattr(here, "PairAccumulator",
+                        functools.partial(metrics.PairAccumulator, kernel=request.param))
+    return str(request.param)
 
 BF16 = ml_dtypes.bfloat16
 F32_MIN = float(np.finfo(np.float32).min)

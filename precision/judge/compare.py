@@ -44,7 +44,7 @@ from .align import (
 )
 from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
-from .metrics import TensorMetrics
+from .metrics import TensorMetrics, choose_kernel
 from .posbias import diagnose
 from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
 from .report import FAIL_ON, Report, Row
@@ -56,8 +56,9 @@ __all__ = ["SWAPPED", "compare", "judge", "plan_jobs"]
 #: 2^16 float64 (512 KiB) per array stays in cache
 #: (2^14 to 2^18 measured: 2^16 was fastest with one job and with two)
 CHUNK_ELEMS = 1 << 16
-#: work memory per chunk element, at most: the read buffers, the six float64 and two small
-#: scratch arrays of the metrics, and the float64 log-softmax temporaries of the logits
+#: work memory per chunk element, at most: the read buffers (16), the six float64, one int64
+#: and one bool scratch arrays of the metrics (57), and the five float64 work arrays of the
+#: logits (40); the fused kernel adds 210 KiB of histogram lanes per job
 WORK_BYTES_PER_ELEMENT = 160
 MIN_CHUNK_ELEMS = 1 << 12
 #: below this much work (elements, see Pair.cost), starting processes costs more than it saves
@@ -125,10 +126,12 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
     workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
-    if sum(task.cost for task in tasks) < PARALLEL_MIN_ELEMENTS:
+    work = sum(task.cost for task in tasks)
+    if work < PARALLEL_MIN_ELEMENTS:
         workers = 1
-    measured = parallel.run(run_task, tasks, Job(runs, prof, topk, chunk), workers=workers,
-                            cost=task_cost, progress=progress)
+    kernel = choose_kernel(work)  # loaded here, before the workers fork
+    measured = parallel.run(run_task, tasks, Job(runs, prof, topk, chunk, kernel),
+                            workers=workers, cost=task_cost, progress=progress)
     by_comparison: dict[str, list[Row]] = {}
     for task, row in zip(tasks, measured, strict=True):
         by_comparison.setdefault(f"{task.base}->{task.target}", []).append(row)

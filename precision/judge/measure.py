@@ -37,6 +37,7 @@ class Job:
     prof: Profile
     topk: int
     chunk: int
+    kernel: str = "numpy"
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,17 @@ class Task:
 
 def run_task(job: Job, task: Task) -> Row:
     return measure_pair(job.runs[task.base], job.runs[task.target], task.pair, job.prof,
-                        job.topk, job.chunk)
+                        job.topk, job.chunk, kernel=job.kernel)
 
 
 def task_cost(task: Task) -> float:
     return task.cost
 
 
-def measure_pair(b: Dump, t: Dump, p: Pair, prof: Profile, topk: int, chunk: int) -> Row:
-    """The row of one aligned pair, measured (status ``OK`` unless it cannot be compared)."""
+def measure_pair(b: Dump, t: Dump, p: Pair, prof: Profile, topk: int, chunk: int, *,
+                 kernel: str = "numpy") -> Row:
+    """The row of one aligned pair, measured (status ``OK`` unless it cannot be compared);
+    ``kernel`` measures float chunks (:class:`~precision.judge.metrics.PairAccumulator`)."""
     be, te = p.base, p.target
     if be is None or te is None:
         side = "target" if be is None else "baseline"
@@ -83,7 +86,7 @@ def measure_pair(b: Dump, t: Dump, p: Pair, prof: Profile, topk: int, chunk: int
             return replace(row, exact=ex, reason="identical" if ex.mismatched == 0 else "")
         return replace(row, reason="integer tensor in a stats-only dump: not compared")
     if full_b and full_t:
-        return _float_row(b, t, p, row, prof, topk, chunk)
+        return _float_row(b, t, p, row, prof, topk, chunk, kernel)
     return _stats_row(b, t, p, row, chunk)
 
 
@@ -94,10 +97,10 @@ def _chunk_pairs(b: Dump, t: Dump, p: Pair, chunk: int
 
 
 def _float_row(b: Dump, t: Dump, p: Pair, row: Row, prof: Profile, topk: int,
-               chunk: int) -> Row:
+               chunk: int, kernel: str) -> Row:
     """Float metrics over real tokens: padded positions (:func:`padding_of`) are left out
     of every measure and counted in ``padded``."""
-    acc = PairAccumulator(row.base_dtype, row.target_dtype)
+    acc = PairAccumulator(row.base_dtype, row.target_dtype, kernel=kernel)
     lg = None
     padded = 0
     if p.is_logits and len(row.shape) >= 1 and row.shape[-1] > 0:

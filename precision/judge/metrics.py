@@ -48,6 +48,7 @@ finite, unmasked baseline values that the target tensor's dtype cannot hold
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -56,12 +57,23 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import SATURATION, float_format, is_float
+from ..errors import InputError
 from .moments import Moments
 from .noise import BIN_OFFSET as _BIN_OFFSET
 from .noise import BINS as _BINS
 from .noise import noise_model, signature, signature_label
 
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
+#: what measures a clean chunk: numpy, or the fused kernel (numba, an optional extra)
+KERNELS = ("numpy", "numba")
+#: environment variable that picks the kernel whatever the size (see :func:`choose_kernel`)
+KERNEL_ENV = "PRECISION_KERNEL"
+#: below this much work (elements), loading numba (about 0.5 s) costs more than the fused
+#: kernel saves on one job (about 8 ns per element; docs/performance.md)
+FUSED_MIN_ELEMENTS = 64 << 20
+
+_FUSED_LOADED = False
+_FUSED_FAILED = False
 
 _THREAD = threading.local()
 
@@ -147,16 +159,26 @@ class PairAccumulator:
     co-moments (:class:`~precision.judge.moments.Moments`). :meth:`merge` combines two
     accumulators of disjoint parts of one tensor pair, so a tensor can be split across
     workers, or measured by another kernel, and merged into the same result.
+
+    ``kernel`` measures each clean chunk: ``numpy`` (always there) or ``numba``, the fused
+    kernel of :mod:`precision.judge.fused` (``pip install precision[fast]``; see
+    :func:`choose_kernel`). Both give the same counts and maxima, and sums equal up to
+    float64 rounding.
     """
 
     #: state that adds on merge
     SUMS = ("numel", "masked", "nan_a", "nan_b", "inf_a", "inf_b", "new_nan", "new_inf",
             "saturated", "beyond", "base_nan_only", "base_inf_only", "saturated_base",
             "sum_d2", "sum_abs", "over", "h_count", "h_d2")
-    #: state that takes the larger on merge
-    MAXIMA = ("max_abs", "max_rel", "max_ulp", "absmax_a", "absmax_b", "h_max")
+    #: state that takes the larger on merge (``max_ulp`` is read off ``h_max``: the ulp is
+    #: one power of two per binade)
+    MAXIMA = ("max_abs", "max_rel", "absmax_a", "absmax_b", "h_max")
 
-    def __init__(self, base_dtype: str, target_dtype: str, *, floor: float | None = None) -> None:
+    def __init__(self, base_dtype: str, target_dtype: str, *, floor: float | None = None,
+                 kernel: str = "numpy") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        self.kernel = kernel
         self.base_fmt = float_format(base_dtype)
         self.tgt_fmt = float_format(target_dtype if is_float(target_dtype) else base_dtype)
         self.floor = default_floor(target_dtype) if floor is None else floor
@@ -167,7 +189,7 @@ class PairAccumulator:
         self.h_d2 = np.zeros(_BINS)
         self.h_max = np.zeros(_BINS)
         self.moments = Moments()
-        self.sum_d2 = self.sum_abs = self.max_abs = self.max_rel = self.max_ulp = 0.0
+        self.sum_d2 = self.sum_abs = self.max_abs = self.max_rel = 0.0
         self.absmax_a = self.absmax_b = 0.0
         self.over = np.zeros(len(RATIO_THRESHOLDS), dtype=np.int64)
 
@@ -185,12 +207,12 @@ class PairAccumulator:
 
     @staticmethod
     def _scratch(n: int) -> list[np.ndarray]:
-        """Work arrays (six float64, one C int, one bool) reused by every accumulator of this
+        """Work arrays (six float64, one int64, one bool) reused by every accumulator of this
         thread: fresh large temporaries would page-fault on every chunk."""
         work: list[np.ndarray] | None = getattr(_THREAD, "work", None)
         if work is None or work[0].size < n:
             work = [np.empty(n) for _ in range(6)]
-            work += [np.empty(n, dtype=np.intc), np.empty(n, dtype=bool)]
+            work += [np.empty(n, dtype=np.int64), np.empty(n, dtype=bool)]
             _THREAD.work = work
         return [w[:n] for w in work]
 
@@ -203,22 +225,38 @@ class PairAccumulator:
         if n == 0:
             return
         a64, b64 = self._scratch(n)[:2]
-        np.copyto(a64, a)
-        np.copyto(b64, b)
+        if self.kernel == "numba":
+            fused = _fused()
+            for x, x64 in ((a, a64), (b, b64)):
+                if x.dtype == np.float16:
+                    fused.half_to_float64(x.view(np.uint16), x64)
+                else:
+                    np.copyto(x64, x)
+            # one pass: every element finite, unmasked, within the target's range and
+            # small enough for the kernel's fast-math (else numpy filters and counts)
+            if fused.ordinary(a64, b64, self.base_fmt.lowest, self.tgt_fmt.lowest,
+                              self.tgt_fmt.max):
+                self._accumulate_fused(a64, b64)
+                return
+        else:
+            np.copyto(a64, a)
+            np.copyto(b64, b)
         with np.errstate(invalid="ignore", over="ignore"):
-            amin, amax = float(a64.min()), float(a64.max())
-            clean = (math.isfinite(a64.sum() + b64.sum()) and amin > self.base_fmt.lowest
-                     and float(b64.min()) > self.tgt_fmt.lowest)
+            # four vectorised reductions tell a clean chunk (NaN propagates into min/max)
+            lo_a, hi_a, lo_b, hi_b = (float(f(x)) for x in (a64, b64) for f in (np.min, np.max))
+            clean = (all(map(math.isfinite, (lo_a, hi_a, lo_b, hi_b)))
+                     and lo_a > self.base_fmt.lowest and lo_b > self.tgt_fmt.lowest)
             tmax = self.tgt_fmt.max
-            if not (-tmax <= amin and amax <= tmax):  # NaN lands here too
+            if not (-tmax <= lo_a and hi_a <= tmax):  # NaN lands here too
                 live = self._unmasked(a64, b64) & np.isfinite(a64)
                 self.beyond += int(np.count_nonzero(live & (np.abs(a64) > tmax)))
-        if not clean:
-            a64, b64 = self._filter(a64, b64)
-            if a64.size == 0:
-                return
-            a64, b64 = a64.copy(), b64.copy()  # off the scratch arrays _accumulate uses
-        self._accumulate(a64, b64)
+        if clean:
+            self._accumulate(a64, b64, max(hi_a, -lo_a), max(hi_b, -lo_b))
+            return
+        a64, b64 = self._filter(a64, b64)
+        if a64.size:  # fresh arrays (boolean indexing), off the scratch _accumulate uses
+            self._accumulate(a64, b64, max(float(a64.max()), -float(a64.min())),
+                             max(float(b64.max()), -float(b64.min())))
 
     def _unmasked(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """False where both runs hold an additive mask: at or below their dtype's lowest
@@ -245,56 +283,99 @@ class PairAccumulator:
         keep = live & fa & fb
         return a[keep], b[keep]
 
-    def _accumulate(self, a: np.ndarray, b: np.ndarray) -> None:
+    def _accumulate(self, a: np.ndarray, b: np.ndarray, absmax_a: float,
+                    absmax_b: float) -> None:
+        """A clean chunk (all elements compared, float64) whose ``max |a|``, ``max |b|`` are
+        known."""
+        if self.kernel == "numba" and max(absmax_a, absmax_b) < _fused().SAFE_ABS:
+            self._accumulate_fused(a, b)
+        else:
+            self.absmax_a = max(self.absmax_a, absmax_a)
+            self.absmax_b = max(self.absmax_b, absmax_b)
+            self._accumulate_numpy(a, b, absmax_a, absmax_b)
+
+    def _accumulate_fused(self, a: np.ndarray, b: np.ndarray) -> None:
+        fused = _fused()
+        n = a.size
+        work = self._scratch(n)
+        lanes: np.ndarray | None = getattr(_THREAD, "lanes", None)
+        if lanes is None:
+            lanes = _THREAD.lanes = fused.lanes()
+        sat = SATURATION
+        (o1, o2, o3, saturated, saturated_base, sum_d2, sum_abs, max_abs, max_rel, absmax_a,
+         absmax_b, mean_a, mean_b, m2a, m2b, cab) = fused.accumulate(
+            a, b, self.floor, self.tgt_fmt.smallest_normal, sat * self.tgt_fmt.max,
+            sat * self.base_fmt.max, *RATIO_THRESHOLDS, lanes, work[6], work[3], self.h_count,
+            self.h_d2, self.h_max)
+        self.over += (o1, o2, o3)
+        self.saturated += saturated
+        self.saturated_base += saturated_base
+        self.sum_d2 += sum_d2
+        self.sum_abs += sum_abs
+        self.max_abs = max(self.max_abs, max_abs)
+        self.max_rel = max(self.max_rel, max_rel)
+        self.absmax_a = max(self.absmax_a, absmax_a)
+        self.absmax_b = max(self.absmax_b, absmax_b)
+        self.moments = self.moments.merge(Moments(n, mean_a, mean_b, m2a, m2b, cab))
+
+    def _accumulate_numpy(self, a: np.ndarray, b: np.ndarray, absmax_a: float,
+                          absmax_b: float) -> None:
         n2 = a.size
-        _, _, d, absd, abs_a, tmp, exp, flag = self._scratch(n2)
+        _, _, d, absd, abs_a, tmp, bins, flag = self._scratch(n2)
         np.subtract(b, a, out=d)
         np.abs(d, out=absd)
         np.abs(a, out=abs_a)
         self.sum_d2 += _dot(d, d)
         self.sum_abs += float(absd.sum())
         self.max_abs = max(self.max_abs, float(absd.max()))
-        chunk_absmax_a = float(abs_a.max())
-        self.absmax_a = max(self.absmax_a, chunk_absmax_a)
-        chunk_absmax_b = max(float(b.max()), -float(b.min()))
-        self.absmax_b = max(self.absmax_b, chunk_absmax_b)
         rel = np.maximum(abs_a, self.floor, out=tmp)
         np.divide(absd, rel, out=rel)
         self.max_rel = max(self.max_rel, float(rel.max()))
         for i, t in enumerate(RATIO_THRESHOLDS):
             self.over[i] += int(np.count_nonzero(np.greater(rel, t, out=flag)))
         tmax, bmax = self.tgt_fmt.max, self.base_fmt.max
-        if chunk_absmax_b >= SATURATION * tmax:
+        if absmax_b >= SATURATION * tmax:
             self.saturated += int(np.count_nonzero((np.abs(b) >= SATURATION * tmax)
                                                    & (rel > 1e-2)))
-        if chunk_absmax_a >= SATURATION * bmax:
+        if absmax_a >= SATURATION * bmax:
             self.saturated_base += int(np.count_nonzero((abs_a >= SATURATION * bmax)
                                                         & (rel > 1e-2)))
-        ulp = np.maximum(abs_a, self.tgt_fmt.smallest_normal, out=tmp)
-        np.frexp(ulp, out=(d, exp))  # d is free again: sum_d2 and absd are taken
-        np.subtract(exp, 1 + self.tgt_fmt.mantissa_bits, out=exp)
-        np.ldexp(1.0, exp, out=ulp)
-        np.divide(absd, ulp, out=ulp)
-        self.max_ulp = max(self.max_ulp, float(ulp.max()))
-        # noise model: per binade of |a|, the count, sum of d² and max |d|
-        # e + BIN_OFFSET lies in [79, 2124] for any float64 (e in [-1021, 1024]): no clipping
-        bins = np.add(exp, 1 + self.tgt_fmt.mantissa_bits + _BIN_OFFSET, out=exp)
+        # noise model: per binade of max(|a|, smallest normal of T), the count, sum of d²
+        # and max |d|. The binade is the float64 exponent field E (frexp exponent E - 1022),
+        # read off the bits: frexp and ldexp cost more than the rest of this pass together
+        np.right_shift(abs_a.view(np.int64), 52, out=bins)
+        np.maximum(bins, _exponent_field(self.tgt_fmt.smallest_normal), out=bins)
+        np.add(bins, _BIN_OFFSET - 1022, out=bins)
         self.h_count += np.bincount(bins, minlength=_BINS)
-        self.h_d2 += np.bincount(bins, weights=np.multiply(absd, absd, out=d), minlength=_BINS)
-        rising = absd > self.h_max[bins]  # a gather is cheap; the scatter-max is not
-        if rising.any():
-            np.maximum.at(self.h_max, bins[rising], absd[rising])
+        self.h_d2 += np.bincount(bins, weights=np.multiply(d, d, out=d), minlength=_BINS)
+        if self.moments.n == 0 and n2 >= 1 << 12:
+            # a first chunk raises every bin's maximum: seed them from a sample, so that
+            # few elements are left for the slow scatter-max below
+            np.maximum.at(self.h_max, bins[::64], absd[::64])
+        rising = np.greater(absd, np.take(self.h_max, bins, out=tmp), out=flag)
+        if rising.any():  # a gather is cheap; the scatter-max is not
+            up = np.flatnonzero(rising)
+            np.maximum.at(self.h_max, bins[up], absd[up])
         # this chunk's means and co-moments, merged into the running ones
         ma2, mb2 = float(a.mean()), float(b.mean())
         ac, bc = np.subtract(a, ma2, out=abs_a), np.subtract(b, mb2, out=tmp)
         self.moments = self.moments.merge(
             Moments(n2, ma2, mb2, _dot(ac, ac), _dot(bc, bc), _dot(ac, bc)))
 
+    def _max_ulp(self) -> float:
+        """``max |d| / ulp_T(a)``: the ulp is the same power of two within a binade."""
+        k = np.flatnonzero(self.h_count)
+        if k.size == 0:
+            return 0.0
+        ulp = np.ldexp(1.0, k - _BIN_OFFSET - 1 - self.tgt_fmt.mantissa_bits)
+        return float(np.max(self.h_max[k] / ulp))
+
     def result(self) -> TensorMetrics:
         mom = self.moments
         n = mom.n
-        norm_a = math.sqrt(max(mom.m2a + n * mom.mean_a**2, 0.0))
-        norm_b = math.sqrt(max(mom.m2b + n * mom.mean_b**2, 0.0))
+        # x * x, not x**2: float64 dumps can hold means whose square overflows, and ** raises
+        norm_a = math.sqrt(max(mom.m2a + n * (mom.mean_a * mom.mean_a), 0.0))
+        norm_b = math.sqrt(max(mom.m2b + n * (mom.mean_b * mom.mean_b), 0.0))
         norm_d = math.sqrt(self.sum_d2)
         sum_ab = mom.cab + n * mom.mean_a * mom.mean_b
         model = noise_model(self.h_count, self.h_d2, self.h_max, self.tgt_fmt,
@@ -315,10 +396,47 @@ class PairAccumulator:
             cos=1.0 - _one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
             one_minus_cos=_one_minus_cos(norm_a, norm_b, norm_d, sum_ab),
             snr_db=_snr(norm_a, norm_d), pearson=_pearson(mom.m2a, mom.m2b, mom.cab, norm_d),
-            max_ulp=self.max_ulp, absmax_base=self.absmax_a, absmax_target=self.absmax_b,
+            max_ulp=self._max_ulp(), absmax_base=self.absmax_a, absmax_target=self.absmax_b,
             norm_base=norm_a, target_max=self.tgt_fmt.max, bulk_scale=model.bulk_scale,
             noise_rms=model.rms, noise_max=model.max,
         )
+
+
+def _exponent_field(x: float) -> int:
+    """The biased exponent field of a float64."""
+    return int(np.float64(x).view(np.int64) >> 52)
+
+
+def _fused() -> Any:
+    """The fused kernel's module (imports numba: only when a ``numba`` kernel runs)."""
+    from . import fused
+
+    return fused
+
+
+def choose_kernel(elements: float) -> str:
+    """The kernel for a compare of ``elements`` (see ``Pair.cost``): ``numba`` when it is
+    installed and either already loaded in this process or the work is large enough to
+    repay loading it (about 0.5 s per process: :data:`FUSED_MIN_ELEMENTS`); it is loaded
+    here, so that forked workers inherit it. Else ``numpy``. ``PRECISION_KERNEL=numpy`` or
+    ``=numba`` decides instead."""
+    global _FUSED_LOADED, _FUSED_FAILED
+    wanted = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if wanted not in ("", "auto", *KERNELS):
+        raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
+    if wanted == "numpy" or (wanted != "numba" and (
+            _FUSED_FAILED or (not _FUSED_LOADED and elements < FUSED_MIN_ELEMENTS))):
+        return "numpy"
+    try:
+        _fused().warm()
+    except Exception as e:  # not installed, or LLVM cannot load (under a memory limit)
+        if wanted == "numba":
+            raise InputError(f"{KERNEL_ENV}=numba, but numba cannot be loaded ({e}): "
+                             "pip install 'precision[fast]'") from None
+        _FUSED_FAILED = True
+        return "numpy"
+    _FUSED_LOADED = True
+    return "numba"
 
 
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
@@ -361,9 +479,10 @@ def _pearson(m2a: float, m2b: float, cab: float, nd: float) -> float:
 
 
 def compare_float(pairs: Iterable[tuple[np.ndarray, np.ndarray]], base_dtype: str,
-                  target_dtype: str, *, floor: float | None = None) -> TensorMetrics:
+                  target_dtype: str, *, floor: float | None = None,
+                  kernel: str = "numpy") -> TensorMetrics:
     """Metrics over an iterable of (baseline chunk, target chunk) pairs."""
-    acc = PairAccumulator(base_dtype, target_dtype, floor=floor)
+    acc = PairAccumulator(base_dtype, target_dtype, floor=floor, kernel=kernel)
     for a, b in pairs:
         acc.update(a, b)
     return acc.result()
