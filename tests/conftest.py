@@ -18,6 +18,29 @@ T5 = FIXTURES / "tiny-flan-t5"
 T5_OVERFLOW = FIXTURES / "tiny-flan-t5-overflow"
 QWEN = FIXTURES / "tiny-qwen3"
 OVERFLOW_WO = "encoder.block.2.layer.1.DenseReluDense.wo:out"
+#: run the CLI in a process where torch, transformers and torch_npu cannot be imported
+NO_TORCH = ("import sys\n"
+            "for name in ('torch', 'transformers', 'torch_npu', 'accelerate'):\n"
+            "    sys.modules[name] = None\n"
+            "from precision.cli import main\n"
+            "sys.argv = ['precision', *sys.argv[1:]]\n"
+            "main()\n")
+
+
+def real_model(name: str) -> Path:
+    """The folder of check-set model ``name`` (scripts/get_real_models.py): a test that needs
+    it skips without it, and fails in CI, where every one must be there."""
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = Path(os.environ.get("PRECISION_REAL_MODELS")
+                  or cache / "precision" / "real-models") / name
+    if not (folder / "config.json").is_file():
+        msg = f"{name} is not in {folder.parent} (scripts/get_real_models.py)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder
 
 
 def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "float32",

@@ -13,16 +13,11 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from .conftest import NO_TORCH
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
-#: run the CLI in a process where torch, transformers and torch_npu cannot be imported
-NO_TORCH = ("import sys\n"
-            "for name in ('torch', 'transformers', 'torch_npu', 'accelerate'):\n"
-            "    sys.modules[name] = None\n"
-            "from precision.cli import main\n"
-            "sys.argv = ['precision', *sys.argv[1:]]\n"
-            "main()\n")
 
 
 def _no_torch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

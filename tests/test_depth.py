@@ -17,17 +17,14 @@ import pytest
 
 import precision
 
+from .conftest import real_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import depth_cases as dc
 
 
 def _need(model: str) -> None:
-    if dc.available((model,)):
-        return
-    msg = f"{model} is not in {dc.REAL_MODELS} (scripts/get_real_models.py)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    real_model(model)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from precision import DumpError
 from precision.cli import main
 from precision.dumps.external import LOGITS_KEY, open_any
 
+from .conftest import NO_TORCH
+
 LOGITS = "lm_head:out"
 
 
@@ -248,12 +250,6 @@ def test_report_accepts_what_compare_accepts(t5_runs: dict[str, Path], tmp_path:
         assert out.stat().st_size > 10_000
 
 
-NO_TORCH = ("import sys\n"
-            "for name in ('torch', 'transformers', 'torch_npu', 'accelerate'):\n"
-            "    sys.modules[name] = None\n"
-            "from precision.cli import main\n"
-            "sys.argv = ['precision', *sys.argv[1:]]\n"
-            "main()\n")
 
 
 def test_external_inputs_without_torch(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from precision.cli import main
 from precision.doctor.opcheck import check, resolve
 from precision.errors import InputError
 
-from .conftest import QWEN, T5, write_dump
+from .conftest import QWEN, T5, real_model, write_dump
 
 pytestmark = pytest.mark.slow
 
@@ -143,12 +142,7 @@ def test_healthy_fixture_dumps_pass_from_the_cli(tmp_path: Path, model: Path,
 
 
 def test_a_real_model_dump_passes(tmp_path: Path) -> None:
-    folder = Path(os.environ.get("PRECISION_REAL_MODELS", Path.home() / ".cache/precision"
-                                 / "real-models")) / "rxnmapper-albert"
-    if not (folder / "config.json").is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"{folder} is missing (scripts/get_real_models.py)")
-        pytest.skip(f"{folder} is missing (scripts/get_real_models.py)")
+    folder = real_model("rxnmapper-albert")
     from safetensors.torch import save_file
 
     ids = torch.randint(5, 30, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,6 @@ these tests skip, except in CI, where a missing model is a failure.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ import pytest
 
 import precision
 
+from .conftest import real_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import speech_cases as sc
 
@@ -29,12 +30,7 @@ GELU = "model.encoder.layers.3.activation_fn:out"
 
 
 def _need(model: str = MODEL) -> None:
-    if sc.available((model,)):
-        return
-    msg = f"{model} is not in {sc.REAL_MODELS} (scripts/get_real_models.py)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    real_model(model)
 
 
 @pytest.fixture(scope="module")
