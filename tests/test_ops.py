@@ -198,3 +198,21 @@ def test_a_training_step_records_the_gradients_of_operations(tmp_path: Path) -> 
     assert "lin/linear:grad" in d and "lin:grad.0" in d
     # the forward's records are there as without --backward
     assert "root/softmax:out" in d
+
+
+def test_dtypes_a_dump_cannot_hold_do_not_break_an_ops_capture(tmp_path: Path) -> None:
+    """A float8 cast inside a forward (FP8 models): the float8 tensor is not recorded (a dump
+    holds no float8), the cast back is, and its inputs leave it unreplayable, not broken."""
+
+    class Fp8(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float8_e4m3fn).to(torch.float32) * 2
+
+    model, x = Fp8(), torch.randn(3, 4)
+    with torch.no_grad(), precision.capture(model, tmp_path / "f.st", level="ops",
+                                            inputs=["root"]) as cap:
+        model(x)
+    d = precision.load(cap.path)
+    keys = [e.key for e in d.entries if parse_key(e.key).op and e.kind == "out"]
+    assert keys == ["root/cast_float8_e4m3fn_float32:out", "root/mul:out"], keys
+    assert "op_call" in next(e for e in d.meta["entries"] if e["key"] == "root/mul:out")

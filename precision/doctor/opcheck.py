@@ -40,10 +40,6 @@ from ..judge.profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO
 from ..runtime.ops import CALLABLE_HOMES
 from ..runtime.recorder import flatten, numpy_to_torch
 
-TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
-                "bool": torch.bool}
-
 
 @dataclass(frozen=True)
 class OpCheck:
@@ -136,8 +132,8 @@ def _arguments(spec: Any, tensor: Callable[[str], torch.Tensor], wide: bool) -> 
         t = tensor(str(spec["tensor"])).clone()
         return t.double() if wide and t.is_floating_point() else t
     if isinstance(spec, dict) and "dtype" in spec:
-        dt = TORCH_DTYPES.get(canonical(str(spec["dtype"])))
-        if dt is None:
+        dt = getattr(torch, canonical(str(spec["dtype"])), None)
+        if not isinstance(dt, torch.dtype):
             raise InputError(f"dtype {spec['dtype']!r} in a recorded call")
         return torch.float64 if wide and dt.is_floating_point else dt
     if isinstance(spec, dict) and "list" in spec:

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..dtypes import canonical
+from ..dtypes import NAME_TO_SAFETENSORS, canonical, is_float
 from ..dumps.keys import CAST_PREFIX
+from ..errors import InputError
 
 #: the methods and functions that cast (recorded as ``cast_<from>_<to>`` when the dtype changes)
 CASTS = frozenset({"to", "float", "half", "bfloat16", "double", "type_as", "type"})
@@ -55,9 +56,23 @@ def op_name(func: Any) -> str:
     return name or "call"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``, also for dtypes a dump cannot hold (float8)."""
+    try:
+        return canonical(str(dtype))
+    except InputError:
+        return str(dtype).removeprefix("torch.")
+
+
+def storable(t: torch.Tensor) -> bool:
+    """Whether a dump can hold ``t``'s dtype (float8 and complex it cannot)."""
+    return dtype_name(t.dtype) in NAME_TO_SAFETENSORS
+
+
 def _floats(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in ``value`` that a dump can hold (not float8)."""
     if isinstance(value, torch.Tensor):
-        return [value] if value.is_floating_point() else []
+        return [value] if is_float(dtype_name(value.dtype)) else []
     if isinstance(value, (tuple, list)):
         return [t for v in value for t in _floats(v)]
     return []
@@ -106,7 +121,7 @@ def call_spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] |
     try:
         return {"args": [spec(a, str(i)) for i, a in enumerate(args)],
                 "kwargs": {k: spec(v, k) for k, v in kwargs.items()}}
-    except ValueError:
+    except (ValueError, InputError):  # InputError: a dtype a dump has no name for
         return None
 
 
@@ -165,7 +180,6 @@ class OpCapture(TorchFunctionMode):
             src = _first_tensor(args)
             if src is None or not isinstance(out, torch.Tensor) or src.dtype == out.dtype:
                 return out
-            name = (f"{CAST_PREFIX}{canonical(str(src.dtype))}_"
-                    f"{canonical(str(out.dtype))}")
+            name = f"{CAST_PREFIX}{dtype_name(src.dtype)}_{dtype_name(out.dtype)}"
         self._record(module, name, func, out, seen, kwargs)
         return out

@@ -279,7 +279,7 @@ class Capture:
         """One operation called by ``module``'s own forward: ``module/op:out[.i][#n]``. With
         its inputs recorded, its first output's entry holds ``op_call``: the function and
         its arguments, for ``precision check`` to run it again."""
-        from .ops import call_spec, func_path
+        from .ops import call_spec, func_path, storable
 
         name = f"{module}/{op}"
         call = self._calls.get(name, 0)
@@ -289,13 +289,16 @@ class Capture:
         signature = call_signature(args, kwargs)
         replay: dict[str, Any] | None = None
         if _matches(module, self._input_globs):
-            for idx, t in list(flatten(args)) + list(flatten(kwargs)):
-                self._record(name, "in", idx or "0", call, t, signature)
+            inputs = list(flatten(args)) + list(flatten(kwargs))
+            for idx, t in inputs:
+                if storable(t):
+                    self._record(name, "in", idx or "0", call, t, signature)
             path, spec = func_path(func), call_spec(args, kwargs)
-            if path is not None and spec is not None and not op.startswith(CAST_PREFIX):
+            if (path is not None and spec is not None and not op.startswith(CAST_PREFIX)
+                    and all(storable(t) for _, t in inputs)):
                 replay = {"func": path} | spec
         for idx, t in flatten(output):
-            if t.is_floating_point():
+            if t.is_floating_point() and storable(t):
                 self._record(name, "out", idx, call, t, signature)
                 if replay is not None:
                     self._entries[-1]["op_call"] = replay
