@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,3 +176,30 @@ def test_compare_is_the_same_on_both_kernels(make_dump: Callable[..., Path],
         for name, value in s.metrics.as_dict().items():
             assert r.metrics.as_dict()[name] == pytest.approx(
                 value, rel=1e-12, abs=ABS.get(name, 0)), (r.key, name)
+
+
+@pytest.mark.parametrize("kernel", ["numpy", pytest.param("numba", marks=needs_numba)])
+def test_signalling_nans_are_counted_without_a_warning(kernel: str,
+                                                       make_dump: Callable[..., Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN with its quiet bit clear (a device may write one) raises the CPU's invalid flag
+    when widened; numpy warned "invalid value encountered in cast" through compare."""
+    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
+    monkeypatch.setenv(KERNEL_ENV, kernel)
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((8, 64)).astype(np.float32)
+    signalling = {np.float32: (np.uint32, 0x7F800001), np.float16: (np.uint16, 0x7C01),
+                  BF16: (np.uint16, 0x7F81)}
+    for dtype, name in ((np.float32, "float32"), (np.float16, "float16"), (BF16, "bfloat16")):
+        uint, pattern = signalling[dtype]
+        b = a.astype(dtype)
+        b.view(uint)[0, :5] = pattern
+        assert np.isnan(b.astype(np.float32)[0, :5]).all()
+        base = make_dump(f"base-{name}.st", {"l:out": a, "logits": a.reshape(2, 4, 64)})
+        target = make_dump(f"target-{name}.st", {"l:out": b, "logits": b.reshape(2, 4, 64)},
+                           dtype=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report = precision.compare(base, target, jobs=1)
+        row = next(r for r in report.rows if r.key == "l:out")
+        assert row.status == "NAN" and row.metrics is not None and row.metrics.nan_target == 5

@@ -106,7 +106,8 @@ def _float64(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``x`` as float64: itself, or converted into ``out``."""
     if x.dtype == np.float64:
         return x
-    np.copyto(out, x)
+    with np.errstate(invalid="ignore"):  # a signalling NaN raises the flag and stays NaN
+        np.copyto(out, x)
     return out
 
 

@@ -231,7 +231,7 @@ class PairAccumulator:
                 if x.dtype == np.float16:
                     fused.half_to_float64(x.view(np.uint16), x64)
                 else:
-                    np.copyto(x64, x)
+                    _widen(x, x64)
             # one pass: every element finite, unmasked, within the target's range and
             # small enough for the kernel's fast-math (else numpy filters and counts)
             if fused.ordinary(a64, b64, self.base_fmt.lowest, self.tgt_fmt.lowest,
@@ -239,8 +239,8 @@ class PairAccumulator:
                 self._accumulate_fused(a64, b64)
                 return
         else:
-            np.copyto(a64, a)
-            np.copyto(b64, b)
+            _widen(a, a64)
+            _widen(b, b64)
         with np.errstate(invalid="ignore", over="ignore"):
             # four vectorised reductions tell a clean chunk (NaN propagates into min/max)
             lo_a, hi_a, lo_b, hi_b = (float(f(x)) for x in (a64, b64) for f in (np.min, np.max))
@@ -405,6 +405,14 @@ class PairAccumulator:
 def _exponent_field(x: float) -> int:
     """The biased exponent field of a float64."""
     return int(np.float64(x).view(np.int64) >> 52)
+
+
+def _widen(x: np.ndarray, out: np.ndarray) -> None:
+    """Copy ``x`` into the float64 ``out``. A signalling NaN (a NaN bit pattern with the
+    quiet bit clear, as a device can write) raises the CPU's invalid flag when converted;
+    it stays NaN, so the flag is no news."""
+    with np.errstate(invalid="ignore"):
+        np.copyto(out, x)
 
 
 def _fused() -> Any:
