@@ -265,8 +265,8 @@ def test_every_kth_block(tmp_path: Path) -> None:
 def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     """A stats record of a left-padded batch covers real tokens only, in element order, and
     its count sketch is the one numpy computes on the same elements."""
-    from precision.dumps.sketch import count_sketch
-    from precision.runtime.tensorstats import SKETCH_CACHE, sketch
+    from precision.dumps.sketch import PERIOD, count_sketch, decode
+    from precision.runtime.tensorstats import sketch
 
     class Heads(nn.Module):
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor
@@ -286,16 +286,26 @@ def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     assert st["numel"] == real.size and st["padded"] == 2 * 6
     assert st["norm"] == pytest.approx(np.linalg.norm(real), rel=1e-6)
     # the CPU sums in float32 (docs: about 1e-6 of ||x||)
-    np.testing.assert_allclose(st["sketch"], count_sketch([real]), rtol=0,
+    np.testing.assert_allclose(decode(st["sketch"]), count_sketch([real]), rtol=0,
                                atol=1e-5 * np.linalg.norm(real))
     in_order = heads[mask.bool()[:, None, :, None].expand(heads.shape)].double().numpy()
     st2 = d.entry("root:out.1").stats
     assert st2["numel"] == in_order.size
-    np.testing.assert_allclose(st2["sketch"], count_sketch([in_order]), rtol=0,
+    np.testing.assert_allclose(decode(st2["sketch"]), count_sketch([in_order]), rtol=0,
                                atol=1e-5 * np.linalg.norm(in_order))
-    # chunks past the cached plans give the same sketch as numpy's
-    big = torch.randn(SKETCH_CACHE + 1000, dtype=torch.float64)
-    np.testing.assert_allclose(sketch(big), count_sketch([big.numpy()]), rtol=1e-9, atol=1e-9)
+    # past one period of signs (flipped by the period's sign), in float64 (kept: within
+    # float32 storage) and in bf16 (float32 products and sums); a small tensor after them
+    # reads the start of the grown sign table and work buffer
+    big = torch.randn(PERIOD + 1000, dtype=torch.float64)
+    np.testing.assert_allclose(decode(sketch(big)), count_sketch([big.numpy()]), rtol=2.0**-23,
+                               atol=1e-9)
+    half = big.to(torch.bfloat16)
+    exact = count_sketch([half.double().numpy()])
+    np.testing.assert_allclose(decode(sketch(half)), exact, rtol=0,
+                               atol=1e-5 * np.linalg.norm(half.double().numpy()))
+    small = torch.randn(3, 700, dtype=torch.float16)
+    np.testing.assert_allclose(decode(sketch(small)), count_sketch([small.double().numpy()]),
+                               rtol=2.0**-23, atol=1e-5 * float(small.double().norm()))
 
 
 class Rotary(nn.Module):

@@ -13,19 +13,22 @@ lowest finite value, -inf included: an additive attention mask, or an overflow; 
 tells them apart by the count in the other run), ``beyond_fp16`` (finite ``|x| > 65504``)
 and ``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite,
 unmasked values only and are ``None`` when there are none. ``sketch``: the count sketch of
-:mod:`precision.dumps.sketch` (31 numbers, float64 on CPU and CUDA), from which compare
-estimates two runs' error norm; left out where the tensor holds NaN, inf or masked values.
+:mod:`precision.dumps.sketch` (1021 numbers, summed in float64 on CUDA and float32 on the
+CPU, stored as float32 in base64 text), from which compare estimates two runs' error norm;
+left out where the tensor holds NaN, inf or masked values.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
-from ..dumps.sketch import BUCKETS, INDEX_MASK, MULTIPLIER
+from ..dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, encode, hash_sign
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
@@ -109,47 +112,72 @@ def _exact(x: torch.Tensor, acc: torch.dtype) -> dict[str, Any]:
     return out | moments | {"beyond_fp16": int(counts2[0]), "near_fp16_max": int(counts2[1])}
 
 
-#: (elements, device) -> the sign of each element, for tensors up to SKETCH_CACHE elements
-_SIGNS: dict[tuple[int, str], torch.Tensor] = {}
-SKETCH_CACHE = 1 << 22
-SKETCH_CHUNK = BUCKETS << 17  # a multiple of BUCKETS: each chunk starts at bucket 0
+#: device -> the signs s(i) of elements 0 .. len - 1 (float32), grown as records need it,
+#: up to one period (precision.dumps.sketch): one table per device, whatever the sizes
+_SIGNS: dict[str, torch.Tensor] = {}
+#: device -> a float32 buffer the signed elements are written to (no allocation per record)
+_WORK: dict[str, torch.Tensor] = {}
+#: the smallest table or buffer made (elements)
+_FIRST_SIZE = 1 << 16
 
 
-def _signs(first: int, n: int, device: torch.device) -> torch.Tensor:
-    """The sign (+-1, float32) of elements ``first .. first + n - 1`` (see
-    precision.dumps.sketch)."""
-    i = (torch.arange(first, first + n, device=device, dtype=torch.int64) & INDEX_MASK)
-    g = (i * MULTIPLIER) & 0xFFFFFFFF
-    return (1 - 2 * ((g >> 26) & 1)).to(torch.float32)
+def _grown(cache: dict[str, torch.Tensor], n: int, device: torch.device,
+           make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The first ``n`` elements of ``cache``'s tensor for ``device``, made by ``make(size)``
+    at twice the size it had (at least ``n``, at most one period) when it is too short."""
+    key = str(device)
+    have = cache.get(key)
+    if have is None or have.numel() < n:
+        size = min(PERIOD, max(n, _FIRST_SIZE, 2 * (0 if have is None else have.numel())))
+        have = cache[key] = make(size)
+    return have[:n]
 
 
-def sketch(x: torch.Tensor) -> list[float]:
-    """The count sketch of ``x`` (flattened), :func:`precision.dumps.sketch.count_sketch` up
-    to rounding: one multiply by the cached signs (exact in float32) and a sum over every
-    31st element. On the CPU the sum is a float32 matrix-vector product (four times faster
-    than a strided float64 sum; relative error about 1e-6 of ``||x||``, far below the
-    half-precision errors a sketch estimates); elsewhere a float64 (CUDA) or float32 sum."""
+def _sign_table(n: int, device: torch.device) -> torch.Tensor:
+    """``σ(i)`` (+-1, float32) of ``i = 0 .. n - 1``, ``n`` at most one period (see
+    precision.dumps.sketch); every ``i`` is below 2^31, so ``i x MULTIPLIER`` fits int64."""
+    def make(size: int) -> torch.Tensor:
+        i = torch.arange(size, device=device, dtype=torch.int64)
+        g = (i * MULTIPLIER) & 0xFFFFFFFF
+        return (1 - 2 * ((g >> 26) & 1)).to(torch.float32)
+
+    return _grown(_SIGNS, n, device, make)
+
+
+def sketch(x: torch.Tensor) -> str:
+    """The count sketch of ``x`` (flattened) as stored (:func:`precision.dumps.sketch.encode`):
+    :func:`precision.dumps.sketch.count_sketch` up to rounding. Per period of ``P`` elements,
+    one multiply by the device's sign table into a reused float32 buffer (exact: the signs
+    are +-1) and a sum over every 1021st element, times the period's sign. On the CPU the
+    sum is a float32 matrix-vector product (four times faster than a strided float64 sum;
+    relative error about 1e-6 of ``||x||``, far below the half-precision errors a sketch
+    estimates); elsewhere a float64 (CUDA) or float32 sum. float64 tensors stay float64."""
     flat = x.detach().reshape(-1)
-    acc = torch.float64 if flat.device.type in ("cpu", "cuda") else torch.float32
-    y = torch.zeros(BUCKETS, dtype=acc, device=flat.device)
+    device = flat.device
+    wide = flat.dtype == torch.float64
+    acc = torch.float64 if wide or device.type == "cuda" else torch.float32
+    y = torch.zeros(BUCKETS, dtype=acc, device=device)
     n = flat.numel()
-    for start in range(0, n, SKETCH_CHUNK):
-        part = flat[start:start + SKETCH_CHUNK]
+    for start in range(0, n, PERIOD):
+        part = flat[start:start + PERIOD]
         size = part.numel()
-        key = (size, str(flat.device))
-        signs = _SIGNS.get(key) if start == 0 else None
-        if signs is None:
-            signs = _signs(start, size, flat.device)
-            if start == 0 and size <= SKETCH_CACHE:
-                _SIGNS[key] = signs
-        prod = part * signs.double() if part.dtype == torch.float64 else part.float() * signs
+        signs = _sign_table(size, device)
+        if wide:
+            prod = part * signs.double()
+        else:
+            work = _grown(_WORK, size, device,
+                          lambda k: torch.empty(k, dtype=torch.float32, device=device))
+            prod = torch.mul(part, signs, out=work)
         whole = size - size % BUCKETS
+        block = torch.zeros(BUCKETS, dtype=acc, device=device)
         if whole:
             rows = prod[:whole].view(-1, BUCKETS)
-            if flat.device.type == "cpu":
-                y += (torch.ones(rows.shape[0], dtype=rows.dtype) @ rows).to(acc)
+            if device.type == "cpu":
+                block += torch.ones(rows.shape[0], dtype=rows.dtype) @ rows
             else:
-                y += rows.sum(0, dtype=acc)
-        if size > whole:  # the tail: buckets 0 .. size % 31 - 1 of this chunk's last row
-            y[: size - whole] += prod[whole:].to(acc)
-    return [float(v) for v in y.tolist()]
+                block += rows.sum(0, dtype=acc)
+        if size > whole:  # the tail: buckets 0 .. size % 1021 - 1 of this period's last row
+            block[: size - whole] += prod[whole:].to(acc)
+        flip = float(hash_sign(np.array(start // PERIOD)))
+        y += block if flip > 0 else -block
+    return encode(y.to("cpu", torch.float32).numpy())
