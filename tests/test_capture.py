@@ -134,6 +134,29 @@ def test_stats_mode_matches_numpy_and_counts_nonfinite(tmp_path: Path) -> None:
     assert clean["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_device_statistics_match_float64_numpy_in_every_dtype(dtype: torch.dtype) -> None:
+    """On the CPU a half-precision tensor is staged in float32 (the sketch's product then
+    written over it) and extrema come from numpy: the numbers are numpy's float64 ones on
+    the same values, twice in a row (the staging buffer is reused), and the tensor itself is
+    left as it was."""
+    from precision.dumps.sketch import count_sketch, decode
+    from precision.runtime.tensorstats import tensor_stats
+
+    for seed in (0, 1):
+        x = (torch.randn(3, 1500, generator=torch.Generator().manual_seed(seed)) * 3 + 1).to(dtype)
+        kept = x.clone()
+        st = tensor_stats(x)
+        assert torch.equal(x, kept)
+        v = x.double().numpy().ravel()
+        assert (st["min"], st["max"], st["absmax"]) == (v.min(), v.max(), np.abs(v).max())
+        assert st["mean"] == pytest.approx(v.mean(), rel=1e-6)
+        assert st["std"] == pytest.approx(v.std(), rel=1e-6)
+        assert st["norm"] == pytest.approx(np.linalg.norm(v), rel=1e-6)
+        np.testing.assert_allclose(decode(st["sketch"]), count_sketch([v]), rtol=0,
+                                   atol=1e-6 * np.linalg.norm(v))
+
+
 def test_include_exclude_and_no_match(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     with torch.no_grad(), precision.capture(model, tmp_path / "a.st", include=["*"],
