@@ -22,14 +22,13 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..dumps.dump import Dump, DumpWriter, Entry
+from ..dumps.dump import Dump, DumpWriter
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key, parse_key
 from ..errors import DumpError
 from .implmap import Rule, Table, table_for
@@ -53,6 +52,8 @@ class Lineup:
     #: engine keys with no Hugging Face counterpart (the table's ``engine_only``), with why
     engine_only: dict[str, str] = field(default_factory=dict)
     table: Table | None = None
+    #: how the Hugging Face side ran the tokens (:data:`LAYOUTS`)
+    layout: str = "forward"
 
     @property
     def hf_keys(self) -> list[str]:
@@ -65,22 +66,39 @@ def engine_of(d: Dump) -> str | None:
     return str(engine.get("name")) if isinstance(engine, dict) and engine.get("name") else None
 
 
-def translate(d: Dump, mapping: str | os.PathLike[str] | None = None) -> Lineup:
-    """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout."""
+#: how the Hugging Face side ran the engine's tokens (its ``meta.engine_replay.layout``):
+#: ``forward`` one teacher-forced forward over prompt and generated tokens; ``steps`` the
+#: prompt's prefill, then one decode step per generated token fed back, from its KV cache
+LAYOUTS = ("forward", "steps")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the engine's packed tokens go in the Hugging Face records: per Hugging Face call
+    (0 the forward or the prefill, ``t`` decode step ``t``) the ``(rows, seq)`` it holds, and
+    per engine step, each packed token's call and flat index in that call's rows x seq."""
+
+    name: str
+    shapes: dict[int, tuple[int, int]]
+    calls: list[np.ndarray]
+    flat: list[np.ndarray]
+    inputs: dict[str, np.ndarray]
+
+
+def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
+              layout: str = "forward") -> Lineup:
+    """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout: ``layout``
+    ``forward`` for a teacher-forced Hugging Face forward over the same tokens, ``steps``
+    for one that replayed them step by step from its KV cache (see :data:`LAYOUTS`)."""
     if d.mode != "full":
         raise DumpError(f"{d.path.name}: a stats-mode engine dump cannot be unpacked into "
                         "tokens yet: capture the engine in full mode")
+    if layout not in LAYOUTS:
+        raise DumpError(f"unknown engine layout {layout!r}: one of {', '.join(LAYOUTS)}")
     config = d.meta.get("config") or {}
     table = table_for(config, mapping)
     steps = _steps(d)
-    ids = np.asarray(d[INPUT_PREFIX + "input_ids"])
-    mask = np.asarray(d[INPUT_PREFIX + "attention_mask"]) != 0
-    where = [_scatter(d, c, ids, mask) for c in range(steps)]
-    missing = mask & ~_filled(where, ids.shape)
-    if missing.any():
-        r, p = map(int, np.argwhere(missing)[0])
-        raise DumpError(f"{d.path.name}: the engine ran no step for sequence {r}, position "
-                        f"{p} (prefix caching? capture with enable_prefix_caching=False)")
+    lay = _layout(d, steps, layout)
     out = _new_path(d)
     writer = DumpWriter(out, force=True)
     entries: list[dict[str, Any]] = []
@@ -88,48 +106,53 @@ def translate(d: Dump, mapping: str | os.PathLike[str] | None = None) -> Lineup:
     duplicates: dict[str, str] = {}
     unmapped: dict[str, str] = {}
     internal: dict[str, str] = {}
-    for key in (INPUT_PREFIX + "input_ids", INPUT_PREFIX + "attention_mask"):
-        _write(writer, entries, key, np.asarray(d[key]))
+    for key, arr in lay.inputs.items():
+        _write(writer, entries, key, arr)
     last = int(config.get("num_hidden_layers") or 0) - 1
-    for e in d.entries:
-        if e.call != 0 or e.module in (ENGINE, "input"):
-            continue
-        if e.kind == "generation" or e.key.startswith(GEN_PREFIX):
-            _write(writer, entries, e.key, np.asarray(d[e.key]), kind="generation")
-            continue
-        reason = table.engine_only_reason(e.key)
+    records, unsplit = _records(d, steps)
+    for key, why in unsplit.items():
+        reason = table.engine_only_reason(key)
         if reason is not None:
-            internal[e.key] = reason
+            internal[key] = reason
+        else:
+            unmapped[key] = why
+    for e in d.entries:
+        if e.call == 0 and (e.kind == "generation" or e.key.startswith(GEN_PREFIX)):
+            _write(writer, entries, e.key, np.asarray(d[e.key]), kind="generation")
+    for key, physical in records.items():
+        reason = table.engine_only_reason(key)
+        if reason is not None:
+            internal[key] = reason
             continue
-        found = table.find(e.key)
+        found = table.find(key)
         if found is None:
-            unmapped[e.key] = "no rule in the " + table.family + " table"
+            unmapped[key] = "no rule in the " + table.family + " table"
             continue
         rule, var = found
         names = _names(rule, var, last)
         if rule.same_as:
-            why = _same(d, e, names[0], steps)
-            if why:
-                unmapped[e.key] = why
+            differs = _same(d, records, key, names[0])
+            if differs:
+                unmapped[key] = differs
             else:
-                duplicates[e.key] = names[0]
+                duplicates[key] = names[0]
             continue
-        whole = _unpack(d, e, steps, where, ids.shape)
-        parts = _split(whole, rule, config, e.key)
-        for name, part in zip(names, parts, strict=True):
-            _write(writer, entries, name, part)
-        mapped[e.key] = tuple(names)
+        for call, whole in _unpack(d, physical, lay).items():
+            for name, part in zip(names, _shaped(whole, rule, config, key), strict=True):
+                _write(writer, entries, _call_key(name, call), part)
+        mapped[key] = tuple(_call_key(n, c) for c in sorted(lay.shapes) for n in names)
     meta = {k: v for k, v in d.meta.items() if k != "entries"}
     meta |= {"entries": entries, "logits_key": "lm_head:out" if any(
         e["key"] == "lm_head:out" for e in entries) else None,
              "translated_from": str(d.path),
-             "crossimpl": {"family": table.family, "mapped": len(mapped),
+             "crossimpl": {"family": table.family, "layout": layout, "mapped": len(mapped),
                            "duplicates": len(duplicates), "unmapped": unmapped,
                            "engine_only": internal}}
     writer.close(meta)
     from ..dumps import load
 
-    return Lineup(load(out), table.family, mapped, duplicates, unmapped, internal, table)
+    return Lineup(load(out), table.family, mapped, duplicates, unmapped, internal, table,
+                  layout)
 
 
 def _names(rule: Rule, var: dict[str, int], last: int) -> list[str]:
@@ -148,14 +171,95 @@ def _steps(d: Dump) -> int:
     return n
 
 
-def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Flat ``[batch * seq]`` index of each packed token of step ``c``: each segment of
+def _records(d: Dump, steps: int) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each engine record (its key at call 0, under the name of the module that made it)
+    and its key in each engine step; and the records whose steps cannot be told apart, with
+    why. A module shared by ``n`` names (``meta.engine.shared_modules``) runs ``n`` times a
+    step, once per name in order: its ``k``-th call is name ``k % n`` in step ``k // n``."""
+    engine = d.meta.get("engine")
+    shared = (engine or {}).get("shared_modules") or {} if isinstance(engine, dict) else {}
+    out: dict[str, list[str]] = {}
+    bad: dict[str, str] = {}
+    for e in d.entries:
+        if e.call != 0 or e.module in (ENGINE, "input") or e.kind == "generation" \
+                or e.key.startswith(GEN_PREFIX):
+            continue
+        names = shared.get(e.module) or [e.module]
+        n = len(names)
+        calls = 0
+        while _call_key(e.key, calls) in d.tensors:
+            calls += 1
+        if calls != steps * n:
+            bad[e.key] = (f"{calls} call(s) in {steps} engine step(s)"
+                          + (f" of a module shared by {n} names" if n > 1 else ""))
+            continue
+        k = parse_key(e.key)
+        for j, name in enumerate(names):
+            out[make_key(name, k.kind, k.index)] = [_call_key(e.key, s * n + j)
+                                                    for s in range(steps)]
+    return out, bad
+
+
+def _layout(d: Dump, steps: int, layout: str) -> Layout:
+    """Where each engine step's tokens go (:class:`Layout`): each segment of a step's
+    ``query_start_loc`` is the request whose tokens at those positions it ran."""
+    ids = np.asarray(d[INPUT_PREFIX + "input_ids"])
+    mask = np.asarray(d[INPUT_PREFIX + "attention_mask"]) != 0
+    placed = [_scatter(d, c, ids, mask) for c in range(steps)]
+    got = np.zeros(ids.shape, bool)
+    for rows, pos in placed:
+        got[rows, pos] = True
+    missing = mask & ~got
+    if missing.any():
+        r, p = map(int, np.argwhere(missing)[0])
+        raise DumpError(f"{d.path.name}: the engine ran no step for sequence {r}, position "
+                        f"{p} (prefix caching? capture with enable_prefix_caching=False)")
+    if layout == "forward":
+        width = ids.shape[1]
+        return Layout(layout, {0: ids.shape}, [np.zeros(r.shape, np.int64) for r, _ in placed],
+                      [r * width + p for r, p in placed],
+                      {INPUT_PREFIX + "input_ids": ids, INPUT_PREFIX + "attention_mask":
+                       np.asarray(d[INPUT_PREFIX + "attention_mask"])})
+    if GEN_PREFIX + "prompt_mask" not in d.tensors:
+        raise DumpError(f"{d.path.name}: no prompts recorded (generation:prompt_ids): was "
+                        "it written by precision.vllm.capture with cap.record(outputs)?")
+    pids = np.asarray(d[GEN_PREFIX + "prompt_ids"])
+    pmask = np.asarray(d[GEN_PREFIX + "prompt_mask"]).astype(np.int64)
+    plen = pmask.sum(axis=1)
+    width = pids.shape[1]
+    fed = mask.sum(axis=1) - plen  # generated tokens fed back, per request
+    alive = {t: np.flatnonzero(fed >= t) for t in range(1, int(fed.max(initial=0)) + 1)}
+    shapes = {0: (pids.shape[0], width)} | {t: (len(rs), 1) for t, rs in alive.items()}
+    slot = {t: {int(r): i for i, r in enumerate(rs)} for t, rs in alive.items()}
+    calls, flat = [], []
+    for rows, pos in placed:
+        t = np.maximum(pos - plen[rows] + 1, 0)
+        prefill = rows * width + width - plen[rows] + pos
+        decode = np.array([slot[int(c)][int(r)] if c else 0 for r, c in zip(rows, t, strict=True)],
+                          np.int64)
+        calls.append(t)
+        flat.append(np.where(t == 0, prefill, decode))
+    return Layout(layout, shapes, calls, flat, {
+        INPUT_PREFIX + "input_ids": pids, INPUT_PREFIX + "attention_mask": pmask,
+        INPUT_PREFIX + "position_ids": prompt_positions(pmask)})
+
+
+def prompt_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids of left-padded prompts (as Hugging Face's generate makes them: 1 at
+    padding)."""
+    pos = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, pos).astype(np.int64)
+
+
+def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Request and position of each packed token of step ``c``: each segment of
     ``query_start_loc`` is the request whose tokens at those positions it ran."""
     eids = np.asarray(d[make_key(ENGINE, "in", "input_ids", c)]).reshape(-1)
     pos = np.asarray(d[make_key(ENGINE, "in", "positions", c)]).reshape(-1)
     starts = np.asarray(d[make_key(ENGINE, "in", "query_start_loc", c)]).reshape(-1)
-    rows, width = ids.shape
-    flat = np.full(eids.shape[0], -1, np.int64)
+    n_rows, width = ids.shape
+    rows = np.full(eids.shape[0], -1, np.int64)
     taken: set[int] = set()
     for a, b in itertools.pairwise(starts):
         a, b = int(a), int(b)
@@ -165,24 +269,17 @@ def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         if not np.array_equal(p, np.arange(p[0], p[0] + (b - a))) or p[-1] >= width:
             raise DumpError(f"{d.path.name}: step {c} holds positions {p.tolist()} that do "
                             "not follow one another")
-        match = [r for r in range(rows) if r not in taken and mask[r, p].all()
+        match = [r for r in range(n_rows) if r not in taken and mask[r, p].all()
                  and np.array_equal(ids[r, p], eids[a:b])]
         if not match:
             raise DumpError(f"{d.path.name}: step {c} ran tokens {eids[a:b].tolist()[:8]} at "
                             f"positions {int(p[0])}-{int(p[-1])} that no recorded request holds")
         taken.add(match[0])
-        flat[a:b] = match[0] * width + p
-    if (flat < 0).any():
-        raise DumpError(f"{d.path.name}: step {c} ran {int((flat < 0).sum())} token(s) outside "
+        rows[a:b] = match[0]
+    if (rows < 0).any():
+        raise DumpError(f"{d.path.name}: step {c} ran {int((rows < 0).sum())} token(s) outside "
                         "every sequence (padding?)")
-    return flat
-
-
-def _filled(where: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    got = np.zeros(int(np.prod(shape)), bool)
-    for flat in where:
-        got[flat] = True
-    return got.reshape(shape)
+    return rows, pos.astype(np.int64)
 
 
 def _call_key(key: str, c: int) -> str:
@@ -190,23 +287,37 @@ def _call_key(key: str, c: int) -> str:
     return make_key(k.module, k.kind, k.index, c)
 
 
-def _unpack(d: Dump, e: Entry, steps: int, where: list[np.ndarray],
-            shape: tuple[int, ...]) -> np.ndarray:
-    """One record's calls, packed ``[tokens, ...]`` each, as ``[batch, seq, ...]``."""
-    first = np.asarray(d[e.key])
-    out = np.zeros((int(np.prod(shape)), *first.shape[1:]), first.dtype)
-    for c in range(steps):
-        part = first if c == 0 else np.asarray(d[_call_key(e.key, c)])
-        if part.shape[0] != where[c].shape[0]:
-            raise DumpError(f"{d.path.name}: {_call_key(e.key, c)} holds {part.shape[0]} "
-                            f"tokens, step {c} ran {where[c].shape[0]}")
-        out[where[c]] = part
-    return out.reshape((*shape, *first.shape[1:]))
+def _unpack(d: Dump, physical: list[str], lay: Layout) -> dict[int, np.ndarray]:
+    """One record's engine steps, packed ``[tokens, ...]`` each, as ``[rows, seq, ...]`` per
+    Hugging Face call of the layout."""
+    first = np.asarray(d[physical[0]])
+    rest = first.shape[1:]
+    out = {call: np.zeros((rows * seq, *rest), first.dtype)
+           for call, (rows, seq) in lay.shapes.items()}
+    for c, key in enumerate(physical):
+        part = first if c == 0 else np.asarray(d[key])
+        if part.shape[0] != lay.flat[c].shape[0]:
+            raise DumpError(f"{d.path.name}: {key} holds {part.shape[0]} tokens, step {c} "
+                            f"ran {lay.flat[c].shape[0]}")
+        for call in np.unique(lay.calls[c]):
+            sel = lay.calls[c] == call
+            out[int(call)][lay.flat[c][sel]] = part[sel]
+    return {call: arr.reshape((*lay.shapes[call], *rest)) for call, arr in out.items()}
 
 
-def _split(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
-           ) -> list[np.ndarray]:
-    """A fused projection's output cut by the config's sizes (one piece when not fused)."""
+def _shaped(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
+            ) -> list[np.ndarray]:
+    """An unpacked record as Hugging Face holds it: scaled, axes swapped, and a fused
+    projection's output cut by the config's sizes (one piece when not fused)."""
+    factor = rule.factor(config)
+    if factor is not None:  # in the record's dtype, as the engine multiplies
+        whole = (whole.astype(np.float32) * np.asarray(factor, whole.dtype).astype(np.float32)
+                 ).astype(whole.dtype) if whole.dtype != np.float64 else whole * factor
+    if rule.swap:
+        a, b = rule.swap
+        if max(a, b) >= whole.ndim:
+            raise DumpError(f"{key}: {whole.ndim} axes unpacked, the rule swaps {a} and {b}")
+        whole = np.swapaxes(whole, a, b)
     if not rule.split:
         return [whole]
     width = whole.shape[-1]
@@ -225,12 +336,12 @@ def _split(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
     return np.split(whole, np.cumsum(sizes)[:-1], axis=-1)
 
 
-def _same(d: Dump, e: Entry, other: str, steps: int) -> str | None:
-    """Why ``e`` is not the same values as ``other`` in every step (None when it is)."""
-    for c in range(steps):
-        a, b = _call_key(e.key, c), _call_key(other, c)
-        if a not in d or b not in d:
-            return f"said to equal {other}, which is not recorded"
+def _same(d: Dump, records: dict[str, list[str]], key: str, other: str) -> str | None:
+    """Why record ``key`` is not the same values as ``other`` in every step (None when it
+    is)."""
+    if other not in records:
+        return f"said to equal {other}, which is not recorded"
+    for c, (a, b) in enumerate(zip(records[key], records[other], strict=True)):
         if not np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True):
             return f"said to equal {other}, but differs from it in step {c}"
     return None
@@ -254,23 +365,39 @@ def _new_path(d: Dump) -> Path:
     return _WORKDIR / f"{len(list(_WORKDIR.iterdir()))}-{d.path.stem}.hf.st"
 
 
+def replay_layout(d: Dump) -> str | None:
+    """How a Hugging Face capture replayed an engine's tokens (:data:`LAYOUTS`), None when
+    it did not replay an engine's dump."""
+    found = d.meta.get("engine_replay")
+    return str(found.get("layout")) if isinstance(found, dict) else None
+
+
 def line_up(runs: dict[str, Dump], mapping: str | os.PathLike[str] | None = None
             ) -> dict[str, Lineup]:
-    """Translate, in place in ``runs``, each engine's dump compared with a Hugging Face one;
-    returns what was made of each, by run name."""
+    """Translate, in place in ``runs``, each engine's dump compared with a Hugging Face one
+    (in the layout the Hugging Face runs replayed it in); returns what was made of each, by
+    run name."""
     if not any(engine_of(d) for d in runs.values()) or all(engine_of(d) for d in runs.values()):
         return {}
+    layouts = {replay_layout(d) or "forward" for d in runs.values() if not engine_of(d)}
+    if len(layouts) > 1:
+        raise DumpError("the Hugging Face runs replayed the engine's tokens in different ways "
+                        f"({', '.join(sorted(layouts))}): capture them alike")
     done: dict[str, Lineup] = {}
     for name, d in list(runs.items()):
         if engine_of(d):
-            done[name] = translate(d, mapping)
+            done[name] = translate(d, mapping, layouts.pop() if layouts else "forward")
+            layouts = {done[name].layout}
             runs[name] = done[name].dump
     return done
 
 
 def engine_lacks(lined: dict[str, Lineup], key: str) -> bool:
-    """A Hugging Face record the engine never computes (its table's ``hf_only``)."""
-    return any(ln.table is not None and ln.table.hf_only_reason(key) is not None
+    """A Hugging Face record the engine never computes (its table's ``hf_only``), in any
+    call."""
+    k = parse_key(key)
+    plain = make_key(k.module, k.kind, k.index) if k.kind else key
+    return any(ln.table is not None and ln.table.hf_only_reason(plain) is not None
                for ln in lined.values())
 
 
@@ -280,10 +407,13 @@ def notes(lined: dict[str, Lineup], keys: list[str]) -> list[str]:
     for ln in lined.values():
         src = Path(str(ln.dump.meta.get("translated_from", ""))).name
         engine = engine_of(ln.dump) or "engine"
+        how = ("prefill against the prefill, each decode step against the same step "
+               "from the KV cache" if ln.layout == "steps" else
+               "prefill and decode steps against one teacher-forced forward")
         out.append(f"{src}: {engine}'s records lined up with Hugging Face's by the {ln.family} "
                    f"table: {len(ln.mapped)} mapped onto {len(ln.hf_keys)} keys, "
                    f"{len(ln.duplicates)} duplicate(s) of them checked equal, "
-                   f"{len(ln.unmapped)} unmapped")
+                   f"{len(ln.unmapped)} unmapped; {how}")
         if ln.unmapped:
             first = next(iter(ln.unmapped.items()))
             out.append(f"unmapped {engine} records (not compared): "

@@ -42,8 +42,10 @@ from .recorder import Capture, config_hash, named_arguments
 WORKER_EXCLUDE = ("lm_head", "logits_processor")
 #: modules whose inputs the Hugging Face reference records when it replays this dump: what
 #: vLLM's fused modules compute is their input there (attention before o_proj, silu(gate)*up
-#: before down_proj, the residual sum before post_attention_layernorm)
-REFERENCE_INPUTS = ("*.self_attn.o_proj", "*.mlp.down_proj", "*.post_attention_layernorm")
+#: before down_proj, the residual sum before post_attention_layernorm, or before Gemma's
+#: pre_feedforward_layernorm)
+REFERENCE_INPUTS = ("*.self_attn.o_proj", "*.mlp.down_proj", "*.post_attention_layernorm",
+                    "*.pre_feedforward_layernorm")
 ENGINE = "engine"
 LOGITS = "logits_processor"
 #: the worker's capture in progress (one per worker process)
@@ -95,8 +97,21 @@ def _start(model: torch.nn.Module, *, path: str, mode: str, meta: dict[str, Any]
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True),
                model.register_forward_hook(after, with_kwargs=True)]
+    cap.meta.setdefault("engine", {})["shared_modules"] = shared_modules(model)
     _ACTIVE.update(capture=cap, handles=handles, steps=step)
     return path
+
+
+def shared_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Modules that sit at several names (vLLM shares one GeluAndMul, or one rotary_emb,
+    between layers): the name they are recorded under -> every name, in call order. Such a
+    module's records hold one call per name per engine step (``#k`` is name ``k % n`` in step
+    ``k // n``), which :mod:`precision.judge.crossimpl` separates again."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(mod), []).append(name)
+    return {found[0]: found for found in names.values() if len(found) > 1}
 
 
 def _query_start_loc(num_tokens: int) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Lining an engine's records up with Hugging Face's (precision/judge/crossimpl.py) on
+synthetic engine dumps: where each packed token lands in either layout, modules shared
+between layers told apart again, rules that scale and swap axes. The real engine is in
+tests/test_vllm.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import precision
+from precision.dumps.dump import DumpWriter
+from precision.dumps.keys import parse_key
+from precision.judge import crossimpl
+from precision.judge.implmap import Rule
+
+ACT = "model.layers.0.mlp.act_fn"
+#: two requests: prompt [5, 6, 7] then generated 10 (fed back) and 11; prompt [8, 9] then 12
+STEPS = [  # (input ids, positions, query_start_loc) of each engine step
+    ([5, 6, 7, 8, 9], [0, 1, 2, 0, 1], [0, 3, 5]),  # both prefills
+    ([10], [3], [0, 1]),  # request 0's one decode token
+]
+ROWS = [[0, 0, 0, 1, 1], [0]]
+
+
+def _engine_dump(path: Path, *, drop: str | None = None) -> Path:
+    """A two-layer Llama's engine dump whose GeluAndMul-like ``act_fn`` is one module shared
+    by both layers: its ``k``-th call is layer ``k % 2`` of step ``k // 2``; each value
+    encodes ``1000 * layer + 100 * request + position``."""
+    tensors: dict[str, np.ndarray] = {
+        "input:input_ids": np.array([[5, 6, 7, 10], [8, 9, 0, 0]]),
+        "input:attention_mask": np.array([[1, 1, 1, 1], [1, 1, 0, 0]]),
+        "generation:prompt_ids": np.array([[5, 6, 7], [0, 8, 9]]),
+        "generation:prompt_mask": np.array([[1, 1, 1], [0, 1, 1]]),
+        "generation:tokens": np.array([[10, 11], [12, -1]]),
+    }
+    call = 0
+    for s, (ids, pos, starts) in enumerate(STEPS):
+        suffix = f"#{s}" if s else ""
+        tensors[f"engine:in.input_ids{suffix}"] = np.array(ids)
+        tensors[f"engine:in.positions{suffix}"] = np.array(pos)
+        tensors[f"engine:in.query_start_loc{suffix}"] = np.array(starts)
+        for layer in (0, 1):
+            value = 1000 * layer + 100 * np.array(ROWS[s]) + np.array(pos)
+            tensors[f"{ACT}:out" + (f"#{call}" if call else "")] = np.repeat(
+                value[:, None], 2, axis=1).astype(np.float32)
+            call += 1
+    w = DumpWriter(path, force=True)
+    entries: list[dict[str, Any]] = []
+    for key, arr in tensors.items():
+        if key == drop:
+            continue
+        a = np.ascontiguousarray(arr)
+        w.write(key, a.dtype.name, a.shape, a)
+        k = parse_key(key)
+        entries.append({"key": key, "module": k.module, "kind": k.kind, "index": k.index,
+                        "call": k.call, "shape": list(a.shape), "dtype": a.dtype.name})
+    w.close({"mode": "full", "dtype": "float32", "entries": entries, "complete": True,
+             "model": {"class": "LlamaForCausalLM", "config_hash": "x"},
+             "engine": {"name": "vllm", "steps": 2,
+                        "shared_modules": {ACT: [ACT, "model.layers.1.mlp.act_fn"]}},
+             "config": {"model_type": "llama", "num_hidden_layers": 2,
+                        "intermediate_size": 2}})
+    return path
+
+
+def test_steps_layout_places_prefill_left_padded_and_each_decode_step(tmp_path: Path) -> None:
+    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st")),
+                                layout="steps")
+    d = lined.dump
+    assert lined.unmapped == {}
+    down1 = d["model.layers.1.mlp.down_proj:in.0"][..., 0]  # layer 1: its 2nd call a step
+    assert down1.tolist() == [[1000, 1001, 1002], [0, 1100, 1101]]
+    assert d["model.layers.0.mlp.down_proj:in.0#1"][..., 0].tolist() == [[3]]
+    assert d["model.layers.1.mlp.down_proj:in.0#1"][..., 0].tolist() == [[1003]]
+    assert d["input:position_ids"].tolist() == [[0, 1, 2], [1, 0, 1]]
+    assert d["input:attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+
+
+def test_forward_layout_places_every_token_at_its_position(tmp_path: Path) -> None:
+    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st")))
+    d = lined.dump
+    assert d["model.layers.1.mlp.down_proj:in.0"][..., 0].tolist() == [
+        [1000, 1001, 1002, 1003], [1100, 1101, 0, 0]]
+    assert not [k for k in d.tensors if "#" in k]
+
+
+def test_a_shared_module_with_a_call_missing_is_listed_not_guessed(tmp_path: Path) -> None:
+    """Three calls of a module shared by two layers in two steps cannot be told apart."""
+    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st",
+                                                            drop=f"{ACT}:out#3")))
+    assert lined.unmapped == {f"{ACT}:out": "3 call(s) in 2 engine step(s) of a module "
+                                            "shared by 2 names"}
+    assert not lined.mapped
+
+
+def test_hugging_face_runs_replayed_alike(tmp_path: Path) -> None:
+    """One Hugging Face run replayed step by step and another as one forward: refused."""
+    from .conftest import write_dump
+
+    engine = precision.load(_engine_dump(tmp_path / "e.st"))
+    x = {"x:out": np.ones((2, 2), np.float32)}
+    a = precision.load(write_dump(tmp_path / "a.st", x, meta={"engine_replay": {
+        "layout": "steps"}}))
+    b = precision.load(write_dump(tmp_path / "b.st", x, meta={"engine_replay": {
+        "layout": "forward"}}))
+    with pytest.raises(precision.DumpError, match="replayed the engine's tokens in different"):
+        crossimpl.line_up({"base": a, "target": engine, "reference": b})
+
+
+def test_rules_scale_in_the_records_dtype_and_refuse_bad_options() -> None:
+    rule = Rule("e:out", ("h:out",), scale="sqrt(hidden_size)")
+    assert rule.factor({"hidden_size": 64}) == 8.0
+    assert Rule("e:out", ("h:out",), scale="2.5").factor({}) == 2.5
+    with pytest.raises(precision.InputError, match="no positive hidden_size"):
+        rule.factor({})
+    with pytest.raises(precision.InputError, match="not a number or sqrt"):
+        Rule("e:out", ("h:out",), scale="hidden_size")
+    with pytest.raises(precision.InputError, match="swap takes two axes"):
+        Rule("e:out", ("h:out",), swap=(1,))
