@@ -26,10 +26,14 @@ STEPS = [  # (input ids, positions, query_start_loc) of each engine step
 ROWS = [[0, 0, 0, 1, 1], [0]]
 
 
-def _engine_dump(path: Path, *, drop: str | None = None) -> Path:
+def _engine_dump(path: Path, *, drop: str | None = None, rank: int | None = None,
+                 norm_shift: float = 0.0) -> Path:
     """A two-layer Llama's engine dump whose GeluAndMul-like ``act_fn`` is one module shared
     by both layers: its ``k``-th call is layer ``k % 2`` of step ``k // 2``; each value
-    encodes ``1000 * layer + 100 * request + position``."""
+    encodes ``1000 * layer + 100 * request + position`` (+ 0.5 in its second column), and
+    ``model.norm:out.0`` is ``position``. With ``rank`` (of 2), the shard of that
+    tensor-parallel rank: its column of ``act_fn``, ``model.norm:out.0`` whole (plus
+    ``norm_shift``)."""
     tensors: dict[str, np.ndarray] = {
         "input:input_ids": np.array([[5, 6, 7, 10], [8, 9, 0, 0]]),
         "input:attention_mask": np.array([[1, 1, 1, 1], [1, 1, 0, 0]]),
@@ -45,9 +49,12 @@ def _engine_dump(path: Path, *, drop: str | None = None) -> Path:
         tensors[f"engine:in.query_start_loc{suffix}"] = np.array(starts)
         for layer in (0, 1):
             value = 1000 * layer + 100 * np.array(ROWS[s]) + np.array(pos)
-            tensors[f"{ACT}:out" + (f"#{call}" if call else "")] = np.repeat(
-                value[:, None], 2, axis=1).astype(np.float32)
+            both = np.stack([value, value + 0.5], axis=1).astype(np.float32)
+            tensors[f"{ACT}:out" + (f"#{call}" if call else "")] = (
+                both if rank is None else both[:, rank:rank + 1])
             call += 1
+        tensors["model.norm:out.0" + suffix] = (np.array(pos, np.float32)[:, None]
+                                               + np.float32(norm_shift if rank else 0))
     w = DumpWriter(path, force=True)
     entries: list[dict[str, Any]] = []
     for key, arr in tensors.items():
@@ -60,7 +67,7 @@ def _engine_dump(path: Path, *, drop: str | None = None) -> Path:
                         "call": k.call, "shape": list(a.shape), "dtype": a.dtype.name})
     w.close({"mode": "full", "dtype": "float32", "entries": entries, "complete": True,
              "model": {"class": "LlamaForCausalLM", "config_hash": "x"},
-             "engine": {"name": "vllm", "steps": 2,
+             "engine": {"name": "vllm", "steps": 2, "rank": rank,
                         "shared_modules": {ACT: [ACT, "model.layers.1.mlp.act_fn"]}},
              "config": {"model_type": "llama", "num_hidden_layers": 2,
                         "intermediate_size": 2}})
@@ -94,7 +101,33 @@ def test_a_shared_module_with_a_call_missing_is_listed_not_guessed(tmp_path: Pat
                                                             drop=f"{ACT}:out#3")))
     assert lined.unmapped == {f"{ACT}:out": "3 call(s) in 2 engine step(s) of a module "
                                             "shared by 2 names"}
-    assert not lined.mapped
+    assert list(lined.mapped) == ["model.norm:out.0"]
+
+
+def _tp_dump(folder: Path, norm_shift: float = 0.0) -> Path:
+    from precision.dumps.shards import write_index
+
+    folder.mkdir()
+    for r in (0, 1):
+        _engine_dump(folder / f"rank{r}.st", rank=r, norm_shift=norm_shift)
+    write_index(folder, 2, {"engine": "vllm"})
+    return folder
+
+
+def test_tensor_parallel_ranks_are_put_together(tmp_path: Path) -> None:
+    """Two ranks' shards: a column-parallel record concatenated in rank order, a whole one
+    taken once."""
+    lined = crossimpl.translate(precision.load(_tp_dump(tmp_path / "tp")), layout="steps")
+    assert lined.unmapped == {}
+    d = lined.dump
+    assert d["model.layers.1.mlp.down_proj:in.0#1"].tolist() == [[[1003.0, 1003.5]]]
+    assert d["model.norm:out"][..., 0].tolist() == [[0, 1, 2], [0, 0, 1]]
+
+
+def test_a_whole_record_that_differs_between_ranks_is_listed(tmp_path: Path) -> None:
+    lined = crossimpl.translate(precision.load(_tp_dump(tmp_path / "tp", norm_shift=1.0)))
+    assert lined.unmapped == {"model.norm:out.0": "rank 1 differs from rank 0 in step 0, "
+                                                  "where every rank should hold it whole"}
 
 
 def test_hugging_face_runs_replayed_alike(tmp_path: Path) -> None:
@@ -121,3 +154,26 @@ def test_rules_scale_in_the_records_dtype_and_refuse_bad_options() -> None:
         Rule("e:out", ("h:out",), scale="hidden_size")
     with pytest.raises(precision.InputError, match="swap takes two axes"):
         Rule("e:out", ("h:out",), swap=(1,))
+
+
+def test_merged_statistics_are_the_statistics_of_the_whole() -> None:
+    """Parts of different sizes and spreads (a NaN in one): merged as one array's, against
+    the float64 statistics of the concatenation."""
+    from precision.judge.enginestats import merge_stats
+    from precision.judge.statsdiff import array_stats
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(3.0, 1.0, 50), rng.normal(-2.0, 5.0, 7), np.array([np.nan, 1e3])]
+    merged = merge_stats([array_stats([p]) for p in parts])
+    whole = array_stats([np.concatenate(parts)])
+    for k in ("numel", "nan", "posinf", "masked"):
+        assert merged[k] == whole[k], k
+    for k in ("min", "max", "mean", "std", "norm", "absmax"):
+        assert merged[k] == pytest.approx(whole[k], rel=1e-12), k
+
+
+def test_a_stats_mode_engine_dump_lines_up_with_one_forward_only(tmp_path: Path) -> None:
+    d = precision.load(_engine_dump(tmp_path / "e.st"))
+    d.meta["mode"] = "stats"
+    with pytest.raises(precision.DumpError, match="one teacher-forced Hugging Face forward"):
+        crossimpl.translate(d, layout="steps")

@@ -5,7 +5,8 @@ A seeded tiny Llama (head_dim 32: vLLM's CPU attention takes 32 and up) runs in 
 ``precision.vllm.capture``, in vLLM's own engine and worker processes, in fp32 (healthy,
 with a fault planted in one layer, and with one planted in decode steps only) and bf16;
 tiny Qwen2, Qwen3, Mistral and Gemma 3 models (tests/vllm_models.py) run in fp32, each its
-own engine in the same Python process (in-process engines: seconds to start). Hugging Face
+own engine in the same Python process (in-process engines: seconds to start), and Qwen3 on
+two tensor-parallel ranks (vLLM's worker processes, one core each). Hugging Face
 captures replay each one's tokens on the CPU, step by step from the KV cache. Skipped where
 vLLM is absent, failed in CI.
 """
@@ -32,6 +33,8 @@ VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" /
 FAULT_MODULE = "model.layers.2.self_attn.o_proj"
 #: the families run besides the Llama (each in fp32, each its own engine)
 FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3")
+#: scaled on tensor-parallel rank 1 only: its half of layer 1's SiluAndMul columns
+TP_FAULT_MODULE = "model.layers.1.mlp.act_fn"
 pytestmark = pytest.mark.slow
 
 
@@ -62,16 +65,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("vllm")
     models = {"llama": _healthy_llama(work / "llama")}
     models |= {f: vllm_models.build(f, work / f) for f in FAMILIES}
-    out = {name: work / f"{name}.st" for name in ("v32", "v32fault", "v32dfault", "vbf16",
-                                                  *FAMILIES)}
+    out = {name: work / f"{name}.st" for name in ("v32", "v32fault", "v32dfault", "v32stats",
+                                                  "v32statsfault", "vbf16", *FAMILIES)}
+    out |= {name: work / name for name in ("tp2", "tp2fault", "tp2stats")}  # a shard per rank
     plan = [{"model": str(models["llama"]), "dtype": "float32", "captures": [
                 {"out": str(out["v32"])},
                 {"out": str(out["v32fault"]), "fault": [FAULT_MODULE, 1.5, "all"]},
-                {"out": str(out["v32dfault"]), "fault": [FAULT_MODULE, 1.5, "decode"]}]},
+                {"out": str(out["v32dfault"]), "fault": [FAULT_MODULE, 1.5, "decode"]},
+                {"out": str(out["v32stats"]), "mode": "stats"},
+                {"out": str(out["v32statsfault"]), "mode": "stats",
+                 "fault": [FAULT_MODULE, 1.5, "all"]}]},
             {"model": str(models["llama"]), "dtype": "bfloat16", "inproc": True,
              "captures": [{"out": str(out["vbf16"])}]}]
     plan += [{"model": str(models[f]), "dtype": "float32", "inproc": True,
               "captures": [{"out": str(out[f])}]} for f in FAMILIES]
+    plan.append({"model": str(models["qwen3"]), "dtype": "float32", "tp": 2, "captures": [
+        {"out": str(out["tp2"])},
+        {"out": str(out["tp2fault"]), "fault": [TP_FAULT_MODULE, 1.5, "all", 1]},
+        {"out": str(out["tp2stats"]), "mode": "stats"}]})
     (work / "plan.json").write_text(json.dumps(plan))
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     script = str(ROOT / "tests" / "scripts" / "vllm_run.py")
@@ -79,9 +90,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in list(out):
-        model = models.get(name, models["llama"])
+        model = models["qwen3"] if name.startswith("tp2") else models.get(name, models["llama"])
         hf = work / f"hf-{name}.st"
-        run_capture(CaptureOptions(model=str(model), output=str(hf), replay=str(out[name])))
+        run_capture(CaptureOptions(model=str(model), output=str(hf), replay=str(out[name]),
+                                   mode="stats" if "stats" in name else "full"))
         out[f"hf-{name}"] = hf
     out["hf-v32-forward"] = run_capture(CaptureOptions(
         model=str(models["llama"]), output=str(work / "hf-v32-forward.st"),
@@ -216,6 +228,52 @@ def test_fault_in_decode_steps_is_found_in_the_first_decode_step(runs: dict[str,
     assert abs(report.first_divergence.metrics.rel_l2 - 0.5) < 1e-3
 
 
+def test_tensor_parallel_ranks_line_up_as_one(runs: dict[str, Path]) -> None:
+    """Qwen3 on two tensor-parallel ranks: each rank's shard in the folder, their q/k/v,
+    gate/up, attention, SiluAndMul and per-head q/k norm pieces put together, the all-reduced
+    records equal on both ranks; as clean as one worker."""
+    assert sorted(p.name for p in runs["tp2"].iterdir()) == ["index.json", "rank0.st",
+                                                            "rank1.st"]
+    half = precision.load(runs["tp2"] / "rank1.st")
+    assert half["model.layers.0.self_attn.qkv_proj:out.0"].shape[-1] == 128  # of 256
+    assert half["model.layers.0.self_attn.q_norm:out"].shape[1] == 2  # of 4 heads
+    lined = _lines_up_clean(runs["hf-tp2"], runs["tp2"])
+    assert {"model.layers.0.self_attn.q_proj:out", "model.layers.0.mlp.up_proj:out#1",
+            "model.layers.0.self_attn.k_norm:out"} <= set(lined.hf_keys)
+
+
+def test_fault_on_one_rank_is_found_first_where_planted(runs: dict[str, Path]) -> None:
+    """Rank 1's share of one layer's SiluAndMul scaled: found first at that layer's
+    down_proj input (what SiluAndMul computes, put together from both ranks)."""
+    report = precision.compare(runs["hf-tp2fault"], runs["tp2fault"], jobs=1)
+    assert not report
+    assert report.first_divergence is not None
+    assert report.first_divergence.key == "model.layers.1.mlp.down_proj:in.0", \
+        report.first_divergence.key
+
+
+@pytest.mark.parametrize("run", ["v32stats", "tp2stats"])
+def test_stats_mode_lines_up_over_all_real_tokens(runs: dict[str, Path], run: str) -> None:
+    """A stats-mode engine capture (one worker, and two tensor-parallel ranks) against a
+    stats-mode Hugging Face replay as one teacher-forced forward: every record's statistics
+    merged over the engine's steps (and ranks), q/k/v and gate/up from their parts'."""
+    report = precision.compare(runs[f"hf-{run}"], runs[run], jobs=1)
+    assert report, report.summary
+    lined = crossimpl.translate(precision.load(runs[run]))
+    assert lined.unmapped == {} and lined.layout == "forward"
+    assert {"model.layers.1.self_attn.q_proj:out", "model.layers.1.mlp.up_proj:out",
+            "model.layers.1.mlp.down_proj:in.0"} <= set(lined.hf_keys)
+    rows = {r.key: r for r in report.rows}
+    for key in lined.hf_keys:  # statistics (the logits are kept whole: metrics)
+        row = rows[key]
+        assert row.status == "OK", key
+        gap = row.stats_delta["norm_gap_rel"] if row.stats_delta else row.metrics.rel_l2
+        assert gap < 1e-5, (key, gap)
+    faulty = precision.compare(runs["hf-v32statsfault"], runs["v32statsfault"], jobs=1)
+    assert faulty.first_divergence is not None
+    assert faulty.first_divergence.key == f"{FAULT_MODULE}:out", faulty.first_divergence.key
+
+
 @pytest.mark.parametrize(("family", "run"), [("llama", "v32"), ("gemma3_text", "gemma3")])
 def test_a_mapping_file_makes_an_unknown_family_work(runs: dict[str, Path], tmp_path: Path,
                                                      family: str, run: str) -> None:
@@ -226,7 +284,8 @@ def test_a_mapping_file_makes_an_unknown_family_work(runs: dict[str, Path], tmp_
     table = TABLES[family]
     doc = {"family": "mine", "rules": [{"engine": r.engine, "hf": list(r.hf),
                                         "split": r.split, "same_as": r.same_as,
-                                        "scale": r.scale, "swap": list(r.swap)}
+                                        "scale": r.scale, "swap": list(r.swap),
+                                        "tp": r.tp}
                                        for r in table.rules],
            "hf_only": [list(x) for x in table.hf_only],
            "engine_only": [list(x) for x in table.engine_only]}

@@ -5,20 +5,22 @@ packed across sequences (``[tokens, ...]``), one call per engine step, fused pro
 :func:`translate` rewrites it as a dump in Hugging Face's key space and layout, which the
 usual align/measure/judge then compare record by record:
 
-- packed tokens are unpacked by the recorded positions into ``[batch, seq, ...]``: step
-  ``c``'s segment ``s`` (from ``query_start_loc``) is the request whose tokens at those
-  positions it ran (``input:input_ids``), so the prefill and every decode step land where a
-  teacher-forced forward over the same tokens computes them; positions no step ran are
-  padding (``input:attention_mask`` 0), which the verdicts leave out;
-- each record is renamed, split or checked against its duplicate by the family's table
-  (:mod:`precision.judge.implmap`);
+- packed tokens are unpacked by the recorded positions (:mod:`precision.judge.unpack`):
+  step ``c``'s segment ``s`` (from ``query_start_loc``) is the request whose tokens at those
+  positions it ran, laid out as the Hugging Face side ran them (``meta.engine_replay``):
+  the prefill of the left-padded prompts and one decode step per generated token fed back
+  (``#t``), or one teacher-forced forward over prompt and generated tokens; padded
+  positions are left out by the verdicts;
+- a tensor-parallel engine's ranks (a directory dump) are put together first, and a module
+  shared between layers is told apart by name;
+- each record is renamed, split, scaled or checked against its duplicate by the family's
+  table (:mod:`precision.judge.implmap`);
 - records no rule covers are listed in :attr:`Lineup.unmapped`, never dropped silently.
 """
 
 from __future__ import annotations
 
 import atexit
-import itertools
 import os
 import shutil
 import tempfile
@@ -29,11 +31,23 @@ from typing import Any
 import numpy as np
 
 from ..dumps.dump import Dump, DumpWriter
-from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key, parse_key
+from ..dumps.keys import GEN_PREFIX, make_key, parse_key
 from ..errors import DumpError
+from . import enginestats
+from .enginestats import NoStats, is_stats
 from .implmap import Rule, Table, table_for
+from .unpack import (
+    LAYOUTS,
+    RanksDiffer,
+    call_key,
+    engine_records,
+    engine_steps,
+    place_tokens,
+    rank_views,
+    shaped,
+    unpack,
+)
 
-ENGINE = "engine"
 _WORKDIR: Path | None = None
 
 
@@ -66,39 +80,24 @@ def engine_of(d: Dump) -> str | None:
     return str(engine.get("name")) if isinstance(engine, dict) and engine.get("name") else None
 
 
-#: how the Hugging Face side ran the engine's tokens (its ``meta.engine_replay.layout``):
-#: ``forward`` one teacher-forced forward over prompt and generated tokens; ``steps`` the
-#: prompt's prefill, then one decode step per generated token fed back, from its KV cache
-LAYOUTS = ("forward", "steps")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the engine's packed tokens go in the Hugging Face records: per Hugging Face call
-    (0 the forward or the prefill, ``t`` decode step ``t``) the ``(rows, seq)`` it holds, and
-    per engine step, each packed token's call and flat index in that call's rows x seq."""
-
-    name: str
-    shapes: dict[int, tuple[int, int]]
-    calls: list[np.ndarray]
-    flat: list[np.ndarray]
-    inputs: dict[str, np.ndarray]
-
-
 def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
               layout: str = "forward") -> Lineup:
     """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout: ``layout``
     ``forward`` for a teacher-forced Hugging Face forward over the same tokens, ``steps``
     for one that replayed them step by step from its KV cache (see :data:`LAYOUTS`)."""
-    if d.mode != "full":
-        raise DumpError(f"{d.path.name}: a stats-mode engine dump cannot be unpacked into "
-                        "tokens yet: capture the engine in full mode")
+    if d.mode == "stats" and layout != "forward":
+        raise DumpError(f"{d.path.name}: a stats-mode engine dump lines up with one "
+                        "teacher-forced Hugging Face forward only (an engine step can mix "
+                        "prefill and decode tokens): replay it again with this version of "
+                        "precision, which replays such a dump as one forward")
     if layout not in LAYOUTS:
         raise DumpError(f"unknown engine layout {layout!r}: one of {', '.join(LAYOUTS)}")
     config = d.meta.get("config") or {}
     table = table_for(config, mapping)
-    steps = _steps(d)
-    lay = _layout(d, steps, layout)
+    views = rank_views(d)
+    d = views[0]  # the requests' tokens, the steps and the generation: on every rank
+    steps = engine_steps(d)
+    lay = place_tokens(d, steps, layout)
     out = _new_path(d)
     writer = DumpWriter(out, force=True)
     entries: list[dict[str, Any]] = []
@@ -109,7 +108,7 @@ def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
     for key, arr in lay.inputs.items():
         _write(writer, entries, key, arr)
     last = int(config.get("num_hidden_layers") or 0) - 1
-    records, unsplit = _records(d, steps)
+    records, unsplit = engine_records(d, steps)
     for key, why in unsplit.items():
         reason = table.engine_only_reason(key)
         if reason is not None:
@@ -137,10 +136,33 @@ def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
             else:
                 duplicates[key] = names[0]
             continue
-        for call, whole in _unpack(d, physical, lay).items():
-            for name, part in zip(names, _shaped(whole, rule, config, key), strict=True):
-                _write(writer, entries, _call_key(name, call), part)
-        mapped[key] = tuple(_call_key(n, c) for c in sorted(lay.shapes) for n in names)
+        if is_stats(d, physical[0]):  # over every step and rank: the forward's real tokens
+            if rule.split and key + ".part0" in records:
+                internal[key] = ("a fused projection's statistics as a whole: its parts' "
+                                 "statistics are compared")
+                continue
+            try:
+                st, width, dtype = enginestats.record(views, physical, rule, config, key)
+            except (NoStats, RanksDiffer) as exc:
+                unmapped[key] = str(exc)
+                continue
+            shape = [*lay.shapes[0], *width]
+            if rule.swap:
+                a, b = rule.swap
+                shape[a], shape[b] = shape[b], shape[a]
+            for name in names:
+                _stats_entry(entries, name, tuple(shape), dtype, st)
+            mapped[key] = tuple(names)
+            continue
+        try:
+            unpacked = unpack(views, physical, lay, rule, config)
+        except RanksDiffer as exc:
+            unmapped[key] = str(exc)
+            continue
+        for call, whole in unpacked.items():
+            for name, part in zip(names, shaped(whole, rule, config, key), strict=True):
+                _write(writer, entries, call_key(name, call), part)
+        mapped[key] = tuple(call_key(n, c) for c in sorted(lay.shapes) for n in names)
     meta = {k: v for k, v in d.meta.items() if k != "entries"}
     meta |= {"entries": entries, "logits_key": "lm_head:out" if any(
         e["key"] == "lm_head:out" for e in entries) else None,
@@ -161,190 +183,31 @@ def _names(rule: Rule, var: dict[str, int], last: int) -> list[str]:
     return [t.format(**fill) for t in (rule.hf or (rule.same_as,))]
 
 
-def _steps(d: Dump) -> int:
-    n = 0
-    while make_key(ENGINE, "in", "positions", n) in d.tensors:
-        n += 1
-    if n == 0 or INPUT_PREFIX + "input_ids" not in d.tensors:
-        raise DumpError(f"{d.path.name}: no engine positions or input ids recorded: was it "
-                        "written by precision.vllm.capture with cap.record(outputs)?")
-    return n
-
-
-def _records(d: Dump, steps: int) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Each engine record (its key at call 0, under the name of the module that made it)
-    and its key in each engine step; and the records whose steps cannot be told apart, with
-    why. A module shared by ``n`` names (``meta.engine.shared_modules``) runs ``n`` times a
-    step, once per name in order: its ``k``-th call is name ``k % n`` in step ``k // n``."""
-    engine = d.meta.get("engine")
-    shared = (engine or {}).get("shared_modules") or {} if isinstance(engine, dict) else {}
-    out: dict[str, list[str]] = {}
-    bad: dict[str, str] = {}
-    for e in d.entries:
-        if e.call != 0 or e.module in (ENGINE, "input") or e.kind == "generation" \
-                or e.key.startswith(GEN_PREFIX):
-            continue
-        names = shared.get(e.module) or [e.module]
-        n = len(names)
-        calls = 0
-        while _call_key(e.key, calls) in d.tensors:
-            calls += 1
-        if calls != steps * n:
-            bad[e.key] = (f"{calls} call(s) in {steps} engine step(s)"
-                          + (f" of a module shared by {n} names" if n > 1 else ""))
-            continue
-        k = parse_key(e.key)
-        for j, name in enumerate(names):
-            out[make_key(name, k.kind, k.index)] = [_call_key(e.key, s * n + j)
-                                                    for s in range(steps)]
-    return out, bad
-
-
-def _layout(d: Dump, steps: int, layout: str) -> Layout:
-    """Where each engine step's tokens go (:class:`Layout`): each segment of a step's
-    ``query_start_loc`` is the request whose tokens at those positions it ran."""
-    ids = np.asarray(d[INPUT_PREFIX + "input_ids"])
-    mask = np.asarray(d[INPUT_PREFIX + "attention_mask"]) != 0
-    placed = [_scatter(d, c, ids, mask) for c in range(steps)]
-    got = np.zeros(ids.shape, bool)
-    for rows, pos in placed:
-        got[rows, pos] = True
-    missing = mask & ~got
-    if missing.any():
-        r, p = map(int, np.argwhere(missing)[0])
-        raise DumpError(f"{d.path.name}: the engine ran no step for sequence {r}, position "
-                        f"{p} (prefix caching? capture with enable_prefix_caching=False)")
-    if layout == "forward":
-        width = ids.shape[1]
-        return Layout(layout, {0: ids.shape}, [np.zeros(r.shape, np.int64) for r, _ in placed],
-                      [r * width + p for r, p in placed],
-                      {INPUT_PREFIX + "input_ids": ids, INPUT_PREFIX + "attention_mask":
-                       np.asarray(d[INPUT_PREFIX + "attention_mask"])})
-    if GEN_PREFIX + "prompt_mask" not in d.tensors:
-        raise DumpError(f"{d.path.name}: no prompts recorded (generation:prompt_ids): was "
-                        "it written by precision.vllm.capture with cap.record(outputs)?")
-    pids = np.asarray(d[GEN_PREFIX + "prompt_ids"])
-    pmask = np.asarray(d[GEN_PREFIX + "prompt_mask"]).astype(np.int64)
-    plen = pmask.sum(axis=1)
-    width = pids.shape[1]
-    fed = mask.sum(axis=1) - plen  # generated tokens fed back, per request
-    alive = {t: np.flatnonzero(fed >= t) for t in range(1, int(fed.max(initial=0)) + 1)}
-    shapes = {0: (pids.shape[0], width)} | {t: (len(rs), 1) for t, rs in alive.items()}
-    slot = {t: {int(r): i for i, r in enumerate(rs)} for t, rs in alive.items()}
-    calls, flat = [], []
-    for rows, pos in placed:
-        t = np.maximum(pos - plen[rows] + 1, 0)
-        prefill = rows * width + width - plen[rows] + pos
-        decode = np.array([slot[int(c)][int(r)] if c else 0 for r, c in zip(rows, t, strict=True)],
-                          np.int64)
-        calls.append(t)
-        flat.append(np.where(t == 0, prefill, decode))
-    return Layout(layout, shapes, calls, flat, {
-        INPUT_PREFIX + "input_ids": pids, INPUT_PREFIX + "attention_mask": pmask,
-        INPUT_PREFIX + "position_ids": prompt_positions(pmask)})
-
-
-def prompt_positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids of left-padded prompts (as Hugging Face's generate makes them: 1 at
-    padding)."""
-    pos = np.cumsum(mask, axis=1) - 1
-    return np.where(mask == 0, 1, pos).astype(np.int64)
-
-
-def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Request and position of each packed token of step ``c``: each segment of
-    ``query_start_loc`` is the request whose tokens at those positions it ran."""
-    eids = np.asarray(d[make_key(ENGINE, "in", "input_ids", c)]).reshape(-1)
-    pos = np.asarray(d[make_key(ENGINE, "in", "positions", c)]).reshape(-1)
-    starts = np.asarray(d[make_key(ENGINE, "in", "query_start_loc", c)]).reshape(-1)
-    n_rows, width = ids.shape
-    rows = np.full(eids.shape[0], -1, np.int64)
-    taken: set[int] = set()
-    for a, b in itertools.pairwise(starts):
-        a, b = int(a), int(b)
-        if b <= a:
-            continue
-        p = pos[a:b]
-        if not np.array_equal(p, np.arange(p[0], p[0] + (b - a))) or p[-1] >= width:
-            raise DumpError(f"{d.path.name}: step {c} holds positions {p.tolist()} that do "
-                            "not follow one another")
-        match = [r for r in range(n_rows) if r not in taken and mask[r, p].all()
-                 and np.array_equal(ids[r, p], eids[a:b])]
-        if not match:
-            raise DumpError(f"{d.path.name}: step {c} ran tokens {eids[a:b].tolist()[:8]} at "
-                            f"positions {int(p[0])}-{int(p[-1])} that no recorded request holds")
-        taken.add(match[0])
-        rows[a:b] = match[0]
-    if (rows < 0).any():
-        raise DumpError(f"{d.path.name}: step {c} ran {int((rows < 0).sum())} token(s) outside "
-                        "every sequence (padding?)")
-    return rows, pos.astype(np.int64)
-
-
-def _call_key(key: str, c: int) -> str:
-    k = parse_key(key)
-    return make_key(k.module, k.kind, k.index, c)
-
-
-def _unpack(d: Dump, physical: list[str], lay: Layout) -> dict[int, np.ndarray]:
-    """One record's engine steps, packed ``[tokens, ...]`` each, as ``[rows, seq, ...]`` per
-    Hugging Face call of the layout."""
-    first = np.asarray(d[physical[0]])
-    rest = first.shape[1:]
-    out = {call: np.zeros((rows * seq, *rest), first.dtype)
-           for call, (rows, seq) in lay.shapes.items()}
-    for c, key in enumerate(physical):
-        part = first if c == 0 else np.asarray(d[key])
-        if part.shape[0] != lay.flat[c].shape[0]:
-            raise DumpError(f"{d.path.name}: {key} holds {part.shape[0]} tokens, step {c} "
-                            f"ran {lay.flat[c].shape[0]}")
-        for call in np.unique(lay.calls[c]):
-            sel = lay.calls[c] == call
-            out[int(call)][lay.flat[c][sel]] = part[sel]
-    return {call: arr.reshape((*lay.shapes[call], *rest)) for call, arr in out.items()}
-
-
-def _shaped(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
-            ) -> list[np.ndarray]:
-    """An unpacked record as Hugging Face holds it: scaled, axes swapped, and a fused
-    projection's output cut by the config's sizes (one piece when not fused)."""
-    factor = rule.factor(config)
-    if factor is not None:  # in the record's dtype, as the engine multiplies
-        whole = (whole.astype(np.float32) * np.asarray(factor, whole.dtype).astype(np.float32)
-                 ).astype(whole.dtype) if whole.dtype != np.float64 else whole * factor
-    if rule.swap:
-        a, b = rule.swap
-        if max(a, b) >= whole.ndim:
-            raise DumpError(f"{key}: {whole.ndim} axes unpacked, the rule swaps {a} and {b}")
-        whole = np.swapaxes(whole, a, b)
-    if not rule.split:
-        return [whole]
-    width = whole.shape[-1]
-    if rule.split == "qkv":
-        hd = int(config.get("head_dim") or 0)
-        q = int(config.get("num_attention_heads") or 0) * hd
-        kv = int(config.get("num_key_value_heads") or config.get("num_attention_heads")
-                 or 0) * hd
-        sizes = [q, kv, kv]
-    else:
-        inter = int(config.get("intermediate_size") or 0)
-        sizes = [inter, inter]
-    if sum(sizes) != width:
-        raise DumpError(f"{key}: {width} columns, but the config's sizes give {sizes} "
-                        f"({rule.split}); a tensor-parallel shard? capture with one worker")
-    return np.split(whole, np.cumsum(sizes)[:-1], axis=-1)
-
-
 def _same(d: Dump, records: dict[str, list[str]], key: str, other: str) -> str | None:
     """Why record ``key`` is not the same values as ``other`` in every step (None when it
     is)."""
     if other not in records:
         return f"said to equal {other}, which is not recorded"
     for c, (a, b) in enumerate(zip(records[key], records[other], strict=True)):
-        if not np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True):
+        if is_stats(d, a) or is_stats(d, b):  # the same values have the same statistics
+            same = _stats_of(d, a) == _stats_of(d, b)
+        else:
+            same = np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True)
+        if not same:
             return f"said to equal {other}, but differs from it in step {c}"
     return None
+
+
+def _stats_of(d: Dump, key: str) -> dict[str, Any] | None:
+    e = d.entry(key)
+    return None if e is None or e.stats is None else dict(e.stats)
+
+
+def _stats_entry(entries: list[dict[str, Any]], key: str, shape: tuple[int, ...],
+                 dtype: str, stats: dict[str, Any]) -> None:
+    k = parse_key(key)
+    entries.append({"key": key, "module": k.module, "kind": k.kind or "out", "index": k.index,
+                    "call": k.call, "shape": list(shape), "dtype": dtype, "stats": stats})
 
 
 def _write(writer: DumpWriter, entries: list[dict[str, Any]], key: str, arr: np.ndarray,

@@ -15,7 +15,12 @@ record of the engine (``{i}`` a layer number) and the Hugging Face key(s) it hol
   embedding, scaled by ``sqrt(hidden_size)`` in vLLM's model, inside the module in Hugging
   Face's);
 - ``swap``: two axes of the unpacked ``[batch, seq, ...]`` record to exchange (Gemma's q/k
-  norms run on ``[batch, heads, seq, head_dim]`` in Hugging Face).
+  norms run on ``[batch, heads, seq, head_dim]`` in Hugging Face);
+- ``tp``: how a tensor-parallel engine's ranks hold the record: ``""`` whole on every rank
+  (after the all-reduce of a row-parallel layer; checked equal), ``cols`` each rank its
+  share of the last axis (a column-parallel layer's output, attention's heads), ``heads``
+  each rank its share of axis 1 (per-head records ``[tokens, heads, head_dim]``); a
+  ``split`` record is column-parallel per part (each rank holds its q, k and v heads).
 
 ``hf_only`` lists Hugging Face records the engine never computes, with the reason.
 """
@@ -33,6 +38,8 @@ from typing import Any
 from ..errors import InputError
 
 SPLITS = ("", "qkv", "gate_up")
+TP_STYLES = ("", "cols", "heads")
+_PART = re.compile(r"^(?P<whole>.+)\.part(?P<j>\d+)$")
 _SCALE = re.compile(r"^(?:sqrt\((?P<field>\w+)\)|\d+(?:\.\d*)?(?:e-?\d+)?)$")
 
 
@@ -46,6 +53,7 @@ class Rule:
     same_as: str = ""
     scale: str = ""
     swap: tuple[int, ...] = ()
+    tp: str = ""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -55,6 +63,9 @@ class Rule:
             raise InputError(f"mapping rule {self.engine}: give hf keys or same_as, not both")
         if self.split and len(self.hf) not in (2, 3):
             raise InputError(f"mapping rule {self.engine}: a split needs 2 or 3 hf keys")
+        if self.tp not in TP_STYLES:
+            raise InputError(f"mapping rule {self.engine}: tp {self.tp!r} is not one of "
+                             "cols, heads (or empty: whole on every rank)")
         if self.swap and (len(self.swap) != 2 or min(self.swap) < 0):
             raise InputError(f"mapping rule {self.engine}: swap takes two axes, e.g. [1, 2]")
         if self.scale and not _SCALE.match(self.scale):
@@ -93,11 +104,20 @@ class Table:
     engine_only: tuple[tuple[str, str], ...] = ()
 
     def find(self, key: str) -> tuple[Rule, dict[str, int]] | None:
-        """The rule for an engine key (without its call suffix), and its layer number."""
+        """The rule for an engine key (without its call suffix), and its layer number. A
+        part of a split record (``:out.0.part<j>``, a stats-mode capture's statistics of
+        each part) is the split's ``j``-th Hugging Face key, column-parallel."""
         for rule in self.rules:
             m = rule.regex.match(key)
             if m:
                 return rule, ({"i": int(m["i"])} if "i" in m.groupdict() else {})
+        part = _PART.match(key)
+        if part:
+            found = self.find(part["whole"])
+            j = int(part["j"])
+            if found is not None and found[0].split and j < len(found[0].hf):
+                rule, var = found
+                return Rule(key, (rule.hf[j],), tp="cols"), var
         return None
 
     def engine_only_reason(self, key: str) -> str | None:
@@ -124,7 +144,7 @@ def _decoder_rules(*, qk_norm: bool = False) -> tuple[Rule, ...]:
         Rule(f"{layer}.input_layernorm:out.1", ("model.layers.{prev}:out",)),
         Rule(f"{attn}.qkv_proj:out.0", (f"{attn}.q_proj:out", f"{attn}.k_proj:out",
                                         f"{attn}.v_proj:out"), split="qkv"),
-        Rule(f"{attn}.attn:out", (f"{attn}.o_proj:in.0",)),
+        Rule(f"{attn}.attn:out", (f"{attn}.o_proj:in.0",), tp="cols"),
         Rule(f"{attn}.o_proj:out.0", (f"{attn}.o_proj:out",)),
         Rule(f"{attn}:out", same_as=f"{attn}.o_proj:out.0"),
         Rule(f"{layer}.post_attention_layernorm:out.0", (f"{layer}.post_attention_layernorm:out",)),
@@ -132,7 +152,7 @@ def _decoder_rules(*, qk_norm: bool = False) -> tuple[Rule, ...]:
              (f"{layer}.post_attention_layernorm:in.0",)),
         Rule(f"{mlp}.gate_up_proj:out.0", (f"{mlp}.gate_proj:out", f"{mlp}.up_proj:out"),
              split="gate_up"),
-        Rule(f"{mlp}.act_fn:out", (f"{mlp}.down_proj:in.0",)),
+        Rule(f"{mlp}.act_fn:out", (f"{mlp}.down_proj:in.0",), tp="cols"),
         Rule(f"{mlp}.down_proj:out.0", (f"{mlp}.down_proj:out",)),
         Rule(f"{mlp}:out", same_as=f"{mlp}.down_proj:out.0"),
         Rule(f"{layer}:out.0", same_as=f"{mlp}.down_proj:out.0"),
@@ -143,8 +163,8 @@ def _decoder_rules(*, qk_norm: bool = False) -> tuple[Rule, ...]:
         Rule("logits_processor:out", ("lm_head:out",)),
     ]
     if qk_norm:  # Qwen3: RMSNorm over each head of q and k, before RoPE
-        rules += [Rule(f"{attn}.q_norm:out", (f"{attn}.q_norm:out",)),
-                  Rule(f"{attn}.k_norm:out", (f"{attn}.k_norm:out",))]
+        rules += [Rule(f"{attn}.q_norm:out", (f"{attn}.q_norm:out",), tp="heads"),
+                  Rule(f"{attn}.k_norm:out", (f"{attn}.k_norm:out",), tp="heads")]
     return tuple(rules)
 
 
@@ -183,9 +203,9 @@ def _gemma3_rules() -> tuple[Rule, ...]:
         Rule(f"{layer}.input_layernorm:out.1", ("model.layers.{prev}:out",)),
         Rule(f"{attn}.qkv_proj:out.0", (f"{attn}.q_proj:out", f"{attn}.k_proj:out",
                                         f"{attn}.v_proj:out"), split="qkv"),
-        Rule(f"{attn}.q_norm:out", (f"{attn}.q_norm:out",), swap=(1, 2)),
-        Rule(f"{attn}.k_norm:out", (f"{attn}.k_norm:out",), swap=(1, 2)),
-        Rule(f"{attn}.attn:out", (f"{attn}.o_proj:in.0",)),
+        Rule(f"{attn}.q_norm:out", (f"{attn}.q_norm:out",), swap=(1, 2), tp="heads"),
+        Rule(f"{attn}.k_norm:out", (f"{attn}.k_norm:out",), swap=(1, 2), tp="heads"),
+        Rule(f"{attn}.attn:out", (f"{attn}.o_proj:in.0",), tp="cols"),
         Rule(f"{attn}.o_proj:out.0", (f"{attn}.o_proj:out",)),
         Rule(f"{attn}:out", same_as=f"{attn}.o_proj:out.0"),
         Rule(f"{layer}.post_attention_layernorm:out", (f"{layer}.post_attention_layernorm:out",)),
@@ -193,7 +213,7 @@ def _gemma3_rules() -> tuple[Rule, ...]:
         Rule(f"{pre_ff}:out.1", (f"{pre_ff}:in.0",)),
         Rule(f"{mlp}.gate_up_proj:out.0", (f"{mlp}.gate_proj:out", f"{mlp}.up_proj:out"),
              split="gate_up"),
-        Rule(f"{mlp}.act_fn:out", (f"{mlp}.down_proj:in.0",)),
+        Rule(f"{mlp}.act_fn:out", (f"{mlp}.down_proj:in.0",), tp="cols"),
         Rule(f"{mlp}.down_proj:out.0", (f"{mlp}.down_proj:out",)),
         Rule(f"{mlp}:out", same_as=f"{mlp}.down_proj:out.0"),
         Rule(f"{layer}.post_feedforward_layernorm:out",
@@ -240,7 +260,7 @@ def table_for(config: Mapping[str, Any], mapping: str | os.PathLike[str] | None 
 def read_mapping(path: str | os.PathLike[str]) -> Table:
     """A user mapping file: ``{"family": ..., "rules": [{"engine": KEY, "hf": [KEYS],
     "split": "qkv"|"gate_up"|"", "same_as": KEY, "scale": "sqrt(FIELD)"|NUMBER,
-    "swap": [AXIS, AXIS]}], "hf_only": [[REGEX, REASON]],
+    "swap": [AXIS, AXIS], "tp": "cols"|"heads"|""}], "hf_only": [[REGEX, REASON]],
     "engine_only": [[REGEX, REASON]],
     }`` (the Hugging Face capture records the inputs the engine's dump asks for in
     ``meta.reference_inputs``)."""
@@ -249,7 +269,8 @@ def read_mapping(path: str | os.PathLike[str]) -> Table:
         doc = json.loads(p.read_text(encoding="utf-8"))
         rules = tuple(Rule(str(r["engine"]), tuple(map(str, r.get("hf", ()))),
                            str(r.get("split", "")), str(r.get("same_as", "")),
-                           str(r.get("scale", "")), tuple(int(a) for a in r.get("swap", ())))
+                           str(r.get("scale", "")), tuple(int(a) for a in r.get("swap", ())),
+                           str(r.get("tp", "")))
                       for r in doc["rules"])
         hf_only = tuple((str(a), str(b)) for a, b in doc.get("hf_only", ()))
         engine_only = tuple((str(a), str(b)) for a, b in doc.get("engine_only", ()))

@@ -353,10 +353,13 @@ def _engine_layout(opts: CaptureOptions, base: Dump | None, loaded: LoadedModel,
                    by_step: bool) -> str | None:
     """How this capture replays an engine's dump (None when ``base`` is not one): step by
     step as asked, unless the capture is a training step, records the steps of its own
-    generation, or the model is not a causal LM (one teacher-forced forward then)."""
+    generation, the model is not a causal LM, or the engine's dump holds statistics (whose
+    steps can mix prefill and decode tokens): one teacher-forced forward then."""
     engine = base.meta.get("engine") if base is not None else None
-    if not isinstance(engine, dict) or not engine.get("name"):
+    if base is None or not isinstance(engine, dict) or not engine.get("name"):
         return None
+    if base.mode == "stats":
+        return "forward"
     if opts.engine_layout == stepwise.STEPS and not (by_step or opts.backward) \
             and loaded.kind == "causal-lm":
         return stepwise.STEPS
