@@ -207,6 +207,22 @@ def test_vllm_bf16_against_hf_fp32_passes(runs: dict[str, Path]) -> None:
     assert sum(r.metrics is not None for r in report.rows) >= 50
 
 
+def test_a_bf16_reference_replays_the_engine_steps_too(runs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """``--expect bf16`` on a replay of vLLM's bf16 dump: the Hugging Face bf16 reference
+    replays the engine's steps as the fp32 capture did, and compare judges every row, decode
+    steps included, against what bf16 costs there."""
+    hf = tmp_path / "hf.st"
+    run_capture(CaptureOptions(model=str(runs["model"]), output=str(hf),
+                               replay=str(runs["vbf16"]), expect=("bf16",)))
+    ref = precision.load(tmp_path / "hf.bf16-reference.st")
+    assert ref.meta["engine_replay"]["layout"] == "steps"
+    assert "model.layers.1.mlp.down_proj:out#2" in ref.tensors
+    report = precision.compare(hf, runs["vbf16"], jobs=1)
+    assert report, report.summary
+    assert any("judged against hf.bf16-reference.st" in n for n in report.notes), report.notes
+
+
 def test_planted_fault_is_found_first_where_planted(runs: dict[str, Path]) -> None:
     report = precision.compare(runs["hf-v32fault"], runs["v32fault"], jobs=1)
     assert not report

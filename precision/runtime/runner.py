@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..dtypes import canonical, short
-from ..dumps import reference_path
+from ..dumps import load, reference_path
 from ..dumps.atomic import check_output_path
 from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX
@@ -202,12 +202,14 @@ def capture_references(opts: CaptureOptions, base: Path,
     """The same model and inputs in each ``expect`` precision on the same device, written
     beside ``base`` (:func:`precision.dumps.reference_path`): what that precision costs on
     this model, record by record, for compare's reference rules. They replay ``base``'s
-    inputs, whatever gave them (prompts, images, audio or a feed file)."""
+    inputs, whatever gave them (prompts, images, audio or a feed file); a replay of an
+    engine's dump replays the engine's dump again, step by step as ``base`` did."""
     out = []
+    again = opts.replay if opts.replay and _engine_dump(opts.replay) else str(base)
     for e in opts.expect:
         ref = reference_path(base, e)
         log(f"capturing the {short(canonical(e))} reference of {base.name}: {ref.name}")
-        out.append(_run_capture(replace(opts, dtype=e, replay=str(base), output=str(ref),
+        out.append(_run_capture(replace(opts, dtype=e, replay=again, output=str(ref),
                                         expect=(), prompts=(), prompts_file=None, images=(),
                                         audio=(), feed=None), log))
     return out
@@ -347,6 +349,12 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
     if dist is not None:
         return distributed.finish_folder(out.parent, dist, {"model": opts.model, "dtype": dtype})
     return out
+
+
+def _engine_dump(path: str) -> bool:
+    """Whether ``path`` is an engine's dump (``precision.vllm``: ``meta.engine``)."""
+    engine = load(path).meta.get("engine")
+    return isinstance(engine, dict) and bool(engine.get("name"))
 
 
 def _engine_layout(opts: CaptureOptions, base: Dump | None, loaded: LoadedModel,
