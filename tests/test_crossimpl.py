@@ -177,3 +177,22 @@ def test_a_stats_mode_engine_dump_lines_up_with_one_forward_only(tmp_path: Path)
     d.meta["mode"] = "stats"
     with pytest.raises(precision.DumpError, match="one teacher-forced Hugging Face forward"):
         crossimpl.translate(d, layout="steps")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_a_scale_rounds_as_the_engine_multiplies(dtype: str) -> None:
+    """Gemma's sqrt(hidden) in the model's dtype times the embedding, rounded once: as torch
+    computes ``embed * normalizer.to(dtype)`` (vLLM) and Hugging Face's scaled embedding."""
+    torch = pytest.importorskip("torch")
+    from precision.dtypes import numpy_dtype
+    from precision.judge.unpack import shaped
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 0.05, (2, 3, 64)).astype(np.float32)
+    tdt = getattr(torch, dtype)
+    want = (torch.from_numpy(x).to(tdt) * torch.tensor(1152 ** 0.5).to(tdt)).float().numpy()
+    ours = x.astype(numpy_dtype(dtype))
+    rule = Rule("e:out", ("h:out",), scale="sqrt(hidden_size)")
+    got = shaped(ours, rule, {"hidden_size": 1152}, "e:out")[0]
+    assert got.dtype == ours.dtype
+    np.testing.assert_array_equal(got.astype(np.float32), want)
