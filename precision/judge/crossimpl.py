@@ -88,8 +88,9 @@ def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
     if d.mode == "stats" and layout != "forward":
         raise DumpError(f"{d.path.name}: a stats-mode engine dump lines up with one "
                         "teacher-forced Hugging Face forward only (an engine step can mix "
-                        "prefill and decode tokens): replay it again with this version of "
-                        "precision, which replays such a dump as one forward")
+                        "prefill and decode tokens), not with a step-by-step replay: capture "
+                        f"the reference with --replay {d.path.name} itself, which replays it "
+                        "as one forward")
     if layout not in LAYOUTS:
         raise DumpError(f"unknown engine layout {layout!r}: one of {', '.join(LAYOUTS)}")
     config = d.meta.get("config") or {}
