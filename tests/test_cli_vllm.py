@@ -1,22 +1,26 @@
-"""``precision capture --engine vllm`` from the command line: bad input is refused in one
-line before an engine would start, so these run without vLLM.
+"""``precision capture --engine vllm`` and ``compare --mapping`` from the command line: bad
+input is refused in one line before an engine would start, so these run without vLLM.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
+import precision
 from precision.cli import main
 from precision.errors import InputError
+from precision.judge.implmap import TABLES
 from precision.runtime.vllmrun import RESERVED, parse_engine_args
 
-from .conftest import NO_TORCH, QWEN, ROOT
+from .conftest import NO_TORCH, QWEN, ROOT, write_dump
 
 
 def _run(*args: object) -> Result:
@@ -103,3 +107,67 @@ def test_help_teaches_the_engine() -> None:
     assert "--engine [hf|vllm]" in text and "--engine-arg KEY=VALUE" in text
     assert "precision capture --engine vllm --model ./qwen --dtype bf16 -o vllm.st" in text
     assert "--replay vllm.st --expect bf16" in text
+
+
+# --------------------------------------------------------------------------- compare --mapping
+
+
+def _mapping(path: Path) -> Path:
+    """The llama table written as a user's mapping file."""
+    table = TABLES["llama"]
+    doc = {"family": "mine",
+           "rules": [{"engine": r.engine, "hf": list(r.hf), "split": r.split,
+                      "same_as": r.same_as} for r in table.rules],
+           "hf_only": [list(x) for x in table.hf_only],
+           "engine_only": [list(x) for x in table.engine_only]}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    (None, "no such file"),
+    ("nonsense", "not a mapping file"),
+    ("[]", "not a mapping file"),
+    ('{"rules": [5]}', "not a mapping file"),
+    ('{"rules": [], "hf_only": [5]}', "not a mapping file"),
+    ('{"rules": [{"engine": "x", "hf": ["a"], "split": "thirds"}]}', "split 'thirds'"),
+    ('{"rules": [{"engine": "x"}]}', "give either hf keys or same_as"),
+    ('{"rules": [], "hf_only": [["(", "why"]]}', "is not a regular expression"),
+])
+def test_a_bad_mapping_file_is_one_line_before_any_work(tmp_path: Path, text: str | None,
+                                                        match: str) -> None:
+    a = write_dump(tmp_path / "a.st", {"x:out": np.ones(3, np.float32)})
+    m = tmp_path / "m.json"
+    if text is not None:
+        m.write_text(text)
+    for command in (["compare", a, a], ["report", a, a, "-o", tmp_path / "r.html"]):
+        line = _one_line_error(_run(*command, "--mapping", m), match)
+        assert line.startswith(f"error: --mapping {m}"), line
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_mapping_that_maps_nothing_here_says_so(tmp_path: Path) -> None:
+    a = write_dump(tmp_path / "a.st", {"x:out": np.ones(3, np.float32)})
+    m = _mapping(tmp_path / "mine.json")
+    report = precision.compare(a, a, mapping=m, jobs=1)
+    assert any("mapping= mine.json was not used" in w for w in report.warnings), report.warnings
+    result = _run("compare", a, a, "--mapping", m)
+    assert result.exit_code == 0 and "--mapping mine.json was not used" in result.output
+
+
+def test_mapping_reaches_the_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What --mapping names is what compare gets (the engine test below uses it for real)."""
+    seen: dict[str, object] = {}
+    real = precision.judge.compare.compare
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.update(kw)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("precision.judge.compare.compare", spy)
+    a = write_dump(tmp_path / "a.st", {"x:out": np.ones(3, np.float32)})
+    m = _mapping(tmp_path / "mine.json")
+    assert _run("compare", a, a, "--mapping", m, "-q").exit_code == 0
+    assert seen["mapping"] == str(m)
+    assert _run("report", a, a, "--mapping", m, "-o", tmp_path / "r.html").exit_code == 0
+    assert seen["mapping"] == str(m)

@@ -148,11 +148,22 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first,
-                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
+                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes
+                                 + _unused_mapping(mapping, lined)),
                   fail_on=fail_on, info=_info(b, t),
                   notes=tuple(_notes(rows) + _operation_notes(b, t)
                               + _reference_notes(runs, dtypes, prof) + lineup_notes(runs)
                               + crossimpl.notes(lined, [r.key for r in rows])))
+
+
+def _unused_mapping(mapping: str | os.PathLike[str] | None,
+                    lined: dict[str, crossimpl.Lineup]) -> list[str]:
+    """A mapping file given where no run was lined up says so, rather than pass unseen."""
+    if mapping is None or lined:
+        return []
+    return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
+            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, and "
+            "these runs are not one of each"]
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
