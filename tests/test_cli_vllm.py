@@ -1,5 +1,6 @@
-"""``precision capture --engine vllm`` and ``compare --mapping`` from the command line: bad
-input is refused in one line before an engine would start, so these run without vLLM.
+"""``precision capture --engine vllm``, ``compare --mapping`` and the Hugging Face reference
+of an engine's dump, from the command line: bad input is refused in one line before an engine
+would start, so these run without vLLM.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from precision.errors import InputError
 from precision.judge.implmap import TABLES
 from precision.runtime.vllmrun import RESERVED, parse_engine_args
 
-from .conftest import NO_TORCH, QWEN, ROOT, write_dump
+from .conftest import FIXTURES, NO_TORCH, QWEN, ROOT, write_dump
+
+LLAMA = FIXTURES / "tiny-llama-overflow"
 
 
 def _run(*args: object) -> Result:
@@ -36,6 +39,21 @@ def _one_line_error(result: Result, match: str) -> str:
     assert match in lines[0], lines[0]
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def _with_meta(src: Path, dst: Path, **changes: object) -> Path:
+    """``src`` with some of its metadata replaced (the safetensors header rewritten; tensor
+    offsets are relative to the data, so the data is copied as it is)."""
+    blob = src.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    meta = json.loads(header["__metadata__"]["meta"])
+    meta.update(changes)
+    header["__metadata__"]["meta"] = json.dumps(meta)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    dst.write_bytes(len(head).to_bytes(8, "little") + head + blob[8 + n:])
+    return dst
 
 
 # ----------------------------------------------------------------------- capture --engine vllm
@@ -171,3 +189,26 @@ def test_mapping_reaches_the_comparison(tmp_path: Path, monkeypatch: pytest.Monk
     assert seen["mapping"] == str(m)
     assert _run("report", a, a, "--mapping", m, "-o", tmp_path / "r.html").exit_code == 0
     assert seen["mapping"] == str(m)
+
+
+# ------------------------------------------------------------ --expect with an engine's dump
+
+
+def test_an_expected_reference_records_the_inputs_an_engine_dump_asks_for(
+        tmp_path: Path) -> None:
+    """capture --replay ENGINE.st --expect bf16: the reference replays the baseline, which
+    passes the engine's ``reference_inputs`` on, so every row has its reference."""
+    base = tmp_path / "base.st"
+    assert _run("capture", "--model", LLAMA, "--max-new-tokens", "2", "-o", base,
+                "-q").exit_code == 0
+    asks = ["*.self_attn.o_proj", "*.mlp.down_proj"]
+    engine = _with_meta(base, tmp_path / "engine.st", reference_inputs=asks)
+    result = _run("capture", "--model", LLAMA, "--replay", engine, "--expect", "bf16", "-o",
+                  tmp_path / "hf.st", "-q")
+    assert result.exit_code == 0, result.output
+    for name in ("hf.st", "hf.bf16-reference.st"):
+        d = precision.load(tmp_path / name)
+        assert d.meta["reference_inputs"] == asks, name
+        assert {"model.layers.0.self_attn.o_proj:in.0",
+                "model.layers.0.mlp.down_proj:in.0"} <= set(d.tensors), name
+    assert "reference_inputs" not in precision.load(base).meta

@@ -295,6 +295,10 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "mode_reason": why, "full_globs": list(opts.full),
         "attention": getattr(getattr(loaded.model, "config", None), "_attn_implementation", None),
     }
+    if base is not None and base.meta.get("reference_inputs"):
+        # passed on, so a replay of this dump (its --expect reference, another device) records
+        # the same module inputs and every row an engine's dump asks for has its reference
+        meta["reference_inputs"] = list(base.meta["reference_inputs"])
     full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
         else ""
     log(f"capturing a forward pass ({mode} mode{'' if why == 'asked' else ', ' + why}"
