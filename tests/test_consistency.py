@@ -46,3 +46,31 @@ def test_repeated_cpu_runs_are_identical_and_cli_exit_code() -> None:
     assert result.exit_code == 0 and "bitwise identical" in result.output
     bad = CliRunner().invoke(main, ["consistency", "--model", str(QWEN), "--repeat", "1"])
     assert bad.exit_code == 2 and "at least 2" in bad.output
+
+
+def test_dumps_of_runs_already_taken(make_dump: MakeDump) -> None:
+    """``consistency RUN.st...``: runs of any engine (two vLLM captures of the same
+    prompts), compared bitwise like repeated --model runs; a mix of setups is refused."""
+    x = np.linspace(-1, 1, 50, dtype=np.float32)
+    vllm = {"engine": {"name": "vllm", "dtype": "float32"}}
+    a, b = (make_dump(f"{n}.st", {"a:out": x, "generation:tokens": np.array([[1, 2]])},
+                      meta=vllm) for n in ("a", "b"))
+    y = x.copy()
+    y[3] += np.float32(0.5)
+    c = make_dump("c.st", {"a:out": y, "generation:tokens": np.array([[1, 2]])}, meta=vllm)
+    same = CliRunner().invoke(main, ["consistency", str(a), str(b)])
+    assert same.exit_code == 0, same.output
+    assert same.output == "PASS: 2 runs bitwise identical across 2 tensors (generated tokens " \
+                          "included)\n"
+    differ = CliRunner().invoke(main, ["consistency", str(a), str(b), str(c)])
+    assert differ.exit_code == 1 and differ.output.startswith("FAIL: 1 of 2 tensors differ "
+                                                              "between 3 runs; first a:out")
+    assert "0.5" in differ.output  # the table's largest deviation
+    hf = make_dump("hf.st", {"a:out": x, "generation:tokens": np.array([[1, 2]])})
+    bf = make_dump("bf.st", {"a:out": x}, dtype="bfloat16", meta=vllm)
+    for args, match in (([a], "two or more runs"), ([a, b, "--model", str(QWEN)], "not both"),
+                        ([a, hf], "hf.st ran Hugging Face in fp32, a.st vllm in fp32"),
+                        ([a, bf], "bf.st ran vllm in bf16")):
+        bad = CliRunner().invoke(main, ["consistency", *map(str, args)])
+        assert bad.exit_code == 2 and match in bad.output, bad.output
+        assert "Traceback" not in bad.output
