@@ -199,6 +199,49 @@ def test_vllm_ragged_sequences_pad_and_refuse_negative_ids(tmp_path: Path) -> No
         precision.compare(tmp_path / "ok.json", tmp_path / "neg.json")
 
 
+def test_a_logprobs_file_against_a_capture_folds_its_layers_into_one_note(
+        t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    """vLLM's logprobs JSON against a capture (issue 24): the capture's records have nothing
+    to pair with and fold into one note, not a MISSING row each."""
+    from precision.judge.align import align
+
+    base = precision.load(t5_runs["base"])
+    path = vllm_json(base, tmp_path / "vllm_bf16.json")
+    unpaired = sum(p.target is None for p in align(base, open_any(path)))
+    assert unpaired > 100
+    report = precision.compare(base, path, jobs=1, fail_on="any")
+    assert report, report.summary  # folded records are not MISSING, even for --fail-on any
+    assert [r.key for r in report.rows] == ["generation:tokens"]
+    assert report.counts()["MISSING"] == 0 and report.profile.name == "fp32->fp32"
+    folded = [n for n in report.notes if n.startswith(
+        "vllm_bf16.json holds generated tokens and top-k log-probabilities only: "
+        f"{unpaired} record(s) of base.st (layers, inputs) have nothing to pair with")]
+    assert len(folded) == 1 and "capture --engine vllm" in folded[0], report.notes
+    # the terminal, the markdown, the JSON and the HTML carry the one line, no MISSING rows
+    md, js, page = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["compare", str(base.path), str(path), "--markdown",
+                                       str(md), "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    assert "MISSING" not in result.output
+    assert result.output.count("holds generated tokens and top-k log-probabilities only") == 1
+    assert "holds generated tokens" in md.read_text() and "MISSING" not in md.read_text()
+    assert len(json.loads(js.read_text())["rows"]) == 1
+    assert CliRunner().invoke(main, ["report", str(base.path), str(path), "-o",
+                                     str(page)]).exit_code == 0
+    assert "note: vllm_bf16.json holds generated tokens" in page.read_text()
+    # generations alone: no reference is looked for or asked for (no row could use one)
+    stated = precision.compare(base, path, target_dtype="bf16", jobs=1)
+    assert stated.profile.name == "fp32->bf16"
+    assert not [n for n in stated.notes if "reference" in n], stated.notes
+    # a logits array folds the same way: the logits row alone
+    logits = base[LOGITS]
+    np.save(tmp_path / "l.npy", logits.reshape(-1, logits.shape[-1]))
+    rep = precision.compare(base, tmp_path / "l.npy", jobs=1)
+    assert [r.key for r in rep.rows] == [LOGITS] and rep.counts()["MISSING"] == 0
+    assert any(n.startswith("l.npy holds logits only: ") and n.endswith("capture both runs")
+               for n in rep.notes), rep.notes
+
+
 BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
 
 
