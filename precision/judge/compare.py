@@ -47,7 +47,7 @@ from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
 from .metrics import TensorMetrics, choose_kernel
 from .posbias import diagnose
-from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
+from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for
 from .report import FAIL_ON, Report, Row
 from .rules import RULES, SWAPPED, Context, Rule, judge_rows, made_in_own_forward, verdict_of
 
@@ -288,14 +288,7 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
     if has_generation(b) != has_generation(t) and not files:
         notes.append("only one dump holds a generation: capture the target with --replay "
                      "from a baseline taken with --max-new-tokens to compare generations")
-    for d, side in ((b, "base"), (t, "target")):
-        other = t if d is b else b
-        if (d.meta.get("external") and stated[side] is None
-                and d.dtype == "float32" and (other.dtype or "float32") == "float32"):
-            name = Path(str(d.meta["external"])).name
-            how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
-            notes.append(f"{name} came from a file that stores float32 and is judged as an "
-                         f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
+    notes += _dtype_warnings(b, t, stated)
     wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
     if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
         notes.append(f"{b.path.name} and {t.path.name} come from different weights "
@@ -307,6 +300,36 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
         if d.meta.get("foreign"):
             notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
     return notes
+
+
+def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:
+    """What a run's file cannot tell about its precision, and a stated dtype that
+    contradicts what an engine's own config recorded (``meta.engine``)."""
+    out = []
+    for d, side in ((b, "base"), (t, "target")):
+        other = t if d is b else b
+        how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
+        if (d.meta.get("external") and stated[side] is None
+                and (d.dtype or "float32") == "float32"
+                and (other.dtype or "float32") == "float32"):
+            name = _file_name(d)
+            if d.dtype is None and has_generation(d):  # log-probabilities: no dtype at all
+                out.append(f"{name} holds log-probabilities, which do not say what the engine "
+                           "computed in, and is judged as an fp32 run: if it ran in bf16 or "
+                           f"fp16, say so with {how} (or \"dtype\": \"bfloat16\" in the file, "
+                           "docs/external.md)")
+            else:
+                out.append(f"{name} came from a file that stores float32 and is judged as an "
+                           f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
+        engine = d.meta.get("engine")
+        engine = engine if isinstance(engine, dict) else {}
+        said = engine.get("dtype")
+        if said and stated[side] and precision_name(str(stated[side])) != said:
+            out.append(f"{_file_name(d)}: {engine.get('name', 'the engine')}'s own config says it "
+                       f"computed in {short(str(said))}, but it is judged as "
+                       f"{short(precision_name(str(stated[side])))} as stated "
+                       f"({option(f'--{side}-dtype', f'{side}_dtype')})")
+    return out
 
 
 def _notes(rows: list[Row]) -> list[str]:
