@@ -126,6 +126,71 @@ def test_engine_arg_refused_from_the_command_line(tmp_path: Path,
                     "eager mode")
 
 
+def _fake_vllm(monkeypatch: pytest.MonkeyPatch, error: Exception) -> dict[str, object]:
+    """A stand-in ``vllm`` whose LLM records how it was started, then fails with ``error``."""
+    import importlib.machinery
+    import types
+
+    seen: dict[str, object] = {}
+
+    class LLM:
+        def __init__(self, **kw: object) -> None:
+            seen.update(kw, env={k: os.environ.get(k) for k in ENV})
+            raise error
+
+    fake = types.ModuleType("vllm")
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    fake.LLM, fake.SamplingParams = LLM, object  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    for name in ENV:  # restored after the test, whatever the command sets
+        monkeypatch.delenv(name, raising=False)
+    return seen
+
+
+ENV = ("VLLM_ALLOW_INSECURE_SERIALIZATION", "VLLM_ENABLE_V1_MULTIPROCESSING",
+       "VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL")
+
+
+def test_the_engine_starts_as_a_capture_needs_and_its_failure_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _fake_vllm(monkeypatch, RuntimeError("Engine core initialization failed. See root "
+                                                "cause above.\nFailed core proc(s): {}"))
+    out = tmp_path / "v.st"
+    line = _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, "--dtype",
+                                "bf16", "--engine-arg", "max_model_len=64", "-q", "-o", out),
+                           "vLLM could not start on")
+    assert line.endswith("Engine core initialization failed. See root cause above. (vLLM's "
+                         "log above has the cause)"), line
+    assert {k: seen[k] for k in ("model", "dtype", "enforce_eager", "enable_prefix_caching",
+                                 "seed", "max_model_len")} == {
+        "model": str(QWEN), "dtype": "bfloat16", "enforce_eager": True,
+        "enable_prefix_caching": False, "seed": 0, "max_model_len": 64}
+    assert seen["env"] == {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+                           "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one admission, see vllmrun
+                           "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+                           "VLLM_LOGGING_LEVEL": "WARNING"}  # -q
+    assert not out.exists()
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the caller's choice stands
+    result = _run("capture", "--engine", "vllm", "--model", QWEN, "-o", out)
+    assert result.exit_code == 2 and result.stderr.startswith("· starting vLLM on ")
+    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"  # type: ignore[index]
+    assert seen["env"]["VLLM_LOGGING_LEVEL"] is None  # type: ignore[index]
+
+
+def test_an_engine_argument_vllm_does_not_know_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_vllm(monkeypatch, TypeError("EngineArgs.__init__() got an unexpected keyword "
+                                      "argument 'max_len'"))
+    _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, "--engine-arg",
+                         "max_len=64", "-q", "-o", tmp_path / "v.st"),
+                    "vLLM refused the engine arguments: EngineArgs.__init__() got an "
+                    "unexpected keyword argument 'max_len'")
+    _one_line_error(_run("capture", "--engine", "vllm", "--model", tmp_path / "nope", "-o",
+                         tmp_path / "v.st"), "no such directory")
+
+
 def test_help_teaches_the_engine() -> None:
     text = _run("capture", "--help").output
     assert "--engine [hf|vllm]" in text and "--engine-arg KEY=VALUE" in text
@@ -260,7 +325,7 @@ def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) ->
                         rf"{len(d.tensors)} tensors, [\d.]+ [kM]B \(full mode, vLLM "
                         rf"{re.escape(engine['version'])}, {engine['steps']} engine steps\)\n",
                         proc.stdout), proc.stdout
-    assert "· starting vLLM" in proc.stderr
+    assert "· starting vLLM" in proc.stderr and "engine core in this process" in proc.stderr
     assert engine["enforce_eager"] is True and engine["prefix_caching"] is False
     assert d.dtype == "bfloat16" and engine["steps"] >= 3
     assert d["generation:topk_ids"].shape == (2, 3, 20)  # top 20, as a Hugging Face capture

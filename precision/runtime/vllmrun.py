@@ -10,11 +10,21 @@ What the Python form asks of its caller is done here:
 - greedy sampling (``temperature=0``) with the top :data:`TOPK` log-probabilities a step, as
   a Hugging Face capture records them, and ``cap.record(outputs)``.
 
+Reproducible batching: with vLLM's engine core in a process of its own, ``llm.generate``
+sends the prompts to it one by one and it may start stepping before the last has arrived, so
+two runs of the same prompts can batch them differently (seen with three prompts on
+SmolLM2: the prefill in one step or spread over two), and vLLM's kernels are not
+batch-invariant (the numbers of a token then differ, on the CPU in bf16 from layer 12 on).
+The capture therefore runs the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+unless the caller set it): every prompt is admitted before the first step, and each run
+batches them the same way. The model, its kernels and the scheduler are vLLM's own.
+
 vLLM's own log goes to stderr (``VLLM_LOGGING_STREAM``), so standard output holds only what
-precision prints. Worker processes: vLLM forks them on the CPU; where it must spawn (CUDA
-already initialised) the child re-imports ``__main__``, which for the ``precision`` console
-script and ``python -m precision.cli`` is guarded. This module imports neither torch nor
-vLLM until :func:`run_vllm_capture` runs, so a missing vLLM is one line naming the extra.
+precision prints. Worker processes, where vLLM starts any: it forks them on the CPU; where it
+must spawn (CUDA already initialised) the child re-imports ``__main__``, which for the
+``precision`` console script and ``python -m precision.cli`` is guarded. This module imports
+neither torch nor vLLM until :func:`run_vllm_capture` runs, so a missing vLLM is one line
+naming the extra.
 """
 
 from __future__ import annotations
@@ -111,6 +121,7 @@ def run_vllm_capture(opts: EngineOptions, log: Callable[[str], None]) -> dict[st
 
     prompts = read_prompts(opts.prompts, opts.prompts_file)
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # see the module doc
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if opts.quiet:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -118,8 +129,9 @@ def run_vllm_capture(opts: EngineOptions, log: Callable[[str], None]) -> dict[st
 
     from .vllm import capture
 
+    inproc = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     log(f"starting vLLM on {opts.model} in {VLLM_DTYPES[opts.dtype]} (eager, no prefix "
-        "caching)")
+        f"caching{', engine core in this process' if inproc else ''})")
     llm = _start(LLM, opts)
     try:
         params = SamplingParams(temperature=0, max_tokens=opts.max_new_tokens, logprobs=TOPK)
