@@ -249,6 +249,8 @@ def consistency(runs: tuple[str, ...], model: str | None, device: str, dtype: st
                                  max_new_tokens=max_new_tokens, mode=mode,
                                  log=stderr_log(quiet))
     click.echo(report.summary)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     if report.deviations and not quiet:
         table = Table("#", "tensor", "runs differing", "elements", "max |deviation|",
                       box=None, header_style="bold")
