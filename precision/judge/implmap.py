@@ -60,7 +60,8 @@ class Rule:
             raise InputError(f"mapping rule {self.engine}: split {self.split!r} is not one of "
                              f"{', '.join(s for s in SPLITS if s)}")
         if bool(self.hf) == bool(self.same_as):
-            raise InputError(f"mapping rule {self.engine}: give hf keys or same_as, not both")
+            raise InputError(f"mapping rule {self.engine}: give either hf keys or same_as "
+                             "(one of the two)")
         if self.split and len(self.hf) not in (2, 3):
             raise InputError(f"mapping rule {self.engine}: a split needs 2 or 3 hf keys")
         if self.tp not in TP_STYLES:
@@ -274,9 +275,16 @@ def read_mapping(path: str | os.PathLike[str]) -> Table:
                       for r in doc["rules"])
         hf_only = tuple((str(a), str(b)) for a, b in doc.get("hf_only", ()))
         engine_only = tuple((str(a), str(b)) for a, b in doc.get("engine_only", ()))
+        for pattern, _ in hf_only + engine_only:
+            re.compile(pattern)
     except FileNotFoundError:
         raise InputError(f"--mapping {p}: no such file") from None
+    except InputError as exc:  # a rule that cannot hold (Rule's own checks)
+        raise InputError(f"--mapping {p}: {exc}") from None
+    except re.error as exc:
+        raise InputError(f"--mapping {p}: {exc.pattern!r} is not a regular expression "
+                         f"({exc})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            ValueError) as exc:
+            ValueError, AttributeError) as exc:
         raise InputError(f"--mapping {p}: not a mapping file ({exc})") from None
     return Table(str(doc.get("family", p.stem)), rules, hf_only, engine_only)

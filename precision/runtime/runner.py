@@ -312,6 +312,10 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
     if layout is not None:
         meta["engine_replay"] = {"layout": layout,
                                  "decode_steps": plan.decode_steps if plan else None}
+    if base is not None and base.meta.get("reference_inputs"):
+        # passed on, so a replay of this dump (its --expect reference, another device) records
+        # the same module inputs and every row an engine's dump asks for has its reference
+        meta["reference_inputs"] = list(base.meta["reference_inputs"])
     full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
         else ""
     log(f"capturing a forward pass ({mode} mode{'' if why == 'asked' else ', ' + why}"
