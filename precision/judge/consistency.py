@@ -22,7 +22,7 @@ import numpy as np
 
 from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX
-from . import crossimpl
+from . import crossimpl, unpack
 
 CHUNK = 1 << 18
 
@@ -92,7 +92,7 @@ def consistency_of(dumps: Sequence[Dump]) -> ConsistencyReport:
 
 def _schedule(d: Dump) -> list[np.ndarray]:
     """Each engine step's positions and sequence starts, in order."""
-    keys = sorted((k for k in d.tensors if k.startswith(crossimpl.ENGINE + ":in.")
+    keys = sorted((k for k in d.tensors if k.startswith(unpack.ENGINE + ":in.")
                    and ".input_ids" not in k), key=lambda k: (len(k), k))
     return [np.asarray(d[k]) for k in keys]
 
