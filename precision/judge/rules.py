@@ -25,6 +25,7 @@ from .profiles import (
     REF_FLOOR_RMS_EPS,
     REF_JUMP,
     REF_JUMP_FLOOR,
+    REF_JUMP_MIN_VECTORS,
     REF_JUMP_WINDOW,
     REF_MAX_RATIO,
     REF_RMS_RATIO,
@@ -205,12 +206,13 @@ def _rms_ratio(row: Row, ctx: Context) -> float | None:
 def reference_jump(row: Row, ctx: Context) -> Verdict | None:
     """With a reference: error *added* nearby. The ratio to the reference is at least
     ``REF_JUMP_FLOOR`` and ``REF_JUMP`` times the lowest ratio among the ``REF_JUMP_WINDOW``
-    records before it: deep in a model the reference carries the inherited error too, so
+    records before it, over at least ``REF_JUMP_MIN_VECTORS`` vectors of its last axis: deep in a model the reference carries the inherited error too, so
     one faulty kernel's share shows as a step in the ratio before it reaches
     ``REF_RMS_RATIO``; a ratio inherited from a fault upstream is no step."""
     ratio = _rms_ratio(row, ctx)
     if ratio is None or ratio < REF_JUMP_FLOOR or row.metrics is None \
-            or row.metrics.max_abs <= ctx.profile.atol:
+            or row.metrics.max_abs <= ctx.profile.atol \
+            or row.metrics.numel < REF_JUMP_MIN_VECTORS * (row.shape[-1] if row.shape else 1):
         return None
     ratios = (r for r in (_rms_ratio(p, ctx) for p in ctx.before(row)) if r is not None)
     before = list(itertools.islice(ratios, REF_JUMP_WINDOW))
