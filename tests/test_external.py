@@ -199,6 +199,81 @@ def test_vllm_ragged_sequences_pad_and_refuse_negative_ids(tmp_path: Path) -> No
         precision.compare(tmp_path / "ok.json", tmp_path / "neg.json")
 
 
+def test_a_logprobs_file_against_a_capture_folds_its_layers_and_says_what_it_cannot_tell(
+        t5_runs: dict[str, Path], tmp_path: Path) -> None:
+    """vLLM's logprobs JSON against a capture (issue 24): the capture's records have nothing
+    to pair with and fold into one note, not a MISSING row each; the file cannot say what
+    the engine computed in, and a warning says how to state it; a file that states it is
+    judged for that precision."""
+    from precision.judge.align import align
+
+    base = precision.load(t5_runs["base"])
+    path = vllm_json(base, tmp_path / "vllm_bf16.json")
+    unpaired = sum(p.target is None for p in align(base, open_any(path)))
+    assert unpaired > 100
+    report = precision.compare(base, path, jobs=1, fail_on="any")
+    assert report, report.summary  # folded records are not MISSING, even for --fail-on any
+    assert [r.key for r in report.rows] == ["generation:tokens"]
+    assert report.counts()["MISSING"] == 0 and report.profile.name == "fp32->fp32"
+    folded = [n for n in report.notes if n.startswith(
+        "vllm_bf16.json holds generated tokens and top-k log-probabilities only: "
+        f"{unpaired} record(s) of base.st (layers, inputs) have nothing to pair with")]
+    assert len(folded) == 1 and "capture --engine vllm" in folded[0], report.notes
+    assert [w for w in report.warnings if w.startswith("vllm_bf16.json holds log-probabilities, "
+                                                      "which do not say what the engine computed")
+            and "target_dtype='bf16'" in w], report.warnings
+    # the terminal, the markdown, the JSON and the HTML carry the one line, no MISSING rows
+    md, js, page = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.html"
+    result = CliRunner().invoke(main, ["compare", str(base.path), str(path), "--markdown",
+                                       str(md), "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    assert "MISSING" not in result.output and "--target-dtype bf16" in result.output
+    assert result.output.count("holds generated tokens and top-k log-probabilities only") == 1
+    assert "holds generated tokens" in md.read_text() and "MISSING" not in md.read_text()
+    assert len(json.loads(js.read_text())["rows"]) == 1
+    assert CliRunner().invoke(main, ["report", str(base.path), str(path), "-o",
+                                     str(page)]).exit_code == 0
+    assert "note: vllm_bf16.json holds generated tokens" in page.read_text()
+    # the file states what the engine computed in (vLLM's model_config.dtype)
+    stated = tmp_path / "stated.json"
+    stated.write_text(json.dumps({"dtype": "torch.bfloat16",
+                                  "sequences": json.loads(path.read_text())}))
+    rep = precision.compare(base, stated, jobs=1)
+    assert rep.profile.name == "fp32->bf16" and rep, rep.summary
+    assert not any("do not say" in w for w in rep.warnings), rep.warnings
+    for bad in ("int8", "nonsense", 16):
+        stated.write_text(json.dumps({"dtype": bad, "sequences": json.loads(path.read_text())}))
+        with pytest.raises(DumpError, match="'dtype'"):
+            precision.compare(base, stated)
+    # generations alone: no reference is looked for or asked for (no row could use one)
+    asked = precision.compare(base, path, target_dtype="bf16", jobs=1)
+    assert asked.profile.name == "fp32->bf16"
+    assert not [n for n in asked.notes if "reference" in n], asked.notes
+    # a logits array folds the same way: the logits row alone
+    logits = base[LOGITS]
+    np.save(tmp_path / "l.npy", logits.reshape(-1, logits.shape[-1]))
+    rep = precision.compare(base, tmp_path / "l.npy", jobs=1)
+    assert [r.key for r in rep.rows] == [LOGITS] and rep.counts()["MISSING"] == 0
+    assert any(n.startswith("l.npy holds logits only: ") and n.endswith("capture both runs")
+               for n in rep.notes), rep.notes
+
+
+def test_a_stated_dtype_against_an_engines_own_config_is_warned(make_dump) -> None:  # type: ignore[no-untyped-def]
+    """A run captured in vLLM records vLLM's own dtype; stating another one is allowed but
+    said."""
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    a = make_dump("a.st", {"x:out": x}, meta={"engine": {"name": "vllm", "dtype": "float32"}})
+    b = make_dump("b.st", {"x:out": x}, dtype="bfloat16",
+                  meta={"engine": {"name": "vllm", "dtype": "bfloat16"}})
+    said = precision.compare(a, b, target_dtype="fp16", jobs=1)
+    assert said.profile.name == "fp32->fp16"
+    warned = [w for w in said.warnings if "own config" in w]
+    assert warned == ["b.st: vllm's own config says it computed in bf16, but it is judged as "
+                      "fp16 as stated (target_dtype)"]
+    assert not [w for w in precision.compare(a, b, target_dtype="bf16", jobs=1).warnings
+                if "own config" in w]
+
+
 BIAS = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
 
 

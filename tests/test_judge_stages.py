@@ -209,6 +209,25 @@ def test_error_added_at_depth_is_a_step_in_the_ratio(make_dump: Callable[..., Pa
     assert [r.status for r in run(1.0, 1.9).rows] == ["OK", "OK"]  # under the 2x floor
 
 
+@pytest.mark.parametrize(("vectors", "status"), [(16, "DRIFT"), (15, "OK")])
+def test_a_step_needs_enough_token_vectors(make_dump: Callable[..., Path], vectors: int,
+                                           status: str) -> None:
+    """A decode step of a small batch holds a few token vectors: a 2.2x step over them is
+    sampling noise, judged by the 3x limit alone; from REF_JUMP_MIN_VECTORS on it is a step."""
+    from precision.judge.profiles import REF_JUMP_MIN_VECTORS
+
+    assert vectors in (REF_JUMP_MIN_VECTORS, REF_JUMP_MIN_VECTORS - 1)
+    rng = np.random.default_rng(7)
+    a = (1.0 + rng.random((vectors, 64)) * 0.999).astype(np.float32)
+    base = make_dump("b.st", {"m.l.19:out": a, "lm_head:out#3": a})
+    tgt = make_dump("t.st", {"m.l.19:out": _noisy(a, 4.0), "lm_head:out#3": _noisy(a, 8.8)},
+                    dtype="bfloat16")
+    ref = make_dump("r.st", {"m.l.19:out": _noisy(a, 4.0), "lm_head:out#3": _noisy(a, 4.0)},
+                    dtype="bfloat16")
+    report = precision.compare(base, tgt, reference=ref, jobs=1)
+    assert [r.status for r in report.rows] == ["OK", status]
+
+
 def test_a_reference_in_another_precision_is_refused(make_dump: Callable[..., Path]) -> None:
     a = np.ones(8, np.float32)
     base = make_dump("b.st", {"x:out": a})

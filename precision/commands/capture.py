@@ -6,6 +6,7 @@ import os
 
 import click
 
+from ..runtime.vllmrun import TOPK
 from .common import (
     CONTEXT,
     guard,
@@ -107,6 +108,18 @@ from .common import (
 @click.option("--force", is_flag=True, help="Overwrite OUT.st if it exists.")
 @click.option("--fsync", is_flag=True,
               help="Force the dump to disk before renaming it into place (power-loss safe).")
+@click.option("--engine", default="hf", show_default=True, type=click.Choice(["hf", "vllm"]),
+              help="hf: run the model with Hugging Face transformers. vllm: run it in a vLLM "
+                   "engine (pip install 'precision[vllm]'), eager, no prefix caching, greedy "
+                   f"with the top {TOPK} log-probabilities, and record vLLM's own modules; "
+                   "compare lines them up with a Hugging Face capture that replays this dump "
+                   "(docs/vllm.md). Takes --model, --dtype, --prompt(s), --max-new-tokens, "
+                   "--mode, -o, --force, -q and --engine-arg only.")
+@click.option("--engine-arg", "engine_args", multiple=True, metavar="KEY=VALUE",
+              help="With --engine vllm: an argument for vllm.LLM (repeatable; VALUE read as "
+                   "JSON when it is), e.g. max_model_len=512, kv_cache_memory_bytes=1073741824 "
+                   "(on a CPU vLLM otherwise reserves most of the memory), "
+                   "trust_remote_code=true.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @guard
 def capture(model: str, device: str, device_map: str | None, dtype: str,
@@ -121,7 +134,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             keep_fp32: tuple[str, ...], replay: str | None, expect: tuple[str, ...],
             max_new_tokens: int, capture_steps: bool, steps_spec: str | None,
             num_beams: int, output: str | None, dry_run: bool,
-            force: bool, fsync: bool, quiet: bool) -> None:
+            force: bool, fsync: bool, engine: str, engine_args: tuple[str, ...],
+            quiet: bool) -> None:
     """Run a model and dump its per-layer outputs and logits.
 
     \b
@@ -130,7 +144,20 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
       precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --replay base.st -o fp16.st
       precision capture --model ./qwen --device cuda --dtype bf16 --mode stats -o q.st
       precision capture --model ./qwen --dtype fp32 --expect bf16 -o base.st
+
+    \b
+    vLLM bf16 against Hugging Face fp32, layer by layer (docs/vllm.md):
+      precision capture --engine vllm --model ./qwen --dtype bf16 -o vllm.st
+      precision capture --model ./qwen --dtype fp32 --replay vllm.st --expect bf16 -o hf.st
+      precision compare hf.st vllm.st
     """
+    if engine == "vllm":
+        _capture_vllm(model=model, dtype=dtype, prompts=prompts, prompts_file=prompts_file,
+                      max_new_tokens=max_new_tokens, mode=mode, output=output, force=force,
+                      engine_args=engine_args, quiet=quiet)
+        return
+    if engine_args:
+        raise click.UsageError("--engine-arg goes with --engine vllm")
     from ..runtime.recorder import DEFAULT_INPUT_GLOBS
     from ..runtime.runner import CaptureOptions, parse_steps, run_capture
 
@@ -163,6 +190,48 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             d = load(written)
             click.echo(f"wrote {written}: {len(d.entries)} records, {len(d.tensors)} tensors, "
                        f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
+
+#: what ``capture --engine vllm`` takes; every other option is Hugging Face's alone
+VLLM_PARAMS = ("model", "dtype", "prompts", "prompts_file", "max_new_tokens", "mode", "output",
+               "force", "engine", "engine_args", "quiet")
+
+
+def _capture_vllm(*, model: str, dtype: str, prompts: tuple[str, ...],
+                  prompts_file: str | None, max_new_tokens: int, mode: str,
+                  output: str | None, force: bool, engine_args: tuple[str, ...],
+                  quiet: bool) -> None:
+    """``capture --engine vllm``: refuse Hugging Face's options, run the engine, report."""
+    from click.core import ParameterSource
+
+    from ..runtime.vllmrun import EngineOptions, parse_engine_args, require_vllm, run_vllm_capture
+
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name and p.name not in VLLM_PARAMS
+             and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        flag = max(given[0].opts, key=len)
+        raise click.UsageError(f"{flag} is a Hugging Face capture option; --engine vllm takes "
+                               "--model, --dtype, --prompt(s), --max-new-tokens, --mode, -o, "
+                               "--force and --engine-arg (replay the vLLM dump with a Hugging "
+                               "Face capture for the rest)")
+    if not output:
+        raise click.UsageError("Missing option '-o' / '--output'.")
+    require_vllm()
+    opts = EngineOptions(model=model, output=output, dtype=dtype, prompts=prompts,
+                         prompts_file=prompts_file, max_new_tokens=max_new_tokens,
+                         mode="full" if mode == "auto" else mode,
+                         engine_args=parse_engine_args(engine_args), force=force, quiet=quiet)
+    run_vllm_capture(opts, stderr_log(quiet))
+    if not quiet:
+        from ..dumps import load
+        from ..dumps.atomic import format_bytes
+
+        d = load(output)
+        click.echo(f"wrote {output}: {len(d.entries)} records, {len(d.tensors)} tensors, "
+                   f"{format_bytes(d.file_bytes)} ({d.mode} mode, vLLM "
+                   f"{d.meta.get('engine', {}).get('version', '?')}, "
+                   f"{d.meta.get('engine', {}).get('steps', '?')} engine steps)")
+
 
 @click.command(context_settings=CONTEXT)
 @click.argument("dump", metavar="DUMP.st")

@@ -33,6 +33,23 @@ def reference_options(command: F) -> F:
                              "when it exists (capture --expect).")(command)
 
 
+def mapping_option(command: F) -> F:
+    """``--mapping FILE``: how an engine's records map onto Hugging Face's."""
+    return click.option("--mapping", metavar="FILE.json",
+                        help="For a run captured in an engine (capture --engine vllm) of a "
+                             "model family without a built-in table: which of its records is "
+                             "which Hugging Face record (docs/vllm.md, 'Alignment'). Replaces "
+                             "the family's table.")(command)
+
+
+def check_mapping(mapping: str | None) -> None:
+    """Read a ``--mapping`` file before any work: a bad one is one line, exit 2."""
+    if mapping is not None:
+        from ..judge.implmap import read_mapping
+
+        read_mapping(mapping)
+
+
 @click.command(context_settings=CONTEXT)
 @click.argument("base", metavar="BASE.st")
 @click.argument("target", metavar="TARGET.st")
@@ -66,6 +83,7 @@ def reference_options(command: F) -> F:
               help="Cap the work buffers of all jobs together, e.g. 256M or 2G: chunks shrink, "
                    "then fewer jobs run. Default: about 10 MiB per job (a logits chunk holds "
                    "at least one vocabulary row).")
+@mapping_option
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @click.option("--allow-partial", is_flag=True,
@@ -77,8 +95,8 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             only_flagged: bool, top: int | None, rtol: float | None, atol: float | None,
             profile: str | None, base_dtype: str | None, target_dtype: str | None,
             reference: str | None, no_reference: bool, fail_on: str, topk: int,
-            jobs: int | None,
-            max_memory: int | None, allow_different_models: bool, allow_partial: bool,
+            jobs: int | None, max_memory: int | None, mapping: str | None,
+            allow_different_models: bool, allow_partial: bool,
             force: bool, quiet: bool) -> None:
     """Compare two dumps layer by layer and say where the numbers go wrong.
 
@@ -98,6 +116,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
     if top is not None and top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
     check_outputs(force, json_out, md_out)
+    check_mapping(mapping)
     with progress_bar(enabled=not quiet and json_out != "-") as progress:
         report = run_compare(base, target, reference=reference,
                              auto_reference=not no_reference, rtol=rtol, atol=atol,
@@ -105,7 +124,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
                              fail_on=fail_on, topk=topk, jobs=jobs, max_memory=max_memory,
                              allow_different_models=allow_different_models,
                              allow_partial=allow_partial, base_dtype=base_dtype,
-                             target_dtype=target_dtype, progress=progress)
+                             target_dtype=target_dtype, mapping=mapping, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
     else:
@@ -131,13 +150,14 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
 @click.option("--profile", type=click.Choice(PROFILE_NAMES),
               help="Judge as fp32 vs this dtype.")
 @reference_options
+@mapping_option
 @click.option("--force", is_flag=True, help="Overwrite REPORT.html if it exists.")
 @click.option("--allow-different-models", is_flag=True,
               help="Compare dumps whose model configs differ.")
 @guard
 def report(base: str, target: str, output: str, md_out: str | None, rtol: float | None,
            atol: float | None, profile: str | None, reference: str | None,
-           no_reference: bool, force: bool,
+           no_reference: bool, mapping: str | None, force: bool,
            allow_different_models: bool) -> None:
     """Write a self-contained HTML report of a comparison.
 
@@ -159,9 +179,10 @@ def report(base: str, target: str, output: str, md_out: str | None, rtol: float 
     out = Path(output)
     check_output_path(out, force=force)
     check_outputs(force, md_out)
+    check_mapping(mapping)
     b, t = open_any(base), open_any(target)
     rep = run_compare(b, t, reference=reference, auto_reference=not no_reference,
-                      rtol=rtol, atol=atol, profile=profile,
+                      rtol=rtol, atol=atol, profile=profile, mapping=mapping,
                       allow_different_models=allow_different_models)
     write_text(output, build(rep, b, t), force)
     if md_out:

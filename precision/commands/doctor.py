@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,6 +15,10 @@ from .common import (
     stderr_log,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from ..dumps.dump import Dump
+    from ..judge.consistency import ConsistencyReport
 
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -208,15 +212,16 @@ def isolate(base: str, model: str, dtype: str, device: str, keep_fp32: tuple[str
     sys.exit(0 if report else 1)
 
 @click.command(context_settings=CONTEXT)
+@click.argument("runs", metavar="[RUN.st]...", nargs=-1)
 @_model_options
 @click.option("--repeat", default=3, show_default=True, type=int, help="Number of runs.")
 @click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
               help="full compares every tensor bitwise; stats only statistics and tokens.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the summary line.")
 @guard
-def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, ...],
-                prompts_file: str | None, max_new_tokens: int, repeat: int, mode: str,
-                quiet: bool) -> None:
+def consistency(runs: tuple[str, ...], model: str | None, device: str, dtype: str,
+                prompts: tuple[str, ...], prompts_file: str | None, max_new_tokens: int,
+                repeat: int, mode: str, quiet: bool) -> None:
     """Run the same inputs several times on one device and check the runs are identical.
 
     \b
@@ -224,6 +229,8 @@ def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, 
     tokens and every layer are compared bitwise with the first run; where they are not
     identical, the largest deviation per layer is shown.
       precision consistency --model ./qwen --device npu --dtype bf16 --repeat 3
+    Or give dumps of runs already taken (any engine: two vLLM captures of the same prompts):
+      precision consistency vllm-1.st vllm-2.st
     Exit code 1 when the runs are not bitwise identical.
     """
     from rich.console import Console
@@ -232,12 +239,18 @@ def consistency(model: str | None, device: str, dtype: str, prompts: tuple[str, 
 
     from ..doctor.checks import consistency as run_consistency
 
-    if model is None:
-        raise click.UsageError("--model DIR is required")
-    report = run_consistency(model, repeat=repeat, dtype=dtype, device=device,
-                             prompts=prompts, prompts_file=prompts_file,
-                             max_new_tokens=max_new_tokens, mode=mode, log=stderr_log(quiet))
+    if runs:
+        report = _consistency_of_dumps(runs, model)
+    elif model is None:
+        raise click.UsageError("give --model DIR, or the dumps of two or more runs")
+    else:
+        report = run_consistency(model, repeat=repeat, dtype=dtype, device=device,
+                                 prompts=prompts, prompts_file=prompts_file,
+                                 max_new_tokens=max_new_tokens, mode=mode,
+                                 log=stderr_log(quiet))
     click.echo(report.summary)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     if report.deviations and not quiet:
         table = Table("#", "tensor", "runs differing", "elements", "max |deviation|",
                       box=None, header_style="bold")
@@ -299,3 +312,32 @@ def check(dump: str, json_out: str | None, only_flagged: bool, top: int | None, 
     elif json_out != "-":
         print_check(report, only_flagged=only_flagged, top=top)
     sys.exit(0 if report else 1)
+
+
+def _consistency_of_dumps(runs: tuple[str, ...], model: str | None) -> ConsistencyReport:
+    """``consistency RUN.st...``: runs already taken, of one model, compared bitwise."""
+    from ..dtypes import short
+    from ..dumps import load
+    from ..errors import InputError
+    from ..judge.align import check_same_model
+    from ..judge.consistency import consistency_of
+    from ..judge.crossimpl import engine_of
+
+    if model is not None:
+        raise click.UsageError("give --model DIR to run the model, or dumps of runs already "
+                               "taken, not both")
+    if len(runs) < 2:
+        raise click.UsageError("give the dumps of two or more runs to compare")
+    dumps = [load(r) for r in runs]
+
+    def setup(d: Dump) -> str:
+        return f"{engine_of(d) or 'Hugging Face'} in {short(d.dtype or '?')}"
+
+    for d in dumps[1:]:
+        check_same_model(dumps[0], d, allow=False)
+        if setup(d) != setup(dumps[0]):
+            raise InputError(f"{d.path.name} ran {setup(d)}, {dumps[0].path.name} "
+                             f"{setup(dumps[0])}: "
+                             "consistency compares repeated runs of one setup (compare "
+                             "judges two setups)")
+    return consistency_of(dumps)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..dumps.dump import Dump, Entry
-from ..dumps.keys import CAST_PREFIX, parse_key
+from ..dumps.keys import CAST_PREFIX, GEN_PREFIX, parse_key
 from ..errors import DumpError, option
 from .profiles import effective_precision, precision_name
 
@@ -151,6 +151,24 @@ def repaired_calls(b: Dump, t: Dump) -> dict[str, str]:
             if match.key != e.key:
                 mapped[e.key] = match.key
     return mapped
+
+
+def outputs_only(d: Dump) -> str | None:
+    """What a run holds when it holds outputs only (logits, generated tokens: a logits
+    array, vLLM's logprobs JSON), so that another run's layers have nothing to pair with;
+    None when it holds any other record, or none at all."""
+    logits = ({d.meta.get("logits_key")} | set(d.meta.get("logits_keys", ()))) - {None}
+    held: set[str] = set()
+    for e in d.entries:
+        if e.kind == "generation" or GEN_PREFIX in e.key:
+            held.add("top-k log-probabilities" if "topk_logprobs" in e.key
+                     else "generated tokens")
+        elif e.key in logits:
+            held.add("logits")
+        elif e.module != "input":
+            return None
+    order = ("logits", "generated tokens", "top-k log-probabilities")
+    return " and ".join(h for h in order if h in held) or None
 
 
 def align(b: Dump, t: Dump) -> list[Pair]:

@@ -41,13 +41,14 @@ from .align import (
     check_same_model,
     comparisons,
     one_sided_operations,
+    outputs_only,
     run_precision,
 )
 from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
 from .metrics import TensorMetrics, choose_kernel
 from .posbias import diagnose
-from .profiles import REF_RMS_RATIO, Profile, named_profile, profile_for
+from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for
 from .report import FAIL_ON, Report, Row
 from .rules import RULES, SWAPPED, Context, Rule, judge_rows, made_in_own_forward, verdict_of
 
@@ -92,6 +93,9 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`).
     ``base_dtype``/``target_dtype`` state what a run computed in when its file cannot say
     (logits saved as fp32 from a bf16 run: numpy has no bf16); the profile follows them.
+    A run that holds outputs only (logits, a logprobs file) has no layers: the other run's
+    records are left out with one note (not MISSING); for generations alone (a logprobs
+    file) no reference is looked for, as none of its rows could use one.
     A run captured inside an engine (``precision.vllm``) against a Hugging Face capture is
     first lined up with it (:mod:`precision.judge.crossimpl`): its records renamed, split and
     unpacked into Hugging Face's keys, by its family's table or the ``mapping`` file.
@@ -103,7 +107,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     target_precision = run_precision(runs[TARGET], target_dtype)
     if reference is None and auto_reference:
         found = reference_path(runs[BASE].path, target_precision) if target_precision in (
-            "float16", "bfloat16") else None
+            "float16", "bfloat16") and not _generation_only(runs[TARGET]) else None
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
@@ -121,9 +125,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                          "on a trusted backend")
     prof = (named_profile(profile) if profile else profile_for(dtypes[BASE], dtypes[TARGET])
             ).with_overrides(rtol, atol)
-    tasks = [Task(c.base, c.target, p) for c in comparisons(runs)
-             for p in align(runs[c.base], runs[c.target])
-             if not crossimpl.engine_lacks(lined, p.key)]
+    tasks, folded = _tasks(runs, lined)
     if jobs is not None and jobs < 1:
         raise InputError(f"--jobs {jobs}: use 1 or more")
     workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
@@ -149,12 +151,70 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first,
-                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes),
+                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes
+                                 + _unused_mapping(mapping, lined)),
                   fail_on=fail_on, info=_info(b, t),
-                  notes=tuple(_notes(rows) + _operation_notes(b, t)
+                  notes=tuple(_notes(rows) + _folded_notes(runs, folded)
+                              + _operation_notes(b, t)
                               + _reference_notes(runs, dtypes, prof) + _sketch_notes(runs)
                               + lineup_notes(runs)
                               + crossimpl.notes(lined, [r.key for r in rows])))
+
+
+def _tasks(runs: dict[str, Dump], lined: dict[str, crossimpl.Lineup]
+           ) -> tuple[list[Task], dict[str, int]]:
+    """What to measure, and per run that holds outputs only (:func:`outputs_only`) how many
+    of the baseline's records it has no counterpart for: those are left out, not MISSING
+    (a logprobs file holds no layers), and one note counts them."""
+    held = {name: outputs_only(d) for name, d in runs.items()}
+    tasks: list[Task] = []
+    folded: dict[str, int] = {}
+    for c in comparisons(runs):
+        for p in align(runs[c.base], runs[c.target]):
+            if crossimpl.engine_lacks(lined, p.key):
+                continue
+            lacking = (c.target if p.target is None and held[c.target]
+                       else c.base if p.base is None and held[c.base] else None)
+            if lacking is None:
+                tasks.append(Task(c.base, c.target, p))
+            elif c.base == BASE and c.target == TARGET:
+                folded[lacking] = folded.get(lacking, 0) + 1
+    return tasks, folded
+
+
+def _folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
+    """One line per run that holds outputs only: the other run's records left out."""
+    out = []
+    for name, n in folded.items():
+        d, other = runs[name], runs[TARGET if name == BASE else BASE]
+        how = ("capture the engine too (precision capture --engine vllm, docs/vllm.md)"
+               if _generation_only(d) else "capture both runs")
+        out.append(f"{_file_name(d)} holds {outputs_only(d)} only: {n} record(s) of "
+                   f"{_file_name(other)} (layers, inputs) have nothing to pair with there and "
+                   f"are left out; per layer, {how}")
+    return out
+
+
+def _unused_mapping(mapping: str | os.PathLike[str] | None,
+                    lined: dict[str, crossimpl.Lineup]) -> list[str]:
+    """A mapping file given where no run was lined up says so, rather than pass unseen."""
+    if mapping is None or lined:
+        return []
+    return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
+            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, and "
+            "these runs are not one of each"]
+
+
+def _generation_only(d: Dump) -> bool:
+    """A run that holds generated tokens (and log-probabilities) but no tensor to judge."""
+    held = outputs_only(d)
+    return held is not None and "logits" not in held
+
+
+def _file_name(d: Dump) -> str:
+    """The name a user gave: another tool's file or an engine's dump, not the temporary
+    dump it was converted or translated into."""
+    return Path(str(d.meta.get("external") or d.meta.get("translated_from") or d.path)).name
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
@@ -230,14 +290,7 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
     if has_generation(b) != has_generation(t) and not files:
         notes.append("only one dump holds a generation: capture the target with --replay "
                      "from a baseline taken with --max-new-tokens to compare generations")
-    for d, side in ((b, "base"), (t, "target")):
-        other = t if d is b else b
-        if (d.meta.get("external") and stated[side] is None
-                and d.dtype == "float32" and (other.dtype or "float32") == "float32"):
-            name = Path(str(d.meta["external"])).name
-            how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
-            notes.append(f"{name} came from a file that stores float32 and is judged as an "
-                         f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
+    notes += _dtype_warnings(b, t, stated)
     wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
     if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
         notes.append(f"{b.path.name} and {t.path.name} come from different weights "
@@ -249,6 +302,36 @@ def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
         if d.meta.get("foreign"):
             notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
     return notes
+
+
+def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:
+    """What a run's file cannot tell about its precision, and a stated dtype that
+    contradicts what an engine's own config recorded (``meta.engine``)."""
+    out = []
+    for d, side in ((b, "base"), (t, "target")):
+        other = t if d is b else b
+        how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
+        if (d.meta.get("external") and stated[side] is None
+                and (d.dtype or "float32") == "float32"
+                and (other.dtype or "float32") == "float32"):
+            name = _file_name(d)
+            if d.dtype is None and has_generation(d):  # log-probabilities: no dtype at all
+                out.append(f"{name} holds log-probabilities, which do not say what the engine "
+                           "computed in, and is judged as an fp32 run: if it ran in bf16 or "
+                           f"fp16, say so with {how} (or \"dtype\": \"bfloat16\" in the file, "
+                           "docs/external.md)")
+            else:
+                out.append(f"{name} came from a file that stores float32 and is judged as an "
+                           f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
+        engine = d.meta.get("engine")
+        engine = engine if isinstance(engine, dict) else {}
+        said = engine.get("dtype")
+        if said and stated[side] and precision_name(str(stated[side])) != said:
+            out.append(f"{_file_name(d)}: {engine.get('name', 'the engine')}'s own config says it "
+                       f"computed in {short(str(said))}, but it is judged as "
+                       f"{short(precision_name(str(stated[side])))} as stated "
+                       f"({option(f'--{side}-dtype', f'{side}_dtype')})")
+    return out
 
 
 def _notes(rows: list[Row]) -> list[str]:
@@ -298,6 +381,8 @@ def _operation_notes(b: Dump, t: Dump) -> list[str]:
 def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
                      ) -> list[str]:
     """What the noise verdicts judged against: the reference, or the fixed limits."""
+    if _generation_only(runs[TARGET]):
+        return []
     if REFERENCE in runs:
         ref = runs[REFERENCE]
         where = (ref.meta.get("device") or {}).get("name") or "its device"

@@ -4,6 +4,12 @@ Seed 001 checks that bf16 greedy decoding is deterministic. :func:`consistency_o
 dumps of repeated runs of the same inputs against the first, tensor by tensor: bitwise
 identity (raw bytes, so NaN payloads and signed zeros count too), otherwise the largest
 absolute deviation. The generated tokens are compared the same way.
+
+An engine's runs (``precision.vllm``) that batched the same tokens into different steps
+(vLLM's scheduler admits prompts as they arrive) hold tensors of other shapes: they are
+compared token by token instead, each unpacked into Hugging Face's keys and layout
+(:func:`precision.judge.crossimpl.translate`), and a note says so. A kernel that is not
+batch-invariant then shows as a deviation.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 
 from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX
+from . import crossimpl, unpack
 
 CHUNK = 1 << 18
 
@@ -38,6 +45,8 @@ class ConsistencyReport:
     runs: int
     tensors: int
     deviations: tuple[Deviation, ...]
+    #: how the runs were compared, where it is not plain
+    notes: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return not self.deviations
@@ -56,7 +65,14 @@ class ConsistencyReport:
 
 
 def consistency_of(dumps: Sequence[Dump]) -> ConsistencyReport:
-    """Compare every stored tensor of ``dumps[1:]`` with ``dumps[0]``."""
+    """Compare every stored tensor of ``dumps[1:]`` with ``dumps[0]`` (an engine's runs
+    batched differently: token by token, see the module doc)."""
+    notes: tuple[str, ...] = ()
+    if crossimpl.engine_of(dumps[0]) and not _same_schedule(dumps):
+        steps = ", ".join(f"{d.path.name} {_steps(d)}" for d in dumps)
+        notes = (f"the runs batched the tokens into different engine steps ({steps}): "
+                 "compared token by token, in Hugging Face's keys",)
+        dumps = [crossimpl.translate(d).dump for d in dumps]
     first = dumps[0]
     order = {e.key: e.order for e in first.entries}
     devs = []
@@ -71,7 +87,27 @@ def consistency_of(dumps: Sequence[Dump]) -> ConsistencyReport:
         if differing:
             devs.append(Deviation(order.get(key, len(order)), key, differing, worst, elements))
     devs.sort(key=lambda d: d.order)
-    return ConsistencyReport(len(dumps), len(first.tensors), tuple(devs))
+    return ConsistencyReport(len(dumps), len(first.tensors), tuple(devs), notes)
+
+
+def _schedule(d: Dump) -> list[np.ndarray]:
+    """Each engine step's positions and sequence starts, in order."""
+    keys = sorted((k for k in d.tensors if k.startswith(unpack.ENGINE + ":in.")
+                   and ".input_ids" not in k), key=lambda k: (len(k), k))
+    return [np.asarray(d[k]) for k in keys]
+
+
+def _same_schedule(dumps: Sequence[Dump]) -> bool:
+    first = _schedule(dumps[0])
+    return all(len(s) == len(first) and all(np.array_equal(a, b) for a, b in
+                                            zip(s, first, strict=True))
+               for s in (_schedule(d) for d in dumps[1:]))
+
+
+def _steps(d: Dump) -> str:
+    engine = d.meta.get("engine")
+    n = engine.get("steps") if isinstance(engine, dict) else None
+    return f"{n} steps" if n is not None else "steps unknown"
 
 
 def _diff(a: Dump, b: Dump, key: str, numel: int) -> tuple[bool, float, int]:

@@ -5,36 +5,49 @@ packed across sequences (``[tokens, ...]``), one call per engine step, fused pro
 :func:`translate` rewrites it as a dump in Hugging Face's key space and layout, which the
 usual align/measure/judge then compare record by record:
 
-- packed tokens are unpacked by the recorded positions into ``[batch, seq, ...]``: step
-  ``c``'s segment ``s`` (from ``query_start_loc``) is the request whose tokens at those
-  positions it ran (``input:input_ids``), so the prefill and every decode step land where a
-  teacher-forced forward over the same tokens computes them; positions no step ran are
-  padding (``input:attention_mask`` 0), which the verdicts leave out;
-- each record is renamed, split or checked against its duplicate by the family's table
-  (:mod:`precision.judge.implmap`);
+- packed tokens are unpacked by the recorded positions (:mod:`precision.judge.unpack`):
+  step ``c``'s segment ``s`` (from ``query_start_loc``) is the request whose tokens at those
+  positions it ran, laid out as the Hugging Face side ran them (``meta.engine_replay``):
+  the prefill of the left-padded prompts and one decode step per generated token fed back
+  (``#t``), or one teacher-forced forward over prompt and generated tokens; padded
+  positions are left out by the verdicts;
+- a tensor-parallel engine's ranks (a directory dump) are put together first, and a module
+  shared between layers is told apart by name;
+- each record is renamed, split, scaled or checked against its duplicate by the family's
+  table (:mod:`precision.judge.implmap`);
 - records no rule covers are listed in :attr:`Lineup.unmapped`, never dropped silently.
 """
 
 from __future__ import annotations
 
 import atexit
-import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..dumps.dump import Dump, DumpWriter, Entry
-from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key, parse_key
+from ..dumps.dump import Dump, DumpWriter
+from ..dumps.keys import GEN_PREFIX, make_key, parse_key
 from ..errors import DumpError
+from . import enginestats
+from .enginestats import NoStats, is_stats
 from .implmap import Rule, Table, table_for
+from .unpack import (
+    LAYOUTS,
+    RanksDiffer,
+    call_key,
+    engine_records,
+    engine_steps,
+    place_tokens,
+    rank_views,
+    shaped,
+    unpack,
+)
 
-ENGINE = "engine"
 _WORKDIR: Path | None = None
 
 
@@ -53,6 +66,8 @@ class Lineup:
     #: engine keys with no Hugging Face counterpart (the table's ``engine_only``), with why
     engine_only: dict[str, str] = field(default_factory=dict)
     table: Table | None = None
+    #: how the Hugging Face side ran the tokens (:data:`LAYOUTS`)
+    layout: str = "forward"
 
     @property
     def hf_keys(self) -> list[str]:
@@ -65,22 +80,25 @@ def engine_of(d: Dump) -> str | None:
     return str(engine.get("name")) if isinstance(engine, dict) and engine.get("name") else None
 
 
-def translate(d: Dump, mapping: str | os.PathLike[str] | None = None) -> Lineup:
-    """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout."""
-    if d.mode != "full":
-        raise DumpError(f"{d.path.name}: a stats-mode engine dump cannot be unpacked into "
-                        "tokens yet: capture the engine in full mode")
+def translate(d: Dump, mapping: str | os.PathLike[str] | None = None,
+              layout: str = "forward") -> Lineup:
+    """``d`` (an engine's dump) as a dump in Hugging Face's keys and layout: ``layout``
+    ``forward`` for a teacher-forced Hugging Face forward over the same tokens, ``steps``
+    for one that replayed them step by step from its KV cache (see :data:`LAYOUTS`)."""
+    if d.mode == "stats" and layout != "forward":
+        raise DumpError(f"{d.path.name}: a stats-mode engine dump lines up with one "
+                        "teacher-forced Hugging Face forward only (an engine step can mix "
+                        "prefill and decode tokens), not with a step-by-step replay: capture "
+                        f"the reference with --replay {d.path.name} itself, which replays it "
+                        "as one forward")
+    if layout not in LAYOUTS:
+        raise DumpError(f"unknown engine layout {layout!r}: one of {', '.join(LAYOUTS)}")
     config = d.meta.get("config") or {}
     table = table_for(config, mapping)
-    steps = _steps(d)
-    ids = np.asarray(d[INPUT_PREFIX + "input_ids"])
-    mask = np.asarray(d[INPUT_PREFIX + "attention_mask"]) != 0
-    where = [_scatter(d, c, ids, mask) for c in range(steps)]
-    missing = mask & ~_filled(where, ids.shape)
-    if missing.any():
-        r, p = map(int, np.argwhere(missing)[0])
-        raise DumpError(f"{d.path.name}: the engine ran no step for sequence {r}, position "
-                        f"{p} (prefix caching? capture with enable_prefix_caching=False)")
+    views = rank_views(d)
+    d = views[0]  # the requests' tokens, the steps and the generation: on every rank
+    steps = engine_steps(d)
+    lay = place_tokens(d, steps, layout)
     out = _new_path(d)
     writer = DumpWriter(out, force=True)
     entries: list[dict[str, Any]] = []
@@ -88,48 +106,76 @@ def translate(d: Dump, mapping: str | os.PathLike[str] | None = None) -> Lineup:
     duplicates: dict[str, str] = {}
     unmapped: dict[str, str] = {}
     internal: dict[str, str] = {}
-    for key in (INPUT_PREFIX + "input_ids", INPUT_PREFIX + "attention_mask"):
-        _write(writer, entries, key, np.asarray(d[key]))
+    for key, arr in lay.inputs.items():
+        _write(writer, entries, key, arr)
     last = int(config.get("num_hidden_layers") or 0) - 1
-    for e in d.entries:
-        if e.call != 0 or e.module in (ENGINE, "input"):
-            continue
-        if e.kind == "generation" or e.key.startswith(GEN_PREFIX):
-            _write(writer, entries, e.key, np.asarray(d[e.key]), kind="generation")
-            continue
-        reason = table.engine_only_reason(e.key)
+    records, unsplit = engine_records(d, steps)
+    for key, why in unsplit.items():
+        reason = table.engine_only_reason(key)
         if reason is not None:
-            internal[e.key] = reason
+            internal[key] = reason
+        else:
+            unmapped[key] = why
+    for e in d.entries:
+        if e.call == 0 and (e.kind == "generation" or e.key.startswith(GEN_PREFIX)):
+            _write(writer, entries, e.key, np.asarray(d[e.key]), kind="generation")
+    for key, physical in records.items():
+        reason = table.engine_only_reason(key)
+        if reason is not None:
+            internal[key] = reason
             continue
-        found = table.find(e.key)
+        found = table.find(key)
         if found is None:
-            unmapped[e.key] = "no rule in the " + table.family + " table"
+            unmapped[key] = "no rule in the " + table.family + " table"
             continue
         rule, var = found
         names = _names(rule, var, last)
         if rule.same_as:
-            why = _same(d, e, names[0], steps)
-            if why:
-                unmapped[e.key] = why
+            differs = _same(d, records, key, names[0])
+            if differs:
+                unmapped[key] = differs
             else:
-                duplicates[e.key] = names[0]
+                duplicates[key] = names[0]
             continue
-        whole = _unpack(d, e, steps, where, ids.shape)
-        parts = _split(whole, rule, config, e.key)
-        for name, part in zip(names, parts, strict=True):
-            _write(writer, entries, name, part)
-        mapped[e.key] = tuple(names)
+        if is_stats(d, physical[0]):  # over every step and rank: the forward's real tokens
+            if rule.split and key + ".part0" in records:
+                internal[key] = ("a fused projection's statistics as a whole: its parts' "
+                                 "statistics are compared")
+                continue
+            try:
+                st, width, dtype = enginestats.record(views, physical, rule, config, key)
+            except (NoStats, RanksDiffer) as exc:
+                unmapped[key] = str(exc)
+                continue
+            shape = [*lay.shapes[0], *width]
+            if rule.swap:
+                a, b = rule.swap
+                shape[a], shape[b] = shape[b], shape[a]
+            for name in names:
+                _stats_entry(entries, name, tuple(shape), dtype, st)
+            mapped[key] = tuple(names)
+            continue
+        try:
+            unpacked = unpack(views, physical, lay, rule, config)
+        except RanksDiffer as exc:
+            unmapped[key] = str(exc)
+            continue
+        for call, whole in unpacked.items():
+            for name, part in zip(names, shaped(whole, rule, config, key), strict=True):
+                _write(writer, entries, call_key(name, call), part)
+        mapped[key] = tuple(call_key(n, c) for c in sorted(lay.shapes) for n in names)
     meta = {k: v for k, v in d.meta.items() if k != "entries"}
     meta |= {"entries": entries, "logits_key": "lm_head:out" if any(
         e["key"] == "lm_head:out" for e in entries) else None,
              "translated_from": str(d.path),
-             "crossimpl": {"family": table.family, "mapped": len(mapped),
+             "crossimpl": {"family": table.family, "layout": layout, "mapped": len(mapped),
                            "duplicates": len(duplicates), "unmapped": unmapped,
                            "engine_only": internal}}
     writer.close(meta)
     from ..dumps import load
 
-    return Lineup(load(out), table.family, mapped, duplicates, unmapped, internal, table)
+    return Lineup(load(out), table.family, mapped, duplicates, unmapped, internal, table,
+                  layout)
 
 
 def _names(rule: Rule, var: dict[str, int], last: int) -> list[str]:
@@ -138,102 +184,31 @@ def _names(rule: Rule, var: dict[str, int], last: int) -> list[str]:
     return [t.format(**fill) for t in (rule.hf or (rule.same_as,))]
 
 
-def _steps(d: Dump) -> int:
-    n = 0
-    while make_key(ENGINE, "in", "positions", n) in d.tensors:
-        n += 1
-    if n == 0 or INPUT_PREFIX + "input_ids" not in d.tensors:
-        raise DumpError(f"{d.path.name}: no engine positions or input ids recorded: was it "
-                        "written by precision.vllm.capture with cap.record(outputs)?")
-    return n
-
-
-def _scatter(d: Dump, c: int, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Flat ``[batch * seq]`` index of each packed token of step ``c``: each segment of
-    ``query_start_loc`` is the request whose tokens at those positions it ran."""
-    eids = np.asarray(d[make_key(ENGINE, "in", "input_ids", c)]).reshape(-1)
-    pos = np.asarray(d[make_key(ENGINE, "in", "positions", c)]).reshape(-1)
-    starts = np.asarray(d[make_key(ENGINE, "in", "query_start_loc", c)]).reshape(-1)
-    rows, width = ids.shape
-    flat = np.full(eids.shape[0], -1, np.int64)
-    taken: set[int] = set()
-    for a, b in itertools.pairwise(starts):
-        a, b = int(a), int(b)
-        if b <= a:
-            continue
-        p = pos[a:b]
-        if not np.array_equal(p, np.arange(p[0], p[0] + (b - a))) or p[-1] >= width:
-            raise DumpError(f"{d.path.name}: step {c} holds positions {p.tolist()} that do "
-                            "not follow one another")
-        match = [r for r in range(rows) if r not in taken and mask[r, p].all()
-                 and np.array_equal(ids[r, p], eids[a:b])]
-        if not match:
-            raise DumpError(f"{d.path.name}: step {c} ran tokens {eids[a:b].tolist()[:8]} at "
-                            f"positions {int(p[0])}-{int(p[-1])} that no recorded request holds")
-        taken.add(match[0])
-        flat[a:b] = match[0] * width + p
-    if (flat < 0).any():
-        raise DumpError(f"{d.path.name}: step {c} ran {int((flat < 0).sum())} token(s) outside "
-                        "every sequence (padding?)")
-    return flat
-
-
-def _filled(where: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    got = np.zeros(int(np.prod(shape)), bool)
-    for flat in where:
-        got[flat] = True
-    return got.reshape(shape)
-
-
-def _call_key(key: str, c: int) -> str:
-    k = parse_key(key)
-    return make_key(k.module, k.kind, k.index, c)
-
-
-def _unpack(d: Dump, e: Entry, steps: int, where: list[np.ndarray],
-            shape: tuple[int, ...]) -> np.ndarray:
-    """One record's calls, packed ``[tokens, ...]`` each, as ``[batch, seq, ...]``."""
-    first = np.asarray(d[e.key])
-    out = np.zeros((int(np.prod(shape)), *first.shape[1:]), first.dtype)
-    for c in range(steps):
-        part = first if c == 0 else np.asarray(d[_call_key(e.key, c)])
-        if part.shape[0] != where[c].shape[0]:
-            raise DumpError(f"{d.path.name}: {_call_key(e.key, c)} holds {part.shape[0]} "
-                            f"tokens, step {c} ran {where[c].shape[0]}")
-        out[where[c]] = part
-    return out.reshape((*shape, *first.shape[1:]))
-
-
-def _split(whole: np.ndarray, rule: Rule, config: dict[str, Any], key: str
-           ) -> list[np.ndarray]:
-    """A fused projection's output cut by the config's sizes (one piece when not fused)."""
-    if not rule.split:
-        return [whole]
-    width = whole.shape[-1]
-    if rule.split == "qkv":
-        hd = int(config.get("head_dim") or 0)
-        q = int(config.get("num_attention_heads") or 0) * hd
-        kv = int(config.get("num_key_value_heads") or config.get("num_attention_heads")
-                 or 0) * hd
-        sizes = [q, kv, kv]
-    else:
-        inter = int(config.get("intermediate_size") or 0)
-        sizes = [inter, inter]
-    if sum(sizes) != width:
-        raise DumpError(f"{key}: {width} columns, but the config's sizes give {sizes} "
-                        f"({rule.split}); a tensor-parallel shard? capture with one worker")
-    return np.split(whole, np.cumsum(sizes)[:-1], axis=-1)
-
-
-def _same(d: Dump, e: Entry, other: str, steps: int) -> str | None:
-    """Why ``e`` is not the same values as ``other`` in every step (None when it is)."""
-    for c in range(steps):
-        a, b = _call_key(e.key, c), _call_key(other, c)
-        if a not in d or b not in d:
-            return f"said to equal {other}, which is not recorded"
-        if not np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True):
+def _same(d: Dump, records: dict[str, list[str]], key: str, other: str) -> str | None:
+    """Why record ``key`` is not the same values as ``other`` in every step (None when it
+    is)."""
+    if other not in records:
+        return f"said to equal {other}, which is not recorded"
+    for c, (a, b) in enumerate(zip(records[key], records[other], strict=True)):
+        if is_stats(d, a) or is_stats(d, b):  # the same values have the same statistics
+            same = _stats_of(d, a) == _stats_of(d, b)
+        else:
+            same = np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True)
+        if not same:
             return f"said to equal {other}, but differs from it in step {c}"
     return None
+
+
+def _stats_of(d: Dump, key: str) -> dict[str, Any] | None:
+    e = d.entry(key)
+    return None if e is None or e.stats is None else dict(e.stats)
+
+
+def _stats_entry(entries: list[dict[str, Any]], key: str, shape: tuple[int, ...],
+                 dtype: str, stats: dict[str, Any]) -> None:
+    k = parse_key(key)
+    entries.append({"key": key, "module": k.module, "kind": k.kind or "out", "index": k.index,
+                    "call": k.call, "shape": list(shape), "dtype": dtype, "stats": stats})
 
 
 def _write(writer: DumpWriter, entries: list[dict[str, Any]], key: str, arr: np.ndarray,
@@ -254,23 +229,39 @@ def _new_path(d: Dump) -> Path:
     return _WORKDIR / f"{len(list(_WORKDIR.iterdir()))}-{d.path.stem}.hf.st"
 
 
+def replay_layout(d: Dump) -> str | None:
+    """How a Hugging Face capture replayed an engine's tokens (:data:`LAYOUTS`), None when
+    it did not replay an engine's dump."""
+    found = d.meta.get("engine_replay")
+    return str(found.get("layout")) if isinstance(found, dict) else None
+
+
 def line_up(runs: dict[str, Dump], mapping: str | os.PathLike[str] | None = None
             ) -> dict[str, Lineup]:
-    """Translate, in place in ``runs``, each engine's dump compared with a Hugging Face one;
-    returns what was made of each, by run name."""
+    """Translate, in place in ``runs``, each engine's dump compared with a Hugging Face one
+    (in the layout the Hugging Face runs replayed it in); returns what was made of each, by
+    run name."""
     if not any(engine_of(d) for d in runs.values()) or all(engine_of(d) for d in runs.values()):
         return {}
+    layouts = {replay_layout(d) or "forward" for d in runs.values() if not engine_of(d)}
+    if len(layouts) > 1:
+        raise DumpError("the Hugging Face runs replayed the engine's tokens in different ways "
+                        f"({', '.join(sorted(layouts))}): capture them alike")
     done: dict[str, Lineup] = {}
     for name, d in list(runs.items()):
         if engine_of(d):
-            done[name] = translate(d, mapping)
+            done[name] = translate(d, mapping, layouts.pop() if layouts else "forward")
+            layouts = {done[name].layout}
             runs[name] = done[name].dump
     return done
 
 
 def engine_lacks(lined: dict[str, Lineup], key: str) -> bool:
-    """A Hugging Face record the engine never computes (its table's ``hf_only``)."""
-    return any(ln.table is not None and ln.table.hf_only_reason(key) is not None
+    """A Hugging Face record the engine never computes (its table's ``hf_only``), in any
+    call."""
+    k = parse_key(key)
+    plain = make_key(k.module, k.kind, k.index) if k.kind else key
+    return any(ln.table is not None and ln.table.hf_only_reason(plain) is not None
                for ln in lined.values())
 
 
@@ -280,10 +271,13 @@ def notes(lined: dict[str, Lineup], keys: list[str]) -> list[str]:
     for ln in lined.values():
         src = Path(str(ln.dump.meta.get("translated_from", ""))).name
         engine = engine_of(ln.dump) or "engine"
+        how = ("prefill against the prefill, each decode step against the same step "
+               "from the KV cache" if ln.layout == "steps" else
+               "prefill and decode steps against one teacher-forced forward")
         out.append(f"{src}: {engine}'s records lined up with Hugging Face's by the {ln.family} "
                    f"table: {len(ln.mapped)} mapped onto {len(ln.hf_keys)} keys, "
                    f"{len(ln.duplicates)} duplicate(s) of them checked equal, "
-                   f"{len(ln.unmapped)} unmapped")
+                   f"{len(ln.unmapped)} unmapped; {how}")
         if ln.unmapped:
             first = next(iter(ln.unmapped.items()))
             out.append(f"unmapped {engine} records (not compared): "

@@ -25,6 +25,7 @@ from .profiles import (
     REF_FLOOR_RMS_EPS,
     REF_JUMP,
     REF_JUMP_FLOOR,
+    REF_JUMP_MIN_VECTORS,
     REF_JUMP_WINDOW,
     REF_MAX_RATIO,
     REF_RMS_RATIO,
@@ -205,12 +206,20 @@ def _rms_ratio(row: Row, ctx: Context) -> float | None:
 def reference_jump(row: Row, ctx: Context) -> Verdict | None:
     """With a reference: error *added* nearby. The ratio to the reference is at least
     ``REF_JUMP_FLOOR`` and ``REF_JUMP`` times the lowest ratio among the ``REF_JUMP_WINDOW``
-    records before it: deep in a model the reference carries the inherited error too, so
-    one faulty kernel's share shows as a step in the ratio before it reaches
-    ``REF_RMS_RATIO``; a ratio inherited from a fault upstream is no step."""
-    if row.metrics is None or row.metrics.max_abs <= ctx.profile.atol:
+    records before it, over at least ``REF_JUMP_MIN_VECTORS`` vectors of its last axis:
+    deep in a model the reference carries the inherited error too, so one faulty kernel's
+    share shows as a step in the ratio before it reaches ``REF_RMS_RATIO``; a ratio
+    inherited from a fault upstream is no step."""
+    if row.metrics is None or row.metrics.max_abs <= ctx.profile.atol \
+            or not _enough_vectors(row, row.metrics.numel):
         return None
     return _jump(row, ctx, _rms_ratio, "")
+
+
+def _enough_vectors(row: Row, numel: int) -> bool:
+    """Whether ``numel`` elements hold ``REF_JUMP_MIN_VECTORS`` vectors of the record's last
+    axis: a step measured over a handful of tokens is sampling noise."""
+    return numel >= REF_JUMP_MIN_VECTORS * (row.shape[-1] if row.shape else 1)
 
 
 def _jump(row: Row, ctx: Context, ratio_of: Callable[[Row, Context], float | None],
@@ -395,11 +404,12 @@ def _sketch_ratio(row: Row, ctx: Context) -> float | None:
 def reference_sketch_jump(row: Row, ctx: Context) -> Verdict | None:
     """Stats mode with a reference: error *added* nearby, the step rule of
     :func:`reference_jump` on the count-sketch ratios (:func:`_sketch_ratio`), with the
-    same limits: at depth a faulty kernel's share of the error stays under
-    ``REF_SKETCH_RATIO`` and shows as a step (1021 buckets estimate a norm to about 2%;
-    31 did to 13%, too coarse for a step)."""
-    gaps = _sketch_gaps(row, ctx)
-    if gaps is None or gaps[0] <= ctx.profile.atol:
+    same limits (the minimum of token vectors included): at depth a faulty kernel's share
+    of the error stays under ``REF_SKETCH_RATIO`` and shows as a step (1021 buckets
+    estimate a norm to about 2%; 31 did to 13%, too coarse for a step)."""
+    gaps, d = _sketch_gaps(row, ctx), row.stats_delta or {}
+    if gaps is None or gaps[0] <= ctx.profile.atol or not _enough_vectors(
+            row, int(d.get("numel", 0)) + int(d.get("padded", 0))):
         return None
     return _jump(row, ctx, _sketch_ratio, " (count sketch)")
 

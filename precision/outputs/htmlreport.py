@@ -177,6 +177,7 @@ def build(report: Report, base: Dump, target: Dump) -> str:
                      for k, v in report.counts().items() if v)
     warnings = "".join(f"<p class='muted'>warning: {html.escape(w)}</p>"
                        for w in report.warnings)
+    warnings += "".join(f"<p class='muted'>note: {html.escape(n)}</p>" for n in report.notes)
     info = report.info
     sides = " vs ".join(
         html.escape(f"{s.get('path')} ({s.get('dtype')}, {s.get('device')})")

@@ -110,12 +110,17 @@ def finish_folder(folder: Path, dist: Dist, meta: dict[str, Any]) -> Path:
 
 
 def own_shard(replay: str, dist: Dist | None) -> Dump:
-    """The dump to replay: this rank's shard of a directory dump, or the file itself."""
+    """The dump to replay: this rank's shard of a directory dump, or the file itself; of a
+    tensor-parallel engine's (``precision.vllm``), whose ranks all ran the same tokens, rank
+    0's shard."""
     p = Path(replay)
     if dist is not None and p.is_dir():
         load(p)  # checks the index and that every shard is there
         return load(p / shard_name(dist.rank))
-    return load(p)
+    found = load(p)
+    if p.is_dir() and isinstance(found.meta.get("engine"), dict):
+        return load(p / shard_name(0))
+    return found
 
 
 def split(prompts: list[str], dist: Dist) -> list[str]:

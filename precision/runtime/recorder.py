@@ -355,11 +355,13 @@ class Capture:
         self._seen.clear()
 
     # ---- public helpers
-    def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra") -> str:
+    def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra",
+                   whole: bool = True) -> str:
         """Store an extra tensor whole, in any mode (``generation:tokens``, or a call's
-        ``engine:in.positions#2``); returns the key."""
+        ``engine:in.positions#2``); with ``whole=False`` as module outputs are stored (its
+        statistics in stats mode). Returns the key."""
         k = parse_key(key)
-        self._store(key, k.module, kind, k.index, k.call, tensor, alias=None, whole=True)
+        self._store(key, k.module, kind, k.index, k.call, tensor, alias=None, whole=whole)
         return key
 
     @property

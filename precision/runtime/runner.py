@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from ..dtypes import canonical, short
-from ..dumps import reference_path
+from ..dumps import load, reference_path
 from ..dumps.atomic import check_output_path
 from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ..errors import InputError
-from . import devices, distributed
+from . import devices, distributed, stepwise
 from . import inputs as feeds
 from .models import (
     TORCH_DTYPES,
@@ -80,6 +80,10 @@ class CaptureOptions:
     ops_exclude: Sequence[str] = ()
     #: transformers' attention implementation (``eager``, ``sdpa``); None: the model's own
     attention: str | None = None
+    #: how a replay of an engine's dump (``precision.vllm``) runs its tokens: ``steps`` the
+    #: prefill, then each decode step from the KV cache (:mod:`precision.runtime.stepwise`);
+    #: ``forward`` one teacher-forced forward over prompts and generated tokens
+    engine_layout: str = "steps"
 
 
 #: ``--mode auto`` switches to stats mode above this many parameters (flan-t5-large: 0.78B)
@@ -169,6 +173,8 @@ def check_options(opts: CaptureOptions) -> str:
         raise InputError(f"--mode {opts.mode}: use full, stats or auto")
     if opts.steps is not None and not opts.steps:
         raise InputError("--steps needs at least one step")
+    if opts.engine_layout not in ("steps", "forward"):
+        raise InputError(f"engine layout {opts.engine_layout!r}: use steps or forward")
     if opts.device_map:
         read_device_map(opts.device_map)
     fed = [f for f, used in (("--image", opts.images), ("--audio", opts.audio),
@@ -196,12 +202,14 @@ def capture_references(opts: CaptureOptions, base: Path,
     """The same model and inputs in each ``expect`` precision on the same device, written
     beside ``base`` (:func:`precision.dumps.reference_path`): what that precision costs on
     this model, record by record, for compare's reference rules. They replay ``base``'s
-    inputs, whatever gave them (prompts, images, audio or a feed file)."""
+    inputs, whatever gave them (prompts, images, audio or a feed file); a replay of an
+    engine's dump replays the engine's dump again, step by step as ``base`` did."""
     out = []
+    again = opts.replay if opts.replay and _engine_dump(opts.replay) else str(base)
     for e in opts.expect:
         ref = reference_path(base, e)
         log(f"capturing the {short(canonical(e))} reference of {base.name}: {ref.name}")
-        out.append(_run_capture(replace(opts, dtype=e, replay=str(base), output=str(ref),
+        out.append(_run_capture(replace(opts, dtype=e, replay=again, output=str(ref),
                                         expect=(), prompts=(), prompts_file=None, images=(),
                                         audio=(), feed=None), log))
     return out
@@ -259,6 +267,9 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
     """The capture itself, once the model is loaded."""
     if base is not None:
         require_same_model(base, loaded.model, f"--replay {base.path}")
+    by_step = opts.capture_steps or opts.steps is not None
+    layout = _engine_layout(opts, base, loaded, by_step)
+    plan = stepwise.plan_of(base) if base is not None and layout == stepwise.STEPS else None
 
     def prepare() -> tuple[dict[str, torch.Tensor], Generation | None,
                            dict[str, torch.Tensor]]:
@@ -266,6 +277,10 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         if base is not None:
             log(f"replaying the inputs of {base.path}")
             gen, prompt = _replay_generation(base, loaded, device.torch_device, log)
+            if plan is not None:
+                log(f"replaying the engine's steps: the prefill, then {plan.decode_steps} "
+                    "decode step(s) from the KV cache")
+                return plan.prompt_inputs(device.torch_device), gen, prompt
             return replay_inputs(base, device.torch_device, TORCH_DTYPES[dtype]), gen, prompt
         src = sources(opts, prompts)
         fed = feeds.build(loaded.model, loaded.tokenizer, loaded.path, src,
@@ -274,7 +289,6 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         inputs, gen = _fresh_inputs(loaded, prompt, opts.max_new_tokens, opts.num_beams, log)
         return inputs, gen, prompt
 
-    by_step = opts.capture_steps or opts.steps is not None
     mode, why = choose_mode(opts.mode, loaded.model)
     inputs: dict[str, torch.Tensor] = {}
     gen: Generation | None = None
@@ -295,6 +309,13 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "mode_reason": why, "full_globs": list(opts.full),
         "attention": getattr(getattr(loaded.model, "config", None), "_attn_implementation", None),
     }
+    if layout is not None:
+        meta["engine_replay"] = {"layout": layout,
+                                 "decode_steps": plan.decode_steps if plan else None}
+    if base is not None and base.meta.get("reference_inputs"):
+        # passed on, so a replay of this dump (its --expect reference, another device) records
+        # the same module inputs and every row an engine's dump asks for has its reference
+        meta["reference_inputs"] = list(base.meta["reference_inputs"])
     full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
         else ""
     log(f"capturing a forward pass ({mode} mode{'' if why == 'asked' else ', ' + why}"
@@ -323,6 +344,8 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         t0 = time.perf_counter()
         if opts.backward:
             cap.meta["backward"] = _training_step(loaded, inputs, opts.loss_scale, cap)
+        elif plan is not None:
+            stepwise.replay(loaded.model, plan, device.torch_device)
         else:
             loaded.model(**inputs)
         device.synchronize()
@@ -330,6 +353,29 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
     if dist is not None:
         return distributed.finish_folder(out.parent, dist, {"model": opts.model, "dtype": dtype})
     return out
+
+
+def _engine_dump(path: str) -> bool:
+    """Whether ``path`` is an engine's dump (``precision.vllm``: ``meta.engine``)."""
+    engine = load(path).meta.get("engine")
+    return isinstance(engine, dict) and bool(engine.get("name"))
+
+
+def _engine_layout(opts: CaptureOptions, base: Dump | None, loaded: LoadedModel,
+                   by_step: bool) -> str | None:
+    """How this capture replays an engine's dump (None when ``base`` is not one): step by
+    step as asked, unless the capture is a training step, records the steps of its own
+    generation, the model is not a causal LM, or the engine's dump holds statistics (whose
+    steps can mix prefill and decode tokens): one teacher-forced forward then."""
+    engine = base.meta.get("engine") if base is not None else None
+    if base is None or not isinstance(engine, dict) or not engine.get("name"):
+        return None
+    if base.mode == "stats":
+        return "forward"
+    if opts.engine_layout == stepwise.STEPS and not (by_step or opts.backward) \
+            and loaded.kind == "causal-lm":
+        return stepwise.STEPS
+    return "forward"
 
 
 def _loading_meta(loaded: LoadedModel) -> dict[str, Any]:

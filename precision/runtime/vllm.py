@@ -34,6 +34,7 @@ import torch
 from ..dtypes import canonical
 from ..dumps.atomic import check_output_path
 from ..dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key
+from ..dumps.shards import INDEX, shard_name, write_index
 from ..errors import InputError
 from .recorder import Capture, config_hash, named_arguments
 
@@ -42,8 +43,10 @@ from .recorder import Capture, config_hash, named_arguments
 WORKER_EXCLUDE = ("lm_head", "logits_processor")
 #: modules whose inputs the Hugging Face reference records when it replays this dump: what
 #: vLLM's fused modules compute is their input there (attention before o_proj, silu(gate)*up
-#: before down_proj, the residual sum before post_attention_layernorm)
-REFERENCE_INPUTS = ("*.self_attn.o_proj", "*.mlp.down_proj", "*.post_attention_layernorm")
+#: before down_proj, the residual sum before post_attention_layernorm, or before Gemma's
+#: pre_feedforward_layernorm)
+REFERENCE_INPUTS = ("*.self_attn.o_proj", "*.mlp.down_proj", "*.post_attention_layernorm",
+                    "*.pre_feedforward_layernorm")
 ENGINE = "engine"
 LOGITS = "logits_processor"
 #: the worker's capture in progress (one per worker process)
@@ -64,9 +67,14 @@ def require_vllm() -> Any:
 
 
 def _start(model: torch.nn.Module, *, path: str, mode: str, meta: dict[str, Any]) -> str:
-    """In a worker: hook ``model`` and start streaming its records to ``path``."""
+    """In a worker: hook ``model`` and start streaming its records to ``path`` (with several
+    tensor-parallel ranks, a folder: this rank's shard in it)."""
     if "capture" in _ACTIVE:
         raise InputError("a precision capture is already running in this vLLM engine")
+    rank, world = _tp_rank()
+    if world > 1:
+        path = str(Path(path) / shard_name(rank))
+        meta = meta | {"engine": dict(meta.get("engine") or {}, rank=rank)}
     cap = Capture(model, path, mode=mode, exclude=WORKER_EXCLUDE, inputs=(),
                   root_inputs=False, meta=meta, force=True)
     cap.__enter__()
@@ -95,8 +103,58 @@ def _start(model: torch.nn.Module, *, path: str, mode: str, meta: dict[str, Any]
 
     handles = [model.register_forward_pre_hook(before, with_kwargs=True),
                model.register_forward_hook(after, with_kwargs=True)]
+    if mode == "stats":
+        handles += _part_hooks(model, cap)
+    cap.meta.setdefault("engine", {})["shared_modules"] = shared_modules(model)
     _ACTIVE.update(capture=cap, handles=handles, steps=step)
     return path
+
+
+def _part_hooks(model: torch.nn.Module, cap: Capture) -> list[Any]:
+    """In stats mode, the statistics of each part of a fused projection's output too (q, k,
+    v of ``qkv_proj``; gate, up of ``gate_up_proj``: ``:out.0.part<j>``), which the whole's
+    statistics cannot be cut into. The parts' widths on this rank are the layer's own
+    ``output_partition_sizes``."""
+    handles = []
+    for name, mod in model.named_modules():
+        sizes = getattr(mod, "output_partition_sizes", None)
+        if not name or not isinstance(sizes, list | tuple) or len(sizes) < 2:
+            continue
+        calls = {"n": 0}
+
+        def hook(_mod: torch.nn.Module, _args: Any, out: Any, name: str = name,
+                 sizes: tuple[int, ...] = tuple(sizes), calls: dict[str, int] = calls) -> None:
+            first = out[0] if isinstance(out, tuple) else out
+            if isinstance(first, torch.Tensor) and first.shape[-1] == sum(sizes):
+                for j, part in enumerate(first.split(list(sizes), dim=-1)):
+                    cap.add_tensor(make_key(name, "out", f"0.part{j}", calls["n"]), part,
+                                   kind="out", whole=False)
+            calls["n"] += 1
+
+        handles.append(mod.register_forward_hook(hook))
+    return handles
+
+
+def _tp_rank() -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the number of ranks."""
+    from vllm.distributed import parallel_state as ps
+
+    try:
+        return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    except (AssertionError, AttributeError):  # no group: one worker
+        return 0, 1
+
+
+def shared_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Modules that sit at several names (vLLM shares one GeluAndMul, or one rotary_emb,
+    between layers): the name they are recorded under -> every name, in call order. Such a
+    module's records hold one call per name per engine step (``#k`` is name ``k % n`` in step
+    ``k // n``), which :mod:`precision.judge.crossimpl` separates again."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(mod), []).append(name)
+    return {found[0]: found for found in names.values() if len(found) > 1}
 
 
 def _query_start_loc(num_tokens: int) -> torch.Tensor:
@@ -150,7 +208,9 @@ def _abort(model: torch.nn.Module) -> None:
 class VllmCapture:
     """Hooks in a vLLM engine's workers while the ``with`` block runs; see the module doc.
 
-    ``path`` is the dump to write; ``mode`` ``full`` (tensors) or ``stats`` (statistics,
+    ``path`` is the dump to write: a file, or with tensor parallelism a folder where each
+    rank writes its shard (``rank<r>.st``) and the driver the index last (a directory dump,
+    :mod:`precision.dumps.shards`). ``mode`` ``full`` (tensors) or ``stats`` (statistics,
     for big models). Call :meth:`record` with the outputs of ``llm.generate`` inside the
     block: without them the dump could not be replayed.
     """
@@ -167,25 +227,29 @@ class VllmCapture:
         self._outputs: list[Any] | None = None
         self.result: dict[str, Any] = {}
         self.config = _engine_config(llm)
+        self.ranks = int(self.config["tensor_parallel_size"])
 
     def record(self, outputs: list[Any]) -> None:
         """The ``RequestOutput`` list that ``llm.generate`` returned in the block."""
         self._outputs = list(outputs)
 
     def __enter__(self) -> VllmCapture:
-        check_output_path(self.path, force=self._force)
         if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
             raise InputError("precision.vllm reaches the model through LLM.apply_model: set "
                              "VLLM_ALLOW_INSECURE_SERIALIZATION=1 before creating the LLM")
         cfg = self.config
-        if cfg["tensor_parallel_size"] != 1 or cfg["pipeline_parallel_size"] != 1:
-            raise InputError("precision.vllm captures one worker for now: use "
-                             "tensor_parallel_size=1 and pipeline_parallel_size=1")
+        if cfg["pipeline_parallel_size"] != 1:
+            raise InputError("precision.vllm does not capture pipeline parallelism yet: use "
+                             "pipeline_parallel_size=1 (tensor parallelism is captured)")
         if cfg["prefix_caching"]:
             raise InputError("prefix caching skips the tokens of a shared prefix: create the "
                              "LLM with enable_prefix_caching=False to capture it")
-        if self.path.exists() and self._force:
-            self.path.unlink()
+        if self.ranks > 1:
+            _prepare_folder(self.path, force=self._force)
+        else:
+            check_output_path(self.path, force=self._force)
+            if self.path.exists() and self._force:
+                self.path.unlink()
         self.llm.apply_model(functools.partial(_start, path=str(self.path), mode=self.mode,
                                                meta=self._meta()))
         return self
@@ -201,6 +265,10 @@ class VllmCapture:
         tensors, meta = request_records(self._outputs)
         done = self.llm.apply_model(functools.partial(_finish, tensors=tensors, meta=meta))
         self.result = done[0]
+        if self.ranks > 1:  # the index last: a folder without one is an unfinished capture
+            write_index(self.path, self.ranks, {"engine": "vllm", "ranks": self.ranks})
+            self.result = {"path": str(self.path), "steps": done[0]["steps"],
+                           "records": [r["records"] for r in done]}
 
     def _meta(self) -> dict[str, Any]:
         cfg = self.config
@@ -215,6 +283,23 @@ class VllmCapture:
             "engine": {k: v for k, v in cfg.items() if k != "model"},
             "config": config_facts(hf), "reference_inputs": list(REFERENCE_INPUTS),
         }
+
+
+def _prepare_folder(folder: Path, *, force: bool) -> None:
+    """The folder of a tensor-parallel capture: created, without an index until every
+    rank's shard is written."""
+    if not folder.parent.is_dir():
+        raise InputError(f"output folder {folder.parent} does not exist: create it first")
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file: a tensor-parallel capture writes a folder (one "
+                         "shard per rank)")
+    if (folder / INDEX).exists() and not force:
+        raise InputError(f"output {folder} already holds a dump: pass force=True to "
+                         "overwrite it")
+    folder.mkdir(exist_ok=True)
+    (folder / INDEX).unlink(missing_ok=True)
+    for old in folder.glob("rank*.st"):
+        old.unlink()
 
 
 def _engine_config(llm: Any) -> dict[str, Any]:

@@ -4,6 +4,10 @@ A list with one object per sequence (or ``{"sequences": [...]}``)::
 
     {"token_ids": [412, 98], "logprobs": [{"412": -0.11, "98": -2.6}, {"98": {"logprob": -0.02}}]}
 
+Log-probabilities do not say what the engine computed in; ``{"dtype": "bfloat16",
+"sequences": [...]}`` states it (vLLM's ``model_config.dtype``), and the comparison is then
+judged for that precision, as ``--target-dtype`` would.
+
 Everything JSON hands back is checked before it is used: token ids are non-negative integers
 below 2**63 (``-1`` is the padding the arrays use, so a negative id would pass as padding),
 log-probabilities are numbers, not NaN or +inf, and every sequence has one ``logprobs`` entry
@@ -20,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import DumpError
+from ...dtypes import canonical, is_float
+from ...errors import DumpError, InputError
 from ..keys import GEN_PREFIX
 from .guard import Converted, is_int, is_number, parse_json
 
@@ -64,8 +69,23 @@ def read(p: Path) -> Converted:
     tensors: list[tuple[str, np.ndarray]] = [
         (GEN_PREFIX + "tokens", tok), (GEN_PREFIX + "topk_ids", ids_arr),
         (GEN_PREFIX + "topk_logprobs", lps_arr)]
-    return Converted(tensors, {"generation": {"num_beams": 1, "steps": n_steps, "topk": k},
-                               "logits_key": None})
+    meta: dict[str, Any] = {"generation": {"num_beams": 1, "steps": n_steps, "topk": k},
+                            "logits_key": None}
+    if isinstance(doc, dict) and "dtype" in doc:
+        meta["dtype"] = _dtype(p, doc["dtype"])
+    return Converted(tensors, meta)
+
+
+def _dtype(p: Path, value: Any) -> str:
+    """The ``dtype`` a file states (``bfloat16``, ``torch.bfloat16``, ``bf16``...)."""
+    try:
+        name = canonical(value) if isinstance(value, str) else ""
+    except InputError:
+        name = ""
+    if not is_float(name):
+        raise DumpError(f"{p}: 'dtype' {value!r} is not a floating-point dtype (give e.g. "
+                        "\"bfloat16\", what vLLM's model_config.dtype says)")
+    return name
 
 
 def _check_size(p: Path, n_seqs: int, n_steps: int, k: int) -> None:
