@@ -45,10 +45,12 @@ def real_model(name: str) -> Path:
 
 def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "float32",
                logits_key: str | None = None, stats: dict[str, dict[str, Any]] | None = None,
-               meta: dict[str, Any] | None = None) -> Path:
+               meta: dict[str, Any] | None = None,
+               stats_shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
     """Write a precision dump from numpy arrays (bf16 via ml_dtypes), in dict order.
 
-    ``stats`` adds stats-only records (no tensor) for the given keys.
+    ``stats`` adds stats-only records (no tensor) for the given keys, of shape
+    ``(numel,)`` or ``stats_shapes[key]``.
     """
     w = DumpWriter(path, force=True)
     entries = []
@@ -64,7 +66,8 @@ def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "floa
                         "call": 0, "shape": list(a.shape), "dtype": name})
     for key, st in (stats or {}).items():
         entries.append({"key": key, "module": key.split(":")[0], "kind": "out", "index": "",
-                        "call": 0, "shape": [st["numel"]], "dtype": dtype, "stats": st})
+                        "call": 0, "shape": list((stats_shapes or {}).get(key, (st["numel"],))),
+                        "dtype": dtype, "stats": st})
     full = {"mode": "stats" if stats and not tensors else "full", "dtype": dtype,
             "model": {"class": "Synthetic", "config_hash": "synthetic"},
             "logits_key": logits_key, "entries": entries, "complete": True}

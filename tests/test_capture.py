@@ -134,6 +134,29 @@ def test_stats_mode_matches_numpy_and_counts_nonfinite(tmp_path: Path) -> None:
     assert clean["std"] == pytest.approx(x.double().std(unbiased=False).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_device_statistics_match_float64_numpy_in_every_dtype(dtype: torch.dtype) -> None:
+    """On the CPU a half-precision tensor is staged in float32 (the sketch's product then
+    written over it) and extrema come from numpy: the numbers are numpy's float64 ones on
+    the same values, twice in a row (the staging buffer is reused), and the tensor itself is
+    left as it was."""
+    from precision.dumps.sketch import count_sketch, decode
+    from precision.runtime.tensorstats import tensor_stats
+
+    for seed in (0, 1):
+        x = (torch.randn(3, 1500, generator=torch.Generator().manual_seed(seed)) * 3 + 1).to(dtype)
+        kept = x.clone()
+        st = tensor_stats(x)
+        assert torch.equal(x, kept)
+        v = x.double().numpy().ravel()
+        assert (st["min"], st["max"], st["absmax"]) == (v.min(), v.max(), np.abs(v).max())
+        assert st["mean"] == pytest.approx(v.mean(), rel=1e-6)
+        assert st["std"] == pytest.approx(v.std(), rel=1e-6)
+        assert st["norm"] == pytest.approx(np.linalg.norm(v), rel=1e-6)
+        np.testing.assert_allclose(decode(st["sketch"]), count_sketch([v]), rtol=0,
+                                   atol=1e-6 * np.linalg.norm(v))
+
+
 def test_include_exclude_and_no_match(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     with torch.no_grad(), precision.capture(model, tmp_path / "a.st", include=["*"],
@@ -265,8 +288,8 @@ def test_every_kth_block(tmp_path: Path) -> None:
 def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     """A stats record of a left-padded batch covers real tokens only, in element order, and
     its count sketch is the one numpy computes on the same elements."""
-    from precision.dumps.sketch import count_sketch
-    from precision.runtime.tensorstats import SKETCH_CACHE, sketch
+    from precision.dumps.sketch import PERIOD, count_sketch, decode
+    from precision.runtime.tensorstats import sketch
 
     class Heads(nn.Module):
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor
@@ -286,16 +309,26 @@ def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     assert st["numel"] == real.size and st["padded"] == 2 * 6
     assert st["norm"] == pytest.approx(np.linalg.norm(real), rel=1e-6)
     # the CPU sums in float32 (docs: about 1e-6 of ||x||)
-    np.testing.assert_allclose(st["sketch"], count_sketch([real]), rtol=0,
+    np.testing.assert_allclose(decode(st["sketch"]), count_sketch([real]), rtol=0,
                                atol=1e-5 * np.linalg.norm(real))
     in_order = heads[mask.bool()[:, None, :, None].expand(heads.shape)].double().numpy()
     st2 = d.entry("root:out.1").stats
     assert st2["numel"] == in_order.size
-    np.testing.assert_allclose(st2["sketch"], count_sketch([in_order]), rtol=0,
+    np.testing.assert_allclose(decode(st2["sketch"]), count_sketch([in_order]), rtol=0,
                                atol=1e-5 * np.linalg.norm(in_order))
-    # chunks past the cached plans give the same sketch as numpy's
-    big = torch.randn(SKETCH_CACHE + 1000, dtype=torch.float64)
-    np.testing.assert_allclose(sketch(big), count_sketch([big.numpy()]), rtol=1e-9, atol=1e-9)
+    # past one period of signs (flipped by the period's sign), in float64 (kept: within
+    # float32 storage) and in bf16 (float32 products and sums); a small tensor after them
+    # reads the start of the grown sign table and work buffer
+    big = torch.randn(PERIOD + 1000, dtype=torch.float64)
+    np.testing.assert_allclose(decode(sketch(big)), count_sketch([big.numpy()]), rtol=2.0**-23,
+                               atol=1e-9)
+    half = big.to(torch.bfloat16)
+    exact = count_sketch([half.double().numpy()])
+    np.testing.assert_allclose(decode(sketch(half)), exact, rtol=0,
+                               atol=1e-5 * np.linalg.norm(half.double().numpy()))
+    small = torch.randn(3, 700, dtype=torch.float16)
+    np.testing.assert_allclose(decode(sketch(small)), count_sketch([small.double().numpy()]),
+                               rtol=2.0**-23, atol=1e-5 * float(small.double().norm()))
 
 
 class Rotary(nn.Module):

@@ -338,3 +338,91 @@ def test_the_inherited_scale_does_not_hide_drift(make_dump: Callable[..., Any], 
                               source_numel=source_numel)
     act = next(r for r in report.rows if r.key == "act:out")
     assert act.status == "DRIFT", act.reason
+
+
+# --- stats mode against a reference: the count-sketch rules -------------------------------------
+
+REF_GAP = 1e4  # the reference's estimated error norm: far above the eps/4 floor (here 768)
+
+
+def _sketch_runs(make_dump: MakeDump, ratios: list[float], *, ref_gap: float = REF_GAP,
+                 buckets: tuple[int, int, int] = (1021, 1021, 1021),
+                 vectors: int = 256, width: int = N // 256) -> Report:
+    """bf16 stats-mode runs of records ``m.l.<i>:out`` whose count sketches put the target's
+    error estimate at ``ratios[i] x`` the reference's exactly: the baseline's sketch is zero,
+    the reference's ``ref_gap`` in one bucket, the target's ``ratios[i] x ref_gap`` there.
+    The records are ``vectors`` token vectors of ``width`` elements."""
+    from precision.dumps.sketch import encode
+
+    def sketch(value: float, size: int) -> str:
+        y = np.zeros(size)
+        y[0] = value
+        return encode(y)
+
+    a = stats_of(np.full(vectors * width, A, dtype=np.float32))
+    runs = {}
+    for name, dtype, size, gap in (("b.st", "float32", buckets[0], [0.0] * len(ratios)),
+                                   ("t.st", "bfloat16", buckets[1],
+                                    [r * ref_gap for r in ratios]),
+                                   ("r.st", "bfloat16", buckets[2], [ref_gap] * len(ratios))):
+        runs[name] = make_dump(name, {}, dtype=dtype, stats={
+            f"m.l.{i}:out": a | {"sketch": sketch(g, size)} for i, g in enumerate(gap)},
+            stats_shapes={f"m.l.{i}:out": (vectors, width) for i in range(len(gap))})
+    return precision.compare(runs["b.st"], runs["t.st"], reference=runs["r.st"], jobs=1)
+
+
+def test_stats_sketch_beyond_3x_the_reference_is_drift(make_dump: MakeDump) -> None:
+    beyond = _sketch_runs(make_dump, [3 * BEYOND])
+    row = beyond.rows[0]
+    assert row.status == "DRIFT" and "count sketch" in row.reason, row.reason
+    assert "3.15x the reference's" in row.reason, row.reason
+    inside = _sketch_runs(make_dump, [3 * INSIDE]).rows[0]
+    assert inside.status == "OK", inside.reason
+
+
+def test_stats_sketch_floor_where_the_reference_is_nearly_exact(make_dump: MakeDump) -> None:
+    """A reference with no error at all: the limit is eps/4 x ||a|| (bf16: 2^-9 ||a||)."""
+    floor = 2.0**-7 / 4 * float(np.linalg.norm(_baseline().astype(np.float64)))
+    beyond = _sketch_runs(make_dump, [BEYOND * floor], ref_gap=1.0).rows[0]
+    assert beyond.status == "DRIFT", beyond.reason
+    inside = _sketch_runs(make_dump, [INSIDE * floor], ref_gap=1.0).rows[0]
+    assert inside.status == "OK", inside.reason
+
+
+def test_stats_error_added_at_depth_is_a_step_in_the_sketch_ratio(make_dump: MakeDump) -> None:
+    """Under the 3x limit, a record at 2x the reference after records at 1x is error added
+    here: DRIFT at the 2x floor (1.05x of it; not 0.95x), and at 1.75x the lowest ratio of
+    the 8 records before (1.05x of it; not 0.95x)."""
+    quiet = [1.0] * 8
+    floor = _sketch_runs(make_dump, [*quiet, 2.0 * BEYOND])
+    row = floor.rows[-1]
+    assert row.status == "DRIFT" and [r.status for r in floor.rows[:-1]] == ["OK"] * 8
+    assert "error added here: 2.1x the reference's (count sketch), up from 1x" in row.reason
+    assert _sketch_runs(make_dump, [*quiet, 2.0 * INSIDE]).rows[-1].status == "OK"
+    step = 1.75 * 1.4  # the 8 records before at 1.4x: the step is measured from there
+    raised = [1.0, *[1.4] * 8]  # the 9th before, at 1x, is outside the window
+    assert _sketch_runs(make_dump, [*raised, step * BEYOND]).rows[-1].status == "DRIFT"
+    assert _sketch_runs(make_dump, [*raised, step * INSIDE]).rows[-1].status == "OK"
+
+
+@pytest.mark.parametrize(("vectors", "status"), [(16, "DRIFT"), (15, "OK")])
+def test_stats_sketch_step_needs_enough_token_vectors(make_dump: MakeDump, vectors: int,
+                                                      status: str) -> None:
+    """As in full mode, a step over fewer than REF_JUMP_MIN_VECTORS (16) token vectors is
+    sampling noise: judged by the 3x limit alone."""
+    from precision.judge.profiles import REF_JUMP_MIN_VECTORS
+
+    assert REF_JUMP_MIN_VECTORS == 16
+    report = _sketch_runs(make_dump, [1.0] * 8 + [2.0 * BEYOND], vectors=vectors, width=4096)
+    assert report.rows[-1].status == status, report.rows[-1].reason
+
+
+def test_stats_sketches_of_different_sizes_are_not_compared(make_dump: MakeDump) -> None:
+    """A target captured before the 1021-bucket sketch (31 numbers): no estimate, and the
+    report says why."""
+    report = _sketch_runs(make_dump, [10.0], buckets=(1021, 31, 1021))
+    row = report.rows[0]
+    assert row.stats_delta is not None and row.stats_delta["sketch_gap"] is None
+    assert row.status == "OK", row.reason
+    assert any("count sketches of different sizes" in n and "t.st: 31" in n
+               for n in report.notes), report.notes

@@ -30,6 +30,7 @@ from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_d
 from ..errors import DumpError
 from .atomic import DISK_FULL, AtomicFile, format_bytes
 from .meta import ComputeSettings
+from .sketch import valid as valid_sketch
 
 FORMAT_NAME = "precision-dump"
 FORMAT_VERSION = 1
@@ -486,10 +487,11 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
 
 def _valid_stats(stats: Any) -> bool:
     """A stats record: a dict of numbers (or null where there were no finite values), and
-    optionally a ``sketch``: a list of finite numbers."""
+    optionally a ``sketch`` of finite values (:func:`precision.dumps.sketch.valid`: base64
+    text, or the first format's list of numbers)."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     return isinstance(stats, dict) and all(
-        (isinstance(v, list) and all(number(x) and math.isfinite(x) for x in v))
-        if k == "sketch" else (v is None or number(v)) for k, v in stats.items())
+        (isinstance(v, (list, str)) and valid_sketch(v)) if k == "sketch"
+        else (v is None or number(v)) for k, v in stats.items())

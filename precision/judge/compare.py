@@ -30,6 +30,7 @@ from ..dumps.dump import Dump
 from ..dumps.external import open_any
 from ..dumps.external.msprobe_l1 import line_up_runs, lineup_notes
 from ..dumps.keys import INPUT_PREFIX
+from ..dumps.sketch import BUCKETS, size_of
 from ..errors import InputError, option
 from . import crossimpl, parallel
 from .align import (
@@ -155,7 +156,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   fail_on=fail_on, info=_info(b, t),
                   notes=tuple(_notes(rows) + _folded_notes(runs, folded)
                               + _operation_notes(b, t)
-                              + _reference_notes(runs, dtypes, prof) + lineup_notes(runs)
+                              + _reference_notes(runs, dtypes, prof) + _sketch_notes(runs)
+                              + lineup_notes(runs)
                               + crossimpl.notes(lined, [r.key for r in rows])))
 
 
@@ -392,6 +394,24 @@ def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profil
                 "eps rms): for verdicts that hold at depth, capture the baseline with "
                 f"--expect {short(dtypes[TARGET])}"]
     return []
+
+
+def _sketch_notes(runs: dict[str, Dump]) -> list[str]:
+    """Stats records whose count sketches cannot be compared: runs that kept sketches of
+    different sizes (a capture from before the 1021-bucket sketch keeps 31 numbers). A full
+    dump's statistics, sketch included, are computed from its tensors by this version."""
+    sizes = {}
+    for name, d in runs.items():
+        found = next((n for n in (size_of((e.stats or {}).get("sketch")) for e in d.entries)
+                      if n is not None), BUCKETS if d.mode == "full" else None)
+        if found is not None:
+            sizes[name] = (d, found)
+    if len({n for _, n in sizes.values()}) < 2:
+        return []
+    told = ", ".join(f"{d.path.name}: {n}" for d, n in sizes.values())
+    return [f"count sketches of different sizes ({told} buckets): no error estimate from "
+            f"them; capture the older run(s) again to get the {BUCKETS}-bucket sketch "
+            "(docs/format.md)"]
 
 
 def _info(b: Dump, t: Dump) -> dict[str, Any]:

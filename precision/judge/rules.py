@@ -206,22 +206,38 @@ def _rms_ratio(row: Row, ctx: Context) -> float | None:
 def reference_jump(row: Row, ctx: Context) -> Verdict | None:
     """With a reference: error *added* nearby. The ratio to the reference is at least
     ``REF_JUMP_FLOOR`` and ``REF_JUMP`` times the lowest ratio among the ``REF_JUMP_WINDOW``
-    records before it, over at least ``REF_JUMP_MIN_VECTORS`` vectors of its last axis: deep in a model the reference carries the inherited error too, so
-    one faulty kernel's share shows as a step in the ratio before it reaches
-    ``REF_RMS_RATIO``; a ratio inherited from a fault upstream is no step."""
-    ratio = _rms_ratio(row, ctx)
-    if ratio is None or ratio < REF_JUMP_FLOOR or row.metrics is None \
-            or row.metrics.max_abs <= ctx.profile.atol \
-            or row.metrics.numel < REF_JUMP_MIN_VECTORS * (row.shape[-1] if row.shape else 1):
+    records before it, over at least ``REF_JUMP_MIN_VECTORS`` vectors of its last axis:
+    deep in a model the reference carries the inherited error too, so one faulty kernel's
+    share shows as a step in the ratio before it reaches ``REF_RMS_RATIO``; a ratio
+    inherited from a fault upstream is no step."""
+    if row.metrics is None or row.metrics.max_abs <= ctx.profile.atol \
+            or not _enough_vectors(row, row.metrics.numel):
         return None
-    ratios = (r for r in (_rms_ratio(p, ctx) for p in ctx.before(row)) if r is not None)
+    return _jump(row, ctx, _rms_ratio, "")
+
+
+def _enough_vectors(row: Row, numel: int) -> bool:
+    """Whether ``numel`` elements hold ``REF_JUMP_MIN_VECTORS`` vectors of the record's last
+    axis: a step measured over a handful of tokens is sampling noise."""
+    return numel >= REF_JUMP_MIN_VECTORS * (row.shape[-1] if row.shape else 1)
+
+
+def _jump(row: Row, ctx: Context, ratio_of: Callable[[Row, Context], float | None],
+          what: str) -> Verdict | None:
+    """The step rule of :func:`reference_jump` on the ratios ``ratio_of`` gives: the row's
+    at least ``REF_JUMP_FLOOR`` and ``REF_JUMP x max(1, the lowest of the REF_JUMP_WINDOW
+    ratios before it)``."""
+    ratio = ratio_of(row, ctx)
+    if ratio is None or ratio < REF_JUMP_FLOOR:
+        return None
+    ratios = (r for r in (ratio_of(p, ctx) for p in ctx.before(row)) if r is not None)
     before = list(itertools.islice(ratios, REF_JUMP_WINDOW))
     if not before:
         return None
     low = max(min(before), 1.0)
     if ratio < REF_JUMP * low:
         return None
-    return Verdict("DRIFT", f"error added here: {ratio:.3g}x the reference's, up from "
+    return Verdict("DRIFT", f"error added here: {ratio:.3g}x the reference's{what}, up from "
                             f"{low:.3g}x within the {REF_JUMP_WINDOW} records before "
                             f"(> {REF_JUMP:g}x that, and {REF_JUMP_FLOOR:g}x)",
                    ratio / (REF_JUMP * low))
@@ -344,22 +360,58 @@ def stats_non_finite(row: Row, ctx: Context) -> Verdict | None:
     return None
 
 
-def reference_sketch(row: Row, ctx: Context) -> Verdict | None:
-    """Stats mode with a reference: the count-sketch estimate of ``||b - a||``
-    (:mod:`precision.dumps.sketch`) beyond ``REF_SKETCH_RATIO`` times the reference's, and
-    beyond ``eps / 4 x ||a||`` where the reference is nearly exact."""
+def _sketch_gaps(row: Row, ctx: Context) -> tuple[float, float, float] | None:
+    """Stats mode with a reference: the count-sketch estimates of ``||b - a||`` for the
+    target and the reference (:mod:`precision.dumps.sketch`), and ``||a||``; None where a
+    run has no sketch (NaN, inf or masked values; sketches of different sizes)."""
     d, ref = row.stats_delta, ctx.other(REFERENCE, row.key)
     if d is None or ref is None or ref.stats_delta is None:
         return None
     gap, ref_gap = d.get("sketch_gap"), ref.stats_delta.get("sketch_gap")
     if gap is None or ref_gap is None:
         return None
-    limit = max(REF_SKETCH_RATIO * ref_gap, ctx.profile.eps / 4 * d["norm_base"])
+    return float(gap), float(ref_gap), float(d["norm_base"])
+
+
+def reference_sketch(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode with a reference: the count-sketch estimate of ``||b - a||``
+    (:mod:`precision.dumps.sketch`) beyond ``REF_SKETCH_RATIO`` times the reference's, and
+    beyond ``eps / 4 x ||a||`` where the reference is nearly exact."""
+    gaps = _sketch_gaps(row, ctx)
+    if gaps is None:
+        return None
+    gap, ref_gap, norm = gaps
+    limit = max(REF_SKETCH_RATIO * ref_gap, ctx.profile.eps / 4 * norm)
     if gap <= limit or gap <= ctx.profile.atol:
         return None
-    return Verdict("DRIFT", f"error norm about {gap / d['norm_base']:.3g} relative (count "
+    return Verdict("DRIFT", f"error norm about {gap / norm:.3g} relative (count "
                             f"sketch), {_times(gap, ref_gap)} the reference's (> "
-                            f"{limit / d['norm_base']:.3g})", gap / limit)
+                            f"{limit / norm:.3g})", gap / limit)
+
+
+def _sketch_ratio(row: Row, ctx: Context) -> float | None:
+    """The count-sketch error estimate over the reference's, as :func:`reference_sketch`
+    judges it: ``gap / max(ref_gap, eps/4 x ||a|| / REF_SKETCH_RATIO)`` (above
+    ``REF_SKETCH_RATIO`` exactly where that rule fires, up to ``atol``)."""
+    gaps = _sketch_gaps(row, ctx)
+    if gaps is None:
+        return None
+    gap, ref_gap, norm = gaps
+    floor = max(ref_gap, ctx.profile.eps / 4 * norm / REF_SKETCH_RATIO)
+    return gap / floor if floor > 0 else (math.inf if gap > 0 else 1.0)
+
+
+def reference_sketch_jump(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode with a reference: error *added* nearby, the step rule of
+    :func:`reference_jump` on the count-sketch ratios (:func:`_sketch_ratio`), with the
+    same limits (the minimum of token vectors included): at depth a faulty kernel's share
+    of the error stays under ``REF_SKETCH_RATIO`` and shows as a step (1021 buckets
+    estimate a norm to about 2%; 31 did to 13%, too coarse for a step)."""
+    gaps, d = _sketch_gaps(row, ctx), row.stats_delta or {}
+    if gaps is None or gaps[0] <= ctx.profile.atol or not _enough_vectors(
+            row, int(d.get("numel", 0)) + int(d.get("padded", 0))):
+        return None
+    return _jump(row, ctx, _sketch_ratio, " (count sketch)")
 
 
 def stats_norm_gap(row: Row, ctx: Context) -> Verdict | None:
@@ -406,7 +458,8 @@ RULES: tuple[Rule, ...] = (
     non_finite, reference_gradient, gradient_norm, gradient_outlier, reference_rms,
     reference_max, reference_jump, noise_rms,
     noise_max, logits_kl, logits_top1,
-    stats_non_finite, reference_sketch, stats_norm_gap, exact_mismatch, generation_check,
+    stats_non_finite, reference_sketch, reference_sketch_jump, stats_norm_gap, exact_mismatch,
+    generation_check,
 )
 
 #: statuses a measurement settles (alignment or shapes): no rule overrides them

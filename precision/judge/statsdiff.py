@@ -15,7 +15,7 @@ import numpy as np
 
 from ..dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX, float_format, is_float
 from ..dumps.dump import Dump
-from ..dumps.sketch import BUCKETS, buckets_and_signs, sketch_distance
+from ..dumps.sketch import BUCKETS, encode, signs, sketch_distance
 from .moments import Moments
 from .tokens import padding_of, real_elements
 
@@ -33,8 +33,8 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
         x = np.asarray(c, dtype=np.float64).reshape(-1)
         keep = np.isfinite(x) & (x > lowest)
         if sketch is not None and keep.all():
-            bucket, sign = buckets_and_signs(n, x.size)
-            sketch += np.bincount(bucket, weights=sign * x, minlength=BUCKETS)
+            bucket = np.arange(n, n + x.size, dtype=np.int64) % BUCKETS
+            sketch += np.bincount(bucket, weights=signs(n, x.size) * x, minlength=BUCKETS)
         else:
             sketch = None
         n += x.size
@@ -59,7 +59,7 @@ def array_stats(chunks: Iterable[np.ndarray], *, lowest: float = -math.inf
                            "masked": masked, "beyond_fp16": beyond, "near_fp16_max": near,
                            "flush_fp16": flush}
     if sketch is not None:
-        out["sketch"] = sketch.tolist()
+        out["sketch"] = encode(sketch)
     if mom.n == 0:
         return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
     return out | {"min": lo, "max": hi, "mean": mom.mean_a, "std": math.sqrt(mom.m2a / mom.n),
@@ -126,5 +126,5 @@ def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
         "numel": int(sa.get("numel", 0)),
         "padded": int(sa.get("padded", 0)),
         # an estimate of ||b - a|| from the count sketches (None where one has none)
-        "sketch_gap": sketch_distance(sa.get("sketch") or [], sb.get("sketch") or []),
+        "sketch_gap": sketch_distance(sa.get("sketch"), sb.get("sketch")),
     }

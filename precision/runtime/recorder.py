@@ -121,6 +121,12 @@ def _matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def header_reserve(mode: str, modules: int) -> int:
+    """Header bytes a capture of ``modules`` modules sets aside up front: a stats record's
+    line holds its count sketch, about 5.5 kB (precision.dumps.sketch)."""
+    return 65536 + (6144 if mode == "stats" else 512) * modules
+
+
 def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
                    exclude: Sequence[str] = (),
                    every: int = 1) -> list[tuple[str, torch.nn.Module]]:
@@ -359,9 +365,14 @@ class Capture:
         return key
 
     @property
+    def module_count(self) -> int:
+        """How many modules this capture records."""
+        return len(self._modules)
+
+    @property
     def header_reserve(self) -> int:
         """Bytes set aside for the header up front (rewritten larger if it outgrows them)."""
-        return 65536 + 512 * len(self._modules)
+        return header_reserve(self.mode, len(self._modules))
 
     @property
     def entries(self) -> list[dict[str, Any]]:

@@ -1,0 +1,110 @@
+"""Stats-mode capture overhead alone, on scripts/bench's model, with a thread count of choice.
+
+`scripts/bench --only speed` measures it with every core, next to compare and multi-rank
+runs; on a machine shared with other work, threads fight and the ratio is noise. This runs
+the plain forward and the stats capture round-robin (as scripts/bench does) and also
+reports the time spent in the statistics themselves (``tensor_stats``, per capture), which
+load disturbs least. To compare two checkouts side by side, run it from this one against
+each package in turn:
+
+    PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
+
+Prints one JSON line: medians over rounds, and ``tensor_stats_us``: the fastest of 150
+calls of the statistics on single records of a few shapes and dtypes (microseconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench import bench_model  # scripts/ is on the path
+from benchutil import interleaved
+
+import precision
+from precision.runtime import recorder
+
+#: single records timed alone: (shape, dtype)
+RECORDS = (((4, 128, 512), torch.float32), ((4, 32, 32128), torch.float32),
+           ((80, 1536), torch.bfloat16))
+
+
+def per_record(repeat: int = 150) -> dict[str, float]:
+    """The fastest of ``repeat`` calls of ``tensor_stats`` on each of :data:`RECORDS`."""
+    out = {}
+    for shape, dtype in RECORDS:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        recorder.tensor_stats(x)
+        best = math.inf
+        for _ in range(repeat):
+            start = time.perf_counter()
+            recorder.tensor_stats(x)
+            best = min(best, time.perf_counter() - start)
+        out["x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")] = round(
+            best * 1e6, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=11)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = bench_model(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(2, 32128, (4, 128), generator=g),
+              "attention_mask": torch.ones(4, 128, dtype=torch.long),
+              "decoder_input_ids": torch.randint(2, 32128, (4, 32), generator=g)}
+    path = Path(tempfile.mkdtemp(prefix="precision-bench-stats-")) / "stats.st"
+    spent: list[float] = []
+    original = recorder.tensor_stats
+
+    def timed(*a: Any, **kw: Any) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            spent[-1] += time.perf_counter() - start
+
+    single = per_record()
+    recorder.tensor_stats = timed  # type: ignore[assignment]
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(**inputs)
+
+    def stats() -> None:
+        spent.append(0.0)
+        with torch.no_grad(), precision.capture(model, path, mode="stats"):
+            model(**inputs)
+
+    def prepare() -> None:
+        path.unlink(missing_ok=True)
+
+    plain()
+    prepare()
+    stats()  # warm up
+    spent.clear()
+    times = interleaved({"plain": plain, "stats": stats}, args.repeat, prepare)
+    ratios = [s / p for s, p in zip(times["stats"], times["plain"], strict=True)]
+    print(json.dumps({
+        "precision": str(Path(precision.__file__).parents[1]), "threads": args.threads,
+        "repeat": args.repeat, "forward_s": round(statistics.median(times["plain"]), 4),
+        "capture_stats_ratio": round(statistics.median(ratios), 3),
+        "tensor_stats_s": round(statistics.median(spent), 4),
+        "tensor_stats_share": round(statistics.median(
+            s / p for s, p in zip(spent, times["plain"], strict=True)), 3),
+        "records": len(precision.load(path).entries), "dump_bytes": path.stat().st_size,
+        "tensor_stats_us": single}))
+
+
+if __name__ == "__main__":
+    main()
