@@ -10,7 +10,8 @@ The calling process is one of the workers and forks the others, which inherit th
 are ordered by decreasing cost (longest-processing-time order) and cut into batches; each
 process takes the next batch from a counter in shared memory when it is free, so the
 biggest tensor, usually the logits, starts first and the small ones fill in around it.
-Each forked worker sends its results back through a pipe once, when no batch is left.
+Each forked worker sends its results back once, when no batch is left, through a pipe
+(``multiprocessing``'s, which pickles; only this process's own forked child writes it).
 Before, a ``ProcessPoolExecutor`` (two forked workers, a manager thread, a queue per task
 batch, the parent waiting) cost about 0.035 s per compare: a fifth of two jobs' time on the
 benchmark pair once the fused kernel made the arithmetic 4x faster.
@@ -29,11 +30,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 from ..errors import PrecisionError
@@ -70,7 +71,7 @@ def run(fn: Callable[[S, T], R], tasks: Sequence[T], state: S, *, workers: int,
     batches = _batches(order, [cost(t) for t in tasks], workers)
     ctx = multiprocessing.get_context("fork")
     queue = _Queue(ctx, len(batches))
-    children: list[tuple[int, int]] = []
+    children: list[tuple[int, Connection]] = []
     try:
         with warnings.catch_warnings():  # Python 3.12+ warns on fork() in threaded processes
             warnings.filterwarnings("ignore", message=".*multi-threaded.*fork",
@@ -84,13 +85,13 @@ def run(fn: Callable[[S, T], R], tasks: Sequence[T], state: S, *, workers: int,
             if progress is not None:
                 progress(queue.done(), len(tasks))
         while children:
-            pid, fd = children.pop()
-            for b, out in _receive(pid, fd):  # closes fd, reaps pid
+            pid, reader = children.pop()
+            for b, out in _receive(pid, reader):  # closes the pipe, reaps the child
                 for i, result in zip(batches[b], out, strict=True):
                     results[i] = result
     finally:
-        for pid, fd in children:  # an error or Ctrl-C here: stop the others
-            os.close(fd)
+        for pid, reader in children:  # an error or Ctrl-C here: stop the others
+            reader.close()
             _stop(pid)
     if progress is not None:
         progress(len(tasks), len(tasks))
@@ -124,55 +125,50 @@ class _Queue:
 
 
 def _fork_worker(fn: Callable[[S, T], R], tasks: Sequence[T], state: S,
-                 batches: list[list[int]], queue: _Queue) -> tuple[int, int]:
-    """Fork a worker that takes batches from ``queue`` until none is left, then writes
-    ``[(batch, results), ...]`` (or the error it met) to a pipe; returns (pid, read end)."""
-    read_fd, write_fd = os.pipe()
+                 batches: list[list[int]], queue: _Queue) -> tuple[int, Connection]:
+    """Fork a worker that takes batches from ``queue`` until none is left, then sends
+    ``[(batch, results), ...]`` (or the error it met) through a pipe; returns (pid, the
+    pipe's reading end)."""
+    reader, writer = multiprocessing.get_context("fork").Pipe(duplex=False)
     pid = os.fork()
     if pid:
-        os.close(write_fd)
-        return pid, read_fd
-    os.close(read_fd)  # the child: never returns
+        writer.close()
+        return pid, reader
+    reader.close()  # the child: never returns
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     code = 0
     try:
-        out: list[tuple[int, list[R]]] = []
         try:
+            out: list[tuple[int, list[R]]] = []
             while (b := queue.take()) is not None:
                 out.append((b, [fn(state, tasks[i]) for i in batches[b]]))
                 queue.finished(len(batches[b]))
-            message = pickle.dumps(("ok", out), protocol=pickle.HIGHEST_PROTOCOL)
+            writer.send(("ok", out))
         except BaseException as exc:  # carried to the parent
-            message = _pickled_error(exc)
-        with os.fdopen(write_fd, "wb") as pipe:
-            pipe.write(message)
-    except BaseException:  # the parent sees the broken pipe
+            try:
+                writer.send(("error", exc))
+            except Exception:  # an exception that cannot travel: its text can
+                writer.send(("error", PrecisionError(f"{type(exc).__name__}: {exc}")))
+    except BaseException:  # the parent sees the pipe closed without a message
         code = 1
     finally:
         os._exit(code)
 
 
-def _pickled_error(exc: BaseException) -> bytes:
+def _receive(pid: int, reader: Connection) -> list[tuple[int, list[Any]]]:
+    """A worker's results, from the pipe only that forked child of this process writes
+    (never a file); its error raised here."""
     try:
-        return pickle.dumps(("error", exc), protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # an exception that cannot travel: its text can
-        return pickle.dumps(("error", PrecisionError(f"{type(exc).__name__}: {exc}")))
-
-
-def _receive(pid: int, fd: int) -> list[tuple[int, list[Any]]]:
-    """A worker's results, read from the pipe it alone writes (our own child, so unpickling
-    it is safe); its error raised here."""
-    with os.fdopen(fd, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    if not data:
+        kind, payload = reader.recv()
+    except EOFError:
         raise PrecisionError("a compare worker process died (killed for memory?): retry "
-                             "with --jobs 1 or a smaller --max-memory")
-    try:
-        kind, payload = pickle.loads(data)
-    except Exception as exc:  # an error whose class cannot be rebuilt from its pickle
+                             "with --jobs 1 or a smaller --max-memory") from None
+    except Exception as exc:  # an error whose class cannot be rebuilt on this side
         raise PrecisionError(f"a compare worker failed and its error could not be read "
                              f"back ({type(exc).__name__}: {exc})") from None
+    finally:
+        reader.close()
+        os.waitpid(pid, 0)
     if kind == "error":
         raise payload
     return list(payload)
