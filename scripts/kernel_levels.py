@@ -1,0 +1,107 @@
+"""Run a command under each CPU kernel level this machine can emulate.
+
+PyTorch's CPU numbers depend on the kernels it picks for the CPU it runs on: ATen's own
+vectorised kernels (``ATEN_CPU_CAPABILITY``: default, avx2, avx512), oneDNN's GEMMs and
+convolutions, bf16 ones included (``ONEDNN_MAX_CPU_ISA`` caps them), and MKL's fp32 GEMMs
+(``MKL_ENABLE_INSTRUCTIONS``). A baseline taken on an AVX2 server, an AVX-512 one, an AMX one
+or an ARM64 host holds other bits, so verdicts must hold under each. A machine cannot emulate
+an instruction set it lacks, only cap what it uses; :func:`supported` lists the levels at or
+below this CPU's.
+
+Levels (each names the three settings together, as one kind of host would run them):
+
+- ``native``: nothing capped (this CPU's best: AVX-512 with AMX here);
+- ``avx512``: AVX-512 without AMX or AVX512-FP16 (a Skylake/Cascade Lake server);
+- ``avx2``: an AVX2 server without AVX-512 (AMD EPYC Zen 2/3, Haswell to Coffee Lake);
+- ``default``: no vector ISA in ATen, SSE4.1 GEMMs: the scalar fallback, whose reductions
+  run in another order again (the closest stand-in for an ARM64 host's kernels here).
+
+    python scripts/kernel_levels.py                 list the levels this CPU supports
+    python scripts/kernel_levels.py CMD [ARG ...]   run CMD under each; exit 1 if any failed
+    KERNEL_LEVELS=avx2,default python scripts/kernel_levels.py CMD ...   just those
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: level -> the environment that emulates it
+LEVELS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+#: the CPU flags a level needs
+NEEDS = {"native": (), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+         "avx2": ("avx2", "fma"), "default": ("sse4_1",)}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux x86: /proc/cpuinfo); empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def supported() -> list[str]:
+    """The levels this CPU can run, best first; ``native`` alone where the flags are unknown
+    (an ARM64 host runs its own kernels: nothing to cap)."""
+    flags = cpu_flags()
+    if not flags:
+        return ["native"]
+    return [name for name in LEVELS if all(f in flags for f in NEEDS[name])]
+
+
+def chosen() -> list[str]:
+    """``$KERNEL_LEVELS`` (comma-separated) among the supported levels, else all of them."""
+    have = supported()
+    asked = [s for s in os.environ.get("KERNEL_LEVELS", "").split(",") if s]
+    unknown = [s for s in asked if s not in LEVELS]
+    if unknown:
+        sys.exit(f"error: unknown kernel level(s) {', '.join(unknown)}; "
+                 f"known: {', '.join(LEVELS)}")
+    return [s for s in asked if s in have] if asked else have
+
+
+def environment(level: str) -> dict[str, str]:
+    """This process's environment with ``level``'s settings (and no others of theirs)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    return env | LEVELS[level]
+
+
+def main(argv: list[str]) -> int:
+    levels = chosen()
+    if not argv:
+        for name in levels:
+            print(name, " ".join(f"{k}={v}" for k, v in LEVELS[name].items()) or "(as is)")
+        return 0
+    failed = []
+    for name in levels:
+        print(f"== kernel level {name}: {' '.join(argv)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call(argv, env=environment(name) | {"PRECISION_KERNEL_LEVEL": name})
+        print(f"== kernel level {name}: exit {code} in {time.perf_counter() - start:.0f} s",
+              flush=True)
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed under kernel level(s): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
