@@ -366,11 +366,12 @@ def test_garbage_at_padded_positions_changes_no_verdict(make_dump: MakeDump,
     assert len(judged) == 3
     real = int(PAD_MASK.sum())
     for r in judged:
-        assert r.status == "OK", (r.key, r.reason)
+        assert r.status == "OK" and r.metrics is not None, (r.key, r.reason)
         width = int(np.prod(r.shape)) // PAD_MASK.size  # elements per token
         assert r.metrics.numel == real * width and r.metrics.padded == (18 - real) * width
         assert r.metrics.nan_target == r.metrics.inf_target == 0, r.key
     lg = next(r.logits for r in report.rows if r.logits is not None)
+    assert lg is not None
     assert (lg.positions, lg.padded, lg.top1_agreement) == (real, 18 - real, 1.0)
     assert lg.kl_max < 1e-9
     assert np.isnan(np.asarray(lg.kl_per_position)[PAD_MASK.reshape(-1) == 0]).all()
