@@ -296,3 +296,98 @@ def test_subnormals_have_defined_metrics(make_dump: MakeDump) -> None:
     assert row.status == "OK" and m.compared == 4 and not np.isnan(m.rel_l2)
     assert m.max_abs == pytest.approx(3e-39, rel=1e-6)
     assert m.max_ulp == pytest.approx(3e-39 / 2.0**-24, rel=1e-6)  # fp16 subnormal spacing
+
+
+# ---------------------------------------------------------------- padding (no model needed)
+
+#: left padding, as a decoder's batch carries it: 2, 0 and 3 pad positions
+PAD_MASK = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], np.int64)
+
+
+def _garbage_at_pads(x: np.ndarray, axis: int, rng: np.random.Generator,
+                     special: bool) -> np.ndarray:
+    """``x`` with its padded positions (``PAD_MASK`` along token ``axis``) overwritten by
+    noise of scale 1e4, and inf, -inf and NaN in some of them when ``special``."""
+    out = x.copy()
+    pad = np.moveaxis(out, axis, 1)  # a view: [batch, seq, ...]
+    where = PAD_MASK == 0
+    noise = rng.standard_normal(pad[where].shape).astype(out.dtype) * 1e4
+    if special:
+        noise.reshape(noise.shape[0], -1)[:, :3] = [np.inf, -np.inf, np.nan]
+    pad[where] = noise
+    return out
+
+
+def _padded_pair(make_dump: MakeDump, mask: np.ndarray | None,
+                 decoder: bool = False) -> tuple[Path, Path]:
+    """A baseline and a target that agree (to fp32 rounding) on every real token and hold
+    different garbage at every padded position: 1e4 noise (alone in the ``[batch, seq,
+    hidden]`` record, so judging it fails by size, not by NaN), and inf, -inf and NaN in the
+    target's attention-layout record (``[batch, heads, seq, head_dim]``) and logits.
+    ``mask`` is the recorded attention mask (None: none recorded). ``decoder``: an
+    encoder-decoder's ``decoder.*`` records, whose positions ``decoder_attention_mask``
+    says."""
+    rng = np.random.default_rng(30)
+    stack = "decoder.block.0" if decoder else "model.layers.0"
+    clean = {f"{stack}:out": (rng.standard_normal((3, 6, 16)), 1),
+             f"{stack}.self_attn.q_norm:out": (rng.standard_normal((3, 4, 6, 8)), 2),
+             "lm_head:out": (rng.standard_normal((3, 6, 32)) * 3, 1)}  # (values, token axis)
+    base, target = {}, {}
+    for key, (x, axis) in clean.items():
+        close = x * (1 + rng.standard_normal(x.shape) * 1e-7)
+        base[key] = _garbage_at_pads(x.astype(np.float32), axis, rng, special=False)
+        target[key] = _garbage_at_pads(close.astype(np.float32), axis, rng,
+                                       special=key != f"{stack}:out")
+    inputs: dict[str, np.ndarray] = {}
+    ids = rng.integers(3, 100, PAD_MASK.shape)
+    if decoder:
+        inputs["input:input_ids"] = ids[:, :4]
+        inputs["input:attention_mask"] = np.ones((3, 4), np.int64)
+        inputs["input:decoder_input_ids"] = ids
+        if mask is not None:
+            inputs["input:decoder_attention_mask"] = mask
+    else:
+        inputs["input:input_ids"] = ids
+        if mask is not None:
+            inputs["input:attention_mask"] = mask
+    return (make_dump("a.st", inputs | base, logits_key="lm_head:out"),
+            make_dump("b.st", inputs | target, logits_key="lm_head:out"))
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["decoder-only", "encoder-decoder"])
+def test_garbage_at_padded_positions_changes_no_verdict(make_dump: MakeDump,
+                                                        decoder: bool) -> None:
+    """Padded positions are don't-care values (DOMAIN.md: 21,753 apart between two healthy
+    attention kernels at depth): 1e4 noise, inf and NaN there, different on each side, leave
+    every record and the logits OK, judged on the real tokens only."""
+    report = compare(*_padded_pair(make_dump, PAD_MASK, decoder), jobs=1)
+    assert report, [(r.key, r.status, r.reason) for r in report.rows]
+    judged = [r for r in report.rows if r.metrics is not None and r.key.endswith(":out")]
+    assert len(judged) == 3
+    real = int(PAD_MASK.sum())
+    for r in judged:
+        assert r.status == "OK" and r.metrics is not None, (r.key, r.reason)
+        width = int(np.prod(r.shape)) // PAD_MASK.size  # elements per token
+        assert r.metrics.numel == real * width and r.metrics.padded == (18 - real) * width
+        assert r.metrics.nan_target == r.metrics.inf_target == 0, r.key
+    lg = next(r.logits for r in report.rows if r.logits is not None)
+    assert lg is not None
+    assert (lg.positions, lg.padded, lg.top1_agreement) == (real, 18 - real, 1.0)
+    assert lg.kl_max < 1e-9
+    assert np.isnan(np.asarray(lg.kl_per_position)[PAD_MASK.reshape(-1) == 0]).all()
+    assert any("padding left out: 3 record(s)" in n for n in report.notes), report.notes
+
+
+@pytest.mark.filterwarnings("error")  # +inf in judged logits is NaN, quietly
+@pytest.mark.parametrize("mask", ["all real", "none recorded"])
+def test_with_the_mask_off_the_same_garbage_fails(make_dump: MakeDump, mask: str) -> None:
+    """The same dumps with every position real (or no mask recorded): the garbage is judged,
+    and every record with it fails, the logits too. So the test above passes because the
+    padding is left out, not because the garbage is too small to see."""
+    base, target = _padded_pair(make_dump, np.ones_like(PAD_MASK) if mask == "all real"
+                                else None)
+    report = compare(base, target, jobs=1)
+    assert not report
+    for key in ("model.layers.0:out", "model.layers.0.self_attn.q_norm:out", "lm_head:out"):
+        assert status(report, key) != "OK", key
+    assert not any("padding left out" in n for n in report.notes)

@@ -80,7 +80,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     shifted = x - m
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a row with +inf: NaN
         return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
