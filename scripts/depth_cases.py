@@ -20,7 +20,9 @@ different lengths, as ``precision capture`` feeds a decoder.
   even integers; Llama only), ``linear-truncate`` (the block's MLP down projection adds
   its partial sums, 32 products each, in the low precision, truncating instead of
   rounding), ``drift:F`` (noise of F times the rms of the ordinary channels added to the
-  block's output, the massive channels left alone).
+  block's output, the massive channels left alone), ``mlp-noise:F`` (relative noise of
+  F on each element of the block's MLP output, a new tensor where a capture of a healthy
+  run stores the MLP's output as an alias of ``down_proj``'s).
 
     python scripts/depth_cases.py [MODEL ...]      (prints one JSON line per case)
 """
@@ -174,6 +176,8 @@ def plant(model: nn.Module, fault: str, block: int) -> list[Any]:
         return [layer.register_full_backward_hook(noisy)]
     if fault.startswith("drift:"):
         return [drift(layer, float(fault.split(":")[1]))]
+    if fault.startswith("mlp-noise:"):
+        return [mlp_noise(layer.mlp, float(fault.split(":")[1]))]
     raise ValueError(f"unknown fault {fault!r}")
 
 
@@ -194,6 +198,21 @@ def drift(layer: nn.Module, fraction: float) -> Any:
         return (moved, *out[1:]) if isinstance(out, tuple) else moved
 
     return layer.register_forward_hook(hook)
+
+
+def mlp_noise(mlp: nn.Module, fraction: float) -> Any:
+    """Relative noise of ``fraction`` on each element of ``mlp``'s output (``x (1 + F n)``,
+    ``n`` standard normal), as a new tensor: a fused or faulty kernel for the whole MLP.
+    Healthy, the MLP returns its ``down_proj``'s tensor, which a capture stores once (the
+    MLP's record an alias of it); here ``down_proj``'s output stays healthy and the MLP's
+    is a tensor of its own. Returns the hook's handle."""
+    gen = torch.Generator().manual_seed(5)
+
+    def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(out.shape, generator=gen)
+        return (out.float() * (1 + fraction * noise)).to(out.dtype)
+
+    return mlp.register_forward_hook(hook)
 
 
 @dataclass(frozen=True)
