@@ -20,9 +20,12 @@ different lengths, as ``precision capture`` feeds a decoder.
   even integers; Llama only), ``linear-truncate`` (the block's MLP down projection adds
   its partial sums, 32 products each, in the low precision, truncating instead of
   rounding), ``drift:F`` (noise of F times the rms of the ordinary channels added to the
-  block's output, the massive channels left alone).
+  block's output, the massive channels left alone), ``mlp-noise:F`` (relative noise of
+  F on each element of the block's MLP output, a new tensor where a capture of a healthy
+  run stores the MLP's output as an alias of ``down_proj``'s).
 
     python scripts/depth_cases.py [MODEL ...]      (prints one JSON line per case)
+    python scripts/depth_cases.py --whole-mlp [MODEL ...]   (mlp-noise:0.08 at block 2 only)
 """
 
 from __future__ import annotations
@@ -174,6 +177,8 @@ def plant(model: nn.Module, fault: str, block: int) -> list[Any]:
         return [layer.register_full_backward_hook(noisy)]
     if fault.startswith("drift:"):
         return [drift(layer, float(fault.split(":")[1]))]
+    if fault.startswith("mlp-noise:"):
+        return [mlp_noise(layer.mlp, float(fault.split(":")[1]))]
     raise ValueError(f"unknown fault {fault!r}")
 
 
@@ -194,6 +199,21 @@ def drift(layer: nn.Module, fraction: float) -> Any:
         return (moved, *out[1:]) if isinstance(out, tuple) else moved
 
     return layer.register_forward_hook(hook)
+
+
+def mlp_noise(mlp: nn.Module, fraction: float) -> Any:
+    """Relative noise of ``fraction`` on each element of ``mlp``'s output (``x (1 + F n)``,
+    ``n`` standard normal), as a new tensor: a fused or faulty kernel for the whole MLP.
+    Healthy, the MLP returns its ``down_proj``'s tensor, which a capture stores once (the
+    MLP's record an alias of it); here ``down_proj``'s output stays healthy and the MLP's
+    is a tensor of its own. Returns the hook's handle."""
+    gen = torch.Generator().manual_seed(5)
+
+    def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(out.shape, generator=gen)
+        return (out.float() * (1 + fraction * noise)).to(out.dtype)
+
+    return mlp.register_forward_hook(hook)
 
 
 @dataclass(frozen=True)
@@ -300,8 +320,10 @@ def fault_cases(model: str, blocks: tuple[int, ...] = (2, 20)) -> list[Case]:
 
 def ratios(report: precision.Report, reference: precision.Report) -> dict[str, list[float]]:
     """Per record, the target's element-scaled error (rms and max) over the reference's, as
-    the reference rules compute them (floors included); in stats mode the count-sketch
+    the reference rules compute them (floors included, a key the baseline and the
+    reference alias measured as the record it aliases); in stats mode the count-sketch
     error estimates' ratio (``sketch``)."""
+    from precision.judge.align import shared_aliases
     from precision.judge.profiles import (
         REF_FLOOR_MAX_EPS,
         REF_FLOOR_RMS_EPS,
@@ -312,6 +334,11 @@ def ratios(report: precision.Report, reference: precision.Report) -> dict[str, l
 
     eps = report.profile.eps
     ref = {r.key: r for r in reference.rows}
+    # keys the baseline and the reference both alias: the record they alias (as compare)
+    for key, record in shared_aliases(precision.load(reference.base),
+                                      precision.load(reference.target)).items():
+        if record in ref:
+            ref.setdefault(key, ref[record])
     out: dict[str, list[float]] = {"rms": [], "max": [], "sketch": []}
     for r in report.rows:
         other = ref.get(r.key)
@@ -360,13 +387,39 @@ def smallest_drift(model: str, dtype: str, block: int, work: Path, mode: str = "
     return None
 
 
+def whole_mlp(model: str, work: Path, fraction: float = 0.08, block: int = 2
+              ) -> Iterator[dict[str, Any]]:
+    """``mlp-noise`` at ``block``, per mode: the MLP's row (a new tensor in the target, an
+    alias of ``down_proj``'s in the baseline and the reference) judged against the
+    reference and by the fixed limits alone, and each report's first divergence."""
+    key = f"model.layers.{block}.mlp:out"
+    for mode in ("full", "stats"):
+        case = Case(model, "bf16-eager", f"mlp-noise:{fraction}", block, mode)
+        rep = run(case, work)
+        fixed = precision.compare(base_of(model, work, mode), work / f"{case.name}.st",
+                                  auto_reference=False, jobs=1)
+        out: dict[str, Any] = {"case": case.name}
+        for name, r in (("reference", rep), ("fixed", fixed)):
+            row = next(x for x in r.rows if x.key == key)
+            m = row.metrics
+            out[name] = {"first": r.first_divergence.key if r.first_divergence else None,
+                         "status": row.status, "reason": row.reason} | (
+                {"rel_l2": round(m.rel_l2, 4), "growth": round(row.growth or 0.0, 1),
+                 "noise_rms_eps": round(m.noise_rms / r.profile.eps, 2)} if m else {})
+        yield out
+
+
 def main() -> None:
     import tempfile
 
-    models = available(tuple(sys.argv[1:]) or DEEP)
+    mlp = sys.argv[1:2] == ["--whole-mlp"]
+    models = available(tuple(sys.argv[1 + mlp:]) or DEEP)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for m in models:
+        for m in models if mlp else ():
+            for line in whole_mlp(m, work):
+                print(json.dumps(line), flush=True)
+        for m in () if mlp else models:
             stats = [Case(c.model, c.target, c.fault, c.block, "stats")
                      for c in healthy_cases(m) + fault_cases(m) if c.dtype not in ("fp32", "tf32")]
             for case in healthy_cases(m) + fault_cases(m) + stats:

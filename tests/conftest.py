@@ -48,11 +48,14 @@ def real_model(name: str) -> Path:
 def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "float32",
                logits_key: str | None = None, stats: dict[str, dict[str, Any]] | None = None,
                meta: dict[str, Any] | None = None,
-               stats_shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+               stats_shapes: dict[str, tuple[int, ...]] | None = None,
+               aliases: dict[str, str] | None = None) -> Path:
     """Write a precision dump from numpy arrays (bf16 via ml_dtypes), in dict order.
 
     ``stats`` adds stats-only records (no tensor) for the given keys, of shape
-    ``(numel,)`` or ``stats_shapes[key]``.
+    ``(numel,)`` or ``stats_shapes[key]``. ``aliases`` (key -> a key of ``tensors``) adds
+    records stored once, as a capture stores a module output that is the very tensor of an
+    earlier record: each entry carries ``alias_of`` and follows the record it aliases.
     """
     w = DumpWriter(path, force=True)
     entries = []
@@ -66,6 +69,9 @@ def write_dump(path: Path, tensors: dict[str, np.ndarray], *, dtype: str = "floa
             kind, index = "generation", rest
         entries.append({"key": key, "module": module, "kind": kind or "out", "index": index,
                         "call": 0, "shape": list(a.shape), "dtype": name})
+        for alias in (k for k, source in (aliases or {}).items() if source == key):
+            entries.append(entries[-1] | {"key": alias, "module": alias.split(":")[0],
+                                          "alias_of": key})
     for key, st in (stats or {}).items():
         entries.append({"key": key, "module": key.split(":")[0], "kind": "out", "index": "",
                         "call": 0, "shape": list((stats_shapes or {}).get(key, (st["numel"],))),

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from precision import DumpError, compare
+from precision import DumpError, capture, compare, load
 from precision.cli import main
 from precision.judge.profiles import profile_for
 
-from .conftest import OVERFLOW_WO, stats_of
+from .conftest import OVERFLOW_WO, QWEN, stats_of
 
 RNG = np.random.default_rng(0)
 MakeDump = Callable[..., Path]
@@ -87,6 +87,64 @@ def test_jobs_and_chunk_size_do_not_change_results(t5_runs: dict[str, Path],
             assert r2.metrics.max_abs == r1.metrics.max_abs
             assert r2.metrics.rel_l2 == pytest.approx(r1.metrics.rel_l2, rel=1e-9, abs=1e-300)
     assert [r.key for r in one.rows] == [r.key for r in two.rows]
+
+
+def _capture_qwen(path: Path, dtype: str, mode: str, mlp: str = "") -> Path:
+    """The Qwen-style fixture on a left-padded batch, from Python; ``mlp`` replaces block
+    2's MLP output with a new tensor: ``noise`` (8% relative noise on each element: a
+    faulty kernel for the whole MLP) or ``copy`` (the same values: a healthy fused one)."""
+    import torch
+    import transformers
+
+    from precision.dumps import reference_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(QWEN)
+    tok.padding_side = "left"
+    inputs = dict(tok(["hi", "a longer prompt, padded on the left, with more words in it"],
+                      return_tensors="pt", padding=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        QWEN, dtype=getattr(torch, dtype)).eval()
+    gen = torch.Generator().manual_seed(5)
+
+    def replace_output(_m: object, _args: object, out: torch.Tensor) -> torch.Tensor:
+        if mlp == "copy":
+            return out.clone()
+        return (out.float() * (1 + 0.08 * torch.randn(out.shape, generator=gen))).to(out.dtype)
+
+    handles = [model.model.layers[2].mlp.register_forward_hook(replace_output)] if mlp else []
+    with torch.no_grad(), capture(model, path, force=True, mode=mode):
+        model(**inputs)
+    for h in handles:
+        h.remove()
+    if dtype == "float32":  # the baseline's bf16 reference, where compare finds it
+        _capture_qwen(reference_path(path, "bfloat16"), "bfloat16", mode)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["full", "stats"])
+def test_noise_in_a_whole_mlp_is_judged_against_the_reference(tmp_path: Path,
+                                                               mode: str) -> None:
+    """The MLP returns ``down_proj``'s tensor: the baseline and its reference store its
+    output once, as an alias. A target whose MLP makes a new tensor (8% noise, down_proj
+    healthy) is judged against the reference's measurement of that tensor, and the MLP is
+    the first divergence; the fixed limits alone pass it (within 5 eps rms; in stats mode
+    the norms agree), and so did compare while it had no reference row for the key."""
+    mlp = "model.layers.2.mlp:out"
+    base = _capture_qwen(tmp_path / "b.st", "float32", mode)
+    assert load(base).entry(mlp).alias_of == "model.layers.2.mlp.down_proj:out"
+    target = _capture_qwen(tmp_path / "t.st", "bfloat16", mode, "noise")
+    fault = compare(base, target, jobs=1)
+    first = fault.first_divergence
+    assert first is not None and first.key == mlp, fault.summary
+    assert first.status == "DRIFT" and "the reference's" in first.reason, first.reason
+    if mode == "stats":
+        assert "count sketch" in first.reason
+    assert status(compare(base, target, jobs=1, auto_reference=False), mlp) == "OK"
+    # healthy: the same aliasing as the baseline, or a new tensor holding the same values
+    for name, how in (("h.st", ""), ("c.st", "copy")):
+        healthy = compare(base, _capture_qwen(tmp_path / name, "bfloat16", mode, how), jobs=1)
+        assert healthy, healthy.summary
+        assert (mlp in [r.key for r in healthy.rows]) == (how == "copy")
 
 
 # ---------------------------------------------------------------- verdict rules

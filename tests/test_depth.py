@@ -60,6 +60,9 @@ def test_healthy_deep_decoders_pass_against_their_reference(work: Path, model: s
     ("smollm2-135m", "rotary-lowprec", 2, "model.layers.2.self_attn.o_proj:out"),
     ("smollm2-135m", "linear-truncate", 2, "model.layers.2.mlp.down_proj:out"),
     ("smollm2-135m", "drift:0.25", 2, "model.layers.2:out"),
+    # a new tensor where the baseline and the reference alias down_proj's: judged against
+    # the reference's measurement of that tensor (once, the fixed limits alone judged it)
+    ("smollm2-135m", "mlp-noise:0.08", 2, "model.layers.2.mlp:out"),
     ("smollm2-135m", "rotary-lowprec", 20, "model.layers.20.self_attn.o_proj:out"),
     # deep, the reference carries the inherited error too: found as error added in the block
     ("smollm2-135m", "norm-lowprec", 20, "model.layers.20.self_attn.q_proj:out"),
@@ -97,6 +100,9 @@ def test_healthy_deep_decoder_in_stats_mode_passes(work: Path, model: str, targe
 @pytest.mark.parametrize(("fault", "block", "first"), [
     ("drift:0.08", 2, "model.layers.2:out"),
     ("drift:0.25", 20, "model.layers.20:out"),
+    # the norms agree, and without the reference's sketch of the tensor the MLP's key
+    # aliases in the baseline, the block output was named first
+    ("mlp-noise:0.08", 2, "model.layers.2.mlp:out"),
     ("linear-truncate", 2, "model.layers.2.mlp.down_proj:out"),
     ("norm-lowprec", 2, "model.layers.2.input_layernorm:out"),
     # deep, under 3x the reference: steps in the sketch ratio (2.8x, up from 1.0x)

@@ -120,6 +120,33 @@ def test_the_reference_rule_judges_error_against_what_the_precision_costs_here(
     assert three_runs(4.0, 1.0, rules=fixed).rows[0].status == "OK"
 
 
+def test_a_key_the_baseline_and_the_reference_alias_is_judged_against_the_reference(
+        make_dump: Callable[..., Path]) -> None:
+    """An MLP returning ``down_proj``'s tensor is stored once, as an alias, in the baseline
+    and the reference; a target whose whole-MLP kernel made a new tensor has a row for it,
+    judged against the reference's measurement of the tensor the key holds (1 eps), not by
+    the fixed limits (4 eps is within 5)."""
+    rng = np.random.default_rng(8)
+    a = (1.0 + rng.random((64, 64)) * 0.999).astype(np.float32)
+    down, mlp = "model.layers.2.mlp.down_proj:out", "model.layers.2.mlp:out"
+    alias = {mlp: down}
+    base = make_dump("b.st", {down: a}, aliases=alias)
+    ref = make_dump("r.st", {down: _noisy(a, 1.0)}, dtype="bfloat16", aliases=alias)
+    fused = make_dump("t.st", {down: _noisy(a, 1.0), mlp: _noisy(a, 4.0)}, dtype="bfloat16")
+    report = precision.compare(base, fused, reference=ref, jobs=1)
+    assert [(r.key, r.status) for r in report.rows] == [(down, "OK"), (mlp, "DRIFT")]
+    assert report.first_divergence is not None and report.first_divergence.key == mlp
+    assert "4x the reference's 1 eps" in report.first_divergence.reason
+    # the same new tensor with what bf16 costs there is healthy; without the reference,
+    # the fixed limits alone pass the fault
+    healthy = make_dump("h.st", {down: _noisy(a, 1.0), mlp: _noisy(a, 1.5)}, dtype="bfloat16")
+    assert precision.compare(base, healthy, reference=ref, jobs=1)
+    assert precision.compare(base, fused, jobs=1, auto_reference=False)
+    # a target that aliases too has no row of its own for the key
+    same = make_dump("s.st", {down: _noisy(a, 1.0)}, dtype="bfloat16", aliases=alias)
+    assert [r.key for r in precision.compare(base, same, reference=ref, jobs=1).rows] == [down]
+
+
 def test_the_reference_must_be_the_same_model(make_dump: Callable[..., Path]) -> None:
     base = make_dump("b.st", {"x:out": np.ones(4, np.float32)})
     other = make_dump("r.st", {"x:out": np.ones(4, np.float32)},

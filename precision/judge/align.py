@@ -172,14 +172,12 @@ def outputs_only(d: Dump) -> str | None:
 
 
 def align(b: Dump, t: Dump) -> list[Pair]:
-    """The records of two runs paired by key, in ``b``'s execution order."""
+    """The records of two runs paired by key, in ``b``'s execution order. A key both runs
+    hold as an alias of the same record has no pair of its own (:func:`shared_aliases`)."""
     logits = ({b.meta.get("logits_key"), t.meta.get("logits_key")}
               | set(b.meta.get("logits_keys", ())) | set(t.meta.get("logits_keys", ()))) - {None}
     # logits stored under different names (a capture's lm_head:out, an external 'logits')
-    renamed = repaired_calls(b, t)
-    lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")
-    if lb and lt and lb != lt:
-        renamed[lb] = lt
+    renamed = _renamed(b, t)
     pairs: list[Pair] = []
     seen = set(renamed.values())
     for e in b.entries:
@@ -196,3 +194,33 @@ def align(b: Dump, t: Dump) -> list[Pair]:
                 and not _optional(e)):
             pairs.append(Pair(len(pairs), e.key, None, e, None, _stored_key(t, e), False))
     return pairs
+
+
+def _renamed(b: Dump, t: Dump) -> dict[str, str]:
+    """Base key -> target key where the two name one record differently: calls made in
+    another order (:func:`repaired_calls`), logits stored under different names (a
+    capture's ``lm_head:out``, an external ``logits``)."""
+    renamed = repaired_calls(b, t)
+    lb, lt = b.meta.get("logits_key"), t.meta.get("logits_key")
+    if lb and lt and lb != lt:
+        renamed[lb] = lt
+    return renamed
+
+
+def shared_aliases(b: Dump, t: Dump) -> dict[str, str]:
+    """Keys both runs hold as an alias of the same record: key -> the record it aliases.
+
+    :func:`align` gives them no pair: the two runs' data for such a key *is* that record's,
+    so the comparison's measurement of the record is its measurement of the key. A third
+    run needs it: where a same-precision reference aliases a key as the baseline does (an
+    MLP returning ``down_proj``'s tensor) and the target made a new tensor for it (a fused
+    or faulty kernel for the whole MLP), the target's row of that key is judged against
+    the reference's measurement of the tensor the key holds.
+    """
+    renamed = _renamed(b, t)
+    out = {}
+    for e in b.entries:
+        te = t.entry(renamed.get(e.key, e.key))
+        if e.alias_of and te is not None and te.alias_of == e.alias_of:
+            out[e.key] = e.alias_of
+    return out

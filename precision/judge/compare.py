@@ -43,6 +43,7 @@ from .align import (
     one_sided_operations,
     outputs_only,
     run_precision,
+    shared_aliases,
 )
 from .generation import generation_prefixes, has_generation
 from .measure import Job, Task, generation_row, run_task, task_cost
@@ -142,7 +143,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
         rows.append(generation_row(b, t, len(rows), topk, prefix, prof))
     ctx = Context(prof, {name: d.dtype for name, d in runs.items()},
-                  others={name: {r.key: r for r in rs} for name, rs in by_comparison.items()},
+                  others={name: _by_key(rs, runs, name) for name, rs in by_comparison.items()},
                   stateless=stateless_modules(b))
     judged = made_in_own_forward(judge_rows(rows, ctx, rules))
     gen = [r for r in judged if r.generation is not None]
@@ -180,6 +181,20 @@ def _tasks(runs: dict[str, Dump], lined: dict[str, crossimpl.Lineup]
             elif c.base == BASE and c.target == TARGET:
                 folded[lacking] = folded.get(lacking, 0) + 1
     return tasks, folded
+
+
+def _by_key(rows: list[Row], runs: dict[str, Dump], comparison: str) -> dict[str, Row]:
+    """A comparison's rows by key, and each key both of its runs hold as an alias of the
+    same record (:func:`~precision.judge.align.shared_aliases`) with that record's row: the
+    measurement of the tensor the key holds. So a key the baseline and the reference alias
+    (an MLP returning ``down_proj``'s tensor) and the target does not (a fused MLP kernel)
+    is judged against the reference's error on that tensor, not by the fixed limits."""
+    by_key = {r.key: r for r in rows}
+    base, target = comparison.split("->")
+    for key, record in shared_aliases(runs[base], runs[target]).items():
+        if key not in by_key and record in by_key:
+            by_key[key] = replace(by_key[record], key=key)
+    return by_key
 
 
 def _folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
