@@ -22,6 +22,7 @@ def step(tmp: Path, name: str, **kw: object) -> Path:
     return run_capture(CaptureOptions(**opts))  # type: ignore[arg-type]
 
 
+@pytest.mark.kernels
 def test_gradients_recorded_unscaled_and_compared(tmp_path: Path) -> None:
     base = step(tmp_path, "fp32.st")
     d = precision.load(base)
@@ -35,7 +36,7 @@ def test_gradients_recorded_unscaled_and_compared(tmp_path: Path) -> None:
     assert report, report.summary  # healthy fp16 step, loss scale divided out
     # the fixtures tie lm_head to the embedding: one parameter, named shared.weight
     row = next(r for r in report.rows if r.key == "shared.weight:pgrad")
-    assert row.metrics is not None and row.metrics.rel_l2 < 0.0156
+    assert row.metrics is not None and row.metrics.rel_l2 < report.profile.grad_rel_l2
     unscaled = step(tmp_path, "fp16-1.st", dtype="fp16", replay=str(base))
     assert precision.compare(half, unscaled)  # scale 1024 and 1 agree once divided out
 

@@ -11,9 +11,10 @@ for an fp32 run whose matmuls ran in TF32 (CUDA) or HF32 (Ascend), that 10-bit f
 - ``noise_max``: or when one element is off by more than ``NOISE_MAX_EPS x eps`` of its
   own scale: sparse, large errors a norm hides (a T5 position bucket that moved);
 - ``atol``: a tensor whose largest error is within ``atol`` is never DRIFT;
-- gradients (``--backward``): ``||d|| <= 16 eps ||a||`` and ``max|d| <= 128 eps max|a|``:
+- gradients (``--backward``): ``||d|| <= 32 eps ||a||`` and ``max|d| <= 128 eps max|a|``:
   their signal is in the tails and the near-zero bulk carries the backward pass's
-  accumulated error (healthy fp16 T5 gradients: 5-8 eps rel_l2);
+  accumulated error (the fixture T5's healthy fp16 and bf16 steps reach 16.5 eps rel_l2 under
+  AVX2 kernels, 12 under AVX-512: scripts/kernel_margins.py);
 - logits: DRIFT when the mean per-token ``KL(base || target)`` over real (unpadded) tokens
   exceeds ``kl_mean`` (Ascend guidance: 1e-4 fp16, 5e-3 bf16), or top-1 agreement falls
   below ``top1`` counting only flips beyond a near-tie (a margin within the expected noise).
@@ -42,7 +43,7 @@ NOISE_MAX_EPS = 256.0
 FP32_NOISE_RMS_EPS = 128.0
 FP32_NOISE_MAX_EPS = 16384.0
 #: gradients (``--backward``) are judged by norm: rel_l2 and max error against max|a|
-GRAD_REL_L2_EPS = 16.0
+GRAD_REL_L2_EPS = 32.0
 GRAD_OUTLIER_EPS = 128.0
 #: with a same-precision reference run, a record DRIFTs when its element-scaled error is
 #: beyond these multiples of the reference's error against the same baseline, and beyond
@@ -51,6 +52,12 @@ REF_RMS_RATIO = 3.0
 REF_MAX_RATIO = 8.0
 REF_FLOOR_RMS_EPS = 1.0
 REF_FLOOR_MAX_EPS = 16.0
+#: a 1-D parameter's gradient (a norm weight, a bias) is a few hundred sums over every token:
+#: the error norm of so few correlated sums spreads widely from one implementation or CPU to
+#: the next (SmolLM2's healthy bf16 step, 61 norm weights: up to 6.6x the reference under
+#: AVX2 kernels, against 1.9x for its 211 matrices and 1.5x for activation gradients), so it is
+#: judged by ``rel_l2`` against this multiple of the reference's
+REF_VECTOR_GRAD_RATIO = 10.0
 #: error added near a record: its ratio to the reference at least REF_JUMP_FLOOR, and
 #: REF_JUMP times the lowest ratio among the REF_JUMP_WINDOW records before it
 REF_JUMP = 1.75

@@ -30,6 +30,7 @@ from .profiles import (
     REF_MAX_RATIO,
     REF_RMS_RATIO,
     REF_SKETCH_RATIO,
+    REF_VECTOR_GRAD_RATIO,
     Profile,
 )
 from .report import Row, Status
@@ -174,16 +175,22 @@ def reference_gradient(row: Row, ctx: Context) -> Verdict | None:
     """Gradients with a reference: ``rel_l2`` beyond ``REF_RMS_RATIO`` times the reference's
     (and ``REF_FLOOR_RMS_EPS`` eps), or ``max|d| / max|a|`` beyond ``REF_MAX_RATIO`` times
     the reference's (and ``REF_FLOOR_MAX_EPS`` eps): the backward pass's accumulated error
-    grows with depth like the forward's, and the reference carries it too."""
+    grows with depth like the forward's, and the reference carries it too. A 1-D parameter's
+    gradient (norm weight, bias) is judged by ``rel_l2`` alone, against
+    ``REF_VECTOR_GRAD_RATIO`` times the reference's."""
     both, prof = _reference(row, ctx, gradient=True), ctx.profile
     if both is None or both[0].max_abs <= prof.atol:
         return None
     m, ref = both
-    limit = max(REF_RMS_RATIO * ref.rel_l2, REF_FLOOR_RMS_EPS * prof.eps)
+    vector = parse_key(row.key).kind == "pgrad" and len(row.shape) == 1
+    ratio = REF_VECTOR_GRAD_RATIO if vector else REF_RMS_RATIO
+    limit = max(ratio * ref.rel_l2, REF_FLOOR_RMS_EPS * prof.eps)
     if m.rel_l2 > limit:
         return Verdict("DRIFT", f"gradient rel_l2 {m.rel_l2:.3g}, "
                                 f"{_times(m.rel_l2, ref.rel_l2)} the reference's "
                                 f"{ref.rel_l2:.3g} (> {limit:.3g})", m.rel_l2 / limit)
+    if vector:  # a few hundred sums: their norm is their outlier measure
+        return None
     worst, ref_worst = (x.max_abs / x.absmax_base if x.absmax_base else 0.0 for x in (m, ref))
     limit = max(REF_MAX_RATIO * ref_worst, REF_FLOOR_MAX_EPS * prof.eps)
     if worst > limit:
