@@ -40,6 +40,7 @@ def status(report: object, key: str) -> str:
 # ---------------------------------------------------------------- real fixtures
 
 
+@pytest.mark.kernels
 def test_healthy_fp16_and_bf16_are_clean(t5_runs: dict[str, Path]) -> None:
     for target in ("fp16", "bf16"):
         report = compare(t5_runs["base"], t5_runs[target])

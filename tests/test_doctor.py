@@ -66,6 +66,7 @@ def test_scan_of_fp32_run_predicts_fp16_overflow_with_exact_headroom(tmp_path: P
     assert report.rows[0].status == "OVERFLOW"  # worst first
 
 
+@pytest.mark.kernels
 def test_scan_no_false_alarm_on_healthy_fp16_and_bf16() -> None:
     for dtype in ("fp16", "bf16"):
         report = scan_model(opts(T5, dtype, keep_fp32=("none",)))

@@ -125,6 +125,7 @@ def test_an_add_that_overflows_is_the_formats_range(tmp_path: Path) -> None:
     assert "the format's range" in first.reason
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("model", [T5, QWEN], ids=lambda p: p.name)
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_healthy_fixture_dumps_pass_from_the_cli(tmp_path: Path, model: Path,

@@ -102,6 +102,7 @@ def test_the_planted_wo_overflow_is_traced_to_its_operation(tmp_path: Path) -> N
     assert any("ran in the target only" in n and "clamp x" in n for n in report.notes)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("model", [T5, QWEN], ids=lambda p: p.name)
 @pytest.mark.parametrize("mode", ["full", "stats"])
 def test_healthy_half_runs_pass_at_operator_level(tmp_path: Path, model: Path,

@@ -29,7 +29,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("verdicts")
 
 
-@pytest.mark.parametrize("target", ["bf16", "fp16", "fp32-fp64acc", "tf32"])
+@pytest.mark.parametrize("target", [pytest.param("bf16", marks=pytest.mark.kernels),
+                                    pytest.param("fp16", marks=pytest.mark.kernels),
+                                    "fp32-fp64acc", "tf32"])
 def test_healthy_deep_massive_stack_is_clean(work: Path, target: str) -> None:
     """stack-b: 32 blocks, massive channels of 2500/-1200/700, heavy-tailed MLPs."""
     report = vc.run(vc.Case(f"b-{target}", "stack-b", target,
