@@ -30,7 +30,7 @@ else
 fi
 
 # The lock pins what one Python version resolves to (its '# python:' line): another version
-# installs unpinned, and says so.
+# installs unpinned (a fresh venv gets the newest releases), and says so.
 constraints=()
 lockhash=none
 if [ -n "$LOCK" ]; then
@@ -42,7 +42,7 @@ if [ -n "$LOCK" ]; then
     lockhash=$(sha256sum "$LOCK" | cut -c1-16)
   else
     echo "· $LOCK pins Python $lockpy's packages; this is Python $pyver: installing" \
-         "the newest releases instead (scripts/lock makes a lock for it)" >&2
+         "unpinned (scripts/lock makes a lock for it)" >&2
   fi
 fi
 
