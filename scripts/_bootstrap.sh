@@ -6,7 +6,9 @@
 # that tests run on the same packages on every machine. Sets $PY.
 # Re-runs are fast: a stamp records what was installed (pyproject.toml and the lock).
 # PRECISION_TORCH_SPEC picks another torch (default torch==2.13.0; the lock leaves torch out);
-# PRECISION_LOCK another lock file, or none when set empty (then the newest releases).
+# PRECISION_LOCK another lock file, or none when set empty (then unpinned). A system torch
+# (a CUDA build, say) is not seen from .venv: activate a venv that has it, or set
+# PRECISION_TORCH_SPEC (and PIP_EXTRA_INDEX_URL for its wheel index).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXTRAS=${PRECISION_EXTRAS:-capture}
