@@ -1,14 +1,16 @@
 """Floating-point format facts shared by capture and compare (no torch needed).
 
 Names are numpy-style (``float32``, ``float16``, ``bfloat16``, ``int64``, ``bool``).
-``bfloat16`` arrays use :mod:`ml_dtypes`, so dumps read without torch.
+``bfloat16`` arrays use :mod:`ml_dtypes`, so dumps read without torch. ml_dtypes is
+imported on first use (:func:`bfloat16`), when an array needs it: its import takes about half
+a second, which ``precision compare --help`` (and a compare of fp16 dumps) should not pay.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from .errors import InputError
@@ -33,11 +35,29 @@ SHORT_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64":
 LONG_TO_SHORT = {v: k for k, v in SHORT_NAMES.items()}
 
 
+#: bfloat16's largest finite value, ``(2 - 2**-7) * 2**127`` (``ml_dtypes.finfo(bfloat16).max``,
+#: written out so that it needs no import; tests/test_dtypes.py checks it)
+BF16_MAX = (2 - 2.0**-7) * 2.0**127
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """numpy's ``bfloat16`` dtype, from :mod:`ml_dtypes`, imported here on first use."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype for a dtype name (``bfloat16`` via ml_dtypes)."""
+    """The numpy dtype for a dtype name (``bfloat16`` via ml_dtypes, loaded then)."""
     if name == "bfloat16":
-        return np.dtype(ml_dtypes.bfloat16)
+        return bfloat16()
     return np.dtype(name)
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a dtype name, without loading ml_dtypes for ``bfloat16``."""
+    return 2 if name == "bfloat16" else np.dtype(name).itemsize
 
 
 def canonical(name: str) -> str:
@@ -97,7 +117,7 @@ FORMATS = {
     "float64": FloatFormat("float64", 52, -1022, float(np.finfo(np.float64).max)),
     "float32": FloatFormat("float32", 23, -126, float(np.finfo(np.float32).max)),
     "float16": FloatFormat("float16", 10, -14, 65504.0),
-    "bfloat16": FloatFormat("bfloat16", 7, -126, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)),
+    "bfloat16": FloatFormat("bfloat16", 7, -126, BF16_MAX),
 }
 
 

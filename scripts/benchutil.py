@@ -3,6 +3,9 @@ must stay as lean as `precision compare`'s)."""
 
 from __future__ import annotations
 
+import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,3 +67,25 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+#: `precision compare --help`, start to exit, median over runs (scripts/bench's target)
+CLI_STARTUP_TARGET_S = 0.3
+
+
+def cli_startup(repeat: int) -> dict[str, Any]:
+    """Seconds that ``precision compare --help`` takes as a fresh process (the installed
+    script next to this interpreter, else the same entry point through it): the median and
+    spread over ``repeat`` runs after one warm-up (which fills the page cache)."""
+    script = Path(sys.executable).with_name("precision")
+    cmd = ([str(script)] if script.exists() else
+           [sys.executable, "-c", "import sys; from precision.cli import main; main()"])
+    times = []
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        subprocess.run([*cmd, "compare", "--help"], check=True, stdout=subprocess.DEVNULL)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"median_s": round(statistics.median(times), 3),
+            "spread_s": [round(min(times), 3), round(max(times), 3)],
+            "target_s": CLI_STARTUP_TARGET_S}

@@ -283,19 +283,23 @@ def test_help(command: list[str]) -> None:
         assert "Usage:" in result.stdout
 
 
-def test_compare_help_does_not_import_torch() -> None:
-    """`precision compare --help` stays light: torch is never imported."""
+@pytest.mark.parametrize("command", [[], ["compare"]])
+def test_help_does_not_import_torch_or_ml_dtypes(command: list[str]) -> None:
+    """`precision --help` and `precision compare --help` stay light: neither torch nor
+    ml_dtypes (half a second to import; loaded when a bf16 array needs it) is imported."""
     code = ("import sys\n"
             "from precision.cli import main\n"
             "try:\n"
-            "    main(['compare', '--help'])\n"
+            f"    main({[*command, '--help']!r})\n"
             "except SystemExit:\n"
             "    pass\n"
-            "print('TORCH_LOADED', 'torch' in sys.modules)\n")
+            "print('LOADED', sorted(m for m in ('torch', 'transformers', 'ml_dtypes', 'scipy',\n"
+            "                                   'matplotlib', 'rich', 'safetensors')\n"
+            "                       if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert "Usage:" in out.stdout
-    assert out.stdout.strip().splitlines()[-1] == "TORCH_LOADED False"
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"
 
 
 # --------------------------------------------------------------------------- real processes

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_dtype, short
+from ..dtypes import itemsize as dtype_itemsize
 from ..errors import DumpError
 from .atomic import DISK_FULL, AtomicFile, format_bytes
 from .meta import ComputeSettings
@@ -123,7 +124,7 @@ class DumpWriter:
             view = memoryview(flat)  # type: ignore[arg-type]
         else:
             view = memoryview(data).cast("B")
-        itemsize = numpy_dtype(dtype).itemsize
+        itemsize = dtype_itemsize(dtype)
         if view.nbytes != math.prod(shape) * itemsize:
             raise DumpError(f"tensor {key!r}: {view.nbytes} bytes do not match "
                             f"{dtype}{list(shape)}")
@@ -422,7 +423,7 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
             raise DumpError(f"{p}: tensor {key!r} has a malformed header entry") from None
         if any(s < 0 for s in shape) or begin < 0 or end < begin:
             raise DumpError(f"{p}: tensor {key!r} has a negative shape or offsets")
-        if (end - begin) != math.prod(shape) * numpy_dtype(dtype).itemsize:
+        if (end - begin) != math.prod(shape) * dtype_itemsize(dtype):
             raise DumpError(f"{p}: tensor {key!r} byte size {end - begin} does not match "
                             f"{dtype}{list(shape)}")
         if data_start + end > size:

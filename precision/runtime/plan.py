@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..dtypes import numpy_dtype
+from ..dtypes import itemsize
 from ..dumps.atomic import format_bytes
 from ..errors import InputError, ModelError
 from .inputs import build
@@ -189,7 +189,7 @@ def _nbytes(entry: dict[str, Any]) -> int:
     n = 1
     for s in entry["shape"]:
         n *= int(s)
-    return n * numpy_dtype(entry["dtype"]).itemsize
+    return n * itemsize(entry["dtype"])
 
 
 def render(plan: Plan) -> str:

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ...dtypes import bfloat16
 from ...errors import DumpError
 from .guard import LOGITS_KEY, one_line, storable
 
@@ -157,9 +158,7 @@ def tensor_array(t: Any, src: str, limit: int) -> np.ndarray:
                         "refused (an expanded view?)")
     t = t.detach().contiguous()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return np.asarray(t.view(torch.int16).numpy().view(ml_dtypes.bfloat16))
+        return np.asarray(t.view(torch.int16).numpy().view(bfloat16()))
     return storable(t.numpy(), src)
 
 
