@@ -40,7 +40,9 @@ def test_real_l1_dump_lines_up_with_op_records(ops_run: Path) -> None:
     report = precision.compare(ops_run, OUT)
     ops = [r for r in report.rows if "/" in r.key]
     assert len(ops) == 61 and all(r.status == "OK" for r in ops)
-    assert all(r.metrics is not None and r.metrics.max_abs == 0.0 for r in ops)  # same CPU
+    # the dump was written on another CPU: fp32 kernels that accumulate in another order
+    # (3.3e-7 on an AVX-512/AMX Xeon against the AVX-512 machine that wrote it), not exact
+    assert all(r.metrics is not None and r.metrics.rel_l2 <= 32 * 2.0**-23 for r in ops)
     keys = {r.key for r in ops}
     assert {"model.layers.0.self_attn/softmax:out", "model.layers.0.self_attn/matmul:out#1",
             "model.layers.0/add:out#1", "lm_head/linear:out",
