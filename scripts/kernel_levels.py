@@ -6,7 +6,7 @@ convolutions, bf16 ones included (``ONEDNN_MAX_CPU_ISA`` caps them), and MKL's f
 (``MKL_ENABLE_INSTRUCTIONS``). A baseline taken on an AVX2 server, an AVX-512 one, an AMX one
 or an ARM64 host holds other bits, so verdicts must hold under each. A machine cannot emulate
 an instruction set it lacks, only cap what it uses; :func:`supported` lists the levels at or
-below this CPU's.
+below this CPU's (and not the one it runs anyway: on an AVX2 CPU, ``avx2`` is ``native``).
 
 Levels (each names the three settings together, as one kind of host would run them):
 
@@ -56,13 +56,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: the CPU flags beyond a level: without any of them the level is what the CPU runs anyway
+BEYOND = {"avx512": ("amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni"),
+          "avx2": ("avx512f",), "default": ("avx2",)}
+
+
 def supported() -> list[str]:
-    """The levels this CPU can run, best first; ``native`` alone where the flags are unknown
-    (an ARM64 host runs its own kernels: nothing to cap)."""
+    """The levels this CPU can run, best first, less those that cap nothing (``avx2`` on an
+    AVX2 CPU is ``native``); ``native`` alone where the flags are unknown (an ARM64 host
+    runs its own kernels: nothing to cap)."""
     flags = cpu_flags()
     if not flags:
         return ["native"]
-    return [name for name in LEVELS if all(f in flags for f in NEEDS[name])]
+    return ["native"] + [name for name in LEVELS if name != "native"
+                         and all(f in flags for f in NEEDS[name])
+                         and any(f in flags for f in BEYOND[name])]
 
 
 def chosen() -> list[str]:
