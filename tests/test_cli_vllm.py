@@ -25,7 +25,15 @@ from precision.errors import InputError
 from precision.judge.implmap import TABLES
 from precision.runtime.vllmrun import RESERVED, parse_engine_args
 
-from .conftest import FIXTURES, NO_TORCH, QWEN, ROOT, VLLM_PYTHON, need_vllm, write_dump
+from .conftest import (
+    FIXTURES,
+    NO_TORCH,
+    QWEN,
+    VLLM_PYTHON,
+    need_vllm,
+    vllm_env,
+    write_dump,
+)
 
 LLAMA = FIXTURES / "tiny-llama-overflow"
 
@@ -70,7 +78,7 @@ def test_without_vllm_one_line_names_the_extra_before_torch_is_needed(tmp_path: 
     proc = subprocess.run([sys.executable, "-c", code, "capture", "--engine", "vllm",
                            "--model", str(QWEN), "-o", str(tmp_path / "v.st")],
                           capture_output=True, text=True, cwd=tmp_path,
-                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+                          env=vllm_env())
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         "error: --engine vllm needs vLLM, which is not installed: pip install "
@@ -297,7 +305,7 @@ def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) ->
     need_vllm()
     model = _healthy_llama(tmp_path / "llama")
     out = tmp_path / "v.st"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "CI": "1"}
+    env = vllm_env(CI="1")
     env.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)  # the command sets it itself
     proc = subprocess.run(
         [str(VLLM_PYTHON), "-m", "precision.cli", "capture", "--engine", "vllm", "--model",

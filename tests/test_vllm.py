@@ -13,7 +13,6 @@ vLLM is absent, failed in CI.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from precision.judge.implmap import TABLES, read_mapping
 from precision.runtime.runner import CaptureOptions, run_capture
 
 from . import vllm_models
-from .conftest import ROOT, VLLM_PYTHON, need_vllm
+from .conftest import ROOT, VLLM_PYTHON, need_vllm, vllm_env
 
 FAULT_MODULE = "model.layers.2.self_attn.o_proj"
 #: the families run besides the Llama (each in fp32, each its own engine)
@@ -72,7 +71,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         {"out": str(out["tp2fault"]), "fault": [TP_FAULT_MODULE, 1.5, "all", 1]},
         {"out": str(out["tp2stats"]), "mode": "stats"}]})
     (work / "plan.json").write_text(json.dumps(plan))
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env = vllm_env()
     script = str(ROOT / "tests" / "scripts" / "vllm_run.py")
     proc = subprocess.run([str(VLLM_PYTHON), script, str(work / "plan.json")], env=env,
                           capture_output=True, text=True, timeout=1200)
