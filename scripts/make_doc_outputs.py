@@ -302,6 +302,8 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 FIGURE_FACTOR = 4.0
 #: a shape, compared exactly
 SHAPE = re.compile(r"\d+(?:x\d+)+")
+#: a word that is a number, with the punctuation a table or a sentence puts around it
+FIGURE = re.compile(r"([(\[±~]?)(" + NUMBER.pattern + r")([)\],;:%x]*)")
 COUNT_SLACK = (2, 0.02)
 
 
@@ -316,14 +318,18 @@ def _numbers_agree(quoted: str, printed: str) -> bool:
     return x * y > 0 and max(abs(x), abs(y)) <= FIGURE_FACTOR * min(abs(x), abs(y))
 
 
-def _words_agree(quoted: str, printed: str) -> bool:
-    """One word: a shape (``3x26x64``) exactly, others with their numbers by
-    :func:`_numbers_agree` and everything else exactly."""
-    if SHAPE.fullmatch(quoted) or SHAPE.fullmatch(printed):
-        return quoted == printed
-    qn, pn = NUMBER.findall(quoted), NUMBER.findall(printed)
-    return (NUMBER.sub("#", quoted) == NUMBER.sub("#", printed) and len(qn) == len(pn)
-            and all(_numbers_agree(a, b) for a, b in zip(qn, pn, strict=True)))
+def _words_agree(quoted: str, printed: str, *, healthy: bool = False) -> bool:
+    """One word: a number (``465``, ``0.002005``, ``(88``, ``2.97x``) by
+    :func:`_numbers_agree` with the same punctuation around it; any other word (a key such as
+    ``model.layers.2.mlp:out``, a shape, a status) exactly, but for a healthy row's words
+    that are neither numbers nor shapes (the record it names)."""
+    q, p = FIGURE.fullmatch(quoted), FIGURE.fullmatch(printed)
+    if q and p:
+        return (q.group(1), q.group(3)) == (p.group(1), p.group(3)) and _numbers_agree(
+            q.group(2), p.group(2))
+    if healthy and not (q or p or SHAPE.fullmatch(quoted) or SHAPE.fullmatch(printed)):
+        return True
+    return quoted == printed
 
 
 def disagreements(quoted: str, printed: str) -> list[str]:
@@ -338,9 +344,8 @@ def disagreements(quoted: str, printed: str) -> list[str]:
     for q, p in zip(q_lines, p_lines, strict=True):
         qw, pw = q.split(), p.split()
         healthy = not q.startswith(("PASS", "FAIL")) and "OK" in qw and "OK" in pw
-        if len(qw) != len(pw) or not all(
-                _words_agree(a, b) or (healthy and not NUMBER.fullmatch(a))
-                for a, b in zip(qw, pw, strict=True)):
+        if len(qw) != len(pw) or not all(_words_agree(a, b, healthy=healthy)
+                                         for a, b in zip(qw, pw, strict=True)):
             found.append(f"quoted {q.strip()!r}, printed {p.strip()!r}")
     return found
 

@@ -103,6 +103,9 @@ def test_quoted_outputs_are_compared_as_the_cpu_moves_them() -> None:
     """Words, statuses and keys exactly; counts within 2 (or 2%), figures within 4x; a
     healthy table row may name another healthy record."""
     mod = _doc_outputs()
+    layered = "FAIL: first divergence at model.layers.2.mlp:out (DRIFT: 5.1 eps); 3 OK\n"
+    assert mod.disagreements(layered, layered.replace("layers.2.", "layers.5."))
+    assert mod.disagreements(layered, layered.replace("5.1", "6.2")) == []
     quoted = ("FAIL [fp32->fp16]: first divergence at a.wo:out (OVERFLOW: 465 inf); 60 OK\n"
               " 1  a.wo:out   OVERFLOW  3x26x64  0.002005  324.4\n"
               " 2  b.norm:out OK        3x26x64  5.2e-08   1.27e-06\n")
@@ -112,7 +115,9 @@ def test_quoted_outputs_are_compared_as_the_cpu_moves_them() -> None:
     for old, new in (("FAIL", "PASS"), ("OVERFLOW:", "DRIFT:"), ("a.wo:out   OVERFLOW",
                      "a.wi:out   OVERFLOW"), ("465", "480"), ("0.002005", "0.02005"),
                      ("3x26x64  0.002005", "3x26x65  0.002005"), ("324.4", "-324.4"),
-                     ("OK        3x26x64", "DRIFT     3x26x64")):
+                     ("OK        3x26x64", "DRIFT     3x26x64"),
+                     ("at a.wo:out", "at layers.5.wo:out"),
+                     ("OK        3x26x64", "OK        3x26x65")):
         assert mod.disagreements(quoted, quoted.replace(old, new, 1)), (old, new)
     assert mod.disagreements(quoted, quoted + "one more line\n")
 
