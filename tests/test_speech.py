@@ -67,12 +67,13 @@ def test_fixed_limits_judge_the_last_encoder_gelu_by_its_inputs_scale(work: Path
     """The issue's report: by its own bulk scale Whisper's last encoder GELU is beyond the
     fixed limits in bf16 (most of its units are off: their tiny outputs set its bulk scale,
     while their error comes from fc1's, about 14). Judged by fc1's scale, what it was
-    computed from, it is healthy: the fixed limits alone PASS too. (fp16 without its
-    reference still flags 4 outliers: docs/verdicts.md.)"""
+    computed from, it is healthy, by the fixed limits alone too. (Other rows are not this
+    test's: without its reference, fp16 flags 4 outliers, and bf16 under AVX2 kernels one
+    element of layer 3's fc1 at 274 eps against 256: docs/verdicts.md, "CPU kernels".)"""
     _need()
     fixed = sc.run(MODEL, "bf16", work, reference=False)
-    assert fixed and not fixed.flagged, sc.summarise(fixed)
     gelu = next(r for r in fixed.rows if r.key == GELU)
+    assert gelu.status == "OK", sc.summarise(fixed)
     m, prof = gelu.metrics, fixed.profile
     assert m is not None and (m.noise_rms > prof.noise_rms or m.noise_max > prof.noise_max)
 
