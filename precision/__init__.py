@@ -28,7 +28,7 @@ from .judge.scan import ScanReport, scan
 if TYPE_CHECKING:
     from .doctor.checks import Suggestion
     from .doctor.isolation import IsolateReport
-    from .runtime.recorder import Capture
+    from .runtime.capture.recorder import Capture
 
 __all__ = [
     "Capture",
@@ -55,7 +55,7 @@ __all__ = [
 
 def capture(model: Any, path: Any = None, **options: Any) -> Capture:
     """Record ``model``'s module outputs while the ``with`` block runs; see :class:`Capture`."""
-    from .runtime.recorder import Capture
+    from .runtime.capture.recorder import Capture
 
     return Capture(model, path, **options)
 
@@ -67,9 +67,9 @@ def keep_fp32(model: Any, patterns: Any, *, hand_on: str = "auto") -> list[str]:
     dtype (``hand_on="compute"``) or in fp32 (``"fp32"``: a residual stream in fp32, the
     modules after them still computing in fp16/bf16); ``"auto"`` is ``fp32`` for the modules
     the model keeps in fp32 itself (T5's ``wo``) and ``compute`` for the rest. A glob may
-    carry its own: ``'model.layers.*:fp32'``. See :mod:`precision.runtime.keep`.
+    carry its own: ``'model.layers.*:fp32'``. See :mod:`precision.runtime.models.keep`.
     """
-    from .runtime.keep import keep_fp32 as _keep
+    from .runtime.models.keep import keep_fp32 as _keep
 
     return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns),
                  hand_on=hand_on)
@@ -91,7 +91,7 @@ def isolate(base: Any, model: str, **options: Any) -> IsolateReport:
 
 def __getattr__(name: str) -> Any:
     if name == "Capture":
-        from .runtime.recorder import Capture
+        from .runtime.capture.recorder import Capture
 
         return Capture
     raise AttributeError(f"module 'precision' has no attribute {name!r}")

@@ -20,7 +20,7 @@ import transformers
 from benchutil import CLI_STARTUP_TARGET_S, cli_startup, interleaved, peak_rss
 
 import precision
-from precision.runtime import streaming
+from precision.runtime.capture import streaming
 
 
 def bench_model(dtype: torch.dtype) -> transformers.T5ForConditionalGeneration:

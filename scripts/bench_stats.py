@@ -29,7 +29,7 @@ from bench import bench_model  # scripts/ is on the path
 from benchutil import interleaved
 
 import precision
-from precision.runtime import recorder
+from precision.runtime.capture import recorder
 
 #: single records timed alone: (shape, dtype)
 RECORDS = (((4, 128, 512), torch.float32), ((4, 32, 32128), torch.float32),

@@ -323,7 +323,7 @@ def ratios(report: precision.Report, reference: precision.Report) -> dict[str, l
     the reference rules compute them (floors included, a key the baseline and the
     reference alias measured as the record it aliases); in stats mode the count-sketch
     error estimates' ratio (``sketch``)."""
-    from precision.judge.align import shared_aliases
+    from precision.judge.lineup.align import shared_aliases
     from precision.judge.profiles import (
         REF_FLOOR_MAX_EPS,
         REF_FLOOR_RMS_EPS,

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import precision
 from precision.dumps import reference_path
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 QWEN = str(Path(__file__).resolve().parent.parent / "fixtures" / "tiny-qwen3")
 

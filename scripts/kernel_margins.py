@@ -11,7 +11,7 @@ level with room to spare; see docs/verdicts.md ("CPU kernels").
 
 Each level runs in a process of its own (scripts/kernel_levels.py sets the environment
 before torch loads). Margins computed here mirror the rules' formulas in
-precision/judge/rules.py (a rule's exemptions only lower them).
+precision/judge/verdict/rules.py (a rule's exemptions only lower them).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FIXTURE_CASES = [
 
 
 def margins(base: Path, target: Path, ref: Path | None) -> dict[str, float]:
-    """The worst row's measure over each rule's limit (precision/judge/rules.py)."""
+    """The worst row's measure over each rule's limit (precision/judge/verdict/rules.py)."""
     import precision
     from precision.dumps.keys import parse_key
     from precision.judge import profiles as P
@@ -90,7 +90,7 @@ def margins(base: Path, target: Path, ref: Path | None) -> dict[str, float]:
 def fixture_case(work: Path, model: str, dtype: str, backward: bool,
                  scale: float) -> dict[str, float]:
     from precision.dumps import reference_path
-    from precision.runtime.runner import CaptureOptions, run_capture
+    from precision.runtime.run.runner import CaptureOptions, run_capture
 
     fixture = str(ROOT / "fixtures" / model)
     common = {"model": fixture, "backward": backward, "max_new_tokens": 2, "force": True}

@@ -36,7 +36,7 @@ import numpy as np
 import precision
 from precision.dtypes import is_float
 from precision.dumps.sketch import hash_sign, signs
-from precision.judge.tokens import padding_of, real_elements
+from precision.judge.lineup.tokens import padding_of, real_elements
 
 EPS = {"bf16": 2.0**-7, "fp16": 2.0**-10}
 #: the ratio floor where the reference is nearly exact, as reference_sketch's (eps/4 / 3)

@@ -111,7 +111,7 @@ def t5_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     Keys: base, fp16, bf16 (healthy T5); obase, ofp16_none, ofp16_auto, obf16 (overflow T5).
     """
-    from precision.runtime.runner import CaptureOptions, run_capture
+    from precision.runtime.run.runner import CaptureOptions, run_capture
 
     d = tmp_path_factory.mktemp("t5runs")
     runs: dict[str, Path] = {}

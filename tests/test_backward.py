@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import precision
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import T5
 

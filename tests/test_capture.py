@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import precision
-from precision.runtime.models import Policy, load_model
-from precision.runtime.recorder import flatten
-from precision.runtime.runner import CaptureOptions, run_capture
-from precision.runtime.streaming import HostRing
+from precision.runtime.capture.recorder import flatten
+from precision.runtime.capture.streaming import HostRing
+from precision.runtime.models.load import Policy, load_model
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import QWEN, T5, T5_OVERFLOW
 
@@ -141,7 +141,7 @@ def test_device_statistics_match_float64_numpy_in_every_dtype(dtype: torch.dtype
     the same values, twice in a row (the staging buffer is reused), and the tensor itself is
     left as it was."""
     from precision.dumps.sketch import count_sketch, decode
-    from precision.runtime.tensorstats import tensor_stats
+    from precision.runtime.capture.tensorstats import tensor_stats
 
     for seed in (0, 1):
         x = (torch.randn(3, 1500, generator=torch.Generator().manual_seed(seed)) * 3 + 1).to(dtype)
@@ -289,7 +289,7 @@ def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
     """A stats record of a left-padded batch covers real tokens only, in element order, and
     its count sketch is the one numpy computes on the same elements."""
     from precision.dumps.sketch import PERIOD, count_sketch, decode
-    from precision.runtime.tensorstats import sketch
+    from precision.runtime.capture.tensorstats import sketch
 
     class Heads(nn.Module):
         def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor

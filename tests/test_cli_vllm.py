@@ -21,9 +21,9 @@ from click.testing import CliRunner, Result
 
 import precision
 from precision.cli import main
+from precision.engines.vllm.launch import RESERVED, parse_engine_args
+from precision.engines.vllm.mapping import TABLES
 from precision.errors import InputError
-from precision.judge.implmap import TABLES
-from precision.runtime.vllmrun import RESERVED, parse_engine_args
 
 from .conftest import (
     FIXTURES,
@@ -126,7 +126,7 @@ def test_engine_args_parse_as_json_and_refuse_what_precision_sets() -> None:
 
 def test_engine_arg_refused_from_the_command_line(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("precision.runtime.vllmrun.require_vllm", lambda: None)
+    monkeypatch.setattr("precision.engines.vllm.launch.require_vllm", lambda: None)
     _one_line_error(_run("capture", "--engine", "vllm", "--model", QWEN, "--engine-arg",
                          "enforce_eager=false", "-o", tmp_path / "v.st"),
                     "--engine-arg enforce_eager: set by precision (precision's hooks need "

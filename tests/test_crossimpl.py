@@ -1,4 +1,4 @@
-"""Lining an engine's records up with Hugging Face's (precision/judge/crossimpl.py) on
+"""Lining an engine's records up with Hugging Face's (precision/engines/vllm/lineup.py) on
 synthetic engine dumps: where each packed token lands in either layout, modules shared
 between layers told apart again, rules that scale and swap axes. The real engine is in
 tests/test_vllm.py."""
@@ -15,8 +15,8 @@ import precision
 from precision.dumps.dump import DumpWriter
 from precision.dumps.keys import parse_key
 from precision.dumps.shards import write_index
-from precision.judge import crossimpl
-from precision.judge.implmap import TABLES, Rule
+from precision.engines.vllm import lineup
+from precision.engines.vllm.mapping import TABLES, Rule
 
 from .conftest import stats_of, write_dump
 
@@ -78,7 +78,7 @@ def _engine_dump(path: Path, *, drop: str | None = None, rank: int | None = None
 
 
 def test_steps_layout_places_prefill_left_padded_and_each_decode_step(tmp_path: Path) -> None:
-    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st")),
+    lined = lineup.translate(precision.load(_engine_dump(tmp_path / "e.st")),
                                 layout="steps")
     d = lined.dump
     assert lined.unmapped == {}
@@ -91,7 +91,7 @@ def test_steps_layout_places_prefill_left_padded_and_each_decode_step(tmp_path: 
 
 
 def test_forward_layout_places_every_token_at_its_position(tmp_path: Path) -> None:
-    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st")))
+    lined = lineup.translate(precision.load(_engine_dump(tmp_path / "e.st")))
     d = lined.dump
     assert d["model.layers.1.mlp.down_proj:in.0"][..., 0].tolist() == [
         [1000, 1001, 1002, 1003], [1100, 1101, 0, 0]]
@@ -100,7 +100,7 @@ def test_forward_layout_places_every_token_at_its_position(tmp_path: Path) -> No
 
 def test_a_shared_module_with_a_call_missing_is_listed_not_guessed(tmp_path: Path) -> None:
     """Three calls of a module shared by two layers in two steps cannot be told apart."""
-    lined = crossimpl.translate(precision.load(_engine_dump(tmp_path / "e.st",
+    lined = lineup.translate(precision.load(_engine_dump(tmp_path / "e.st",
                                                             drop=f"{ACT}:out#3")))
     assert lined.unmapped == {f"{ACT}:out": "3 call(s) in 2 engine step(s) of a module "
                                             "shared by 2 names"}
@@ -118,7 +118,7 @@ def _tp_dump(folder: Path, norm_shift: float = 0.0) -> Path:
 def test_tensor_parallel_ranks_are_put_together(tmp_path: Path) -> None:
     """Two ranks' shards: a column-parallel record concatenated in rank order, a whole one
     taken once."""
-    lined = crossimpl.translate(precision.load(_tp_dump(tmp_path / "tp")), layout="steps")
+    lined = lineup.translate(precision.load(_tp_dump(tmp_path / "tp")), layout="steps")
     assert lined.unmapped == {}
     d = lined.dump
     assert d["model.layers.1.mlp.down_proj:in.0#1"].tolist() == [[[1003.0, 1003.5]]]
@@ -126,7 +126,7 @@ def test_tensor_parallel_ranks_are_put_together(tmp_path: Path) -> None:
 
 
 def test_a_whole_record_that_differs_between_ranks_is_listed(tmp_path: Path) -> None:
-    lined = crossimpl.translate(precision.load(_tp_dump(tmp_path / "tp", norm_shift=1.0)))
+    lined = lineup.translate(precision.load(_tp_dump(tmp_path / "tp", norm_shift=1.0)))
     assert lined.unmapped == {"model.norm:out.0": "rank 1 differs from rank 0 in step 0, "
                                                   "where every rank should hold it whole"}
 
@@ -140,7 +140,7 @@ def test_hugging_face_runs_replayed_alike(tmp_path: Path) -> None:
     b = precision.load(write_dump(tmp_path / "b.st", x, meta={"engine_replay": {
         "layout": "forward"}}))
     with pytest.raises(precision.DumpError, match="replayed the engine's tokens in different"):
-        crossimpl.line_up({"base": a, "target": engine, "reference": b})
+        lineup.line_up({"base": a, "target": engine, "reference": b})
 
 
 def test_rules_scale_in_the_records_dtype_and_refuse_bad_options() -> None:
@@ -158,8 +158,8 @@ def test_rules_scale_in_the_records_dtype_and_refuse_bad_options() -> None:
 def test_merged_statistics_are_the_statistics_of_the_whole() -> None:
     """Parts of different sizes and spreads (a NaN in one): merged as one array's, against
     the float64 statistics of the concatenation."""
-    from precision.judge.enginestats import merge_stats
-    from precision.judge.statsdiff import array_stats
+    from precision.engines.vllm.stats import merge_stats
+    from precision.judge.measure.statsdiff import array_stats
 
     rng = np.random.default_rng(0)
     parts = [rng.normal(3.0, 1.0, 50), rng.normal(-2.0, 5.0, 7), np.array([np.nan, 1e3])]
@@ -175,7 +175,7 @@ def test_a_stats_mode_engine_dump_lines_up_with_one_forward_only(tmp_path: Path)
     d = precision.load(_engine_dump(tmp_path / "e.st"))
     d.meta["mode"] = "stats"
     with pytest.raises(precision.DumpError, match="one teacher-forced Hugging Face forward"):
-        crossimpl.translate(d, layout="steps")
+        lineup.translate(d, layout="steps")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -184,7 +184,7 @@ def test_a_scale_rounds_as_the_engine_multiplies(dtype: str) -> None:
     computes ``embed * normalizer.to(dtype)`` (vLLM) and Hugging Face's scaled embedding."""
     torch = pytest.importorskip("torch")
     from precision.dtypes import numpy_dtype
-    from precision.judge.unpack import shaped
+    from precision.engines.vllm.unpack import shaped
 
     rng = np.random.default_rng(1)
     x = rng.normal(0, 0.05, (2, 3, 64)).astype(np.float32)
@@ -281,7 +281,7 @@ def test_fused_qkv_and_gate_up_split_into_hugging_faces_projections(
     if ranks > 1:
         path.mkdir()
     engine = precision.load(_fused_engine_dump(path, config, hf, ranks, family=family))
-    lined = crossimpl.translate(engine)
+    lined = lineup.translate(engine)
     assert lined.unmapped == {}
     assert lined.mapped == {f"{ATTN}.qkv_proj:out.0": tuple(list(hf)[:3]),
                             f"{MLP}.gate_up_proj:out.0": tuple(list(hf)[3:])}
@@ -304,14 +304,14 @@ def test_fused_parts_statistics_are_hugging_faces_projections(tmp_path: Path,
     """Stats mode: the worker records each part of a fused projection apart
     (``:out.0.part<j>``, per rank); lined up, part ``j`` is the ``j``-th projection, its
     ranks' shares merged."""
-    from precision.judge.statsdiff import array_stats
+    from precision.judge.measure.statsdiff import array_stats
 
     config = FUSED_CONFIGS["mha"]  # q, k and v of one width: told apart by values only
     hf = _hf_projections(config)
     path = tmp_path / ("tp" if ranks > 1 else "e.st")
     if ranks > 1:
         path.mkdir()
-    lined = crossimpl.translate(precision.load(_fused_engine_dump(path, config, hf, ranks,
+    lined = lineup.translate(precision.load(_fused_engine_dump(path, config, hf, ranks,
                                                                   mode="stats")))
     assert lined.unmapped == {}
     real = FUSED_MASK.astype(bool)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import precision
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import FIXTURES, OVERFLOW_WO, QWEN, T5, T5_OVERFLOW
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 import precision
 from precision.cli import main
 from precision.doctor.checks import generalise, scan_model, suggest
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import OVERFLOW_WO, T5, T5_OVERFLOW
 

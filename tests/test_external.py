@@ -205,7 +205,7 @@ def test_a_logprobs_file_against_a_capture_folds_its_layers_and_says_what_it_can
     to pair with and fold into one note, not a MISSING row each; the file cannot say what
     the engine computed in, and a warning says how to state it; a file that states it is
     judged for that precision."""
-    from precision.judge.align import align
+    from precision.judge.lineup.align import align
 
     base = precision.load(t5_runs["base"])
     path = vllm_json(base, tmp_path / "vllm_bf16.json")

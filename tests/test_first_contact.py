@@ -192,7 +192,7 @@ def test_suggest_fails_when_the_held_back_prompts_are_not_fixed(
 
     monkeypatch.setattr(checks, "run_capture", capture)
     monkeypatch.setattr(checks, "compare", compare)
-    from precision.runtime.models import DEFAULT_PROMPTS as prompts
+    from precision.runtime.models.load import DEFAULT_PROMPTS as prompts
 
     s = checks.suggest(str(T5_OVERFLOW), dtype="fp16")
     assert seen == [list(prompts[:2]), list(prompts[2:])]

@@ -15,8 +15,13 @@ import pytest
 
 import precision
 from precision.errors import InputError
-from precision.judge import metrics
-from precision.judge.metrics import FUSED_MIN_ELEMENTS, KERNEL_ENV, choose_kernel, compare_float
+from precision.judge.measure import metrics
+from precision.judge.measure.metrics import (
+    FUSED_MIN_ELEMENTS,
+    KERNEL_ENV,
+    choose_kernel,
+    compare_float,
+)
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba (the fast extra) is not installed")
@@ -105,7 +110,7 @@ def test_kernels_merge() -> None:
 @needs_numba
 def test_half_to_float64_is_numpys_conversion() -> None:
     """Every fp16 bit pattern: zeros, subnormals, normals, infinities, NaN."""
-    from precision.judge import fused
+    from precision.judge.measure import fused
 
     bits = np.arange(1 << 16, dtype=np.uint16)
     out = np.empty(bits.size)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import precision
-from precision.judge.generation import compare_generation
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.judge.measure.generation import compare_generation
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import QWEN, T5
 

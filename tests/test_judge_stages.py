@@ -16,9 +16,9 @@ import pytest
 import precision
 from precision.dumps import load
 from precision.dumps.keys import Key, format_key, make_key, parse_key
-from precision.judge.metrics import PairAccumulator
-from precision.judge.rules import RULES, reference_max, reference_rms
-from precision.judge.tokens import real_tokens
+from precision.judge.lineup.tokens import real_tokens
+from precision.judge.measure.metrics import PairAccumulator
+from precision.judge.verdict.rules import RULES, reference_max, reference_rms
 from precision.outputs.plots import token_mask
 
 BF16_EPS = 2.0**-7

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import precision
 from precision.cli import main
-from precision.runtime.keep import kept_modules
+from precision.runtime.models.keep import kept_modules
 
 from .conftest import FIXTURES, QWEN, T5, T5_OVERFLOW
 

@@ -1,4 +1,4 @@
-"""precision.judge.logits against scipy softmax/rel_entr references in float64."""
+"""precision.judge.measure.logits against scipy softmax/rel_entr references in float64."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, rel_entr, softmax
 
-from precision.judge.logits import (
+from precision.judge.measure.logits import (
     DEFAULT_TIE_NOISE,
     _topk,
     _topk_whole,

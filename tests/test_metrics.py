@@ -1,4 +1,5 @@
-"""precision.judge.metrics against independent float64 references written from the docstring."""
+"""precision.judge.measure.metrics against independent float64 references written from the
+docstring."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import cosine
 from scipy.stats import pearsonr
 
-from precision.judge import metrics
-from precision.judge.metrics import PairAccumulator, compare_exact, compare_float
+from precision.judge.measure import metrics
+from precision.judge.measure.metrics import PairAccumulator, compare_exact, compare_float
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 #: every test here runs on both kernels: numpy and the fused one (numba, an optional extra)
@@ -71,7 +72,7 @@ def one_minus_cos_exact(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def noise_reference(x: np.ndarray, d: np.ndarray, target: str, floor: float) -> dict:
-    """The noise model element by element, from precision.judge.noise's docstring:
+    """The noise model element by element, from precision.judge.measure.noise's docstring:
     s_i = p(|a_i|) + sigma, p(v) = 2^floor(log2 v) from twice the smallest normal up (else
     0), sigma = max(floor, 2^(floor(log2 m) + 1)) for m the lower median of those |a|."""
     if x.size == 0:

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from precision.cli import ByteSize, main
 from precision.errors import DumpError, InputError, PrecisionError
-from precision.judge import parallel
 from precision.judge.compare import (
     CHUNK_ELEMS,
     MIN_CHUNK_ELEMS,
@@ -23,6 +22,7 @@ from precision.judge.compare import (
     compare,
     plan_jobs,
 )
+from precision.judge.measure import parallel
 
 from .conftest import write_dump
 

@@ -17,7 +17,7 @@ import precision
 from precision.cli import main
 from precision.dumps.dump import DumpWriter
 from precision.outputs.htmlreport import build
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from .conftest import T5, write_dump
 

@@ -9,7 +9,7 @@ moved by 10% either way turns one side of a pair. The cases sit at 0.95x and 1.0
 limit: a point at exactly 0.9x cannot tell the limit from one lowered by 10%.
 
 The baseline is 1536 everywhere, one binade ([1024, 2048)), so every element's noise scale
-is known: ``s = p(1536) + sigma = 1024 + 2048 = 3072`` (:mod:`precision.judge.noise`). The
+is known: ``s = p(1536) + sigma = 1024 + 2048 = 3072`` (:mod:`precision.judge.measure.noise`). The
 targets are stored in float64 (the dump's ``dtype`` says what the run computed in), so the
 metric lands where the test puts it, which each test asserts before the verdict.
 """

@@ -16,7 +16,7 @@ from torch import nn
 import precision
 from precision.cli import main
 from precision.errors import ModelError
-from precision.runtime.models import Policy, load_model
+from precision.runtime.models.load import Policy, load_model
 
 from .conftest import T5
 
@@ -244,7 +244,7 @@ def test_bad_steps_are_one_line_errors(spec: str, message: str, tmp_path: Path) 
 
 def test_an_empty_step_list_from_python_is_refused(tmp_path: Path) -> None:
     from precision.errors import InputError
-    from precision.runtime.runner import CaptureOptions, run_capture
+    from precision.runtime.run.runner import CaptureOptions, run_capture
 
     with pytest.raises(InputError, match="at least one step"):
         run_capture(CaptureOptions(model=str(T5), output=str(tmp_path / "x.st"), steps=[]))
@@ -258,7 +258,7 @@ def test_a_full_glob_that_matches_nothing_is_an_error(tmp_path: Path) -> None:
 
 
 def test_steps_spec_parses_lists_and_ranges() -> None:
-    from precision.runtime.runner import parse_steps
+    from precision.runtime.run.runner import parse_steps
 
     assert parse_steps("5-7,0, 2,6") == [0, 2, 5, 6, 7]
     assert parse_steps("3") == [3]
@@ -273,7 +273,7 @@ def test_auto_mode_keeps_small_models_whole_and_large_ones_as_stats(
     d = precision.load(small)
     assert d.mode == "full" and d.meta["mode_reason"].startswith("auto: 0.")
     # the same model judged "large": stats, except the modules asked for with --full
-    monkeypatch.setattr("precision.runtime.runner.AUTO_STATS_PARAMS", 1000)
+    monkeypatch.setattr("precision.runtime.run.runner.AUTO_STATS_PARAMS", 1000)
     large = tmp_path / "large.st"
     code, out = cli("capture", "--model", str(T5), "-q", "--replay", str(small), "--full",
                     "lm_head", "-o", str(large))
@@ -298,8 +298,8 @@ def test_auto_mode_keeps_small_models_whole_and_large_ones_as_stats(
 
 @pytest.mark.slow
 def test_dry_run_predicts_the_dump_a_real_capture_writes(tmp_path: Path) -> None:
-    from precision.runtime.plan import plan_model
-    from precision.runtime.runner import CaptureOptions, run_capture
+    from precision.runtime.run.plan import plan_model
+    from precision.runtime.run.runner import CaptureOptions, run_capture
 
     opts = CaptureOptions(model=str(T5), output=str(tmp_path / "full.st"), max_new_tokens=8)
     plan = plan_model(opts)
@@ -321,8 +321,8 @@ def test_dry_run_predicts_the_dump_a_real_capture_writes(tmp_path: Path) -> None
 
 
 def test_dry_run_in_fp16_keeps_t5_wo_in_fp32_like_transformers(tmp_path: Path) -> None:
-    from precision.runtime.plan import plan_model
-    from precision.runtime.runner import CaptureOptions
+    from precision.runtime.run.plan import plan_model
+    from precision.runtime.run.runner import CaptureOptions
 
     half = plan_model(CaptureOptions(model=str(T5), output="", dtype="fp16"))
     full = plan_model(CaptureOptions(model=str(T5), output="", dtype="fp32"))
@@ -334,7 +334,7 @@ def test_dry_run_in_fp16_keeps_t5_wo_in_fp32_like_transformers(tmp_path: Path) -
 
 def test_a_model_that_cannot_run_on_meta_is_a_one_line_error() -> None:
     from precision.errors import InputError
-    from precision.runtime.plan import plan_forward
+    from precision.runtime.run.plan import plan_forward
 
     class DataDependent(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

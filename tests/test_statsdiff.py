@@ -1,4 +1,4 @@
-"""precision.judge.statsdiff against numpy on the finite values, in float64."""
+"""precision.judge.measure.statsdiff against numpy on the finite values, in float64."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from precision.dumps.sketch import decode
-from precision.judge.statsdiff import array_stats, stats_delta
+from precision.judge.measure.statsdiff import array_stats, stats_delta
 
 FP16_MAX = float(np.finfo(np.float16).max)
 STAT_KEYS = ("min", "max", "mean", "std", "norm", "absmax")

@@ -83,7 +83,7 @@ def _moved_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_moved_position_bucket_is_named(t5_runs: dict[str, Path], tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from precision.runtime.runner import CaptureOptions, run_capture
+    from precision.runtime.run.runner import CaptureOptions, run_capture
 
     healthy = precision.compare(t5_runs["base"], t5_runs["fp16"], jobs=1)
     assert not any("position buckets moved" in w for w in healthy.warnings)
@@ -142,7 +142,7 @@ def test_masked_attention_in_stats_mode_is_clean_and_overflow_is_not_a_mask(
 # --- each rule, tripped and not ----------------------------------------------------------------
 
 def _metrics(a: np.ndarray, b: np.ndarray, base: str = "float32", target: str = "bfloat16"):
-    from precision.judge.metrics import compare_float
+    from precision.judge.measure.metrics import compare_float
 
     return compare_float([(a, b)], base, target)
 

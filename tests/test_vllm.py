@@ -21,9 +21,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import precision
-from precision.judge import crossimpl
-from precision.judge.implmap import TABLES, read_mapping
-from precision.runtime.runner import CaptureOptions, run_capture
+from precision.engines.vllm import lineup
+from precision.engines.vllm.mapping import TABLES, read_mapping
+from precision.runtime.run.runner import CaptureOptions, run_capture
 
 from . import vllm_models
 from .conftest import ROOT, VLLM_PYTHON, need_vllm, vllm_env
@@ -90,13 +90,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _lines_up_clean(hf: Path, engine: Path, layout: str = "steps") -> crossimpl.Lineup:
+def _lines_up_clean(hf: Path, engine: Path, layout: str = "steps") -> lineup.Lineup:
     """``engine`` against ``hf`` is PASS, every record of the engine is mapped (none
     unmapped, only RoPE's outputs without a counterpart) and each mapped key is measured,
     within fp32's reduction-order noise."""
     report = precision.compare(hf, engine, jobs=1)
     assert report, report.summary
-    lined = crossimpl.translate(precision.load(engine), layout=layout)
+    lined = lineup.translate(precision.load(engine), layout=layout)
     assert lined.unmapped == {}
     assert lined.engine_only and all("rotary_emb" in k for k in lined.engine_only)
     rows = {r.key: r for r in report.rows}
@@ -158,7 +158,7 @@ def test_family_lines_up_with_hf_and_is_clean(runs: dict[str, Path], family: str
 def test_split_qkv_and_gate_up_equal_an_independent_projection(runs: dict[str, Path]) -> None:
     """The split and unpacked q/k/v and gate/up are the checkpoint's weights applied (in
     float64, here) to the unpacked normed input, at every real token."""
-    lined = crossimpl.translate(precision.load(runs["v32"]))
+    lined = lineup.translate(precision.load(runs["v32"]))
     d = lined.dump
     w = load_file(str(runs["model"] / "model.safetensors"))
     mask = d["input:attention_mask"].astype(bool)
@@ -262,7 +262,7 @@ def test_stats_mode_lines_up_over_all_real_tokens(runs: dict[str, Path], run: st
     merged over the engine's steps (and ranks), q/k/v and gate/up from their parts'."""
     report = precision.compare(runs[f"hf-{run}"], runs[run], jobs=1)
     assert report, report.summary
-    lined = crossimpl.translate(precision.load(runs[run]))
+    lined = lineup.translate(precision.load(runs[run]))
     assert lined.unmapped == {} and lined.layout == "forward"
     assert {"model.layers.1.self_attn.q_proj:out", "model.layers.1.mlp.up_proj:out",
             "model.layers.1.mlp.down_proj:in.0"} <= set(lined.hf_keys)
@@ -298,15 +298,15 @@ def test_a_mapping_file_makes_an_unknown_family_work(runs: dict[str, Path], tmp_
     d = precision.load(runs[run])
     d.meta["config"] = dict(d.meta["config"], model_type="unknown-family")
     with pytest.raises(precision.InputError, match="--mapping"):
-        crossimpl.translate(d)
-    lined = crossimpl.translate(d, str(path))
+        lineup.translate(d)
+    lined = lineup.translate(d, str(path))
     assert lined.family == "mine" and lined.unmapped == {} and lined.mapped
 
 
 def test_without_vllm_capture_says_which_extra_to_install() -> None:
     import importlib.util
 
-    from precision.runtime.vllm import require_vllm
+    from precision.engines.vllm.capture import require_vllm
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed in this environment")
@@ -321,5 +321,5 @@ def test_compare_stays_vllm_free_for_two_hf_dumps(tmp_path: Path) -> None:
     a = write_dump(tmp_path / "a.st", {"x:out": np.ones((2, 3), np.float32)})
     b = write_dump(tmp_path / "b.st", {"x:out": np.ones((2, 3), np.float32)})
     runs = {"base": precision.load(a), "target": precision.load(b)}
-    assert crossimpl.line_up(runs) == {}
+    assert lineup.line_up(runs) == {}
     assert precision.compare(a, b, jobs=1)

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ..runtime.vllmrun import TOPK
+from ..engines.vllm.launch import TOPK
 from .common import (
     CONTEXT,
     guard,
@@ -158,8 +158,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
         return
     if engine_args:
         raise click.UsageError("--engine-arg goes with --engine vllm")
-    from ..runtime.recorder import DEFAULT_INPUT_GLOBS
-    from ..runtime.runner import CaptureOptions, parse_steps, run_capture
+    from ..runtime.capture.recorder import DEFAULT_INPUT_GLOBS
+    from ..runtime.run.runner import CaptureOptions, parse_steps, run_capture
 
     if not output and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
@@ -177,7 +177,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           images=images, audio=audio, feed=feed, model_class=model_class,
                           attention=attention)
     if dry_run:
-        from ..runtime.plan import plan_model, render
+        from ..runtime.run.plan import plan_model, render
 
         click.echo(render(plan_model(opts)))
         return
@@ -203,7 +203,12 @@ def _capture_vllm(*, model: str, dtype: str, prompts: tuple[str, ...],
     """``capture --engine vllm``: refuse Hugging Face's options, run the engine, report."""
     from click.core import ParameterSource
 
-    from ..runtime.vllmrun import EngineOptions, parse_engine_args, require_vllm, run_vllm_capture
+    from ..engines.vllm.launch import (
+        EngineOptions,
+        parse_engine_args,
+        require_vllm,
+        run_vllm_capture,
+    )
 
     ctx = click.get_current_context()
     given = [p for p in ctx.command.params if p.name and p.name not in VLLM_PARAMS

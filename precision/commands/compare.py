@@ -45,7 +45,7 @@ def mapping_option(command: F) -> F:
 def check_mapping(mapping: str | None) -> None:
     """Read a ``--mapping`` file before any work: a bad one is one line, exit 2."""
     if mapping is not None:
-        from ..judge.implmap import read_mapping
+        from ..engines.vllm.mapping import read_mapping
 
         read_mapping(mapping)
 

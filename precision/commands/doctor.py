@@ -83,7 +83,7 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
         report = run_scan(load(dump), against=against)
     else:
         from ..doctor.checks import scan_model
-        from ..runtime.runner import CaptureOptions
+        from ..runtime.run.runner import CaptureOptions
 
         assert model is not None
         opts = CaptureOptions(model=model, output=output or "", device=device, dtype=dtype,
@@ -318,10 +318,10 @@ def _consistency_of_dumps(runs: tuple[str, ...], model: str | None) -> Consisten
     """``consistency RUN.st...``: runs already taken, of one model, compared bitwise."""
     from ..dtypes import short
     from ..dumps import load
+    from ..engines.vllm.lineup import engine_of
     from ..errors import InputError
-    from ..judge.align import check_same_model
     from ..judge.consistency import consistency_of
-    from ..judge.crossimpl import engine_of
+    from ..judge.lineup.align import check_same_model
 
     if model is not None:
         raise click.UsageError("give --model DIR to run the model, or dumps of runs already "

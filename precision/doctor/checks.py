@@ -27,8 +27,8 @@ from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of
 from ..judge.report import Report
 from ..judge.scan import ScanReport, scan
-from ..runtime.models import read_prompts
-from ..runtime.runner import CaptureOptions, run_capture
+from ..runtime.models.load import read_prompts
+from ..runtime.run.runner import CaptureOptions, run_capture
 
 Log = Callable[[str], None]
 

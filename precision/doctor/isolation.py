@@ -74,13 +74,18 @@ from ..dumps.dump import Dump
 from ..dumps.keys import INPUT_PREFIX, make_key
 from ..errors import InputError
 from ..judge.compare import compare, judge
-from ..judge.metrics import PairAccumulator, TensorMetrics
+from ..judge.lineup.tokens import Padding, padding_of, real_chunks
+from ..judge.measure.metrics import PairAccumulator, TensorMetrics
 from ..judge.profiles import Profile, profile_for
 from ..judge.report import Row
-from ..judge.tokens import Padding, padding_of, real_chunks
-from ..runtime.models import TORCH_DTYPES, Policy, load_model, one_line
-from ..runtime.recorder import flatten, require_same_model, select_modules, torch_dtype_name
-from ..runtime.runner import replay_inputs
+from ..runtime.capture.recorder import (
+    flatten,
+    require_same_model,
+    select_modules,
+    torch_dtype_name,
+)
+from ..runtime.models.load import TORCH_DTYPES, Policy, load_model, one_line
+from ..runtime.run.runner import replay_inputs
 
 CHUNK = 1 << 18
 #: verdicts, worst first
@@ -374,7 +379,7 @@ class _Clones:
 
 def _map(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix: str = "") -> Any:
     """``value`` with each tensor replaced by ``fn(path, tensor)``; paths as
-    :func:`~precision.runtime.recorder.flatten` names them."""
+    :func:`~precision.runtime.capture.recorder.flatten` names them."""
     if isinstance(value, torch.Tensor):
         return fn(prefix, value)
     if isinstance(value, dict):

@@ -37,8 +37,8 @@ from ..dumps.dump import Dump
 from ..dumps.keys import make_key, parse_key
 from ..errors import InputError
 from ..judge.profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO, REF_RMS_RATIO
-from ..runtime.ops import CALLABLE_HOMES
-from ..runtime.recorder import flatten, numpy_to_torch
+from ..runtime.capture.ops import CALLABLE_HOMES
+from ..runtime.capture.recorder import flatten, numpy_to_torch
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _operations() -> frozenset[Any]:
 def resolve(path: str) -> Callable[..., Any]:
     """The function a recorded ``op_call`` names, if it is one of torch's operations (what
     a capture can record, never ``torch.load`` and the like) in one of
-    :data:`precision.runtime.ops.CALLABLE_HOMES`: a dump makes us run nothing else."""
+    :data:`precision.runtime.capture.ops.CALLABLE_HOMES`: a dump makes us run nothing else."""
     home, _, name = path.rpartition(".")
     refused = InputError(f"operation {path!r} is not a torch function precision can run")
     if home not in CALLABLE_HOMES or not name.isidentifier() or (

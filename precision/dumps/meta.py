@@ -12,7 +12,7 @@ from typing import TypedDict
 
 class ComputeSettings(TypedDict, total=False):
     """``meta["compute"]``: what decides what "fp32" means on the capture's device
-    (written by :func:`precision.runtime.compute.compute_settings`, read by
+    (written by :func:`precision.runtime.capture.compute.compute_settings`, read by
     :func:`precision.judge.profiles.effective_precision`)."""
 
     device_type: str

@@ -1,14 +1,14 @@
 """Compare runs in three stages: align, measure, judge.
 
-- **align** (:mod:`precision.judge.align`): the runs by name (``base``, ``target``, and an
+- **align** (:mod:`precision.judge.lineup.align`): the runs by name (``base``, ``target``, and an
   optional same-precision ``reference``), the comparisons wanted between them
   (``base->target``; ``base->reference`` with a reference), and each one's records paired
   by key;
-- **measure** (:mod:`precision.judge.measure`): pure, in worker processes
-  (:mod:`precision.judge.parallel`), each streaming its tensor pair in chunks, so memory
+- **measure** (:mod:`precision.judge.measure.pairs`): pure, in worker processes
+  (:mod:`precision.judge.measure.parallel`), each streaming its tensor pair in chunks, so memory
   stays bounded by ``jobs x chunk`` work buffers whatever the dump size; ``max_memory``
   shrinks the chunk (and, if need be, the number of jobs) to fit a budget;
-- **judge** (:mod:`precision.judge.rules`): once, here, a list of small rules over each row
+- **judge** (:mod:`precision.judge.verdict.rules`): once, here, a list of small rules over each row
   of ``base->target`` with its context (neighbours, the other comparisons' rows of the
   same key); then T5's moved position buckets are explained, error growth attached, and
   the first flagged row is the first divergence.
@@ -31,9 +31,9 @@ from ..dumps.external import open_any
 from ..dumps.external.msprobe_l1 import line_up_runs, lineup_notes
 from ..dumps.keys import INPUT_PREFIX
 from ..dumps.sketch import BUCKETS, size_of
+from ..engines.vllm import lineup as engine_lineup
 from ..errors import InputError, option
-from . import crossimpl, parallel
-from .align import (
+from .lineup.align import (
     BASE,
     REFERENCE,
     TARGET,
@@ -45,13 +45,22 @@ from .align import (
     run_precision,
     shared_aliases,
 )
-from .generation import generation_prefixes, has_generation
-from .measure import Job, Task, generation_row, run_task, task_cost
-from .metrics import TensorMetrics, choose_kernel
-from .posbias import diagnose
+from .measure import parallel
+from .measure.generation import generation_prefixes, has_generation
+from .measure.metrics import TensorMetrics, choose_kernel
+from .measure.pairs import Job, Task, generation_row, run_task, task_cost
 from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for
 from .report import FAIL_ON, Report, Row
-from .rules import RULES, SWAPPED, Context, Rule, judge_rows, made_in_own_forward, verdict_of
+from .verdict.posbias import diagnose
+from .verdict.rules import (
+    RULES,
+    SWAPPED,
+    Context,
+    Rule,
+    judge_rows,
+    made_in_own_forward,
+    verdict_of,
+)
 
 __all__ = ["SWAPPED", "compare", "judge", "plan_jobs"]
 
@@ -82,7 +91,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
 
     ``reference``: a third run of the same model and inputs in the target's precision on a
     trusted backend; its error against the baseline is measured too and given to the rules
-    (:data:`precision.judge.rules.REFERENCE`), which then judge each record against what
+    (:data:`precision.judge.verdict.rules.REFERENCE`), which then judge each record against what
     that precision costs there. Without one, ``auto_reference`` takes the baseline's
     sibling ``BASE.<precision>-reference.st`` (``capture --expect``) when it exists.
     ``rules`` replaces the verdict rules.
@@ -98,7 +107,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     records are left out with one note (not MISSING); for generations alone (a logprobs
     file) no reference is looked for, as none of its rows could use one.
     A run captured inside an engine (``precision.vllm``) against a Hugging Face capture is
-    first lined up with it (:mod:`precision.judge.crossimpl`): its records renamed, split and
+    first lined up with it (:mod:`precision.engines.vllm.lineup`): its records renamed, split and
     unpacked into Hugging Face's keys, by its family's table or the ``mapping`` file.
     """
     if fail_on not in FAIL_ON:
@@ -113,7 +122,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
     runs = line_up_runs(runs)
-    lined = crossimpl.line_up(runs, mapping)
+    lined = engine_lineup.line_up(runs, mapping)
     b, t = runs[BASE], runs[TARGET]
     for name, other in runs.items():
         if name != BASE:
@@ -159,10 +168,10 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                               + _operation_notes(b, t)
                               + _reference_notes(runs, dtypes, prof) + _sketch_notes(runs)
                               + lineup_notes(runs)
-                              + crossimpl.notes(lined, [r.key for r in rows])))
+                              + engine_lineup.notes(lined, [r.key for r in rows])))
 
 
-def _tasks(runs: dict[str, Dump], lined: dict[str, crossimpl.Lineup]
+def _tasks(runs: dict[str, Dump], lined: dict[str, engine_lineup.Lineup]
            ) -> tuple[list[Task], dict[str, int]]:
     """What to measure, and per run that holds outputs only (:func:`outputs_only`) how many
     of the baseline's records it has no counterpart for: those are left out, not MISSING
@@ -172,7 +181,7 @@ def _tasks(runs: dict[str, Dump], lined: dict[str, crossimpl.Lineup]
     folded: dict[str, int] = {}
     for c in comparisons(runs):
         for p in align(runs[c.base], runs[c.target]):
-            if crossimpl.engine_lacks(lined, p.key):
+            if engine_lineup.engine_lacks(lined, p.key):
                 continue
             lacking = (c.target if p.target is None and held[c.target]
                        else c.base if p.base is None and held[c.base] else None)
@@ -185,7 +194,7 @@ def _tasks(runs: dict[str, Dump], lined: dict[str, crossimpl.Lineup]
 
 def _by_key(rows: list[Row], runs: dict[str, Dump], comparison: str) -> dict[str, Row]:
     """A comparison's rows by key, and each key both of its runs hold as an alias of the
-    same record (:func:`~precision.judge.align.shared_aliases`) with that record's row: the
+    same record (:func:`~precision.judge.lineup.align.shared_aliases`) with that record's row: the
     measurement of the tensor the key holds. So a key the baseline and the reference alias
     (an MLP returning ``down_proj``'s tensor) and the target does not (a fused MLP kernel)
     is judged against the reference's error on that tensor, not by the fixed limits."""
@@ -211,7 +220,7 @@ def _folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
 
 
 def _unused_mapping(mapping: str | os.PathLike[str] | None,
-                    lined: dict[str, crossimpl.Lineup]) -> list[str]:
+                    lined: dict[str, engine_lineup.Lineup]) -> list[str]:
     """A mapping file given where no run was lined up says so, rather than pass unseen."""
     if mapping is None or lined:
         return []
@@ -261,7 +270,7 @@ def plan_jobs(jobs: int, max_memory: int | None, chunk_elems: int = CHUNK_ELEMS
 
 def judge(m: TensorMetrics, prof: Profile, *, gradient: bool = False) -> tuple[str, str]:
     """Status and reason of one tensor's float metrics under a profile: the full-tensor
-    rules of :mod:`precision.judge.rules` applied to a row holding only ``m``."""
+    rules of :mod:`precision.judge.verdict.rules` applied to a row holding only ``m``."""
     key = "tensor:grad" if gradient else "tensor:out"
     row = Row(0, key, "OK", "", (m.numel,), "float32", "float32", metrics=m)
     found = verdict_of(row, Context(prof, {}))

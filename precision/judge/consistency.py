@@ -8,7 +8,7 @@ absolute deviation. The generated tokens are compared the same way.
 An engine's runs (``precision.vllm``) that batched the same tokens into different steps
 (vLLM's scheduler admits prompts as they arrive) hold tensors of other shapes: they are
 compared token by token instead, each unpacked into Hugging Face's keys and layout
-(:func:`precision.judge.crossimpl.translate`), and a note says so. A kernel that is not
+(:func:`precision.engines.vllm.lineup.translate`), and a note says so. A kernel that is not
 batch-invariant then shows as a deviation.
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 
 from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX
-from . import crossimpl, unpack
+from ..engines.vllm import lineup as engine_lineup
+from ..engines.vllm import unpack
 
 CHUNK = 1 << 18
 
@@ -68,11 +69,11 @@ def consistency_of(dumps: Sequence[Dump]) -> ConsistencyReport:
     """Compare every stored tensor of ``dumps[1:]`` with ``dumps[0]`` (an engine's runs
     batched differently: token by token, see the module doc)."""
     notes: tuple[str, ...] = ()
-    if crossimpl.engine_of(dumps[0]) and not _same_schedule(dumps):
+    if engine_lineup.engine_of(dumps[0]) and not _same_schedule(dumps):
         steps = ", ".join(f"{d.path.name} {_steps(d)}" for d in dumps)
         notes = (f"the runs batched the tokens into different engine steps ({steps}): "
                  "compared token by token, in Hugging Face's keys",)
-        dumps = [crossimpl.translate(d).dump for d in dumps]
+        dumps = [engine_lineup.translate(d).dump for d in dumps]
     first = dumps[0]
     order = {e.key: e.order for e in first.entries}
     devs = []

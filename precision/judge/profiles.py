@@ -6,7 +6,7 @@ for an fp32 run whose matmuls ran in TF32 (CUDA) or HF32 (Ascend), that 10-bit f
 ``eps``:
 
 - ``noise_rms``: a tensor DRIFTs when the element-scaled rms error
-  (:mod:`precision.judge.noise`) exceeds ``NOISE_RMS_EPS x eps``: diffuse drift, seen in the
+  (:mod:`precision.judge.measure.noise`) exceeds ``NOISE_RMS_EPS x eps``: diffuse drift, seen in the
   ordinary channels even under massive ones;
 - ``noise_max``: or when one element is off by more than ``NOISE_MAX_EPS x eps`` of its
   own scale: sparse, large errors a norm hides (a T5 position bucket that moved);
@@ -158,7 +158,7 @@ def named_profile(name: str) -> Profile:
 
 def signature_bands() -> list[tuple[str, float]]:
     """(label, fewest bits) per precision, finest first: ``-log2`` of each profile's
-    diffuse-drift limit (:func:`precision.judge.noise.signature_label`)."""
+    diffuse-drift limit (:func:`precision.judge.measure.noise.signature_label`)."""
     return [(label, -math.log2(profile_for("float32", p).noise_rms))
             for label, p in (("fp32", "float32"), ("fp16/tf32", "float16"),
                              ("bf16", "bfloat16"))]

@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .generation import GenerationMetrics
-from .logits import LogitsMetrics
-from .metrics import ExactMetrics, TensorMetrics
+from .measure.generation import GenerationMetrics
+from .measure.logits import LogitsMetrics
+from .measure.metrics import ExactMetrics, TensorMetrics
 from .profiles import Profile
 
 SCHEMA_VERSION = 1

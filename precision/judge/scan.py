@@ -30,7 +30,7 @@ from typing import Any
 
 from ..dtypes import FORMATS, canonical, is_float, short
 from ..dumps.dump import Dump, Entry
-from .statsdiff import record_stats
+from .measure.statsdiff import record_stats
 
 CHUNK = 1 << 18
 

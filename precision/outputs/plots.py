@@ -19,11 +19,11 @@ import numpy as np
 
 from ..dtypes import FORMATS, float_format, is_float, short
 from ..dumps.keys import parse_key
-from ..judge.tokens import real_tokens
+from ..judge.lineup.tokens import real_tokens
 
 if TYPE_CHECKING:
     from ..dumps.dump import Dump
-    from ..judge.metrics import TensorMetrics
+    from ..judge.measure.metrics import TensorMetrics
     from ..judge.profiles import Profile
     from ..judge.report import Report, Row
 
@@ -208,7 +208,7 @@ def headroom(report: Report, ax: Any = None) -> Any:
 
 def token_mask(dump: Dump | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """Which logits rows are real tokens: the rows the verdict judged
-    (:func:`precision.judge.tokens.real_tokens`); None when all are."""
+    (:func:`precision.judge.lineup.tokens.real_tokens`); None when all are."""
     if dump is None or len(shape) < 2:
         return None
     return real_tokens(dump, shape)

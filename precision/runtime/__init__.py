@@ -1,3 +1,4 @@
-"""The torch side: recording hooks, streaming writer, on-device statistics, model
-loading, the device registry, distributed capture and dry-run planning.
+"""The torch side, by job: :mod:`.capture` (recording a running model), :mod:`.models`
+(loading it, its dtype policy, its inputs), :mod:`.run` (``precision capture`` end to end)
+and :mod:`.devices` (the device registry).
 """

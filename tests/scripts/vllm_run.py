@@ -44,7 +44,7 @@ def _decode_tokens(num_tokens: int) -> Any:
     is one token long; the prompts here are longer), as a [tokens, 1] float mask."""
     import torch
 
-    from precision.runtime.vllm import _query_start_loc
+    from precision.engines.vllm.capture import _query_start_loc
 
     starts = _query_start_loc(num_tokens)
     lengths = starts[1:] - starts[:-1]
@@ -56,7 +56,7 @@ def plant(model: Any, *, module: str, factor: float, steps: str, rank: int | Non
           ) -> str:
     """In the worker: scale ``module``'s first output by ``factor`` (a planted fault), on
     one tensor-parallel rank only when ``rank`` is given."""
-    from precision.runtime.vllm import _tp_rank
+    from precision.engines.vllm.capture import _tp_rank
 
     if rank is not None and _tp_rank()[0] != rank:
         return ""

@@ -25,7 +25,7 @@ _MSPROBE_API = re.compile(r"^(?P<family>[A-Za-z_]\w*)\.(?P<api>.+)\.(?P<n>\d+)$"
 #: msprobe API names (a dunder without its underscores) that precision's ops level records
 #: under another name; any other API is its name, a dunder's without its underscores
 #: (``__matmul__`` -> ``matmul``, ``__rsub__`` -> ``rsub``), as
-#: :func:`precision.runtime.ops.op_name` names torch's functions
+#: :func:`precision.runtime.capture.ops.op_name` names torch's functions
 MSPROBE_OP_NAMES = {"radd": "add", "rmul": "mul", "truediv": "div", "rtruediv": "rdiv",
                     "iadd": "add_", "imul": "mul_", "isub": "sub_", "itruediv": "div_",
                     "idiv": "div_", "ipow": "pow_"}
@@ -33,7 +33,7 @@ MSPROBE_OP_NAMES = {"radd": "add", "rmul": "mul", "truediv": "div", "rtruediv": 
 
 def msprobe_op(api: str) -> str:
     """``__add__`` / ``add`` -> ``add``; ``__iadd__`` / ``add_`` -> ``add_`` (in place, as
-    :func:`precision.runtime.ops.op_name` names it); ``softmax`` -> ``softmax``."""
+    :func:`precision.runtime.capture.ops.op_name` names it); ``softmax`` -> ``softmax``."""
     bare = api[2:-2] if len(api) > 4 and api.startswith("__") and api.endswith("__") else api
     return MSPROBE_OP_NAMES.get(bare, bare)
 

@@ -1,0 +1,160 @@
+"""Measure aligned pairs: pure, in the worker processes; no verdict is decided here.
+
+Each pair is streamed in chunks into an accumulator (:class:`~precision.judge.measure.metrics.
+PairAccumulator` for floats, exact comparison for integers, statistics for stats-mode
+records, logits metrics for the logits) and becomes a :class:`~precision.judge.report.Row`
+whose status is ``OK`` with an informative reason, or ``MISSING``/``MISMATCH`` when the two
+records cannot be compared at all. The rules (:mod:`precision.judge.verdict.rules`) then judge the
+rows in the parent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ...dtypes import is_float
+from ...dumps.dump import Dump
+from ...dumps.keys import GEN_PREFIX
+from ..lineup.align import Pair, same_positions
+from ..lineup.tokens import keep_rows, padding_of, real_chunks, real_tokens
+from ..profiles import Profile
+from ..report import Row
+from .generation import compare_generation, summarise
+from .logits import compare_logit_rows
+from .metrics import PairAccumulator, compare_exact
+from .statsdiff import record_stats, stats_delta
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every worker needs: the runs' headers (no data) and the settings."""
+
+    runs: dict[str, Dump]
+    prof: Profile
+    topk: int
+    chunk: int
+    kernel: str = "numpy"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One pair of one comparison (named runs)."""
+
+    base: str
+    target: str
+    pair: Pair
+
+    @property
+    def cost(self) -> float:
+        return self.pair.cost
+
+
+def run_task(job: Job, task: Task) -> Row:
+    return measure_pair(job.runs[task.base], job.runs[task.target], task.pair, job.prof,
+                        job.topk, job.chunk, kernel=job.kernel)
+
+
+def task_cost(task: Task) -> float:
+    return task.cost
+
+
+def measure_pair(b: Dump, t: Dump, p: Pair, prof: Profile, topk: int, chunk: int, *,
+                 kernel: str = "numpy") -> Row:
+    """The row of one aligned pair, measured (status ``OK`` unless it cannot be compared);
+    ``kernel`` measures float chunks (:class:`~precision.judge.measure.metrics.PairAccumulator`)."""
+    be, te = p.base, p.target
+    if be is None or te is None:
+        side = "target" if be is None else "baseline"
+        e = be or te
+        assert e is not None
+        return Row(p.order, p.key, "MISSING", f"only in the {side}", e.shape,
+                   be.dtype if be else "-", te.dtype if te else "-")
+    row = Row(p.order, p.key, "OK", "", be.shape, be.dtype, te.dtype)
+    if be.shape != te.shape and not (p.is_logits and same_positions(be.shape, te.shape)):
+        return replace(row, status="MISMATCH", reason=f"shape {list(be.shape)} vs {list(te.shape)}")
+    if is_float(be.dtype) != is_float(te.dtype):
+        return replace(row, status="MISMATCH", reason=f"dtype {be.dtype} vs {te.dtype}")
+    full_b = p.base_key in b.tensors
+    full_t = p.target_key in t.tensors
+    if not is_float(be.dtype):
+        if full_b and full_t:
+            ex = compare_exact(_chunk_pairs(b, t, p, chunk))
+            return replace(row, exact=ex, reason="identical" if ex.mismatched == 0 else "")
+        return replace(row, reason="integer tensor in a stats-only dump: not compared")
+    if full_b and full_t:
+        return _float_row(b, t, p, row, prof, topk, chunk, kernel)
+    return _stats_row(b, t, p, row, chunk)
+
+
+def _chunk_pairs(b: Dump, t: Dump, p: Pair, chunk: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    assert p.base_key is not None and p.target_key is not None
+    return zip(b.chunks(p.base_key, chunk), t.chunks(p.target_key, chunk), strict=True)
+
+
+def _float_row(b: Dump, t: Dump, p: Pair, row: Row, prof: Profile, topk: int,
+               chunk: int, kernel: str) -> Row:
+    """Float metrics over real tokens: padded positions (:func:`padding_of`) are left out
+    of every measure and counted in ``padded``."""
+    acc = PairAccumulator(row.base_dtype, row.target_dtype, kernel=kernel)
+    lg = None
+    padded = 0
+    if p.is_logits and len(row.shape) >= 1 and row.shape[-1] > 0:
+        # one pass over the (largest) tensor: row-aligned chunks feed both measurements
+        vocab = row.shape[-1]
+        valid = real_tokens(b, row.shape)
+        padded = 0 if valid is None else int(np.count_nonzero(~valid)) * vocab
+
+        def fed(pairs: Any) -> Any:
+            start = 0
+            for x, y in pairs:  # all rows go on to the logits metrics, which skip pads
+                rows = x.size // vocab
+                if valid is None:
+                    acc.update(x, y)
+                else:
+                    keep = valid[start:start + rows]
+                    acc.update(keep_rows(x, keep, vocab), keep_rows(y, keep, vocab))
+                start += rows
+                yield x, y
+
+        lg = compare_logit_rows(fed(_chunk_pairs(b, t, p, max(1, chunk // vocab) * vocab)),
+                                vocab, k=topk, valid=valid, tie_noise=prof.noise_rms)
+    else:
+        pad = padding_of(b, p.key, row.shape)
+        if pad is None:
+            pairs = _chunk_pairs(b, t, p, chunk)
+        else:
+            padded = pad.padded_elements
+            pairs = real_chunks(_chunk_pairs(b, t, p, max(1, chunk // pad.width) * pad.width),
+                                pad)
+        for x, y in pairs:
+            acc.update(x, y)
+    m = replace(acc.result(), padded=padded)
+    reason = (f"baseline holds {m.nan_base} NaN and {m.inf_base} inf (excluded)"
+              if m.nan_base + m.inf_base else "")
+    return replace(row, reason=reason, metrics=m, logits=lg)
+
+
+def _stats_row(b: Dump, t: Dump, p: Pair, row: Row, chunk: int) -> Row:
+    assert p.base is not None and p.target is not None
+    sa = record_stats(b, p.base.key, chunk=chunk)
+    sb = record_stats(t, p.target.key, chunk=chunk)
+    if sa is None or sb is None:
+        return replace(row, status="MISSING", reason="no data stored for this record")
+    return replace(row, stats_delta=stats_delta(sa, sb),
+                   reason="stats only: norms agree (cannot rule out elementwise drift)")
+
+
+def generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,
+                   prof: Profile) -> Row:
+    """The row of one generation (``prefix`` picks a rank's of a directory dump)."""
+    g = compare_generation(b, t, k=topk, prefix=prefix, tie_noise=prof.noise_rms)
+    _, reason = summarise(g)
+    key = prefix + GEN_PREFIX + "tokens"
+    info = b.tensors[key]
+    return Row(order, key, "OK", reason, info.shape, info.dtype, t.tensors[key].dtype,
+               generation=g)

@@ -1,0 +1,646 @@
+"""Record per-module outputs of a torch model into a dump (behind ``precision.capture``).
+
+>>> with precision.capture(model, "run.st") as cap:      # doctest: +SKIP
+...     model(**inputs)
+>>> cap.dump["encoder.block.0.layer.1.DenseReluDense.wo:out"]   # doctest: +SKIP
+
+Every selected module's output is recorded in execution order (the order modules finish).
+Tuple/dict outputs are flattened with stable keys (``:out.0``, ``:out.logits``); a module
+that runs again gets a call suffix (``#1``, ``#2``...). An output that is the very tensor
+object of an input (eval-mode dropout, T5's shared ``position_bias``) or of an earlier record
+is stored once and recorded as an alias. The integer bucket ids fed to T5's
+``relative_attention_bias`` are recorded as its inputs by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fnmatch
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ..._version import __version__
+from ...dtypes import canonical
+from ...dumps import load
+from ...dumps.atomic import check_output_path
+from ...dumps.dump import Dump, DumpWriter
+from ...dumps.keys import CAST_PREFIX, make_key, parse_key
+from ...dumps.padding import MASKS, token_axis
+from ...errors import InputError
+from .compute import compute_settings, environment
+from .streaming import BackgroundWriter
+from .tensorstats import tensor_stats
+
+#: modules whose inputs are recorded by default (T5's bucket ids)
+DEFAULT_INPUT_GLOBS = ("*relative_attention_bias",)
+GradGetter = Callable[[str, torch.nn.Parameter], "torch.Tensor | None"]
+ROOT = "root"
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter; ``None`` for inference-mode tensors, which have none
+    (they are then never aliased: stored again rather than risk a stale value)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
+
+
+def numpy_to_torch(arr: Any) -> torch.Tensor:
+    """A numpy array as a tensor; ml_dtypes bfloat16 through its bits (torch cannot read it)."""
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view("int16")).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``float16``."""
+    return canonical(str(dtype))
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor inside nested tuples, lists and dicts.
+
+    Paths join tuple positions and dict keys with dots (``"0"``, ``"logits"``, ``"1.0"``);
+    non-tensor leaves (``None``, caches, numbers) are skipped.
+    """
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The plain arguments of a module call (strings, numbers, booleans), e.g. Gemma 3's
+    ``rotary_emb(x, positions, "sliding_attention")``; None when there are none.
+
+    Calls of one module whose order comes from a set (Gemma 3 iterates
+    ``set(config.layer_types)``, an order that changes with ``PYTHONHASHSEED`` from one
+    process to the next) are paired by it across dumps (:func:`precision.judge.lineup.align.align`).
+    """
+    plain = (str, int, float, bool)
+    parts = [repr(a) for a in args if isinstance(a, plain)]
+    parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if isinstance(v, plain)]
+    return ",".join(parts)[:200] or None
+
+
+#: wrappers whose ``.module`` is the real model: their names would prefix every key
+WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/DataParallel/DeepSpeed wrappers, so that a wrapped run's keys
+    (``encoder.block.0...``, not ``module.encoder.block.0...``) match an unwrapped one's."""
+    while type(model).__name__ in WRAPPERS:
+        devices = list(getattr(model, "device_ids", None) or [])
+        if len(devices) > 1:
+            raise InputError(f"DataParallel over {len(devices)} devices runs its "
+                             "replicas in threads that share hooks: capture model.module on "
+                             "one device, or use DistributedDataParallel")
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def header_reserve(mode: str, modules: int) -> int:
+    """Header bytes a capture of ``modules`` modules sets aside up front: a stats record's
+    line holds its count sketch, about 5.5 kB (precision.dumps.sketch)."""
+    return 65536 + (6144 if mode == "stats" else 512) * modules
+
+
+def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
+                   exclude: Sequence[str] = (),
+                   every: int = 1) -> list[tuple[str, torch.nn.Module]]:
+    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``.
+
+    ``every`` K keeps, of the repeated blocks (the first numbered component of a name, as in
+    ``encoder.block.3`` or ``model.layers.12``), only those numbered 0, K, 2K, ...; modules
+    outside numbered blocks are always kept.
+    """
+    chosen = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if every > 1:
+            number = next((int(p) for p in name.split(".") if p.isdigit()), None)
+            if number is not None and number % every:
+                continue
+        if include and not _matches(name, include):
+            continue
+        if exclude and _matches(name, exclude):
+            continue
+        chosen.append((name, mod))
+    return chosen
+
+
+def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
+    """The dtype of each module's own parameters (``"mixed"`` when they differ)."""
+    out = {}
+    for name, mod in model.named_modules():
+        kinds = {torch_dtype_name(p.dtype) for p in mod.parameters(recurse=False)}
+        if kinds:
+            out[name or ROOT] = kinds.pop() if len(kinds) == 1 else "mixed"
+    return out
+
+
+class Capture:
+    """Hooks on a model that stream its module outputs to a dump; use as a context manager.
+
+    ``path`` is the dump to write (a temporary file when ``None``; :meth:`save` moves it).
+    ``mode`` is ``"full"`` (tensors) or ``"stats"`` (statistics only). ``include``/``exclude``
+    are globs on module names; ``inputs`` globs choose modules whose inputs are recorded too.
+    ``meta`` is merged into the dump's metadata. ``buffer_mb`` sizes the reusable host
+    buffer that bounds capture memory; ``fsync`` forces the dump to disk before it is renamed
+    into place. ``detail`` adds the fp16 flush-to-zero count to stats records.
+    ``root_inputs=False`` records the model's inputs only after :meth:`expect_inputs`.
+    A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
+    inside (see :func:`unwrap`); call the wrapper as usual.
+    ``full`` globs pick modules whose outputs are stored whole in stats mode too.
+    ``level="ops"`` also records the torch operations each module's own forward calls
+    (:mod:`precision.runtime.capture.ops`), ``ops_include``/``ops_exclude`` being globs on their
+    names;
+    ``inputs`` globs then record the inputs of the operations in matching modules too.
+    ``dry_run`` writes nothing: it records the entries and counts, in :attr:`planned`, the
+    tensor bytes a full and a stats capture would store and how many tensors stats keeps
+    (works on the ``meta`` device).
+    Setting :attr:`steps` to a set of numbers records module outputs only during those calls
+    of the model (0 is the first; a generation calls it once per decoding step, and an
+    encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
+    """
+
+    def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
+                 mode: str = "full", include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 inputs: Sequence[str] = DEFAULT_INPUT_GLOBS, force: bool = False,
+                 meta: dict[str, Any] | None = None, buffer_mb: int = 64,
+                 fsync: bool = False, detail: bool = False, root_inputs: bool = True,
+                 every: int = 1, backward: bool = False, loss_scale: float = 1.0,
+                 full: Sequence[str] = (), dry_run: bool = False, level: str = "modules",
+                 ops_include: Sequence[str] = (), ops_exclude: Sequence[str] = ()) -> None:
+        if mode not in ("full", "stats"):
+            raise InputError(f"unknown capture mode {mode!r}: use full or stats")
+        if level not in ("modules", "ops"):
+            raise InputError(f"unknown capture level {level!r}: use modules or ops")
+        self.level = level
+        self._ops_globs = (tuple(ops_include), tuple(ops_exclude))
+        self._stack: list[str] = []
+        self._op_mode: Any = None
+        self.model = unwrap(model)
+        self.mode = mode
+        self.meta: dict[str, Any] = dict(meta or {})
+        if self.model is not model:
+            self.meta["wrapped_in"] = type(model).__name__
+        self._tmpdir: str | None = None
+        if path is None and not dry_run:
+            self._tmpdir = tempfile.mkdtemp(prefix="precision-")
+            path = Path(self._tmpdir) / "capture.st"
+        self.path = Path(path or "dry-run.st")
+        self._force = force
+        if every < 1:
+            raise InputError("--every must be 1 or more")
+        self._modules = select_modules(self.model, include, exclude, every)
+        if not self._modules and (include or exclude):
+            raise InputError("no module matches --include/--exclude: nothing would be captured")
+        self._input_globs = tuple(inputs)
+        self._full_globs = tuple(full)
+        names = [ROOT] + [n for n, _ in self.model.named_modules() if n]
+        for glob in self._full_globs:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise InputError(f"--full {glob} matches no module: check the names with "
+                                 "`precision inspect` on a dump (or --dry-run)")
+        self._dry_run = dry_run
+        self.planned = {"full": 0, "stats": 0, "stats_tensors": 0}
+        self.steps: set[int] | None = None
+        self._buffer = buffer_mb * 1024 * 1024
+        self._fsync = fsync
+        self._detail = detail
+        self._want_inputs = root_inputs
+        #: the model's recorded attention masks (True at real tokens), for stats mode
+        self._token_masks: dict[str, torch.Tensor] = {}
+        self._encoder_decoder = False
+        self._backward = backward
+        self.loss_scale = loss_scale
+        self._grad_calls: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self._entries: list[dict[str, Any]] = []
+        self._calls: dict[str, int] = {}
+        self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str, int | None]] = {}
+        self._writer: DumpWriter | None = None
+        self._bg: BackgroundWriter | None = None
+        self._dump: Dump | None = None
+        self.logits_key: str | None = None
+        self._logits_next = True  # the first call's logits, unless expect_inputs() says
+
+    # ---- context management
+    def __enter__(self) -> Capture:
+        if not self._dry_run:
+            self._open_writer()
+        for name, mod in self._modules:
+            self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
+            if self._backward:
+                self._handles.append(mod.register_full_backward_hook(self._grad_hook(name)))
+        self._handles.append(self.model.register_forward_pre_hook(self._root_inputs,
+                                                                  with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+        if self.level == "ops":
+            self._enter_ops()
+        return self
+
+    def _enter_ops(self) -> None:
+        """Keep the stack of running modules and record the operations they call."""
+        from .ops import OpCapture
+
+        def enter(name: str) -> Any:
+            return lambda _module, _args: self._stack.append(name)
+
+        def leave(_module: Any, _args: Any, _output: Any) -> None:
+            self._stack.pop()
+
+        for name, mod in [(ROOT, self.model), *self._modules]:
+            self._handles.append(mod.register_forward_pre_hook(enter(name)))
+            self._handles.append(mod.register_forward_hook(leave))
+        self._op_mode = OpCapture(self._stack, self._op, *self._ops_globs,
+                                  snapshot=lambda module: _matches(module, self._input_globs))
+        self._op_mode.__enter__()
+
+    def _op(self, module: str, op: str, func: Any, output: Any, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> None:
+        """One operation called by ``module``'s own forward: ``module/op:out[.i][#n]``. With
+        its inputs recorded, its first output's entry holds ``op_call``: the function and
+        its arguments, for ``precision check`` to run it again."""
+        from .ops import call_spec, func_path, storable
+
+        name = f"{module}/{op}"
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
+            return
+        signature = call_signature(args, kwargs)
+        replay: dict[str, Any] | None = None
+        if _matches(module, self._input_globs):
+            inputs = list(flatten(args)) + list(flatten(kwargs))
+            for idx, t in inputs:
+                if storable(t):
+                    self._record(name, "in", idx or "0", call, t, signature)
+            path, spec = func_path(func), call_spec(args, kwargs)
+            if (path is not None and spec is not None and not op.startswith(CAST_PREFIX)
+                    and all(storable(t) for _, t in inputs)):
+                replay = {"func": path} | spec
+        for idx, t in flatten(output):
+            if t.is_floating_point() and storable(t):
+                self._record(name, "out", idx, call, t, signature)
+                if replay is not None:
+                    self._entries[-1]["op_call"] = replay
+                    replay = None
+                if self._backward and t.requires_grad:
+                    t.register_hook(self._op_grad_hook(name, idx, call))
+
+    def _open_writer(self) -> None:
+        check_output_path(self.path, force=self._force)
+        self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
+                                  reserve=self.header_reserve)
+        dev = next((p.device.type for p in self.model.parameters()
+                    if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
+        ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
+        self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._op_mode is not None:
+            self._op_mode.__exit__(None, None, None)
+            self._op_mode = None
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if exc_type is not None:
+            self._abort()
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._bg is not None:
+            with contextlib.suppress(Exception):  # the original exception matters more
+                self._bg.finish()
+        if self._writer is not None:
+            self._writer.abort()
+
+    def _finish(self) -> None:
+        if self._dry_run:
+            return
+        assert self._writer is not None
+        if self._bg is not None:
+            self._bg.finish()
+        self._writer.close(self._metadata())
+        self._seen.clear()
+
+    # ---- public helpers
+    def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra",
+                   whole: bool = True) -> str:
+        """Store an extra tensor whole, in any mode (``generation:tokens``, or a call's
+        ``engine:in.positions#2``); with ``whole=False`` as module outputs are stored (its
+        statistics in stats mode). Returns the key."""
+        k = parse_key(key)
+        self._store(key, k.module, kind, k.index, k.call, tensor, alias=None, whole=whole)
+        return key
+
+    @property
+    def module_count(self) -> int:
+        """How many modules this capture records."""
+        return len(self._modules)
+
+    @property
+    def header_reserve(self) -> int:
+        """Bytes set aside for the header up front (rewritten larger if it outgrows them)."""
+        return header_reserve(self.mode, len(self._modules))
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """The records so far, in execution order (what the dump's metadata will list)."""
+        return self._entries
+
+    @property
+    def dump(self) -> Dump:
+        """The written dump, opened for reading (after the ``with`` block)."""
+        if self._dump is None:
+            self._dump = load(self.path)
+        return self._dump
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Move (or copy) the written dump to ``path``; returns the new path."""
+        dest = Path(path)
+        check_output_path(dest, force=force)
+        if self._tmpdir is None:
+            shutil.copyfile(self.path, dest)
+        else:
+            shutil.move(str(self.path), dest)
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            self.path = dest
+        self._dump = None
+        return dest
+
+    # ---- hooks
+    def _hook(self, name: str) -> Any:
+        record_inputs = _matches(name, self._input_globs)
+
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 output: Any) -> None:
+            call = self._calls.get(name, 0)
+            self._calls[name] = call + 1
+            if self.steps is not None and self._calls.get(ROOT, 0) not in self.steps:
+                return  # the model's calls finished so far: the decoding step under way
+            signature = call_signature(args, kwargs)
+            if record_inputs:
+                for idx, t in list(flatten(args)) + list(flatten(kwargs)):
+                    self._record(name, "in", idx or "0", call, t, signature)
+            for idx, t in flatten(output):
+                self._record(name, "out", idx, call, t, signature)
+
+        return hook
+
+    def expect_inputs(self) -> None:
+        """Make the model's next call the main one: its inputs are recorded (what
+        ``--replay`` reuses) and its logits become the dump's logits (instead of the first
+        call's: a generation's single-token steps come before the teacher-forced forward)."""
+        self._want_inputs = True
+        self._logits_next = True
+
+    def _grad_hook(self, name: str) -> Any:
+        """Record the gradient of the loss with respect to the module's output (``:grad``),
+        unscaled (divided by ``loss_scale``) and in fp32, so runs with different loss
+        scales compare; an fp16 gradient that overflowed stays inf."""
+
+        def hook(module: torch.nn.Module, grad_input: Any, grad_output: Any) -> None:
+            call = self._grad_calls.get(name, 0)
+            self._grad_calls[name] = call + 1
+            for idx, t in flatten(grad_output):
+                self._store(make_key(name, "grad", idx, call), name, "grad", idx, call,
+                            t.detach().float() / self.loss_scale, alias=None)
+
+        return hook
+
+    def _op_grad_hook(self, name: str, idx: str, call: int) -> Any:
+        """Record the gradient with respect to an operation's output (``MODULE/OP:grad``),
+        unscaled and in fp32 as a module's, keyed by the operation's forward call."""
+
+        def hook(grad: torch.Tensor) -> None:
+            self._store(make_key(name, "grad", idx, call), name, "grad", idx, call,
+                        grad.detach().float() / self.loss_scale, alias=None)
+
+        return hook
+
+    def add_parameter_grads(self, grad_of: GradGetter | None = None) -> int:
+        """Store every parameter's gradient (``<param>:pgrad``), unscaled, after backward.
+
+        ``grad_of(name, param)`` returns a parameter's full gradient where ``param.grad`` does
+        not hold it: under DeepSpeed ZeRO-3 the gradients are partitioned, and
+        ``lambda name, p: deepspeed.utils.safe_get_full_grad(p)`` gathers them.
+        Returns how many were stored.
+        """
+        n = 0
+        for pname, p in self.model.named_parameters():
+            grad = p.grad if grad_of is None else grad_of(pname, p)
+            if grad is not None:
+                self._store(f"{pname}:pgrad", pname, "pgrad", "", 0,
+                            grad.detach().float() / self.loss_scale, alias=None)
+                n += 1
+        return n
+
+    def _root_inputs(self, module: torch.nn.Module, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> None:
+        """Record the model's own inputs (first call, or the one announced by
+        :meth:`expect_inputs`) so another run can replay them."""
+        if self._want_inputs:
+            self._want_inputs = False
+            named = dict(flatten(named_arguments(module, args, kwargs)))
+            for idx, t in named.items():
+                self._store(make_key("input", idx), "input", "in", idx, 0, t, alias=None)
+            self._token_masks = {n: named[n].detach() != 0 for n in MASKS
+                                 if n in named and named[n].dim() == 2}
+            self._encoder_decoder = "decoder_input_ids" in named
+
+    def _real_tokens(self, key: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``t`` at real tokens only (flattened over batch and tokens) for a record with a
+        token axis (:func:`precision.dumps.padding.token_axis`), and how many elements were
+        left out: stats-mode statistics describe what a comparison judges."""
+        shapes = {n: tuple(m.shape) for n, m in self._token_masks.items()}
+        found = token_axis(key, tuple(t.shape), shapes, self._encoder_decoder)
+        if found is None:
+            return t, 0
+        mask, axis = self._token_masks[found[0]], found[1]
+        if bool(mask.all()):
+            return t, 0
+        shape = [mask.shape[0]] + [1] * (t.dim() - 1)
+        shape[axis] = mask.shape[1]
+        real = t.detach()[mask.to(t.device).view(shape).expand(t.shape)]  # in element order
+        return real, t.numel() - real.numel()
+
+    def _root_hook(self, module: torch.nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], output: Any) -> None:
+        call = self._calls.get(ROOT, 0)
+        self._calls[ROOT] = call + 1
+        if self.steps is not None and call not in self.steps:
+            return
+        for idx, t in flatten(output):
+            key = self._record(ROOT, "out", idx, call, t)
+            if idx == "logits" and self._logits_next:
+                self.logits_key = self._resolve(key)
+                self._logits_next = False
+
+    def _resolve(self, key: str) -> str:
+        for e in self._entries:
+            if e["key"] == key and e.get("alias_of"):
+                return str(e["alias_of"])
+        return key
+
+    def _record(self, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
+                signature: str | None = None) -> str:
+        """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
+        key = make_key(module, kind, idx, call)
+        seen = self._seen.get(id(t))
+        alias = None
+        if seen is not None and seen[0]() is t and seen[2] is not None and seen[2] == _version(t):
+            alias = seen[1]  # the very tensor, unchanged since (an in-place op bumps _version)
+        self._store(key, module, kind, idx, call, t, alias=alias, signature=signature)
+        return key
+
+    def _store(self, key: str, module: str, kind: str, idx: str, call: int, t: torch.Tensor,
+               alias: str | None, whole: bool = False, signature: str | None = None) -> None:
+        if self._op_mode is not None:
+            with self._op_mode.pause():  # statistics and copies are no operations of the model
+                self._store_entry(key, module, kind, idx, call, t, alias, whole, signature)
+        else:
+            self._store_entry(key, module, kind, idx, call, t, alias, whole, signature)
+
+    def _store_entry(self, key: str, module: str, kind: str, idx: str, call: int,
+                     t: torch.Tensor, alias: str | None, whole: bool,
+                     signature: str | None) -> None:
+        entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
+                                 "call": call, "shape": list(t.shape),
+                                 "dtype": torch_dtype_name(t.dtype)}
+        if signature is not None:
+            entry["signature"] = signature
+        if alias is not None:
+            entry["alias_of"] = alias
+            self._entries.append(entry)
+            return
+        # ids and masks are kept whole even in stats mode, and so are --full modules
+        whole = whole or (kind == "in" and not t.is_floating_point()) or bool(
+            self._full_globs and _matches(module, self._full_globs))
+        if self._dry_run:
+            nbytes = t.numel() * t.element_size()
+            self.planned["full"] += nbytes
+            self.planned["stats"] += nbytes if whole else 0
+            self.planned["stats_tensors"] += int(whole)
+        else:
+            if self.mode == "stats":
+                real, padded = self._real_tokens(key, t)
+                entry["stats"] = tensor_stats(real, detail=self._detail)
+                if padded:
+                    entry["stats"]["padded"] = padded
+            if self.mode == "full" or whole:
+                assert self._bg is not None
+                self._bg.submit(key, entry["dtype"], t)
+        self._entries.append(entry)
+        self._seen[id(t)] = (weakref.ref(t), key, _version(t))
+
+    # ---- metadata
+    def _metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "tool": "precision", "tool_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": True, "mode": self.mode, "level": self.level, "env": environment(),
+            "model": model_identity(self.model),
+            "module_dtypes": module_dtypes(self.model),
+            "compute": compute_settings(self.model),
+            "logits_key": self.logits_key,
+            "entries": self._entries,
+        }
+        for k, v in self.meta.items():
+            meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
+        if meta.get("distributed") is None:  # a process group the caller started (DDP)
+            from .distributed import describe
+
+            meta["distributed"] = describe()
+        return meta
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """Class name and a hash that two captures of the same model share.
+
+    For Hugging Face models the hash covers the config (minus dtype, paths and versions, in
+    nested configs too: a vision-language model's ``text_config``); for other modules it
+    covers parameter names and shapes.
+    """
+    import hashlib
+    import json
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return {"class": type(model).__name__, "config_hash": config_hash(config)}
+    basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
+    return {"class": type(model).__name__,
+            "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
+
+
+def config_hash(config: Any) -> str:
+    """A SHA-256 prefix of a Hugging Face config without dtype, paths and versions (in nested
+    configs too: a vision-language model's ``text_config``): equal for two captures of the
+    same model, whichever dtype, device or engine (:mod:`precision.engines.vllm.capture`) ran it."""
+    import hashlib
+    import json
+
+    skip = ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
+            "_attn_implementation_autoset", "use_cache")
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
+
+    basis = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def require_same_model(dump: Dump, model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`InputError` when ``dump`` was captured from another model's config."""
+    theirs = dump.config_hash
+    ours = model_identity(model)["config_hash"]
+    if theirs and theirs != ours:
+        raise InputError(f"{what} was captured from a different model "
+                         f"({dump.meta['model'].get('path', '?')}, config hash {theirs}; "
+                         f"this one is {ours})")
+
+
+def named_arguments(module: torch.nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments of ``module.forward`` by parameter name."""
+    import inspect
+
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {str(i): a for i, a in enumerate(args)} | kwargs
+    named = dict(bound.arguments)
+    extra = named.pop("kwargs", None)
+    return named | (extra if isinstance(extra, dict) else {})

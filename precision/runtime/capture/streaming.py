@@ -1,0 +1,164 @@
+"""Background dump writing from a reusable host buffer (torch needed).
+
+Forward hooks copy each tensor into a slot of :class:`HostRing`, a pre-faulted (pinned on
+CUDA/NPU) host buffer, and hand the slot to :class:`BackgroundWriter`, whose thread writes it
+to the :class:`~precision.dumps.dump.DumpWriter` and frees the slot. Reusing memory that is already
+mapped avoids the page faults that make naive clone-everything capture slow; writing in a
+thread overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when
+the ring is full.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...dumps.dump import DumpWriter
+
+_ALIGN = 64
+
+
+_POOL: dict[tuple[int, bool], list[HostRing]] = {}
+_POOL_LOCK = threading.Lock()
+
+
+class HostRing:
+    """A circular host buffer, allocated FIFO: ``alloc`` waits for room, ``free`` the oldest.
+
+    :meth:`acquire`/:meth:`release` keep finished rings for the next capture in the process,
+    so repeated captures (a notebook, a benchmark) do not fault fresh pages in each time.
+    """
+
+    @classmethod
+    def acquire(cls, capacity: int, *, pin: bool) -> HostRing:
+        with _POOL_LOCK:
+            free = _POOL.get((capacity, pin))
+            if free:
+                return free.pop()
+        return cls(capacity, pin=pin)
+
+    def release(self) -> None:
+        """Return an idle ring to the pool (at most one kept per size)."""
+        with _POOL_LOCK:
+            slot = _POOL.setdefault((self.capacity, self.pinned), [])
+            if not slot and not self._live:
+                slot.append(self)
+
+    def __init__(self, capacity: int, *, pin: bool) -> None:
+        self.capacity = capacity
+        self.pinned = pin
+        try:
+            self.buf = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        except RuntimeError:  # pinning unsupported by this build: plain memory still works
+            self.buf = torch.empty(capacity, dtype=torch.uint8)
+        self.buf.zero_()  # fault the pages in now, not during the forward
+        self._live: deque[tuple[int, int]] = deque()
+        self._head = 0
+        self._cv = threading.Condition()
+
+    def alloc(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (<= capacity) and return the offset; blocks while the ring is full."""
+        n = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        with self._cv:
+            while True:
+                start = self._fit(n)
+                if start is not None:
+                    self._live.append((start, start + n))
+                    self._head = start + n
+                    return start
+                self._cv.wait()
+
+    def _fit(self, n: int) -> int | None:
+        if not self._live:
+            return 0 if n <= self.capacity else None
+        tail = self._live[0][0]
+        if self._head > tail:  # live region [tail, head): room at the end, else wrap to 0
+            if n <= self.capacity - self._head:
+                return self._head
+            return 0 if n <= tail else None
+        return self._head if n <= tail - self._head else None  # wrapped: room in [head, tail)
+
+    def free(self) -> None:
+        """Release the oldest allocation."""
+        with self._cv:
+            self._live.popleft()
+            self._cv.notify_all()
+
+
+@dataclass
+class _Item:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    host: torch.Tensor
+    in_ring: bool
+    event: Any
+
+
+class BackgroundWriter:
+    """Copies tensors to host memory in the caller's thread and writes them in its own thread."""
+
+    def __init__(self, writer: DumpWriter, *, device_type: str, buffer_bytes: int) -> None:
+        self.writer = writer
+        self.device_type = device_type
+        self.ring = HostRing.acquire(buffer_bytes, pin=device_type != "cpu")
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=256)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="precision-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, dtype: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` (any device, any strides) for writing under ``key``."""
+        self._raise_if_failed()
+        t = tensor.detach()
+        nbytes = t.numel() * t.element_size()
+        in_ring = nbytes <= self.ring.capacity
+        if in_ring:
+            off = self.ring.alloc(nbytes)
+            host = self.ring.buf[off:off + nbytes].view(t.dtype).view(t.shape)
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device_type != "cpu")
+        event = None
+        if t.device.type == "cpu":
+            host.copy_(t)
+        else:  # on the stream of the tensor's own device (models spread over several)
+            backend = getattr(torch, t.device.type)
+            stream = backend.current_stream(t.device)
+            with backend.stream(stream):
+                host.copy_(t, non_blocking=True)
+            event = backend.Event()
+            event.record(stream)
+        self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    if item.event is not None:
+                        item.event.synchronize()
+                    data = item.host.reshape(-1).view(torch.uint8).numpy()
+                    self.writer.write(item.key, item.dtype, item.shape, data)
+            except BaseException as exc:  # surfaced to the capturing thread
+                self._error = exc
+            finally:
+                if item.in_ring:
+                    self.ring.free()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; re-raise a writer-thread error."""
+        self._queue.put(None)
+        self._thread.join()
+        self.ring.release()
+        self._raise_if_failed()
