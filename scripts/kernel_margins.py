@@ -7,7 +7,12 @@ captured under the same level), and with ``--real`` SmolLM2-135M's bf16 training
 over the rule's limit (1.0 is where the rule flags). A healthy run must stay below 1 on every
 level with room to spare; see docs/verdicts.md ("CPU kernels").
 
-    python scripts/kernel_margins.py [--real] [--json FILE]
+With ``--sets`` it measures instead what the fixed limits were calibrated on: the worst
+healthy row's ``noise_rms`` and ``noise_max`` in eps, no reference, for every healthy pair
+of the calibration and check sets (scripts/verdict_cases.py) and Whisper's bf16 and fp16
+pairs (scripts/speech_cases.py), each under every level.
+
+    python scripts/kernel_margins.py [--real | --sets] [--json FILE]
 
 Each level runs in a process of its own (scripts/kernel_levels.py sets the environment
 before torch loads). Margins computed here mirror the rules' formulas in
@@ -116,7 +121,30 @@ def real_case(work: Path) -> dict[str, float]:
     return margins(base, work / f"{case.name}.st", reference_path(base, "bf16"))
 
 
-def one_level(real: bool) -> dict[str, dict[str, float]]:
+def fixed_noise(report: object) -> dict[str, float]:
+    """The worst row's element-scaled rms and max error (in eps) and the flagged rows."""
+    import verdict_cases as vc
+
+    s = vc.summarise(report)  # type: ignore[arg-type]
+    return {"noise_rms_eps": s["worst_noise_rms_eps"], "noise_max_eps": s["worst_noise_max_eps"],
+            "flagged_fixed": float(len(s["flagged"]))}
+
+
+def sets_level(work: Path) -> dict[str, dict[str, float]]:
+    """The calibration and check sets' healthy pairs, and Whisper's, under the fixed limits."""
+    import speech_cases as sc
+    import verdict_cases as vc
+
+    out = {}
+    for case in vc.healthy_cases(vc.available(vc.CALIBRATION + vc.CHECK)):
+        out[case.name] = fixed_noise(vc.run(case, work))
+    for model in sc.available():
+        for target in ("bf16", "fp16"):
+            out[f"{model}-{target}"] = fixed_noise(sc.run(model, target, work, reference=False))
+    return out
+
+
+def one_level(real: bool, sets: bool = False) -> dict[str, dict[str, float]]:
     """Every case under this process's kernels."""
     import warnings
 
@@ -124,6 +152,8 @@ def one_level(real: bool) -> dict[str, dict[str, float]]:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if sets:
+            return sets_level(work)
         for name, model, dtype, backward, scale in FIXTURE_CASES:
             out[name] = fixture_case(work, model, dtype, backward, scale)
         if real:
@@ -134,17 +164,20 @@ def one_level(real: bool) -> dict[str, dict[str, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", action="store_true", help="also SmolLM2-135M's bf16 step")
+    ap.add_argument("--sets", action="store_true",
+                    help="the calibration and check sets' worst healthy noise instead")
     ap.add_argument("--json", help="write every margin here")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_level(args.real)))
+        print(json.dumps(one_level(args.real, args.sets)))
         return 0
     import kernel_levels
 
     results = {}
     for level in kernel_levels.chosen():
-        cmd = [sys.executable, __file__, "--one"] + (["--real"] if args.real else [])
+        cmd = ([sys.executable, __file__, "--one"] + (["--real"] if args.real else [])
+               + (["--sets"] if args.sets else []))
         proc = subprocess.run(cmd, env=kernel_levels.environment(level), text=True,
                               capture_output=True, cwd=ROOT)
         if proc.returncode:
