@@ -22,7 +22,8 @@ from .dumps import load
 from .dumps.dump import Dump
 from .errors import DeviceError, DumpError, InputError, ModelError, OutputError, PrecisionError
 from .judge.compare import compare
-from .judge.report import Report, Row
+from .judge.measure.row import Row
+from .judge.report import Report
 from .judge.scan import ScanReport, scan
 
 if TYPE_CHECKING:

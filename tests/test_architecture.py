@@ -73,23 +73,51 @@ def test_no_import_cycles() -> None:
     assert not cycles
 
 
-def test_contracts_fail_when_the_numpy_side_imports_torch(tmp_path: Path) -> None:
-    """The contract is not vacuous: a copy of the package whose metrics imports torch fails."""
+def _lint_copy(tmp_path: Path, module: str, extra_import: str) -> subprocess.CompletedProcess:
+    """lint-imports on a copy of the package where ``module`` (a path under precision/) gains
+    ``extra_import`` after its future import; the unmodified copy must pass first."""
     if not LINT_IMPORTS.exists():
         pytest.skip("lint-imports is not installed")
     shutil.copytree(ROOT / "precision", tmp_path / "precision")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    ok = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path, capture_output=True,
-                        text=True, timeout=120, env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+
+    def lint() -> subprocess.CompletedProcess:
+        return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120,
+                              env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+
+    ok = lint()
     assert ok.returncode == 0, ok.stdout[-2000:]
-    metrics = tmp_path / "precision" / "judge" / "measure" / "metrics.py"
-    metrics.write_text(metrics.read_text().replace("import numpy as np\n",
-                                                   "import numpy as np\nimport torch\n", 1))
-    broken = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120,
-                            env={"PYTHONPATH": str(tmp_path), "PATH": ""})
+    path = tmp_path / "precision" / module
+    text = path.read_text()
+    anchor = "from __future__ import annotations\n"
+    assert anchor in text
+    path.write_text(text.replace(anchor, f"{anchor}{extra_import}\n", 1))
+    return lint()
+
+
+def test_contracts_fail_when_the_numpy_side_imports_torch(tmp_path: Path) -> None:
+    """The contract is not vacuous: a copy of the package whose metrics imports torch fails."""
+    broken = _lint_copy(tmp_path, "judge/measure/metrics.py", "import torch")
     assert broken.returncode == 1
     assert "precision.judge.measure.metrics -> torch" in broken.stdout
+
+
+@pytest.mark.parametrize(("module", "extra_import", "chain"), [
+    ("judge/measure/metrics.py", "from ..verdict import rules",
+     "precision.judge.measure.metrics -> precision.judge.verdict.rules"),
+    ("judge/lineup/align.py", "from ..measure import noise",
+     "precision.judge.lineup.align -> precision.judge.measure.noise"),
+    ("judge/verdict/rules.py", "from .. import report",
+     "precision.judge.verdict.rules -> precision.judge.report"),
+])
+def test_stage_contract_fails_when_a_stage_imports_a_later_one(
+        tmp_path: Path, module: str, extra_import: str, chain: str) -> None:
+    """The judge's stages import only the stages before them: lining up, then measuring,
+    then judging; a copy where an earlier stage reaches a later one fails the contract."""
+    broken = _lint_copy(tmp_path, module, extra_import)
+    assert broken.returncode == 1
+    assert chain in broken.stdout
 
 
 def test_architecture_doc_lists_every_module() -> None:

@@ -76,8 +76,8 @@ from ..errors import InputError
 from ..judge.compare import compare, judge
 from ..judge.lineup.tokens import Padding, padding_of, real_chunks
 from ..judge.measure.metrics import PairAccumulator, TensorMetrics
+from ..judge.measure.row import Row
 from ..judge.profiles import Profile, profile_for
-from ..judge.report import Row
 from ..runtime.capture.recorder import (
     flatten,
     require_same_model,

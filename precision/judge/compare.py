@@ -49,8 +49,9 @@ from .measure import parallel
 from .measure.generation import generation_prefixes, has_generation
 from .measure.metrics import TensorMetrics, choose_kernel
 from .measure.pairs import Job, Task, generation_row, run_task, task_cost
+from .measure.row import Row
 from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for
-from .report import FAIL_ON, Report, Row
+from .report import FAIL_ON, Report
 from .verdict.posbias import diagnose
 from .verdict.rules import (
     RULES,

@@ -1,4 +1,5 @@
-"""Comparison results: frozen :class:`Row` objects inside a :class:`Report`.
+"""Comparison results: the frozen :class:`~.measure.row.Row` objects of a comparison inside a
+:class:`Report`.
 
 A report is truthy when no row is flagged, so ``assert precision.compare(a, b)`` works in a
 test. It renders to JSON (schema in ``docs/json-schema.md``), Markdown and pandas.
@@ -9,66 +10,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from .measure.generation import GenerationMetrics
-from .measure.logits import LogitsMetrics
-from .measure.metrics import ExactMetrics, TensorMetrics
+from .measure.row import FLAGGED, STATUSES, Row
 from .profiles import Profile
 
 SCHEMA_VERSION = 1
-Status = Literal["OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN"]
-#: statuses, mildest first
-STATUSES: tuple[Status, ...] = ("OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN")
 #: what each --fail-on choice fails on
 FAIL_ON = {
     "never": frozenset(),
     "nan": frozenset({"NAN"}),
     "overflow": frozenset({"OVERFLOW", "NAN"}),
-    "drift": frozenset({"DRIFT", "OVERFLOW", "NAN", "MISMATCH"}),
-    "any": frozenset({"DRIFT", "OVERFLOW", "NAN", "MISMATCH", "MISSING"}),
+    "drift": FLAGGED,
+    "any": FLAGGED | {"MISSING"},
 }
-FLAGGED = FAIL_ON["drift"]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One aligned key: its verdict and metrics (``None`` where they do not apply)."""
-
-    order: int
-    key: str
-    status: Status
-    reason: str
-    shape: tuple[int, ...]
-    base_dtype: str
-    target_dtype: str
-    metrics: TensorMetrics | None = None
-    exact: ExactMetrics | None = None
-    logits: LogitsMetrics | None = None
-    stats_delta: dict[str, Any] | None = None
-    growth: float | None = None
-    generation: GenerationMetrics | None = None
-    #: the deciding rule's measure over its limit (above 1 when flagged, 0 when no rule
-    #: flagged the row): how far beyond, on the scale the verdict used
-    score: float = 0.0
-
-    @property
-    def flagged(self) -> bool:
-        return self.status in FLAGGED
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "order": self.order, "key": self.key, "status": self.status, "reason": self.reason,
-            "shape": list(self.shape), "base_dtype": self.base_dtype,
-            "target_dtype": self.target_dtype, "growth": self.growth,
-            "metrics": self.metrics.as_dict() if self.metrics else None,
-            "exact": ({"numel": self.exact.numel, "mismatched": self.exact.mismatched,
-                       "share": self.exact.share, "max_abs": self.exact.max_abs}
-                      if self.exact else None),
-            "logits": self.logits.as_dict() if self.logits else None,
-            "stats": self.stats_delta,
-            "generation": self.generation.as_dict() if self.generation else None,
-        }
 
 
 @dataclass(frozen=True)

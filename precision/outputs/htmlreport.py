@@ -18,7 +18,8 @@ from typing import Any
 from ..dtypes import short
 from ..dumps.dump import Dump
 from ..dumps.keys import parse_key
-from ..judge.report import Report, Row
+from ..judge.measure.row import Row
+from ..judge.report import Report
 from . import plots
 
 STYLE = """

@@ -24,8 +24,9 @@ from ..judge.lineup.tokens import real_tokens
 if TYPE_CHECKING:
     from ..dumps.dump import Dump
     from ..judge.measure.metrics import TensorMetrics
+    from ..judge.measure.row import Row
     from ..judge.profiles import Profile
-    from ..judge.report import Report, Row
+    from ..judge.report import Report
 
 FLOOR = 1e-12  # log axes: exact zeros are drawn at this floor
 STACK_COLOURS = {"encoder": "#0969da", "decoder": "#8250df"}

@@ -2,7 +2,7 @@
 
 Each pair is streamed in chunks into an accumulator (:class:`~precision.judge.measure.metrics.
 PairAccumulator` for floats, exact comparison for integers, statistics for stats-mode
-records, logits metrics for the logits) and becomes a :class:`~precision.judge.report.Row`
+records, logits metrics for the logits) and becomes a :class:`~precision.judge.measure.row.Row`
 whose status is ``OK`` with an informative reason, or ``MISSING``/``MISMATCH`` when the two
 records cannot be compared at all. The rules (:mod:`precision.judge.verdict.rules`) then judge the
 rows in the parent.
@@ -22,10 +22,10 @@ from ...dumps.keys import GEN_PREFIX
 from ..lineup.align import Pair, same_positions
 from ..lineup.tokens import keep_rows, padding_of, real_chunks, real_tokens
 from ..profiles import Profile
-from ..report import Row
 from .generation import compare_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, compare_exact
+from .row import Row
 from .statsdiff import record_stats, stats_delta
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ...dumps.dump import Dump
 from ...dumps.keys import parse_key
-from ..report import Row
+from ..measure.row import Row
 
 FIX = ("compute the bucket ids on the host in float64 (or reuse the baseline's ids) "
        "instead of on the device")

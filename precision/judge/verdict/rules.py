@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from ...dumps.keys import parse_key
 from ..measure.generation import summarise
 from ..measure.metrics import TensorMetrics
+from ..measure.row import Row, Status
 from ..profiles import (
     REF_FLOOR_MAX_EPS,
     REF_FLOOR_RMS_EPS,
@@ -33,7 +34,6 @@ from ..profiles import (
     REF_VECTOR_GRAD_RATIO,
     Profile,
 )
-from ..report import Row, Status
 
 #: said when the baseline, not the target, holds the NaN/inf or the clamped values
 SWAPPED = "the baseline overflowed: are the arguments swapped?"
