@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import precision
-from precision.runtime.capture.recorder import flatten
 from precision.runtime.capture.streaming import HostRing
+from precision.runtime.capture.trees import flatten
 from precision.runtime.models.load import Policy, load_model
 from precision.runtime.run.runner import CaptureOptions, run_capture
 

@@ -78,12 +78,10 @@ from ..judge.lineup.tokens import Padding, padding_of, real_chunks
 from ..judge.measure.metrics import PairAccumulator, TensorMetrics
 from ..judge.measure.row import Row
 from ..judge.profiles import Profile, profile_for
-from ..runtime.capture.recorder import (
-    flatten,
-    require_same_model,
-    select_modules,
-    torch_dtype_name,
-)
+from ..runtime.capture.selection import select_modules
+from ..runtime.capture.tensors import torch_dtype_name
+from ..runtime.capture.trees import flatten
+from ..runtime.models.identity import require_same_model
 from ..runtime.models.load import TORCH_DTYPES, Policy, load_model, one_line
 from ..runtime.run.runner import replay_inputs
 
@@ -379,7 +377,7 @@ class _Clones:
 
 def _map(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], prefix: str = "") -> Any:
     """``value`` with each tensor replaced by ``fn(path, tensor)``; paths as
-    :func:`~precision.runtime.capture.recorder.flatten` names them."""
+    :func:`~precision.runtime.capture.trees.flatten` names them."""
     if isinstance(value, torch.Tensor):
         return fn(prefix, value)
     if isinstance(value, dict):

@@ -38,7 +38,8 @@ from ..dumps.keys import make_key, parse_key
 from ..errors import InputError
 from ..judge.profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO, REF_RMS_RATIO
 from ..runtime.capture.ops import CALLABLE_HOMES
-from ..runtime.capture.recorder import flatten, numpy_to_torch
+from ..runtime.capture.tensors import numpy_to_torch
+from ..runtime.capture.trees import flatten
 
 
 @dataclass(frozen=True)

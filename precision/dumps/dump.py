@@ -243,7 +243,7 @@ class Dump:
     @property
     def config_hash(self) -> str | None:
         """The model's config hash, if recorded (see
-        :func:`precision.runtime.capture.recorder.model_identity`)."""
+        :func:`precision.runtime.models.identity.model_identity`)."""
         value = self.meta.get("model", {}).get("config_hash")
         return str(value) if value else None
 

@@ -36,7 +36,9 @@ from ...dumps.atomic import check_output_path
 from ...dumps.keys import GEN_PREFIX, INPUT_PREFIX, make_key
 from ...dumps.shards import INDEX, shard_name, write_index
 from ...errors import InputError
-from ...runtime.capture.recorder import Capture, config_hash, named_arguments
+from ...runtime.capture.recorder import Capture
+from ...runtime.capture.trees import named_arguments
+from ...runtime.models.identity import config_hash
 
 #: modules not hooked: the head runs only at sampled positions (precision applies
 #: compute_logits to every position itself)
@@ -319,7 +321,7 @@ def _engine_config(llm: Any) -> dict[str, Any]:
 
 
 def _fingerprint(model: str) -> dict[str, Any]:
-    from ...runtime.models.checkpoint import weights_fingerprint
+    from ...runtime.models.identity import weights_fingerprint
 
     path = Path(model)
     found = weights_fingerprint(path) if path.is_dir() else None

@@ -102,7 +102,7 @@ def func_path(func: Any) -> str | None:
 
 def call_spec(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """The call's arguments as JSON, each tensor replaced by the index its input record has
-    (``{"tensor": "0"}``, as :func:`precision.runtime.capture.recorder.flatten` names
+    (``{"tensor": "0"}``, as :func:`precision.runtime.capture.trees.flatten` names
     them); None when an argument is neither a tensor nor plain data (it could not be replayed)."""
     def spec(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):

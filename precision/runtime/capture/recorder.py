@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,16 +29,19 @@ from typing import Any
 import torch
 
 from ..._version import __version__
-from ...dtypes import canonical
 from ...dumps import load
 from ...dumps.atomic import check_output_path
 from ...dumps.dump import Dump, DumpWriter
 from ...dumps.keys import CAST_PREFIX, make_key, parse_key
 from ...dumps.padding import MASKS, token_axis
 from ...errors import InputError
+from ..models.identity import model_identity
 from .compute import compute_settings, environment
+from .selection import matches, select_modules, unwrap
 from .streaming import BackgroundWriter
+from .tensors import tensor_version, torch_dtype_name
 from .tensorstats import tensor_stats
+from .trees import call_signature, flatten, named_arguments
 
 #: modules whose inputs are recorded by default (T5's bucket ids)
 DEFAULT_INPUT_GLOBS = ("*relative_attention_bias",)
@@ -46,110 +49,10 @@ GradGetter = Callable[[str, torch.nn.Parameter], "torch.Tensor | None"]
 ROOT = "root"
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """The in-place version counter; ``None`` for inference-mode tensors, which have none
-    (they are then never aliased: stored again rather than risk a stale value)."""
-    try:
-        return int(t._version)
-    except RuntimeError:
-        return None
-
-
-def numpy_to_torch(arr: Any) -> torch.Tensor:
-    """A numpy array as a tensor; ml_dtypes bfloat16 through its bits (torch cannot read it)."""
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view("int16")).view(torch.bfloat16)
-    return torch.from_numpy(arr)
-
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``float16``."""
-    return canonical(str(dtype))
-
-
-def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(path, tensor)`` for every tensor inside nested tuples, lists and dicts.
-
-    Paths join tuple positions and dict keys with dots (``"0"``, ``"logits"``, ``"1.0"``);
-    non-tensor leaves (``None``, caches, numbers) are skipped.
-    """
-    if isinstance(value, torch.Tensor):
-        yield prefix, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The plain arguments of a module call (strings, numbers, booleans), e.g. Gemma 3's
-    ``rotary_emb(x, positions, "sliding_attention")``; None when there are none.
-
-    Calls of one module whose order comes from a set (Gemma 3 iterates
-    ``set(config.layer_types)``, an order that changes with ``PYTHONHASHSEED`` from one
-    process to the next) are paired by it across dumps (:func:`precision.judge.lineup.align.align`).
-    """
-    plain = (str, int, float, bool)
-    parts = [repr(a) for a in args if isinstance(a, plain)]
-    parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if isinstance(v, plain)]
-    return ",".join(parts)[:200] or None
-
-
-#: wrappers whose ``.module`` is the real model: their names would prefix every key
-WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP/DataParallel/DeepSpeed wrappers, so that a wrapped run's keys
-    (``encoder.block.0...``, not ``module.encoder.block.0...``) match an unwrapped one's."""
-    while type(model).__name__ in WRAPPERS:
-        devices = list(getattr(model, "device_ids", None) or [])
-        if len(devices) > 1:
-            raise InputError(f"DataParallel over {len(devices)} devices runs its "
-                             "replicas in threads that share hooks: capture model.module on "
-                             "one device, or use DistributedDataParallel")
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            break
-        model = inner
-    return model
-
-
-def _matches(name: str, globs: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
 def header_reserve(mode: str, modules: int) -> int:
     """Header bytes a capture of ``modules`` modules sets aside up front: a stats record's
     line holds its count sketch, about 5.5 kB (precision.dumps.sketch)."""
     return 65536 + (6144 if mode == "stats" else 512) * modules
-
-
-def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
-                   exclude: Sequence[str] = (),
-                   every: int = 1) -> list[tuple[str, torch.nn.Module]]:
-    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``.
-
-    ``every`` K keeps, of the repeated blocks (the first numbered component of a name, as in
-    ``encoder.block.3`` or ``model.layers.12``), only those numbered 0, K, 2K, ...; modules
-    outside numbered blocks are always kept.
-    """
-    chosen = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-        if every > 1:
-            number = next((int(p) for p in name.split(".") if p.isdigit()), None)
-            if number is not None and number % every:
-                continue
-        if include and not _matches(name, include):
-            continue
-        if exclude and _matches(name, exclude):
-            continue
-        chosen.append((name, mod))
-    return chosen
 
 
 def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
@@ -173,7 +76,7 @@ class Capture:
     into place. ``detail`` adds the fp16 flush-to-zero count to stats records.
     ``root_inputs=False`` records the model's inputs only after :meth:`expect_inputs`.
     A model wrapped in DDP, DataParallel or a DeepSpeed engine is recorded as the model
-    inside (see :func:`unwrap`); call the wrapper as usual.
+    inside (see :func:`~precision.runtime.capture.selection.unwrap`); call the wrapper as usual.
     ``full`` globs pick modules whose outputs are stored whole in stats mode too.
     ``level="ops"`` also records the torch operations each module's own forward calls
     (:mod:`precision.runtime.capture.ops`), ``ops_include``/``ops_exclude`` being globs on their
@@ -278,7 +181,7 @@ class Capture:
             self._handles.append(mod.register_forward_pre_hook(enter(name)))
             self._handles.append(mod.register_forward_hook(leave))
         self._op_mode = OpCapture(self._stack, self._op, *self._ops_globs,
-                                  snapshot=lambda module: _matches(module, self._input_globs))
+                                  snapshot=lambda module: matches(module, self._input_globs))
         self._op_mode.__enter__()
 
     def _op(self, module: str, op: str, func: Any, output: Any, args: tuple[Any, ...],
@@ -295,7 +198,7 @@ class Capture:
             return
         signature = call_signature(args, kwargs)
         replay: dict[str, Any] | None = None
-        if _matches(module, self._input_globs):
+        if matches(module, self._input_globs):
             inputs = list(flatten(args)) + list(flatten(kwargs))
             for idx, t in inputs:
                 if storable(t):
@@ -403,7 +306,7 @@ class Capture:
 
     # ---- hooks
     def _hook(self, name: str) -> Any:
-        record_inputs = _matches(name, self._input_globs)
+        record_inputs = matches(name, self._input_globs)
 
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  output: Any) -> None:
@@ -521,7 +424,8 @@ class Capture:
         key = make_key(module, kind, idx, call)
         seen = self._seen.get(id(t))
         alias = None
-        if seen is not None and seen[0]() is t and seen[2] is not None and seen[2] == _version(t):
+        if (seen is not None and seen[0]() is t and seen[2] is not None
+                and seen[2] == tensor_version(t)):
             alias = seen[1]  # the very tensor, unchanged since (an in-place op bumps _version)
         self._store(key, module, kind, idx, call, t, alias=alias, signature=signature)
         return key
@@ -548,7 +452,7 @@ class Capture:
             return
         # ids and masks are kept whole even in stats mode, and so are --full modules
         whole = whole or (kind == "in" and not t.is_floating_point()) or bool(
-            self._full_globs and _matches(module, self._full_globs))
+            self._full_globs and matches(module, self._full_globs))
         if self._dry_run:
             nbytes = t.numel() * t.element_size()
             self.planned["full"] += nbytes
@@ -564,7 +468,7 @@ class Capture:
                 assert self._bg is not None
                 self._bg.submit(key, entry["dtype"], t)
         self._entries.append(entry)
-        self._seen[id(t)] = (weakref.ref(t), key, _version(t))
+        self._seen[id(t)] = (weakref.ref(t), key, tensor_version(t))
 
     # ---- metadata
     def _metadata(self) -> dict[str, Any]:
@@ -586,61 +490,3 @@ class Capture:
             meta["distributed"] = describe()
         return meta
 
-
-def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """Class name and a hash that two captures of the same model share.
-
-    For Hugging Face models the hash covers the config (minus dtype, paths and versions, in
-    nested configs too: a vision-language model's ``text_config``); for other modules it
-    covers parameter names and shapes.
-    """
-    import hashlib
-    import json
-
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        return {"class": type(model).__name__, "config_hash": config_hash(config)}
-    basis = json.dumps([(n, list(p.shape)) for n, p in model.named_parameters()])
-    return {"class": type(model).__name__,
-            "config_hash": hashlib.sha256(basis.encode()).hexdigest()[:16]}
-
-
-def config_hash(config: Any) -> str:
-    """A SHA-256 prefix of a Hugging Face config without dtype, paths and versions (in nested
-    configs too: a vision-language model's ``text_config``): equal for two captures of the
-    same model, whichever dtype, device or engine (:mod:`precision.engines.vllm.capture`) ran it."""
-    import hashlib
-    import json
-
-    skip = ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "_commit_hash",
-            "_attn_implementation_autoset", "use_cache")
-
-    def strip(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in skip}
-
-    basis = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
-    return hashlib.sha256(basis.encode()).hexdigest()[:16]
-
-
-def require_same_model(dump: Dump, model: torch.nn.Module, what: str) -> None:
-    """Raise :class:`InputError` when ``dump`` was captured from another model's config."""
-    theirs = dump.config_hash
-    ours = model_identity(model)["config_hash"]
-    if theirs and theirs != ours:
-        raise InputError(f"{what} was captured from a different model "
-                         f"({dump.meta['model'].get('path', '?')}, config hash {theirs}; "
-                         f"this one is {ours})")
-
-
-def named_arguments(module: torch.nn.Module, args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional and keyword arguments of ``module.forward`` by parameter name."""
-    import inspect
-
-    try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return {str(i): a for i, a in enumerate(args)} | kwargs
-    named = dict(bound.arguments)
-    extra = named.pop("kwargs", None)
-    return named | (extra if isinstance(extra, dict) else {})

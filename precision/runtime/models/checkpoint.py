@@ -7,13 +7,10 @@ whose mapping knows the config (by model type, see :data:`TASKS`); ``AutoModel``
 A class whose head the checkpoint lacks (a sentence-embedding checkpoint whose config names
 ``BertForMaskedLM``) would get a randomly initialised head: the base model is loaded instead
 and the fallback is reported. Weights still missing after that refuse the load, by name.
-:func:`weights_fingerprint` samples the checkpoint's weight files (not the loaded values), so
-captures in fp32, bf16 or on another device of the same checkpoint share it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +25,6 @@ TASKS = (
      "AutoModelForImageClassification", "AutoModelForAudioClassification",
      "AutoModelForCTC", "AutoModelForSequenceClassification"),
 )
-
-#: weight files whose bytes the fingerprint samples
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
-#: bytes read per sampled chunk, and chunks per file (evenly spaced, ends included)
-CHUNK_BYTES = 4096
-CHUNKS_PER_FILE = 64
 
 
 @dataclass(frozen=True)
@@ -120,22 +111,3 @@ def _names(keys: list[str], most: int = 4) -> str:
     shown = ", ".join(keys[:most])
     return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
-
-def weights_fingerprint(path: Path) -> str | None:
-    """A hash of sampled bytes of the weight files in ``path`` (names, sizes, and
-    :data:`CHUNKS_PER_FILE` chunks of :data:`CHUNK_BYTES` each, ends included); ``None``
-    when the folder holds no weight file. Reads about 256 KiB per file."""
-    files = sorted(f for f in path.iterdir()
-                   if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)) if path.is_dir() else []
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            step = max(1, (size - CHUNK_BYTES) // max(1, CHUNKS_PER_FILE - 1))
-            for i in range(CHUNKS_PER_FILE):
-                fh.seek(min(i * step, max(0, size - CHUNK_BYTES)))
-                h.update(fh.read(CHUNK_BYTES))
-    return h.hexdigest()[:16]

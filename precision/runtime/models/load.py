@@ -88,7 +88,8 @@ class LoadedModel:
 
     ``kind`` is ``encoder-decoder`` or ``causal-lm`` (models that generate) or ``encoder``
     (one forward: BERT, ViT, classifiers). ``loading`` is what the dump records of the load
-    (:func:`precision.runtime.models.checkpoint.load_checked`, plus the weights' fingerprint).
+    (:func:`precision.runtime.models.checkpoint.load_checked`, plus the weights' fingerprint:
+    :func:`precision.runtime.models.identity.weights_fingerprint`).
     ``tokenizer`` is ``None`` for a model without one (an image classifier).
     """
 
@@ -148,7 +149,8 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
     """
     import transformers
 
-    from .checkpoint import load_checked, weights_fingerprint
+    from .checkpoint import load_checked
+    from .identity import weights_fingerprint
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

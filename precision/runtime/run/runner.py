@@ -26,8 +26,9 @@ from ...dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ...errors import InputError
 from .. import devices
 from ..capture import distributed
-from ..capture.recorder import DEFAULT_INPUT_GLOBS, Capture, require_same_model
+from ..capture.recorder import DEFAULT_INPUT_GLOBS, Capture
 from ..models import inputs as feeds
+from ..models.identity import require_same_model
 from ..models.load import (
     TORCH_DTYPES,
     Generation,
@@ -382,7 +383,7 @@ def _engine_layout(opts: CaptureOptions, base: Dump | None, loaded: LoadedModel,
 
 def _loading_meta(loaded: LoadedModel) -> dict[str, Any]:
     """How the model was loaded, for the dump: class asked for and loaded, any fallback,
-    and the checkpoint's weight fingerprint (see :mod:`precision.runtime.models.checkpoint`)."""
+    and the checkpoint's weight fingerprint (see :mod:`precision.runtime.models.identity`)."""
     info = dict(loaded.loading)
     fingerprint = info.pop("weights_fingerprint", None)
     out: dict[str, Any] = {"loading": info} if info else {}
