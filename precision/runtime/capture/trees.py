@@ -2,14 +2,14 @@
 
 A module's arguments and outputs are tensors inside tuples, lists and dicts (and
 ``ModelOutput`` dicts). :func:`flatten` names each tensor by its path in them (``"0"``,
-``"logits"``, ``"1.0"``): the index part of a record's key (``:out.logits``). The other
-helpers read a call's arguments: by parameter name, and the plain ones (strings, numbers)
-that tell calls of one module apart.
+``"logits"``, ``"1.0"``): the index part of a record's key (``:out.logits``);
+:func:`map_tensors` replaces each by path. The other helpers read a call's arguments: by
+parameter name, and the plain ones (strings, numbers) that tell calls of one module apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,6 +29,22 @@ def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
             yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def map_tensors(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor],
+                prefix: str = "") -> Any:
+    """``value`` with each tensor replaced by ``fn(path, tensor)``, inside tuples, lists and
+    dicts (rebuilt as plain ones); paths as :func:`flatten` names them."""
+    if isinstance(value, torch.Tensor):
+        return fn(prefix, value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn, f"{prefix}.{k}" if prefix else str(k))
+                for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [map_tensors(v, fn, f"{prefix}.{i}" if prefix else str(i))
+                 for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
 
 
 def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
