@@ -73,7 +73,7 @@ from ...judge.measure.row import Row
 from ...judge.profiles import profile_for
 from ...runtime.models.load import TORCH_DTYPES, Policy, load_model
 from .calls import probe_dtypes, record_calls
-from .classify import RANGE_STATUSES, CallResult, mark_enclosing
+from .classify import RANGE_STATUSES, CallResult, mark_enclosing, verdict_with_full_run
 from .report import VERDICTS, IsolateReport, IsolateRow
 from .rerun import rerun_call
 
@@ -116,9 +116,6 @@ def isolate(base: str | os.PathLike[str] | Dump, model: str, *, dtype: str = "fp
         for r in res.rows:
             acc = accumulated.get(r.key)
             e = b.entry(r.key)
-            verdict = r.verdict
-            if verdict == "ok" and acc is not None and acc.flagged:
-                verdict = "inherited"
             out.append(replace(r, order=e.order if e is not None else -1, accumulated=acc,
-                               verdict=verdict))
+                               verdict=verdict_with_full_run(r.verdict, acc)))
     return IsolateReport(prof, tuple(out), len(results), skipped, problems, tuple(notes))

@@ -5,6 +5,12 @@ Pass 1 (:func:`record_calls`, fp32) keeps each call's arguments as they were (te
 to host memory once per tensor object, caches dropped) and its fp32 outputs, with the order
 calls start and end in (which call runs inside which). Pass 2 (:func:`probe_dtypes`, the
 target dtype) notes only the dtype each floating argument arrives in.
+
+These hooks are not the capture's recorder (:class:`~precision.runtime.capture.recorder.Capture`),
+which streams module outputs to a dump: to call a module again they keep every argument of
+every call in memory, keyword arguments, masks and flags included. They share its module
+selection, tensor paths and in-place version counter (:mod:`precision.runtime.capture.selection`,
+:mod:`~precision.runtime.capture.trees`, :mod:`~precision.runtime.capture.tensors`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from ...dtypes import short
 from ...dumps.dump import Dump
 from ...errors import InputError
 from ...runtime.capture.selection import select_modules
+from ...runtime.capture.tensors import tensor_version
 from ...runtime.capture.trees import flatten
 from ...runtime.models.identity import require_same_model
 from ...runtime.models.load import TORCH_DTYPES, Policy, load_model, one_line
@@ -142,13 +149,6 @@ def _is_cache(value: Any) -> bool:
     return kind.__module__.startswith("transformers") and kind.__name__.endswith("Cache")
 
 
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return int(t._version)
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
 class _Clones:
     """Host copies of the tensors a run passes around, each tensor object copied once while
     it is unchanged (its in-place version counter says so)."""
@@ -157,7 +157,7 @@ class _Clones:
         self._seen: dict[int, tuple[Any, int | None, torch.Tensor]] = {}
 
     def clone(self, t: torch.Tensor) -> torch.Tensor:
-        version = _version(t)
+        version = tensor_version(t)
         hit = self._seen.get(id(t))
         if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
             return hit[2]

@@ -27,7 +27,7 @@ from ...runtime.capture.tensors import torch_dtype_name
 from ...runtime.capture.trees import flatten, map_tensors
 from ...runtime.models.load import one_line
 from .calls import Call
-from .classify import RANGE_STATUSES, CallResult
+from .classify import CallResult, verdict_alone, verdict_on_overflowed_inputs
 from .report import IsolateRow
 
 CHUNK = 1 << 18
@@ -91,19 +91,12 @@ def rerun_call(b: Dump, c: Call, mod: torch.nn.Module, held: dict[str, torch.dty
         key = keys[idx]
         local = _measure(b, key, ref, y)
         status, reason = judge(local, prof)
-        verdict = "ok"
-        severity = 0
-        if implied is not None:
-            own = _own_damage(b, key, y, implied.get(idx), device)
-            given = _inputs_text(overflowed, not_finite, dtype)
-            if own:
-                verdict, severity = "culprit", 2
-                reason = (f"{given}, yet alone it makes {own} inf/NaN/pinned values where an "
-                          "fp32 copy of it on the same inputs stays finite")
-            else:  # the local status column says what it did alone
-                verdict, reason = "inherited", f"{given}; no worse than that implies"
-        elif status != "OK":
-            verdict, severity = "culprit", 2 if status in RANGE_STATUSES else 1
+        if implied is None:
+            verdict, severity = verdict_alone(status)
+        else:
+            verdict, severity, reason = verdict_on_overflowed_inputs(
+                _inputs_text(overflowed, not_finite, dtype),
+                _own_damage(b, key, y, implied.get(idx), device))
         res.severity = max(res.severity, severity)
         res.rows.append(IsolateRow(-1, key, local, status, reason, None, verdict, overflowed))
     return res
