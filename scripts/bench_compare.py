@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from precision.dumps import load
 from precision.judge.compare import CHUNK_ELEMS, compare
-from precision.judge.measure.metrics import KERNEL_ENV, choose_kernel
+from precision.judge.measure.kernels import KERNEL_ENV, choose_kernel
 
 
 def read_chunks(paths: list[str]) -> None:

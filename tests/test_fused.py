@@ -15,13 +15,9 @@ import pytest
 
 import precision
 from precision.errors import InputError
-from precision.judge.measure import metrics
-from precision.judge.measure.metrics import (
-    FUSED_MIN_ELEMENTS,
-    KERNEL_ENV,
-    choose_kernel,
-    compare_float,
-)
+from precision.judge.measure import kernels, metrics
+from precision.judge.measure.kernels import FUSED_MIN_ELEMENTS, KERNEL_ENV, choose_kernel
+from precision.judge.measure.metrics import compare_float
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba (the fast extra) is not installed")
@@ -127,8 +123,8 @@ def test_unknown_kernel_is_refused() -> None:
 
 def test_choose_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
-    monkeypatch.setattr(metrics, "_FUSED_FAILED", False)
+    monkeypatch.setattr(kernels, "_FUSED_LOADED", False)
+    monkeypatch.setattr(kernels, "_FUSED_FAILED", False)
     assert choose_kernel(FUSED_MIN_ELEMENTS - 1) == "numpy"  # not worth loading numba
     assert choose_kernel(FUSED_MIN_ELEMENTS) == ("numba" if HAS_NUMBA else "numpy")
     # once loaded, it serves small compares too
@@ -152,12 +148,12 @@ def test_a_kernel_that_cannot_load_falls_back_to_numpy(monkeypatch: pytest.Monke
     def broken() -> None:
         raise OSError("Could not find/load shared object file 'libllvmlite.so'")
 
-    monkeypatch.setattr(metrics, "_fused", broken)
-    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
-    monkeypatch.setattr(metrics, "_FUSED_FAILED", False)
+    monkeypatch.setattr(kernels, "load_fused", broken)
+    monkeypatch.setattr(kernels, "_FUSED_LOADED", False)
+    monkeypatch.setattr(kernels, "_FUSED_FAILED", False)
     monkeypatch.delenv(KERNEL_ENV, raising=False)
     assert choose_kernel(FUSED_MIN_ELEMENTS) == "numpy"
-    assert metrics._FUSED_FAILED  # not tried again in this process
+    assert kernels._FUSED_FAILED  # not tried again in this process
     monkeypatch.setenv(KERNEL_ENV, "numba")
     with pytest.raises(InputError, match="libllvmlite"):
         choose_kernel(1)
@@ -173,7 +169,7 @@ def test_compare_is_the_same_on_both_kernels(make_dump: Callable[..., Path],
     target = {k: (v * (1 + 3e-3 * rng.standard_normal(v.shape))).astype(np.float16)
               for k, v in base.items()}
     pa, pb = make_dump("base.st", base), make_dump("fp16.st", target, dtype="float16")
-    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)  # later tests: numpy as before
+    monkeypatch.setattr(kernels, "_FUSED_LOADED", False)  # later tests: numpy as before
     reports = {}
     for kernel in ("numpy", "numba"):
         monkeypatch.setenv(KERNEL_ENV, kernel)
@@ -198,7 +194,7 @@ def test_signalling_nans_are_counted_without_a_warning(kernel: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A NaN with its quiet bit clear (a device may write one) raises the CPU's invalid flag
     when widened; numpy warned "invalid value encountered in cast" through compare."""
-    monkeypatch.setattr(metrics, "_FUSED_LOADED", False)
+    monkeypatch.setattr(kernels, "_FUSED_LOADED", False)
     monkeypatch.setenv(KERNEL_ENV, kernel)
     rng = np.random.default_rng(4)
     a = rng.standard_normal((8, 64)).astype(np.float32)

@@ -47,7 +47,8 @@ from .lineup.align import (
 )
 from .measure import parallel
 from .measure.generation import generation_prefixes, has_generation
-from .measure.metrics import TensorMetrics, choose_kernel
+from .measure.kernels import choose_kernel
+from .measure.metrics import TensorMetrics
 from .measure.pairs import Job, Task, generation_row, run_task, task_cost
 from .measure.row import Row
 from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for

@@ -48,7 +48,6 @@ finite, unmasked baseline values that the target tensor's dtype cannot hold
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
@@ -57,23 +56,13 @@ from typing import Any
 import numpy as np
 
 from ...dtypes import SATURATION, float_format, is_float
-from ...errors import InputError
+from .kernels import KERNELS, load_fused
 from .moments import Moments
 from .noise import BIN_OFFSET as _BIN_OFFSET
 from .noise import BINS as _BINS
 from .noise import noise_model, signature, signature_label
 
 RATIO_THRESHOLDS = (1e-2, 1e-3, 1e-4)
-#: what measures a clean chunk: numpy, or the fused kernel (numba, an optional extra)
-KERNELS = ("numpy", "numba")
-#: environment variable that picks the kernel whatever the size (see :func:`choose_kernel`)
-KERNEL_ENV = "PRECISION_KERNEL"
-#: below this much work (elements), loading numba (about 0.5 s) costs more than the fused
-#: kernel saves on one job (about 8 ns per element; docs/performance.md)
-FUSED_MIN_ELEMENTS = 64 << 20
-
-_FUSED_LOADED = False
-_FUSED_FAILED = False
 
 _THREAD = threading.local()
 
@@ -162,8 +151,8 @@ class PairAccumulator:
 
     ``kernel`` measures each clean chunk: ``numpy`` (always there) or ``numba``, the fused
     kernel of :mod:`precision.judge.measure.fused` (``pip install precision[fast]``; see
-    :func:`choose_kernel`). Both give the same counts and maxima, and sums equal up to
-    float64 rounding.
+    :func:`~precision.judge.measure.kernels.choose_kernel`). Both give the same counts and
+    maxima, and sums equal up to float64 rounding.
     """
 
     #: state that adds on merge
@@ -226,7 +215,7 @@ class PairAccumulator:
             return
         a64, b64 = self._scratch(n)[:2]
         if self.kernel == "numba":
-            fused = _fused()
+            fused = load_fused()
             for x, x64 in ((a, a64), (b, b64)):
                 if x.dtype == np.float16:
                     fused.half_to_float64(x.view(np.uint16), x64)
@@ -287,7 +276,7 @@ class PairAccumulator:
                     absmax_b: float) -> None:
         """A clean chunk (all elements compared, float64) whose ``max |a|``, ``max |b|`` are
         known."""
-        if self.kernel == "numba" and max(absmax_a, absmax_b) < _fused().SAFE_ABS:
+        if self.kernel == "numba" and max(absmax_a, absmax_b) < load_fused().SAFE_ABS:
             self._accumulate_fused(a, b)
         else:
             self.absmax_a = max(self.absmax_a, absmax_a)
@@ -295,7 +284,7 @@ class PairAccumulator:
             self._accumulate_numpy(a, b, absmax_a, absmax_b)
 
     def _accumulate_fused(self, a: np.ndarray, b: np.ndarray) -> None:
-        fused = _fused()
+        fused = load_fused()
         n = a.size
         work = self._scratch(n)
         lanes: np.ndarray | None = getattr(_THREAD, "lanes", None)
@@ -413,38 +402,6 @@ def _widen(x: np.ndarray, out: np.ndarray) -> None:
     it stays NaN, so the flag is no news."""
     with np.errstate(invalid="ignore"):
         np.copyto(out, x)
-
-
-def _fused() -> Any:
-    """The fused kernel's module (imports numba: only when a ``numba`` kernel runs)."""
-    from . import fused
-
-    return fused
-
-
-def choose_kernel(elements: float) -> str:
-    """The kernel for a compare of ``elements`` (see ``Pair.cost``): ``numba`` when it is
-    installed and either already loaded in this process or the work is large enough to
-    repay loading it (about 0.5 s per process: :data:`FUSED_MIN_ELEMENTS`); it is loaded
-    here, so that forked workers inherit it. Else ``numpy``. ``PRECISION_KERNEL=numpy`` or
-    ``=numba`` decides instead."""
-    global _FUSED_LOADED, _FUSED_FAILED
-    wanted = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if wanted not in ("", "auto", *KERNELS):
-        raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
-    if wanted == "numpy" or (wanted != "numba" and (
-            _FUSED_FAILED or (not _FUSED_LOADED and elements < FUSED_MIN_ELEMENTS))):
-        return "numpy"
-    try:
-        _fused().warm()
-    except Exception as e:  # not installed, or LLVM cannot load (under a memory limit)
-        if wanted == "numba":
-            raise InputError(f"{KERNEL_ENV}=numba, but numba cannot be loaded ({e}): "
-                             "pip install 'precision[fast]'") from None
-        _FUSED_FAILED = True
-        return "numpy"
-    _FUSED_LOADED = True
-    return "numba"
 
 
 def _dot(x: np.ndarray, y: np.ndarray) -> float:
