@@ -12,13 +12,15 @@
   of ``base->target`` with its context (neighbours, the other comparisons' rows of the
   same key); then T5's moved position buckets are explained, error growth attached, and
   the first flagged row is the first divergence.
+
+The report's warnings and notes (swapped runs, padding, the reference...) are written by
+:mod:`precision.judge.notes`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,10 +31,8 @@ from ..dumps import reference_path
 from ..dumps.dump import Dump
 from ..dumps.external import open_any
 from ..dumps.external.msprobe_l1 import line_up_runs, lineup_notes
-from ..dumps.keys import INPUT_PREFIX
-from ..dumps.sketch import BUCKETS, size_of
 from ..engines.vllm import lineup as engine_lineup
-from ..errors import InputError, option
+from ..errors import InputError
 from .lineup.align import (
     BASE,
     REFERENCE,
@@ -40,18 +40,27 @@ from .lineup.align import (
     align,
     check_same_model,
     comparisons,
-    one_sided_operations,
+    generation_only,
     outputs_only,
     run_precision,
     shared_aliases,
 )
 from .measure import parallel
-from .measure.generation import generation_prefixes, has_generation
+from .measure.generation import generation_prefixes
 from .measure.kernels import choose_kernel
 from .measure.metrics import TensorMetrics
 from .measure.pairs import Job, Task, generation_row, run_task, task_cost
 from .measure.row import Row
-from .profiles import REF_RMS_RATIO, Profile, named_profile, precision_name, profile_for
+from .notes import (
+    folded_notes,
+    operation_notes,
+    padding_notes,
+    reference_notes,
+    report_warnings,
+    sketch_notes,
+    unused_mapping_warnings,
+)
+from .profiles import Profile, named_profile, profile_for
 from .report import FAIL_ON, Report
 from .verdict.posbias import diagnose
 from .verdict.rules import (
@@ -119,7 +128,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     target_precision = run_precision(runs[TARGET], target_dtype)
     if reference is None and auto_reference:
         found = reference_path(runs[BASE].path, target_precision) if target_precision in (
-            "float16", "bfloat16") and not _generation_only(runs[TARGET]) else None
+            "float16", "bfloat16") and not generation_only(runs[TARGET]) else None
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
         runs[REFERENCE] = _open(reference, allow_partial)
@@ -163,12 +172,12 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     first = next((r for r in rows if r.flagged), None)
     return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
                   first_divergence=first,
-                  warnings=tuple(_warnings(b, t, rows, stated) + bias_notes
-                                 + _unused_mapping(mapping, lined)),
+                  warnings=tuple(report_warnings(b, t, rows, stated) + bias_notes
+                                 + unused_mapping_warnings(mapping, lined)),
                   fail_on=fail_on, info=_info(b, t),
-                  notes=tuple(_notes(rows) + _folded_notes(runs, folded)
-                              + _operation_notes(b, t)
-                              + _reference_notes(runs, dtypes, prof) + _sketch_notes(runs)
+                  notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
+                              + operation_notes(b, t)
+                              + reference_notes(runs, dtypes, prof) + sketch_notes(runs)
                               + lineup_notes(runs)
                               + engine_lineup.notes(lined, [r.key for r in rows])))
 
@@ -206,41 +215,6 @@ def _by_key(rows: list[Row], runs: dict[str, Dump], comparison: str) -> dict[str
         if key not in by_key and record in by_key:
             by_key[key] = replace(by_key[record], key=key)
     return by_key
-
-
-def _folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
-    """One line per run that holds outputs only: the other run's records left out."""
-    out = []
-    for name, n in folded.items():
-        d, other = runs[name], runs[TARGET if name == BASE else BASE]
-        how = ("capture the engine too (precision capture --engine vllm, docs/vllm.md)"
-               if _generation_only(d) else "capture both runs")
-        out.append(f"{_file_name(d)} holds {outputs_only(d)} only: {n} record(s) of "
-                   f"{_file_name(other)} (layers, inputs) have nothing to pair with there and "
-                   f"are left out; per layer, {how}")
-    return out
-
-
-def _unused_mapping(mapping: str | os.PathLike[str] | None,
-                    lined: dict[str, engine_lineup.Lineup]) -> list[str]:
-    """A mapping file given where no run was lined up says so, rather than pass unseen."""
-    if mapping is None or lined:
-        return []
-    return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
-            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, and "
-            "these runs are not one of each"]
-
-
-def _generation_only(d: Dump) -> bool:
-    """A run that holds generated tokens (and log-probabilities) but no tensor to judge."""
-    held = outputs_only(d)
-    return held is not None and "logits" not in held
-
-
-def _file_name(d: Dump) -> str:
-    """The name a user gave: another tool's file or an engine's dump, not the temporary
-    dump it was converted or translated into."""
-    return Path(str(d.meta.get("external") or d.meta.get("translated_from") or d.path)).name
 
 
 def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
@@ -294,88 +268,6 @@ def _with_growth(rows: list[Row]) -> list[Row]:
     return out
 
 
-def _warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
-              ) -> list[str]:
-    notes = []
-    files = [d for d in (b, t) if d.meta.get("external")]
-    if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
-        notes.append("the two runs saw different inputs: capture the target with "
-                     f"--replay {b.path.name}")
-    swapped = [r.key for r in rows if r.metrics and (r.metrics.base_only_inf
-                                                      or r.metrics.base_only_nan
-                                                      or r.metrics.saturated_base)]
-    if swapped:
-        notes.append(f"the baseline holds inf/NaN or clamped values where the target is finite "
-                     f"in {len(swapped)} tensor(s), first {swapped[0]}: is the baseline the "
-                     "low-precision run? The arguments may be swapped")
-    dirty = [r.key for r in rows if r.metrics and (r.metrics.nan_base or r.metrics.inf_base)
-             and r.key not in swapped]
-    if dirty:
-        notes.append(f"both runs hold NaN/inf at the same places in {len(dirty)} tensor(s), "
-                     f"first {dirty[0]}: those elements are excluded")
-    if has_generation(b) != has_generation(t) and not files:
-        notes.append("only one dump holds a generation: capture the target with --replay "
-                     "from a baseline taken with --max-new-tokens to compare generations")
-    notes += _dtype_warnings(b, t, stated)
-    wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
-    if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
-        notes.append(f"{b.path.name} and {t.path.name} come from different weights "
-                     f"(fingerprint {wb} vs {wt}): differences show the weights, not only "
-                     "the numerics")
-    for d in (b, t):
-        if not d.complete:
-            notes.append(f"{d.path.name} is marked incomplete")
-        if d.meta.get("foreign"):
-            notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
-    return notes
-
-
-def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:
-    """What a run's file cannot tell about its precision, and a stated dtype that
-    contradicts what an engine's own config recorded (``meta.engine``)."""
-    out = []
-    for d, side in ((b, "base"), (t, "target")):
-        other = t if d is b else b
-        how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
-        if (d.meta.get("external") and stated[side] is None
-                and (d.dtype or "float32") == "float32"
-                and (other.dtype or "float32") == "float32"):
-            name = _file_name(d)
-            if d.dtype is None and has_generation(d):  # log-probabilities: no dtype at all
-                out.append(f"{name} holds log-probabilities, which do not say what the engine "
-                           "computed in, and is judged as an fp32 run: if it ran in bf16 or "
-                           f"fp16, say so with {how} (or \"dtype\": \"bfloat16\" in the file, "
-                           "docs/external.md)")
-            else:
-                out.append(f"{name} came from a file that stores float32 and is judged as an "
-                           f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
-        engine = d.meta.get("engine")
-        engine = engine if isinstance(engine, dict) else {}
-        said = engine.get("dtype")
-        if said and stated[side] and precision_name(str(stated[side])) != said:
-            out.append(f"{_file_name(d)}: {engine.get('name', 'the engine')}'s own config says it "
-                       f"computed in {short(str(said))}, but it is judged as "
-                       f"{short(precision_name(str(stated[side])))} as stated "
-                       f"({option(f'--{side}-dtype', f'{side}_dtype')})")
-    return out
-
-
-def _notes(rows: list[Row]) -> list[str]:
-    """What the verdicts left out: padded positions."""
-    def padded(r: Row) -> tuple[int, int]:
-        if r.metrics is not None:
-            return r.metrics.padded, r.metrics.numel
-        d = r.stats_delta or {}
-        return int(d.get("padded", 0)), int(d.get("numel", 0)) + int(d.get("padded", 0))
-
-    left_out = [padded(r) for r in rows if padded(r)[0]]
-    if not left_out:
-        return []
-    share = max(n / total for n, total in left_out)
-    return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
-            f"{share:.0%} of a record is padding, per the recorded attention masks)"]
-
-
 def stateless_modules(d: Dump) -> frozenset[str]:
     """The modules of a capture that hold no parameter, themselves or below them
     (activations, dropout; not a decoder layer, whose parameters are its children's), from
@@ -388,56 +280,6 @@ def stateless_modules(d: Dump) -> frozenset[str]:
     return frozenset(e.module for e in d.entries
                      if e.kind == "out" and "/" not in e.module and e.module not in with_params
                      and e.module not in ("root", "input", "generation"))
-
-
-def _operation_notes(b: Dump, t: Dump) -> list[str]:
-    """Operations (``--level ops``) that ran in one run only: a code path of one precision
-    (T5's fp16 clamp), with nothing to compare them with."""
-    notes = []
-    for side, names in one_sided_operations(b, t).items():
-        if names:
-            counts = Counter(names)
-            top = ", ".join(f"{n} x{c}" for n, c in counts.most_common(4))
-            more = ", ..." if len(counts) > 4 else ""
-            notes.append(f"{len(names)} operation(s) ran in the {side} only ({top}{more}): "
-                         "a code path of its precision, with nothing to compare them with")
-    return notes
-
-
-def _reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
-                     ) -> list[str]:
-    """What the noise verdicts judged against: the reference, or the fixed limits."""
-    if _generation_only(runs[TARGET]):
-        return []
-    if REFERENCE in runs:
-        ref = runs[REFERENCE]
-        where = (ref.meta.get("device") or {}).get("name") or "its device"
-        return [f"judged against {ref.path.name}, the same inputs in "
-                f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
-                f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
-    if dtypes[TARGET] in ("float16", "bfloat16") or dtypes[BASE] in ("float16", "bfloat16"):
-        return [f"no same-precision reference, so fixed limits ({prof.in_eps(prof.noise_rms):g} "
-                "eps rms): for verdicts that hold at depth, capture the baseline with "
-                f"--expect {short(dtypes[TARGET])}"]
-    return []
-
-
-def _sketch_notes(runs: dict[str, Dump]) -> list[str]:
-    """Stats records whose count sketches cannot be compared: runs that kept sketches of
-    different sizes (a capture from before the 1021-bucket sketch keeps 31 numbers). A full
-    dump's statistics, sketch included, are computed from its tensors by this version."""
-    sizes = {}
-    for name, d in runs.items():
-        found = next((n for n in (size_of((e.stats or {}).get("sketch")) for e in d.entries)
-                      if n is not None), BUCKETS if d.mode == "full" else None)
-        if found is not None:
-            sizes[name] = (d, found)
-    if len({n for _, n in sizes.values()}) < 2:
-        return []
-    told = ", ".join(f"{d.path.name}: {n}" for d, n in sizes.values())
-    return [f"count sketches of different sizes ({told} buckets): no error estimate from "
-            f"them; capture the older run(s) again to get the {BUCKETS}-bucket sketch "
-            "(docs/format.md)"]
 
 
 def _info(b: Dump, t: Dump) -> dict[str, Any]:

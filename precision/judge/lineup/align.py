@@ -171,6 +171,12 @@ def outputs_only(d: Dump) -> str | None:
     return " and ".join(h for h in order if h in held) or None
 
 
+def generation_only(d: Dump) -> bool:
+    """A run that holds generated tokens (and log-probabilities) but no tensor to judge."""
+    held = outputs_only(d)
+    return held is not None and "logits" not in held
+
+
 def align(b: Dump, t: Dump) -> list[Pair]:
     """The records of two runs paired by key, in ``b``'s execution order. A key both runs
     hold as an alias of the same record has no pair of its own (:func:`shared_aliases`)."""

@@ -1,0 +1,193 @@
+"""What a comparison's report says besides its rows: the warnings (the runs may not be
+comparable as given: swapped arguments, different inputs, weights or dtypes a file cannot
+state, incomplete dumps) and the notes (what the verdicts left out or judged against:
+padding, records one run only has, the reference or the fixed limits, count sketches).
+
+Each function here writes one kind of line from the runs and the judged rows;
+:func:`precision.judge.compare.compare` puts them in the :class:`~precision.judge.report.Report`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from ..dtypes import short
+from ..dumps.dump import Dump
+from ..dumps.keys import INPUT_PREFIX
+from ..dumps.sketch import BUCKETS, size_of
+from ..engines.vllm import lineup as engine_lineup
+from ..errors import option
+from .lineup.align import (
+    BASE,
+    REFERENCE,
+    TARGET,
+    generation_only,
+    one_sided_operations,
+    outputs_only,
+)
+from .measure.generation import has_generation
+from .measure.row import Row
+from .profiles import REF_RMS_RATIO, Profile, precision_name
+
+
+def report_warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
+              ) -> list[str]:
+    notes = []
+    files = [d for d in (b, t) if d.meta.get("external")]
+    if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
+        notes.append("the two runs saw different inputs: capture the target with "
+                     f"--replay {b.path.name}")
+    swapped = [r.key for r in rows if r.metrics and (r.metrics.base_only_inf
+                                                      or r.metrics.base_only_nan
+                                                      or r.metrics.saturated_base)]
+    if swapped:
+        notes.append(f"the baseline holds inf/NaN or clamped values where the target is finite "
+                     f"in {len(swapped)} tensor(s), first {swapped[0]}: is the baseline the "
+                     "low-precision run? The arguments may be swapped")
+    dirty = [r.key for r in rows if r.metrics and (r.metrics.nan_base or r.metrics.inf_base)
+             and r.key not in swapped]
+    if dirty:
+        notes.append(f"both runs hold NaN/inf at the same places in {len(dirty)} tensor(s), "
+                     f"first {dirty[0]}: those elements are excluded")
+    if has_generation(b) != has_generation(t) and not files:
+        notes.append("only one dump holds a generation: capture the target with --replay "
+                     "from a baseline taken with --max-new-tokens to compare generations")
+    notes += _dtype_warnings(b, t, stated)
+    wb, wt = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, t))
+    if wb and wt and wb != wt:  # the same config, another checkpoint (a fine-tune?)
+        notes.append(f"{b.path.name} and {t.path.name} come from different weights "
+                     f"(fingerprint {wb} vs {wt}): differences show the weights, not only "
+                     "the numerics")
+    for d in (b, t):
+        if not d.complete:
+            notes.append(f"{d.path.name} is marked incomplete")
+        if d.meta.get("foreign"):
+            notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
+    return notes
+
+
+def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:
+    """What a run's file cannot tell about its precision, and a stated dtype that
+    contradicts what an engine's own config recorded (``meta.engine``)."""
+    out = []
+    for d, side in ((b, "base"), (t, "target")):
+        other = t if d is b else b
+        how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
+        if (d.meta.get("external") and stated[side] is None
+                and (d.dtype or "float32") == "float32"
+                and (other.dtype or "float32") == "float32"):
+            name = _file_name(d)
+            if d.dtype is None and has_generation(d):  # log-probabilities: no dtype at all
+                out.append(f"{name} holds log-probabilities, which do not say what the engine "
+                           "computed in, and is judged as an fp32 run: if it ran in bf16 or "
+                           f"fp16, say so with {how} (or \"dtype\": \"bfloat16\" in the file, "
+                           "docs/external.md)")
+            else:
+                out.append(f"{name} came from a file that stores float32 and is judged as an "
+                           f"fp32 run: if it computed in bf16 or fp16, say so with {how}")
+        engine = d.meta.get("engine")
+        engine = engine if isinstance(engine, dict) else {}
+        said = engine.get("dtype")
+        if said and stated[side] and precision_name(str(stated[side])) != said:
+            out.append(f"{_file_name(d)}: {engine.get('name', 'the engine')}'s own config says it "
+                       f"computed in {short(str(said))}, but it is judged as "
+                       f"{short(precision_name(str(stated[side])))} as stated "
+                       f"({option(f'--{side}-dtype', f'{side}_dtype')})")
+    return out
+
+
+def unused_mapping_warnings(mapping: str | os.PathLike[str] | None,
+                    lined: dict[str, engine_lineup.Lineup]) -> list[str]:
+    """A mapping file given where no run was lined up says so, rather than pass unseen."""
+    if mapping is None or lined:
+        return []
+    return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
+            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, and "
+            "these runs are not one of each"]
+
+
+def folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
+    """One line per run that holds outputs only: the other run's records left out."""
+    out = []
+    for name, n in folded.items():
+        d, other = runs[name], runs[TARGET if name == BASE else BASE]
+        how = ("capture the engine too (precision capture --engine vllm, docs/vllm.md)"
+               if generation_only(d) else "capture both runs")
+        out.append(f"{_file_name(d)} holds {outputs_only(d)} only: {n} record(s) of "
+                   f"{_file_name(other)} (layers, inputs) have nothing to pair with there and "
+                   f"are left out; per layer, {how}")
+    return out
+
+
+def padding_notes(rows: list[Row]) -> list[str]:
+    """What the verdicts left out: padded positions."""
+    def padded(r: Row) -> tuple[int, int]:
+        if r.metrics is not None:
+            return r.metrics.padded, r.metrics.numel
+        d = r.stats_delta or {}
+        return int(d.get("padded", 0)), int(d.get("numel", 0)) + int(d.get("padded", 0))
+
+    left_out = [padded(r) for r in rows if padded(r)[0]]
+    if not left_out:
+        return []
+    share = max(n / total for n, total in left_out)
+    return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
+            f"{share:.0%} of a record is padding, per the recorded attention masks)"]
+
+
+def operation_notes(b: Dump, t: Dump) -> list[str]:
+    """Operations (``--level ops``) that ran in one run only: a code path of one precision
+    (T5's fp16 clamp), with nothing to compare them with."""
+    notes = []
+    for side, names in one_sided_operations(b, t).items():
+        if names:
+            counts = Counter(names)
+            top = ", ".join(f"{n} x{c}" for n, c in counts.most_common(4))
+            more = ", ..." if len(counts) > 4 else ""
+            notes.append(f"{len(names)} operation(s) ran in the {side} only ({top}{more}): "
+                         "a code path of its precision, with nothing to compare them with")
+    return notes
+
+
+def reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
+                     ) -> list[str]:
+    """What the noise verdicts judged against: the reference, or the fixed limits."""
+    if generation_only(runs[TARGET]):
+        return []
+    if REFERENCE in runs:
+        ref = runs[REFERENCE]
+        where = (ref.meta.get("device") or {}).get("name") or "its device"
+        return [f"judged against {ref.path.name}, the same inputs in "
+                f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
+                f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
+    if dtypes[TARGET] in ("float16", "bfloat16") or dtypes[BASE] in ("float16", "bfloat16"):
+        return [f"no same-precision reference, so fixed limits ({prof.in_eps(prof.noise_rms):g} "
+                "eps rms): for verdicts that hold at depth, capture the baseline with "
+                f"--expect {short(dtypes[TARGET])}"]
+    return []
+
+
+def sketch_notes(runs: dict[str, Dump]) -> list[str]:
+    """Stats records whose count sketches cannot be compared: runs that kept sketches of
+    different sizes (a capture from before the 1021-bucket sketch keeps 31 numbers). A full
+    dump's statistics, sketch included, are computed from its tensors by this version."""
+    sizes = {}
+    for name, d in runs.items():
+        found = next((n for n in (size_of((e.stats or {}).get("sketch")) for e in d.entries)
+                      if n is not None), BUCKETS if d.mode == "full" else None)
+        if found is not None:
+            sizes[name] = (d, found)
+    if len({n for _, n in sizes.values()}) < 2:
+        return []
+    told = ", ".join(f"{d.path.name}: {n}" for d, n in sizes.values())
+    return [f"count sketches of different sizes ({told} buckets): no error estimate from "
+            f"them; capture the older run(s) again to get the {BUCKETS}-bucket sketch "
+            "(docs/format.md)"]
+
+
+def _file_name(d: Dump) -> str:
+    """The name a user gave: another tool's file or an engine's dump, not the temporary
+    dump it was converted or translated into."""
+    return Path(str(d.meta.get("external") or d.meta.get("translated_from") or d.path)).name
