@@ -152,14 +152,14 @@ def _metrics(a: np.ndarray, b: np.ndarray, base: str = "float32", target: str = 
 def test_each_rule_trips_and_stays_quiet(rule: str) -> None:
     import ml_dtypes
 
-    from precision.judge.compare import judge
+    from precision.judge.compare import status_of_metrics
     from precision.judge.profiles import profile_for
 
     prof = profile_for("float32", "bfloat16")
     rng = np.random.default_rng(5)
     a = rng.standard_normal(1 << 16)
     healthy = a.astype(ml_dtypes.bfloat16).astype(np.float64)
-    assert judge(_metrics(a, healthy), prof) == ("OK", "")
+    assert status_of_metrics(_metrics(a, healthy), prof) == ("OK", "")
     bad = healthy.copy()
     if rule == "noise_rms":  # diffuse: 10 eps everywhere
         bad += 10 * prof.eps * rng.standard_normal(a.size)
@@ -169,8 +169,8 @@ def test_each_rule_trips_and_stays_quiet(rule: str) -> None:
         want = ("DRIFT", "outlier")
     elif rule == "atol":  # tiny values (scale floor 1e-3), errors of 5e-5 = 6.4 eps there
         a, bad = a * 1e-9, a * 1e-9 + 5e-5
-        assert judge(_metrics(a, bad), prof)[0] == "DRIFT"
-        assert judge(_metrics(a, bad), prof.with_overrides(atol=1e-4))[0] == "OK"
+        assert status_of_metrics(_metrics(a, bad), prof)[0] == "DRIFT"
+        assert status_of_metrics(_metrics(a, bad), prof.with_overrides(atol=1e-4))[0] == "OK"
         return
     elif rule == "base_only_inf":
         a = a.copy()
@@ -183,11 +183,11 @@ def test_each_rule_trips_and_stays_quiet(rule: str) -> None:
     else:  # an fp16 baseline pinned at 65504 where the fp32 target reached 70000
         a = a.astype(np.float16).astype(np.float64)
         a[3], bad[3] = 65504.0, 70000.0
-        status, reason = judge(_metrics(a, bad, "float16", "float32"),
-                               profile_for("float16", "float32"))
+        status, reason = status_of_metrics(_metrics(a, bad, "float16", "float32"),
+                                           profile_for("float16", "float32"))
         assert status == "OVERFLOW" and "pinned" in reason
         return
-    status, reason = judge(_metrics(a, bad), prof)
+    status, reason = status_of_metrics(_metrics(a, bad), prof)
     assert status == want[0] and want[1] in reason, reason
 
 
@@ -263,7 +263,7 @@ def test_verdicts_doc_profile_table_matches_the_code() -> None:
 def test_gradient_rules_trip_and_stay_quiet() -> None:
     """Gradients: rel_l2 within 32 eps and max error within 128 eps of max|a|; a healthy
     heavy-tailed gradient whose near-zero bulk is noisy passes, a wrong one does not."""
-    from precision.judge.compare import judge
+    from precision.judge.compare import status_of_metrics
     from precision.judge.profiles import profile_for
 
     prof = profile_for("float32", "float16")
@@ -271,13 +271,13 @@ def test_gradient_rules_trip_and_stay_quiet() -> None:
     g = rng.standard_normal(1 << 14) ** 5  # heavy-tailed: a few entries dominate
     noisy_bulk = g + 2 * prof.eps * np.abs(g).mean() * rng.standard_normal(g.size)
     m = _metrics(g, noisy_bulk, "float32", "float16")
-    assert judge(m, prof)[0] == "DRIFT"  # the element-scaled rule would fail it
-    assert judge(m, prof, gradient=True) == ("OK", "")
+    assert status_of_metrics(m, prof)[0] == "DRIFT"  # the element-scaled rule would fail it
+    assert status_of_metrics(m, prof, gradient=True) == ("OK", "")
     wrong = g * (1 + 40 * prof.eps)
-    assert judge(_metrics(g, wrong, "float32", "float16"), prof, gradient=True)[1].startswith(
-        "gradient rel_l2")
+    assert status_of_metrics(_metrics(g, wrong, "float32", "float16"), prof,
+                             gradient=True)[1].startswith("gradient rel_l2")
     flat = rng.standard_normal(1 << 14)  # one entry off by 0.2 max|a|: the norm barely moves
     spike = flat.copy()
     spike[0] += 0.2 * np.abs(flat).max()
-    assert "gradient outlier" in judge(_metrics(flat, spike, "float32", "float16"), prof,
-                                       gradient=True)[1]
+    assert "gradient outlier" in status_of_metrics(_metrics(flat, spike, "float32", "float16"),
+                                                   prof, gradient=True)[1]

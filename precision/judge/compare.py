@@ -73,7 +73,7 @@ from .verdict.rules import (
     verdict_of,
 )
 
-__all__ = ["SWAPPED", "compare", "judge", "plan_jobs"]
+__all__ = ["SWAPPED", "compare", "plan_jobs", "status_of_metrics"]
 
 #: per job: about 10 MiB of work arrays (a logits chunk is at least one vocabulary row);
 #: 2^16 float64 (512 KiB) per array stays in cache
@@ -244,7 +244,8 @@ def plan_jobs(jobs: int, max_memory: int | None, chunk_elems: int = CHUNK_ELEMS
     return int(fits), MIN_CHUNK_ELEMS
 
 
-def judge(m: TensorMetrics, prof: Profile, *, gradient: bool = False) -> tuple[str, str]:
+def status_of_metrics(m: TensorMetrics, prof: Profile, *, gradient: bool = False
+                      ) -> tuple[str, str]:
     """Status and reason of one tensor's float metrics under a profile: the full-tensor
     rules of :mod:`precision.judge.verdict.rules` applied to a row holding only ``m``."""
     key = "tensor:grad" if gradient else "tensor:out"

@@ -19,7 +19,7 @@ import torch
 from ...dtypes import SATURATION, short
 from ...dumps.dump import Dump
 from ...dumps.keys import make_key
-from ...judge.compare import judge
+from ...judge.compare import status_of_metrics
 from ...judge.lineup.tokens import Padding, padding_of, real_chunks
 from ...judge.measure.metrics import PairAccumulator, TensorMetrics
 from ...judge.profiles import Profile
@@ -90,7 +90,7 @@ def rerun_call(b: Dump, c: Call, mod: torch.nn.Module, held: dict[str, torch.dty
         y = got[idx]
         key = keys[idx]
         local = _measure(b, key, ref, y)
-        status, reason = judge(local, prof)
+        status, reason = status_of_metrics(local, prof)
         if implied is None:
             verdict, severity = verdict_alone(status)
         else:
