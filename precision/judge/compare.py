@@ -102,9 +102,10 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
 
     ``reference``: a third run of the same model and inputs in the target's precision on a
     trusted backend; its error against the baseline is measured too and given to the rules
-    (:data:`precision.judge.verdict.rules.REFERENCE`), which then judge each record against what
-    that precision costs there. Without one, ``auto_reference`` takes the baseline's
-    sibling ``BASE.<precision>-reference.st`` (``capture --expect``) when it exists.
+    (:data:`precision.judge.verdict.rules.REFERENCE_COMPARISON`), which then judge each
+    record against what that precision costs there. Without one, ``auto_reference`` takes
+    the baseline's sibling ``BASE.<precision>-reference.st`` (``capture --expect``) when it
+    exists.
     ``rules`` replaces the verdict rules.
     ``profile`` (``fp16``/``bf16``/``fp32``) overrides the tolerance profile chosen from the
     two runs' dtypes; ``rtol``/``atol`` override its norm tolerance and absolute floor.

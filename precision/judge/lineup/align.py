@@ -21,7 +21,9 @@ from ...dumps.keys import CAST_PREFIX, GEN_PREFIX, parse_key
 from ...errors import DumpError, option
 from ..profiles import effective_precision, precision_name
 
-#: the run every comparison measures against, and the run a report judges
+#: the runs by name: the baseline every comparison measures against, the target a report
+#: judges, and the optional same-precision reference (its comparison with the baseline is
+#: :data:`precision.judge.verdict.rules.REFERENCE_COMPARISON`)
 BASE, TARGET, REFERENCE = "base", "target", "reference"
 
 

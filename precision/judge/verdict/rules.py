@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ...dumps.keys import parse_key
+from ..lineup.align import BASE, REFERENCE, Comparison
 from ..measure.generation import summarise
 from ..measure.metrics import TensorMetrics
 from ..measure.row import Row, Status
@@ -37,8 +38,9 @@ from ..profiles import (
 
 #: said when the baseline, not the target, holds the NaN/inf or the clamped values
 SWAPPED = "the baseline overflowed: are the arguments swapped?"
-#: the comparisons of a report besides its own (base->target)
-REFERENCE = "base->reference"
+#: the comparison of the baseline with a same-precision reference run (``base->reference``),
+#: whose rows the reference rules read: ``ctx.other(REFERENCE_COMPARISON, key)``
+REFERENCE_COMPARISON = Comparison(BASE, REFERENCE).name
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _reference(row: Row, ctx: Context, *, gradient: bool = False
     is of the kind asked for (activation, or ``gradient``) and the reference is usable there:
     a reference that overflowed itself (NaN/inf where the baseline is finite) measures
     nothing about the precision's cost, and the fixed limits judge such records."""
-    ref = ctx.other(REFERENCE, row.key)
+    ref = ctx.other(REFERENCE_COMPARISON, row.key)
     if (row.metrics is None or ref is None or ref.metrics is None
             or parse_key(row.key).is_gradient != gradient):
         return None
@@ -371,7 +373,7 @@ def _sketch_gaps(row: Row, ctx: Context) -> tuple[float, float, float] | None:
     """Stats mode with a reference: the count-sketch estimates of ``||b - a||`` for the
     target and the reference (:mod:`precision.dumps.sketch`), and ``||a||``; None where a
     run has no sketch (NaN, inf or masked values; sketches of different sizes)."""
-    d, ref = row.stats_delta, ctx.other(REFERENCE, row.key)
+    d, ref = row.stats_delta, ctx.other(REFERENCE_COMPARISON, row.key)
     if d is None or ref is None or ref.stats_delta is None:
         return None
     gap, ref_gap = d.get("sketch_gap"), ref.stats_delta.get("sketch_gap")
