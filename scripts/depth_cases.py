@@ -351,9 +351,9 @@ def ratios(report: precision.Report, reference: precision.Report) -> dict[str, l
             out["max"].append(m.noise_max / max(rm.noise_max,
                                                 REF_FLOOR_MAX_EPS * eps / REF_MAX_RATIO))
         d, rd = r.stats_delta, other.stats_delta
-        if d and rd and d.get("sketch_gap") is not None and rd.get("sketch_gap") is not None:
-            floor = eps / 4 * d["norm_base"] / REF_SKETCH_RATIO
-            out["sketch"].append(d["sketch_gap"] / max(rd["sketch_gap"], floor, 1e-300))
+        if d and rd and d.sketch_gap is not None and rd.sketch_gap is not None:
+            floor = eps / 4 * d.norm_base / REF_SKETCH_RATIO
+            out["sketch"].append(d.sketch_gap / max(rd.sketch_gap, floor, 1e-300))
     return out
 
 

@@ -108,8 +108,8 @@ def test_stats_mode_values_pinned_near_the_fp16_max_are_overflow(make_dump: Make
     base = _large_values(ORDINARY)
     pinned = _large_values(PINNED)
     row = _stats_status(make_dump, base, pinned, "float16")
-    assert row.stats_delta is not None and row.stats_delta["new_near_fp16_max"] == 3
-    assert row.stats_delta["new_inf"] == 0 and row.stats_delta["norm_gap_rel"] < 5 * 2.0**-10
+    assert row.stats_delta is not None and row.stats_delta.new_near_fp16_max == 3
+    assert row.stats_delta.new_inf == 0 and row.stats_delta.norm_gap_rel < 5 * 2.0**-10
     assert row.status == "OVERFLOW" and "near the fp16 max" in row.reason, row.reason
 
 
@@ -117,7 +117,7 @@ def test_stats_mode_just_below_the_fp16_band_or_as_many_as_the_baseline_is_ok(
         make_dump: MakeDump) -> None:
     base = _large_values(ORDINARY)
     below = _stats_status(make_dump, base, _large_values(BELOW_NEAR), "float16")
-    assert below.stats_delta is not None and below.stats_delta["new_near_fp16_max"] == 0
+    assert below.stats_delta is not None and below.stats_delta.new_near_fp16_max == 0
     assert below.status == "OK", below.reason
     # the baseline holds the same values pinned: nothing new near the max
     same = _stats_status(make_dump, _large_values(PINNED), _large_values(PINNED), "float16")
@@ -127,7 +127,7 @@ def test_stats_mode_just_below_the_fp16_band_or_as_many_as_the_baseline_is_ok(
 def test_stats_mode_fp16_band_does_not_apply_to_a_bf16_target(make_dump: MakeDump) -> None:
     """bf16 reaches 3.4e38: values near 65504 are ordinary there."""
     row = _stats_status(make_dump, _large_values(ORDINARY), _large_values(PINNED), "bfloat16")
-    assert row.stats_delta is not None and row.stats_delta["new_near_fp16_max"] == 3
+    assert row.stats_delta is not None and row.stats_delta.new_near_fp16_max == 3
     assert row.status == "OK", row.reason
 
 
@@ -474,7 +474,7 @@ def test_stats_sketches_of_different_sizes_are_not_compared(make_dump: MakeDump)
     report says why."""
     report = _sketch_runs(make_dump, [10.0], buckets=(1021, 31, 1021))
     row = report.rows[0]
-    assert row.stats_delta is not None and row.stats_delta["sketch_gap"] is None
+    assert row.stats_delta is not None and row.stats_delta.sketch_gap is None
     assert row.status == "OK", row.reason
     assert any("count sketches of different sizes" in n and "t.st: 31" in n
                for n in report.notes), report.notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_dtypes
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from precision.dumps.sketch import decode
+from precision.judge.measure.row import Row
 from precision.judge.measure.statsdiff import array_stats, stats_delta
 
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -212,27 +214,27 @@ def test_stats_delta_from_array_stats():
     sa, sb = stats(a), stats(b)
     d = stats_delta(sa, sb)
     na, nb = sa["norm"], sb["norm"]
-    assert d["norm_base"] == na and d["norm_target"] == nb
-    assert d["norm_gap"] == abs(nb - na)
-    assert d["norm_gap_rel"] == pytest.approx(abs(nb - na) / na, rel=1e-15)
-    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"], d["numel"]) == (3, 2, 4, 1000)
-    assert (d["absmax_base"], d["absmax_target"]) == (sa["absmax"], 65504.0)
-    assert (d["mean_base"], d["mean_target"]) == (sa["mean"], sb["mean"])
+    assert d.norm_base == na and d.norm_target == nb
+    assert d.norm_gap == abs(nb - na)
+    assert d.norm_gap_rel == pytest.approx(abs(nb - na) / na, rel=1e-15)
+    assert (d.new_nan, d.new_inf, d.new_near_fp16_max, d.numel) == (3, 2, 4, 1000)
+    assert (d.absmax_base, d.absmax_target) == (sa["absmax"], 65504.0)
+    assert (d.mean_base, d.mean_target) == (sa["mean"], sb["mean"])
     # reverse triangle inequality on the finite elements: | |b| - |a| | <= |b - a|
     keep = np.isfinite(b)
     diff = np.linalg.norm(b[keep].astype(np.float64) - a[keep])
     sub = stats_delta(stats(a[keep]), stats(b[keep]))
-    assert 0 < sub["norm_gap"] <= diff
+    assert 0 < sub.norm_gap <= diff
 
 
 def test_stats_delta_fewer_problems_is_not_negative():
     sa = {"numel": 4, "nan": 3, "posinf": 1, "neginf": 1, "near_fp16_max": 2, "norm": 2.0}
     sb = {"numel": 4, "nan": 1, "posinf": 0, "neginf": 0, "near_fp16_max": 0, "norm": 2.0}
     d = stats_delta(sa, sb)
-    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"]) == (0, 0, 0)
-    assert (d["norm_gap"], d["norm_gap_rel"]) == (0.0, 0.0)
+    assert (d.new_nan, d.new_inf, d.new_near_fp16_max) == (0, 0, 0)
+    assert (d.norm_gap, d.norm_gap_rel) == (0.0, 0.0)
     d = stats_delta(sb | {"posinf": 2}, sa | {"neginf": 4})
-    assert (d["new_nan"], d["new_inf"], d["new_near_fp16_max"]) == (2, 3, 2)
+    assert (d.new_nan, d.new_inf, d.new_near_fp16_max) == (2, 3, 2)
 
 
 @pytest.mark.parametrize(("na", "nb", "rel"), [(None, None, 0.0), (0.0, 0.0, 0.0),
@@ -240,16 +242,31 @@ def test_stats_delta_fewer_problems_is_not_negative():
                                                (4.0, None, 1.0), (4.0, 5.0, 0.25)])
 def test_stats_delta_zero_and_missing_norms(na, nb, rel):
     d = stats_delta({"norm": na}, {"norm": nb})
-    assert d["norm_gap_rel"] == rel
-    assert d["norm_gap"] == abs((nb or 0.0) - (na or 0.0))
-    assert (d["new_nan"], d["new_inf"], d["numel"]) == (0, 0, 0)
+    assert d.norm_gap_rel == rel
+    assert d.norm_gap == abs((nb or 0.0) - (na or 0.0))
+    assert (d.new_nan, d.new_inf, d.numel) == (0, 0, 0)
 
 
 def test_stats_delta_of_all_nonfinite_records():
     sa, sb = stats(np.array([1.0, 2.0])), stats(np.array([np.nan, np.inf], np.float16))
     d = stats_delta(sa, sb)
-    assert d["norm_target"] == 0.0 and d["norm_gap_rel"] == 1.0
-    assert (d["new_nan"], d["new_inf"], d["absmax_target"], d["mean_target"]) == (1, 1, None, None)
+    assert d.norm_target == 0.0 and d.norm_gap_rel == 1.0
+    assert (d.new_nan, d.new_inf, d.absmax_target, d.mean_target) == (1, 1, None, None)
+
+
+def test_stats_delta_as_dict_is_the_rows_stats_json() -> None:
+    """``Row.as_dict()["stats"]``: docs/json-schema.md's fields in its order, values as the
+    records hold them (a norm stored as an integer stays one)."""
+    d = stats_delta({"numel": 4, "norm": 2, "nan": 0, "padded": 3},
+                    {"numel": 4, "norm": 3, "nan": 1})
+    assert json.dumps(d.as_dict()) == (
+        '{"norm_base": 2, "norm_target": 3, "norm_gap": 1, "norm_gap_rel": 0.5, '
+        '"absmax_base": null, "absmax_target": null, "mean_base": null, "mean_target": null, '
+        '"new_nan": 1, "new_inf": 0, "base_only_nan": 0, "base_only_inf": 0, "masked": 0, '
+        '"new_near_fp16_max": 0, "numel": 4, "padded": 3, "sketch_gap": null}')
+    assert d.recorded_elements == 7
+    row = Row(0, "x:out", "OK", "", (7,), "float32", "float16", stats_delta=d)
+    assert row.as_dict()["stats"] == d.as_dict()
 
 
 def test_flush_to_zero_count_matches_a_real_fp16_cast():

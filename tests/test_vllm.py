@@ -270,7 +270,7 @@ def test_stats_mode_lines_up_over_all_real_tokens(runs: dict[str, Path], run: st
     for key in lined.hf_keys:  # statistics (the logits are kept whole: metrics)
         row = rows[key]
         assert row.status == "OK", key
-        gap = row.stats_delta["norm_gap_rel"] if row.stats_delta else row.metrics.rel_l2
+        gap = row.stats_delta.norm_gap_rel if row.stats_delta else row.metrics.rel_l2
         assert gap < 1e-5, (key, gap)
     faulty = precision.compare(runs["hf-v32statsfault"], runs["v32statsfault"], jobs=1)
     assert faulty.first_divergence is not None

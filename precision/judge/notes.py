@@ -126,8 +126,9 @@ def padding_notes(rows: list[Row]) -> list[str]:
     def padded(r: Row) -> tuple[int, int]:
         if r.metrics is not None:
             return r.metrics.padded, r.metrics.numel
-        d = r.stats_delta or {}
-        return int(d.get("padded", 0)), int(d.get("numel", 0)) + int(d.get("padded", 0))
+        if r.stats_delta is None:
+            return 0, 0
+        return r.stats_delta.padded, r.stats_delta.recorded_elements
 
     left_out = [padded(r) for r in rows if padded(r)[0]]
     if not left_out:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from .generation import GenerationMetrics
 from .logits import LogitsMetrics
 from .metrics import ExactMetrics, TensorMetrics
+from .statsdiff import StatsDelta
 
 Status = Literal["OK", "MISSING", "MISMATCH", "DRIFT", "OVERFLOW", "NAN"]
 #: statuses, mildest first
@@ -34,7 +35,7 @@ class Row:
     metrics: TensorMetrics | None = None
     exact: ExactMetrics | None = None
     logits: LogitsMetrics | None = None
-    stats_delta: dict[str, Any] | None = None
+    stats_delta: StatsDelta | None = None
     growth: float | None = None
     generation: GenerationMetrics | None = None
     #: the deciding rule's measure over its limit (above 1 when flagged, 0 when no rule
@@ -55,6 +56,6 @@ class Row:
                        "share": self.exact.share, "max_abs": self.exact.max_abs}
                       if self.exact else None),
             "logits": self.logits.as_dict() if self.logits else None,
-            "stats": self.stats_delta,
+            "stats": self.stats_delta.as_dict() if self.stats_delta is not None else None,
             "generation": self.generation.as_dict() if self.generation else None,
         }

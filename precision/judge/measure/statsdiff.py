@@ -3,12 +3,14 @@
 Statistics cannot give elementwise errors, but they bound them: by the reverse triangle
 inequality ``| ||b|| - ||a|| | <= ||b - a||``, so a norm gap beyond the tolerance proves
 drift. Agreement of statistics cannot prove its absence; such rows say so in their reason.
+:func:`stats_delta` gives what two records say about the pair as a :class:`StatsDelta`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -106,25 +108,76 @@ def _overflowed(st: dict[str, Any]) -> int:
     return int(st.get("posinf", 0)) + int(st.get("masked", st.get("neginf", 0)))
 
 
-def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StatsDelta:
+    """What the statistics records of a baseline ``a`` and a target ``b`` say about the pair
+    (the row of a stats-only comparison). With ``||x||`` a record's recorded norm (0 when it
+    has none) and counts taken per record:
+
+    - ``norm_gap = | ||b|| - ||a|| |``, a lower bound of ``||b - a||`` (reverse triangle
+      inequality); ``norm_gap_rel = norm_gap / ||a||`` (0/0 = 0, x/0 = inf)
+    - ``absmax_*``, ``mean_*``: each record's (None where it has no finite value)
+    - ``new_nan = max(0, nan_b - nan_a)``, ``base_only_nan`` the other way round;
+      ``new_inf = max(0, over_b - over_a)`` with ``over = +inf + masked`` (-inf or at the
+      lowest value; records without ``masked`` count -inf), ``base_only_inf`` the other way
+    - ``masked = min(masked_a, masked_b)``: a mask, as many in both runs, not a difference
+    - ``new_near_fp16_max = max(0, within_b - within_a)``, ``within = near_fp16_max -
+      beyond_fp16``: values pinned near fp16's max but within it
+    - ``numel``, ``padded``: the baseline's real-token elements and those left out as padding
+    - ``sketch_gap``: the count-sketch estimate of ``||b - a||`` (:mod:`precision.dumps.sketch`;
+      None without two sketches of one size)
+
+    Values are kept as the records hold them (a norm stored as an integer stays one), so
+    :meth:`as_dict` is the row's ``stats`` in the report's JSON (docs/json-schema.md).
+    """
+
+    norm_base: float
+    norm_target: float
+    norm_gap: float
+    norm_gap_rel: float
+    absmax_base: float | None
+    absmax_target: float | None
+    mean_base: float | None
+    mean_target: float | None
+    new_nan: int
+    new_inf: int
+    base_only_nan: int
+    base_only_inf: int
+    masked: int
+    new_near_fp16_max: int
+    numel: int
+    padded: int
+    sketch_gap: float | None
+
+    @property
+    def recorded_elements(self) -> int:
+        """The record's elements, padding included: ``numel + padded``."""
+        return self.numel + self.padded
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name, in declaration order: the row's ``stats`` in the JSON."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> StatsDelta:
     """What two statistics records say about the pair: norm gap, new NaN/inf on either
     side, saturation. Masked values (as many in both runs) are a mask, not a difference."""
     na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
     gap = abs(nb - na)
-    return {
-        "norm_base": na, "norm_target": nb, "norm_gap": gap,
-        "norm_gap_rel": (gap / na) if na else (0.0 if gap == 0 else math.inf),
-        "absmax_base": sa.get("absmax"), "absmax_target": sb.get("absmax"),
-        "mean_base": sa.get("mean"), "mean_target": sb.get("mean"),
-        "new_nan": max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
-        "new_inf": max(0, _overflowed(sb) - _overflowed(sa)),
-        "base_only_nan": max(0, int(sa.get("nan", 0)) - int(sb.get("nan", 0))),
-        "base_only_inf": max(0, _overflowed(sa) - _overflowed(sb)),
-        "masked": min(int(sa.get("masked", 0)), int(sb.get("masked", 0))),
+    return StatsDelta(
+        norm_base=na, norm_target=nb, norm_gap=gap,
+        norm_gap_rel=(gap / na) if na else (0.0 if gap == 0 else math.inf),
+        absmax_base=sa.get("absmax"), absmax_target=sb.get("absmax"),
+        mean_base=sa.get("mean"), mean_target=sb.get("mean"),
+        new_nan=max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
+        new_inf=max(0, _overflowed(sb) - _overflowed(sa)),
+        base_only_nan=max(0, int(sa.get("nan", 0)) - int(sb.get("nan", 0))),
+        base_only_inf=max(0, _overflowed(sa) - _overflowed(sb)),
+        masked=min(int(sa.get("masked", 0)), int(sb.get("masked", 0))),
         # pinned near the max but within it: values beyond 65504 count as "near" too
-        "new_near_fp16_max": max(0, _within(sb) - _within(sa)),
-        "numel": int(sa.get("numel", 0)),
-        "padded": int(sa.get("padded", 0)),
+        new_near_fp16_max=max(0, _within(sb) - _within(sa)),
+        numel=int(sa.get("numel", 0)),
+        padded=int(sa.get("padded", 0)),
         # an estimate of ||b - a|| from the count sketches (None where one has none)
-        "sketch_gap": sketch_distance(sa.get("sketch"), sb.get("sketch")),
-    }
+        sketch_gap=sketch_distance(sa.get("sketch"), sb.get("sketch")),
+    )

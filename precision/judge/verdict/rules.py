@@ -355,16 +355,16 @@ def stats_non_finite(row: Row, ctx: Context) -> Verdict | None:
     d = row.stats_delta
     if d is None:
         return None
-    if d["new_nan"]:
-        return Verdict("NAN", f"{d['new_nan']} more NaN than the baseline")
-    if d["new_inf"] or (ctx.dtypes.get("target") == "float16" and d["new_near_fp16_max"]):
-        return Verdict("OVERFLOW", f"{d['new_inf']} more inf, {d['new_near_fp16_max']} more "
+    if d.new_nan:
+        return Verdict("NAN", f"{d.new_nan} more NaN than the baseline")
+    if d.new_inf or (ctx.dtypes.get("target") == "float16" and d.new_near_fp16_max):
+        return Verdict("OVERFLOW", f"{d.new_inf} more inf, {d.new_near_fp16_max} more "
                                    "values near the fp16 max than the baseline")
-    if d["base_only_nan"]:
-        return Verdict("NAN", f"the baseline has {d['base_only_nan']} more NaN than the target "
+    if d.base_only_nan:
+        return Verdict("NAN", f"the baseline has {d.base_only_nan} more NaN than the target "
                               "(are the arguments swapped?)")
-    if d["base_only_inf"]:
-        return Verdict("OVERFLOW", f"the baseline has {d['base_only_inf']} more inf than the "
+    if d.base_only_inf:
+        return Verdict("OVERFLOW", f"the baseline has {d.base_only_inf} more inf than the "
                                    f"target ({SWAPPED})")
     return None
 
@@ -376,10 +376,10 @@ def _sketch_gaps(row: Row, ctx: Context) -> tuple[float, float, float] | None:
     d, ref = row.stats_delta, ctx.other(REFERENCE_COMPARISON, row.key)
     if d is None or ref is None or ref.stats_delta is None:
         return None
-    gap, ref_gap = d.get("sketch_gap"), ref.stats_delta.get("sketch_gap")
+    gap, ref_gap = d.sketch_gap, ref.stats_delta.sketch_gap
     if gap is None or ref_gap is None:
         return None
-    return float(gap), float(ref_gap), float(d["norm_base"])
+    return float(gap), float(ref_gap), float(d.norm_base)
 
 
 def reference_sketch(row: Row, ctx: Context) -> Verdict | None:
@@ -416,9 +416,9 @@ def reference_sketch_jump(row: Row, ctx: Context) -> Verdict | None:
     same limits (the minimum of token vectors included): at depth a faulty kernel's share
     of the error stays under ``REF_SKETCH_RATIO`` and shows as a step (1021 buckets
     estimate a norm to about 2%; 31 did to 13%, too coarse for a step)."""
-    gaps, d = _sketch_gaps(row, ctx), row.stats_delta or {}
-    if gaps is None or gaps[0] <= ctx.profile.atol or not _enough_vectors(
-            row, int(d.get("numel", 0)) + int(d.get("padded", 0))):
+    gaps, d = _sketch_gaps(row, ctx), row.stats_delta
+    if (gaps is None or d is None or gaps[0] <= ctx.profile.atol
+            or not _enough_vectors(row, d.recorded_elements)):
         return None
     return _jump(row, ctx, _sketch_ratio, " (count sketch)")
 
@@ -432,12 +432,12 @@ def stats_norm_gap(row: Row, ctx: Context) -> Verdict | None:
     d, prof = row.stats_delta, ctx.profile
     if d is None:
         return None
-    bound = 2 * prof.noise_rms * d["norm_base"] + prof.atol * math.sqrt(d["numel"])
-    if d["norm_gap"] <= bound:
+    bound = 2 * prof.noise_rms * d.norm_base + prof.atol * math.sqrt(d.numel)
+    if d.norm_gap <= bound:
         return None
-    return Verdict("DRIFT", f"norms differ by {d['norm_gap_rel']:.3g} relative "
+    return Verdict("DRIFT", f"norms differ by {d.norm_gap_rel:.3g} relative "
                             f"(> {2 * prof.noise_rms:.3g}; proves rel_l2 at least that)",
-                   d["norm_gap"] / bound if bound else math.inf)
+                   d.norm_gap / bound if bound else math.inf)
 
 
 # ------------------------------------------------------------- exact and generations
