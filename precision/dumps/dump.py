@@ -100,7 +100,6 @@ class DumpWriter:
         self.path = Path(path)
         self._fsync = fsync
         self._out = AtomicFile(self.path, force=force, tag=f"-{os.getpid()}", fsync=fsync)
-        self._tmp = self._out.tmp
         self._file = self._out.file
         self._reserve = max(_ALIGN * 2, reserve - reserve % _ALIGN)
         with self._out.guard(self._reserve):
@@ -108,10 +107,6 @@ class DumpWriter:
             self._file.seek(self._reserve)
         self._offset = 0
         self._header: dict[str, dict[str, Any]] = {}
-
-    @property
-    def bytes_written(self) -> int:
-        return self._offset
 
     def write(self, key: str, dtype: str, shape: tuple[int, ...], data: Any) -> None:
         """Append one tensor; ``data`` is a buffer (bytes, memoryview, contiguous ndarray)."""

@@ -61,10 +61,6 @@ class Key:
         return self.module == INPUT
 
     @property
-    def is_generation(self) -> bool:
-        return self.module == GENERATION
-
-    @property
     def is_gradient(self) -> bool:
         """A ``--backward`` record: an output's (``:grad``) or a parameter's (``:pgrad``)."""
         return self.kind in GRADIENT_KINDS

@@ -42,8 +42,6 @@ PERIOD = BUCKETS << 12
 MULTIPLIER = 2654435761
 #: indices wrap at 2^31 so that ``k x MULTIPLIER`` stays within int64 on every backend
 INDEX_MASK = (1 << 31) - 1
-#: the first format: 31 buckets as a JSON list (``i mod 31``, sign ``σ(i)``)
-LEGACY_BUCKETS = 31
 
 
 def hash_sign(k: np.ndarray) -> np.ndarray:
