@@ -161,10 +161,21 @@ def _images(path: Path, files: Sequence[str], prompts: list[str],
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
+def _scipy(module: str) -> Any:
+    """``scipy.<module>``, which ``--audio`` reads and resamples with (the ``capture``
+    extra); its absence is one line naming the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"scipy.{module}")
+    except ImportError:
+        raise InputError("--audio reads wav files with scipy, which is not installed: "
+                         "pip install 'precision[capture]'") from None
+
+
 def read_wav(file: Path) -> tuple[np.ndarray, int]:
     """A wav file as mono float32 in [-1, 1] and its sampling rate (scipy)."""
-    from scipy.io import wavfile
-
+    wavfile = _scipy("io.wavfile")
     try:
         rate, data = wavfile.read(file)
     except (ValueError, OSError) as exc:
@@ -186,8 +197,8 @@ def _audio(path: Path, files: Sequence[str]) -> dict[str, torch.Tensor]:
     import math
 
     import transformers
-    from scipy.signal import resample_poly
 
+    resample_poly = _scipy("signal").resample_poly
     try:
         fe = transformers.AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
     except Exception as exc:
