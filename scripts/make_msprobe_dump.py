@@ -1,4 +1,13 @@
-"""Write tests/data/msprobe-l1-qwen3: a real msprobe L1 tensor dump of the tiny Qwen3 fixture.
+"""Write real msprobe dumps of the tiny Qwen3 fixture under tests/data/.
+
+- ``msprobe-l1-qwen3``: an L1 tensor dump of its first decoder layer (see below);
+- ``msprobe-qwen3/``: statistics dumps of the whole fixture (:func:`write_statistics`):
+  ``fp32-train``, ``bf16-train`` and ``bf16-fault-train`` (L0, two training steps each:
+  forward, backward and parameter gradients; msprobe's ``step<s>/proc<pid>`` layout, the
+  process folder renamed ``proc0``), and forward dumps with checksums, ``fp32-md5``,
+  ``bf16-md5`` (summary_mode md5: statistics and a CRC-32) and ``fp32-xor``,
+  ``fp32-xor-again``, ``bf16-xor`` (summary_mode xor: a checksum only). The fault adds
+  noise of 8% of each element to layer 1's MLP output (``model.layers.1.mlp``).
 
 msprobe (PyPI ``mindstudio-probe``) is not a dependency of precision; install it apart from
 the project's environment and put it on the path, e.g.::
@@ -6,6 +15,7 @@ the project's environment and put it on the path, e.g.::
     pip install --target /tmp/mssite --no-deps mindstudio-probe einops openpyxl et_xmlfile \
         pytz wheel tensorboard protobuf absl-py
     PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py
+    PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py --statistics [NAME ...]
 
 The model is ``fixtures/tiny-qwen3`` cut to its first decoder layer (``num_hidden_layers=1``)
 with eager attention, in fp32 on the CPU, on the token ids in ``inputs.json``: small enough
@@ -67,5 +77,76 @@ def main() -> None:
     print(f"wrote {OUT.relative_to(ROOT)}: {len(doc['data'])} records, {size / 1e3:.0f} kB")
 
 
+STATS_OUT = ROOT / "tests" / "data" / "msprobe-qwen3"
+#: name -> (dtype, summary_mode, training step, planted fault)
+STATS_CASES = {
+    "fp32-train": ("float32", "statistics", True, False),
+    "bf16-train": ("bfloat16", "statistics", True, False),
+    "bf16-fault-train": ("bfloat16", "statistics", True, True),
+    "fp32-md5": ("float32", "md5", False, False),
+    "bf16-md5": ("bfloat16", "md5", False, False),
+    "fp32-xor": ("float32", "xor", False, False),
+    "fp32-xor-again": ("float32", "xor", False, False),
+    "bf16-xor": ("bfloat16", "xor", False, False),
+}
+
+
+def write_statistics(name: str) -> None:
+    """One statistics dump of :data:`STATS_CASES` (msprobe's debugger is one per process:
+    each case runs in a process of its own, see :func:`main`)."""
+    import torch
+    from msprobe.pytorch import PrecisionDebugger
+    from transformers import AutoModelForCausalLM
+
+    dtype, mode, train, fault = STATS_CASES[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE, attn_implementation="eager",
+                                                 dtype=getattr(torch, dtype))
+    model.train(train)
+    if fault:
+        gen = torch.Generator().manual_seed(1)
+        model.model.layers[1].mlp.register_forward_hook(
+            lambda m, i, out: out * (1 + 0.08 * torch.randn(out.shape, generator=gen)
+                                     ).to(out.dtype))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]])
+    out = STATS_OUT / name
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps({
+            "task": "statistics", "dump_path": str(Path(tmp) / "dump"), "rank": [],
+            "step": [], "level": "L0",
+            "statistics": {"scope": [], "list": [], "data_mode": ["all"],
+                           "summary_mode": mode}}))
+        debugger = PrecisionDebugger(config_path=str(config))
+        for _ in range(2 if train else 1):
+            debugger.start(model)
+            if train:
+                model(input_ids=ids, labels=ids).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids)
+            debugger.stop()
+            debugger.step()
+        for found in sorted((Path(tmp) / "dump").rglob("dump.json")):
+            step = found.parent.parent.name
+            dest = out / step / "proc0"
+            dest.mkdir(parents=True)
+            doc = json.loads(found.read_text())
+            doc["dump_data_dir"] = None
+            (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+            shutil.copy(found.parent / "construct.json", dest / "construct.json")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--statistics"]:
+        import subprocess
+
+        for case in sys.argv[2:] or STATS_CASES:
+            subprocess.run([sys.executable, __file__, "--one", case], check=True)
+    elif sys.argv[1:2] == ["--one"]:
+        write_statistics(sys.argv[2])
+    else:
+        main()
