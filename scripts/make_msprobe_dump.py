@@ -1,13 +1,15 @@
 """Write real msprobe dumps of the tiny Qwen3 fixture under tests/data/.
 
 - ``msprobe-l1-qwen3``: an L1 tensor dump of its first decoder layer (see below);
-- ``msprobe-qwen3/``: statistics dumps of the whole fixture (:func:`write_statistics`):
+- ``msprobe/``: statistics dumps of the whole fixture (:func:`write_statistics`):
   ``fp32-train``, ``bf16-train`` and ``bf16-fault-train`` (L0, two training steps each:
   forward, backward and parameter gradients; msprobe's ``step<s>/proc<pid>`` layout, the
   process folder renamed ``proc0``), and forward dumps with checksums, ``fp32-md5``,
   ``bf16-md5`` (summary_mode md5: statistics and a CRC-32) and ``fp32-xor``,
-  ``fp32-xor-again``, ``bf16-xor`` (summary_mode xor: a checksum only). The fault adds
-  noise of 8% of each element to layer 1's MLP output (``model.layers.1.mlp``).
+  ``fp32-xor-again``, ``bf16-xor`` (summary_mode xor: a checksum only). The fault scales
+  one channel of layer 1's MLP output (``model.layers.1.mlp``) by 4;
+- ``msprobe/<model>-<dtype>``: statistics of real decoders' forward passes
+  (SmolLM2-135M, Gemma 3 270M from ``$PRECISION_REAL_MODELS``) in fp32 and bf16.
 
 msprobe (PyPI ``mindstudio-probe``) is not a dependency of precision; install it apart from
 the project's environment and put it on the path, e.g.::
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 FIXTURE = ROOT / "fixtures" / "tiny-qwen3"
 OUT = ROOT / "tests" / "data" / "msprobe-l1-qwen3"
 IDS = [[5, 17, 42, 99, 3, 250]]
@@ -77,7 +80,7 @@ def main() -> None:
     print(f"wrote {OUT.relative_to(ROOT)}: {len(doc['data'])} records, {size / 1e3:.0f} kB")
 
 
-STATS_OUT = ROOT / "tests" / "data" / "msprobe-qwen3"
+STATS_OUT = ROOT / "tests" / "data" / "msprobe"
 #: name -> (dtype, summary_mode, training step, planted fault)
 STATS_CASES = {
     "fp32-train": ("float32", "statistics", True, False),
@@ -91,24 +94,41 @@ STATS_CASES = {
 }
 
 
+#: real decoders (scripts/get_real_models.py) dumped the same way, forward only, fp32 and bf16
+REAL_CASES = {f"{m}-{d}": (m, d) for m in ("smollm2-135m", "gemma3-270m")
+              for d in ("float32", "bfloat16")}
+
+
 def write_statistics(name: str) -> None:
-    """One statistics dump of :data:`STATS_CASES` (msprobe's debugger is one per process:
-    each case runs in a process of its own, see :func:`main`)."""
+    """One statistics dump of :data:`STATS_CASES` or :data:`REAL_CASES` (msprobe's debugger
+    is one per process: each case runs in a process of its own, see :func:`main`)."""
     import torch
     from msprobe.pytorch import PrecisionDebugger
     from transformers import AutoModelForCausalLM
 
-    dtype, mode, train, fault = STATS_CASES[name]
+    if name in REAL_CASES:
+        from get_real_models import default_dest
+
+        model_dir, dtype = default_dest() / REAL_CASES[name][0], REAL_CASES[name][1]
+        mode, train, fault = "statistics", False, False
+    else:
+        model_dir = FIXTURE
+        dtype, mode, train, fault = STATS_CASES[name]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(FIXTURE, attn_implementation="eager",
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                  dtype=getattr(torch, dtype))
     model.train(train)
-    if fault:
-        gen = torch.Generator().manual_seed(1)
-        model.model.layers[1].mlp.register_forward_hook(
-            lambda m, i, out: out * (1 + 0.08 * torch.randn(out.shape, generator=gen)
-                                     ).to(out.dtype))
+    if fault:  # one channel of layer 1's MLP output four times too large
+        scale = torch.ones(model.config.hidden_size, dtype=model.dtype)
+        scale[7] = 4.0
+        model.model.layers[1].mlp.register_forward_hook(lambda m, i, out: out * scale)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]])
+    if name in REAL_CASES:  # a sentence through the model's own tokenizer
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model_dir)(
+            "The capital of France is Paris, and the capital of Germany is",
+            return_tensors="pt").input_ids
     out = STATS_OUT / name
     shutil.rmtree(out, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +164,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--statistics"]:
         import subprocess
 
-        for case in sys.argv[2:] or STATS_CASES:
+        for case in sys.argv[2:] or list(STATS_CASES) + list(REAL_CASES):
             subprocess.run([sys.executable, __file__, "--one", case], check=True)
     elif sys.argv[1:2] == ["--one"]:
         write_statistics(sys.argv[2])

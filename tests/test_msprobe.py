@@ -1,4 +1,4 @@
-"""msprobe dumps as msprobe writes them: tests/data/msprobe-qwen3 (real mindstudio-probe 26.2
+"""msprobe dumps as msprobe writes them: tests/data/msprobe (real mindstudio-probe 26.2
 statistics dumps of the Qwen3 fixture, scripts/make_msprobe_dump.py) and synthetic folders for
 what that run did not write (MindSpore names, ranks, odd dtypes)."""
 
@@ -14,7 +14,7 @@ import pytest
 from precision.dumps.external import msprobe, open_any
 from precision.errors import DumpError
 
-DATA = Path(__file__).parent / "data" / "msprobe-qwen3"
+DATA = Path(__file__).parent / "data" / "msprobe"
 
 
 def _tensor(dtype: str = "torch.float32", **stats: Any) -> dict[str, Any]:
