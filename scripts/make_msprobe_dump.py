@@ -7,7 +7,8 @@
   process folder renamed ``proc0``), and forward dumps with checksums, ``fp32-md5``,
   ``bf16-md5`` (summary_mode md5: statistics and a CRC-32) and ``fp32-xor``,
   ``fp32-xor-again``, ``bf16-xor`` (summary_mode xor: a checksum only). The fault scales
-  one channel of layer 1's MLP output (``model.layers.1.mlp``) by 4;
+  one output channel of layer 1's MLP down projection (``model.layers.1.mlp.down_proj``)
+  by 8;
 - ``msprobe/<model>-<dtype>``: statistics of real decoders' forward passes
   (SmolLM2-135M, Gemma 3 270M from ``$PRECISION_REAL_MODELS``) in fp32 and bf16.
 
@@ -118,10 +119,9 @@ def write_statistics(name: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
                                                  dtype=getattr(torch, dtype))
     model.train(train)
-    if fault:  # one channel of layer 1's MLP output four times too large
-        scale = torch.ones(model.config.hidden_size, dtype=model.dtype)
-        scale[7] = 4.0
-        model.model.layers[1].mlp.register_forward_hook(lambda m, i, out: out * scale)
+    if fault:  # one output channel of layer 1's MLP down projection eight times too large
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[7] *= 8
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]])
     if name in REAL_CASES:  # a sentence through the model's own tokenizer
         from transformers import AutoTokenizer
