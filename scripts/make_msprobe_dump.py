@@ -1,4 +1,16 @@
-"""Write tests/data/msprobe-l1-qwen3: a real msprobe L1 tensor dump of the tiny Qwen3 fixture.
+"""Write real msprobe dumps of the tiny Qwen3 fixture under tests/data/.
+
+- ``msprobe-l1-qwen3``: an L1 tensor dump of its first decoder layer (see below);
+- ``msprobe/``: statistics dumps of the whole fixture (:func:`write_statistics`):
+  ``fp32-train``, ``bf16-train`` and ``bf16-fault-train`` (L0, two training steps each:
+  forward, backward and parameter gradients; msprobe's ``step<s>/proc<pid>`` layout, the
+  process folder renamed ``proc0``), and forward dumps with checksums, ``fp32-md5``,
+  ``bf16-md5`` (summary_mode md5: statistics and a CRC-32) and ``fp32-xor``,
+  ``fp32-xor-again``, ``bf16-xor`` (summary_mode xor: a checksum only). The fault scales
+  one output channel of layer 1's MLP down projection (``model.layers.1.mlp.down_proj``)
+  by 8;
+- ``msprobe/<model>-<dtype>``: statistics of real decoders' forward passes
+  (SmolLM2-135M, Gemma 3 270M from ``$PRECISION_REAL_MODELS``) in fp32 and bf16.
 
 msprobe (PyPI ``mindstudio-probe``) is not a dependency of precision; install it apart from
 the project's environment and put it on the path, e.g.::
@@ -6,6 +18,7 @@ the project's environment and put it on the path, e.g.::
     pip install --target /tmp/mssite --no-deps mindstudio-probe einops openpyxl et_xmlfile \
         pytz wheel tensorboard protobuf absl-py
     PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py
+    PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py --statistics [NAME ...]
 
 The model is ``fixtures/tiny-qwen3`` cut to its first decoder layer (``num_hidden_layers=1``)
 with eager attention, in fp32 on the CPU, on the token ids in ``inputs.json``: small enough
@@ -23,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 FIXTURE = ROOT / "fixtures" / "tiny-qwen3"
 OUT = ROOT / "tests" / "data" / "msprobe-l1-qwen3"
 IDS = [[5, 17, 42, 99, 3, 250]]
@@ -67,5 +81,92 @@ def main() -> None:
     print(f"wrote {OUT.relative_to(ROOT)}: {len(doc['data'])} records, {size / 1e3:.0f} kB")
 
 
+STATS_OUT = ROOT / "tests" / "data" / "msprobe"
+#: name -> (dtype, summary_mode, training step, planted fault)
+STATS_CASES = {
+    "fp32-train": ("float32", "statistics", True, False),
+    "bf16-train": ("bfloat16", "statistics", True, False),
+    "bf16-fault-train": ("bfloat16", "statistics", True, True),
+    "fp32-md5": ("float32", "md5", False, False),
+    "bf16-md5": ("bfloat16", "md5", False, False),
+    "fp32-xor": ("float32", "xor", False, False),
+    "fp32-xor-again": ("float32", "xor", False, False),
+    "bf16-xor": ("bfloat16", "xor", False, False),
+}
+
+
+#: real decoders (scripts/get_real_models.py) dumped the same way, forward only, fp32 and bf16
+REAL_CASES = {f"{m}-{d}": (m, d) for m in ("smollm2-135m", "gemma3-270m")
+              for d in ("float32", "bfloat16")}
+
+
+def write_statistics(name: str) -> None:
+    """One statistics dump of :data:`STATS_CASES` or :data:`REAL_CASES` (msprobe's debugger
+    is one per process: each case runs in a process of its own, see :func:`main`)."""
+    import torch
+    from msprobe.pytorch import PrecisionDebugger
+    from transformers import AutoModelForCausalLM
+
+    if name in REAL_CASES:
+        from get_real_models import default_dest
+
+        model_dir, dtype = default_dest() / REAL_CASES[name][0], REAL_CASES[name][1]
+        mode, train, fault = "statistics", False, False
+    else:
+        model_dir = FIXTURE
+        dtype, mode, train, fault = STATS_CASES[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                 dtype=getattr(torch, dtype))
+    model.train(train)
+    if fault:  # one output channel of layer 1's MLP down projection eight times too large
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[7] *= 8
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]])
+    if name in REAL_CASES:  # a sentence through the model's own tokenizer
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model_dir)(
+            "The capital of France is Paris, and the capital of Germany is",
+            return_tensors="pt").input_ids
+    out = STATS_OUT / name
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps({
+            "task": "statistics", "dump_path": str(Path(tmp) / "dump"), "rank": [],
+            "step": [], "level": "L0",
+            "statistics": {"scope": [], "list": [], "data_mode": ["all"],
+                           "summary_mode": mode}}))
+        debugger = PrecisionDebugger(config_path=str(config))
+        for _ in range(2 if train else 1):
+            debugger.start(model)
+            if train:
+                model(input_ids=ids, labels=ids).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(input_ids=ids)
+            debugger.stop()
+            debugger.step()
+        for found in sorted((Path(tmp) / "dump").rglob("dump.json")):
+            step = found.parent.parent.name
+            dest = out / step / "proc0"
+            dest.mkdir(parents=True)
+            doc = json.loads(found.read_text())
+            doc["dump_data_dir"] = None
+            (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+            shutil.copy(found.parent / "construct.json", dest / "construct.json")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--statistics"]:
+        import subprocess
+
+        for case in sys.argv[2:] or list(STATS_CASES) + list(REAL_CASES):
+            subprocess.run([sys.executable, __file__, "--one", case], check=True)
+    elif sys.argv[1:2] == ["--one"]:
+        write_statistics(sys.argv[2])
+    else:
+        main()

@@ -357,7 +357,7 @@ _msprobe_case("msprobe_shape_1e400", "is not a list of sizes",
                              ).replace("[2, 0]", "[2, 1e400]"))
 _msprobe_case("msprobe_shape_negative", "is not a list of sizes",
               record(output=[TENSOR | {"shape": [-2, -3]}]))
-_msprobe_case("msprobe_dtype_unknown", "dtype 'torch.complex32'",
+_msprobe_case("msprobe_dtype_unknown", "left out: 1 dtype torch.complex32",
               record(output=[TENSOR | {"dtype": "torch.complex32"}]))
 _msprobe_case("msprobe_type_not_string", "type is a number",
               record(output=[TENSOR | {"type": 3}]))
@@ -383,7 +383,7 @@ _msprobe_case("msprobe_reserved_name", "precision's own", {
     "Module.input.Linear.forward.0": {"output": [TENSOR]}})
 _msprobe_case("msprobe_name_with_colon", "characters a key cannot", {
     "Module.a:b.Linear.forward.0": {"output": [TENSOR]}})
-_msprobe_case("msprobe_no_forward", "no forward tensors", {
+_msprobe_case("msprobe_nothing_comparable", "no tensor this tool can compare", {
     "Module.fc.Linear.backward.0": {"output": [TENSOR]}})
 
 

@@ -484,10 +484,12 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
 def _valid_stats(stats: Any) -> bool:
     """A stats record: a dict of numbers (or null where there were no finite values), and
     optionally a ``sketch`` of finite values (:func:`precision.dumps.sketch.valid`: base64
-    text, or the first format's list of numbers)."""
+    text, or the first format's list of numbers) and a ``checksum`` of the tensor's bytes
+    another tool wrote (msprobe's md5/xor summary: up to 64 letters and digits)."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     return isinstance(stats, dict) and all(
         (isinstance(v, (list, str)) and valid_sketch(v)) if k == "sketch"
+        else (isinstance(v, str) and 0 < len(v) <= 64 and v.isalnum()) if k == "checksum"
         else (v is None or number(v)) for k, v in stats.items())

@@ -7,7 +7,8 @@ Accepted (see docs/external.md):
 - ``.pt`` / ``.pth``: a tensor, or a dict with a ``logits`` tensor, read with
   ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and containers
 - ``.safetensors`` / ``.st`` without precision metadata: the tensor named ``logits``
-- msprobe dumps: a ``dump.json`` (or its folder) with the tensors it names under
+- msprobe dumps: a ``dump.json`` (or its folder, or msprobe's ``step*/rank*/`` folders; a
+  ``.json`` under another name is recognised by its content) with the tensors it names under
   ``dump_tensor_data/`` (:mod:`.msprobe`)
 - ``.json``: vLLM's top-k log-probabilities per generated token (:mod:`.vllm`)
 
@@ -70,9 +71,8 @@ def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Du
     anything it cannot read."""
     p = Path(path)
     convert: Callable[[Path], Converted]
-    if p.is_dir() and (p / "dump.json").is_file():
-        p = p / "dump.json"
-    if p.name == "dump.json":
+    if (p.is_dir() and _msprobe_folder(p)) or p.name == "dump.json" or (
+            p.suffix.lower() == ".json" and msprobe.is_msprobe_json(p)):
         what, convert = msprobe.WHAT, msprobe.read
     elif p.suffix.lower() in READERS:
         what, convert = READERS[p.suffix.lower()]
@@ -82,7 +82,15 @@ def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Du
         if d.meta.get("foreign") and LOGITS_KEY in d.tensors:
             d.meta["logits_key"] = LOGITS_KEY
         return d
-    if not p.is_file():
+    if not p.exists():
         raise DumpError(f"{p}: no such file")
     with reading(p, what):
         return load(write_dump(p, convert(p)))
+
+
+def _msprobe_folder(p: Path) -> bool:
+    """A folder msprobe wrote: ``dump.json`` in it, or under its step, rank or process
+    folders (``step0/rank0/dump.json``, ``step0/proc123/dump.json``, ``rank0/dump.json``)."""
+    return any(next(p.glob(pattern), None) is not None
+               for pattern in ("dump.json", "step*/*/dump.json", "rank*/dump.json",
+                               "proc*/dump.json"))

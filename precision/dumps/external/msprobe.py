@@ -1,18 +1,37 @@
 """msprobe dumps: ``dump.json`` and the tensor files it names under ``dump_tensor_data/``.
 
-Forward records only, inputs (``input_args``, ``input_kwargs``) and outputs. L0 module records
-(``Module.<path>.<Class>.forward.<n>``) take the keys a precision capture gives the same
-module: a single output ``<path>:out``, tuple outputs ``<path>:out.0``..., positional inputs
-``<path>:in.0``..., keyword inputs ``<path>:in.<name>``, call ``n`` as ``#n``. API records
-(``Functional.relu.0.forward``) keep their names (``Functional.relu.0:out.0``).
+Records, by name (PyTorch ``Module``, MindSpore ``Cell``, and API records such as
+``Functional.relu.0``, ``Tensor.__add__.0``, ``Mint.linear.0``):
 
+- forward (``Module.<path>.<Class>.forward.<n>``): a module's inputs and outputs take the
+  keys a precision capture gives the same module: a single output ``<path>:out``, tuple
+  outputs ``<path>:out.0``..., positional inputs ``<path>:in.0``..., keyword inputs
+  ``<path>:in.<name>``, call ``n`` as ``#n``; an API record keeps its name
+  (``Functional.relu.0:out.0``);
+- backward (``...backward.<n>``): its ``input``, the gradient of the record's output, is
+  precision's ``:grad`` (``<path>:grad``, ``Functional.linear.7:grad.0``);
+- ``parameters_grad``: each parameter's gradient, ``<path>.<name>:pgrad``.
+
+Left out, each counted in the dump's ``meta["left_out"]`` (the report's notes say how many
+and why): module ``parameters`` (the weights, the same file on both sides), the gradients
+of a record's inputs (backward ``output``: precision keys gradients by outputs), tensors of
+dtypes a dump cannot hold (complex, float8), and records whose name says none of the above.
+
+Dtypes are read as PyTorch (``torch.bfloat16``) or MindSpore (``BFloat16``) names them.
 Every record is checked as it is parsed: objects where objects belong, shapes of
-non-negative integers, known dtypes, tensor files that exist and lie inside the dump's
-folder (a ``data_name`` with ``../`` or an absolute path is refused, symlinks included).
-Without a tensor file (``data_name`` absent or ``-1``: msprobe's statistics mode), a record's
-``Max``/``Min``/``Mean``/``Norm`` become a stats record; msprobe keeps no NaN/inf counts, so
-an infinite or NaN ``Max``/``Min`` counts as one. Tensor files are read one at a time while
-the dump is written.
+non-negative integers, tensor files that exist and lie inside the dump's folder (a
+``data_name`` with ``../`` or an absolute path is refused, symlinks included). Without a
+tensor file (``data_name`` absent or ``-1``: msprobe's statistics task), a record's
+``Max``/``Min``/``Mean``/``Norm`` become a stats record; a statistic msprobe did not write
+(``summary_mode`` xor, or a list of statistics) stays unknown, never 0, and the checksum of
+``summary_mode`` md5 or xor (msprobe's ``md5`` field) is kept as ``checksum``. msprobe keeps
+no NaN/inf counts, so an infinite or NaN ``Max``/``Min`` counts as one. Tensor files are
+read one at a time while the dump is written.
+
+A folder is read by :func:`dump_files`'s layout: ``dump.json`` in it, or msprobe's
+``step<s>/rank<r>/dump.json`` (``proc<pid>`` where no rank was set): one step (the first,
+unless the folder passed is a ``step<s>`` folder), every rank, ranks keyed ``rank<r>/`` as
+precision's own sharded dumps are.
 """
 
 from __future__ import annotations
@@ -20,13 +39,14 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...dtypes import canonical
+from ...dtypes import canonical, is_float
 from ...errors import DumpError, InputError
 from ..keys import GENERATION, INPUT, entry_module, make_key, parse_key
 from .arrays import npy_file, pt_tensor
@@ -34,54 +54,180 @@ from .guard import Converted, is_int, is_number, parse_json, reading
 
 WHAT = "msprobe dump.json"
 
-MODULE_RECORD = re.compile(r"^Module\.(?P<path>.+)\.(?P<cls>[A-Za-z_]\w*)\.forward\.(?P<n>\d+)$")
+#: a module's (PyTorch) or cell's (MindSpore) record: its path, class, direction and call
+MODULE_RECORD = re.compile(r"^(?:Module|Cell)\.(?P<path>.+)\.(?P<cls>[A-Za-z_]\w*)\."
+                           r"(?P<dir>forward|backward|parameters_grad)\.(?P<n>\d+)$")
+#: an API call's record (``Functional.relu.0.forward``)
+API_RECORD = re.compile(r"^(?P<name>.+\.\d+)\.(?P<dir>forward|backward)$")
 _NAME = re.compile(r"[\w.\-]+")  # what a record name or an input's name may hold in a key
 MAX_DEPTH = 16  # nested tuples/dicts of inputs or outputs, more than any module takes
 _MAX_SIZE = 2**63 - 1
-_FIELDS = (("output", "out", (list, dict)), ("input_args", "in", (list,)),
-           ("input_kwargs", "in", (dict,)))
+#: direction -> (field, precision's kind or None when left out, JSON types it may be)
+_FIELDS: dict[str, tuple[tuple[str, str | None, tuple[type, ...]], ...]] = {
+    "forward": (("output", "out", (list, dict)), ("input_args", "in", (list,)),
+                ("input_kwargs", "in", (dict,)), ("parameters", None, (dict,))),
+    "backward": (("input", "grad", (list, dict)), ("output", None, (list, dict))),
+}
+#: why a field's tensors are left out, for the note
+_LEFT_OUT = {"parameters": "module parameters (weights)",
+             "output": "gradients of inputs (precision keys gradients by outputs)"}
+
+
+class _Records:
+    """What one ``dump.json`` gives: tensor files, stats records, and what was left out."""
+
+    def __init__(self, p: Path, rank: int | None) -> None:
+        self.p, self.rank = p, rank
+        self.root = p.parent.resolve()
+        folder = p.parent / "dump_tensor_data"
+        self.folder = folder if folder.is_dir() else p.parent
+        self.files: list[tuple[str, Path]] = []
+        self.stats: list[dict[str, Any]] = []
+        self.left_out: Counter[str] = Counter()
+        self.output_dtypes: Counter[str] = Counter()  # float outputs' dtypes, as recorded
+        self.seen: dict[str, str] = {}  # key -> the record that gave it
+        self.named: dict[Path, str] = {}  # tensor file -> the record that names it
+
+    def add(self, name: str, key: str, item: dict[str, Any]) -> None:
+        """One tensor item under ``key``: its file, or its statistics."""
+        dtype = _dtype(item.get("dtype", "float32"))
+        if dtype is None:
+            self.left_out[f"dtype {str(item.get('dtype'))[:24]}"] += 1
+            return
+        if is_float(dtype) and parse_key(key).kind == "out":
+            self.output_dtypes[dtype] += 1
+        if self.rank is not None:
+            key = f"rank{self.rank}/{key}"
+        if key in self.seen:
+            raise DumpError(f"{self.p}: records {self.seen[key]!r} and {name!r} both give "
+                            f"{key!r}")
+        self.seen[key] = name
+        f = _tensor_file(self.p, self.root, self.folder, name, item.get("data_name"))
+        if f is None or (f.suffix == ".pt" and not _have_torch()):
+            # statistics task; or a .pt file where torch is absent (compare is torch-free):
+            # msprobe's statistics of it in dump.json
+            self.stats.append(_stats(self.p, name, key, item, dtype))
+        elif f in self.named:  # one file copied under many keys: a dump far larger than this
+            raise DumpError(f"{self.p}: records {self.named[f]!r} and {name!r} name the same "
+                            f"tensor file {item['data_name']}")
+        else:
+            self.named[f] = name
+            self.files.append((key, f))
 
 
 def read(p: Path) -> Converted:
-    """The records of an msprobe ``dump.json`` as a dump (see the module docstring)."""
+    """The records of an msprobe ``dump.json``, or of every rank of one step of an msprobe
+    folder, as a dump (see the module docstring)."""
+    if p.is_dir():
+        step, steps, ranks = dump_files(p)
+    else:
+        step, steps, ranks = None, [], {None: p}
+    docs = {rank: _document(f) for rank, f in ranks.items()}
+    records = [_records(f, rank, docs[rank]) for rank, f in ranks.items()]
+    files = [x for r in records for x in r.files]
+    stats = [x for r in records for x in r.stats]
+    left_out = sum((r.left_out for r in records), Counter())
+    if not files and not stats:
+        what = ", ".join(f"{n} {why}" for why, n in left_out.items())
+        raise DumpError(f"{p}: no tensor this tool can compare in this msprobe dump"
+                        + (f" (left out: {what})" if what else ""))
+    first = next(iter(docs.values()))
+    info: dict[str, Any] = {k: first[k] for k in ("task", "level", "framework")
+                            if isinstance(first.get(k), str)}
+    if step is not None:
+        info |= {"step": step, "steps": steps}
+    if ranks and next(iter(ranks)) is not None:
+        info["ranks"] = sorted(r for r in ranks if r is not None)
+    meta: dict[str, Any] = {"msprobe": info, "mode": "full" if files else "stats",
+                            "left_out": dict(left_out)}
+    outputs = sum((r.output_dtypes for r in records), Counter())
+    if outputs:  # what the run computed in: the dtype msprobe recorded for most outputs
+        meta["dtype"] = outputs.most_common(1)[0][0]
+    return Converted(_tensors(files), meta, stats)
+
+
+def _document(p: Path) -> dict[str, Any]:
     doc = parse_json(p, WHAT)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
         raise DumpError(f"{p}: not an msprobe dump.json (expected an object with a 'data' "
                         "object of records)")
-    root = p.parent.resolve()
-    folder = p.parent / "dump_tensor_data"
-    folder = folder if folder.is_dir() else p.parent
-    files: list[tuple[str, Path]] = []
-    stats: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}  # key -> the record that gave it
-    named: dict[Path, str] = {}  # tensor file -> the record that names it
+    return doc
+
+
+def _records(p: Path, rank: int | None, doc: dict[str, Any]) -> _Records:
+    """Every record of one ``dump.json``."""
+    out = _Records(p, rank)
     for name, record in doc["data"].items():
-        if not name.endswith(".forward") and ".forward." not in name:
-            continue  # backward records: gradients are issue 8's business
         if not isinstance(record, dict):
             raise DumpError(f"{p}: record {name!r} is a {_kind(record)}, not an object")
         if not _NAME.fullmatch(name):
             raise DumpError(f"{p}: record name {name!r} holds characters a key cannot")
-        for key, item in _items(p, name, record):
-            if key in seen:
-                raise DumpError(f"{p}: records {seen[key]!r} and {name!r} both give {key!r}")
-            seen[key] = name
-            f = _tensor_file(p, root, folder, name, item.get("data_name"))
-            if f is None or (f.suffix == ".pt" and not _have_torch()):
-                # statistics mode; or a .pt file where torch is absent (compare is
-                # torch-free): msprobe's statistics of it in dump.json
-                stats.append(_stats(p, name, key, item))
-            elif f in named:  # one file copied under many keys: a dump far larger than this
-                raise DumpError(f"{p}: records {named[f]!r} and {name!r} name the same tensor "
-                                f"file {item['data_name']}")
-            else:
-                named[f] = name
-                files.append((key, f))
-    if not files and not stats:
-        raise DumpError(f"{p}: no forward tensors in this msprobe dump")
-    info = {k: doc[k] for k in ("task", "level", "framework") if isinstance(doc.get(k), str)}
-    return Converted(_tensors(files), {"msprobe": info, "mode": "full" if files else "stats"},
-                     stats)
+        for key, item in _items(p, name, record, out.left_out):
+            out.add(name, key, item)
+    return out
+
+
+def is_msprobe_json(p: Path) -> bool:
+    """Whether a ``.json`` file is an msprobe ``dump.json`` under another name: msprobe writes
+    an object (``{"task": ..., "data": {...}}``), vLLM's top-k JSON a list."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    except OSError:
+        return False
+    return head.startswith("{") and re.match(
+        r'\{\s*"(task|level|framework|dump_data_dir|data)"\s*:', head) is not None
+
+
+def dump_files(folder: Path) -> tuple[int | None, list[int], dict[int | None, Path]]:
+    """The ``dump.json`` files of one step of an msprobe folder: ``(step, steps, {rank:
+    file})``. A ``dump.json`` in the folder itself is the one file (rank ``None``); else
+    ``step<s>/`` folders (the first step, or the folder is one) hold ``rank<r>/`` folders, or
+    ``proc<pid>/`` where msprobe ran with no rank set (numbered in their order when there
+    are several)."""
+    if (folder / "dump.json").is_file():
+        return None, [], {None: folder / "dump.json"}
+    steps = _numbered(folder, "step")
+    step: int | None = None
+    if steps:
+        step = min(steps)
+        folder = steps[step]
+    elif (m := re.fullmatch(r"step(\d+)", folder.name)) is not None:
+        step = int(m.group(1))
+    ranks: dict[int | None, Path] = {
+        r: d / "dump.json" for r, d in _numbered(folder, "rank").items()
+        if (d / "dump.json").is_file()}
+    if not ranks:
+        procs = [d / "dump.json" for _, d in sorted(_numbered(folder, "proc").items())
+                 if (d / "dump.json").is_file()]
+        ranks = dict(enumerate(procs)) if len(procs) > 1 else (
+            {None: procs[0]} if procs else {})
+    if not ranks:
+        raise DumpError(f"{folder}: no msprobe dump.json here, nor under step*/rank*/ or "
+                        "step*/proc*/")
+    return step, sorted(steps), ranks
+
+
+def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
+    """Sub-folders named ``<prefix><number>``, by number."""
+    try:
+        subs = list(folder.iterdir())
+    except OSError:
+        return {}
+    return {int(m.group(1)): d for d in subs
+            if d.is_dir() and (m := re.fullmatch(rf"{prefix}(\d+)", d.name)) is not None}
+
+
+def _dtype(raw: Any) -> str | None:
+    """A dtype as PyTorch (``torch.bfloat16``) or MindSpore (``BFloat16``) names it, in
+    precision's names; None for one a dump cannot hold (complex, float8) or not a name."""
+    if not isinstance(raw, str):
+        return None
+    name = raw.strip().removeprefix("torch.").removeprefix("mindspore.")
+    try:
+        return canonical(name if name in ("half", "float", "double") else name.lower())
+    except InputError:
+        return None
 
 
 def _have_torch() -> bool:
@@ -100,22 +246,44 @@ def _tensors(files: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarray]]:
         yield key, arr
 
 
-def _items(p: Path, name: str, record: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(key, tensor item)`` for every tensor among a record's outputs and inputs."""
+def _items(p: Path, name: str, record: dict[str, Any],
+           left_out: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, tensor item)`` for every tensor a record gives; what it leaves out is counted
+    in ``left_out``."""
     m = MODULE_RECORD.match(name)
-    module, call = (m["path"], int(m["n"])) if m else (name.removesuffix(".forward"), 0)
+    api = None if m else API_RECORD.match(name)
+    if m is None and api is None:
+        left_out["records of unknown kinds"] += 1
+        return
+    if m is not None:
+        module, call, direction = m["path"], int(m["n"]), m["dir"]
+    else:
+        module, call, direction = api["name"], 0, api["dir"]  # type: ignore[index]
     if module in (INPUT, GENERATION):
         raise DumpError(f"{p}: record {name!r} would stand for precision's own {module!r} "
                         "records")
-    for field, kind, types in _FIELDS:
+    if direction == "parameters_grad":
+        for pname, value in record.items():
+            if not _NAME.fullmatch(pname):
+                raise DumpError(f"{p}: record {name!r}: parameter name {pname!r} holds "
+                                "characters a key cannot")
+            for path, item in _leaves(p, name, value, "", 0):
+                # a parameter's gradient, a single tensor (msprobe lists it alone)
+                yield make_key(f"{module}.{pname}", "pgrad", path.removeprefix("0"),
+                               call), item
+        return
+    for field, kind, types in _FIELDS[direction]:
         value = record.get(field)
         if value is None:
             continue
         if not isinstance(value, types):
             raise DumpError(f"{p}: record {name!r}: {field} is a {_kind(value)}, expected "
                             + " or ".join("a list" if t is list else "an object" for t in types))
-        if field == "output" and isinstance(value, list) and len(value) == 1:
-            value = value[0]  # one output: <path>:out, as a capture keys a single tensor
+        if kind is None:
+            left_out[_LEFT_OUT[field]] += sum(1 for _ in _leaves(p, name, value, "", 0))
+            continue
+        if isinstance(value, list) and len(value) == 1 and field in ("output", "input"):
+            value = value[0]  # one output (or its gradient): <path>:out, as a capture keys it
         for path, item in _leaves(p, name, value, "", 0):
             index = path if m else (path or "0")
             if index and not _NAME.fullmatch(index):
@@ -163,20 +331,13 @@ def _tensor_file(p: Path, root: Path, folder: Path, name: str, data_name: Any) -
     return f
 
 
-def _stats(p: Path, name: str, key: str, item: dict[str, Any]) -> dict[str, Any]:
-    """A stats-only record from msprobe's Max/Min/Mean/Norm (no std: msprobe has none)."""
+def _stats(p: Path, name: str, key: str, item: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """A stats-only record from msprobe's Max/Min/Mean/Norm (no std: msprobe has none); a
+    statistic it did not write is None, and its md5/xor checksum is kept."""
     shape = item.get("shape")
     if not isinstance(shape, list) or not all(is_int(s) and 0 <= s <= _MAX_SIZE for s in shape) \
             or math.prod(shape) > _MAX_SIZE:
         raise DumpError(f"{p}: record {name!r}: shape {str(shape)[:40]} is not a list of sizes")
-    raw_dtype = item.get("dtype", "float32")
-    try:
-        dtype = canonical(raw_dtype) if isinstance(raw_dtype, str) else None
-    except InputError:
-        dtype = None
-    if dtype is None:
-        raise DumpError(f"{p}: record {name!r}: dtype {str(raw_dtype)[:40]!r} is not one a dump "
-                        "holds")
     raw = {k: _number(item.get(k)) for k in ("Min", "Max", "Mean", "Norm")}
     # msprobe keeps no counts: an infinite or NaN Max/Min says "at least one" (a NaN Mean
     # alone can come from +inf and -inf together)
@@ -193,7 +354,14 @@ def _stats(p: Path, name: str, key: str, item: dict[str, Any]) -> dict[str, Any]
     return {"key": key, "module": entry_module(key), "kind": k.kind or "out", "index": k.index,
             "call": k.call, "shape": shape, "dtype": dtype,
             "stats": {"numel": math.prod(shape), "min": lo, "max": hi, "mean": fin["Mean"],
-                      "norm": fin["Norm"], "absmax": absmax} | counts}
+                      "norm": fin["Norm"], "absmax": absmax} | counts | _checksum(item)}
+
+
+def _checksum(item: dict[str, Any]) -> dict[str, str]:
+    """msprobe's checksum of the tensor (its ``md5`` field: a CRC-32 in summary_mode md5, an
+    xor checksum in summary_mode xor), where it wrote one."""
+    value = item.get("md5")
+    return {"checksum": value} if isinstance(value, str) and _NAME.fullmatch(value) else {}
 
 
 def _number(value: Any) -> float | None:
