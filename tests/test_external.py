@@ -151,7 +151,8 @@ def test_msprobe_dump_against_a_capture(t5_runs: dict[str, Path], tmp_path: Path
     ours = next(r for r in precision.compare(t5_runs["obase"], fp16).rows
                 if r.key == WO + ":out")
     assert rows[WO + ":out"].metrics.new_inf == ours.metrics.new_inf
-    d = precision.load(next(Path(p) for p in [report.target]))
+    assert report.target == str(folder)  # the user's folder, not the temporary dump
+    d = open_any(folder)
     assert d.meta["msprobe"]["level"] == "L0" and "Functional.relu.0:out.0" in {
         e.key for e in d.entries}
 

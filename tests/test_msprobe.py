@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+import precision
+from precision.cli import main
 from precision.dumps.external import msprobe, open_any
 from precision.errors import DumpError
 
@@ -112,3 +115,78 @@ def test_a_folder_without_an_msprobe_dump_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "step0" / "rank0").mkdir(parents=True)
     with pytest.raises(DumpError, match=r"no msprobe dump\.json here"):
         msprobe.dump_files(tmp_path / "step0")
+
+
+# ------------------------------------------------------------------ judged
+def test_healthy_bf16_training_step_passes_and_a_planted_fault_is_found_first() -> None:
+    healthy = precision.compare(DATA / "fp32-train", DATA / "bf16-train")
+    assert healthy and not healthy.warnings
+    assert any("left out 105 tensor record(s)" in n for n in healthy.notes)
+    assert any("step 0 compared, of steps 0, 1" in n for n in healthy.notes)
+    grads = [r for r in healthy.rows if r.key.endswith((":grad", ":pgrad"))]
+    assert len(grads) > 50 and all(r.stats_delta is not None for r in grads)  # judged too
+    faulty = precision.compare(DATA / "fp32-train", DATA / "bf16-fault-train")
+    assert not faulty and faulty.first_divergence is not None
+    assert faulty.first_divergence.key == "model.layers.1.mlp.down_proj:out"
+
+
+def test_a_real_decoders_healthy_bf16_statistics_pass() -> None:
+    """SmolLM2-135M (30 layers) in bf16 against fp32, both dumped by msprobe: msprobe's own
+    compare marks 1272 of its 1463 rows 'error' (docs/external.md)."""
+    report = precision.compare(DATA / "smollm2-135m-float32", DATA / "smollm2-135m-bfloat16")
+    assert report, report.first_divergence
+    assert sum(r.stats_delta is not None and r.stats_delta.has_statistics
+               for r in report.rows) > 700
+
+
+def test_checksums_alone_never_pass_a_difference() -> None:
+    differs = precision.compare(DATA / "fp32-xor", DATA / "bf16-xor")
+    assert not differs and differs.first_divergence is not None
+    assert "checksums differ" in differs.first_divergence.reason
+    same = precision.compare(DATA / "fp32-xor", DATA / "fp32-xor-again")
+    assert same and any(r.reason == "bit-identical (checksums agree)" for r in same.rows)
+    md5 = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5")  # statistics judge it
+    assert md5 and any(n.startswith("checksums differ on 157 of 157") for n in md5.notes)
+
+
+def _stats_pair(tmp_path: Path, base: dict[str, Any], target: dict[str, Any]) -> list[Path]:
+    out = []
+    for name, stats in (("a", base), ("b", target)):
+        out.append(_write(tmp_path / name, {
+            "Module.fc.Linear.forward.0": {"output": [_tensor("torch.bfloat16" if name == "b"
+                                                              else "torch.float32") | stats]}}))
+    return out
+
+
+@pytest.mark.parametrize(("target", "flagged"), [
+    ({"Max": 9.0}, True),            # the issue's case: Max 1.44 -> 9.0, norm not written
+    ({"Max": 1.4401}, False),        # within what bf16 can move it
+    ({"Min": -6.0}, True),
+    ({"Mean": 0.9}, True),           # sqrt(6) x 0.9 against 2 x 5 eps x sqrt(6) x 1.44
+    ({"Mean": 0.01}, False),
+])
+def test_max_min_mean_are_judged_without_a_norm(tmp_path: Path, target: dict[str, Any],
+                                                flagged: bool) -> None:
+    base = {"Max": 1.44, "Min": -1.0, "Mean": 0.0, "Norm": None}
+    a, b = _stats_pair(tmp_path, base, base | target)
+    report = precision.compare(a, b)
+    row = next(r for r in report.rows if r.key == "fc:out")
+    assert row.stats_delta is not None and row.stats_delta.norm_base is None  # unknown, not 0
+    assert row.flagged is flagged, row.reason
+    if not flagged:
+        assert row.reason == "stats only: max, min, mean agree (no norm recorded)"
+
+
+def test_unrelated_dumps_are_an_error_not_a_pass(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", {"Module.fc.Linear.forward.0": {"output": [_tensor()]}})
+    b = _write(tmp_path / "b", {"Module.head.Linear.forward.0": {"output": [_tensor()]}})
+    with pytest.raises(DumpError, match="nothing to compare: 0 record"):
+        precision.compare(a, b)
+    result = CliRunner().invoke(main, ["compare", str(a), str(b)])
+    assert result.exit_code == 2 and "nothing to compare" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_report_names_the_users_folders() -> None:
+    report = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5")
+    assert (report.base, report.target) == (str(DATA / "fp32-md5"), str(DATA / "bf16-md5"))

@@ -237,20 +237,22 @@ def test_stats_delta_fewer_problems_is_not_negative():
     assert (d.new_nan, d.new_inf, d.new_near_fp16_max) == (2, 3, 2)
 
 
-@pytest.mark.parametrize(("na", "nb", "rel"), [(None, None, 0.0), (0.0, 0.0, 0.0),
-                                               (None, 3.0, math.inf), (0.0, 1e-300, math.inf),
-                                               (4.0, None, 1.0), (4.0, 5.0, 0.25)])
+@pytest.mark.parametrize(("na", "nb", "rel"), [(None, None, None), (0.0, 0.0, 0.0),
+                                               (None, 3.0, None), (0.0, 1e-300, math.inf),
+                                               (4.0, None, None), (4.0, 5.0, 0.25)])
 def test_stats_delta_zero_and_missing_norms(na, nb, rel):
+    """A norm a record does not hold is unknown, never 0 (an msprobe summary without one
+    read as 0 on both sides made every pair's norms agree)."""
     d = stats_delta({"norm": na}, {"norm": nb})
     assert d.norm_gap_rel == rel
-    assert d.norm_gap == abs((nb or 0.0) - (na or 0.0))
+    assert d.norm_gap == (None if na is None or nb is None else abs(nb - na))
     assert (d.new_nan, d.new_inf, d.numel) == (0, 0, 0)
 
 
 def test_stats_delta_of_all_nonfinite_records():
     sa, sb = stats(np.array([1.0, 2.0])), stats(np.array([np.nan, np.inf], np.float16))
     d = stats_delta(sa, sb)
-    assert d.norm_target == 0.0 and d.norm_gap_rel == 1.0
+    assert d.norm_target is None and d.norm_gap_rel is None  # no finite value: no norm
     assert (d.new_nan, d.new_inf, d.absmax_target, d.mean_target) == (1, 1, None, None)
 
 
@@ -263,7 +265,9 @@ def test_stats_delta_as_dict_is_the_rows_stats_json() -> None:
         '{"norm_base": 2, "norm_target": 3, "norm_gap": 1, "norm_gap_rel": 0.5, '
         '"absmax_base": null, "absmax_target": null, "mean_base": null, "mean_target": null, '
         '"new_nan": 1, "new_inf": 0, "base_only_nan": 0, "base_only_inf": 0, "masked": 0, '
-        '"new_near_fp16_max": 0, "numel": 4, "padded": 3, "sketch_gap": null}')
+        '"new_near_fp16_max": 0, "numel": 4, "padded": 3, "sketch_gap": null, '
+        '"max_base": null, "max_target": null, "min_base": null, "min_target": null, '
+        '"checksum_base": null, "checksum_target": null}')
     assert d.recorded_elements == 7
     row = Row(0, "x:out", "OK", "", (7,), "float32", "float16", stats_delta=d)
     assert row.as_dict()["stats"] == d.as_dict()

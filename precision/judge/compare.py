@@ -32,7 +32,7 @@ from ..dumps.dump import Dump
 from ..dumps.external import open_any
 from ..dumps.external.msprobe_l1 import line_up_runs, lineup_notes
 from ..engines.vllm import lineup as engine_lineup
-from ..errors import InputError
+from ..errors import DumpError, InputError
 from .lineup.align import (
     BASE,
     REFERENCE,
@@ -52,6 +52,8 @@ from .measure.metrics import TensorMetrics
 from .measure.pairs import Job, Task, generation_row, run_task, task_cost
 from .measure.row import Row
 from .notes import (
+    displayed_path,
+    external_notes,
     folded_notes,
     operation_notes,
     padding_notes,
@@ -170,8 +172,10 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     gen = [r for r in judged if r.generation is not None]
     rows, bias_notes = diagnose(b, t, _with_growth([r for r in judged if r.generation is None]))
     rows += gen
+    _check_something_compared(b, t, rows)
     first = next((r for r in rows if r.flagged), None)
-    return Report(base=str(b.path), target=str(t.path), profile=prof, rows=tuple(rows),
+    return Report(base=displayed_path(b), target=displayed_path(t), profile=prof,
+                  rows=tuple(rows),
                   first_divergence=first,
                   warnings=tuple(report_warnings(b, t, rows, stated) + bias_notes
                                  + unused_mapping_warnings(mapping, lined)),
@@ -179,8 +183,29 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
                               + operation_notes(b, t)
                               + reference_notes(runs, dtypes, prof) + sketch_notes(runs)
-                              + lineup_notes(runs)
+                              + lineup_notes(runs) + external_notes(runs, rows)
                               + engine_lineup.notes(lined, [r.key for r in rows])))
+
+
+def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
+    """A comparison with no row that measured anything (no record paired, or pairs with no
+    statistic in common) says nothing: an error naming both runs and what each holds, never
+    a PASS."""
+    if any(r.metrics or r.exact or r.logits or r.generation or (
+            r.stats_delta is not None and (r.stats_delta.has_statistics or (
+                r.stats_delta.checksum_base and r.stats_delta.checksum_target)))
+           for r in rows if r.status not in ("MISSING", "MISMATCH")):
+        return
+
+    def holds(d: Dump) -> str:
+        keys = [e.key for e in d.entries]
+        return (f"{displayed_path(d)} holds {len(keys)} record(s)"
+                + (f" (first {keys[0]})" if keys else ""))
+
+    paired = sum(r.status != "MISSING" for r in rows)
+    raise DumpError(f"nothing to compare: {paired} record(s) paired, none with a value or "
+                    f"statistic in common; {holds(b)}, {holds(t)}: are these runs of the "
+                    "same model, and dumps that hold values (not only their shapes)?")
 
 
 def _tasks(runs: dict[str, Dump], lined: dict[str, engine_lineup.Lineup]

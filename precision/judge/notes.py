@@ -75,7 +75,7 @@ def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str
     for d, side in ((b, "base"), (t, "target")):
         other = t if d is b else b
         how = option(f"--{side}-dtype bf16", f"{side}_dtype='bf16'")
-        if (d.meta.get("external") and stated[side] is None
+        if (d.meta.get("external") and not d.meta.get("msprobe") and stated[side] is None
                 and (d.dtype or "float32") == "float32"
                 and (other.dtype or "float32") == "float32"):
             name = _file_name(d)
@@ -189,6 +189,38 @@ def sketch_notes(runs: dict[str, Dump]) -> list[str]:
 
 
 def _file_name(d: Dump) -> str:
-    """The name a user gave: another tool's file or an engine's dump, not the temporary
-    dump it was converted or translated into."""
-    return Path(str(d.meta.get("external") or d.meta.get("translated_from") or d.path)).name
+    """The name of the file or folder a user gave (:func:`displayed_path`)."""
+    return Path(displayed_path(d)).name
+
+
+def external_notes(runs: dict[str, Dump], rows: list[Row]) -> list[str]:
+    """What another tool's dump held that was left out (``meta.left_out``, counted by its
+    reader), which of its steps was read, and checksums that differ where statistics judge
+    the row (msprobe's summary_mode md5: another dtype always differs in its bits)."""
+    out = []
+    for d in runs.values():
+        left = d.meta.get("left_out")
+        if isinstance(left, dict) and left:
+            told = ", ".join(f"{n} {why}" for why, n in left.items())
+            out.append(f"{_file_name(d)}: left out {sum(left.values())} tensor record(s): "
+                       f"{told}")
+        info = d.meta.get("msprobe")
+        info = info if isinstance(info, dict) else {}
+        steps = info.get("steps")
+        if isinstance(steps, list) and len(steps) > 1:
+            out.append(f"{_file_name(d)}: msprobe step {info.get('step')} compared, of steps "
+                       f"{', '.join(map(str, steps))} (pass its step<N> folder for another)")
+    sums = [r.stats_delta for r in rows if r.stats_delta is not None
+            and r.stats_delta.has_statistics and r.stats_delta.checksum_base is not None
+            and r.stats_delta.checksum_target is not None]
+    differ = sum(d.checksum_base != d.checksum_target for d in sums)
+    if differ:
+        out.append(f"checksums differ on {differ} of {len(sums)} record(s) holding both: "
+                   "those tensors are not bit-identical, judged by their statistics")
+    return out
+
+
+def displayed_path(d: Dump) -> str:
+    """The path a user gave for a run: another tool's file or folder, an engine's dump,
+    not the temporary dump it was converted or translated into."""
+    return str(d.meta.get("external") or d.meta.get("translated_from") or d.path)

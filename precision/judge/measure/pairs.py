@@ -26,7 +26,7 @@ from .generation import compare_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, compare_exact
 from .row import Row
-from .statsdiff import record_stats, stats_delta
+from .statsdiff import StatsDelta, record_stats, stats_delta
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,23 @@ def _stats_row(b: Dump, t: Dump, p: Pair, row: Row, chunk: int) -> Row:
     sb = record_stats(t, p.target.key, chunk=chunk)
     if sa is None or sb is None:
         return replace(row, status="MISSING", reason="no data stored for this record")
-    return replace(row, stats_delta=stats_delta(sa, sb),
-                   reason="stats only: norms agree (cannot rule out elementwise drift)")
+    delta = stats_delta(sa, sb)
+    return replace(row, stats_delta=delta, reason=_stats_reason(delta))
+
+
+def _stats_reason(d: StatsDelta) -> str:
+    """What an unflagged stats-only row rests on: the statistics both records hold."""
+    if d.norm_base is not None and d.norm_target is not None:
+        return "stats only: norms agree (cannot rule out elementwise drift)"
+    common = [name for name, x, y in (("max", d.max_base, d.max_target),
+                                      ("min", d.min_base, d.min_target),
+                                      ("mean", d.mean_base, d.mean_target))
+              if x is not None and y is not None]
+    if common:
+        return f"stats only: {', '.join(common)} agree (no norm recorded)"
+    if d.checksum_base is not None and d.checksum_base == d.checksum_target:
+        return "bit-identical (checksums agree)"
+    return "stats only: no statistic in common, nothing compared"
 
 
 def generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,

@@ -111,12 +111,16 @@ def _overflowed(st: dict[str, Any]) -> int:
 @dataclass(frozen=True)
 class StatsDelta:
     """What the statistics records of a baseline ``a`` and a target ``b`` say about the pair
-    (the row of a stats-only comparison). With ``||x||`` a record's recorded norm (0 when it
-    has none) and counts taken per record:
+    (the row of a stats-only comparison). With ``||x||`` a record's recorded norm and counts
+    taken per record; a statistic a record does not hold (another tool's file that did not
+    write it, or no finite value) is None, never 0:
 
     - ``norm_gap = | ||b|| - ||a|| |``, a lower bound of ``||b - a||`` (reverse triangle
-      inequality); ``norm_gap_rel = norm_gap / ||a||`` (0/0 = 0, x/0 = inf)
-    - ``absmax_*``, ``mean_*``: each record's (None where it has no finite value)
+      inequality); ``norm_gap_rel = norm_gap / ||a||`` (0/0 = 0, x/0 = inf); None unless
+      both norms are known
+    - ``absmax_*``, ``mean_*``, ``max_*``, ``min_*``: each record's
+    - ``checksum_*``: a checksum another tool wrote of the tensor's bytes (msprobe's md5 or
+      xor summary), None where it wrote none
     - ``new_nan = max(0, nan_b - nan_a)``, ``base_only_nan`` the other way round;
       ``new_inf = max(0, over_b - over_a)`` with ``over = +inf + masked`` (-inf or at the
       lowest value; records without ``masked`` count -inf), ``base_only_inf`` the other way
@@ -131,10 +135,10 @@ class StatsDelta:
     :meth:`as_dict` is the row's ``stats`` in the report's JSON (docs/json-schema.md).
     """
 
-    norm_base: float
-    norm_target: float
-    norm_gap: float
-    norm_gap_rel: float
+    norm_base: float | None
+    norm_target: float | None
+    norm_gap: float | None
+    norm_gap_rel: float | None
     absmax_base: float | None
     absmax_target: float | None
     mean_base: float | None
@@ -148,6 +152,19 @@ class StatsDelta:
     numel: int
     padded: int
     sketch_gap: float | None
+    max_base: float | None = None
+    max_target: float | None = None
+    min_base: float | None = None
+    min_target: float | None = None
+    checksum_base: str | None = None
+    checksum_target: str | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether both records hold one statistic in common (a norm, max, min or mean)."""
+        return any(x is not None and y is not None for x, y in (
+            (self.norm_base, self.norm_target), (self.max_base, self.max_target),
+            (self.min_base, self.min_target), (self.mean_base, self.mean_target)))
 
     @property
     def recorded_elements(self) -> int:
@@ -162,11 +179,12 @@ class StatsDelta:
 def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> StatsDelta:
     """What two statistics records say about the pair: norm gap, new NaN/inf on either
     side, saturation. Masked values (as many in both runs) are a mask, not a difference."""
-    na, nb = sa.get("norm") or 0.0, sb.get("norm") or 0.0
-    gap = abs(nb - na)
+    na, nb = sa.get("norm"), sb.get("norm")
+    gap = abs(nb - na) if na is not None and nb is not None else None
     return StatsDelta(
         norm_base=na, norm_target=nb, norm_gap=gap,
-        norm_gap_rel=(gap / na) if na else (0.0 if gap == 0 else math.inf),
+        norm_gap_rel=(None if gap is None or na is None else (gap / na) if na
+                      else (0.0 if gap == 0 else math.inf)),
         absmax_base=sa.get("absmax"), absmax_target=sb.get("absmax"),
         mean_base=sa.get("mean"), mean_target=sb.get("mean"),
         new_nan=max(0, int(sb.get("nan", 0)) - int(sa.get("nan", 0))),
@@ -180,4 +198,7 @@ def stats_delta(sa: dict[str, Any], sb: dict[str, Any]) -> StatsDelta:
         padded=int(sa.get("padded", 0)),
         # an estimate of ||b - a|| from the count sketches (None where one has none)
         sketch_gap=sketch_distance(sa.get("sketch"), sb.get("sketch")),
+        max_base=sa.get("max"), max_target=sb.get("max"),
+        min_base=sa.get("min"), min_target=sb.get("min"),
+        checksum_base=sa.get("checksum"), checksum_target=sb.get("checksum"),
     )

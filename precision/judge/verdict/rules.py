@@ -377,7 +377,7 @@ def _sketch_gaps(row: Row, ctx: Context) -> tuple[float, float, float] | None:
     if d is None or ref is None or ref.stats_delta is None:
         return None
     gap, ref_gap = d.sketch_gap, ref.stats_delta.sketch_gap
-    if gap is None or ref_gap is None:
+    if gap is None or ref_gap is None or d.norm_base is None:
         return None
     return float(gap), float(ref_gap), float(d.norm_base)
 
@@ -424,20 +424,65 @@ def reference_sketch_jump(row: Row, ctx: Context) -> Verdict | None:
 
 
 def stats_norm_gap(row: Row, ctx: Context) -> Verdict | None:
-    """Stats mode: ``| ||b|| - ||a|| | > 2 noise_rms ||a|| + atol sqrt(n)`` proves drift.
+    """Stats mode: a statistic that moved more than the error norm allows proves drift.
 
-    A healthy run's ``||d||`` stays within ``noise_rms (||a|| + sigma sqrt(n)) <= 2 noise_rms
-    ||a||`` when the bulk scale is at most the rms, and ``| ||b|| - ||a|| | <= ||d||``.
+    A healthy run's ``||d|| = ||b - a||`` stays within ``bound = 2 noise_rms ||a|| + atol
+    sqrt(n)`` (``noise_rms (||a|| + sigma sqrt(n)) <= 2 noise_rms ||a||`` when the bulk scale
+    is at most the rms). Each statistic both records hold bounds ``||d||`` from below:
+
+    - ``| ||b|| - ||a|| | <= ||d||`` (reverse triangle inequality);
+    - ``|max b - max a| <= max_i |d_i| <= ||d||``, and the same for ``min``;
+    - ``sqrt(n) |mean b - mean a| = |sum_i d_i| / sqrt(n) <= ||d||`` (Cauchy-Schwarz).
+
+    The largest of them beyond ``bound`` is DRIFT. Without a recorded norm (an msprobe
+    summary of max and min only) ``||a|| <= sqrt(n) max |a_i|`` stands in for it; a
+    statistic neither record holds is not guessed.
     """
     d, prof = row.stats_delta, ctx.profile
     if d is None:
         return None
-    bound = 2 * prof.noise_rms * d.norm_base + prof.atol * math.sqrt(d.numel)
-    if d.norm_gap <= bound:
+    n = d.numel
+    scale = d.norm_base if d.norm_base is not None else (
+        d.absmax_base * math.sqrt(n) if d.absmax_base is not None else None)
+    if scale is None:
         return None
-    return Verdict("DRIFT", f"norms differ by {d.norm_gap_rel:.3g} relative "
-                            f"(> {2 * prof.noise_rms:.3g}; proves rel_l2 at least that)",
-                   d.norm_gap / bound if bound else math.inf)
+    bound = 2 * prof.noise_rms * scale + prof.atol * math.sqrt(n)
+    moved = [(gap, what) for gap, what in (
+        (d.norm_gap, "norm"), (_moved(d.max_base, d.max_target), "max"),
+        (_moved(d.min_base, d.min_target), "min"),
+        (_moved(d.mean_base, d.mean_target, math.sqrt(n)), "mean")) if gap is not None]
+    if not moved:
+        return None
+    gap, what = max(moved)
+    if gap <= bound:
+        return None
+    score = gap / bound if bound else math.inf
+    if what == "norm":
+        return Verdict("DRIFT", f"norms differ by {d.norm_gap_rel:.3g} relative "
+                                f"(> {2 * prof.noise_rms:.3g}; proves rel_l2 at least that)",
+                       score)
+    base, target = {"max": (d.max_base, d.max_target), "min": (d.min_base, d.min_target),
+                    "mean": (d.mean_base, d.mean_target)}[what]
+    return Verdict("DRIFT", f"{what} moved from {base:.4g} to {target:.4g}, more than an "
+                            f"error within the expected noise can move it (proves rel_l2 > "
+                            f"{2 * prof.noise_rms:.3g})", score)
+
+
+def _moved(a: float | None, b: float | None, weight: float = 1.0) -> float | None:
+    """``weight x |b - a|``, None unless both are known."""
+    return None if a is None or b is None else weight * abs(b - a)
+
+
+def stats_checksum(row: Row, ctx: Context) -> Verdict | None:
+    """Stats mode, records that hold a checksum and no statistic in common (msprobe's
+    summary_mode xor): different checksums are DRIFT, since nothing says by how much the
+    tensors differ; equal ones are bit-identical."""
+    d = row.stats_delta
+    if (d is None or d.has_statistics or d.checksum_base is None
+            or d.checksum_target is None or d.checksum_base == d.checksum_target):
+        return None
+    return Verdict("DRIFT", "checksums differ and the dumps hold no statistic to say by how "
+                            "much (a summary of checksums only)")
 
 
 # ------------------------------------------------------------- exact and generations
@@ -467,7 +512,8 @@ RULES: tuple[Rule, ...] = (
     non_finite, reference_gradient, gradient_norm, gradient_outlier, reference_rms,
     reference_max, reference_jump, noise_rms,
     noise_max, logits_kl, logits_top1,
-    stats_non_finite, reference_sketch, reference_sketch_jump, stats_norm_gap, exact_mismatch,
+    stats_non_finite, reference_sketch, reference_sketch_jump, stats_norm_gap, stats_checksum,
+    exact_mismatch,
     generation_check,
 )
 
