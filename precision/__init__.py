@@ -23,6 +23,7 @@ from .dumps.dump import Dump
 from .errors import DeviceError, DumpError, InputError, ModelError, OutputError, PrecisionError
 from .judge.compare import compare
 from .judge.measure.row import Row
+from .judge.options import CompareOptions
 from .judge.report import Report
 from .judge.scan import ScanReport, scan
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Capture",
+    "CompareOptions",
     "DeviceError",
     "Dump",
     "DumpError",

@@ -253,20 +253,20 @@ def test_a_mapping_that_maps_nothing_here_says_so(tmp_path: Path) -> None:
 
 def test_mapping_reaches_the_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What --mapping names is what compare gets (the engine test below uses it for real)."""
-    seen: dict[str, object] = {}
+    seen: list[str] = []
     real = precision.judge.compare.compare
 
-    def spy(*args: object, **kw: object) -> object:
-        seen.update(kw)
-        return real(*args, **kw)  # type: ignore[arg-type]
+    def spy(base: object, target: object, options: precision.CompareOptions,
+            **kw: object) -> object:
+        seen.append(str(options.mapping))
+        return real(base, target, options, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr("precision.judge.compare.compare", spy)
     a = write_dump(tmp_path / "a.st", {"x:out": np.ones(3, np.float32)})
     m = _mapping(tmp_path / "mine.json")
     assert _run("compare", a, a, "--mapping", m, "-q").exit_code == 0
-    assert seen["mapping"] == str(m)
     assert _run("report", a, a, "--mapping", m, "-o", tmp_path / "r.html").exit_code == 0
-    assert seen["mapping"] == str(m)
+    assert seen == [str(m), str(m)]
 
 
 # ------------------------------------------------------------ --expect with an engine's dump

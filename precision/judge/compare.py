@@ -62,8 +62,9 @@ from .notes import (
     sketch_notes,
     unused_mapping_warnings,
 )
+from .options import CompareOptions
 from .profiles import Profile, named_profile, profile_for
-from .report import FAIL_ON, Report
+from .report import Report
 from .verdict.posbias import diagnose
 from .verdict.rules import (
     RULES,
@@ -90,17 +91,15 @@ MIN_CHUNK_ELEMS = 1 << 12
 PARALLEL_MIN_ELEMENTS = 8 << 20
 
 
-def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] | Dump, *,
-            reference: str | os.PathLike[str] | Dump | None = None,
-            auto_reference: bool = True,
-            rtol: float | None = None, atol: float | None = None, profile: str | None = None,
-            fail_on: str = "drift", topk: int = 5, jobs: int | None = None,
-            chunk_elems: int = CHUNK_ELEMS, max_memory: int | None = None,
-            allow_different_models: bool = False, allow_partial: bool = False,
-            base_dtype: str | None = None, target_dtype: str | None = None,
-            rules: Sequence[Rule] = RULES, mapping: str | os.PathLike[str] | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Report:
+def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] | Dump,
+            options: CompareOptions | None = None, *, rules: Sequence[Rule] = RULES,
+            chunk_elems: int = CHUNK_ELEMS,
+            progress: Callable[[int, int], None] | None = None, **settings: Any) -> Report:
     """Compare two dumps of the same model and inputs; returns a :class:`Report`.
+
+    ``options`` (:class:`~precision.judge.options.CompareOptions`) says what to compare, how
+    to judge it and how to run it; its fields may also be given as keyword arguments
+    (``settings``), which override ``options``: ``compare(a, b, fail_on="nan", jobs=2)``.
 
     ``reference``: a third run of the same model and inputs in the target's precision on a
     trusted backend; its error against the baseline is measured too and given to the rules
@@ -114,7 +113,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     ``fail_on`` decides which statuses make the report falsy (see ``report.FAIL_ON``).
     ``allow_partial`` reads an unfinished multi-rank dump's shards (with a warning).
     ``jobs`` worker processes (default: the usable cores) share the tensor pairs;
-    ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`).
+    ``max_memory`` (bytes) caps their work buffers together (see :func:`plan_jobs`);
+    ``chunk_elems`` is the most elements a job reads at a time.
     ``base_dtype``/``target_dtype`` state what a run computed in when its file cannot say
     (logits saved as fp32 from a bf16 run: numpy has no bf16); the profile follows them.
     A run that holds outputs only (logits, a logprobs file) has no layers: the other run's
@@ -124,47 +124,45 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     first lined up with it (:mod:`precision.engines.vllm.lineup`): its records renamed, split and
     unpacked into Hugging Face's keys, by its family's table or the ``mapping`` file.
     """
-    if fail_on not in FAIL_ON:
-        raise InputError(f"--fail-on {fail_on!r}: choose one of {', '.join(FAIL_ON)}")
-    runs = {BASE: _open(base, allow_partial), TARGET: _open(target, allow_partial)}
-    stated = {BASE: base_dtype, TARGET: target_dtype}
-    target_precision = run_precision(runs[TARGET], target_dtype)
-    if reference is None and auto_reference:
+    o = replace(options or CompareOptions(), **settings)
+    runs = {BASE: _open(base, o.allow_partial), TARGET: _open(target, o.allow_partial)}
+    stated = {BASE: o.base_dtype, TARGET: o.target_dtype}
+    target_precision = run_precision(runs[TARGET], o.target_dtype)
+    reference = o.reference
+    if reference is None and o.auto_reference:
         found = reference_path(runs[BASE].path, target_precision) if target_precision in (
             "float16", "bfloat16") and not generation_only(runs[TARGET]) else None
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
-        runs[REFERENCE] = _open(reference, allow_partial)
+        runs[REFERENCE] = _open(reference, o.allow_partial)
     runs = line_up_runs(runs)
-    lined = engine_lineup.line_up(runs, mapping)
+    lined = engine_lineup.line_up(runs, o.mapping)
     b, t = runs[BASE], runs[TARGET]
     for name, other in runs.items():
         if name != BASE:
-            check_same_model(b, other, allow_different_models)
+            check_same_model(b, other, o.allow_different_models)
     dtypes = {name: run_precision(d, stated.get(name)) for name, d in runs.items()}
     if REFERENCE in runs and dtypes[REFERENCE] != dtypes[TARGET]:
         raise InputError(f"the reference {runs[REFERENCE].path.name} computed in "
                          f"{short(dtypes[REFERENCE])} and the target in "
                          f"{short(dtypes[TARGET])}: a reference is the target's precision "
                          "on a trusted backend")
-    prof = (named_profile(profile) if profile else profile_for(dtypes[BASE], dtypes[TARGET])
-            ).with_overrides(rtol, atol)
+    prof = (named_profile(o.profile) if o.profile
+            else profile_for(dtypes[BASE], dtypes[TARGET])).with_overrides(o.rtol, o.atol)
     tasks, folded = _tasks(runs, lined)
-    if jobs is not None and jobs < 1:
-        raise InputError(f"--jobs {jobs}: use 1 or more")
-    workers, chunk = plan_jobs(jobs or parallel.cpu_count(), max_memory, chunk_elems)
+    workers, chunk = plan_jobs(o.jobs or parallel.cpu_count(), o.max_memory, chunk_elems)
     work = sum(task.cost for task in tasks)
     if work < PARALLEL_MIN_ELEMENTS:
         workers = 1
     kernel = choose_kernel(work)  # loaded here, before the workers fork
-    measured = parallel.run(run_task, tasks, Job(runs, prof, topk, chunk, kernel),
+    measured = parallel.run(run_task, tasks, Job(runs, prof, o.topk, chunk, kernel),
                             workers=workers, cost=task_cost, progress=progress)
     by_comparison: dict[str, list[Row]] = {}
     for task, row in zip(tasks, measured, strict=True):
         by_comparison.setdefault(f"{task.base}->{task.target}", []).append(row)
     rows = by_comparison.pop(f"{BASE}->{TARGET}", [])
     for prefix in sorted(set(generation_prefixes(b)) & set(generation_prefixes(t))):
-        rows.append(generation_row(b, t, len(rows), topk, prefix, prof))
+        rows.append(generation_row(b, t, len(rows), o.topk, prefix, prof))
     ctx = Context(prof, {name: d.dtype for name, d in runs.items()},
                   others={name: _by_key(rs, runs, name) for name, rs in by_comparison.items()},
                   stateless=stateless_modules(b))
@@ -178,8 +176,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   rows=tuple(rows),
                   first_divergence=first,
                   warnings=tuple(report_warnings(b, t, rows, stated) + bias_notes
-                                 + unused_mapping_warnings(mapping, lined)),
-                  fail_on=fail_on, info=_info(b, t),
+                                 + unused_mapping_warnings(o.mapping, lined)),
+                  fail_on=o.fail_on, info=_info(b, t),
                   notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
                               + operation_notes(b, t)
                               + reference_notes(runs, dtypes, prof) + sketch_notes(runs)
