@@ -2,8 +2,8 @@
 :class:`Report`.
 
 A report is truthy when no row is flagged, so ``assert precision.compare(a, b)`` works in a
-test. It renders to JSON (schema in ``docs/json-schema.md``), Markdown and pandas; its
-tables take their columns from :mod:`.table`.
+test. It renders to plain text (``str(report)``), JSON (schema in ``docs/json-schema.md``),
+Markdown and pandas; its tables take their columns from :mod:`.table`.
 """
 
 from __future__ import annotations
@@ -59,10 +59,14 @@ class Report:
                 f"{self.base} vs {self.target}: {counts}{where}>")
 
     def __str__(self) -> str:
-        """The terminal table, as ``precision compare --top 20`` prints it to a pipe."""
-        from ..outputs.render import report_text
-
-        return report_text(self, top=self.STR_TOP)
+        """The summary, warnings, notes and the table of the worst rows, as ``precision
+        compare --top 20`` prints them to a pipe (no line wrapped)."""
+        parts = [self.summary, *(f"warning: {w}" for w in self.warnings),
+                 *(f"note: {n}" for n in self.notes)]
+        table = self.table(top=self.STR_TOP)
+        if table.rows:
+            parts += [table.text(), table.more]
+        return "".join(ln.rstrip() + "\n" for p in parts if p for ln in p.splitlines())
 
     @property
     def failing(self) -> list[Row]:

@@ -3,9 +3,9 @@
 :data:`COLUMNS` is the one list of the table's columns: each names a :class:`Row`'s value,
 the header above it, how the value reads as text, and its alignment. Every rendering of a
 comparison's rows takes its columns from here, by the names of one of the views below: the
-terminal (``outputs/render.py``, rich) and ``str(report)`` show :data:`TEXT`, Markdown
-(:meth:`Table.markdown`) and Jupyter show :data:`BRIEF`, the HTML report
-(``outputs/htmlreport.py``) :data:`PAGE`, and pandas :data:`FRAME`.
+terminal (``outputs/render.py``, rich) and ``str(report)`` (:meth:`Table.text`) show
+:data:`TEXT`, Markdown (:meth:`Table.markdown`) and Jupyter show :data:`BRIEF`, the HTML
+report (``outputs/htmlreport.py``) :data:`PAGE`, and pandas :data:`FRAME`.
 """
 
 from __future__ import annotations
@@ -144,6 +144,22 @@ class Table:
     def more(self) -> str:
         """The line under a table that leaves rows out ('' when it shows them all)."""
         return f"({self.left_out} more rows, the mildest, not shown)" if self.left_out else ""
+
+    def text(self) -> str:
+        """Plain text: columns two spaces apart, aligned, the first divergence marked; the
+        layout of the terminal's table (rich) written to a pipe, with no line wrapped."""
+        lines = [self.headers]
+        for r in self.rows:
+            cells = self.cells(r)
+            if self.is_first(r):
+                cells = [f"{t} {FIRST}" if c.name == "status" else t
+                         for c, t in zip(self.columns, cells, strict=True)]
+            lines.append(cells)
+        widths = [max(len(ln[i]) for ln in lines) for i in range(len(self.columns))]
+        return "\n".join(
+            "  ".join(t.ljust(w) if c.align == "left" else t.rjust(w)
+                      for c, t, w in zip(self.columns, ln, widths, strict=True)).rstrip()
+            for ln in lines)
 
     def markdown(self) -> str:
         """A Markdown table: layer names as code, ``|`` in cells escaped."""

@@ -102,17 +102,6 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
         con.print(item)
 
 
-def report_text(report: Report, *, only_flagged: bool = False, top: int | None = None) -> str:
-    """What :func:`print_report` prints to a pipe, as plain text (``str(report)``)."""
-    import io
-
-    buf = io.StringIO()
-    con = Console(file=buf, width=220, color_system=None, highlight=False, soft_wrap=False)
-    for item in _report_parts(report, only_flagged=only_flagged, top=top):
-        con.print(item)
-    return "".join(ln.rstrip() + "\n" for ln in buf.getvalue().splitlines())
-
-
 def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> list[Any]:
     """The summary line, the warnings, the table and, when rows were left out, a note."""
     style = "bold green" if report else "bold red"
