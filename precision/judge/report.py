@@ -125,17 +125,6 @@ class Report:
             "rows": [r.as_dict() for r in self.rows],
         }
 
-    def plot(self) -> Any:
-        """Matplotlib figure: error versus depth, the verdict's metric on a log axis with its
-        DRIFT limit, flagged layers marked (:func:`precision.outputs.plots.error_vs_depth`)."""
-        import matplotlib.pyplot as plt
-
-        from ..outputs.plots import error_vs_depth
-
-        fig, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
-        error_vs_depth(self, ax)
-        return fig
-
     def _repr_html_(self) -> str:
         """Jupyter: the summary and the flagged rows (all rows when none is flagged)."""
         from .html import table
