@@ -10,7 +10,7 @@ Capture per-layer activations of a model into a dump (needs torch), then compare
     assert report, report.summary
 
 Importing this package does not import torch; :func:`capture` and :func:`keep_fp32` load it
-on first use.
+on first use, and :func:`plot` loads matplotlib.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "isolate",
     "keep_fp32",
     "load",
+    "plot",
     "scan",
     "suggest",
 ]
@@ -76,6 +77,19 @@ def keep_fp32(model: Any, patterns: Any, *, hand_on: str = "auto") -> list[str]:
 
     return _keep(model, [patterns] if isinstance(patterns, str) else list(patterns),
                  hand_on=hand_on)
+
+
+def plot(report: Report, ax: Any = None) -> Any:
+    """Matplotlib figure of ``report``: error versus depth, the verdict's metric on a log axis
+    with its DRIFT limit, flagged layers marked (:func:`precision.outputs.plots.error_vs_depth`);
+    drawn on ``ax`` when given, else on a new pyplot figure (a notebook shows it)."""
+    from .outputs.plots import error_vs_depth
+
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
+    return error_vs_depth(report, ax)
 
 
 def suggest(model: str, **options: Any) -> Suggestion:

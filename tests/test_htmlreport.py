@@ -83,14 +83,19 @@ def test_healthy_page_and_refusals(t5_runs: dict[str, Path], tmp_path: Path) -> 
     assert "PASS" in (tmp_path / "m.md").read_text()
 
 
-def test_report_plot_figure(t5_runs: dict[str, Path]) -> None:
+def test_precision_plot_figure(t5_runs: dict[str, Path]) -> None:
+    """precision.plot(report): a new figure, or the figure of the axes it is given."""
     import matplotlib
+    from matplotlib.figure import Figure
 
     matplotlib.use("Agg")
-    fig = precision.compare(t5_runs["obase"], t5_runs["ofp16_none"]).plot()
+    report = precision.compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    fig = precision.plot(report)
     ax = fig.axes[0]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert ax.get_yscale() == "log" and f"first divergence: {OVERFLOW_WO}" in legend
+    given = Figure().subplots()
+    assert precision.plot(report, given) is given.figure and given.get_yscale() == "log"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed")

@@ -2,18 +2,21 @@
 :class:`Report`.
 
 A report is truthy when no row is flagged, so ``assert precision.compare(a, b)`` works in a
-test. It renders to JSON (schema in ``docs/json-schema.md``), Markdown and pandas.
+test. It renders to plain text (``str(report)``), JSON (schema in ``docs/json-schema.md``),
+Markdown and pandas; its tables take their columns from :mod:`.table`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .measure.row import FLAGGED, STATUSES, Row
 from .profiles import Profile
+from .table import BRIEF, FRAME, TEXT, Table, columns
 
 SCHEMA_VERSION = 1
 #: what each --fail-on choice fails on
@@ -56,10 +59,14 @@ class Report:
                 f"{self.base} vs {self.target}: {counts}{where}>")
 
     def __str__(self) -> str:
-        """The terminal table, as ``precision compare --top 20`` prints it to a pipe."""
-        from ..outputs.render import report_text
-
-        return report_text(self, top=self.STR_TOP)
+        """The summary, warnings, notes and the table of the worst rows, as ``precision
+        compare --top 20`` prints them to a pipe (no line wrapped)."""
+        parts = [self.summary, *(f"warning: {w}" for w in self.warnings),
+                 *(f"note: {n}" for n in self.notes)]
+        table = self.table(top=self.STR_TOP)
+        if table.rows:
+            parts += [table.text(), table.more]
+        return "".join(ln.rstrip() + "\n" for p in parts if p for ln in p.splitlines())
 
     @property
     def failing(self) -> list[Row]:
@@ -82,6 +89,14 @@ class Report:
         if self.first_divergence is not None and self.first_divergence not in kept:
             kept.append(self.first_divergence)  # the row the summary names
         return sorted(kept, key=lambda r: r.order)
+
+    def table(self, view: Sequence[str] = TEXT, *, top: int | None = None,
+              only_flagged: bool = False) -> Table:
+        """The rows :meth:`worst` picks under the columns ``view`` names (:mod:`.table`), the
+        first divergence marked, with a count of the rows left out."""
+        shown = sum(r.status != "OK" for r in self.rows) if only_flagged else len(self.rows)
+        rows = self.worst(top, only_flagged=only_flagged)
+        return Table(columns(view), tuple(rows), self.first_divergence, shown - len(rows))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = dict.fromkeys(STATUSES, 0)
@@ -110,26 +125,12 @@ class Report:
             "rows": [r.as_dict() for r in self.rows],
         }
 
-    def plot(self) -> Any:
-        """Matplotlib figure: error versus depth, the verdict's metric on a log axis with its
-        DRIFT limit, flagged layers marked (:func:`precision.outputs.plots.error_vs_depth`)."""
-        import matplotlib.pyplot as plt
-
-        from ..outputs.plots import error_vs_depth
-
-        fig, ax = plt.subplots(figsize=(9, 3.4), layout="constrained")
-        error_vs_depth(self, ax)
-        return fig
-
     def _repr_html_(self) -> str:
         """Jupyter: the summary and the flagged rows (all rows when none is flagged)."""
-        from .html import num, table
+        from .html import table
 
-        rows = self.flagged or list(self.rows)
-        return table(self.summary, ["#", "layer", "status", "rel_l2", "1-cos", "max_abs", "why"],
-                     ([r.order, r.key, r.status, num(r.metrics.rel_l2 if r.metrics else None),
-                       num(r.metrics.one_minus_cos if r.metrics else None),
-                       num(r.metrics.max_abs if r.metrics else None), r.reason] for r in rows))
+        shown = Table(columns(BRIEF), tuple(self.flagged or self.rows))
+        return table(self.summary, shown.headers, (shown.cells(r, digits=3) for r in shown.rows))
 
     def to_json(self) -> str:
         """JSON text; non-finite floats become the strings ``"inf"``, ``"-inf"``, ``"nan"``."""
@@ -141,18 +142,9 @@ class Report:
         lines += [f"> warning: {w}" for w in self.warnings]
         lines += [f"> note: {n}" for n in self.notes]
         rows = [r for r in self.rows if r.flagged] if only_flagged else list(self.rows)
-        if top is not None:
-            rows = rows[:top]
-        if rows:
-            lines += ["| # | layer | status | rel_l2 | 1-cos | max_abs | why |",
-                      "|---|---|---|---|---|---|---|"]
-            for r in rows:
-                m = r.metrics
-                lines.append(f"| {r.order} | `{r.key}` | {r.status} | "
-                             f"{_num(m.rel_l2) if m else '-'} | "
-                             f"{_num(m.one_minus_cos) if m else '-'} | "
-                             f"{_num(m.max_abs) if m else '-'} | "
-                             f"{r.reason.replace('|', chr(92) + '|')} |")
+        shown = Table(columns(BRIEF), tuple(rows[:top] if top is not None else rows))
+        if shown.rows:
+            lines.append(shown.markdown())
         return "\n".join(lines) + "\n"
 
     def to_pandas(self) -> Any:
@@ -160,11 +152,9 @@ class Report:
         import pandas as pd
 
         records = []
+        fields = columns(FRAME)
         for r in self.rows:
-            rec: dict[str, Any] = {"order": r.order, "key": r.key, "status": r.status,
-                                   "reason": r.reason, "shape": r.shape,
-                                   "base_dtype": r.base_dtype, "target_dtype": r.target_dtype,
-                                   "growth": r.growth}
+            rec: dict[str, Any] = {c.name: c.value(r) for c in fields}
             if r.metrics:
                 rec |= r.metrics.as_dict()
             if r.logits:
@@ -177,10 +167,6 @@ def _severity(r: Row) -> tuple[int, float, float]:
     m = r.metrics
     return (STATUSES.index(r.status), r.score,
             m.rel_l2 if m and m.rel_l2 == m.rel_l2 else 0.0)
-
-
-def _num(x: float) -> str:
-    return f"{x:.3g}"
 
 
 def json_safe(value: Any) -> Any:

@@ -15,11 +15,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..dtypes import short
 from ..dumps.dump import Dump
 from ..dumps.keys import parse_key
 from ..judge.measure.row import Row
 from ..judge.report import Report
+from ..judge.table import FIRST, PAGE, Column, Table, columns
 from . import plots
 
 STYLE = """
@@ -86,42 +86,24 @@ SCRIPT = """
 })();
 """
 
-FIRST_MARK = '<span class="mark" title="first divergence">◀ first</span>'
+FIRST_MARK = f'<span class="mark" title="first divergence">{FIRST}</span>'
 
-COLUMNS: list[tuple[str, Callable[[Row], Any]]] = [
-    ("#", lambda r: r.order),
-    ("layer", lambda r: r.key),
-    ("status", lambda r: r.status),
-    ("why", lambda r: r.reason),
-    ("rel_l2", lambda r: r.metrics.rel_l2 if r.metrics else None),
-    ("bits", lambda r: (r.metrics.signature_bits, r.metrics.signature) if r.metrics else None),
-    ("1-cos", lambda r: r.metrics.one_minus_cos if r.metrics else None),
-    ("max_abs", lambda r: r.metrics.max_abs if r.metrics else None),
-    ("snr dB", lambda r: r.metrics.snr_db if r.metrics else None),
-    ("max_ulp", lambda r: r.metrics.max_ulp if r.metrics else None),
-    ("absmax tgt", lambda r: r.metrics.absmax_target if r.metrics else None),
-    ("growth", lambda r: r.growth),
-    ("shape", lambda r: "x".join(map(str, r.shape))),
-    ("dtypes", lambda r: f"{short(r.base_dtype)}/{short(r.target_dtype)}"),
-]
+#: the cells' classes by column: a status's colour, and the columns that may break
+CSS = {"key": "layer", "reason": "why"}
 
 
-def _cell(value: Any, css: str = "") -> str:
-    """One cell; ``data-v`` holds the sort key. Layer names may break after their dots."""
-    if isinstance(value, tuple):  # the error signature: bits kept, sorted by the number
-        bits, like = value
-        sort = repr(bits) if math.isfinite(bits) else "1e999"
-        shown = f"{bits:.1f} {like}" if math.isfinite(bits) else "exact"
-    elif isinstance(value, float):
+def _cell(column: Column, row: Row) -> str:
+    """One cell; ``data-v`` holds the sort key (a number's value, else its text). Layer names
+    may break after their dots."""
+    value, shown = column.value(row), column.text(row)
+    if isinstance(value, float):
         sort = repr(value) if math.isfinite(value) else ("1e999" if value > 0 else "-1e999")
-        shown = f"{value:.4g}"
-    elif value is None:
-        sort, shown = "-1e999", "-"
     else:
-        sort = shown = str(value)
+        sort = "-1e999" if value is None else shown
+    css = f"s-{row.status}" if column.name == "status" else CSS.get(column.name, "")
     cls = f' class="{css}"' if css else ""
     text = html.escape(shown)
-    if css == "layer":
+    if column.name == "key":
         text = text.replace(".", ".<wbr>")
     return f'<td{cls} data-v="{html.escape(sort)}">{text}</td>'
 
@@ -131,17 +113,15 @@ def _table(report: Report, only_flagged: bool) -> str:
     mark; with ``only_flagged`` the others start ``hidden`` (the page works without script),
     and so do operation rows (``class="op"``, shown under their module with the
     "operations" box) that are not flagged."""
-    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in COLUMNS)
-    first = report.first_divergence
+    shown = Table(columns(PAGE), report.rows, report.first_divergence)
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in shown.headers)
     body = []
-    for r in report.rows:
+    for r in shown.rows:
         cells = []
-        is_first = first is not None and r.order == first.order and r.key == first.key
-        for name, get in COLUMNS:
-            css = f"s-{r.status}" if name == "status" else (
-                name if name in ("why", "layer") else "")
-            cell = _cell(get(r), css)
-            if name == "status" and is_first:
+        is_first = shown.is_first(r)
+        for col in shown.columns:
+            cell = _cell(col, r)
+            if col.name == "status" and is_first:
                 cell = cell.replace("</td>", f" {FIRST_MARK}</td>")
             cells.append(cell)
         css = " ".join(c for c in ("flagged" if r.flagged else "",

@@ -1,7 +1,7 @@
 """Matplotlib figures of a comparison (matplotlib is imported here, on first use).
 
 Every function draws on a given ``Axes`` or makes a new ``Figure`` without pyplot, so the
-HTML report has no global state; :meth:`Report.plot` uses pyplot for notebooks.
+HTML report has no global state; :func:`precision.plot` uses pyplot for notebooks.
 
 Points can carry hover labels (:func:`add_hits`): :func:`to_svg` lays a transparent circle
 or rectangle with an SVG ``<title>`` over each, so a browser names the layer under the mouse

@@ -12,6 +12,7 @@ from rich.table import Table
 from ..dtypes import short
 from ..dumps.atomic import format_bytes
 from ..dumps.dump import FORMAT_VERSION, Dump
+from ..judge.table import FIRST
 
 if TYPE_CHECKING:
     from ..doctor.checks import Suggestion
@@ -101,63 +102,27 @@ def print_report(report: Report, *, only_flagged: bool = False, top: int | None 
         con.print(item)
 
 
-def report_text(report: Report, *, only_flagged: bool = False, top: int | None = None) -> str:
-    """What :func:`print_report` prints to a pipe, as plain text (``str(report)``)."""
-    import io
-
-    buf = io.StringIO()
-    con = Console(file=buf, width=220, color_system=None, highlight=False, soft_wrap=False)
-    for item in _report_parts(report, only_flagged=only_flagged, top=top):
-        con.print(item)
-    return "".join(ln.rstrip() + "\n" for ln in buf.getvalue().splitlines())
-
-
-def _bits(m: Any) -> str:
-    """The error signature: significant bits kept and the precision that costs as much."""
-    if m.signature_bits == float("inf"):
-        return "exact"
-    return f"{m.signature_bits:.1f} {m.signature}"
-
-
 def _report_parts(report: Report, *, only_flagged: bool, top: int | None) -> list[Any]:
     """The summary line, the warnings, the table and, when rows were left out, a note."""
     style = "bold green" if report else "bold red"
     parts: list[Any] = [f"[{style}]{escape(report.summary)}[/]"]
     parts += [f"[yellow]warning:[/] {escape(w)}" for w in report.warnings]
     parts += [f"note: {escape(n)}" for n in report.notes]
-    shown = sum(r.status != "OK" for r in report.rows) if only_flagged else len(report.rows)
-    rows = report.worst(top, only_flagged=only_flagged)
-    if not rows:
+    shown = report.table(top=top, only_flagged=only_flagged)
+    if not shown.rows:
         return parts
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col, justify in (("#", "right"), ("layer", "left"), ("status", "left"),
-                         ("shape", "left"), ("dtypes", "left"), ("rel_l2", "right"),
-                         ("bits", "right"), ("1-cos", "right"), ("max_abs", "right"),
-                         ("absmax tgt", "right"), ("why", "left")):
-        table.add_column(col, justify=justify, no_wrap=col != "why")  # type: ignore[arg-type]
-    first = report.first_divergence
-    for r in rows:
-        m = r.metrics
-        st = STATUS_STYLE.get(r.status, "")
-        mark = " ◀ first" if first is not None and r.key == first.key else ""
-        reason = r.reason
-        if r.logits is not None:
-            lg = r.logits
-            ties = len(lg.flips) and sum(f[4] for f in lg.flips)
-            reason = (f"{reason}; " if reason else "") + (
-                f"top1 {lg.top1_agreement:.1%}" + (f" ({ties} near-tie flips)" if ties else "")
-                + f", top{lg.k} {lg.topk_overlap:.1%}, KL mean {lg.kl_mean:.2g} max "
-                  f"{lg.kl_max:.2g}")
-        table.add_row(
-            str(r.order), escape(r.key), f"[{st}]{r.status}[/]{mark}",
-            "x".join(map(str, r.shape)), f"{short(r.base_dtype)}/{short(r.target_dtype)}",
-            _fmt(m.rel_l2) if m else "-", _bits(m) if m else "-",
-            _fmt(m.one_minus_cos) if m else "-",
-            _fmt(m.max_abs) if m else "-", _fmt(m.absmax_target) if m else "-", escape(reason),
-            style="on grey15" if r.flagged else None)
+    for col in shown.columns:
+        table.add_column(col.header, justify=col.align, no_wrap=not col.wrap)
+    status = [c.name for c in shown.columns].index("status")
+    for r in shown.rows:
+        cells = [escape(text) for text in shown.cells(r)]
+        mark = f" {FIRST}" if shown.is_first(r) else ""
+        cells[status] = f"[{STATUS_STYLE.get(r.status, '')}]{r.status}[/]{mark}"
+        table.add_row(*cells, style="on grey15" if r.flagged else None)
     parts.append(table)
-    if len(rows) < shown:
-        parts.append(f"({shown - len(rows)} more rows, the mildest, not shown)")
+    if shown.more:
+        parts.append(shown.more)
     return parts
 
 
