@@ -190,3 +190,13 @@ def test_unrelated_dumps_are_an_error_not_a_pass(tmp_path: Path) -> None:
 def test_the_report_names_the_users_folders() -> None:
     report = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5")
     assert (report.base, report.target) == (str(DATA / "fp32-md5"), str(DATA / "bf16-md5"))
+
+
+def test_inspect_opens_an_msprobe_folder() -> None:
+    result = CliRunner().invoke(main, ["inspect", str(DATA / "fp32-train")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == str(DATA / "fp32-train")  # the user's folder, not a temporary dump
+    assert "msprobe pytorch statistics L0, step 0 of 0, 1" in result.output
+    assert "left out 47 module parameters (weights), 58 gradients of inputs" in result.output
+    assert "model.layers.1.mlp.down_proj.weight:pgrad" in result.output

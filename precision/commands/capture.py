@@ -245,9 +245,11 @@ def _capture_vllm(*, model: str, dtype: str, prompts: tuple[str, ...],
 def inspect(dump: str, show_all: bool) -> None:
     """Show what a dump holds: metadata, then its records in execution order.
 
-    An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE.
+    An unfinished multi-rank dump (shards, no index.json) is shown as INCOMPLETE. Another
+    tool's files open as compare opens them (an msprobe folder, logits arrays, vLLM's
+    JSON), with what was left out of them.
     """
-    from ..dumps import load
+    from ..dumps.external import open_any
     from ..outputs.render import print_inspect
 
-    print_inspect(load(dump, allow_partial=True), show_all=show_all)
+    print_inspect(open_any(dump, allow_partial=True), show_all=show_all)

@@ -189,11 +189,12 @@ def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
     """A comparison with no row that measured anything (no record paired, or pairs with no
     statistic in common) says nothing: an error naming both runs and what each holds, never
     a PASS."""
-    if any(r.metrics or r.exact or r.logits or r.generation or (
-            r.stats_delta is not None and (r.stats_delta.has_statistics or (
-                r.stats_delta.checksum_base and r.stats_delta.checksum_target)))
-           for r in rows if r.status not in ("MISSING", "MISMATCH")):
-        return
+    if any(r.status == "MISMATCH" or (r.status != "MISSING" and (
+            r.metrics or r.exact or r.logits or r.generation or (
+                r.stats_delta is not None and (r.stats_delta.has_statistics or (
+                    r.stats_delta.checksum_base and r.stats_delta.checksum_target)))))
+           for r in rows):
+        return  # a measurement, or records that cannot be compared (a verdict of its own)
 
     def holds(d: Dump) -> str:
         keys = [e.key for e in d.entries]

@@ -40,8 +40,9 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
     model = m.get("model", {})
     dev = m.get("device", {})
     policy = m.get("policy", {})
-    con.print(f"[bold]{escape(str(dump.path))}[/]  format v{FORMAT_VERSION}  "
-              f"{'complete' if dump.complete else '[red]INCOMPLETE[/]'}")
+    if not m.get("external"):
+        con.print(f"[bold]{escape(str(dump.path))}[/]  format v{FORMAT_VERSION}  "
+                  f"{'complete' if dump.complete else '[red]INCOMPLETE[/]'}")
     rows = [
         ("model", f"{model.get('class', '?')} ({model.get('kind', '?')}) "
                   f"{model.get('path', '')}  config {model.get('config_hash', '?')}"),
@@ -63,6 +64,22 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
                               "keys prefixed rank<r>/"))
     if m.get("foreign"):
         rows = [("format", "plain safetensors file (no precision metadata)")]
+    if m.get("external"):  # another tool's file, converted: say what it was and what it lost
+        title = str(m["external"])
+        raw = m.get("msprobe")
+        info: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        what = ("msprobe " + " ".join(str(info[k]) for k in ("framework", "task", "level")
+                                      if info.get(k)) if m.get("msprobe") else "external file")
+        if len(info.get("steps") or []) > 1:
+            what += f", step {info.get('step')} of {', '.join(map(str, info['steps']))}"
+        if info.get("ranks"):
+            what += f", ranks {', '.join(map(str, info['ranks']))}"
+        left = m.get("left_out") or {}
+        rows = [("source", what),
+                ("dtype", short(str(m.get("dtype", "?")))),
+                ("mode", f"{dump.mode}  {len(dump.entries)} records"),
+                ("left out", ", ".join(f"{n} {why}" for why, n in left.items()) or "nothing")]
+        con.print(f"[bold]{escape(title)}[/]")
     for name, value in rows:
         con.print(f"  [cyan]{name:8}[/] {escape(value)}")
     if m.get("dtype") not in (None, "float32") and "module_dtypes" in m:
