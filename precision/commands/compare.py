@@ -22,11 +22,16 @@ if TYPE_CHECKING:
 
 
 def check_mapping(mapping: str | os.PathLike[str] | None) -> None:
-    """Read a ``--mapping`` file before any work: a bad one is one line, exit 2."""
+    """Read a ``--mapping`` file before any work: a bad one is one line, exit 2. It holds
+    an engine's table (``rules``), module renames for another framework's dump
+    (``modules``), or both."""
     if mapping is not None:
+        from ..dumps.external.names import engine_rules_in, read_names
         from ..engines.vllm.mapping import read_mapping
 
-        read_mapping(mapping)
+        modules = read_names(mapping)  # None: the file has no module renames
+        if modules is None or engine_rules_in(mapping):
+            read_mapping(mapping)
 
 
 @click.command(cls=ComparisonCommand, context_settings=CONTEXT)
@@ -114,8 +119,8 @@ def report(base: str, target: str, output: str, md_out: str | None, force: bool,
     check_output_path(out, force=force)
     check_outputs(force, md_out)
     check_mapping(options.mapping)
-    b = open_any(base, allow_partial=options.allow_partial)
-    t = open_any(target, allow_partial=options.allow_partial)
+    b = open_any(base, allow_partial=options.allow_partial, mapping=options.mapping)
+    t = open_any(target, allow_partial=options.allow_partial, mapping=options.mapping)
     rep = run_compare(b, t, options)
     write_text(output, build(rep, b, t), force)
     if md_out:

@@ -50,9 +50,11 @@ OPTIONS = (
             default=DEFAULTS.auto_reference,
             help="Judge by the fixed noise limits even when a reference exists."),
     _option(WHAT, "--mapping", "mapping", metavar="FILE.json",
-            help="For a run captured in an engine (capture --engine vllm) of a model family "
-                 "without a built-in table: which of its records is which Hugging Face record "
-                 "(docs/vllm.md, 'Alignment'). Replaces the family's table."),
+            help="Which record is which Hugging Face record (JSON). 'rules': an engine's "
+                 "records (capture --engine vllm) of a family without a built-in table "
+                 "(docs/vllm.md, 'Alignment'); 'modules': module path prefixes of another "
+                 "framework's or code base's msprobe dump, e.g. {\"modules\": "
+                 "{\"net.blocks.{i}\": \"model.layers.{i}\"}} (docs/external.md)."),
     _option(WHAT, "--allow-different-models", "allow_different_models", is_flag=True,
             help="Compare dumps whose model configs differ."),
     _option(WHAT, "--allow-partial", "allow_partial", is_flag=True,

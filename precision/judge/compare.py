@@ -60,6 +60,7 @@ from .notes import (
     reference_notes,
     report_warnings,
     sketch_notes,
+    unpaired_warnings,
     unused_mapping_warnings,
 )
 from .options import CompareOptions
@@ -125,7 +126,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     unpacked into Hugging Face's keys, by its family's table or the ``mapping`` file.
     """
     o = replace(options or CompareOptions(), **settings)
-    runs = {BASE: _open(base, o.allow_partial), TARGET: _open(target, o.allow_partial)}
+    runs = {BASE: _open(base, o), TARGET: _open(target, o)}
     stated = {BASE: o.base_dtype, TARGET: o.target_dtype}
     target_precision = run_precision(runs[TARGET], o.target_dtype)
     reference = o.reference
@@ -134,7 +135,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
             "float16", "bfloat16") and not generation_only(runs[TARGET]) else None
         reference = found if found is not None and found.is_file() else None
     if reference is not None:
-        runs[REFERENCE] = _open(reference, o.allow_partial)
+        runs[REFERENCE] = _open(reference, o)
     runs = line_up_runs(runs)
     lined = engine_lineup.line_up(runs, o.mapping)
     b, t = runs[BASE], runs[TARGET]
@@ -176,7 +177,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   rows=tuple(rows),
                   first_divergence=first,
                   warnings=tuple(report_warnings(b, t, rows, stated) + bias_notes
-                                 + unused_mapping_warnings(o.mapping, lined)),
+                                 + unused_mapping_warnings(o.mapping, lined, runs)
+                                 + unpaired_warnings(b, t, rows)),
                   fail_on=o.fail_on, info=_info(b, t),
                   notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
                               + operation_notes(b, t)
@@ -242,8 +244,9 @@ def _by_key(rows: list[Row], runs: dict[str, Dump], comparison: str) -> dict[str
     return by_key
 
 
-def _open(run: str | os.PathLike[str] | Dump, allow_partial: bool) -> Dump:
-    return run if isinstance(run, Dump) else open_any(run, allow_partial=allow_partial)
+def _open(run: str | os.PathLike[str] | Dump, o: CompareOptions) -> Dump:
+    return run if isinstance(run, Dump) else open_any(run, allow_partial=o.allow_partial,
+                                                       mapping=o.mapping)
 
 
 def plan_jobs(jobs: int, max_memory: int | None, chunk_elems: int = CHUNK_ELEMS

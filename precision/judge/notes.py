@@ -99,13 +99,33 @@ def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str
 
 
 def unused_mapping_warnings(mapping: str | os.PathLike[str] | None,
-                    lined: dict[str, engine_lineup.Lineup]) -> list[str]:
-    """A mapping file given where no run was lined up says so, rather than pass unseen."""
-    if mapping is None or lined:
+                            lined: dict[str, engine_lineup.Lineup],
+                            runs: dict[str, Dump]) -> list[str]:
+    """A mapping file given where no run was lined up or renamed by it says so, rather
+    than pass unseen."""
+    renamed = any(isinstance(d.meta.get("msprobe"), dict) and d.meta["msprobe"].get("mapping")
+                  for d in runs.values())  # module paths the file renamed, per run
+    if mapping is None or lined or renamed:
         return []
     return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
-            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, and "
-            "these runs are not one of each"]
+            "an engine's records (capture --engine vllm) onto a Hugging Face capture's, or "
+            "another framework's module names (msprobe dumps) onto Hugging Face's, and "
+            "neither is compared here"]
+
+
+def unpaired_warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
+    """Another tool's dump whose records mostly pair with nothing: the two runs name their
+    modules otherwise (another framework, another code base), and a PASS on the few that
+    pair would say little."""
+    if not any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)):
+        return []
+    missing = [r.key for r in rows if r.status == "MISSING"]
+    if len(missing) <= len(rows) - len(missing):
+        return []
+    return [f"only {len(rows) - len(missing)} of {len(rows)} records pair between the runs "
+            f"(first unpaired {missing[0]}): do they name their modules alike? Another "
+            f"framework's or code base's names line up with {option('--mapping', 'mapping=')} "
+            "FILE (docs/external.md)"]
 
 
 def folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:
@@ -206,6 +226,8 @@ def external_notes(runs: dict[str, Dump], rows: list[Row]) -> list[str]:
                        f"{told}")
         info = d.meta.get("msprobe")
         info = info if isinstance(info, dict) else {}
+        if isinstance(info.get("names"), str):
+            out.append(f"{_file_name(d)}: {info['names']}")
         steps = info.get("steps")
         if isinstance(steps, list) and len(steps) > 1:
             out.append(f"{_file_name(d)}: msprobe step {info.get('step')} compared, of steps "

@@ -28,7 +28,8 @@ class CompareOptions:
     reference: str | os.PathLike[str] | Dump | None = None
     #: without ``reference``, take the baseline's sibling ``BASE.<precision>-reference.st``
     auto_reference: bool = True
-    #: an engine's records onto Hugging Face's: a mapping file instead of the family's table
+    #: a mapping file: an engine's records onto Hugging Face's instead of the family's table
+    #: (``rules``), and another framework's module names onto Hugging Face's (``modules``)
     mapping: str | os.PathLike[str] | None = None
     allow_different_models: bool = False
     #: read an unfinished multi-rank dump's shards (with a warning)

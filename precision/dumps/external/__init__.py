@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +66,17 @@ READERS: dict[str, tuple[str, Callable[[Path], Converted]]] = {
 }
 
 
-def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
+def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False,
+             mapping: str | os.PathLike[str] | None = None) -> Dump:
     """A precision dump, or another tool's file converted into one (see the module
-    docstring). Raises :class:`~precision.errors.DumpError`, one line naming the file, for
-    anything it cannot read."""
+    docstring); an msprobe dump's module names mapped by ``mapping``'s module rules
+    (:mod:`.names`). Raises :class:`~precision.errors.DumpError`, one line naming the file,
+    for anything it cannot read."""
     p = Path(path)
     convert: Callable[[Path], Converted]
     if (p.is_dir() and _msprobe_folder(p)) or p.name == "dump.json" or (
             p.suffix.lower() == ".json" and msprobe.is_msprobe_json(p)):
-        what, convert = msprobe.WHAT, msprobe.read
+        what, convert = msprobe.WHAT, partial(msprobe.read, mapping=mapping)
     elif p.suffix.lower() in READERS:
         what, convert = READERS[p.suffix.lower()]
     else:

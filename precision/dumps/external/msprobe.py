@@ -17,6 +17,10 @@ and why): module ``parameters`` (the weights, the same file on both sides), the 
 of a record's inputs (backward ``output``: precision keys gradients by outputs), tensors of
 dtypes a dump cannot hold (complex, float8), and records whose name says none of the above.
 
+Module and cell paths are renamed to line up with the other run's (:mod:`.names`): a
+``--mapping`` file's module rules (JSON prefixes, or msprobe's ``layer_mapping.yaml``), then
+wrapper cells removed (MindSpore's ``network._backbone.``, DDP's ``module.``), then Meta's
+Llama layout as Hugging Face names it (MindFormers: ``attention.wq`` is ``self_attn.q_proj``).
 Dtypes are read as PyTorch (``torch.bfloat16``) or MindSpore (``BFloat16``) names them.
 Every record is checked as it is parsed: objects where objects belong, shapes of
 non-negative integers, tensor files that exist and lie inside the dump's folder (a
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -51,6 +56,7 @@ from ...errors import DumpError, InputError
 from ..keys import GENERATION, INPUT, entry_module, make_key, parse_key
 from .arrays import npy_file, pt_tensor
 from .guard import Converted, is_int, is_number, parse_json, reading
+from .names import Names, names_for, renamed_by_user
 
 WHAT = "msprobe dump.json"
 
@@ -115,15 +121,20 @@ class _Records:
             self.files.append((key, f))
 
 
-def read(p: Path) -> Converted:
+def read(p: Path, mapping: str | os.PathLike[str] | None = None) -> Converted:
     """The records of an msprobe ``dump.json``, or of every rank of one step of an msprobe
-    folder, as a dump (see the module docstring)."""
+    folder, as a dump (see the module docstring), its module names as Hugging Face's
+    (wrappers removed, a ``mapping`` file's module rules or a known layout:
+    :mod:`.names`)."""
     if p.is_dir():
         step, steps, ranks = dump_files(p)
     else:
         step, steps, ranks = None, [], {None: p}
     docs = {rank: _document(f) for rank, f in ranks.items()}
-    records = [_records(f, rank, docs[rank]) for rank, f in ranks.items()]
+    classes = {m["path"]: m["cls"] for doc in docs.values() for name in doc["data"]
+               if isinstance(name, str) and (m := MODULE_RECORD.match(name))}
+    names = names_for(classes, mapping)
+    records = [_records(f, rank, docs[rank], names) for rank, f in ranks.items()]
     files = [x for r in records for x in r.files]
     stats = [x for r in records for x in r.stats]
     left_out = sum((r.left_out for r in records), Counter())
@@ -138,6 +149,10 @@ def read(p: Path) -> Converted:
         info |= {"step": step, "steps": steps}
     if ranks and next(iter(ranks)) is not None:
         info["ranks"] = sorted(r for r in ranks if r is not None)
+    if names.describe():
+        info["names"] = names.describe()
+    if names.user is not None:  # how many module paths the user's mapping file renamed
+        info["mapping"] = renamed_by_user(names, classes)
     meta: dict[str, Any] = {"msprobe": info, "mode": "full" if files else "stats",
                             "left_out": dict(left_out)}
     outputs = sum((r.output_dtypes for r in records), Counter())
@@ -154,15 +169,15 @@ def _document(p: Path) -> dict[str, Any]:
     return doc
 
 
-def _records(p: Path, rank: int | None, doc: dict[str, Any]) -> _Records:
-    """Every record of one ``dump.json``."""
+def _records(p: Path, rank: int | None, doc: dict[str, Any], names: Names) -> _Records:
+    """Every record of one ``dump.json``, module paths renamed by ``names``."""
     out = _Records(p, rank)
     for name, record in doc["data"].items():
         if not isinstance(record, dict):
             raise DumpError(f"{p}: record {name!r} is a {_kind(record)}, not an object")
         if not _NAME.fullmatch(name):
             raise DumpError(f"{p}: record name {name!r} holds characters a key cannot")
-        for key, item in _items(p, name, record, out.left_out):
+        for key, item in _items(p, name, record, out.left_out, names):
             out.add(name, key, item)
     return out
 
@@ -246,17 +261,17 @@ def _tensors(files: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarray]]:
         yield key, arr
 
 
-def _items(p: Path, name: str, record: dict[str, Any],
-           left_out: Counter[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(key, tensor item)`` for every tensor a record gives; what it leaves out is counted
-    in ``left_out``."""
+def _items(p: Path, name: str, record: dict[str, Any], left_out: Counter[str],
+           names: Names) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, tensor item)`` for every tensor a record gives, a module's path renamed by
+    ``names``; what it leaves out is counted in ``left_out``."""
     m = MODULE_RECORD.match(name)
     api = None if m else API_RECORD.match(name)
     if m is None and api is None:
         left_out["records of unknown kinds"] += 1
         return
     if m is not None:
-        module, call, direction = m["path"], int(m["n"]), m["dir"]
+        module, call, direction = names.rename(m["path"]), int(m["n"]), m["dir"]
     else:
         module, call, direction = api["name"], 0, api["dir"]  # type: ignore[index]
     if module in (INPUT, GENERATION):
