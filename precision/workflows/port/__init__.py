@@ -328,7 +328,8 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
     model = {"name": Path(opts.model).name, "path": str(opts.model), "class": facts.get("class"),
              **model_id, "parameters": _parameters(Path(opts.model))}
     env = target["env"]
-    versions = {k: str(v) for k, v in env.items() if k not in ("platform",)}
+    # the libraries that computed the numbers (a device plugin's too, torch_npu, CANN...)
+    versions = {k: str(v) for k, v in env.items() if k not in ("platform", "python", "numpy")}
     if target.get("engine_version"):
         versions["vllm"] = str(target["engine_version"])
     files = {"report_html": "report.html", "port_json": "port.json", "port_md": "PORT.md",
