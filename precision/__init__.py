@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .doctor.checks import Suggestion
     from .doctor.isolation import IsolateReport
     from .runtime.capture.recorder import Capture
+    from .workflows.port import PortResult
 
 __all__ = [
     "Capture",
@@ -41,6 +42,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputError",
+    "PortResult",
     "PrecisionError",
     "Report",
     "Row",
@@ -52,6 +54,7 @@ __all__ = [
     "keep_fp32",
     "load",
     "plot",
+    "port",
     "scan",
     "suggest",
 ]
@@ -106,9 +109,23 @@ def isolate(base: Any, model: str, **options: Any) -> IsolateReport:
     return _isolate(base, model, **options)
 
 
+def port(model: str, **options: Any) -> PortResult:
+    """Port ``model`` to a device and dtype end to end: baseline, target, compare,
+    self-consistency, and when flagged scan, isolate, suggest and the verified fix; writes
+    report.html, port.json and PORT.md in ``output`` (default ``port``). The result is truthy
+    when the target passes as it is; see :func:`precision.workflows.port.port`."""
+    from .workflows.port import port as _port
+
+    return _port(model, **options)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Capture":
         from .runtime.capture.recorder import Capture
 
         return Capture
+    if name == "PortResult":
+        from .workflows.port import PortResult
+
+        return PortResult
     raise AttributeError(f"module 'precision' has no attribute {name!r}")

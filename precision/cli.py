@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ._version import __version__
-from .commands import capture, compare, doctor
+from .commands import capture, compare, doctor, port
 from .commands.common import CONTEXT, INTERRUPTED, MODEL_SIDE, ByteSize
 
 __all__ = ["INTERRUPTED", "MODEL_SIDE", "ByteSize", "main"]
@@ -57,7 +57,7 @@ def main() -> None:
 
 for command in (capture.capture, capture.inspect, compare.compare, compare.report,
                 doctor.scan, doctor.suggest, doctor.isolate, doctor.consistency,
-                doctor.check):
+                doctor.check, port.port):
     main.add_command(command)
 
 

@@ -56,13 +56,14 @@ class Block:
     """Commands whose outputs one quoted block shows; ``keep`` lines of output per command
     (``None``: all), then ``...`` and its last ``tail`` lines, in the scratch folder
     ``group``. ``engine="vllm"``: a block that needs vLLM and the real model :data:`SMOLLM`
-    (see the module docstring)."""
+    (see the module docstring); ``real``: one that needs the real model only."""
 
     group: str
     commands: tuple[str, ...]
     keep: tuple[int | None, ...] = ()
     tail: tuple[int, ...] = ()
     engine: str = ""
+    real: bool = False
 
     def limit(self, i: int) -> int | None:
         return self.keep[i] if i < len(self.keep) else None
@@ -162,6 +163,12 @@ BLOCKS: dict[str, Block] = {
         "precision consistency vllm-bf16.st vllm-bf16-again.st"), engine="vllm"),
     "seed-vllm-report": Block("vllm", (
         "precision report hf-fp32.st vllm-bf16.st -o seed001.html",), engine="vllm"),
+    # docs/port.md: one command from a model to a port report
+    "port-overflow": Block("port", (
+        f"precision port --model {OVERFLOW} --dtype fp16 --keep-fp32 none -o overflow",)),
+    "port-smollm": Block("port-real", (
+        f"precision port --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} -o smollm",),
+        real=True),
     "seed-backward": Block("seed", (
         "precision capture --model fixtures/tiny-flan-t5 --backward -o step32.st",
         "precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --backward "
@@ -185,10 +192,12 @@ def vllm_python() -> Path:
 
 def missing(block: Block) -> str | None:
     """Why ``block`` cannot run here (None when it can)."""
-    if block.engine != "vllm":
+    if block.engine != "vllm" and not block.real:
         return None
     if not (real_models() / SMOLLM / "config.json").is_file():
         return f"{SMOLLM} is not in {real_models()} (scripts/get_real_models.py)"
+    if block.engine != "vllm":
+        return None
     py = vllm_python()
     if not py.is_file() or subprocess.run([str(py), "-c", "import vllm"],
                                           capture_output=True).returncode != 0:
@@ -266,7 +275,7 @@ def outputs(names: set[str] | None = None) -> dict[str, str]:
             if not folder.exists():
                 folder.mkdir()
                 (folder / "fixtures").symlink_to(ROOT / "fixtures")
-                if block.engine:
+                if block.engine or block.real:
                     (folder / SMOLLM).symlink_to(real_models() / SMOLLM)
             texts[name] = render(name, block, folder)
     return texts

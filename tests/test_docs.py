@@ -78,12 +78,13 @@ def test_every_quoted_output_is_generated() -> None:
         assert set(mod.marked(text)) <= set(mod.BLOCKS), path.name
 
 
-def _check_quoted(engine: str) -> None:
-    """The marked blocks of one kind (``engine``) are what the commands print now."""
+def _check_quoted(engine: str, *, real: bool = False) -> None:
+    """The marked blocks of one kind (``engine``; ``real``: on the real model without an
+    engine) are what the commands print now."""
     mod = _doc_outputs()
     docs = {p: p.read_text() for p in mod.DOCS}
     names = {name for t in docs.values() for name in mod.marked(t)
-             if mod.BLOCKS[name].engine == engine}
+             if mod.BLOCKS[name].engine == engine and mod.BLOCKS[name].real == real}
     assert names, engine
     why = next((w for n in sorted(names) if (w := mod.missing(mod.BLOCKS[n]))), None)
     if why is not None:
@@ -126,6 +127,12 @@ def test_quoted_outputs_are_compared_as_the_cpu_moves_them() -> None:
 def test_quoted_outputs_match_the_code() -> None:
     """README.md and docs/*.md quote what the commands print now (scripts/make_doc_outputs.py)."""
     _check_quoted("")
+
+
+@pytest.mark.slow
+def test_quoted_real_model_outputs_match_the_code() -> None:
+    """docs/port.md's healthy real decoder (SmolLM2; skipped without it, failed in CI)."""
+    _check_quoted("", real=True)
 
 
 @pytest.mark.slow

@@ -154,7 +154,9 @@ def test_suggest_prints_and_writes_the_capture_arguments_it_verified(tmp_path: P
     assert result["keep_fp32"] == ["none", "*.block.*.layer.*.DenseReluDense.wo"]
     assert result["capture_args"] == ("--keep-fp32 none "
                                       "--keep-fp32 '*.block.*.layer.*.DenseReluDense.wo'")
-    assert len(result["kept_modules"]) == 8 and "keeping 8 module(s)" in result["message"]
+    assert len(result["kept_modules"]) == 8 and result["message"].startswith(
+        "keeping *.block.*.layer.*.DenseReluDense.wo in fp32 fixes it (verified")
+    assert "8 module(s) in fp32" in result["message"]
     assert result["holdout"].startswith("PASS") and "held back" in result["message"]
     assert stdout.strip().endswith(result["capture_args"])
     # the printed arguments reproduce the verified run through capture itself

@@ -94,3 +94,38 @@ def test_without_budget_the_alternatives_are_verified(tmp_path: Path) -> None:
     tried = {a["capture_args"]: a["passed"] for a in result["alternatives"]}
     assert tried == {"--dtype bf16": True,
                      "--dtype fp16 --keep-fp32 none --keep-fp32 model.embed_tokens:fp32": True}
+
+
+def test_suggest_headline_names_the_fix_it_verified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 33's real case, an 18-layer decoder in fp16: keeping the culprit layer in fp32
+    did not remove its error, the listed attempt FAILs, and what was verified is the residual
+    stream in fp32 from the embedding on. The headline must name that fix, not a count of
+    modules that a failed step shares ("keeping 1 module(s) in fp32 fixes it")."""
+    from precision.doctor import checks
+
+    real_culprit = checks._culprit
+
+    def culprit(report: precision.Report) -> tuple[str, bool] | None:
+        found = real_culprit(report)  # the layer again, as if keeping it changed nothing
+        return (found[0], False) if found else None
+
+    monkeypatch.setattr(checks, "_culprit", culprit)
+    s = checks.suggest(str(LLAMA), dtype="fp16", base_policy="none", budget=1,
+                       prompts=("The capital of France is",))
+    assert s.fixed and s.keep_fp32 == ("none", "model.embed_tokens:fp32"), s.message
+    assert [(st.kept, bool(st.report)) for st in s.steps] == [
+        ((LAYER,), False), (("model.embed_tokens:fp32",), True)]
+    assert s.message.startswith("the residual stream in fp32 from model.embed_tokens on "
+                                "fixes it (verified; --keep-fp32 model.embed_tokens:fp32"), \
+        s.message
+
+
+def test_suggest_headline_names_the_module_handed_on_in_fp32(tmp_path: Path) -> None:
+    """The fix found step by step: the headline names ``model.layers.4`` handed on in fp32
+    (what the last, passing step ran), not "keeping 1 module(s)" that the failing first step,
+    ``model.layers.4`` handed back in fp16, kept too."""
+    s = precision.suggest(str(LLAMA), dtype="fp16", base_policy="none",
+                          prompts=("The capital of France is",))
+    assert s.fixed and [bool(st.report) for st in s.steps] == [False, True]
+    assert s.message == (f"keeping {LAYER} (its output handed on in fp32) in fp32 fixes it "
+                         "(verified; 1 module(s) in fp32)"), s.message

@@ -214,6 +214,7 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
         report = before
         final = work / "step0.st"
         alternatives: list[tuple[str, Report, tuple[str, ...] | None, Path]] = []
+        stream_fixed = False  # the fix is the residual stream in fp32, not the steps' modules
         while not report:
             found = _culprit(report)
             culprit, blown = found if found is not None else (None, False)
@@ -244,6 +245,7 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
                                       alternatives=tuple((a, r) for a, r, _, _ in alternatives))
                 log(f"{why}; the residual stream in fp32 from the first module on fixes it")
                 kept, report, final = list(stream[0][1:]), stream[1], stream[2]
+                stream_fixed = True
                 steps.append(Step(tuple(kept), report))
                 break
             else:
@@ -271,21 +273,45 @@ def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
             log(f"checking --keep-fp32 {' '.join(keep)} on {len(held)} prompt(s) held back")
             held_base = baseline("held-base", None, held)
             holdout = compare(held_base, run("held", dtype, keep, str(held_base), held))
-        if not kept:
-            message = "nothing to fix: the run is within the expected noise"
-        else:
-            message = f"keeping {len(modules)} module(s) in fp32 fixes it"
+        message = headline(general or kept, modules, stream=stream_fixed, held=len(held),
+                           held_passed=holdout is None or bool(holdout))
         if holdout is not None and not holdout:
             return Suggestion(False, tuple(kept), before, report, tuple(steps), general,
-                              general_report, f"{message} on the prompts it was fitted on, "
-                              f"but not on the {len(held)} held back: {holdout.summary}",
+                              general_report, f"{message}: {holdout.summary}",
                               keep_fp32=keep, kept_modules=modules, holdout=holdout)
-        if holdout is not None:
-            message += f" (and on {len(held)} prompt(s) held back)"
         return Suggestion(True, tuple(kept), before, report, tuple(steps), general,
                           general_report, message, keep_fp32=keep, kept_modules=modules,
                           holdout=holdout,
                           alternatives=tuple((a, r) for a, r, _, _ in alternatives))
+
+
+def headline(fix: Sequence[str], modules: Sequence[str], *, stream: bool = False,
+             held: int = 0, held_passed: bool = True) -> str:
+    """The result line of a fix that was verified: it names the ``--keep-fp32`` patterns the
+    verifying run was given (``fix``), never only a count that a failed step may share;
+    ``modules`` are the modules that run kept in fp32. ``stream``: the fix is the residual
+    stream handed on in fp32 from its first module, found when keeping modules did not fix
+    it. ``held``: prompts held back and checked too (``held_passed``: with what result).
+
+    E.g. ``keeping *.DenseReluDense.wo in fp32 fixes it (verified; 2 module(s) in fp32)``
+    or ``the residual stream in fp32 from emb on fixes it (verified, and on 1 prompt(s) held
+    back; --keep-fp32 emb:fp32, 1 module(s) in fp32)``.
+    """
+    if not fix:
+        return "nothing to fix: the run is within the expected noise"
+    detail = f"{len(modules)} module(s) in fp32"
+    if stream:
+        subject = f"the residual stream in fp32 from {fix[0].removesuffix(':fp32')} on"
+        detail = " ".join(f"--keep-fp32 {shlex.quote(p)}" for p in fix) + f", {detail}"
+    else:
+        subject = "keeping " + ", ".join(
+            f"{p.removesuffix(':fp32')} (its output handed on in fp32)" if p.endswith(":fp32")
+            else p for p in fix) + " in fp32"
+    if held and not held_passed:
+        return (f"{subject} fixes it on the prompts it was fitted on ({detail}), but not on "
+                f"the {held} held back")
+    verified = "verified" + (f", and on {held} prompt(s) held back" if held else "")
+    return f"{subject} fixes it ({verified}; {detail})"
 
 
 def _alternatives(base: Path, dtype: str, base_policy: str, run: Callable[..., Path],

@@ -1,0 +1,132 @@
+"""The port's stages as resumable steps: a stamp per stage, progress lines, one-line failures.
+
+Each stage writes ``stages/NAME.json`` in the port folder once it has finished: the key of
+its inputs (a SHA-256 of the model's fingerprint, the options it ran with, the device, the
+precision version and the keys of the stages it builds on), the files it wrote and its
+outcome (JSON-ready). A later run whose key is the same and whose files are all still there
+reuses the outcome and says so; ``force`` redoes every stage. A stamp is written whole or not
+at all (:func:`precision.dumps.atomic.write_output`), after the stage's files, so an
+interrupted run leaves the stages that finished usable and redoes the one it stopped in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..._version import __version__
+from ...dumps.atomic import write_output
+from ...errors import PrecisionError
+
+Log = Callable[[str], None]
+#: a stage's outcome: JSON-ready, with the files it wrote (relative to the port folder)
+Outcome = dict[str, Any]
+STAMPS = "stages"
+
+
+class StageError(PrecisionError):
+    """A stage that raised: the port stops there, the finished stages' files and stamps kept.
+
+    ``exit_code`` is 2 when the stage was refused for bad input (a :class:`PrecisionError`:
+    a device, a model folder, a prompt file), 1 when it failed while running (anything else).
+    """
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        self.stage = stage
+        self.error = error
+        self.exit_code = 2 if isinstance(error, PrecisionError) else 1
+        what = str(error) if isinstance(error, PrecisionError) else (
+            f"{type(error).__name__}: {error}")
+        super().__init__(f"port stopped in stage '{stage}': {what} (the stages before it are "
+                         "kept; run again to resume)")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """How one stage went in this run: its seconds (0 when reused) and whether it was."""
+
+    name: str
+    seconds: float
+    reused: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seconds": round(self.seconds, 3), "reused": self.reused}
+
+
+def key_of(inputs: Mapping[str, Any]) -> str:
+    """A SHA-256 prefix of ``inputs`` as canonical JSON (sorted keys)."""
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | None) -> str | None:
+    """SHA-256 prefix of a file's bytes (a prompts or feed file an input depends on)."""
+    if not path:
+        return None
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else f"missing:{p}"
+
+
+class Stages:
+    """Runs the port's stages in ``folder``, reusing finished ones (see the module doc)."""
+
+    def __init__(self, folder: Path, *, force: bool, log: Log) -> None:
+        self.folder = folder
+        self.force = force
+        self.log = log
+        self.runs: list[StageRun] = []
+        self.keys: dict[str, str] = {}
+
+    def stamp_path(self, name: str) -> Path:
+        return self.folder / STAMPS / f"{name}.json"
+
+    def _reusable(self, name: str, key: str) -> Outcome | None:
+        path = self.stamp_path(name)
+        if self.force or not path.is_file():
+            return None
+        try:
+            stamp = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if stamp.get("key") != key or not all((self.folder / f).exists()
+                                              for f in stamp.get("files", [])):
+            return None
+        outcome: Outcome = stamp["outcome"]
+        return outcome
+
+    def run(self, name: str, title: str, inputs: Mapping[str, Any],
+            work: Callable[[], Outcome], *, after: tuple[str, ...] = ()) -> Outcome:
+        """The outcome of stage ``name``: reused when its stamp's key is that of ``inputs``
+        (and of the stages ``after`` it builds on), else ``work()`` run and stamped. One
+        progress line either way: ``title``, the time it took or ``reused``."""
+        full = {"stage": name, "inputs": dict(inputs), "precision": __version__,
+                "after": {a: self.keys[a] for a in after}}
+        key = self.keys[name] = key_of(full)
+        outcome = self._reusable(name, key)
+        if outcome is not None:
+            self.runs.append(StageRun(name, 0.0, True))
+            self.log(f"{name}: reused ({title}; inputs unchanged)")
+            return outcome
+        start = time.perf_counter()
+        try:
+            outcome = work()
+        except KeyboardInterrupt:
+            raise
+        except StageError:
+            raise
+        except Exception as exc:  # one line naming the stage; the finished stages stay
+            raise StageError(name, exc) from exc
+        seconds = time.perf_counter() - start
+        self.stamp_path(name).parent.mkdir(parents=True, exist_ok=True)
+        write_output(self.stamp_path(name), json.dumps(
+            {"stage": name, "key": key, "inputs": full, "files": outcome.get("files", []),
+             "seconds": round(seconds, 3), "outcome": outcome}, indent=1, default=str) + "\n",
+            force=True)
+        self.runs.append(StageRun(name, seconds, False))
+        self.log(f"{name}: {seconds:.1f} s ({title})")
+        return outcome

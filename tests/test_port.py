@@ -1,0 +1,195 @@
+"""``precision port``: each stage's result, the verified fix, the three outputs, the resume
+path (a second run redoes nothing), and a stage that fails ending the port in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import precision
+from precision.cli import main
+from precision.workflows import port as port_module
+
+from .conftest import QWEN, T5_OVERFLOW, real_model
+
+STAGES = ("baseline", "target", "compare", "consistency")
+DOCTOR = ("scan", "isolate", "suggest", "fix")
+PROMPTS = ("--prompt", "The capital of France is", "--prompt", "Machine learning is",
+           "--max-new-tokens", "4")
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    r = CliRunner().invoke(main, ["port", *(str(a) for a in args)])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def stage_lines(stderr: str) -> dict[str, str]:
+    """The progress lines by stage: ``· NAME: ...``."""
+    return {ln[2:].split(":")[0]: ln for ln in stderr.splitlines() if ln.startswith("· ")}
+
+
+@pytest.mark.parametrize("device", ["npu", "cuda"])
+def test_an_unavailable_device_is_one_line_before_any_stage(tmp_path: Path,
+                                                            device: str) -> None:
+    code, out, err = run("--model", QWEN, "--device", device, "-o", tmp_path / "p")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert device in err.lower(), err
+    assert not (tmp_path / "p").exists()
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    code, _, err = run("--model", tmp_path / "nowhere", "-o", tmp_path / "p")
+    assert code == 2 and err.count("\n") == 1 and "no config.json" in err, err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code, _, err = run("--model", QWEN, "-o", tmp_path / "taken")
+    assert code == 2 and "is not a port folder" in err, err
+    code, _, err = run("--model", QWEN, "--repeat", "1", "-o", tmp_path / "p")
+    assert code == 2 and "--repeat must be at least 2" in err, err
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """A healthy decoder in bf16: passes as it is (no doctor stages)."""
+    folder = tmp_path_factory.mktemp("healthy") / "port"
+    return (folder, *run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "-o", folder))
+
+
+@pytest.mark.slow
+def test_healthy_port_passes_with_its_three_outputs(
+        healthy: tuple[Path, int, str, str]) -> None:
+    folder, code, out, err = healthy
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("PASS: matches the fp32 baseline")
+    assert list(stage_lines(err)) == list(STAGES), err
+    assert all(" s (" in line for line in stage_lines(err).values())
+    doc = json.loads((folder / "port.json").read_text())
+    assert doc["schema_version"] == 1 and doc["verdict"] == "pass" and doc["exit_code"] == 0
+    checks = {c["name"]: c["status"] for c in doc["checks"]}
+    assert checks == {"baseline": "INFO", "layers": "PASS", "logits": "PASS",
+                      "generations": "PASS", "self-consistency (3 runs)": "PASS",
+                      "overflow scan": "SKIP", "isolate": "SKIP", "fix": "SKIP"}
+    assert doc["fix"] is None and doc["baseline"]["references"] == ["bf16"]
+    assert doc["model"]["parameters"] > 100_000 and doc["versions"]["torch"]
+    md = (folder / "PORT.md").read_text()
+    assert "| check | status | evidence |" in md and "| self-consistency (3 runs) | PASS |" in md
+    assert md in out  # PORT.md is what the command prints
+    page = (folder / "report.html").read_text()
+    assert "PASS: matches" in page and "href='compare.html'" in page
+    assert (folder / "compare.html").is_file() and (folder / "base.bf16-reference.st").is_file()
+    assert len(list((folder / "consistency").glob("*.st"))) == 2
+
+
+@pytest.mark.slow
+def test_a_second_run_redoes_nothing_and_force_redoes_all(
+        healthy: tuple[Path, int, str, str]) -> None:
+    folder = healthy[0]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "stages").iterdir()}
+    code, out, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "-o", folder)
+    assert code == 0 and healthy[2] == out, err
+    lines = stage_lines(err)
+    assert list(lines) == list(STAGES) and all("reused" in ln for ln in lines.values()), err
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / "stages").iterdir()} == stamps
+    doc = json.loads((folder / "port.json").read_text())
+    assert all(s["reused"] for s in doc["stages"])
+    # one option changed: that stage alone is redone
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "--repeat", "2",
+                       "-o", folder)
+    lines = stage_lines(err)
+    assert code == 0 and ["reused" in lines[s] for s in STAGES] == [True, True, True, False]
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "--repeat", "2",
+                       "--force", "-o", folder)
+    assert code == 0 and not any("reused" in ln for ln in stage_lines(err).values()), err
+
+
+@pytest.mark.slow
+def test_a_stage_that_fails_ends_the_port_naming_it_and_keeps_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "port"
+    real = port_module.consistency_of
+
+    def broken(*_a: object) -> object:
+        raise RuntimeError("the device hung")
+
+    monkeypatch.setattr(port_module, "consistency_of", broken)
+    code, out, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "-q", "-o", folder)
+    assert code == 1 and out == "", err
+    assert err.strip().splitlines() == [
+        "error: port stopped in stage 'consistency': RuntimeError: the device hung (the "
+        "stages before it are kept; run again to resume)"]
+    assert sorted(p.stem for p in (folder / "stages").iterdir()) == [
+        "baseline", "compare", "target"]
+    assert not (folder / "port.json").exists()
+    # bad input inside a stage: exit 2
+    monkeypatch.setattr(port_module, "consistency_of",
+                        lambda *_a: (_ for _ in ()).throw(precision.InputError("bad run")))
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "-q", "-o", folder)
+    assert code == 2 and "stage 'consistency': bad run" in err, err
+    # resumed: the finished stages reused, the failed one run
+    monkeypatch.setattr(port_module, "consistency_of", real)
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", *PROMPTS, "-o", folder)
+    lines = stage_lines(err)
+    assert code == 0 and [("reused" in lines[s]) for s in STAGES] == [True, True, True, False]
+
+
+@pytest.mark.slow
+def test_python_api(healthy: tuple[Path, int, str, str]) -> None:
+    result = precision.port(str(QWEN), dtype="bf16", output=str(healthy[0]),
+                            prompts=("The capital of France is", "Machine learning is"),
+                            max_new_tokens=4, repeat=2)
+    # the command's last run (--repeat 2) stamped every stage: the API reuses them all
+    assert result and result.exit_code == 0 and result.verdict == "pass"
+    assert all(s.reused for s in result.stages)
+    assert result.to_markdown() == (healthy[0] / "PORT.md").read_text()
+    assert "self-consistency (2 runs)" in result._repr_html_()
+    with pytest.raises(dataclasses_frozen()):
+        result.verdict = "fail"  # type: ignore[misc]
+
+
+def dataclasses_frozen() -> type[Exception]:
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+@pytest.mark.slow
+def test_overflow_fixture_fails_and_is_fixed_by_keeping_wo_verified(tmp_path: Path) -> None:
+    """The T5 overflow fixture, cast wholesale: fails; scan, isolate and suggest name wo;
+    the target again with wo in fp32 passes; exit 1 with 'passes with' in the verdict line."""
+    folder = tmp_path / "port"
+    code, out, err = run("--model", T5_OVERFLOW, "--dtype", "fp16", "--keep-fp32", "none",
+                         "-o", folder)
+    assert code == 1, err
+    assert list(stage_lines(err)) == [*STAGES, *DOCTOR], err
+    wo = "'*.block.*.layer.*.DenseReluDense.wo'"
+    assert out.strip().splitlines()[-1] == (
+        f"FIXED: fails as is; passes with --keep-fp32 none --keep-fp32 {wo} (verified)")
+    doc = json.loads((folder / "port.json").read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["layers"]["status"] == "FAIL" and "DenseReluDense.wo:out (OVERFLOW" in \
+        checks["layers"]["evidence"]
+    assert checks["overflow scan"]["status"] == "FAIL"
+    assert "culprit: encoder.block.2.layer.1.DenseReluDense.wo:out" in \
+        checks["isolate"]["evidence"]
+    assert checks["fix"]["status"] == "PASS" and checks["self-consistency (3 runs)"][
+        "status"] == "PASS"
+    assert doc["verdict"] == "fixed" and doc["fix"]["passed"]
+    assert doc["fix"]["keep_fp32"] == ["none", "*.block.*.layer.*.DenseReluDense.wo"]
+    assert precision.compare(folder / "base.st", folder / "fixed.st")
+    assert not precision.compare(folder / "base.st", folder / "target.st")
+    page = (folder / "report.html").read_text()
+    assert "href='fixed-compare.html'" in page and "5c. Suggest" in page
+
+
+@pytest.mark.slow
+def test_healthy_real_decoder_passes_in_bf16(tmp_path: Path) -> None:
+    """SmolLM2-135M, a real 30-layer decoder: bf16 on the CPU passes as it is."""
+    model = real_model("smollm2-135m")
+    code, out, err = run("--model", model, "--dtype", "bf16", *PROMPTS, "-o", tmp_path / "p")
+    assert code == 0, out + err
+    doc = json.loads((tmp_path / "p" / "port.json").read_text())
+    assert doc["verdict"] == "pass" and doc["model"]["parameters"] > 100_000_000
