@@ -10,7 +10,10 @@
   one output channel of layer 1's MLP down projection (``model.layers.1.mlp.down_proj``)
   by 8;
 - ``msprobe/<model>-<dtype>``: statistics of real decoders' forward passes
-  (SmolLM2-135M, Gemma 3 270M from ``$PRECISION_REAL_MODELS``) in fp32 and bf16.
+  (SmolLM2-135M, Gemma 3 270M from ``$PRECISION_REAL_MODELS``) in fp32 and bf16;
+- ``msprobe/ddp2-<dtype>``: a training step of the fixture under ``torchrun`` with two ranks
+  (gloo) and DistributedDataParallel, each rank its half of the batch, in fp32 and bf16
+  (msprobe's ``step0/rank<r>`` layout, records under DDP's ``module.``).
 
 msprobe (PyPI ``mindstudio-probe``) is not a dependency of precision; install it apart from
 the project's environment and put it on the path, e.g.::
@@ -19,6 +22,7 @@ the project's environment and put it on the path, e.g.::
         pytz wheel tensorboard protobuf absl-py
     PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py
     PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py --statistics [NAME ...]
+    PYTHONPATH=/tmp/mssite:. .venv/bin/python scripts/make_msprobe_dump.py --ranks [NAME ...]
 
 The model is ``fixtures/tiny-qwen3`` cut to its first decoder layer (``num_hidden_layers=1``)
 with eager attention, in fp32 on the CPU, on the token ids in ``inputs.json``: small enough
@@ -160,8 +164,72 @@ def write_statistics(name: str) -> None:
     print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
 
 
+#: two ranks under torchrun (gloo), DistributedDataParallel, one training step: name -> dtype
+RANK_CASES = {"ddp2-fp32": "float32", "ddp2-bf16": "bfloat16"}
+
+
+def write_ranks(name: str) -> None:
+    """One :data:`RANK_CASES` dump, from inside a ``torchrun --nproc_per_node 2`` worker:
+    each rank trains the DDP-wrapped fixture on its half of the batch, and msprobe writes
+    ``step0/rank<r>/`` (its records named under DDP's ``module.``)."""
+    import torch
+    import torch.distributed as dist
+    from msprobe.pytorch import PrecisionDebugger
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE, attn_implementation="eager",
+                                                 dtype=getattr(torch, RANK_CASES[name]))
+    ddp = DistributedDataParallel(model.train())
+    batch = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64], [128, 11, 300, 2, 9, 81, 33, 6]])
+    ids = batch[rank:rank + 1]
+    dump = Path(sys.argv[3])
+    config = dump.parent / f"config-{rank}.json"
+    config.write_text(json.dumps({
+        "task": "statistics", "dump_path": str(dump), "rank": [], "step": [0],
+        "level": "L0", "statistics": {"scope": [], "list": [], "data_mode": ["all"],
+                                      "summary_mode": "statistics"}}))
+    debugger = PrecisionDebugger(config_path=str(config))
+    debugger.start(ddp)
+    ddp(input_ids=ids, labels=ids).loss.backward()
+    debugger.stop()
+    debugger.step()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ranks(name: str) -> None:
+    """Run :func:`write_ranks` under torchrun and keep msprobe's ``step0/rank<r>/``."""
+    import subprocess
+
+    out = STATS_OUT / name
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "dump"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", __file__, "--rank-worker", name, str(dump)],
+                       check=True)
+        for found in sorted(dump.rglob("dump.json")):
+            dest = out / found.parent.parent.name / found.parent.name  # step0/rank<r>
+            dest.mkdir(parents=True)
+            doc = json.loads(found.read_text())
+            doc["dump_data_dir"] = None
+            (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+            shutil.copy(found.parent / "construct.json", dest / "construct.json")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--statistics"]:
+    if sys.argv[1:2] == ["--ranks"]:
+        for case in sys.argv[2:] or list(RANK_CASES):
+            run_ranks(case)
+    elif sys.argv[1:2] == ["--rank-worker"]:
+        write_ranks(sys.argv[2])
+    elif sys.argv[1:2] == ["--statistics"]:
         import subprocess
 
         for case in sys.argv[2:] or list(STATS_CASES) + list(REAL_CASES):

@@ -203,3 +203,20 @@ def test_inspect_opens_an_msprobe_folder() -> None:
     assert "msprobe pytorch statistics L0, step 0 of 0, 1" in result.output
     assert "left out 47 module parameters (weights), 58 gradients of inputs" in result.output
     assert "model.layers.1.mlp.down_proj.weight:pgrad" in result.output
+
+
+def test_a_real_two_rank_torchrun_dump_lines_up_rank_by_rank() -> None:
+    """mindstudio-probe under ``torchrun --nproc_per_node 2`` (gloo) on the DDP-wrapped
+    fixture, one training step, each rank its half of the batch: msprobe's ``step0/rank<r>``
+    folders, records named under DDP's ``module.``."""
+    d = open_any(DATA / "ddp2-fp32")
+    assert d.meta["msprobe"]["ranks"] == [0, 1]
+    assert d.meta["msprobe"]["names"] == "wrapper prefix 'module' removed"
+    keys = {e.key for e in d.entries}
+    assert {"rank0/model.layers.1.mlp:out", "rank1/model.layers.1.mlp:out",
+            "rank1/model.layers.1.mlp.down_proj.weight:pgrad"} <= keys
+    a, b = (d.entry(f"rank{r}/model.layers.1.mlp:out") for r in (0, 1))
+    assert a is not None and b is not None and a.stats != b.stats  # each its own half
+    report = precision.compare(DATA / "ddp2-fp32", DATA / "ddp2-bf16")
+    assert report and not report.warnings, report.first_divergence
+    assert all(r.status == "OK" for r in report.rows) and len(report.rows) == len(keys)
