@@ -190,6 +190,11 @@ def build_qwen3() -> Qwen3ForCausalLM:
 
 #: tiny-qwen3.5's layers: Qwen3.5's pattern (three linear-attention layers, then one full)
 QWEN35_LAYERS = ["linear_attention"] * 3 + ["full_attention"]
+#: the range of the delta rule's time step dt = softplus(a + dt_bias) at a = 0, drawn
+#: log-uniformly as FLA (and Mamba 2) initialise a Gated DeltaNet: decays exp(-A dt) from
+#: about 0.2 to nearly 1, long memories as trained models keep (transformers' own
+#: initialisation, dt_bias = 1, makes dt about 1.3 and every head forget within a few tokens)
+QWEN35_DT = (0.001, 0.1)
 
 
 def build_qwen3_5() -> Qwen3_5ForCausalLM:
@@ -203,7 +208,14 @@ def build_qwen3_5() -> Qwen3_5ForCausalLM:
         "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
         "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4})
     torch.manual_seed(SEED)
-    return Qwen3_5ForCausalLM(config).float().eval()
+    model = Qwen3_5ForCausalLM(config).float().eval()
+    lo, hi = (torch.tensor(x).log() for x in QWEN35_DT)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                dt = (torch.rand(layer.linear_attn.dt_bias.shape) * (hi - lo) + lo).exp()
+                layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    return model
 
 
 def build_llama_overflow() -> LlamaForCausalLM:
