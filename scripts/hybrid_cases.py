@@ -79,6 +79,7 @@ def load(dtype: str, form: str | None = None) -> tuple[nn.Module, dict[str, torc
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(FIXTURE)
     tok.padding_side = "left"
     inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
