@@ -34,7 +34,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...errors import InputError
