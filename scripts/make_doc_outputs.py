@@ -43,6 +43,7 @@ DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 MARKER = re.compile(r"^<!-- make_doc_outputs: ([\w-]+) -->\n```\n(.*?)```\n", re.M | re.S)
 OVERFLOW = "fixtures/tiny-flan-t5-overflow"
 RESIDUAL = "fixtures/tiny-llama-overflow"
+QWEN35 = "fixtures/tiny-qwen3.5"
 #: the real model seed 001's vLLM blocks run (a Llama of the check set)
 SMOLLM = "smollm2-135m"
 SEED_PROMPTS = ("--prompt 'The capital of France is' --prompt 'Machine learning is a branch of' "
@@ -134,6 +135,20 @@ BLOCKS: dict[str, Block] = {
         "precision compare base.st fp16.st --only-flagged --top 4"), keep=(1, 1, 8)),
     "ops-check": Block("ops", (
         "precision check fp16.st --top 6",), keep=(10,)),
+    # docs/models.md: a hybrid linear-attention model, its delta rule's two forms
+    "hybrid-records": Block("hybrid", (
+        f"precision capture --model {QWEN35} --dtype fp32 --expect bf16 --expect fp16 "
+        "--max-new-tokens 4 --capture-steps -o h32.st",)),
+    "hybrid-kernels": Block("hybrid", (
+        f"precision capture --model {QWEN35} --dtype bf16 --delta-rule recurrent "
+        "--capture-steps --replay h32.st -o hbf16r.st -q",
+        "precision compare h32.st hbf16r.st -q",
+        f"precision capture --model {QWEN35} --dtype fp16 --delta-rule recurrent "
+        "--capture-steps --replay h32.st -o hfp16r.st -q",
+        "precision compare h32.st hfp16r.st -q",
+        f"precision capture --model {QWEN35} --dtype fp32 --delta-rule recurrent "
+        "--capture-steps --replay h32.st -o h32r.st -q",
+        "precision compare h32.st h32r.st -q")),
     # docs/seed-workflows.md
     "seed-qwen-bf16": Block("seed", (
         "precision capture --model fixtures/tiny-qwen3 --dtype fp32 --max-new-tokens 8 "

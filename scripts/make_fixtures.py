@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build tiny, deterministic Hugging Face model fixtures under ``fixtures/``.
 
-Creates four offline model directories from a fixed seed and the bundled
+Creates five offline model directories from a fixed seed and the bundled
 ``fixtures/corpus.txt``:
 
 * ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, no decoder
@@ -13,6 +13,9 @@ Creates four offline model directories from a fixed seed and the bundled
   wholesale ``.half()``) while staying finite in fp32 and bf16.
 * ``tiny-qwen3``: a decoder-only Qwen3 (GQA, RoPE, RMSNorm) using the same
   vocabulary, with a tokenizer that does not append ``</s>``.
+* ``tiny-qwen3.5``: a hybrid linear-attention Qwen3.5 text decoder (``Qwen3_5ForCausalLM``):
+  three Gated DeltaNet layers, then one gated full-attention layer, the same vocabulary,
+  embeddings tied to the head (as Qwen3.5-0.8B's).
 * ``tiny-llama-overflow``: a decoder-only Llama (8 layers) whose residual stream grows with
   depth, as trained decoders' does: one "massive" channel gains about 14,000 in every
   layer's MLP, so the decoder layer outputs exceed the fp16 range from layer
@@ -49,6 +52,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
     T5Config,
@@ -183,6 +188,36 @@ def build_qwen3() -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(config).float().eval()
 
 
+#: tiny-qwen3.5's layers: Qwen3.5's pattern (three linear-attention layers, then one full)
+QWEN35_LAYERS = ["linear_attention"] * 3 + ["full_attention"]
+#: the range of the delta rule's time step dt = softplus(a + dt_bias) at a = 0, drawn
+#: log-uniformly as FLA (and Mamba 2) initialise a Gated DeltaNet: decays exp(-A dt) from
+#: about 0.2 to nearly 1, long memories as trained models keep (transformers' own
+#: initialisation, dt_bias = 1, makes dt about 1.3 and every head forget within a few tokens)
+QWEN35_DT = (0.001, 0.1)
+
+
+def build_qwen3_5() -> Qwen3_5ForCausalLM:
+    """Seeded tiny Qwen3.5 text decoder: Gated DeltaNet layers with 2 key and 4 value heads
+    of 16 (grouped), a causal convolution of width 4, then one gated attention layer
+    (GQA 4/2, rotary on a quarter of each head); embeddings tied to the head."""
+    shape = decoder_shape(num_hidden_layers=len(QWEN35_LAYERS))
+    shape["rope_parameters"] = shape["rope_parameters"] | {"partial_rotary_factor": 0.25}
+    config = Qwen3_5TextConfig(**shape | {
+        "tie_word_embeddings": True, "layer_types": QWEN35_LAYERS,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4})
+    torch.manual_seed(SEED)
+    model = Qwen3_5ForCausalLM(config).float().eval()
+    lo, hi = (torch.tensor(x).log() for x in QWEN35_DT)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                dt = (torch.rand(layer.linear_attn.dt_bias.shape) * (hi - lo) + lo).exp()
+                layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    return model
+
+
 def build_llama_overflow() -> LlamaForCausalLM:
     """Seeded tiny Llama decoder whose residual stream grows by about 14,300 per layer in one
     channel (a massive activation), written by the MLPs: its layer outputs pass 65504 from
@@ -296,7 +331,7 @@ def check_t5(path: Path, prompts: list[torch.Tensor], *, overflow: bool) -> None
 
 
 def check_qwen3(path: Path) -> None:
-    """Load the Qwen3 fixture via Auto classes and run a finite forward plus greedy generate."""
+    """Load a Qwen fixture via Auto classes and run a finite forward plus greedy generate."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     batch = tokenizer(
@@ -350,9 +385,10 @@ def main(out_root: Path = FIXTURES) -> None:
     tokenizer = train_tokenizer(lines)
     prompts = [torch.tensor([[*tokenizer.encode(line).ids, EOS_ID]]) for line in lines]
 
-    names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3", "tiny-llama-overflow")
-    t5_dir, overflow_dir, qwen_dir, llama_dir = (out_root / name for name in names)
-    for out in (t5_dir, overflow_dir, qwen_dir, llama_dir):
+    names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3", "tiny-llama-overflow",
+             "tiny-qwen3.5")
+    t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir = (out_root / name for name in names)
+    for out in (t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
 
@@ -371,9 +407,13 @@ def main(out_root: Path = FIXTURES) -> None:
     save_model(build_llama_overflow(), llama_dir)
     save_tokenizer(tokenizer, llama_dir, append_eos=False)
 
+    save_model(build_qwen3_5(), qwen35_dir)
+    save_tokenizer(tokenizer, qwen35_dir, append_eos=False)
+
     check_t5(t5_dir, prompts, overflow=False)
     check_t5(overflow_dir, prompts, overflow=True)
     check_qwen3(qwen_dir)
+    check_qwen3(qwen35_dir)
     check_llama_overflow(llama_dir, [ids[:, :-1] for ids in prompts])  # no </s>, as fed
 
 

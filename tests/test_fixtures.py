@@ -136,7 +136,8 @@ def test_decoder_fixtures_load_without_transformers_warnings() -> None:
             "transformers.utils.logging.disable_progress_bar()\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f"for d in ({str(FIXTURES / 'tiny-qwen3')!r}, "
-            f"{str(FIXTURES / 'tiny-llama-overflow')!r}):\n"
+            f"{str(FIXTURES / 'tiny-llama-overflow')!r}, "
+            f"{str(FIXTURES / 'tiny-qwen3.5')!r}):\n"
             "    AutoModelForCausalLM.from_pretrained(d)\n"
             "    AutoTokenizer.from_pretrained(d)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -41,6 +41,11 @@ from .common import (
               help="transformers' attention implementation: eager (its own matmul, softmax "
                    "and mask add, each an operation --level ops records) or sdpa (PyTorch's "
                    "fused kernel). Default: the model's own choice.")
+@click.option("--delta-rule", "delta_rule", type=click.Choice(["chunked", "recurrent"]),
+              help="Hybrid linear-attention models (Qwen3.5, Qwen3-Next): run every call of "
+                   "the gated delta rule in transformers' chunked form or its recurrent "
+                   "(token by token) form. Default: the model's own choice (chunked over a "
+                   "prompt, recurrent for one new token).")
 @click.option("--mode", default="auto", show_default=True,
               type=click.Choice(["auto", "full", "stats"]),
               help="full: store every tensor. stats: per-tensor statistics only (small). "
@@ -125,7 +130,8 @@ from .common import (
 def capture(model: str, device: str, device_map: str | None, dtype: str,
             prompts: tuple[str, ...],
             prompts_file: str | None, images: tuple[str, ...], audio: tuple[str, ...],
-            feed: str | None, model_class: str | None, attention: str | None, mode: str,
+            feed: str | None, model_class: str | None, attention: str | None,
+            delta_rule: str | None, mode: str,
             full_globs: tuple[str, ...],
             include: tuple[str, ...],
             exclude: tuple[str, ...], level: str, ops_include: tuple[str, ...],
@@ -175,7 +181,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                           num_beams=num_beams,
                           capture_steps=capture_steps, force=force, fsync=fsync,
                           images=images, audio=audio, feed=feed, model_class=model_class,
-                          attention=attention)
+                          attention=attention, delta_rule=delta_rule)
     if dry_run:
         from ..runtime.run.plan import plan_model, render
 

@@ -230,8 +230,12 @@ class Dump:
     def common_float_dtype(self) -> str | None:
         """The most common float dtype of the module outputs, else of all records (what a run
         with no recorded dtype, a Python capture or another tool's file, most likely computed
-        in; a training step's gradients are recorded in fp32 whatever it computed in)."""
-        floats = ([e.dtype for e in self.entries if is_float(e.dtype) and e.kind == "out"]
+        in; a training step's gradients are recorded in fp32 whatever it computed in, and
+        the operations inside modules (``--level ops``) often upcast: a Gated DeltaNet's
+        delta rule computes in fp32 in a bf16 model, so operations count only where no
+        module output is recorded)."""
+        outs = [e for e in self.entries if is_float(e.dtype) and e.kind == "out"]
+        floats = ([e.dtype for e in outs if "/" not in e.module] or [e.dtype for e in outs]
                   or [e.dtype for e in self.entries if is_float(e.dtype)])
         return max(set(floats), key=floats.count) if floats else None
 

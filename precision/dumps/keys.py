@@ -34,6 +34,9 @@ _RANK = re.compile(r"rank(\d+)/")
 #: operator records of casts are named ``cast_<from>_<to>`` (``MODULE/cast_bfloat16_float32``):
 #: recorded only where the dtype changes, so a run in another precision has other ones
 CAST_PREFIX = "cast_"
+#: the index of a state a module hands to its next call (``linear_attn.delta_rule:out.state``,
+#: a Gated DeltaNet's recurrent state): it has no token axis, whatever its shape
+STATE = "state"
 
 
 @dataclass(frozen=True)

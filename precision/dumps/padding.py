@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .keys import parse_key
+from .keys import STATE, parse_key
 
 #: the masks a capture records among the model's inputs (``input:attention_mask`` ...)
 MASKS = ("attention_mask", "decoder_attention_mask")
@@ -25,9 +25,11 @@ def token_axis(key: str, shape: tuple[int, ...], masks: Mapping[str, tuple[int, 
     records, ``attention_mask`` for its ``encoder.*`` records, and for every record of a
     model with one input stream (decoder-only, encoder-only). Records of an encoder-decoder
     outside its two stacks (a shared embedding, the head) have none: which stream they saw
-    cannot be told from the shape alone. ``masks``: the recorded masks' shapes by name.
+    cannot be told from the shape alone. A state carried between calls (index ``state``: a
+    recurrent or convolution state) has none either. ``masks``: the recorded masks' shapes
+    by name.
     """
-    if len(shape) < 2:
+    if len(shape) < 2 or parse_key(key).index.rpartition(".")[2] == STATE:
         return None
     if encoder_decoder:
         name = {"encoder": "attention_mask",

@@ -35,6 +35,7 @@ from ...dumps.dump import Dump, DumpWriter
 from ...dumps.keys import CAST_PREFIX, make_key, parse_key
 from ...dumps.padding import MASKS, token_axis
 from ...errors import InputError
+from ..models.hybrid import instrument
 from ..models.identity import model_identity
 from .compute import compute_settings, environment
 from .selection import matches, select_modules, unwrap
@@ -85,6 +86,8 @@ class Capture:
     ``dry_run`` writes nothing: it records the entries and counts, in :attr:`planned`, the
     tensor bytes a full and a stats capture would store and how many tensors stats keeps
     (works on the ``meta`` device).
+    A hybrid linear-attention model's delta rule and causal convolution, functions of its
+    code, are recorded as its layers' children (:mod:`precision.runtime.models.hybrid`).
     Setting :attr:`steps` to a set of numbers records module outputs only during those calls
     of the model (0 is the first; a generation calls it once per decoding step, and an
     encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
@@ -119,6 +122,7 @@ class Capture:
         self._force = force
         if every < 1:
             raise InputError("--every must be 1 or more")
+        instrument(self.model)  # before the modules are chosen: it adds children
         self._modules = select_modules(self.model, include, exclude, every)
         if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")

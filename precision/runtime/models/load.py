@@ -99,6 +99,8 @@ class LoadedModel:
     path: Path
     kept_fp32: list[str] = field(default_factory=list)
     loading: dict[str, Any] = field(default_factory=dict)
+    #: how many Gated DeltaNet layers it has (:mod:`precision.runtime.models.hybrid`)
+    linear_attention: int = 0
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -135,7 +137,7 @@ def one_line(exc: BaseException) -> str:
 def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
                device_map: str | dict[str, Any] | None = None,
                offload_folder: str | None = None, model_class: str | None = None,
-               attention: str | None = None,
+               attention: str | None = None, delta_rule: str | None = None,
                log: Callable[[str], None] = lambda _msg: None) -> LoadedModel:
     """Load the model and tokenizer at ``path`` in ``dtype`` on ``device`` under ``policy``.
 
@@ -144,12 +146,15 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
     ``device_map`` (``auto``, ``balanced``, ``sequential`` or a module -> device dict, as
     transformers takes it) spreads the model over devices with accelerate instead; modules
     mapped to ``disk`` are offloaded to ``offload_folder``. ``attention`` picks transformers'
-    attention implementation (``eager``, ``sdpa``...; None: the model's default). ``log``
+    attention implementation (``eager``, ``sdpa``...; None: the model's default), and
+    ``delta_rule`` the form of a hybrid linear-attention model's delta rule (``chunked``,
+    ``recurrent``; None: the model's own; :mod:`precision.runtime.models.hybrid`). ``log``
     gets the fallback note.
     """
     import transformers
 
     from .checkpoint import load_checked
+    from .hybrid import instrument
     from .identity import weights_fingerprint
 
     transformers.logging.set_verbosity_error()
@@ -192,12 +197,16 @@ def load_model(path: str | Path, *, dtype: str, device: str, policy: Policy,
     if device_map is None:
         model.to(device)
     model.eval()
+    linear = instrument(model, delta_rule)
+    if delta_rule is not None and not linear:
+        raise InputError(f"--delta-rule {delta_rule}: {p} has no gated delta rule layer "
+                         "(a hybrid linear-attention model's: Qwen3.5, Qwen3-Next)")
     kind = kind_of(model)
     if tokenizer is not None and kind == "causal-lm":  # generation appends on the right
         tokenizer.padding_side = "left"
     if tokenizer is not None and tokenizer.pad_token is None and kind != "encoder":
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, kind, p, kept, loading)
+    return LoadedModel(model, tokenizer, kind, p, kept, loading, linear)
 
 
 def load_tokenizer(path: Path) -> Any:

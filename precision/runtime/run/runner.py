@@ -83,6 +83,9 @@ class CaptureOptions:
     ops_exclude: Sequence[str] = ()
     #: transformers' attention implementation (``eager``, ``sdpa``); None: the model's own
     attention: str | None = None
+    #: the gated delta rule's form in hybrid linear-attention models (``chunked``,
+    #: ``recurrent``); None: the model's own (:mod:`precision.runtime.models.hybrid`)
+    delta_rule: str | None = None
     #: how a replay of an engine's dump (``precision.vllm``) runs its tokens: ``steps`` the
     #: prefill, then each decode step from the KV cache (:mod:`precision.runtime.run.stepwise`);
     #: ``forward`` one teacher-forced forward over prompts and generated tokens
@@ -257,7 +260,8 @@ def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
                        if device_map else None)
         loaded = load_model(opts.model, dtype=dtype, device=device.torch_device, policy=policy,
                             device_map=device_map, offload_folder=offload_dir,
-                            model_class=opts.model_class, attention=opts.attention, log=log)
+                            model_class=opts.model_class, attention=opts.attention,
+                            delta_rule=opts.delta_rule, log=log)
         load_s = time.perf_counter() - t0
         return _capture_loaded(opts, loaded, dtype, device, dist, out, base, prompts, policy,
                                load_s, log)
@@ -312,6 +316,9 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         "mode_reason": why, "full_globs": list(opts.full),
         "attention": getattr(getattr(loaded.model, "config", None), "_attn_implementation", None),
     }
+    if loaded.linear_attention:
+        meta["delta_rule"] = {"form": opts.delta_rule or "model",
+                              "layers": loaded.linear_attention}
     if layout is not None:
         meta["engine_replay"] = {"layout": layout,
                                  "decode_steps": plan.decode_steps if plan else None}

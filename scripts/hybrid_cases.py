@@ -1,0 +1,194 @@
+"""The hybrid linear-attention fixture (``fixtures/tiny-qwen3.5``): healthy kernel pairs and
+planted delta-rule faults, judged against the same-precision reference.
+
+Every run reads the same left-padded batch of :data:`PROMPTS` (one longer than a 64-token
+chunk, so the chunked form carries its state across chunks), one forward with the cache on
+(so each Gated DeltaNet layer hands its final state to the cache, and it is recorded):
+
+- **base**: fp32, the model's own delta rule (chunked over a prompt);
+- **reference**: the target's precision, nothing else changed (``capture --expect``);
+- **healthy targets** ``DTYPE-FORM``: ``fp32-recurrent`` (fp32, the recurrent form: no
+  reference, fixed limits), ``bf16-chunked``/``fp16-chunked`` (the CLI's target, the very
+  computation of its reference on a CPU), ``bf16-recurrent``/``fp16-recurrent`` (the other
+  kernel, as eager attention is to sdpa);
+- **faults**, planted in layer :data:`LAYER`'s linear attention of a bf16 (or fp16) target:
+  ``state-bf16`` (the delta rule keeps its recurrent state in bf16 between tokens: the
+  recurrent form, its state rounded to bf16 before each token's update, as a kernel whose
+  state buffer is bf16), ``gate-lowprec`` (the decay gate ``g = -exp(A_log) softplus(a +
+  dt_bias)`` computed in bf16 from bf16 operands, where transformers computes it in fp32).
+
+    python scripts/hybrid_cases.py        (prints one JSON line per case)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import precision
+from precision.dumps import reference_path
+from precision.runtime.models.hybrid import DELTA_CHILD, FORMS, instrument
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "fixtures" / "tiny-qwen3.5"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYER = 1
+#: the prompts: two short ones and a long one (the corpus's first :data:`LONG` lines)
+LONG = 12
+PROMPTS = [
+    "translate English to German: The house is wonderful.",
+    " ".join((ROOT / "fixtures" / "corpus.txt").read_text(encoding="utf-8").splitlines()[:LONG]),
+    "summarize: rain",
+]
+HEALTHY = ("fp32-recurrent", "bf16-chunked", "bf16-recurrent", "fp16-chunked",
+           "fp16-recurrent")
+FAULTS = ("state-bf16", "gate-lowprec")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A ``target`` run (``bf16-recurrent``...) with ``fault`` planted in layer ``LAYER``."""
+
+    target: str
+    fault: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.target + (f"-{self.fault}" if self.fault else "")
+
+    @property
+    def dtype(self) -> str:
+        return self.target.split("-")[0]
+
+    @property
+    def form(self) -> str | None:
+        form = self.target.split("-")[1] if "-" in self.target else None
+        return form if form in FORMS else None
+
+
+def load(dtype: str, form: str | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The fixture in ``dtype``, its delta rule in ``form``, and the left-padded prompts."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    tok = transformers.AutoTokenizer.from_pretrained(FIXTURE)
+    tok.padding_side = "left"
+    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE,
+                                                              dtype=DTYPES[dtype]).eval()
+    instrument(model, form)
+    return model, inputs
+
+
+def state_in_bf16(recurrent: Callable[..., Any]) -> Callable[..., Any]:
+    """A delta rule that holds its recurrent state in bf16: transformers' recurrent form one
+    token at a time, the state rounded to bf16 before each token's update."""
+
+    def rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+             beta: torch.Tensor, initial_state: torch.Tensor | None = None,
+             output_final_state: bool = False, **kwargs: Any) -> Any:
+        kwargs.pop("chunk_size", None)
+        state, outs = initial_state, []
+        for t in range(query.shape[1]):
+            held = None if state is None else state.to(torch.bfloat16)
+            out, state = recurrent(query[:, t:t + 1], key[:, t:t + 1], value[:, t:t + 1],
+                                   g=g[:, t:t + 1], beta=beta[:, t:t + 1], initial_state=held,
+                                   output_final_state=True, **kwargs)
+            outs.append(out)
+        final = None if state is None else state.to(torch.bfloat16).float()
+        return torch.cat(outs, dim=1), final if output_final_state else None
+
+    return rule
+
+
+def plant(model: nn.Module, fault: str, layer: int = LAYER) -> list[Any]:
+    """Plant ``fault`` in layer ``layer``'s linear attention; returns the hook handles."""
+    attn = model.model.layers[layer].linear_attn
+    child = getattr(attn, DELTA_CHILD)
+    if fault == "state-bf16":
+        code = sys.modules[type(attn).__module__]
+        recurrent = code._precision_originals[FORMS["recurrent"]]
+
+        def swap(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return (state_in_bf16(recurrent), *args[1:]), kwargs
+
+        return [child.register_forward_pre_hook(swap, with_kwargs=True)]
+    if fault == "gate-lowprec":
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep_a(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+            seen["a"] = out
+
+        def low_gate(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            low = torch.bfloat16
+            a = seen["a"].to(low)
+            g = -attn.A_log.to(low).exp() * F.softplus(a + attn.dt_bias.to(low))
+            return args, kwargs | {"g": g.exp().log().float()}
+
+        return [attn.in_proj_a.register_forward_hook(keep_a),
+                child.register_forward_pre_hook(low_gate, with_kwargs=True)]
+    raise ValueError(f"unknown fault {fault!r}")
+
+
+def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
+            level: str = "modules") -> Path:
+    """One forward of the fixture in ``dtype`` (cache on), recorded at ``path``."""
+    model, inputs = load(dtype, form)
+    handles = plant(model, fault) if fault else []
+    with torch.no_grad(), precision.capture(model, path, force=True, level=level):
+        model(**inputs, use_cache=True)
+    for h in handles:
+        h.remove()
+    return path
+
+
+def base_of(work: Path, level: str = "modules") -> Path:
+    """The fp32 baseline (the model's own delta rule), captured once per folder and level."""
+    base = work / f"base-{level}.st"
+    if not base.exists():
+        capture("fp32", base, level=level)
+    return base
+
+
+def run(case: Case, work: Path, level: str = "modules") -> precision.Report:
+    """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for a
+    low precision, the reference: the same inputs in that precision, the model's own form)."""
+    base = base_of(work, level)
+    if case.dtype != "fp32":
+        ref = reference_path(base, case.dtype)
+        if not ref.exists():
+            capture(case.dtype, ref, level=level)
+    target = capture(case.dtype, work / f"{case.name}-{level}.st", case.form, case.fault,
+                     level)
+    return precision.compare(base, target, jobs=1)
+
+
+def summarise(report: precision.Report) -> dict[str, Any]:
+    """The verdict, the first divergence and why, and the flagged rows' keys."""
+    first = report.first_divergence
+    return {"summary": report.summary.split(";")[0], "flagged": len(report.flagged),
+            "first": first.key if first else None, "why": first.reason if first else None}
+
+
+def main() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cases = [Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16")
+                                              for f in FAULTS]
+        for case in cases:
+            print(json.dumps({"case": case.name} | summarise(run(case, work))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Hybrid linear-attention models (Qwen3.5's Gated DeltaNet) on ``fixtures/tiny-qwen3.5``.
+
+The delta rule and the causal convolution, functions of transformers' code, are recorded as
+the layer's children with the states the cache carries; the chunked and recurrent forms are
+a kernel pair, healthy in every precision against the reference; the planted delta-rule
+faults are named first where planted (scripts/hybrid_cases.py, docs/models.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import precision
+from precision.cli import main
+from precision.dumps.keys import parse_key
+from precision.dumps.padding import token_axis
+from precision.runtime.models.hybrid import delta_rule_form, instrument
+
+from .conftest import FIXTURES, QWEN
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import hybrid_cases as hc
+
+QWEN35 = FIXTURES / "tiny-qwen3.5"
+LINEAR = ("model.layers.0", "model.layers.1", "model.layers.2")
+
+
+def cli(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hybrid")
+
+
+def test_linear_attention_layers_record_their_delta_rule_and_convolution(tmp_path: Path) -> None:
+    out = tmp_path / "q.st"
+    code, text = cli("capture", "--model", QWEN35, "--max-new-tokens", "0", "-q", "-o", out)
+    assert code == 0, text
+    d = precision.load(out)
+    keys = {e.key for e in d.entries}
+    for layer in LINEAR:
+        attn = f"{layer}.linear_attn"
+        assert {f"{attn}.causal_conv:out.output", f"{attn}.causal_conv:out.state",
+                f"{attn}.delta_rule:out.output", f"{attn}.delta_rule:out.state"} <= keys
+    assert not any(k.startswith("model.layers.3.linear_attn") for k in keys)
+    batch, seq = d["input:input_ids"].shape
+    assert d["model.layers.1.linear_attn.delta_rule:out.output"].shape == (batch, seq, 4, 16)
+    assert d["model.layers.1.linear_attn.delta_rule:out.state"].shape == (batch, 4, 16, 16)
+    assert d["model.layers.1.linear_attn.causal_conv:out.state"].shape == (batch, 128, 4)
+    assert d.meta["delta_rule"] == {"form": "model", "layers": 3}
+
+
+def test_instrumented_layers_compute_the_same_numbers() -> None:
+    """Recording the functions changes nothing; a form changes the kernel, not the result."""
+    import transformers
+
+    model, inputs = hc.load("fp32")
+    # a model nobody instrumented calls the original functions
+    untouched = transformers.AutoModelForCausalLM.from_pretrained(hc.FIXTURE).eval()
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        theirs = untouched(**inputs).logits
+        assert torch.equal(ours, theirs)
+        assert instrument(model, "recurrent") == 3 and delta_rule_form(model) == "recurrent"
+        recurrent = model(**inputs).logits
+    assert not torch.equal(recurrent, ours)
+    torch.testing.assert_close(recurrent, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_states_have_no_token_axis() -> None:
+    """A state whose axis happens to be as long as the prompt is no token axis."""
+    masks = {"attention_mask": (3, 16)}
+    assert token_axis("m.linear_attn.delta_rule:out.state", (3, 4, 16, 16), masks,
+                      False) is None
+    assert token_axis("m.linear_attn.delta_rule:out.output", (3, 16, 4, 16), masks,
+                      False) == ("attention_mask", 1)
+
+
+def test_delta_rule_form_needs_a_hybrid_model(tmp_path: Path) -> None:
+    code, text = cli("capture", "--model", QWEN, "--delta-rule", "recurrent", "-q", "-o",
+                     tmp_path / "x.st")
+    assert code == 2 and "has no gated delta rule layer" in text, text
+    assert len(text.strip().splitlines()) == 1
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("target", hc.HEALTHY)
+def test_healthy_kernel_pairs_pass_in_every_precision(work: Path, target: str) -> None:
+    report = hc.run(hc.Case(target), work)
+    assert report, hc.summarise(report)
+    states = [r for r in report.rows if parse_key(r.key).index == "state"]
+    assert len(states) == 6 and all(r.metrics and r.metrics.padded == 0 for r in states)
+    if target != "fp32-recurrent":
+        assert any("judged against" in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize("fault", hc.FAULTS)
+def test_planted_delta_rule_faults_are_found_first_where_planted(work: Path,
+                                                                 fault: str) -> None:
+    """fp16 runs whose delta rule keeps its state in bf16, or computes its decay in bf16."""
+    report = hc.run(hc.Case("fp16", fault), work)
+    first = report.first_divergence
+    assert first is not None, hc.summarise(report)
+    assert first.key == f"model.layers.{hc.LAYER}.linear_attn.delta_rule:out.output"
+    assert "the reference's" in first.reason
+    assert not any(r.key.startswith("model.layers.0") for r in report.flagged)
+
+
+@pytest.mark.slow
+def test_delta_rule_operations_at_ops_level(work: Path) -> None:
+    report = hc.run(hc.Case("bf16"), work, level="ops")
+    assert report, hc.summarise(report)
+    rule = [r for r in report.rows
+            if parse_key(r.key).module == "model.layers.1.linear_attn.delta_rule"]
+    ops = {parse_key(r.key).op for r in rule}
+    assert {"exp", "matmul", "cumsum", "linalg_solve_triangular"} <= ops, sorted(ops)
+    assert all(r.status == "OK" for r in rule)
+    first = hc.run(hc.Case("fp16", "gate-lowprec"), work, level="ops").first_divergence
+    assert first is not None and first.key.startswith(
+        f"model.layers.{hc.LAYER}.linear_attn.delta_rule"), first
+
+
+def test_generation_compares_the_states_step_by_step(tmp_path: Path) -> None:
+    base, target = tmp_path / "b.st", tmp_path / "t.st"
+    steps = ("--max-new-tokens", "4", "--capture-steps", "-q")
+    assert cli("capture", "--model", QWEN35, *steps, "--expect", "bf16", "-o", base)[0] == 0
+    assert cli("capture", "--model", QWEN35, *steps, "--dtype", "bf16", "--delta-rule",
+               "recurrent", "--replay", base, "-o", target)[0] == 0
+    report = precision.compare(base, target)
+    assert report, report.summary
+    state = "model.layers.2.linear_attn.delta_rule:out.state"
+    conv = "model.layers.2.linear_attn.causal_conv:out.state"
+    rows = {r.key: r for r in report.rows}
+    for step in range(1, 4):  # each decoding step's state, from the cache, one token in
+        assert rows[f"{state}#{step}"].status == "OK"
+        assert rows[f"{conv}#{step}"].status == "OK"
+    assert precision.load(target).meta["delta_rule"]["form"] == "recurrent"
