@@ -221,3 +221,29 @@ def test_inspect_names_a_mindspore_folder_by_the_mapping() -> None:
     result = CliRunner().invoke(main, ["inspect", str(PUBLISHED / "mindspore")])
     assert result.exit_code == 0, result.output
     assert "msprobe mindspore statistics mix" in result.output
+
+
+# ------------------------------------------------ a real MindSpore run against PyTorch
+def test_a_real_mindspore_run_lines_up_with_hugging_faces() -> None:
+    """One tiny Llama's weights in Hugging Face's PyTorch model and in a MindSpore network in
+    MindFormers' layout run through ``nn.WithLossCell``, both dumped by mindstudio-probe
+    (scripts/make_mindspore_dump.py, MindSpore 2.10 on the CPU)."""
+    ms = open_any(DATA / "llama-mindspore-float32")
+    assert ms.meta["msprobe"]["framework"] == "mindspore"
+    assert ms.meta["msprobe"]["names"] == (
+        "wrapper prefix '_backbone' removed; module names mapped by Meta's Llama layout "
+        "(attention.wq -> self_attn.q_proj, ...)")
+    keys = {e.key for e in ms.entries}
+    assert {"model.embed_tokens:out", "model.layers.1.self_attn.q_proj:out",
+            "model.layers.1.mlp.down_proj:out", "model.norm:out", "lm_head:out",
+            "_loss_fn:out"} <= keys  # the loss cell beside _backbone keeps its name
+    torch_keys = {e.key for e in open_any(DATA / "llama-torch-float32").entries}
+    assert len(keys & torch_keys) == 50
+    for target in ("llama-mindspore-float32", "llama-mindspore-float16"):
+        report = precision.compare(DATA / "llama-torch-float32", DATA / target)
+        assert report and not report.warnings, report.first_divergence
+        assert len(_compared(report)) > 20
+    faulty = precision.compare(DATA / "llama-torch-float32",
+                               DATA / "llama-mindspore-float16-fault")
+    assert not faulty and faulty.first_divergence is not None
+    assert faulty.first_divergence.key == "model.layers.1.mlp.down_proj:out"

@@ -19,8 +19,9 @@ rename a dump's module paths:
      self_attention}``; ``TopLayer`` is the root). Its entries for API calls inside a cell
      (``logical_or: __or__``, dotted names) are not used: API records keep their names;
 
-2. **wrappers**: leading segments among :data:`WRAPPERS` that every module record of the dump
-   starts with are removed (all of them or none: a wrapper wraps the whole network);
+2. **wrappers**: leading segments among :data:`WRAPPERS` under which most of the dump's
+   module records lie are removed (``network._backbone.`` of MindSpore's
+   ``TrainOneStepCell(WithLossCell(net))``; the loss cell beside ``_backbone`` keeps its name);
 3. **Meta's Llama layout** (:data:`META_LLAMA`), when no user mapping is given and the dump's
    paths hold its projections (``attention.wq``, ``feed_forward.w1``...): Hugging Face's
    names.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,12 +259,21 @@ def renamed_by_user(names: Names, paths: Iterable[str]) -> int:
 
 
 def _wrapper(paths: list[str]) -> str:
-    """The leading wrapper segments that every path starts with, the wrappers' own records
-    (paths of wrapper segments only: ``network``, ``network._backbone``) aside."""
-    split = [s for s in (p.split(".") for p in paths) if not set(s) <= WRAPPERS]
-    if not split:
-        return ""
-    n = 0
-    while split[0][n] in WRAPPERS and all(s[n] == split[0][n] for s in split):
-        n += 1  # a path holds a segment past its wrappers, so n stays inside every path
-    return ".".join(split[0][:n])
+    """The leading wrapper segments that hold the network: each a segment of
+    :data:`WRAPPERS` under which more than half of the (remaining) module paths lie. The
+    wrappers' own records (``network``, ``network._backbone``) and their other children (a
+    loss cell beside ``_backbone``, an optimiser beside ``network``) keep their names."""
+    split = [p.split(".") for p in paths]
+    total = sum(not set(s) <= WRAPPERS for s in split)  # the wrappers' own records aside
+    prefix: list[str] = []
+    while True:
+        inner = [s[len(prefix):] for s in split
+                 if len(s) > len(prefix) + 1 and s[:len(prefix)] == prefix]
+        heads = Counter(s[0] for s in inner)
+        if not heads:
+            break
+        head, n = heads.most_common(1)[0]
+        if head not in WRAPPERS or 2 * n <= total:
+            break
+        prefix.append(head)
+    return ".".join(prefix)
