@@ -3,7 +3,8 @@
 PyTorch's CPU numbers depend on the kernels it picks for the CPU it runs on: ATen's own
 vectorised kernels (``ATEN_CPU_CAPABILITY``: default, avx2, avx512), oneDNN's GEMMs and
 convolutions, bf16 ones included (``ONEDNN_MAX_CPU_ISA`` caps them), and MKL's fp32 GEMMs
-(``MKL_ENABLE_INSTRUCTIONS``). A baseline taken on an AVX2 server, an AVX-512 one, an AMX one
+(``MKL_ENABLE_INSTRUCTIONS``); and numpy, which compare runs on, dispatches its own SIMD
+loops (``NPY_DISABLE_CPU_FEATURES`` turns off its targets beyond a level). A baseline taken on an AVX2 server, an AVX-512 one, an AMX one
 or an ARM64 host holds other bits, so verdicts must hold under each. A machine cannot emulate
 an instruction set it lacks, only cap what it uses; :func:`supported` lists the levels at or
 below this CPU's (and not the one it runs anyway: on an AVX2 CPU, ``avx2`` is ``native``).
@@ -84,18 +85,41 @@ def chosen() -> list[str]:
     return [s for s in asked if s in have] if asked else have
 
 
+#: numpy's dispatch targets beyond a level (its names: numpy 2's ``X86_V4``, numpy 1's
+#: ``AVX512F``...), by prefix
+NUMPY_BEYOND = {"avx512": ("AVX512_SPR",), "avx2": ("AVX512", "X86_V4"),
+                "default": ("AVX512", "X86_V4", "X86_V3", "AVX2", "FMA3", "AVX", "F16C")}
+
+
+def numpy_caps(level: str) -> dict[str, str]:
+    """``NPY_DISABLE_CPU_FEATURES`` naming the dispatch targets of this numpy beyond
+    ``level`` (only those it dispatches: naming another is an error at its import)."""
+    try:
+        try:
+            from numpy._core._multiarray_umath import __cpu_dispatch__ as dispatch
+        except ImportError:  # numpy 1
+            from numpy.core._multiarray_umath import __cpu_dispatch__ as dispatch
+    except ImportError:
+        return {}
+    off = [t for t in dispatch if t.startswith(NUMPY_BEYOND.get(level, ()))]
+    return {"NPY_DISABLE_CPU_FEATURES": " ".join(off)} if off else {}
+
+
 def environment(level: str) -> dict[str, str]:
     """This process's environment with ``level``'s settings (and no others of theirs)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
-    return env | LEVELS[level]
+           if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                        "NPY_DISABLE_CPU_FEATURES")}
+    return env | LEVELS[level] | numpy_caps(level)
 
 
 def main(argv: list[str]) -> int:
     levels = chosen()
     if not argv:
         for name in levels:
-            print(name, " ".join(f"{k}={v}" for k, v in LEVELS[name].items()) or "(as is)")
+            caps = LEVELS[name] | numpy_caps(name)
+            print(name, " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}"
+                                 for k, v in caps.items()) or "(as is)")
         return 0
     failed = []
     for name in levels:
