@@ -220,3 +220,13 @@ def test_a_real_two_rank_torchrun_dump_lines_up_rank_by_rank() -> None:
     report = precision.compare(DATA / "ddp2-fp32", DATA / "ddp2-bf16")
     assert report and not report.warnings, report.first_divergence
     assert all(r.status == "OK" for r in report.rows) and len(report.rows) == len(keys)
+
+
+def test_the_html_report_of_msprobe_folders(tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["report", str(DATA / "fp32-train"),
+                                       str(DATA / "bf16-fault-train"), "-o", str(out)])
+    assert result.exit_code == 1, result.output  # the planted fault
+    page = out.read_text()
+    assert str(DATA / "bf16-fault-train") in page and "precision-external" not in page
+    assert "model.layers.1.mlp.down_proj:out" in page

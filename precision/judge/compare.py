@@ -23,7 +23,6 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from ..dtypes import short
@@ -313,7 +312,7 @@ def stateless_modules(d: Dump) -> frozenset[str]:
 
 def _info(b: Dump, t: Dump) -> dict[str, Any]:
     def side(d: Dump) -> dict[str, Any]:
-        return {"path": str(Path(d.path)), "dtype": d.dtype, "mode": d.mode,
+        return {"path": displayed_path(d), "dtype": d.dtype, "mode": d.mode,
                 "device": d.meta.get("device", {}).get("name"),
                 "model": d.meta.get("model", {}).get("class")}
 

@@ -160,9 +160,11 @@ def build(report: Report, base: Dump, target: Dump) -> str:
                        for w in report.warnings)
     warnings += "".join(f"<p class='muted'>note: {html.escape(n)}</p>" for n in report.notes)
     info = report.info
-    sides = " vs ".join(
-        html.escape(f"{s.get('path')} ({s.get('dtype')}, {s.get('device')})")
-        for s in (info.get("base", {}), info.get("target", {})))
+    def side(s: dict[str, Any]) -> str:
+        known = ", ".join(str(v) for v in (s.get("dtype"), s.get("device")) if v)
+        return html.escape(f"{s.get('path')}" + (f" ({known})" if known else ""))
+
+    sides = " vs ".join(side(info.get(k, {})) for k in ("base", "target"))
     lg = next((r.logits for r in report.rows if r.logits), None)
     logits_line = "" if lg is None else (
         f"<p>Logits: top-1 agreement {lg.top1_agreement:.2%} ({lg.hard_flips} flips beyond a "
