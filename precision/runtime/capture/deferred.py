@@ -4,15 +4,16 @@ inside the forward.
 
 :func:`~precision.runtime.capture.tensorstats.tensor_stats` brings each record's numbers to
 the host as it is made (a synchronisation per record: the device drains its queue, then
-waits for the host). Here a record costs one launch: a copy of its values, converted to
-float32 (float64 for float64 and integer records), into a reused device *arena* of rows of
+waits for the host). Here a record costs one launch: a copy of its values (integers as
+float64) into a reused device *arena* of its dtype, made of rows of
 ``C = 1021`` elements (the sketch's bucket count), each record starting a new row, the rest
 of its last row left zero. When the arena is full (or at :meth:`DeferredStats.results`),
 one batch of row-wise reductions over the whole arena, whatever the number of records in
 it, gives every record's statistics into one device tensor, which is copied to pinned host
 memory behind an event; the host reads it after the forward. Memory on the device is the
-arena (``capacity`` elements, 16M by default: 64 MB) and the batch's temporaries (a few
-times the arena; a record larger than the arena is reduced alone in an arena of its size).
+arena (``capacity`` elements, 16M by default: 32 MB in bf16) and the batch's temporaries
+(a few times the arena; a record larger than the arena is reduced alone in an arena of its
+size).
 
 With ``X`` the arena as ``(rows, C)``, ``keep = isfinite(X) & (X > lowest)`` (``lowest``
 the record dtype's lowest finite value) and ``Xk = where(keep, X, 0)``, per record ``r``
@@ -24,7 +25,8 @@ the record dtype's lowest finite value) and ``Xk = where(keep, X, 0)``, per reco
 - ``S = Σ Xk``, ``Q = Σ Xk²`` (float64 row sums), ``mean = S / n_k``,
   ``var = Q / n_k - mean²``, and where that could cancel (as
   :func:`~precision.runtime.capture.tensorstats.tensor_stats` decides, on the host) the
-  two-pass ``Σ (Xk - mean)² / n_k`` over kept elements, computed for every record;
+  two-pass ``Σ (x - mean)² / n_k`` over kept elements, computed for every record from each
+  row's deviations from its own mean (Chan's combination, in float64);
   ``norm = sqrt(Q)``;
 - ``min``/``max``: of kept elements within the record (the row padding excluded);
 - the sketch: ``Σ_{rows j of r} σ(j' mod 4096, c) σ(j' div 4096) Xk[j, c]`` with
@@ -52,7 +54,7 @@ from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, encode
 from ..devices import streams
 from .tensorstats import CANCELLATION, _moments, _sign_table
 
-#: elements of one arena (per device and record dtype): 64 MB of float32
+#: elements of one arena (per device and record dtype): 32 MB of bf16, 64 MB of float32
 CAPACITY = 1 << 24
 #: rows of the sign table: one period of the sketch's signs, as (ROWS, BUCKETS)
 ROWS = PERIOD // BUCKETS
@@ -113,8 +115,7 @@ class DeferredStats:
         if n == 0:
             self._done[ticket] = _empty(0, self.detail)
             return ticket
-        store = torch.float64 if x.dtype == torch.float64 or not x.is_floating_point() \
-            else torch.float32
+        store = x.dtype if x.is_floating_point() else torch.float64
         rows = -(-n // BUCKETS)
         if rows * BUCKETS > self.capacity:  # alone, in an arena of its own size
             lane = _Lane(x.device, x.dtype, torch.zeros(rows * BUCKETS, dtype=store,
@@ -183,7 +184,8 @@ class DeferredStats:
         rec, pos, length = host_meta.to(device, non_blocking=True)
         out = _reduce(lane.buf[:used * BUCKETS].view(used, BUCKETS), rec, pos, length, k,
                       lane.source, self.detail)
-        eps = float(torch.finfo(lane.buf.dtype).eps)
+        eps = float(torch.finfo(torch.float64 if lane.buf.dtype == torch.float64
+                                else torch.float32).eps)  # the direct path's sums'
         if api is None:
             self._pending.append(_Batch(lane.tickets, lane.numels, eps, out, None))
         else:
@@ -208,8 +210,7 @@ def _reduce(x: torch.Tensor, rec: torch.Tensor, pos: torch.Tensor, length: torch
     docstring): a fixed number of launches whatever ``k``, no synchronisation."""
     device, wide = x.device, _wide(x.device)
     lowest = torch.finfo(source if source.is_floating_point else torch.float64).min
-    cols = torch.arange(BUCKETS, device=device)
-    inside = cols < length[:, None]
+    inside = torch.arange(BUCKETS, device=device) < length[:, None]
     masked = x <= lowest
     keep = torch.isfinite(x) & ~masked
     mag = x.abs()
@@ -217,23 +218,31 @@ def _reduce(x: torch.Tensor, rec: torch.Tensor, pos: torch.Tensor, length: torch
     counts = [torch.isnan(x), x == math.inf, x == -math.inf, masked,
               keep & (mag > FP16_MAX), keep & (mag >= NEAR_FP16_MAX)]
     counts.append((mag <= FP16_FLUSH) & (mag > 0) if detail else torch.zeros_like(masked))
-    rows = [c.sum(1, dtype=wide) for c in counts]
-    rows.append(kept.sum(1, dtype=wide))
-    rows.append(torch.linalg.vector_norm(kept, 2, dim=1, dtype=wide).square())
-    head = torch.zeros(k, _HEAD, dtype=wide, device=device)
-    head[:, :_MIN].index_add_(0, rec, torch.stack(rows, 1))
+    acc = torch.promote_types(x.dtype, torch.float32)  # float32 at least
     both = keep & inside
-    lo = torch.where(both, x, math.inf).amin(1).to(wide)
-    hi = torch.where(both, x, -math.inf).amax(1).to(wide)
+    flags = torch.stack([torch.count_nonzero(c, dim=1).to(wide) for c in counts], 1)
+    # each row's kept values as c + d: c its rough mean, d = x - c exact (close values) and
+    # small, so Σ d and Σ d² in float32 are accurate; then in float64, per row and record,
+    # S = n c + Σ d and (Chan et al.) Σ (x - M)² = Σ d² + 2 (c - M) Σ d + n (c - M)²
+    n_row = length.to(wide) - flags[:, _NAN] - flags[:, _POSINF] - flags[:, _MASKED]
+    c = kept.sum(1, dtype=acc) / n_row.clamp(min=1).to(acc)
+    d = torch.where(both, x - c[:, None], 0)
+    sum_d = d.sum(1, dtype=acc).to(wide)
+    sq_d = torch.linalg.vector_norm(d, 2, dim=1, dtype=acc).to(wide).square()
+    c = c.to(wide)
+    total = n_row * c + sum_d
+    square = torch.linalg.vector_norm(kept, 2, dim=1, dtype=wide).square()  # no overflow
+    head = torch.zeros(k, _HEAD, dtype=wide, device=device)
+    head[:, :_MIN].index_add_(0, rec, torch.cat([flags, total[:, None], square[:, None]], 1))
     head[:, _MIN] = math.inf
     head[:, _MAX] = -math.inf
-    head[:, _MIN].scatter_reduce_(0, rec, lo, "amin")
-    head[:, _MAX].scatter_reduce_(0, rec, hi, "amax")
-    n_kept = (length.new_zeros(k, dtype=wide).index_add_(0, rec, length.to(wide))
-              - head[:, :_MASKED + 1].sum(1) + head[:, _NEGINF])  # -inf counts twice
-    mean = head[:, _SUM] / n_kept.clamp(min=1)
-    dev = torch.where(both, x.to(wide) - mean[rec][:, None], 0)
-    head[:, _DEV].index_add_(0, rec, dev.square().sum(1))
+    head[:, _MIN].scatter_reduce_(0, rec, torch.where(both, x, math.inf).amin(1).to(wide),
+                                  "amin")
+    head[:, _MAX].scatter_reduce_(0, rec, torch.where(both, x, -math.inf).amax(1).to(wide),
+                                  "amax")
+    n_rec = torch.zeros(k, dtype=wide, device=device).index_add_(0, rec, n_row)
+    shift = c - (head[:, _SUM] / n_rec.clamp(min=1))[rec]
+    head[:, _DEV].index_add_(0, rec, sq_d + 2 * shift * sum_d + n_row * shift * shift)
     table = _sign_table(PERIOD, device).view(ROWS, BUCKETS)
     signs = table[pos % ROWS] * _hash_sign(pos // ROWS)[:, None]
     sketch = torch.zeros(k, BUCKETS, dtype=wide, device=device)
