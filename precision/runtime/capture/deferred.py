@@ -118,10 +118,10 @@ class DeferredStats:
         store = x.dtype if x.is_floating_point() else torch.float64
         rows = -(-n // BUCKETS)
         if rows * BUCKETS > self.capacity:  # alone, in an arena of its own size
-            lane = _Lane(x.device, x.dtype, torch.zeros(rows * BUCKETS, dtype=store,
-                                                        device=x.device))
-            self._write(lane, x, ticket)
-            self._flush(lane, reset=False)
+            alone = _Lane(x.device, x.dtype, torch.zeros(rows * BUCKETS, dtype=store,
+                                                         device=x.device))
+            self._write(alone, x, ticket)
+            self._flush(alone, reset=False)
             return ticket
         key = (str(x.device), x.dtype)
         lane = self._lanes.get(key)
