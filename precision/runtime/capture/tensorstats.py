@@ -57,9 +57,6 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     if not (x.is_floating_point()):
         x = x.to(torch.float64)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fast = _cpu_common(x)
-    if fast is not None:
-        return out | fast
     staged = _staged(x)
     summary = _summary(x if staged is None else staged, acc)
     lo, hi = summary[0], summary[1]
@@ -70,47 +67,6 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     if not (exact["nan"] or exact["posinf"] or exact["neginf"] or exact["masked"]):
         exact["sketch"] = sketch(x)
     return out | exact
-
-
-def _cpu_common(x: torch.Tensor) -> dict[str, Any] | None:
-    """The CPU's common case in fewer passes: a float32 or half-precision record of at most
-    one period, all finite and below fp16's range. Its signed elements ``p = s(i) x_i``
-    (one multiply into the work buffer, in place for a staged half record) give the sketch
-    (:func:`_bucket_sums`) and the norm, ``||x||² = p·p`` (the signs are +-1: exact), as
-    a BLAS dot product on values still in cache, where ``vector_norm`` read ``x`` again
-    (and summed in float32 without cascades: 1e-4 relative off at 4M elements, the dot
-    product 4e-5, the float64 sum of squares exact); the sum, the extrema and the
-    cancellation check are :func:`_summary`'s. None where another path is needed."""
-    n = x.numel()
-    if x.device.type != "cpu" or n > PERIOD or x.dtype not in (
-            torch.float32, torch.float16, torch.bfloat16):
-        return None
-    staged = _staged(x)
-    src = x if staged is None else staged
-    total = src.sum(dtype=torch.float32)
-    signs = _sign_table(n, x.device)
-    if staged is None:
-        work = _grown(_WORK, n, x.device,
-                      lambda k: torch.empty(k, dtype=torch.float32, device=x.device))
-        flat = torch.mul(x.reshape(-1), signs, out=work)
-    if torch.get_num_threads() > 1:  # numpy's extrema run on one thread
-        mn, mx = torch.aminmax(src)
-        lo, hi = float(mn), float(mx)
-    else:
-        a = src.numpy()
-        lo, hi = float(a.min()), float(a.max())
-    if staged is not None:
-        flat = staged.mul_(signs)
-    s, q = torch.stack([total, torch.dot(flat, flat)]).tolist()
-    if not (math.isfinite(s) and math.isfinite(q) and max(abs(lo), abs(hi)) < NEAR_FP16_MAX):
-        return None  # lo and hi are finite here: NaN propagates into q
-    mean, nrm = s / n, math.sqrt(q)
-    var = q / n - mean * mean
-    if var <= mean * mean * torch.finfo(torch.float32).eps * CANCELLATION:
-        v, m = torch.var_mean(x.to(torch.float64), correction=0)
-        var, mean = float(v), float(m)
-    return _moments(lo, hi, mean, var, nrm) | {
-        "sketch": encode(_bucket_sums(flat).numpy())}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:
@@ -250,13 +206,6 @@ def _period_sketch(part: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         work = _grown(_WORK, size, device,
                       lambda k: torch.empty(k, dtype=torch.float32, device=device))
         prod = torch.mul(part, signs, out=work)
-    return _bucket_sums(prod)
-
-
-def _bucket_sums(prod: torch.Tensor) -> torch.Tensor:
-    """``y[b] = Σ prod[i]`` over ``i ≡ b (mod 1021)``: on the CPU a float32 matrix-vector
-    product with ones, elsewhere a float64 (CUDA) or same-dtype sum over rows."""
-    device, size = prod.device, prod.numel()
     rows = size // BUCKETS
     whole = rows * BUCKETS
     if device.type == "cpu":
