@@ -41,9 +41,7 @@ def ratio(times: dict[str, list[float]], name: str) -> float:
 def sketch_share(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     """Seconds the count sketches of one stats capture take, measured apart: the records
     a stats capture takes statistics of, each sketched alone (the fastest of 3 calls of
-    ``tensorstats.sketch``), summed. Within a capture the CPU's common case shares the
-    sketch's multiply with the norm, so this is an upper bound of what leaving the sketch
-    out would save."""
+    ``tensorstats.sketch``), summed: what leaving the sketch out would save."""
     from precision.runtime.capture import recorder, tensorstats
 
     records: list[torch.Tensor] = []

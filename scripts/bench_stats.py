@@ -4,7 +4,8 @@
 runs; on a machine shared with other work, threads fight and the ratio is noise. This runs
 the plain forward and the stats capture round-robin (as scripts/bench does) and also
 reports the time spent in the statistics themselves (``tensor_stats``, per capture), which
-load disturbs least. To compare two checkouts side by side, run it from this one against
+load disturbs least, and the count sketches' share (``bench.sketch_share``: the records
+sketched alone, over the plain forward). To compare two checkouts side by side, run it from this one against
 each package in turn:
 
     PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench import bench_model  # scripts/ is on the path
+from bench import bench_model, sketch_share  # scripts/ is on the path
 from benchutil import interleaved
 
 import precision
@@ -107,6 +108,8 @@ def main() -> None:
         "tensor_stats_s": round(statistics.median(spent), 4),
         "tensor_stats_share": round(statistics.median(
             s / p for s, p in zip(spent, times["plain"], strict=True)), 3),
+        "sketch_share": round(sketch_share(model, inputs) / statistics.median(times["plain"]),
+                              3),
         "records": len(precision.load(path).entries), "dump_bytes": path.stat().st_size,
         "tensor_stats_us": single}))
 
