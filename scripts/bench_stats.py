@@ -5,8 +5,8 @@ runs; on a machine shared with other work, threads fight and the ratio is noise.
 the plain forward and the stats capture round-robin (as scripts/bench does) and also
 reports the time spent in the statistics themselves (``tensor_stats``, per capture), which
 load disturbs least, and the count sketches' share (``bench.sketch_share``: the records
-sketched alone, over the plain forward). To compare two checkouts side by side, run it from this one against
-each package in turn:
+sketched alone, over the plain forward). To compare two checkouts side by side, run it
+from this one against each package in turn:
 
     PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
 
