@@ -22,8 +22,9 @@ the record dtype's lowest finite value) and ``Xk = where(keep, X, 0)``, per reco
 - counts: ``nan``, ``posinf``, ``neginf``, ``masked`` (``X <= lowest``), ``beyond_fp16``
   (kept, ``|x| > 65504``), ``near_fp16_max`` (kept, ``|x| >= 0.98 x 65504``),
   ``flush_fp16`` (``0 < |x| <= 2^-25``), each the sum of its row counts over ``R(r)``;
-- ``S = Σ Xk``, ``Q = Σ Xk²`` (float64 row sums), ``mean = S / n_k``,
-  ``var = Q / n_k - mean²``, and where that could cancel (as
+- ``S = Σ Xk``, per row ``n_row c + Σ d`` with ``c`` the row's rough mean and ``d = x - c``
+  (exact for close values, summed in float32), added in float64; ``Q = Σ Xk²`` (float64);
+  ``mean = S / n_k``, ``var = Q / n_k - mean²``, and where that could cancel (as
   :func:`~precision.runtime.capture.tensorstats.tensor_stats` decides, on the host) the
   two-pass ``Σ (x - mean)² / n_k`` over kept elements, computed for every record from each
   row's deviations from its own mean (Chan's combination, in float64);
@@ -34,8 +35,8 @@ the record dtype's lowest finite value) and ``Xk = where(keep, X, 0)``, per reco
   bucket is ``c`` and its sign :func:`precision.dumps.sketch.signs`' own), in float64;
   stored only where nothing was NaN, inf or masked, as the direct path does.
 
-These are the direct path's formulas; sums differ from it only by rounding (float64 row
-sums here, float32 cascades there: relative 1e-7), the extrema and counts not at all
+These are the direct path's formulas; sums differ from it only by rounding (the direct
+path sums in float32 cascades), the extrema and counts not at all
 (``tests/test_deferred.py`` checks both paths on the same records). On the CPU the same
 code runs synchronously, which is how it is tested without a device.
 """
