@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,36 @@ def ratio(times: dict[str, list[float]], name: str) -> float:
     return statistics.median(t / p for t, p in zip(times[name], times["plain"], strict=True))
 
 
+def sketch_share(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Seconds the count sketches of one stats capture take, measured apart: the records
+    a stats capture takes statistics of, each sketched alone (the fastest of 3 calls of
+    ``tensorstats.sketch``), summed: what leaving the sketch out would save."""
+    from precision.runtime.capture import recorder, tensorstats
+
+    records: list[torch.Tensor] = []
+    original = recorder.tensor_stats
+
+    def keep(t: torch.Tensor, **kw: Any) -> dict[str, Any]:
+        records.append(t.detach().clone())
+        return original(t, **kw)
+
+    recorder.tensor_stats = keep  # type: ignore[assignment]
+    try:
+        with torch.no_grad(), precision.capture(model, None, mode="stats"):
+            model(**inputs)
+    finally:
+        recorder.tensor_stats = original
+    total = 0.0
+    for t in records:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            tensorstats.sketch(t)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
+
+
 def capture_in_ranks(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Capture overhead (captured / plain forward) per rank of a ``torchrun`` job on CPU: the
     batch is split between the ranks and so are the cores."""
@@ -59,8 +90,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--enc-len", type=int, default=128)
     ap.add_argument("--dec-len", type=int, default=32)
-    ap.add_argument("--only", choices=["speed", "verdicts", "ops", "startup"],
-                    help="run one part: speed (capture, compare, CLI start-up), verdicts "
+    ap.add_argument("--only", choices=["speed", "capture", "verdicts", "ops", "startup"],
+                    help="run one part: speed (capture, compare, CLI start-up), capture "
+                         "(the capture ratios alone, with the sketch's share), verdicts "
                          "(false flags on healthy pairs, smallest detected drift), ops "
                          "(--level ops against the plain forward and msprobe L1) or startup "
                          "(`precision compare --help` alone); default all")
@@ -113,6 +145,17 @@ def main() -> None:
     times = interleaved({"plain": forward, "full": captured("full", full_path),
                          "stats": captured("stats", stats_path)}, args.repeat, prepare)
     plain, full, stats = (statistics.median(times[k]) for k in ("plain", "full", "stats"))
+    capture = {"forward_s": round(plain, 4), "forward_spread_s": [
+        round(min(times["plain"]), 4), round(max(times["plain"]), 4)],
+        "capture_full_ratio": round(ratio(times, "full"), 3),
+        "capture_stats_ratio": round(ratio(times, "stats"), 3),
+        "sketch_share": round(sketch_share(model, inputs) / plain, 3)}
+    if args.only == "capture":
+        json.dump({"threads": torch.get_num_threads(), "repeat": args.repeat} | capture
+                  | {"targets": {"capture_full_ratio": 1.5, "capture_stats_ratio": 1.15}},
+                  sys.stdout, indent=1)
+        print()
+        return
     prepare()
     streaming._POOL.clear()  # count the host buffer: measure as a first capture would
     with peak_rss() as mem_full:
@@ -138,11 +181,7 @@ def main() -> None:
         "batch": f"{args.batch} x {args.enc_len} encoder / {args.dec_len} decoder tokens",
         "threads": torch.get_num_threads(),
         "repeat": args.repeat,
-        "forward_s": round(plain, 4), "forward_spread_s": [round(min(times["plain"]), 4),
-                                                           round(max(times["plain"]), 4)],
-        "capture_full_s": round(full, 4), "capture_stats_s": round(stats, 4),
-        "capture_full_ratio": round(ratio(times, "full"), 3),
-        "capture_stats_ratio": round(ratio(times, "stats"), 3),
+        **capture, "capture_full_s": round(full, 4), "capture_stats_s": round(stats, 4),
         "tensors": len(dump.tensors), "tensor_mb": round(tensor_bytes / 1e6, 1),
         "dump_mb": round(full_path.stat().st_size / 1e6, 1),
         "dump_size_ratio": round(full_path.stat().st_size / tensor_bytes, 4),
@@ -163,7 +202,7 @@ def main() -> None:
         "capture_ratio_2_ranks_per_rank": ranks[2]["per_rank_ratio"],
         "largest_tensor_mb": round(largest / 1e6, 1),
         "cli_startup_s": startup["median_s"], "cli_startup_spread_s": startup["spread_s"],
-        "targets": {"capture_full_ratio": 1.5, "capture_stats_ratio": 1.3,
+        "targets": {"capture_full_ratio": 1.5, "capture_stats_ratio": 1.15,
                     "dump_size_ratio": 1.1, "compare_mb_per_s": 1500,
                     "compare_jobs1_mb_per_s": 800,
                     "compare_jobs2_speedup": "close to 2 (>= 1.7)",
@@ -171,7 +210,7 @@ def main() -> None:
                     "cli_startup_s": CLI_STARTUP_TARGET_S},
     }
     result["meets_targets"] = (result["capture_full_ratio"] <= 1.5
-                               and result["capture_stats_ratio"] <= 1.3
+                               and result["capture_stats_ratio"] <= 1.15
                                and result["dump_size_ratio"] <= 1.1
                                and result["compare_mb_per_s"] >= 1500
                                and result["compare_jobs1_mb_per_s"] >= 800

@@ -4,8 +4,9 @@
 runs; on a machine shared with other work, threads fight and the ratio is noise. This runs
 the plain forward and the stats capture round-robin (as scripts/bench does) and also
 reports the time spent in the statistics themselves (``tensor_stats``, per capture), which
-load disturbs least. To compare two checkouts side by side, run it from this one against
-each package in turn:
+load disturbs least, and the count sketches' share (``bench.sketch_share``: the records
+sketched alone, over the plain forward). To compare two checkouts side by side, run it
+from this one against each package in turn:
 
     PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench import bench_model  # scripts/ is on the path
+from bench import bench_model, sketch_share  # scripts/ is on the path
 from benchutil import interleaved
 
 import precision
@@ -56,7 +57,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=11)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU seconds (all threads) instead of wall time, "
+                         "for a machine whose other work keeps the cores busy")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model = bench_model(torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -68,11 +73,11 @@ def main() -> None:
     original = recorder.tensor_stats
 
     def timed(*a: Any, **kw: Any) -> dict[str, Any]:
-        start = time.perf_counter()
+        start = clock()
         try:
             return original(*a, **kw)
         finally:
-            spent[-1] += time.perf_counter() - start
+            spent[-1] += clock() - start
 
     single = per_record()
     recorder.tensor_stats = timed  # type: ignore[assignment]
@@ -93,15 +98,18 @@ def main() -> None:
     prepare()
     stats()  # warm up
     spent.clear()
-    times = interleaved({"plain": plain, "stats": stats}, args.repeat, prepare)
+    times = interleaved({"plain": plain, "stats": stats}, args.repeat, prepare, clock)
     ratios = [s / p for s, p in zip(times["stats"], times["plain"], strict=True)]
     print(json.dumps({
         "precision": str(Path(precision.__file__).parents[1]), "threads": args.threads,
+        "clock": args.clock,
         "repeat": args.repeat, "forward_s": round(statistics.median(times["plain"]), 4),
         "capture_stats_ratio": round(statistics.median(ratios), 3),
         "tensor_stats_s": round(statistics.median(spent), 4),
         "tensor_stats_share": round(statistics.median(
             s / p for s, p in zip(spent, times["plain"], strict=True)), 3),
+        "sketch_share": round(sketch_share(model, inputs) / statistics.median(times["plain"]),
+                              3),
         "records": len(precision.load(path).entries), "dump_bytes": path.stat().st_size,
         "tensor_stats_us": single}))
 

@@ -56,16 +56,19 @@ def peak_rss() -> Iterator[dict[str, int]]:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
-                prepare: Callable[[], None]) -> dict[str, list[float]]:
+                prepare: Callable[[], None],
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Run the functions round-robin so that machine-load drift hits them all alike;
-    ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages)."""
+    ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages).
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU
+    seconds (all its threads), which waiting for a busy core does not inflate."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
             prepare()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

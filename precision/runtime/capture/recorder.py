@@ -33,11 +33,12 @@ from ...dumps import load
 from ...dumps.atomic import check_output_path
 from ...dumps.dump import Dump, DumpWriter
 from ...dumps.keys import CAST_PREFIX, make_key, parse_key
-from ...dumps.padding import MASKS, token_axis
 from ...errors import InputError
 from ..models.hybrid import instrument
 from ..models.identity import model_identity
 from .compute import compute_settings, environment
+from .deferred import DeferredStats
+from .realtokens import RealTokens
 from .selection import matches, select_modules, unwrap
 from .streaming import BackgroundWriter
 from .tensors import tensor_version, torch_dtype_name
@@ -91,6 +92,11 @@ class Capture:
     Setting :attr:`steps` to a set of numbers records module outputs only during those calls
     of the model (0 is the first; a generation calls it once per decoding step, and an
     encoder's run before step 0 counts as step 0); ``None`` (the default) records all.
+    ``deferred`` chooses how stats mode brings statistics to the host: ``True`` queues them
+    on the device and reads them all after the forward
+    (:mod:`~precision.runtime.capture.deferred`: no synchronisation per record), ``False``
+    reads each as it is made (:func:`~precision.runtime.capture.tensorstats.tensor_stats`);
+    ``None`` (the default) defers on an accelerator and not on the CPU.
     """
 
     def __init__(self, model: torch.nn.Module, path: str | os.PathLike[str] | None = None, *,
@@ -100,7 +106,8 @@ class Capture:
                  fsync: bool = False, detail: bool = False, root_inputs: bool = True,
                  every: int = 1, backward: bool = False, loss_scale: float = 1.0,
                  full: Sequence[str] = (), dry_run: bool = False, level: str = "modules",
-                 ops_include: Sequence[str] = (), ops_exclude: Sequence[str] = ()) -> None:
+                 ops_include: Sequence[str] = (), ops_exclude: Sequence[str] = (),
+                 deferred: bool | None = None) -> None:
         if mode not in ("full", "stats"):
             raise InputError(f"unknown capture mode {mode!r}: use full or stats")
         if level not in ("modules", "ops"):
@@ -139,10 +146,13 @@ class Capture:
         self._buffer = buffer_mb * 1024 * 1024
         self._fsync = fsync
         self._detail = detail
+        self._defer = deferred
+        self._deferred: DeferredStats | None = None
+        #: the stats entries whose numbers the deferred path still owes: (entry, ticket)
+        self._owed: list[tuple[dict[str, Any], int]] = []
         self._want_inputs = root_inputs
-        #: the model's recorded attention masks (True at real tokens), for stats mode
-        self._token_masks: dict[str, torch.Tensor] = {}
-        self._encoder_decoder = False
+        #: the model's recorded attention masks, for stats mode
+        self._tokens = RealTokens()
         self._backward = backward
         self.loss_scale = loss_scale
         self._grad_calls: dict[str, int] = {}
@@ -228,6 +238,9 @@ class Capture:
                     if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
+        if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):
+            self._deferred = DeferredStats(detail=self._detail)
+            self._tokens.gather = True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -257,6 +270,11 @@ class Capture:
         if self._dry_run:
             return
         assert self._writer is not None
+        if self._deferred is not None:
+            done = self._deferred.results()
+            for entry, ticket in self._owed:
+                entry["stats"] = done[ticket] | entry["stats"]  # "padded" stays last
+            self._owed.clear()
         if self._bg is not None:
             self._bg.finish()
         self._writer.close(self._metadata())
@@ -384,25 +402,7 @@ class Capture:
             named = dict(flatten(named_arguments(module, args, kwargs)))
             for idx, t in named.items():
                 self._store(make_key("input", idx), "input", "in", idx, 0, t, alias=None)
-            self._token_masks = {n: named[n].detach() != 0 for n in MASKS
-                                 if n in named and named[n].dim() == 2}
-            self._encoder_decoder = "decoder_input_ids" in named
-
-    def _real_tokens(self, key: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """``t`` at real tokens only (flattened over batch and tokens) for a record with a
-        token axis (:func:`precision.dumps.padding.token_axis`), and how many elements were
-        left out: stats-mode statistics describe what a comparison judges."""
-        shapes = {n: tuple(m.shape) for n, m in self._token_masks.items()}
-        found = token_axis(key, tuple(t.shape), shapes, self._encoder_decoder)
-        if found is None:
-            return t, 0
-        mask, axis = self._token_masks[found[0]], found[1]
-        if bool(mask.all()):
-            return t, 0
-        shape = [mask.shape[0]] + [1] * (t.dim() - 1)
-        shape[axis] = mask.shape[1]
-        real = t.detach()[mask.to(t.device).view(shape).expand(t.shape)]  # in element order
-        return real, t.numel() - real.numel()
+            self._tokens.set_inputs(named)
 
     def _root_hook(self, module: torch.nn.Module, args: tuple[Any, ...],
                    kwargs: dict[str, Any], output: Any) -> None:
@@ -464,8 +464,12 @@ class Capture:
             self.planned["stats_tensors"] += int(whole)
         else:
             if self.mode == "stats":
-                real, padded = self._real_tokens(key, t)
-                entry["stats"] = tensor_stats(real, detail=self._detail)
+                real, padded = self._tokens.select(key, t)
+                if self._deferred is not None:
+                    entry["stats"] = {}
+                    self._owed.append((entry, self._deferred.add(real)))
+                else:
+                    entry["stats"] = tensor_stats(real, detail=self._detail)
                 if padded:
                     entry["stats"]["padded"] = padded
             if self.mode == "full" or whole:

@@ -2,7 +2,11 @@
 
 Forward hooks copy each tensor into a slot of :class:`HostRing`, a pre-faulted (pinned on
 CUDA/NPU) host buffer, and hand the slot to :class:`BackgroundWriter`, whose thread writes it
-to the :class:`~precision.dumps.dump.DumpWriter` and frees the slot. Reusing memory that is already
+to the :class:`~precision.dumps.dump.DumpWriter` and frees the slot. On an accelerator
+(CUDA, NPU: :func:`precision.runtime.devices.streams`) the copy is queued on a side stream
+that waits for the compute stream's work so far, so the device-to-host copies overlap the
+next kernels; an event after each copy tells the writer thread when its slot is filled. No
+host wait happens in the forward unless the ring is full. Reusing memory that is already
 mapped avoids the page faults that make naive clone-everything capture slow; writing in a
 thread overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when
 the ring is full.
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from ...dumps.dump import DumpWriter
+from ..devices import streams
 
 _ALIGN = 64
 
@@ -108,6 +113,8 @@ class BackgroundWriter:
         self.device_type = device_type
         self.ring = HostRing.acquire(buffer_bytes, pin=device_type != "cpu")
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=256)
+        #: device -> the side stream its copies run on
+        self._side: dict[torch.device, Any] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="precision-writer", daemon=True)
         self._thread.start()
@@ -123,16 +130,20 @@ class BackgroundWriter:
             host = self.ring.buf[off:off + nbytes].view(t.dtype).view(t.shape)
         else:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device_type != "cpu")
+        api = streams(t.device.type)
         event = None
-        if t.device.type == "cpu":
+        if api is None:  # the CPU (and devices without streams): a plain copy
             host.copy_(t)
-        else:  # on the stream of the tensor's own device (models spread over several)
-            backend = getattr(torch, t.device.type)
-            stream = backend.current_stream(t.device)
-            with backend.stream(stream):
+        else:  # on a side stream of the tensor's own device (models spread over several)
+            side = self._side.get(t.device)
+            if side is None:
+                side = self._side[t.device] = api.Stream(t.device)
+            side.wait_stream(api.current_stream(t.device))
+            with api.stream(side):
                 host.copy_(t, non_blocking=True)
-            event = backend.Event()
-            event.record(stream)
+            t.record_stream(side)  # its memory is not reused before the copy is done
+            event = api.Event()
+            event.record(side)
         self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
 
     def _run(self) -> None:

@@ -1,9 +1,11 @@
 """Device registry: ``cpu``, ``cuda[:N]``, ``npu[:N]`` behind one small surface.
 
 Each backend module exposes ``check(index, dtype)`` (raise :class:`DeviceError` with what to
-install or choose), ``describe(index)`` (a human-readable device name) and
-``synchronize(index)``. ``torch_npu`` is imported only inside :mod:`precision.runtime.devices.npu`,
-only when an NPU is asked for.
+install or choose), ``describe(index)`` (a human-readable device name),
+``synchronize(index)`` and ``streams()`` (the ``torch.cuda``-like namespace whose ``Stream``,
+``Event``, ``current_stream`` and ``stream`` the capture's asynchronous copies and deferred
+statistics use; ``None`` on the CPU, whose work is synchronous). ``torch_npu`` is imported
+only inside :mod:`precision.runtime.devices.npu`, only when an NPU is asked for.
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ class Device:
 
 def _backend(kind: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{BACKENDS[kind]}")
+
+
+def streams(kind: str) -> ModuleType | None:
+    """The stream-and-event namespace of device type ``kind`` (``torch.cuda``, ``torch.npu``),
+    or ``None`` for the CPU and for types this registry does not know (their work is run as
+    the CPU's: synchronously, in order)."""
+    if kind not in BACKENDS:
+        return None
+    api: ModuleType | None = _backend(kind).streams()
+    return api
 
 
 def parse(spec: str) -> tuple[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from types import ModuleType
 
 from ...errors import DeviceError
 
@@ -18,3 +19,8 @@ def describe(index: int) -> str:
 
 def synchronize(index: int) -> None:
     """CPU work is synchronous; nothing to wait for."""
+
+
+def streams() -> ModuleType | None:
+    """No streams: CPU operations complete before they return."""
+    return None

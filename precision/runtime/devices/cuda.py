@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from ...errors import DeviceError
@@ -26,3 +28,8 @@ def describe(index: int) -> str:
 
 def synchronize(index: int) -> None:
     torch.cuda.synchronize(index)
+
+
+def streams() -> ModuleType:
+    """``torch.cuda``: its ``Stream``, ``Event``, ``current_stream`` and ``stream``."""
+    return torch.cuda

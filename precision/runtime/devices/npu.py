@@ -48,3 +48,9 @@ def describe(index: int) -> str:
 
 def synchronize(index: int) -> None:
     _npu().synchronize(index)
+
+
+def streams() -> Any:
+    """``torch.npu`` (torch_npu): the same ``Stream``, ``Event``, ``current_stream`` and
+    ``stream`` as ``torch.cuda``."""
+    return _npu()
