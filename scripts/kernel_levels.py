@@ -4,8 +4,9 @@ PyTorch's CPU numbers depend on the kernels it picks for the CPU it runs on: ATe
 vectorised kernels (``ATEN_CPU_CAPABILITY``: default, avx2, avx512), oneDNN's GEMMs and
 convolutions, bf16 ones included (``ONEDNN_MAX_CPU_ISA`` caps them), and MKL's fp32 GEMMs
 (``MKL_ENABLE_INSTRUCTIONS``); and numpy, which compare runs on, dispatches its own SIMD
-loops (``NPY_DISABLE_CPU_FEATURES`` turns off its targets beyond a level). A baseline taken on an AVX2 server, an AVX-512 one, an AMX one
-or an ARM64 host holds other bits, so verdicts must hold under each. A machine cannot emulate
+loops (``NPY_DISABLE_CPU_FEATURES`` turns off its targets beyond a level). A baseline taken
+on an AVX2 server, an AVX-512 one, an AMX one or an ARM64 host holds other bits, so verdicts
+must hold under each. A machine cannot emulate
 an instruction set it lacks, only cap what it uses; :func:`supported` lists the levels at or
 below this CPU's (and not the one it runs anyway: on an AVX2 CPU, ``avx2`` is ``native``).
 
