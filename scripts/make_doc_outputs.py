@@ -169,6 +169,9 @@ BLOCKS: dict[str, Block] = {
     "port-smollm": Block("port-real", (
         f"precision port --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} -o smollm",),
         real=True),
+    "port-vllm": Block("port-vllm", (
+        f"precision port --engine vllm --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} "
+        f"{VLLM_ARGS} -o vllm",), engine="vllm"),
     "seed-backward": Block("seed", (
         "precision capture --model fixtures/tiny-flan-t5 --backward -o step32.st",
         "precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --backward "

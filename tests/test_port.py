@@ -50,6 +50,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "is not a port folder" in err, err
     code, _, err = run("--model", QWEN, "--repeat", "1", "-o", tmp_path / "p")
     assert code == 2 and "--repeat must be at least 2" in err, err
+    # an engine runs its own dtype policy; --engine-arg is an engine's
+    code, _, err = run("--model", QWEN, "--engine", "vllm", "--keep-fp32", "none",
+                       "-o", tmp_path / "p")
+    assert code == 2 and "no --keep-fp32 with --engine vllm" in err, err
+    code, _, err = run("--model", QWEN, "--engine-arg", "max_model_len=256", "-o", tmp_path / "p")
+    assert code == 2 and "--engine-arg goes with --engine vllm" in err, err
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.fixture(scope="module")

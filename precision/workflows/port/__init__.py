@@ -136,15 +136,15 @@ def run_port(opts: PortOptions) -> PortResult:
         return {**_dump_facts(path), "files": [TARGET]}
 
     where = f"{opts.device}, {target_dtype}" + (", vLLM" if opts.engine == "vllm" else "")
+    base_title = f"{opts.baseline_device}, fp32" + (f" and its {expect[0]} reference"
+                                                    if expect else "")
     if opts.engine == "vllm":  # the engine's run first: the baseline replays its tokens
         outcomes = {"target": stages.run("target", where, target_in, target)}
-        outcomes["baseline"] = stages.run("baseline", f"{opts.baseline_device}, fp32",
+        outcomes["baseline"] = stages.run("baseline", base_title + ", replaying vLLM's tokens",
                                           baseline_in, baseline, after=("target",))
         order: tuple[str, ...] = ("baseline",)
     else:
-        outcomes = {"baseline": stages.run("baseline", f"{opts.baseline_device}, fp32"
-                                           + (f" and its {expect[0]} reference" if expect
-                                              else ""), baseline_in, baseline)}
+        outcomes = {"baseline": stages.run("baseline", base_title, baseline_in, baseline)}
         outcomes["target"] = stages.run("target", where, target_in, target,
                                         after=("baseline",))
         order = ("target",)
@@ -179,6 +179,11 @@ def _check(opts: PortOptions) -> None:
     if opts.engine == "vllm" and (opts.images or opts.audio or opts.feed or opts.backward):
         raise InputError("--engine vllm takes prompts only (no --image, --audio, --feed or "
                          "--backward)")
+    if opts.engine == "vllm" and tuple(opts.keep_fp32) != ("auto",):
+        raise InputError("--keep-fp32 is a Hugging Face capture's policy: a vLLM engine runs "
+                         "its own (no --keep-fp32 with --engine vllm)")
+    if opts.engine_args and opts.engine != "vllm":
+        raise InputError("--engine-arg goes with --engine vllm")
 
 
 def _fingerprint(model: str) -> dict[str, Any]:
@@ -342,7 +347,8 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
                   "dtype": "fp32", "references": base.get("references", [])},
         target={"device": opts.device, "device_name": target["device_name"],
                 "dtype": short(canonical(opts.dtype)), "engine": opts.engine,
-                "keep_fp32": list(opts.keep_fp32)},
+                # an engine runs its own dtype policy: no --keep-fp32 there
+                "keep_fp32": list(opts.keep_fp32) if opts.engine == "hf" else []},
         versions=versions, checks=tuple(checks),
         fix=None if fix is None else {k: fix[k] for k in ("keep_fp32", "capture_args",
                                                           "passed", "summary")},

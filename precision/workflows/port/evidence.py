@@ -14,6 +14,9 @@ from .result import Check
 
 #: a row's status in the comparison table, as the port's table shows it
 STATUS = {"OK": "PASS", "MISSING": "SKIP"}
+#: in the comparison's note on an engine's run lined up with Hugging Face's records
+#: (:func:`precision.engines.vllm.lineup.notes`)
+LINED_UP = "records lined up with Hugging Face's"
 
 
 def of_compare(report: Report) -> dict[str, Any]:
@@ -69,6 +72,12 @@ def checks(outcomes: dict[str, dict[str, Any]], *, dtype: str, repeat: int) -> l
                       f"{base['records']} records"
                       + (f"; {', '.join(refs)} reference on the same inputs" if refs else "")))
     rows.append(Check("layers", _status(cmp["passed"]), cmp["summary"]))
+    engine = outcomes["target"].get("engine", "hf")
+    if engine != "hf":  # how the engine's records met Hugging Face's (docs/vllm.md)
+        lined = [n.split(": ", 1)[1] for n in cmp.get("notes", [])
+                 if LINED_UP in n and ": " in n]
+        rows.append(Check(f"{engine} lineup", "INFO", lined[0] if lined else
+                          f"no note of how {engine}'s records were lined up"))
     lg = cmp.get("logits")
     rows.append(Check("logits", STATUS.get(lg["status"], lg["status"]) if lg else "SKIP",
                       f"top-1 agreement {lg['top1_agreement']:.2%}, top-{lg['k']} overlap "
