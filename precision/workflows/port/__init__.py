@@ -309,6 +309,9 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
         notes.append(f"the baseline ran on {base['device_name']}, not the CPU: its fp32 "
                      "kernels (TF32, reduction order) are the reference, so an error both "
                      "devices share is not seen")
+    if opts.backward and "suggest" in outcomes:
+        notes.append("the fix search (suggest) judges the forward pass; the fix stage "
+                     "compares the gradients of the target run with it too")
     if opts.engine == "vllm" and not cmp["passed"]:
         notes.append("no keep-fp32 fix is searched for an engine's run (docs/vllm.md)")
     if cmp["passed"] and cons["passed"]:
@@ -323,12 +326,16 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
     elif cmp["passed"]:
         verdict = "fail"
         message = f"matches the baseline but is not deterministic: {cons['summary']}"
+    elif fix is not None:  # suggest's own check passed, the port's comparison did not
+        verdict = "fail"
+        message = (f"fails as is, and with the suggested {fix['capture_args']} too: "
+                   f"{fix['summary']}")
     else:
         sug = outcomes.get("suggest")
         verdict = "fail"
         message = "fails as is" + (f"; {sug['message']}" if sug else "")
     checks: list[Check] = evidence.checks(outcomes, dtype=short(canonical(opts.dtype)),
-                                          repeat=opts.repeat)
+                                          repeat=opts.repeat, backward=opts.backward)
     facts = base["model"]
     model = {"name": Path(opts.model).name, "path": str(opts.model), "class": facts.get("class"),
              **model_id, "parameters": _parameters(Path(opts.model))}
