@@ -46,6 +46,8 @@ RESIDUAL = "fixtures/tiny-llama-overflow"
 QWEN35 = "fixtures/tiny-qwen3.5"
 #: the real model seed 001's vLLM blocks run (a Llama of the check set)
 SMOLLM = "smollm2-135m"
+#: a real decoder whose residual stream overflows fp16 at layer 7 (docs/fp16-overflow.md)
+GEMMA = "gemma3-270m"
 SEED_PROMPTS = ("--prompt 'The capital of France is' --prompt 'Machine learning is a branch of' "
                 "--prompt 'The theory of relativity was proposed by' --max-new-tokens 8")
 #: on a CPU vLLM otherwise reserves 90% of the memory for its KV cache
@@ -57,7 +59,8 @@ class Block:
     """Commands whose outputs one quoted block shows; ``keep`` lines of output per command
     (``None``: all), then ``...`` and its last ``tail`` lines, in the scratch folder
     ``group``. ``engine="vllm"``: a block that needs vLLM and the real model :data:`SMOLLM`
-    (see the module docstring); ``real``: one that needs the real model only."""
+    (see the module docstring); ``real``: one that needs the real model ``model`` of the
+    check set only (linked into its folder)."""
 
     group: str
     commands: tuple[str, ...]
@@ -65,6 +68,7 @@ class Block:
     tail: tuple[int, ...] = ()
     engine: str = ""
     real: bool = False
+    model: str = SMOLLM
 
     def limit(self, i: int) -> int | None:
         return self.keep[i] if i < len(self.keep) else None
@@ -184,6 +188,12 @@ BLOCKS: dict[str, Block] = {
     "port-smollm": Block("port-real", (
         f"precision port --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} -o smollm",),
         real=True),
+    "port-vllm": Block("port-vllm", (
+        f"precision port --engine vllm --model {SMOLLM} --dtype bf16 {SEED_PROMPTS} "
+        f"{VLLM_ARGS} -o vllm",), engine="vllm"),
+    # docs/fp16-overflow.md: a real decoder's residual stream (Gemma 3 270M), suggest's fix
+    "gemma-suggest": Block("gemma", (
+        f"precision suggest --model {GEMMA} --dtype fp16",), real=True, model=GEMMA),
     "seed-backward": Block("seed", (
         "precision capture --model fixtures/tiny-flan-t5 --backward -o step32.st",
         "precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --backward "
@@ -209,8 +219,8 @@ def missing(block: Block) -> str | None:
     """Why ``block`` cannot run here (None when it can)."""
     if block.engine != "vllm" and not block.real:
         return None
-    if not (real_models() / SMOLLM / "config.json").is_file():
-        return f"{SMOLLM} is not in {real_models()} (scripts/get_real_models.py)"
+    if not (real_models() / block.model / "config.json").is_file():
+        return f"{block.model} is not in {real_models()} (scripts/get_real_models.py)"
     if block.engine != "vllm":
         return None
     py = vllm_python()
@@ -291,7 +301,7 @@ def outputs(names: set[str] | None = None) -> dict[str, str]:
                 folder.mkdir()
                 (folder / "fixtures").symlink_to(ROOT / "fixtures")
                 if block.engine or block.real:
-                    (folder / SMOLLM).symlink_to(real_models() / SMOLLM)
+                    (folder / block.model).symlink_to(real_models() / block.model)
             texts[name] = render(name, block, folder)
     return texts
 

@@ -50,6 +50,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "is not a port folder" in err, err
     code, _, err = run("--model", QWEN, "--repeat", "1", "-o", tmp_path / "p")
     assert code == 2 and "--repeat must be at least 2" in err, err
+    # an engine runs its own dtype policy; --engine-arg is an engine's
+    code, _, err = run("--model", QWEN, "--engine", "vllm", "--keep-fp32", "none",
+                       "-o", tmp_path / "p")
+    assert code == 2 and "no --keep-fp32 with --engine vllm" in err, err
+    code, _, err = run("--model", QWEN, "--engine-arg", "max_model_len=256", "-o", tmp_path / "p")
+    assert code == 2 and "--engine-arg goes with --engine vllm" in err, err
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +200,78 @@ def test_healthy_real_decoder_passes_in_bf16(tmp_path: Path) -> None:
     assert code == 0, out + err
     doc = json.loads((tmp_path / "p" / "port.json").read_text())
     assert doc["verdict"] == "pass" and doc["model"]["parameters"] > 100_000_000
+
+
+@pytest.mark.slow
+def test_backward_gradients_are_captured_and_compared(tmp_path: Path) -> None:
+    """--backward: one training step in both runs; the compare stage measures every
+    gradient (of module outputs and of parameters) and the table has a gradients row."""
+    folder = tmp_path / "port"
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", "--backward", *PROMPTS,
+                         "-o", folder)
+    assert code == 0, err
+    for dump in ("base.st", "target.st"):
+        kinds = {e.kind for e in precision.load(folder / dump).entries}
+        assert {"grad", "pgrad"} <= kinds, (dump, kinds)
+    stamp = json.loads((folder / "stages" / "compare.json").read_text())["outcome"]
+    grads = stamp["gradients"]
+    assert grads["passed"] and grads["outputs"] > 0 and grads["parameters"] > 0
+    assert grads["measured"] == grads["records"] == grads["outputs"] + grads["parameters"]
+    report = precision.compare(folder / "base.st", folder / "target.st")
+    assert sum(":grad" in r.key or ":pgrad" in r.key for r in report.rows) == grads["records"]
+    checks = {c["name"]: c for c in json.loads((folder / "port.json").read_text())["checks"]}
+    assert checks["gradients"]["status"] == "PASS"
+    assert checks["gradients"]["evidence"].startswith(
+        f"{grads['records']} of {grads['records']} gradient records measured")
+
+
+@pytest.mark.slow
+def test_backward_fix_that_fails_on_gradients_is_not_called_verified(tmp_path: Path) -> None:
+    """The overflow fixture cast wholesale with --backward: the gradients fail too; suggest
+    (forward only) finds wo, and the fix stage, comparing the gradients as well, does not pass
+    it: the verdict says so instead of quoting suggest's 'fixes it (verified)'."""
+    folder = tmp_path / "port"
+    code, out, err = run("--model", T5_OVERFLOW, "--dtype", "fp16", "--keep-fp32", "none",
+                         "--backward", "-o", folder)
+    assert code == 1, err
+    doc = json.loads((folder / "port.json").read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["gradients"]["status"] == "FAIL" and "first failing" in \
+        checks["gradients"]["evidence"]
+    assert doc["fix"] is not None and not doc["fix"]["passed"]
+    assert doc["verdict"] == "fail" and ":grad" in doc["fix"]["summary"]
+    assert out.strip().splitlines()[-1].startswith(
+        "FAIL: fails as is, and with the suggested --keep-fp32 none")
+    assert "verified" not in out.strip().splitlines()[-1]
+    assert any("judges the forward pass" in n for n in doc["notes"])
+
+
+def test_gradients_row_trips_on_a_failing_gradient_and_not_otherwise() -> None:
+    """The gradients row: PASS when none fails, FAIL naming the first that does, FAIL when
+    --backward recorded none; no row without --backward."""
+    from precision.workflows.port import evidence
+
+    base = {"baseline": {"device_name": "CPU", "records": 3},
+            "target": {"engine": "hf"},
+            "compare": {"passed": True, "summary": "PASS", "logits": None, "generation": None},
+            "consistency": {"passed": True, "summary": "PASS"}}
+    good = {"passed": True, "records": 3, "outputs": 2, "parameters": 1, "measured": 3,
+            "counts": {"OK": 3}, "first_failing": None}
+    bad = good | {"passed": False, "counts": {"OK": 2, "DRIFT": 1}, "first_failing": {
+        "key": "lm_head:grad.0", "status": "DRIFT", "reason": "gradient rel_l2 0.1"}}
+
+    def row(grads: object, backward: bool = True) -> evidence.Check | None:
+        outcomes = base | {"compare": base["compare"] | {"gradients": grads}}
+        rows = evidence.checks(outcomes, dtype="fp16", repeat=3, backward=backward)
+        return next((c for c in rows if c.name == "gradients"), None)
+
+    assert row(good) == evidence.Check(
+        "gradients", "PASS", "3 of 3 gradient records measured (2 of module outputs, 1 of "
+        "parameters): 3 OK")
+    tripped = row(bad)
+    assert tripped is not None and tripped.status == "FAIL"
+    assert tripped.evidence.endswith(
+        "first failing lm_head:grad.0 (DRIFT: gradient rel_l2 0.1)")
+    none = row(None)
+    assert none is not None and none.status == "FAIL" and "no gradient" in none.evidence
+    assert row(good, backward=False) is None

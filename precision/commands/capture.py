@@ -12,6 +12,7 @@ from .common import (
     guard,
     stderr_log,
 )
+from .options import ENGINE_ARG, input_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -25,15 +26,7 @@ from .common import (
                    '{"encoder": 0, "decoder": 1, "lm_head": "cpu"}; "disk" offloads.')
 @click.option("--dtype", default="fp32", show_default=True,
               type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype of the model.")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A prompt (repeat for a batch). Default: three built-in Flan-style prompts.")
-@click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
-@click.option("--image", "images", multiple=True, metavar="FILE",
-              help="An image for the model's image processor (repeat for a batch).")
-@click.option("--audio", "audio", multiple=True, metavar="FILE.wav",
-              help="A wav file for the model's feature extractor (repeat for a batch).")
-@click.option("--feed", metavar="FILE", help="A .safetensors or .npz file of named tensors "
-              "passed to the model's forward as they are (any model, any preprocessing).")
+@input_options
 @click.option("--class", "model_class", metavar="NAME",
               help="Load the model as this transformers class (e.g. BertModel) instead of "
                    "the one its config names.")
@@ -120,11 +113,7 @@ from .common import (
                    "compare lines them up with a Hugging Face capture that replays this dump "
                    "(docs/vllm.md). Takes --model, --dtype, --prompt(s), --max-new-tokens, "
                    "--mode, -o, --force, -q and --engine-arg only.")
-@click.option("--engine-arg", "engine_args", multiple=True, metavar="KEY=VALUE",
-              help="With --engine vllm: an argument for vllm.LLM (repeatable; VALUE read as "
-                   "JSON when it is), e.g. max_model_len=512, kv_cache_memory_bytes=1073741824 "
-                   "(on a CPU vLLM otherwise reserves most of the memory), "
-                   "trust_remote_code=true.")
+@ENGINE_ARG
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @guard
 def capture(model: str, device: str, device_map: str | None, dtype: str,

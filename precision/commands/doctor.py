@@ -15,6 +15,7 @@ from .common import (
     stderr_log,
     write_text,
 )
+from .options import INPUTS
 
 if TYPE_CHECKING:
     from ..dumps.dump import Dump
@@ -29,10 +30,7 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="cpu, cuda, cuda:N, npu or npu:N."),
         click.option("--dtype", default="fp16", show_default=True,
                      type=click.Choice(["fp32", "fp16", "bf16"]), help="Compute dtype."),
-        click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-                     help="A prompt (repeatable)."),
-        click.option("--prompts", "prompts_file", metavar="FILE",
-                     help="File with one prompt per line."),
+        *INPUTS[:2],  # --prompt, --prompts, as capture takes them
         click.option("--max-new-tokens", default=8, show_default=True, type=int,
                      help="Tokens generated greedily before the measured forward."),
     ]

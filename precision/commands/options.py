@@ -1,9 +1,14 @@
-"""The comparison options, declared once for ``precision compare`` and ``precision report``.
+"""Options declared once for the commands that share them.
 
+The comparison options, for ``precision compare`` and ``precision report``:
 :func:`comparison_options` adds them to a command and calls it with the
 :class:`~precision.judge.options.CompareOptions` they make; :class:`ComparisonCommand` lists
 them in ``--help`` after the command's own options (its outputs), under their groups: what
 to compare, how to judge, how to run.
+
+The model's inputs (:func:`input_options`: ``--prompt``, ``--prompts``, ``--image``,
+``--audio``, ``--feed``) and ``--engine-arg`` (:data:`ENGINE_ARG`), for ``precision capture``
+and ``precision port``.
 """
 
 from __future__ import annotations
@@ -117,3 +122,35 @@ class ComparisonCommand(click.Command):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl([(term.ljust(width), text) for term, text in rows])
+
+
+#: what a model runs on, as ``precision capture`` and ``precision port`` take it (the
+#: parameters ``prompts``, ``prompts_file``, ``images``, ``audio``, ``feed``)
+INPUTS = (
+    click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                 help="A prompt (repeat for a batch). Default: three built-in Flan-style "
+                      "prompts."),
+    click.option("--prompts", "prompts_file", metavar="FILE",
+                 help="File with one prompt per line."),
+    click.option("--image", "images", multiple=True, metavar="FILE",
+                 help="An image for the model's image processor (repeat for a batch)."),
+    click.option("--audio", "audio", multiple=True, metavar="FILE.wav",
+                 help="A wav file for the model's feature extractor (repeat for a batch)."),
+    click.option("--feed", metavar="FILE",
+                 help="A .safetensors or .npz file of named tensors passed to the model's "
+                      "forward as they are (any model, any preprocessing)."),
+)
+
+#: ``--engine-arg``: an argument for ``vllm.LLM`` (capture's and port's ``--engine vllm``)
+ENGINE_ARG = click.option(
+    "--engine-arg", "engine_args", multiple=True, metavar="KEY=VALUE",
+    help="With --engine vllm: an argument for vllm.LLM (repeatable; VALUE read as JSON when "
+         "it is), e.g. max_model_len=512, kv_cache_memory_bytes=1073741824 (on a CPU vLLM "
+         "otherwise reserves most of the memory), trust_remote_code=true.")
+
+
+def input_options(command: F) -> F:
+    """Add :data:`INPUTS` to ``command``, in their order, where this decorator stands."""
+    for option in reversed(INPUTS):
+        command = option(command)
+    return command

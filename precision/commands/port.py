@@ -7,6 +7,7 @@ import sys
 import click
 
 from .common import CONTEXT, guard, stderr_log
+from .options import ENGINE_ARG, input_options
 
 
 @click.command(context_settings=CONTEXT)
@@ -22,17 +23,8 @@ from .common import CONTEXT, guard, stderr_log
 @click.option("--engine", default="hf", show_default=True, type=click.Choice(["hf", "vllm"]),
               help="Run the target with Hugging Face transformers or in a vLLM engine "
                    "(docs/vllm.md; no keep-fp32 fix search then).")
-@click.option("--engine-arg", "engine_args", multiple=True, metavar="KEY=VALUE",
-              help="With --engine vllm: an argument for vllm.LLM (repeatable).")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="A prompt (repeat for a batch). Default: three built-in prompts.")
-@click.option("--prompts", "prompts_file", metavar="FILE", help="File with one prompt per line.")
-@click.option("--image", "images", multiple=True, metavar="FILE",
-              help="An image for the model's image processor (repeatable), as for capture.")
-@click.option("--audio", "audio", multiple=True, metavar="FILE.wav",
-              help="A wav file for the model's feature extractor (repeatable), as for capture.")
-@click.option("--feed", metavar="FILE", help="A .safetensors or .npz file of named tensors "
-              "passed to the model's forward as they are, as for capture.")
+@ENGINE_ARG
+@input_options
 @click.option("--mode", default="full", show_default=True, type=click.Choice(["full", "stats"]),
               help="Capture mode of every run (stats for models too big to dump whole).")
 @click.option("--backward", is_flag=True,

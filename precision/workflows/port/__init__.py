@@ -136,15 +136,15 @@ def run_port(opts: PortOptions) -> PortResult:
         return {**_dump_facts(path), "files": [TARGET]}
 
     where = f"{opts.device}, {target_dtype}" + (", vLLM" if opts.engine == "vllm" else "")
+    base_title = f"{opts.baseline_device}, fp32" + (f" and its {expect[0]} reference"
+                                                    if expect else "")
     if opts.engine == "vllm":  # the engine's run first: the baseline replays its tokens
         outcomes = {"target": stages.run("target", where, target_in, target)}
-        outcomes["baseline"] = stages.run("baseline", f"{opts.baseline_device}, fp32",
+        outcomes["baseline"] = stages.run("baseline", base_title + ", replaying vLLM's tokens",
                                           baseline_in, baseline, after=("target",))
         order: tuple[str, ...] = ("baseline",)
     else:
-        outcomes = {"baseline": stages.run("baseline", f"{opts.baseline_device}, fp32"
-                                           + (f" and its {expect[0]} reference" if expect
-                                              else ""), baseline_in, baseline)}
+        outcomes = {"baseline": stages.run("baseline", base_title, baseline_in, baseline)}
         outcomes["target"] = stages.run("target", where, target_in, target,
                                         after=("baseline",))
         order = ("target",)
@@ -179,6 +179,11 @@ def _check(opts: PortOptions) -> None:
     if opts.engine == "vllm" and (opts.images or opts.audio or opts.feed or opts.backward):
         raise InputError("--engine vllm takes prompts only (no --image, --audio, --feed or "
                          "--backward)")
+    if opts.engine == "vllm" and tuple(opts.keep_fp32) != ("auto",):
+        raise InputError("--keep-fp32 is a Hugging Face capture's policy: a vLLM engine runs "
+                         "its own (no --keep-fp32 with --engine vllm)")
+    if opts.engine_args and opts.engine != "vllm":
+        raise InputError("--engine-arg goes with --engine vllm")
 
 
 def _fingerprint(model: str) -> dict[str, Any]:
@@ -304,6 +309,9 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
         notes.append(f"the baseline ran on {base['device_name']}, not the CPU: its fp32 "
                      "kernels (TF32, reduction order) are the reference, so an error both "
                      "devices share is not seen")
+    if opts.backward and "suggest" in outcomes:
+        notes.append("the fix search (suggest) judges the forward pass; the fix stage "
+                     "compares the gradients of the target run with it too")
     if opts.engine == "vllm" and not cmp["passed"]:
         notes.append("no keep-fp32 fix is searched for an engine's run (docs/vllm.md)")
     if cmp["passed"] and cons["passed"]:
@@ -318,12 +326,16 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
     elif cmp["passed"]:
         verdict = "fail"
         message = f"matches the baseline but is not deterministic: {cons['summary']}"
+    elif fix is not None:  # suggest's own check passed, the port's comparison did not
+        verdict = "fail"
+        message = (f"fails as is, and with the suggested {fix['capture_args']} too: "
+                   f"{fix['summary']}")
     else:
         sug = outcomes.get("suggest")
         verdict = "fail"
         message = "fails as is" + (f"; {sug['message']}" if sug else "")
     checks: list[Check] = evidence.checks(outcomes, dtype=short(canonical(opts.dtype)),
-                                          repeat=opts.repeat)
+                                          repeat=opts.repeat, backward=opts.backward)
     facts = base["model"]
     model = {"name": Path(opts.model).name, "path": str(opts.model), "class": facts.get("class"),
              **model_id, "parameters": _parameters(Path(opts.model))}
@@ -342,7 +354,8 @@ def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
                   "dtype": "fp32", "references": base.get("references", [])},
         target={"device": opts.device, "device_name": target["device_name"],
                 "dtype": short(canonical(opts.dtype)), "engine": opts.engine,
-                "keep_fp32": list(opts.keep_fp32)},
+                # an engine runs its own dtype policy: no --keep-fp32 there
+                "keep_fp32": list(opts.keep_fp32) if opts.engine == "hf" else []},
         versions=versions, checks=tuple(checks),
         fix=None if fix is None else {k: fix[k] for k in ("keep_fp32", "capture_args",
                                                           "passed", "summary")},

@@ -7,6 +7,7 @@ from typing import Any
 
 from ...doctor.checks import Suggestion
 from ...doctor.isolation import IsolateReport
+from ...dumps.keys import parse_key
 from ...judge.consistency import ConsistencyReport
 from ...judge.report import Report
 from ...judge.scan import ScanReport
@@ -14,6 +15,9 @@ from .result import Check
 
 #: a row's status in the comparison table, as the port's table shows it
 STATUS = {"OK": "PASS", "MISSING": "SKIP"}
+#: in the comparison's note on an engine's run lined up with Hugging Face's records
+#: (:func:`precision.engines.vllm.lineup.notes`)
+LINED_UP = "records lined up with Hugging Face's"
 
 
 def of_compare(report: Report) -> dict[str, Any]:
@@ -34,7 +38,29 @@ def of_compare(report: Report) -> dict[str, Any]:
         g = gen.generation
         out["generation"] = {"status": gen.status, "reason": gen.reason,
                              "sequences": g.sequences, "identical": g.identical}
+    out["gradients"] = of_gradients(report)
     return out
+
+
+def of_gradients(report: Report) -> dict[str, Any] | None:
+    """The ``--backward`` rows of a comparison (gradients of module outputs, ``:grad``, and
+    of parameters, ``:pgrad``): how many, by status, and the first that fails the verdict;
+    ``None`` when the runs recorded no gradient."""
+    rows = [r for r in report.rows if parse_key(r.key).is_gradient]
+    if not rows:
+        return None
+    failing = {id(r) for r in report.failing}
+    first = next((r for r in rows if id(r) in failing), None)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {"passed": first is None, "records": len(rows),
+            "outputs": sum(parse_key(r.key).kind == "grad" for r in rows),
+            "parameters": sum(parse_key(r.key).kind == "pgrad" for r in rows),
+            "measured": sum(r.metrics is not None or r.stats_delta is not None for r in rows),
+            "counts": counts,
+            "first_failing": None if first is None else {
+                "key": first.key, "status": first.status, "reason": first.reason}}
 
 
 def of_consistency(report: ConsistencyReport) -> dict[str, Any]:
@@ -56,12 +82,28 @@ def of_suggestion(s: Suggestion) -> dict[str, Any]:
     return s.to_dict()
 
 
+def _gradients(g: dict[str, Any] | None) -> Check:
+    """The ``gradients`` row: the backward records compared, and the first that fails."""
+    if g is None:
+        return Check("gradients", "FAIL", "--backward asked for, but no gradient was "
+                     "recorded in both runs")
+    counts = ", ".join(f"{n} {s}" for s, n in g["counts"].items())
+    what = (f"{g['measured']} of {g['records']} gradient records measured ({g['outputs']} of "
+            f"module outputs, {g['parameters']} of parameters): {counts}")
+    bad = g["first_failing"]
+    if bad is not None:
+        what += f"; first failing {bad['key']} ({bad['status']}: {bad['reason']})"
+    return Check("gradients", _status(g["passed"]), what)
+
+
 def _status(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
-def checks(outcomes: dict[str, dict[str, Any]], *, dtype: str, repeat: int) -> list[Check]:
-    """The table's rows, in the stages' order; a stage that did not run is SKIP, with why."""
+def checks(outcomes: dict[str, dict[str, Any]], *, dtype: str, repeat: int,
+           backward: bool = False) -> list[Check]:
+    """The table's rows, in the stages' order; a stage that did not run is SKIP, with why.
+    With ``backward`` (one training step), a ``gradients`` row after ``layers``."""
     rows: list[Check] = []
     base, cmp = outcomes["baseline"], outcomes["compare"]
     refs = base.get("references") or []
@@ -69,6 +111,14 @@ def checks(outcomes: dict[str, dict[str, Any]], *, dtype: str, repeat: int) -> l
                       f"{base['records']} records"
                       + (f"; {', '.join(refs)} reference on the same inputs" if refs else "")))
     rows.append(Check("layers", _status(cmp["passed"]), cmp["summary"]))
+    if backward and "gradients" in cmp:  # (a stamp from before the row: no row)
+        rows.append(_gradients(cmp["gradients"]))
+    engine = outcomes["target"].get("engine", "hf")
+    if engine != "hf":  # how the engine's records met Hugging Face's (docs/vllm.md)
+        lined = [n.split(": ", 1)[1] for n in cmp.get("notes", [])
+                 if LINED_UP in n and ": " in n]
+        rows.append(Check(f"{engine} lineup", "INFO", lined[0] if lined else
+                          f"no note of how {engine}'s records were lined up"))
     lg = cmp.get("logits")
     rows.append(Check("logits", STATUS.get(lg["status"], lg["status"]) if lg else "SKIP",
                       f"top-1 agreement {lg['top1_agreement']:.2%}, top-{lg['k']} overlap "

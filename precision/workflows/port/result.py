@@ -87,8 +87,9 @@ class PortResult:
                  f"config hash `{m.get('config_hash')}`) |",
                  f"| parameters | {_count(m.get('parameters'))} |",
                  f"| target | {_md(str(t.get('device_name')))} (`{t.get('device')}`), "
-                 f"{t.get('dtype')}, engine {t.get('engine')}, --keep-fp32 "
-                 f"{' '.join(t.get('keep_fp32', []))} |",
+                 f"{t.get('dtype')}, engine {t.get('engine')}"
+                 + (f", --keep-fp32 {' '.join(t['keep_fp32'])}" if t.get("keep_fp32") else "")
+                 + " |",
                  f"| baseline | {_md(str(b.get('device_name')))} (`{b.get('device')}`), fp32"
                  + (f", with its {', '.join(b.get('references', []))} reference" if
                     b.get("references") else "") + " |",
