@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 OUT = ROOT / "tests" / "data" / "msprobe"
 CONFIG = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -58,18 +59,15 @@ def _msprobe_config(tmp: Path, dump: Path, precision: str = "low") -> Path:
 
 def _keep(dump: Path, name: str) -> None:
     """msprobe's ``step0/<rank or proc>/`` as ``tests/data/msprobe/<name>/step0/proc0``."""
+    from make_msprobe_dump import keep_dump, report_size
+
     found = sorted(dump.rglob("dump.json"))
     if len(found) != 1:
         sys.exit(f"expected one dump.json, found {found}")
     out = OUT / name
     shutil.rmtree(out, ignore_errors=True)
-    dest = out / "step0" / "proc0"
-    dest.mkdir(parents=True)
-    doc = json.loads(found[0].read_text())
-    doc["dump_data_dir"] = None
-    (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    shutil.copy(found[0].parent / "construct.json", dest / "construct.json")
-    print(f"wrote {out.relative_to(ROOT)}: {len(doc['data'])} records")
+    keep_dump(found[0], out / "step0" / "proc0")
+    report_size(out)
 
 
 def torch_side(weights: Path) -> None:

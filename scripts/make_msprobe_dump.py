@@ -153,13 +153,21 @@ def write_statistics(name: str) -> None:
             debugger.stop()
             debugger.step()
         for found in sorted((Path(tmp) / "dump").rglob("dump.json")):
-            step = found.parent.parent.name
-            dest = out / step / "proc0"
-            dest.mkdir(parents=True)
-            doc = json.loads(found.read_text())
-            doc["dump_data_dir"] = None
-            (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-            shutil.copy(found.parent / "construct.json", dest / "construct.json")
+            keep_dump(found, out / found.parent.parent.name / "proc0")  # step<s>/proc0
+    report_size(out)
+
+
+def keep_dump(found: Path, dest: Path) -> None:
+    """msprobe's ``dump.json`` (compact, its absolute ``dump_data_dir`` dropped) and
+    ``construct.json`` copied into ``dest``."""
+    dest.mkdir(parents=True)
+    doc = json.loads(found.read_text())
+    doc["dump_data_dir"] = None
+    (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    shutil.copy(found.parent / "construct.json", dest / "construct.json")
+
+
+def report_size(out: Path) -> None:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
 
@@ -212,15 +220,9 @@ def run_ranks(name: str) -> None:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29533", __file__, "--rank-worker", name, str(dump)],
                        check=True)
-        for found in sorted(dump.rglob("dump.json")):
-            dest = out / found.parent.parent.name / found.parent.name  # step0/rank<r>
-            dest.mkdir(parents=True)
-            doc = json.loads(found.read_text())
-            doc["dump_data_dir"] = None
-            (dest / "dump.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-            shutil.copy(found.parent / "construct.json", dest / "construct.json")
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote {out.relative_to(ROOT)}: {size / 1e3:.0f} kB")
+        for found in sorted(dump.rglob("dump.json")):  # step0/rank<r>
+            keep_dump(found, out / found.parent.parent.name / found.parent.name)
+    report_size(out)
 
 
 if __name__ == "__main__":
