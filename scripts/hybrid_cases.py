@@ -17,12 +17,20 @@ chunk, so the chunked form carries its state across chunks), one forward with th
   state buffer is bf16), ``gate-lowprec`` (the decay gate ``g = -exp(A_log) softplus(a +
   dt_bias)`` computed in bf16 from bf16 operands, where transformers computes it in fp32).
 
-    python scripts/hybrid_cases.py        (prints one JSON line per case)
+A case may run the **long-memory** variant (``memory``): layer :data:`LAYER`'s heads set to
+decay by :data:`LONG_MEMORY` per token (the fixture's decay at most 0.98: it forgets within
+about 50 tokens), base, reference and target alike; and one prompt of ``tokens`` tokens of
+the corpus instead of the batch (:func:`sweep`: the faults' error against the prompt's
+length, in bf16).
+
+    python scripts/hybrid_cases.py          (prints one JSON line per case)
+    python scripts/hybrid_cases.py --sweep  (one per fault, memory and prompt length)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +59,11 @@ PROMPTS = [
 HEALTHY = ("fp32-recurrent", "bf16-chunked", "bf16-recurrent", "fp16-chunked",
            "fp16-recurrent")
 FAULTS = ("state-bf16", "gate-lowprec")
+#: the long-memory variant's decay per token (at ``a = 0``) of layer :data:`LAYER`'s heads:
+#: a long memory (``0.999 ** 1000`` is 0.37) whose decay bf16 cannot hold (it rounds to 1)
+LONG_MEMORY = 0.999
+#: the prompt lengths :func:`sweep` measures
+SWEEP_TOKENS = (299, 1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -59,10 +72,20 @@ class Case:
 
     target: str
     fault: str = ""
+    #: layer :data:`LAYER`'s heads decay by :data:`LONG_MEMORY` per token
+    memory: bool = False
+    #: one prompt of this many corpus tokens (0: the batch of :data:`PROMPTS`)
+    tokens: int = 0
 
     @property
     def name(self) -> str:
-        return self.target + (f"-{self.fault}" if self.fault else "")
+        return self.target + (f"-{self.fault}" if self.fault else "") + self.variant
+
+    @property
+    def variant(self) -> str:
+        """What base, reference and target share: ``-long-memory``, ``-4096-tokens``."""
+        return ("-long-memory" if self.memory else "") + (
+            f"-{self.tokens}-tokens" if self.tokens else "")
 
     @property
     def dtype(self) -> str:
@@ -74,19 +97,41 @@ class Case:
         return form if form in FORMS else None
 
 
-def load(dtype: str, form: str | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The fixture in ``dtype``, its delta rule in ``form``, and the left-padded prompts."""
+def load(dtype: str, form: str | None = None, memory: bool = False,
+         tokens: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The fixture in ``dtype``, its delta rule in ``form`` (layer :data:`LAYER`'s memory
+    long where ``memory``), and the left-padded prompts (or one of ``tokens`` tokens)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(FIXTURE)
     tok.padding_side = "left"
-    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    if tokens:
+        corpus = (ROOT / "fixtures" / "corpus.txt").read_text(encoding="utf-8").split("\n")
+        ids = []
+        while len(ids) < tokens:
+            ids += tok(" ".join(corpus))["input_ids"]
+        inputs = {"input_ids": torch.tensor([ids[:tokens]]),
+                  "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+    else:
+        inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
     model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE,
                                                               dtype=DTYPES[dtype]).eval()
+    if memory:
+        long_memory(model)
     instrument(model, form)
     return model, inputs
+
+
+def long_memory(model: nn.Module, decay: float = LONG_MEMORY, layer: int = LAYER) -> None:
+    """Set layer ``layer``'s ``dt_bias`` so that each head decays by ``decay`` per token at
+    ``a = 0``: ``exp(-exp(A_log) softplus(dt_bias)) = decay``, ``softplus^-1(x) = x +
+    log(1 - exp(-x))``."""
+    attn = model.model.layers[layer].linear_attn
+    with torch.no_grad():
+        dt = -math.log(decay) / attn.A_log.float().exp()
+        attn.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(attn.dt_bias.dtype))
 
 
 def state_in_bf16(recurrent: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,9 +185,9 @@ def plant(model: nn.Module, fault: str, layer: int = LAYER) -> list[Any]:
 
 
 def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
-            level: str = "modules") -> Path:
+            level: str = "modules", memory: bool = False, tokens: int = 0) -> Path:
     """One forward of the fixture in ``dtype`` (cache on), recorded at ``path``."""
-    model, inputs = load(dtype, form)
+    model, inputs = load(dtype, form, memory, tokens)
     handles = plant(model, fault) if fault else []
     with torch.no_grad(), precision.capture(model, path, force=True, level=level):
         model(**inputs, use_cache=True)
@@ -151,24 +196,25 @@ def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
     return path
 
 
-def base_of(work: Path, level: str = "modules") -> Path:
-    """The fp32 baseline (the model's own delta rule), captured once per folder and level."""
-    base = work / f"base-{level}.st"
+def base_of(work: Path, level: str = "modules", case: Case = Case("fp32")) -> Path:
+    """The fp32 baseline (the model's own delta rule), captured once per folder, level and
+    ``case``'s variant (long memory, prompt length)."""
+    base = work / f"base{case.variant}-{level}.st"
     if not base.exists():
-        capture("fp32", base, level=level)
+        capture("fp32", base, level=level, memory=case.memory, tokens=case.tokens)
     return base
 
 
 def run(case: Case, work: Path, level: str = "modules") -> precision.Report:
     """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for a
     low precision, the reference: the same inputs in that precision, the model's own form)."""
-    base = base_of(work, level)
+    base = base_of(work, level, case)
     if case.dtype != "fp32":
         ref = reference_path(base, case.dtype)
         if not ref.exists():
-            capture(case.dtype, ref, level=level)
+            capture(case.dtype, ref, level=level, memory=case.memory, tokens=case.tokens)
     target = capture(case.dtype, work / f"{case.name}-{level}.st", case.form, case.fault,
-                     level)
+                     level, case.memory, case.tokens)
     return precision.compare(base, target, jobs=1)
 
 
@@ -179,14 +225,54 @@ def summarise(report: precision.Report) -> dict[str, Any]:
             "first": first.key if first else None, "why": first.reason if first else None}
 
 
+def against_reference(report: precision.Report, dtype: str,
+                      keys: tuple[str, ...]) -> dict[str, float]:
+    """Each of ``keys``' element-scaled rms error over the ``dtype`` reference's (the ratio
+    the reference rules hold to ``REF_RMS_RATIO``): ``noise_rms(target) /
+    noise_rms(reference)`` against the same baseline."""
+    base = Path(report.base)
+    ref = precision.compare(base, reference_path(base, dtype), jobs=1)
+    ours = {r.key: r.metrics.noise_rms for r in report.rows if r.metrics}
+    theirs = {r.key: r.metrics.noise_rms for r in ref.rows if r.metrics}
+    return {k: round(ours[k] / theirs[k], 2) for k in keys}
+
+
+#: the records :func:`sweep` reports: the planted layer's delta rule
+SWEPT = tuple(f"model.layers.{LAYER}.linear_attn.delta_rule:out.{i}" for i in ("state",
+                                                                                "output"))
+
+
+def sweep(work: Path) -> None:
+    """bf16 faults against the prompt's length, in the fixture and the long-memory variant:
+    the verdict and the planted layer's state and output error over the reference's."""
+    for memory in (False, True):
+        for tokens in SWEEP_TOKENS:
+            for fault in FAULTS:
+                case = Case("bf16", fault, memory, tokens)
+                report = run(case, work)
+                ratios = against_reference(report, case.dtype, SWEPT)
+                print(json.dumps({"case": case.name, "verdict": report.summary.split(":")[0],
+                                  "state": ratios[SWEPT[0]], "output": ratios[SWEPT[1]]}),
+                      flush=True)
+
+
+def cases() -> list[Case]:
+    """The cases ``main`` runs: the healthy pairs, the faults in bf16 and fp16; the long-
+    memory variant's healthy low-precision pairs and bf16 faults."""
+    return ([Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16") for f in FAULTS]
+            + [Case(t, memory=True) for t in HEALTHY if not t.startswith("fp32")]
+            + [Case("bf16", f, memory=True) for f in FAULTS])
+
+
 def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cases = [Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16")
-                                              for f in FAULTS]
-        for case in cases:
+        if "--sweep" in sys.argv[1:]:
+            sweep(work)
+            return
+        for case in cases():
             print(json.dumps({"case": case.name} | summarise(run(case, work))), flush=True)
 
 
