@@ -25,6 +25,8 @@ length, in bf16).
 
     python scripts/hybrid_cases.py          (prints one JSON line per case)
     python scripts/hybrid_cases.py --sweep  (one per fault, memory and prompt length)
+    python scripts/hybrid_cases.py --steps  (the state carried over decoding steps)
+    python scripts/hybrid_cases.py --rule   (a bf16 state in the delta rule alone)
 """
 
 from __future__ import annotations
@@ -256,6 +258,73 @@ def sweep(work: Path) -> None:
                       flush=True)
 
 
+def steps(work: Path, prompt: int = 299, n: int = 64) -> None:
+    """bf16 faults over ``n`` decoding steps after a ``prompt``-token prompt, teacher-forced
+    as ``--replay`` feeds them (one-token forwards with the cache): the planted layer's
+    state at steps 0 (the prompt's), 1, ``n // 2`` and ``n`` over the reference's."""
+    state = SWEPT[0]
+
+    def capture_steps(dtype: str, path: Path, fault: str, memory: bool) -> Path:
+        model, inputs = load(dtype, memory=memory, tokens=prompt + n)
+        ids = inputs["input_ids"]
+        handles = plant(model, fault) if fault else []
+        with torch.no_grad(), precision.capture(model, path, force=True,
+                                                include=[state.split(":")[0]]):
+            cache = model(input_ids=ids[:, :prompt], use_cache=True).past_key_values
+            for t in range(prompt, prompt + n):
+                cache = model(input_ids=ids[:, t:t + 1], past_key_values=cache,
+                              use_cache=True).past_key_values
+        for h in handles:
+            h.remove()
+        return path
+
+    picks = [state] + [f"{state}#{i}" for i in (1, n // 2, n)]
+    for memory in (False, True):
+        case = Case("bf16", memory=memory)
+        base = capture_steps("fp32", work / f"steps-base{case.variant}.st", "", memory)
+        capture_steps("bf16", reference_path(base, "bf16"), "", memory)
+        for fault in FAULTS:
+            target = work / f"steps-{fault}{case.variant}.st"
+            report = precision.compare(base, capture_steps("bf16", target, fault, memory),
+                                       jobs=1)
+            print(json.dumps({"case": Case("bf16", fault, memory).name,
+                              "verdict": report.summary.split(":")[0]}
+                             | {k.split(":")[1]: v for k, v in
+                                against_reference(report, "bf16", tuple(picks)).items()}),
+                  flush=True)
+
+
+def rule_alone(heads: int = 2, v_dim: int = 16) -> None:
+    """A bf16 state in the delta rule alone, outside the model: random unit keys and
+    queries, normal values, ``beta = sigmoid(normal)``, a constant decay; the inputs rounded
+    to bf16 (the reference: chunked form in fp32 on them) or also the state before every
+    token (the fault); relative rms error ``||x - x32|| / ||x32||`` in bf16 eps, over the
+    fp32 run on the unrounded inputs, the fault's over the reference's."""
+    code = sys.modules[type(load("fp32")[0].model.layers[0].linear_attn).__module__]
+    chunk, recurrent = (code._precision_originals[FORMS[f]] for f in ("chunked", "recurrent"))
+    torch.manual_seed(0)
+
+    def err(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((x.float() - ref).norm() / ref.norm()) / 2 ** -8
+
+    for k_dim in (16, 128):
+        for decay in (0.98, 0.999):
+            for n in (299, 2048):
+                q, k = (F.normalize(torch.randn(1, n, heads, k_dim), dim=-1) for _ in "qk")
+                v, beta = torch.randn(1, n, heads, v_dim), torch.randn(1, n, heads).sigmoid()
+                g = torch.full((1, n, heads), math.log(decay))
+                low = [x.bfloat16() for x in (q, k, v, beta)]
+                kw: dict[str, Any] = {"output_final_state": True,
+                                      "use_qk_l2norm_in_kernel": False}
+                o32, s32 = chunk(q, k, v, g=g, beta=beta, **kw)
+                o_ref, s_ref = chunk(*low[:3], g=g, beta=low[3], **kw)
+                o_bad, s_bad = state_in_bf16(recurrent)(*low[:3], g=g, beta=low[3], **kw)
+                print(json.dumps({"k_dim": k_dim, "decay": decay, "tokens": n,
+                                  "state": round(err(s_bad, s32) / err(s_ref, s32), 2),
+                                  "output": round(err(o_bad, o32) / err(o_ref, o32), 2)}),
+                      flush=True)
+
+
 def cases() -> list[Case]:
     """The cases ``main`` runs: the healthy pairs, the faults in bf16 and fp16; the long-
     memory variant's healthy low-precision pairs and bf16 faults."""
@@ -271,6 +340,12 @@ def main() -> None:
         work = Path(tmp)
         if "--sweep" in sys.argv[1:]:
             sweep(work)
+            return
+        if "--steps" in sys.argv[1:]:
+            steps(work)
+            return
+        if "--rule" in sys.argv[1:]:
+            rule_alone()
             return
         for case in cases():
             print(json.dumps({"case": case.name} | summarise(run(case, work))), flush=True)
