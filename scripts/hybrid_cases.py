@@ -17,12 +17,22 @@ chunk, so the chunked form carries its state across chunks), one forward with th
   state buffer is bf16), ``gate-lowprec`` (the decay gate ``g = -exp(A_log) softplus(a +
   dt_bias)`` computed in bf16 from bf16 operands, where transformers computes it in fp32).
 
-    python scripts/hybrid_cases.py        (prints one JSON line per case)
+A case may run the **long-memory** variant (``memory``): layer :data:`LAYER`'s heads set to
+decay by :data:`LONG_MEMORY` per token (the fixture's decay at most 0.98: it forgets within
+about 50 tokens), base, reference and target alike; and one prompt of ``tokens`` tokens of
+the corpus instead of the batch (:func:`sweep`: the faults' error against the prompt's
+length, in bf16).
+
+    python scripts/hybrid_cases.py          (prints one JSON line per case)
+    python scripts/hybrid_cases.py --sweep  (one per fault, memory and prompt length)
+    python scripts/hybrid_cases.py --steps  (the state carried over decoding steps)
+    python scripts/hybrid_cases.py --rule   (a bf16 state in the delta rule alone)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +61,11 @@ PROMPTS = [
 HEALTHY = ("fp32-recurrent", "bf16-chunked", "bf16-recurrent", "fp16-chunked",
            "fp16-recurrent")
 FAULTS = ("state-bf16", "gate-lowprec")
+#: the long-memory variant's decay per token (at ``a = 0``) of layer :data:`LAYER`'s heads:
+#: a long memory (``0.999 ** 1000`` is 0.37) whose decay bf16 cannot hold (it rounds to 1)
+LONG_MEMORY = 0.999
+#: the prompt lengths :func:`sweep` measures
+SWEEP_TOKENS = (299, 1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -59,10 +74,20 @@ class Case:
 
     target: str
     fault: str = ""
+    #: layer :data:`LAYER`'s heads decay by :data:`LONG_MEMORY` per token
+    memory: bool = False
+    #: one prompt of this many corpus tokens (0: the batch of :data:`PROMPTS`)
+    tokens: int = 0
 
     @property
     def name(self) -> str:
-        return self.target + (f"-{self.fault}" if self.fault else "")
+        return self.target + (f"-{self.fault}" if self.fault else "") + self.variant
+
+    @property
+    def variant(self) -> str:
+        """What base, reference and target share: ``-long-memory``, ``-4096-tokens``."""
+        return ("-long-memory" if self.memory else "") + (
+            f"-{self.tokens}-tokens" if self.tokens else "")
 
     @property
     def dtype(self) -> str:
@@ -74,19 +99,41 @@ class Case:
         return form if form in FORMS else None
 
 
-def load(dtype: str, form: str | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The fixture in ``dtype``, its delta rule in ``form``, and the left-padded prompts."""
+def load(dtype: str, form: str | None = None, memory: bool = False,
+         tokens: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The fixture in ``dtype``, its delta rule in ``form`` (layer :data:`LAYER`'s memory
+    long where ``memory``), and the left-padded prompts (or one of ``tokens`` tokens)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     tok = transformers.AutoTokenizer.from_pretrained(FIXTURE)
     tok.padding_side = "left"
-    inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
+    if tokens:
+        corpus = (ROOT / "fixtures" / "corpus.txt").read_text(encoding="utf-8").split("\n")
+        ids = []
+        while len(ids) < tokens:
+            ids += tok(" ".join(corpus))["input_ids"]
+        inputs = {"input_ids": torch.tensor([ids[:tokens]]),
+                  "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
+    else:
+        inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
     model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE,
                                                               dtype=DTYPES[dtype]).eval()
+    if memory:
+        long_memory(model)
     instrument(model, form)
     return model, inputs
+
+
+def long_memory(model: nn.Module, decay: float = LONG_MEMORY, layer: int = LAYER) -> None:
+    """Set layer ``layer``'s ``dt_bias`` so that each head decays by ``decay`` per token at
+    ``a = 0``: ``exp(-exp(A_log) softplus(dt_bias)) = decay``, ``softplus^-1(x) = x +
+    log(1 - exp(-x))``."""
+    attn = model.model.layers[layer].linear_attn
+    with torch.no_grad():
+        dt = -math.log(decay) / attn.A_log.float().exp()
+        attn.dt_bias.copy_((dt + torch.log(-torch.expm1(-dt))).to(attn.dt_bias.dtype))
 
 
 def state_in_bf16(recurrent: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,9 +187,9 @@ def plant(model: nn.Module, fault: str, layer: int = LAYER) -> list[Any]:
 
 
 def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
-            level: str = "modules") -> Path:
+            level: str = "modules", memory: bool = False, tokens: int = 0) -> Path:
     """One forward of the fixture in ``dtype`` (cache on), recorded at ``path``."""
-    model, inputs = load(dtype, form)
+    model, inputs = load(dtype, form, memory, tokens)
     handles = plant(model, fault) if fault else []
     with torch.no_grad(), precision.capture(model, path, force=True, level=level):
         model(**inputs, use_cache=True)
@@ -151,24 +198,25 @@ def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
     return path
 
 
-def base_of(work: Path, level: str = "modules") -> Path:
-    """The fp32 baseline (the model's own delta rule), captured once per folder and level."""
-    base = work / f"base-{level}.st"
+def base_of(work: Path, level: str = "modules", case: Case = Case("fp32")) -> Path:
+    """The fp32 baseline (the model's own delta rule), captured once per folder, level and
+    ``case``'s variant (long memory, prompt length)."""
+    base = work / f"base{case.variant}-{level}.st"
     if not base.exists():
-        capture("fp32", base, level=level)
+        capture("fp32", base, level=level, memory=case.memory, tokens=case.tokens)
     return base
 
 
 def run(case: Case, work: Path, level: str = "modules") -> precision.Report:
     """Capture ``case``'s target under ``work`` and compare it with the baseline (and, for a
     low precision, the reference: the same inputs in that precision, the model's own form)."""
-    base = base_of(work, level)
+    base = base_of(work, level, case)
     if case.dtype != "fp32":
         ref = reference_path(base, case.dtype)
         if not ref.exists():
-            capture(case.dtype, ref, level=level)
+            capture(case.dtype, ref, level=level, memory=case.memory, tokens=case.tokens)
     target = capture(case.dtype, work / f"{case.name}-{level}.st", case.form, case.fault,
-                     level)
+                     level, case.memory, case.tokens)
     return precision.compare(base, target, jobs=1)
 
 
@@ -179,14 +227,127 @@ def summarise(report: precision.Report) -> dict[str, Any]:
             "first": first.key if first else None, "why": first.reason if first else None}
 
 
+def against_reference(report: precision.Report, dtype: str,
+                      keys: tuple[str, ...]) -> dict[str, float]:
+    """Each of ``keys``' element-scaled rms error over the ``dtype`` reference's (the ratio
+    the reference rules hold to ``REF_RMS_RATIO``): ``noise_rms(target) /
+    noise_rms(reference)`` against the same baseline."""
+    base = Path(report.base)
+    ref = precision.compare(base, reference_path(base, dtype), jobs=1)
+    ours = {r.key: r.metrics.noise_rms for r in report.rows if r.metrics}
+    theirs = {r.key: r.metrics.noise_rms for r in ref.rows if r.metrics}
+    return {k: round(ours[k] / theirs[k], 2) for k in keys}
+
+
+#: the records :func:`sweep` reports: the planted layer's delta rule
+SWEPT = tuple(f"model.layers.{LAYER}.linear_attn.delta_rule:out.{i}" for i in ("state",
+                                                                                "output"))
+
+
+def sweep(work: Path) -> None:
+    """bf16 faults against the prompt's length, in the fixture and the long-memory variant:
+    the verdict and the planted layer's state and output error over the reference's."""
+    for memory in (False, True):
+        for tokens in SWEEP_TOKENS:
+            for fault in FAULTS:
+                case = Case("bf16", fault, memory, tokens)
+                report = run(case, work)
+                ratios = against_reference(report, case.dtype, SWEPT)
+                print(json.dumps({"case": case.name, "verdict": report.summary.split(":")[0],
+                                  "state": ratios[SWEPT[0]], "output": ratios[SWEPT[1]]}),
+                      flush=True)
+
+
+def steps(work: Path, prompt: int = 299, n: int = 64) -> None:
+    """bf16 faults over ``n`` decoding steps after a ``prompt``-token prompt, teacher-forced
+    as ``--replay`` feeds them (one-token forwards with the cache): the planted layer's
+    state at steps 0 (the prompt's), 1, ``n // 2`` and ``n`` over the reference's."""
+    state = SWEPT[0]
+
+    def capture_steps(dtype: str, path: Path, fault: str, memory: bool) -> Path:
+        model, inputs = load(dtype, memory=memory, tokens=prompt + n)
+        ids = inputs["input_ids"]
+        handles = plant(model, fault) if fault else []
+        with torch.no_grad(), precision.capture(model, path, force=True,
+                                                include=[state.split(":")[0]]):
+            cache = model(input_ids=ids[:, :prompt], use_cache=True).past_key_values
+            for t in range(prompt, prompt + n):
+                cache = model(input_ids=ids[:, t:t + 1], past_key_values=cache,
+                              use_cache=True).past_key_values
+        for h in handles:
+            h.remove()
+        return path
+
+    picks = [state] + [f"{state}#{i}" for i in (1, n // 2, n)]
+    for memory in (False, True):
+        case = Case("bf16", memory=memory)
+        base = capture_steps("fp32", work / f"steps-base{case.variant}.st", "", memory)
+        capture_steps("bf16", reference_path(base, "bf16"), "", memory)
+        for fault in FAULTS:
+            target = work / f"steps-{fault}{case.variant}.st"
+            report = precision.compare(base, capture_steps("bf16", target, fault, memory),
+                                       jobs=1)
+            print(json.dumps({"case": Case("bf16", fault, memory).name,
+                              "verdict": report.summary.split(":")[0]}
+                             | {k.split(":")[1]: v for k, v in
+                                against_reference(report, "bf16", tuple(picks)).items()}),
+                  flush=True)
+
+
+def rule_alone(heads: int = 2, v_dim: int = 16) -> None:
+    """A bf16 state in the delta rule alone, outside the model: random unit keys and
+    queries, normal values, ``beta = sigmoid(normal)``, a constant decay; the inputs rounded
+    to bf16 (the reference: chunked form in fp32 on them) or also the state before every
+    token (the fault); relative rms error ``||x - x32|| / ||x32||`` in bf16 eps, over the
+    fp32 run on the unrounded inputs, the fault's over the reference's."""
+    code = sys.modules[type(load("fp32")[0].model.layers[0].linear_attn).__module__]
+    chunk, recurrent = (code._precision_originals[FORMS[f]] for f in ("chunked", "recurrent"))
+    torch.manual_seed(0)
+
+    def err(x: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((x.float() - ref).norm() / ref.norm()) / 2 ** -8
+
+    for k_dim in (16, 128):
+        for decay in (0.98, 0.999):
+            for n in (299, 2048):
+                q, k = (F.normalize(torch.randn(1, n, heads, k_dim), dim=-1) for _ in "qk")
+                v, beta = torch.randn(1, n, heads, v_dim), torch.randn(1, n, heads).sigmoid()
+                g = torch.full((1, n, heads), math.log(decay))
+                low = [x.bfloat16() for x in (q, k, v, beta)]
+                kw: dict[str, Any] = {"output_final_state": True,
+                                      "use_qk_l2norm_in_kernel": False}
+                o32, s32 = chunk(q, k, v, g=g, beta=beta, **kw)
+                o_ref, s_ref = chunk(*low[:3], g=g, beta=low[3], **kw)
+                o_bad, s_bad = state_in_bf16(recurrent)(*low[:3], g=g, beta=low[3], **kw)
+                print(json.dumps({"k_dim": k_dim, "decay": decay, "tokens": n,
+                                  "state": round(err(s_bad, s32) / err(s_ref, s32), 2),
+                                  "output": round(err(o_bad, o32) / err(o_ref, o32), 2)}),
+                      flush=True)
+
+
+def cases() -> list[Case]:
+    """The cases ``main`` runs: the healthy pairs, the faults in bf16 and fp16; the long-
+    memory variant's healthy low-precision pairs and bf16 faults."""
+    return ([Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16") for f in FAULTS]
+            + [Case(t, memory=True) for t in HEALTHY if not t.startswith("fp32")]
+            + [Case("bf16", f, memory=True) for f in FAULTS])
+
+
 def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        cases = [Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16")
-                                              for f in FAULTS]
-        for case in cases:
+        if "--sweep" in sys.argv[1:]:
+            sweep(work)
+            return
+        if "--steps" in sys.argv[1:]:
+            steps(work)
+            return
+        if "--rule" in sys.argv[1:]:
+            rule_alone()
+            return
+        for case in cases():
             print(json.dumps({"case": case.name} | summarise(run(case, work))), flush=True)
 
 
