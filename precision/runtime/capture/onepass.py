@@ -72,11 +72,21 @@ def _row(x: Any, bits: Any, y: Any, base: int, flip: float, mask: int) -> Any:
 
 
 @_jit
-def one_pass(x: Any, bits: Any, mask: int, y: Any) -> Any:
-    """``(Σx, Σx², min key, max key)`` of a flat array ``x`` (``x.size >= 1``) whose bit
+def _value(key: int, mask: int, itemsize: int) -> float:
+    """The float whose order key (see :func:`one_pass`) is ``key``."""
+    bits = key ^ ((key >> 63) & mask)
+    if itemsize == 4:
+        return np.float64(np.int32(bits).view(np.float32))
+    return np.int64(bits).view(np.float64)
+
+
+@_jit
+def one_pass(x: Any, bits: Any, mask: int) -> Any:
+    """``(Σx, Σx², min, max, sketch)`` of a flat array ``x`` (``x.size >= 1``) whose bit
     patterns are ``bits`` (the same memory as signed integers of its width, ``mask`` from
-    :data:`MASKS`); adds its count sketch to ``y`` (``BUCKETS`` float64, zeroed)."""
+    :data:`MASKS`); the sketch is ``BUCKETS`` float64 values."""
     n = x.size
+    y = np.zeros(BUCKETS)
     s = 0.0
     s2 = 0.0
     lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & mask)
@@ -90,24 +100,14 @@ def one_pass(x: Any, bits: Any, mask: int, y: Any) -> Any:
             s2 += rs2
             lo = min(lo, rlo)
             hi = max(hi, rhi)
-    return s, s2, lo, hi
-
-
-def value(key: int, itemsize: int) -> float:
-    """The float whose order key (:func:`one_pass`) is ``key``, for ``itemsize`` bytes."""
-    mask = MASKS[itemsize]
-    bits = key ^ (mask if key < 0 else 0)
-    if itemsize == 4:
-        return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
-    return float(np.array([bits], dtype=np.int64).view(np.float64)[0])
+    return s, s2, _value(lo, mask, x.itemsize), _value(hi, mask, x.itemsize), y
 
 
 def summary(a: np.ndarray) -> tuple[float, float, float, float, np.ndarray]:
     """``(Σx, Σx², min, max, sketch)`` of a flat float32 or float64 array (not empty)."""
-    bits = a.view(np.int32 if a.itemsize == 4 else np.int64)
-    y = np.zeros(BUCKETS)
-    s, s2, lo, hi = one_pass(a, bits, MASKS[a.itemsize], y)
-    return s, s2, value(lo, a.itemsize), value(hi, a.itemsize), y
+    if a.itemsize == 4:
+        return one_pass(a, a.view(np.int32), MASKS[4])  # type: ignore[no-any-return]
+    return one_pass(a, a.view(np.int64), MASKS[8])  # type: ignore[no-any-return]
 
 
 def warm() -> None:
