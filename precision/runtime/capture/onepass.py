@@ -106,8 +106,8 @@ def one_pass(x: Any, bits: Any, mask: int) -> Any:
 def summary(a: np.ndarray) -> tuple[float, float, float, float, np.ndarray]:
     """``(Σx, Σx², min, max, sketch)`` of a flat float32 or float64 array (not empty)."""
     if a.itemsize == 4:
-        return one_pass(a, a.view(np.int32), MASKS[4])  # type: ignore[no-any-return]
-    return one_pass(a, a.view(np.int64), MASKS[8])  # type: ignore[no-any-return]
+        return one_pass(a, a.view(np.int32), MASKS[4])
+    return one_pass(a, a.view(np.int64), MASKS[8])
 
 
 def warm() -> None:
