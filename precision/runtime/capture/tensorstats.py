@@ -5,7 +5,9 @@ float32 (torch reduces in cascades, so the relative error stays near 1e-7, far b
 tolerance that stats are judged by). The variance ``norm²/n - mean²`` is recomputed with a
 two-pass ``var_mean`` in float64 only when the mean is so large against the spread that the
 difference could cancel. Only when the reductions reveal a NaN, an inf or values
-near the fp16 limit is a second, exact pass made to count them.
+near the fp16 limit is a second, exact pass made to count them. On the CPU, where numba
+loads, the summary and the sketch come from one pass instead
+(:mod:`precision.runtime.capture.onepass`, float64 sums: :func:`_one_pass`).
 
 Fields: ``numel``, ``min``, ``max``, ``mean``, ``std`` (population), ``norm`` (L2),
 ``absmax``, ``nan``, ``posinf``, ``neginf``, ``masked`` (values at or below the dtype's
