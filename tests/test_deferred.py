@@ -163,10 +163,19 @@ def test_deferred_stats_make_no_host_round_trip_per_record(monkeypatch: pytest.M
 
 def test_the_count_trips_on_the_direct_path(monkeypatch: pytest.MonkeyPatch,
                                             tmp_path: Path) -> None:
-    """The CPU's direct path reads each record as it is made: its count grows with depth."""
+    """The CPU's direct path reads each record as it is made: its count grows with depth
+    (with torch's reductions, several reads a record; the one-pass kernel makes one, its
+    ``numpy()``, per record with statistics)."""
+    from precision.runtime.capture.tensorstats import KERNEL_ENV
+
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
     small = captured_counts(monkeypatch, tmp_path, 2, deferred=False)
     large = captured_counts(monkeypatch, tmp_path, 8, deferred=False)
     assert large[0] > small[0] + (large[2] - small[2])  # more than one per extra record
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    fused_small = captured_counts(monkeypatch, tmp_path, 2, deferred=False)
+    fused_large = captured_counts(monkeypatch, tmp_path, 8, deferred=False)
+    assert fused_large[0] - fused_small[0] > (large[2] - small[2]) // 2
 
 
 def test_deferred_capture_writes_the_direct_captures_statistics(tmp_path: Path) -> None:

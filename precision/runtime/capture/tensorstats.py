@@ -5,7 +5,9 @@ float32 (torch reduces in cascades, so the relative error stays near 1e-7, far b
 tolerance that stats are judged by). The variance ``norm²/n - mean²`` is recomputed with a
 two-pass ``var_mean`` in float64 only when the mean is so large against the spread that the
 difference could cancel. Only when the reductions reveal a NaN, an inf or values
-near the fp16 limit is a second, exact pass made to count them.
+near the fp16 limit is a second, exact pass made to count them. On the CPU, where numba
+loads, the summary and the sketch come from one pass instead
+(:mod:`precision.runtime.capture.onepass`, float64 sums: :func:`_one_pass`).
 
 Fields: ``numel``, ``min``, ``max``, ``mean``, ``std`` (population), ``norm`` (L2),
 ``absmax``, ``nan``, ``posinf``, ``neginf``, ``masked`` (values at or below the dtype's
@@ -21,6 +23,7 @@ left out where the tensor holds NaN, inf or masked values.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +35,16 @@ from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, encode, hash_sign
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
+#: with the one-pass kernel's float64 sums: recompute the variance exactly when its rounding
+#: bound exceeds this fraction of it (the std then errs by at most half of it)
+VARIANCE_TOLERANCE = 1e-8
+#: environment variable that picks the kernel (compare's too): ``numpy`` keeps CPU
+#: statistics on torch's reductions; anything else uses the one-pass kernel when numba loads
+KERNEL_ENV = "PRECISION_KERNEL"
+#: the dtypes the one-pass kernel reads (halves through the float32 work buffer)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: the one-pass kernel's module once loaded, False where numba cannot load (see fused_kernel)
+_FUSED: Any = None
 
 
 def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:
@@ -57,6 +70,11 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     if not (x.is_floating_point()):
         x = x.to(torch.float64)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.device.type == "cpu" and x.dtype in _FUSED_DTYPES:
+        kernel = fused_kernel()
+        fused = None if kernel is None else _one_pass(x, kernel)
+        if fused is not None:
+            return out | fused
     staged = _staged(x)
     summary = _summary(x if staged is None else staged, acc)
     lo, hi = summary[0], summary[1]
@@ -67,6 +85,54 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
     if not (exact["nan"] or exact["posinf"] or exact["neginf"] or exact["masked"]):
         exact["sketch"] = sketch(x)
     return out | exact
+
+
+def fused_kernel() -> Any:
+    """The one-pass kernel's module (:mod:`precision.runtime.capture.onepass`), loaded at the
+    first CPU record of the process (importing numba and loading the compiled kernel from
+    its cache: about 0.5 s once; a few seconds the first time it compiles); None where numba
+    is not installed or cannot load, or ``PRECISION_KERNEL=numpy``."""
+    global _FUSED
+    if os.environ.get(KERNEL_ENV, "").strip().lower() == "numpy":
+        return None
+    if _FUSED is None:
+        try:
+            from . import onepass
+
+            onepass.warm()
+            _FUSED = onepass
+        except Exception:  # not installed, or LLVM cannot load (under a memory limit)
+            _FUSED = False
+    return _FUSED or None
+
+
+def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
+    """Statistics and sketch of a float CPU tensor from one pass of the kernel, or None
+    where it holds NaN, inf or values near fp16's limit (the exact path counts them).
+
+    ``mean = Σx / n``, ``var = Σx²/n - mean²``, ``norm = sqrt(Σx²)``, with ``Σx`` and ``Σx²``
+    in float64 and within ``δ(n) = onepass.error_bound(n)`` of ``Σ|x|`` and ``Σx²``: so the
+    variance is within ``3δ (mean² + var)``; where that exceeds
+    ``VARIANCE_TOLERANCE x var``, it is recomputed with the two-pass ``var_mean`` in float64.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        staged = _staged(x)
+        flat = staged if staged is not None else x.reshape(-1).float()
+    else:
+        flat = x.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    total, squares, lo, hi, y = kernel.summary(flat.numpy())
+    if not (math.isfinite(total) and math.isfinite(squares) and math.isfinite(lo)
+            and math.isfinite(hi) and max(-lo, hi) < NEAR_FP16_MAX):
+        return None
+    n = flat.numel()
+    mean = total / n
+    var = squares / n - mean * mean
+    if 3 * kernel.error_bound(n) * (mean * mean + max(var, 0.0)) > VARIANCE_TOLERANCE * var:
+        v, m = torch.var_mean(flat.to(torch.float64), correction=0)
+        var, mean = float(v), float(m)
+    return _moments(lo, hi, mean, var, math.sqrt(squares)) | {"sketch": encode(y)}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:

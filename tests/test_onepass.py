@@ -1,0 +1,143 @@
+"""The one-pass kernel of CPU statistics (precision.runtime.capture.onepass) against torch's
+reductions (the fallback without numba) and an independent float64 numpy computation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+from precision.dumps.sketch import PERIOD, count_sketch, decode  # noqa: E402
+from precision.runtime.capture import onepass, tensorstats  # noqa: E402
+from precision.runtime.capture.tensorstats import KERNEL_ENV, tensor_stats  # noqa: E402
+from tests.test_deferred import assert_same, records  # noqa: E402
+
+
+def both(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], ...]:
+    """``tensor_stats(x)`` with torch's reductions, then with the one-pass kernel (which must
+    run: its calls are counted)."""
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    torch_path = tensor_stats(x, detail=True)
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert tensorstats.fused_kernel() is onepass  # loaded (and warmed) before counting
+    calls = []
+    original = onepass.one_pass
+
+    def counted(*a: Any) -> Any:
+        calls.append(1)
+        return original(*a)
+
+    monkeypatch.setattr(onepass, "one_pass", counted)
+    fused = tensor_stats(x, detail=True)
+    monkeypatch.undo()
+    assert calls == ([1] if x.numel() else [])
+    return torch_path, fused
+
+
+def reference(x: torch.Tensor) -> dict[str, Any]:
+    """float64 numpy statistics of a finite record (no torch reduction involved)."""
+    v = x.detach().double().numpy().ravel()
+    return {"min": v.min(), "max": v.max(), "mean": v.mean(), "std": v.std(),
+            "norm": math.sqrt(float(np.dot(v, v))), "sketch": count_sketch([v])}
+
+
+def assert_reference(st: dict[str, Any], x: torch.Tensor) -> None:
+    """Extrema exact; mean within ``δ(n)`` of the rms, std and norm within 1e-8 relative
+    (the kernel's bound: 5e-9 for the std, ``δ(n)`` for the norm); each bucket of the sketch
+    within float32 rounding of its value (plus ``δ(n)`` of the norm)."""
+    ref = reference(x)
+    n = x.numel()
+    rms = ref["norm"] / math.sqrt(n)
+    assert (st["min"], st["max"]) == (ref["min"], ref["max"])
+    assert st["mean"] == pytest.approx(ref["mean"], rel=0,
+                                       abs=4 * onepass.error_bound(n) * rms + 1e-300)
+    assert st["std"] == pytest.approx(ref["std"], rel=1e-8, abs=1e-300)
+    assert st["norm"] == pytest.approx(ref["norm"], rel=1e-12)
+    y = decode(st["sketch"])
+    assert y is not None
+    np.testing.assert_allclose(y, ref["sketch"], rtol=2.0**-24,
+                               atol=onepass.error_bound(n) * ref["norm"])
+
+
+@pytest.mark.parametrize("index", range(len(records())))
+def test_one_pass_equals_torch_reductions_on_every_branch(
+        index: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain, half precision, a mean far above the spread, NaN/inf/masked, beyond fp16,
+    integers, strided, empty, scalar, fp16's lowest, flush-to-zero values: counts and
+    extrema equal, sums within the torch path's float32 rounding; records with neither
+    NaN, inf nor masked values also match numpy's float64 figures."""
+    x = records()[index]
+    torch_path, fused = both(x, monkeypatch)
+    assert_same(torch_path, fused)
+    if "sketch" in fused and fused["nan"] == fused["masked"] == 0 and fused["posinf"] == 0:
+        assert_reference(fused, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_one_pass_matches_float64_numpy_in_every_dtype(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lengths around a row of 1021 and a transposed (non-contiguous) view."""
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(1, generator=g), torch.randn(1021, generator=g),
+              torch.randn(1022, generator=g) * 5 - 2,
+              torch.randn(300, 41, generator=g).t()):
+        x = x.to(dtype)
+        torch_path, fused = both(x, monkeypatch)
+        assert_same(torch_path, fused)
+        assert_reference(fused, x)
+
+
+def test_one_pass_over_more_than_one_period_of_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record past one period (the second flipped by its own sign), in bfloat16 (too long
+    for the staging buffer): numpy's float64 sketch, and a norm that float32 sums miss."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(PERIOD + 5000, generator=g) + 0.5).to(torch.bfloat16)
+    torch_path, fused = both(x, monkeypatch)
+    assert_reference(fused, x)
+    for key in ("min", "max", "nan", "masked", "beyond_fp16", "near_fp16_max"):
+        assert torch_path[key] == fused[key]
+    # torch's float32 sums of 4.2M elements: off by about 4e-5 here
+    assert torch_path["std"] == pytest.approx(fused["std"], rel=1e-4)
+
+
+def test_cancelling_variance_is_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float64 record of mean 1e8 and spread 1: ``Σx²/n - mean²`` loses every digit in
+    float64 (1e16 against 1), so the kernel's bound sends it to the two-pass variance."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5000, generator=g, dtype=torch.float64) + 1e8
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    st = tensor_stats(x)
+    assert st["std"] == pytest.approx(x.numpy().std(), rel=1e-9)
+    total, squares, *_ = onepass.summary(x.numpy())
+    naive = squares / x.numel() - (total / x.numel()) ** 2
+    assert naive != pytest.approx(x.numpy().var(), rel=1e-3)  # what it would have been
+
+
+def test_kernel_env_numpy_keeps_torch_reductions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert tensorstats.fused_kernel() is None
+    monkeypatch.setenv(KERNEL_ENV, "")
+    assert tensorstats.fused_kernel() is onepass
+
+
+def test_without_numba_the_torch_path_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba cannot load, the kernel is remembered as absent and torch computes."""
+    monkeypatch.setattr(tensorstats, "_FUSED", False)
+    monkeypatch.setenv(KERNEL_ENV, "")
+    assert tensorstats.fused_kernel() is None
+    x = torch.randn(2000, generator=torch.Generator().manual_seed(6))
+    assert_same(tensor_stats(x), tensor_stats(x))
+
+
+def test_order_keys_give_the_extrema_and_reveal_nan() -> None:
+    for dtype in (np.float32, np.float64):
+        a = np.array([-0.5, 3.0, -np.inf, 2.0], dtype)
+        assert onepass.summary(a)[2:4] == (-np.inf, 3.0)
+        for nan in (np.nan, -np.nan):
+            _, _, lo, hi, _ = onepass.summary(np.array([1.0, nan, -2.0], dtype))
+            assert math.isnan(lo) or math.isnan(hi)
