@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build tiny, deterministic Hugging Face model fixtures under ``fixtures/``.
 
-Creates five offline model directories from a fixed seed and the bundled
+Creates six offline model directories from a fixed seed and the bundled
 ``fixtures/corpus.txt``:
 
 * ``tiny-flan-t5``: T5 v1.1 / Flan-T5 style encoder-decoder (gated-gelu, no decoder
@@ -16,6 +16,9 @@ Creates five offline model directories from a fixed seed and the bundled
 * ``tiny-qwen3.5``: a hybrid linear-attention Qwen3.5 text decoder (``Qwen3_5ForCausalLM``):
   three Gated DeltaNet layers, then one gated full-attention layer, the same vocabulary,
   embeddings tied to the head (as Qwen3.5-0.8B's).
+* ``tiny-qwen3.5-vl``: the same text decoder (its weights copied, bit for bit) inside Qwen3.5's
+  multimodal wrapper (``Qwen3_5ForConditionalGeneration``) with a one-block vision encoder;
+  text-only (no image tokens in the vocabulary).
 * ``tiny-llama-overflow``: a decoder-only Llama (8 layers) whose residual stream grows with
   depth, as trained decoders' does: one "massive" channel gains about 14,000 in every
   layer's MLP, so the decoder layer outputs exceed the fp16 range from layer
@@ -47,12 +50,15 @@ from tokenizers import (
 )
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen3_5Config,
     Qwen3_5ForCausalLM,
+    Qwen3_5ForConditionalGeneration,
     Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -218,6 +224,25 @@ def build_qwen3_5() -> Qwen3_5ForCausalLM:
     return model
 
 
+#: tiny-qwen3.5-vl's vision encoder: one block of width 32 (2 heads), 8-pixel patches over
+#: two frames, 2x2 patches merged into one token of the text decoder's width (64)
+QWEN35_VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                 "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                 "out_hidden_size": 64, "num_position_embeddings": 64}
+
+
+def build_qwen3_5_vl(text: Qwen3_5ForCausalLM) -> Qwen3_5ForConditionalGeneration:
+    """Seeded tiny Qwen3.5 multimodal wrapper: ``text``'s decoder (weights copied) under
+    ``model.language_model``, a seeded :data:`QWEN35_VISION` encoder under ``model.visual``,
+    the head tied to the embeddings."""
+    config = Qwen3_5Config(text_config=text.config.to_dict(), vision_config=QWEN35_VISION,
+                           tie_word_embeddings=True)
+    torch.manual_seed(SEED)
+    model = Qwen3_5ForConditionalGeneration(config).float().eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    return model
+
+
 def build_llama_overflow() -> LlamaForCausalLM:
     """Seeded tiny Llama decoder whose residual stream grows by about 14,300 per layer in one
     channel (a massive activation), written by the MLPs: its layer outputs pass 65504 from
@@ -346,6 +371,21 @@ def check_qwen3(path: Path) -> None:
     print(f"{path.name}: greedy generate -> {text!r}")
 
 
+def check_qwen3_5_vl(path: Path, text_path: Path) -> None:
+    """The wrapper loads through the Auto classes as ``Qwen3_5ForConditionalGeneration`` and
+    gives the text decoder's logits exactly; greedy generate works."""
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(model).__name__ == "Qwen3_5ForConditionalGeneration", type(model)
+    text = AutoModelForCausalLM.from_pretrained(text_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["question: What is the capital of France?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, text(**batch).logits)
+    generated = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=PAD_ID)
+    text_out = tokenizer.decode(generated[0], skip_special_tokens=True)
+    print(f"{path.name}: greedy generate -> {text_out!r}")
+
+
 def check_llama_overflow(path: Path, prompts: list[torch.Tensor]) -> None:
     """The residual stream (decoder layer outputs) passes 65504 from layer K on while every
     submodule stays below SUBMODULE_LIMIT; fp32 and bf16 stay finite; under ``.half()`` the
@@ -386,9 +426,10 @@ def main(out_root: Path = FIXTURES) -> None:
     prompts = [torch.tensor([[*tokenizer.encode(line).ids, EOS_ID]]) for line in lines]
 
     names = ("tiny-flan-t5", "tiny-flan-t5-overflow", "tiny-qwen3", "tiny-llama-overflow",
-             "tiny-qwen3.5")
-    t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir = (out_root / name for name in names)
-    for out in (t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir):
+             "tiny-qwen3.5", "tiny-qwen3.5-vl")
+    t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir, vl_dir = (out_root / name
+                                                                    for name in names)
+    for out in (t5_dir, overflow_dir, qwen_dir, llama_dir, qwen35_dir, vl_dir):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
 
@@ -407,13 +448,18 @@ def main(out_root: Path = FIXTURES) -> None:
     save_model(build_llama_overflow(), llama_dir)
     save_tokenizer(tokenizer, llama_dir, append_eos=False)
 
-    save_model(build_qwen3_5(), qwen35_dir)
+    qwen35 = build_qwen3_5()
+    save_model(qwen35, qwen35_dir)
     save_tokenizer(tokenizer, qwen35_dir, append_eos=False)
+
+    save_model(build_qwen3_5_vl(qwen35), vl_dir)
+    save_tokenizer(tokenizer, vl_dir, append_eos=False)
 
     check_t5(t5_dir, prompts, overflow=False)
     check_t5(overflow_dir, prompts, overflow=True)
     check_qwen3(qwen_dir)
     check_qwen3(qwen35_dir)
+    check_qwen3_5_vl(vl_dir, qwen35_dir)
     check_llama_overflow(llama_dir, [ids[:, :-1] for ids in prompts])  # no </s>, as fed
 
 

@@ -139,7 +139,11 @@ def test_decoder_fixtures_load_without_transformers_warnings() -> None:
             f"{str(FIXTURES / 'tiny-llama-overflow')!r}, "
             f"{str(FIXTURES / 'tiny-qwen3.5')!r}):\n"
             "    AutoModelForCausalLM.from_pretrained(d)\n"
-            "    AutoTokenizer.from_pretrained(d)\n")
+            "    AutoTokenizer.from_pretrained(d)\n"
+            "from transformers import AutoModelForImageTextToText as VL\n"
+            f"vl = {str(FIXTURES / 'tiny-qwen3.5-vl')!r}\n"
+            "assert type(VL.from_pretrained(vl)).__name__ == 'Qwen3_5ForConditionalGeneration'\n"
+            "AutoTokenizer.from_pretrained(vl)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import hybrid_cases as hc
 
 QWEN35 = FIXTURES / "tiny-qwen3.5"
+QWEN35_VL = FIXTURES / "tiny-qwen3.5-vl"
 LINEAR = ("model.layers.0", "model.layers.1", "model.layers.2")
 
 
@@ -179,3 +180,27 @@ def test_generation_compares_the_states_step_by_step(tmp_path: Path) -> None:
         assert rows[f"{state}#{step}"].status == "OK"
         assert rows[f"{conv}#{step}"].status == "OK"
     assert precision.load(target).meta["delta_rule"]["form"] == "recurrent"
+
+
+@pytest.mark.slow
+def test_multimodal_wrapper_records_its_language_model(tmp_path: Path) -> None:
+    """Qwen3_5ForConditionalGeneration (text only): the decoder's records, the delta rule's
+    included, sit under ``model.language_model.``; bf16 against fp32 passes, steps and all."""
+    base, target = tmp_path / "b.st", tmp_path / "t.st"
+    steps = ("--max-new-tokens", "2", "--capture-steps", "-q")
+    code, text = cli("capture", "--model", QWEN35_VL, *steps, "--expect", "bf16", "-o", base)
+    assert code == 0, text
+    code, text = cli("capture", "--model", QWEN35_VL, *steps, "--dtype", "bf16", "--replay",
+                     base, "-o", target)
+    assert code == 0, text
+    d = precision.load(base)
+    keys = {e.key for e in d.entries}
+    prefix = "model.language_model.layers"
+    for i in range(3):
+        assert {f"{prefix}.{i}.linear_attn.delta_rule:out.state",
+                f"{prefix}.{i}.linear_attn.causal_conv:out.state#2"} <= keys
+    assert f"{prefix}.3.self_attn:out.0" in keys
+    assert not any(k.startswith(("model.layers.", "model.visual")) for k in keys)
+    assert d.meta["delta_rule"] == {"form": "model", "layers": 3}
+    code, text = cli("compare", base, target)
+    assert code == 0 and "PASS" in text, text
