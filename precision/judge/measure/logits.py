@@ -142,8 +142,8 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
     A long row's k-th largest value is at least its every-16th sample's k-th largest, so
     only the few elements at or above that bound are sorted; a row whose k-th and next
-    largest values are equal (fp16 logits tie often) is partitioned whole, as before, so
-    that ties fall as they always did."""
+    largest values are equal (fp16 logits tie often) is partitioned whole, its ties taken
+    in index order (:func:`_topk_whole`)."""
     rows, vocab = x.shape
     if vocab < 64 * k:
         return _topk_whole(x, k)
@@ -162,8 +162,20 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def _topk_whole(x: np.ndarray, k: int) -> np.ndarray:
-    idx = np.argpartition(-x, k - 1, axis=-1)[:, :k]
-    return np.sort(idx, axis=-1)
+    """Each row's ``k`` largest values' indices, sorted; values tied at the k-th place are
+    taken in index order. (argpartition's order among equal values follows numpy's SIMD
+    dispatch, so it differs between CPUs; a row with NaN among its k largest keeps it.)"""
+    neg = -x
+    kth = np.partition(neg, k - 1, axis=-1)[:, k - 1:k]
+    above, tied = neg < kth, neg == kth
+    need = k - above.sum(axis=-1, keepdims=True)
+    take = above | (tied & (np.cumsum(tied, axis=-1) <= need))
+    exact = take.sum(axis=-1) == k  # not so where NaN stands among the k largest
+    out = np.empty((x.shape[0], k), dtype=np.intp)
+    out[exact] = np.nonzero(take[exact])[1].reshape(-1, k)
+    if not exact.all():
+        out[~exact] = np.sort(np.argpartition(neg[~exact], k - 1, axis=-1)[:, :k], axis=-1)
+    return out
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray, *, k: int = 5, max_flips: int = 50,
