@@ -205,6 +205,16 @@ def _compared(report: precision.Report) -> set[str]:
             and r.stats_delta.has_statistics}
 
 
+def test_a_deeply_nested_mapping_file_is_one_line(tmp_path: Path) -> None:
+    for name, text in (("deep.json", "[" * 5000), ("deep.yaml", "a: " + "{b: " * 3000)):
+        (tmp_path / name).write_text(text)
+        result = CliRunner().invoke(main, ["compare", str(DATA / "fp32-md5"),
+                                           str(DATA / "bf16-md5"), "--mapping",
+                                           str(tmp_path / name)])
+        assert result.exit_code == 2 and "nested too deep" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("TopLayer: [a, b]\n", "not an msprobe layer mapping"),
     ("TopLayer:\n  a: 'b c'\n", "is not a name"),

@@ -189,6 +189,8 @@ def read_names(path: str | os.PathLike[str]) -> UserMapping | None:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"--mapping {p}: not a mapping file ({exc})") from None
+    except RecursionError:
+        raise InputError(f"--mapping {p}: not a mapping file (nested too deep)") from None
     if not isinstance(doc, dict) or "modules" not in doc:
         return None
     modules = doc["modules"]
@@ -210,6 +212,9 @@ def _layer_mapping(p: Path, text: str) -> dict[str, dict[str, str]]:
         doc: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InputError(f"--mapping {p}: not YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise InputError(f"--mapping {p}: not an msprobe layer mapping (nested too deep)"
+                         ) from None
     if not isinstance(doc, dict) or not all(
             isinstance(c, str) and isinstance(rules, dict) for c, rules in doc.items()):
         raise InputError(f"--mapping {p}: not an msprobe layer mapping (expected class: "
