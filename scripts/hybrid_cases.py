@@ -21,10 +21,12 @@ A case may run the **long-memory** variant (``memory``): layer :data:`LAYER`'s h
 decay by :data:`LONG_MEMORY` per token (the fixture's decay at most 0.98: it forgets within
 about 50 tokens), base, reference and target alike; and one prompt of ``tokens`` tokens of
 the corpus instead of the batch (:func:`sweep`: the faults' error against the prompt's
-length, in bf16).
+length, in bf16); and the **wide-head** variant (``wide``, :func:`wide_model`): the
+fixture's config with the real Qwen3.5's 128-dimensional linear-attention keys and values
+(:data:`WIDE_HEADS`), seeded weights built in memory, the fixture's tokenizer.
 
     python scripts/hybrid_cases.py          (prints one JSON line per case)
-    python scripts/hybrid_cases.py --sweep  (one per fault, memory and prompt length)
+    python scripts/hybrid_cases.py --sweep  (one per fault, heads, memory and prompt length)
     python scripts/hybrid_cases.py --steps  (the state carried over decoding steps)
     python scripts/hybrid_cases.py --rule   (a bf16 state in the delta rule alone)
 """
@@ -66,6 +68,16 @@ FAULTS = ("state-bf16", "gate-lowprec")
 LONG_MEMORY = 0.999
 #: the prompt lengths :func:`sweep` measures
 SWEEP_TOKENS = (299, 1024, 4096)
+#: the wide-head variant's linear attention: Qwen3.5's 128-dimensional keys and values (as
+#: Qwen3.5-0.8B's 16 key and 16 value heads have), in one key head and two value heads
+WIDE_HEADS = {"linear_num_key_heads": 1, "linear_num_value_heads": 2,
+              "linear_key_head_dim": 128, "linear_value_head_dim": 128}
+#: the seed and the range of ``dt = softplus(dt_bias)`` the wide-head variant's weights are
+#: drawn with: the fixture's (scripts/make_fixtures.py's ``SEED`` and ``QWEN35_DT``)
+SEED, DT_RANGE = 0, (0.001, 0.1)
+#: the prompt length ``main`` runs the wide-head long-memory variant at: a bf16 state shows
+#: there (:func:`sweep`: not at 299 tokens, from 1024 on)
+WIDE_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ class Case:
     memory: bool = False
     #: one prompt of this many corpus tokens (0: the batch of :data:`PROMPTS`)
     tokens: int = 0
+    #: the wide-head variant (:func:`wide_model`): 128-dimensional keys and values
+    wide: bool = False
 
     @property
     def name(self) -> str:
@@ -85,8 +99,10 @@ class Case:
 
     @property
     def variant(self) -> str:
-        """What base, reference and target share: ``-long-memory``, ``-4096-tokens``."""
-        return ("-long-memory" if self.memory else "") + (
+        """What base, reference and target share: ``-wide-heads``, ``-long-memory``,
+        ``-4096-tokens``."""
+        return ("-wide-heads" if self.wide else "") + (
+            "-long-memory" if self.memory else "") + (
             f"-{self.tokens}-tokens" if self.tokens else "")
 
     @property
@@ -99,10 +115,11 @@ class Case:
         return form if form in FORMS else None
 
 
-def load(dtype: str, form: str | None = None, memory: bool = False,
-         tokens: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The fixture in ``dtype``, its delta rule in ``form`` (layer :data:`LAYER`'s memory
-    long where ``memory``), and the left-padded prompts (or one of ``tokens`` tokens)."""
+def load(dtype: str, form: str | None = None, memory: bool = False, tokens: int = 0,
+         wide: bool = False) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The fixture (its wide-head variant where ``wide``) in ``dtype``, its delta rule in
+    ``form`` (layer :data:`LAYER`'s memory long where ``memory``), and the left-padded
+    prompts (or one of ``tokens`` tokens)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -118,12 +135,36 @@ def load(dtype: str, form: str | None = None, memory: bool = False,
                   "attention_mask": torch.ones(1, tokens, dtype=torch.long)}
     else:
         inputs = dict(tok(PROMPTS, return_tensors="pt", padding=True))
-    model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE,
-                                                              dtype=DTYPES[dtype]).eval()
+    if wide:
+        model = wide_model().to(DTYPES[dtype])
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE,
+                                                                  dtype=DTYPES[dtype]).eval()
     if memory:
         long_memory(model)
     instrument(model, form)
     return model, inputs
+
+
+def wide_model() -> nn.Module:
+    """The wide-head variant in fp32: the fixture's config with :data:`WIDE_HEADS`, weights
+    drawn as scripts/make_fixtures.py draws the fixture's (transformers' initialisation after
+    ``torch.manual_seed``, each linear-attention layer's ``dt_bias`` so that ``dt`` is
+    log-uniform in :data:`DT_RANGE`), built in memory; it reads the fixture's tokenizer."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(FIXTURE)
+    for name, value in WIDE_HEADS.items():
+        setattr(config, name, value)
+    torch.manual_seed(SEED)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lo, hi = (torch.tensor(x).log() for x in DT_RANGE)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                dt = (torch.rand(layer.linear_attn.dt_bias.shape) * (hi - lo) + lo).exp()
+                layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    return model.eval()
 
 
 def long_memory(model: nn.Module, decay: float = LONG_MEMORY, layer: int = LAYER) -> None:
@@ -187,9 +228,10 @@ def plant(model: nn.Module, fault: str, layer: int = LAYER) -> list[Any]:
 
 
 def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
-            level: str = "modules", memory: bool = False, tokens: int = 0) -> Path:
+            level: str = "modules", memory: bool = False, tokens: int = 0,
+            wide: bool = False) -> Path:
     """One forward of the fixture in ``dtype`` (cache on), recorded at ``path``."""
-    model, inputs = load(dtype, form, memory, tokens)
+    model, inputs = load(dtype, form, memory, tokens, wide)
     handles = plant(model, fault) if fault else []
     with torch.no_grad(), precision.capture(model, path, force=True, level=level):
         model(**inputs, use_cache=True)
@@ -200,10 +242,11 @@ def capture(dtype: str, path: Path, form: str | None = None, fault: str = "",
 
 def base_of(work: Path, level: str = "modules", case: Case = Case("fp32")) -> Path:
     """The fp32 baseline (the model's own delta rule), captured once per folder, level and
-    ``case``'s variant (long memory, prompt length)."""
+    ``case``'s variant (wide heads, long memory, prompt length)."""
     base = work / f"base{case.variant}-{level}.st"
     if not base.exists():
-        capture("fp32", base, level=level, memory=case.memory, tokens=case.tokens)
+        capture("fp32", base, level=level, memory=case.memory, tokens=case.tokens,
+                wide=case.wide)
     return base
 
 
@@ -214,9 +257,10 @@ def run(case: Case, work: Path, level: str = "modules") -> precision.Report:
     if case.dtype != "fp32":
         ref = reference_path(base, case.dtype)
         if not ref.exists():
-            capture(case.dtype, ref, level=level, memory=case.memory, tokens=case.tokens)
+            capture(case.dtype, ref, level=level, memory=case.memory, tokens=case.tokens,
+                    wide=case.wide)
     target = capture(case.dtype, work / f"{case.name}-{level}.st", case.form, case.fault,
-                     level, case.memory, case.tokens)
+                     level, case.memory, case.tokens, case.wide)
     return precision.compare(base, target, jobs=1)
 
 
@@ -245,17 +289,22 @@ SWEPT = tuple(f"model.layers.{LAYER}.linear_attn.delta_rule:out.{i}" for i in ("
 
 
 def sweep(work: Path) -> None:
-    """bf16 faults against the prompt's length, in the fixture and the long-memory variant:
-    the verdict and the planted layer's state and output error over the reference's."""
-    for memory in (False, True):
-        for tokens in SWEEP_TOKENS:
-            for fault in FAULTS:
-                case = Case("bf16", fault, memory, tokens)
-                report = run(case, work)
-                ratios = against_reference(report, case.dtype, SWEPT)
-                print(json.dumps({"case": case.name, "verdict": report.summary.split(":")[0],
-                                  "state": ratios[SWEPT[0]], "output": ratios[SWEPT[1]]}),
-                      flush=True)
+    """bf16 faults against the prompt's length, in the fixture and the wide-head variant,
+    each with and without long memory: the verdict, the first divergence and the planted
+    layer's state and output error over the reference's."""
+    for wide in (False, True):
+        for memory in (False, True):
+            for tokens in SWEEP_TOKENS:
+                for fault in FAULTS:
+                    case = Case("bf16", fault, memory, tokens, wide)
+                    report = run(case, work)
+                    ratios = against_reference(report, case.dtype, SWEPT)
+                    first = report.first_divergence
+                    print(json.dumps({"case": case.name,
+                                      "verdict": report.summary.split(":")[0],
+                                      "first": first.key if first else None,
+                                      "state": ratios[SWEPT[0]],
+                                      "output": ratios[SWEPT[1]]}), flush=True)
 
 
 def steps(work: Path, prompt: int = 299, n: int = 64) -> None:
@@ -327,10 +376,20 @@ def rule_alone(heads: int = 2, v_dim: int = 16) -> None:
 
 def cases() -> list[Case]:
     """The cases ``main`` runs: the healthy pairs, the faults in bf16 and fp16; the long-
-    memory variant's healthy low-precision pairs and bf16 faults."""
+    memory variant's healthy low-precision pairs and bf16 faults; the same on the wide-head
+    long-memory variant over one prompt of :data:`WIDE_TOKENS` tokens, its faults in fp16
+    too."""
     return ([Case(t) for t in HEALTHY] + [Case(d, f) for d in ("bf16", "fp16") for f in FAULTS]
             + [Case(t, memory=True) for t in HEALTHY if not t.startswith("fp32")]
-            + [Case("bf16", f, memory=True) for f in FAULTS])
+            + [Case("bf16", f, memory=True) for f in FAULTS]
+            + [wide_case(t) for t in HEALTHY]
+            + [wide_case(d, f) for d in ("bf16", "fp16") for f in FAULTS])
+
+
+def wide_case(target: str, fault: str = "") -> Case:
+    """``target`` (with ``fault``) on the wide-head long-memory variant, one prompt of
+    :data:`WIDE_TOKENS` tokens."""
+    return Case(target, fault, memory=True, tokens=WIDE_TOKENS, wide=True)
 
 
 def main() -> None:
