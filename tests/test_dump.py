@@ -468,3 +468,111 @@ def test_plain_file_without_metadata(tmp_path: Path) -> None:
     assert [e.key for e in d.entries] == ["a", "b"]
     assert d["a"].tolist() == [11]
     assert d["b"].tolist() == [22]
+
+
+# --------------------------------------------------------------------------- count sketches
+
+
+def _stats_meta(sketches: list[object]) -> dict:
+    """A stats-mode record list whose records hold these sketches (None: none)."""
+    entries = []
+    for i, s in enumerate(sketches):
+        stats: dict = {"numel": 4, "nan": 0, "norm": 1.0}
+        if s is not None:
+            stats["sketch"] = s
+        entries.append({"key": f"m.l.{i}:out", "module": f"m.l.{i}", "kind": "out",
+                        "index": "", "call": 0, "shape": [4], "dtype": "float32",
+                        "stats": stats})
+    return {"mode": "stats", "entries": entries}
+
+
+def test_sketches_are_one_float32_table_beside_the_records(tmp_path: Path) -> None:
+    """Each record's sketch goes to a row of one float32 tensor, the header keeps only the
+    row's number; reading gives each record its row back (float32 rounding of the values
+    captured), and the table is no record's tensor. The caller's metadata is not changed."""
+    from precision.dumps.dump import SKETCHES_KEY
+    from precision.dumps.sketch import BUCKETS, decode, encode
+
+    rng = np.random.default_rng(0)
+    ys = [rng.standard_normal(BUCKETS) * 10 ** i for i in range(3)]
+    # as captured (an array), as an older dump kept it (base64 text), none, the first format
+    meta = _stats_meta([ys[0], encode(ys[1]), None, [1.0, 2.0, 3.0], ys[2].astype("f4")])
+    before = json.dumps(meta, default=lambda a: a.tolist())
+    path = _write(tmp_path / "s.st", {}, meta)
+    assert json.dumps(meta, default=lambda a: a.tolist()) == before
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    assert header[SKETCHES_KEY]["dtype"] == "F32"
+    assert header[SKETCHES_KEY]["shape"] == [3, BUCKETS]
+    assert len(header["__metadata__"]["meta"]) < 2000  # no sketch text in the header
+    d = load(path)
+    assert SKETCHES_KEY not in d.tensors and d.keys() == []
+    got = [e.stats.get("sketch") if e.stats else None for e in d.entries]
+    for i, want in ((0, ys[0]), (1, ys[1]), (4, ys[2])):
+        assert isinstance(got[i], np.ndarray)
+        np.testing.assert_array_equal(got[i], want.astype(np.float32))
+        assert "sketch_row" not in d.entries[i].stats
+    assert got[2] is None
+    # a sketch of another size stays in the header (as text)
+    assert isinstance(got[3], str)
+    np.testing.assert_array_equal(decode(got[3]), [1.0, 2.0, 3.0])
+
+
+def test_a_sketch_float32_cannot_hold_is_left_out(tmp_path: Path) -> None:
+    from precision.dumps.sketch import BUCKETS
+
+    y = np.ones(BUCKETS) * 1e39  # finite in float64, inf in float32
+    d = load(_write(tmp_path / "s.st", {}, _stats_meta([y, np.ones(BUCKETS)])))
+    assert "sketch" not in d.entries[0].stats
+    np.testing.assert_array_equal(d.entries[1].stats["sketch"], np.ones(BUCKETS, "f4"))
+
+
+def test_dumps_with_sketches_as_header_text_still_read(tmp_path: Path) -> None:
+    """A dump written before the table (2026-12-01 to 12-07): base64 text in the header."""
+    from precision.dumps.sketch import BUCKETS, decode, encode
+
+    y = np.arange(BUCKETS, dtype=np.float64)
+    md = _precision_md(json.dumps(_stats_meta([encode(y)])))
+    d = load(_raw_file(tmp_path / "old.st", {"__metadata__": md}))
+    np.testing.assert_array_equal(decode(d.entries[0].stats["sketch"]), y)
+
+
+@pytest.mark.parametrize("row, table, match", [
+    (5, ("F32", [2, 1021]), "names sketch row 5 of 2"),
+    (-1, ("F32", [2, 1021]), "names sketch row -1"),
+    ("0", ("F32", [2, 1021]), "names sketch row '0'"),
+    (True, ("F32", [2, 1021]), "names sketch row True"),
+    (0, ("F64", [2, 1021]), "not a float32 table"),
+    (0, ("F32", [2042]), "not a float32 table"),
+    (0, None, "holds no '__sketches__' tensor"),
+], ids=["beyond", "negative", "text", "bool", "float64", "flat", "no-table"])
+def test_a_broken_sketch_table_is_a_dump_error(tmp_path: Path, row: object, table: object,
+                                               match: str) -> None:
+    md = _precision_md(json.dumps(_stats_meta([None])))
+    meta = json.loads(md["meta"])
+    meta["entries"][0]["stats"]["sketch_row"] = row
+    md["meta"] = json.dumps(meta)
+    header: dict = {"__metadata__": md}
+    data = b""
+    if table is not None:
+        dtype, shape = table
+        size = int(np.prod(shape)) * (8 if dtype == "F64" else 4)
+        header["__sketches__"] = {"dtype": dtype, "shape": shape, "data_offsets": [0, size]}
+        data = bytes(size)
+    _expect_dump_error(_raw_file(tmp_path / "bad.st", header, data), match)
+
+
+def test_a_row_named_twice_or_not_finite_is_a_dump_error(tmp_path: Path) -> None:
+    md = _precision_md(json.dumps(_stats_meta([None, None])))
+    meta = json.loads(md["meta"])
+    for e in meta["entries"]:
+        e["stats"]["sketch_row"] = 0
+    header = {"__metadata__": md | {"meta": json.dumps(meta)},
+              "__sketches__": {"dtype": "F32", "shape": [1, 1021], "data_offsets": [0, 4084]}}
+    _expect_dump_error(_raw_file(tmp_path / "twice.st", header, bytes(4084)),
+                       "names sketch row 0 of 1")
+    meta["entries"].pop()
+    header["__metadata__"] = md | {"meta": json.dumps(meta)}
+    nan = np.full(1021, np.nan, np.float32).tobytes()
+    _expect_dump_error(_raw_file(tmp_path / "nan.st", header, nan), "hold NaN or inf")

@@ -3,6 +3,7 @@ reductions (the fallback without numba) and an independent float64 numpy computa
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 
-from precision.dumps.sketch import PERIOD, count_sketch, decode  # noqa: E402
+from precision.dumps.sketch import BUCKETS, PERIOD, count_sketch, decode  # noqa: E402
 from precision.runtime.capture import onepass, tensorstats  # noqa: E402
 from precision.runtime.capture.tensorstats import KERNEL_ENV, tensor_stats  # noqa: E402
 from tests.test_deferred import assert_same, records  # noqa: E402
@@ -35,7 +36,9 @@ def both(x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, An
     monkeypatch.setattr(onepass, "one_pass", counted)
     fused = tensor_stats(x, detail=True)
     monkeypatch.undo()
-    assert calls == ([1] if x.numel() else [])
+    # one call, or one per piece of a long record (onepass.parts)
+    assert len(calls) == (len(onepass.parts(x.numel(), torch.get_num_threads()))
+                          if x.numel() else 0)
     return torch_path, fused
 
 
@@ -141,3 +144,84 @@ def test_order_keys_give_the_extrema_and_reveal_nan() -> None:
         for nan in (np.nan, -np.nan):
             _, _, lo, hi, _ = onepass.summary(np.array([1.0, nan, -2.0], dtype))
             assert math.isnan(lo) or math.isnan(hi)
+
+
+def test_pieces_cover_the_record_in_whole_rows() -> None:
+    """Each piece starts at a multiple of 1021 (its rows are the record's), holds at least
+    PARALLEL_MIN elements (the last, a row per piece short of it at worst), and together
+    they cover the record once."""
+    small = onepass.PARALLEL_MIN
+    assert onepass.parts(small * 2 - 1, 4) == [(0, small * 2 - 1)]
+    for n in (small * 2, small * 3 + 17, PERIOD + 5000, 10 * small):
+        for threads in (1, 2, 3, 8):
+            pieces = onepass.parts(n, threads)
+            assert 1 <= len(pieces) <= threads
+            assert pieces[0][0] == 0 and pieces[-1][1] == n
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+            assert all(lo % BUCKETS == 0 for lo, _ in pieces)
+            assert all(hi - lo >= small for lo, hi in pieces[:-1])
+            assert pieces[-1][1] - pieces[-1][0] > small - len(pieces) * BUCKETS
+            assert len(pieces) == min(threads, n // small)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_record_in_pieces_is_the_record_whole(dtype: type) -> None:
+    """Taken in 2, 3 or 4 pieces at once (one crossing a period of signs), a record's sums
+    are within the kernel's bound of the whole pass's, its extrema and sketch the same
+    (each bucket within float64 rounding of adding the pieces' sketches)."""
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal(PERIOD + 3 * onepass.PARALLEL_MIN) * 3 + 1).astype(dtype)
+    s, s2, lo, hi, y = onepass.summary(a)
+    bound = onepass.error_bound(a.size)
+    for threads in (2, 3, 4):
+        assert len(onepass.parts(a.size, threads)) == threads
+        ps, ps2, plo, phi, py = onepass.record_summary(a, threads)
+        assert (plo, phi) == (lo, hi) == (a.min(), a.max())
+        assert ps == pytest.approx(s, rel=0, abs=2 * bound * float(np.abs(a).sum()))
+        assert ps2 == pytest.approx(s2, rel=2 * bound)
+        np.testing.assert_allclose(py, y, rtol=0, atol=4 * bound * math.sqrt(s2))
+    np.testing.assert_allclose(y, count_sketch([a.astype(np.float64)]), rtol=0,
+                               atol=4 * bound * math.sqrt(s2))
+
+
+def test_nan_or_inf_in_a_later_piece_is_not_lost() -> None:
+    """A NaN or an infinity in any piece leaves non-finite extrema (the exact path then
+    counts them), never a finite max taken over a NaN."""
+    n = 4 * onepass.PARALLEL_MIN
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (5, n // 2 + 3, n - 1):
+            a = np.ones(n, np.float32)
+            a[where] = bad
+            lo, hi = onepass.record_summary(a, 4)[2:4]
+            assert not (np.isfinite(lo) and np.isfinite(hi)), (bad, where)
+
+
+def test_the_pool_is_made_again_in_a_forked_child() -> None:
+    """A child forked after the pool was made has the pool's object but none of its
+    threads: the child makes its own rather than waiting on threads that do not exist."""
+    import os
+
+    a = np.ones(4 * onepass.PARALLEL_MIN, np.float32)
+    onepass.record_summary(a, 2)
+    ready: list[int] = []
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer within the test's time or not at all
+        try:
+            ok = onepass.record_summary(a, 2)[0] == a.size
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        import select
+
+        ready, _, _ = select.select([r], [], [], 30)
+        answer = os.read(r, 1) if ready else b""
+    finally:
+        os.close(r)
+        if not ready:
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    assert answer == b"1"
+

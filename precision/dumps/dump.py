@@ -31,10 +31,16 @@ from ..dtypes import itemsize as dtype_itemsize
 from ..errors import DumpError
 from .atomic import DISK_FULL, AtomicFile, format_bytes
 from .meta import ComputeSettings
+from .sketch import BUCKETS
+from .sketch import decode as decode_sketch
+from .sketch import encode as encode_sketch
 from .sketch import valid as valid_sketch
 
 FORMAT_NAME = "precision-dump"
 FORMAT_VERSION = 1
+#: the tensor holding a dump file's count sketches, a row each (float32, rows x buckets): a
+#: stats record's ``sketch_row`` names its row (precision.dumps.sketch)
+SKETCHES_KEY = "__sketches__"
 _MAX_HEADER = 256 * 1024 * 1024  # refuse absurd header lengths before allocating
 _ALIGN = 8
 
@@ -133,7 +139,13 @@ class DumpWriter:
         self._offset += view.nbytes
 
     def close(self, meta: dict[str, Any]) -> Path:
-        """Write the header with ``meta`` and move the file into place; returns the path."""
+        """Write the header with ``meta`` and move the file into place; returns the path.
+        The records' count sketches go into one tensor (:data:`SKETCHES_KEY`), each
+        record's ``stats.sketch`` replaced by its ``sketch_row`` (``meta`` is not changed)."""
+        meta, rows = _sketches_apart(meta)
+        if rows:
+            table = np.stack(rows).astype("<f4", copy=False)
+            self.write(SKETCHES_KEY, "float32", table.shape, table)
         header: dict[str, Any] = dict(self._header)
         header["__metadata__"] = {
             "format": FORMAT_NAME,
@@ -190,6 +202,77 @@ class DumpWriter:
         """Drop the temporary file; the destination is left untouched. Never raises: a close
         that fails (a full disk while flushing) still removes the file."""
         self._out.discard()
+
+
+def _sketches_apart(meta: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """``meta`` with each record's sketch of the current size (``BUCKETS`` values: an array,
+    or text or a list from an older dump) replaced by ``sketch_row``, and the rows in
+    order; copies of the records it changes, the rest shared. A sketch of another size (the
+    first format's 31) stays in the record as text; one that float32 cannot hold (beyond its
+    range) is left out, as for a record with NaN or inf."""
+    entries = meta.get("entries")
+    if not isinstance(entries, list):
+        return meta, []
+    rows: list[np.ndarray] = []
+    out = []
+    for e in entries:
+        stats = e.get("stats") if isinstance(e, dict) else None
+        value = stats.get("sketch") if isinstance(stats, dict) else None
+        y = None if value is None else decode_sketch(value)
+        if y is None:  # none (or not a sketch: the reader's check will say so)
+            out.append(e)
+            continue
+        assert isinstance(stats, dict)
+        rest = {k: v for k, v in stats.items() if k != "sketch"}
+        with np.errstate(over="ignore"):  # beyond float32: inf, left out below
+            row = y.astype(np.float32)
+        if not np.isfinite(row).all():
+            out.append(e | {"stats": rest})
+        elif row.size == BUCKETS:
+            out.append(e | {"stats": rest | {"sketch_row": len(rows)}})
+            rows.append(row)
+        else:
+            out.append(e | {"stats": rest | {"sketch": encode_sketch(row)}})
+    return meta | {"entries": out}, rows
+
+
+def _attach_sketches(p: Path, meta: dict[str, Any], info: TensorInfo | None) -> None:
+    """Put each row of the file's sketch tensor (``info``, None where it has none) into its
+    record's stats as ``sketch``, in place of ``sketch_row``; a row number out of range or
+    used twice, or a tensor that is no float32 table of finite values, is a corrupt dump."""
+    entries = meta.get("entries")
+    if not isinstance(entries, list):  # none (plain safetensors), or malformed: _entries says
+        return
+    if info is None:
+        named = next((e.get("key") for e in entries
+                      if isinstance(e, dict) and isinstance(e.get("stats"), dict)
+                      and "sketch_row" in e["stats"]), None)
+        if named is not None:
+            raise DumpError(f"{p}: record {named!r} names a sketch row but the file holds no "
+                            f"{SKETCHES_KEY!r} tensor: corrupt dump")
+        return
+    if info.dtype != "float32" or len(info.shape) != 2:
+        raise DumpError(f"{p}: tensor {SKETCHES_KEY!r} is {info.dtype}{list(info.shape)}, "
+                        "not a float32 table of count sketches: corrupt dump")
+    table = np.empty(info.shape, dtype="<f4")
+    with open(p, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(memoryview(table).cast("B")) != info.nbytes:  # type: ignore[arg-type]
+            raise DumpError(f"{p}: file ends inside tensor data (truncated?)")
+    if not np.isfinite(table).all():
+        raise DumpError(f"{p}: the count sketches hold NaN or inf: corrupt dump")
+    used = set()
+    for e in entries:
+        stats = e.get("stats") if isinstance(e, dict) else None
+        if not isinstance(stats, dict) or "sketch_row" not in stats:
+            continue
+        row = stats.pop("sketch_row")
+        if not (isinstance(row, int) and not isinstance(row, bool)
+                and 0 <= row < info.shape[0]) or row in used:
+            raise DumpError(f"{p}: record {e.get('key')!r} names sketch row {row!r} of "
+                            f"{info.shape[0]}: corrupt dump")
+        used.add(row)
+        stats["sketch"] = table[row]
 
 
 # --------------------------------------------------------------------------- reading
@@ -381,6 +464,8 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
     meta_raw = header.pop("__metadata__", None) or {}
     tensors = _parse_tensors(p, header, data_start=8 + n, size=size)
     meta = _parse_meta(p, meta_raw)
+    if not meta.get("foreign"):
+        _attach_sketches(p, meta, tensors.pop(SKETCHES_KEY, None))
     try:
         entries = _entries(meta, tensors)
     except (TypeError, KeyError, ValueError, AttributeError):
@@ -487,13 +572,15 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
 
 def _valid_stats(stats: Any) -> bool:
     """A stats record: a dict of numbers (or null where there were no finite values), and
-    optionally a ``sketch`` of finite values (:func:`precision.dumps.sketch.valid`: base64
-    text, or the first format's list of numbers) and a ``checksum`` of the tensor's bytes
+    optionally a ``sketch`` of finite values (a row of the file's sketch table, checked
+    with it; or, in an older dump, base64 text or the first format's list of numbers:
+    :func:`precision.dumps.sketch.valid`) and a ``checksum`` of the tensor's bytes
     another tool wrote (msprobe's md5/xor summary: up to 64 letters and digits)."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     return isinstance(stats, dict) and all(
-        (isinstance(v, (list, str)) and valid_sketch(v)) if k == "sketch"
+        (isinstance(v, np.ndarray) or (isinstance(v, (list, str)) and valid_sketch(v)))
+        if k == "sketch"
         else (isinstance(v, str) and 0 < len(v) <= 64 and v.isalnum()) if k == "checksum"
         else (v is None or number(v)) for k, v in stats.items())

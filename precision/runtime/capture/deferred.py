@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ...dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
-from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, encode
+from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD
 from ..devices import streams
 from .tensorstats import CANCELLATION, _moments, _sign_table
 
@@ -280,5 +280,5 @@ def _decode(row: np.ndarray, n: int, eps: float, detail: bool) -> dict[str, Any]
                            math.sqrt(float(row[_SQ])))
         out |= {k: (v if math.isfinite(v) else None) for k, v in moments.items()}
     if not (nan or posinf or neginf or masked):
-        out["sketch"] = encode(row[_HEAD:])
+        out["sketch"] = row[_HEAD:].astype(np.float32)
     return out | ({"flush_fp16": flush} if detail else {})

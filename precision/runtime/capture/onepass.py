@@ -25,6 +25,8 @@ when the capture uses it (:func:`~precision.runtime.capture.tensorstats.fused_ke
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -35,6 +37,9 @@ from ...dumps.sketch import BUCKETS, INDEX_MASK, MULTIPLIER, PERIOD
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy",
                   fastmath={"reassoc", "contract"})
 
+#: the fewest elements a piece of a record taken on its own thread holds (:func:`parts`):
+#: below that, handing a piece to another thread costs more than it saves
+PARALLEL_MIN = 1 << 20
 #: the order key's mask of each bit-pattern width (int32 for float32, int64 for float64)
 MASKS = {4: (1 << 31) - 1, 8: (1 << 63) - 1}
 
@@ -81,33 +86,86 @@ def _value(key: int, mask: int, itemsize: int) -> float:
 
 
 @_jit
-def one_pass(x: Any, bits: Any, mask: int) -> Any:
+def one_pass(x: Any, bits: Any, mask: int, offset: int) -> Any:
     """``(Σx, Σx², min, max, sketch)`` of a flat array ``x`` (``x.size >= 1``) whose bit
     patterns are ``bits`` (the same memory as signed integers of its width, ``mask`` from
-    :data:`MASKS`); the sketch is ``BUCKETS`` float64 values."""
+    :data:`MASKS`), its first element at index ``offset`` (a multiple of ``BUCKETS``) of
+    the record it is part of; the sketch is ``BUCKETS`` float64 values."""
     n = x.size
     y = np.zeros(BUCKETS)
     s = 0.0
     s2 = 0.0
     lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & mask)
     hi = lo
-    for start in range(0, n, PERIOD):
-        flip = _sigma(start // PERIOD)
-        for row in range(start, min(n, start + PERIOD), BUCKETS):
-            end = min(n, row + BUCKETS)
-            rs, rs2, rlo, rhi = _row(x[row:end], bits[row:end], y, row - start, flip, mask)
+    start = 0
+    while start < n:  # one period of signs (or what of it lies in x) at a time
+        period = (offset + start) // PERIOD
+        into = offset + start - period * PERIOD
+        stop = min(n, start + PERIOD - into)
+        flip = _sigma(period)
+        for row in range(start, stop, BUCKETS):
+            end = min(stop, row + BUCKETS)
+            rs, rs2, rlo, rhi = _row(x[row:end], bits[row:end], y, into + row - start, flip,
+                                     mask)
             s += rs
             s2 += rs2
             lo = min(lo, rlo)
             hi = max(hi, rhi)
+        start = stop
     return s, s2, _value(lo, mask, x.itemsize), _value(hi, mask, x.itemsize), y
 
 
-def summary(a: np.ndarray) -> tuple[float, float, float, float, np.ndarray]:
-    """``(Σx, Σx², min, max, sketch)`` of a flat float32 or float64 array (not empty)."""
+def summary(a: np.ndarray, offset: int = 0) -> tuple[float, float, float, float, np.ndarray]:
+    """``(Σx, Σx², min, max, sketch)`` of a flat float32 or float64 array (not empty) whose
+    first element is element ``offset`` (a multiple of ``BUCKETS``) of its record."""
     if a.itemsize == 4:
-        return one_pass(a, a.view(np.int32), MASKS[4])
-    return one_pass(a, a.view(np.int64), MASKS[8])
+        return one_pass(a, a.view(np.int32), MASKS[4], offset)
+    return one_pass(a, a.view(np.int64), MASKS[8], offset)
+
+
+def parts(n: int, threads: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of up to ``threads`` pieces of ``n`` elements for :func:`summary` to
+    take on their own: each at least :data:`PARALLEL_MIN` elements long and starting at a
+    multiple of ``BUCKETS`` (so a piece's rows are the record's)."""
+    count = max(1, min(threads, n // PARALLEL_MIN))
+    step = -(-n // count // BUCKETS) * BUCKETS  # ceil(n / count), rounded up to whole rows
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def combine(pieces: list[tuple[float, float, float, float, np.ndarray]]
+            ) -> tuple[float, float, float, float, np.ndarray]:
+    """One record's :func:`summary` from its pieces' (sums and sketches added, extrema
+    taken), or the first piece whose extrema are not finite as it is (NaN or inf: the caller
+    counts them on the exact path, and NaN has no place among ordered extrema)."""
+    bad = next((p for p in pieces if not (np.isfinite(p[2]) and np.isfinite(p[3]))), None)
+    if bad is not None or len(pieces) == 1:
+        return bad or pieces[0]
+    y = pieces[0][4].copy()
+    for p in pieces[1:]:
+        y += p[4]
+    return (sum(p[0] for p in pieces), sum(p[1] for p in pieces),
+            min(p[2] for p in pieces), max(p[3] for p in pieces), y)
+
+
+#: (pid, pool): the threads that take a record's other pieces, made again in a forked child
+#: (whose copy of the pool has no threads) or when more are asked for
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def record_summary(a: np.ndarray, threads: int = 1
+                   ) -> tuple[float, float, float, float, np.ndarray]:
+    """:func:`summary` of a whole record, in up to ``threads`` pieces at once (:func:`parts`;
+    the kernel releases the GIL): this thread takes the first, a pool the others."""
+    pieces = parts(a.size, threads)
+    if len(pieces) == 1:
+        return summary(a)
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < len(pieces) - 1:
+        _POOL = (os.getpid(), ThreadPoolExecutor(len(pieces) - 1,
+                                                 thread_name_prefix="precision-stats"))
+    others = [_POOL[1].submit(summary, a[lo:hi], lo) for lo, hi in pieces[1:]]
+    first = summary(a[:pieces[0][1]])
+    return combine([first] + [f.result() for f in others])
 
 
 def warm() -> None:

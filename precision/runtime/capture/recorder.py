@@ -53,18 +53,35 @@ ROOT = "root"
 
 def header_reserve(mode: str, modules: int) -> int:
     """Header bytes a capture of ``modules`` modules sets aside up front: a stats record's
-    line holds its count sketch, about 5.5 kB (precision.dumps.sketch)."""
-    return 65536 + (6144 if mode == "stats" else 512) * modules
+    line holds its statistics, about 0.5 kB (its count sketch goes with the tensors:
+    precision.dumps.dump.SKETCHES_KEY)."""
+    return 65536 + (1024 if mode == "stats" else 512) * modules
 
 
 def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
     """The dtype of each module's own parameters (``"mixed"`` when they differ)."""
     out = {}
     for name, mod in model.named_modules():
-        kinds = {torch_dtype_name(p.dtype) for p in mod.parameters(recurse=False)}
+        kinds = {p.dtype for p in own_parameters(mod)}
         if kinds:
-            out[name or ROOT] = kinds.pop() if len(kinds) == 1 else "mixed"
+            out[name or ROOT] = torch_dtype_name(kinds.pop()) if len(kinds) == 1 else "mixed"
     return out
+
+
+def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """``module.parameters(recurse=False)`` without its generator machinery (a capture
+    walks every module of the model twice; that was a fifth of opening and closing one)."""
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def device_type(model: torch.nn.Module) -> str:
+    """The type of the first device other than the CPU (and ``meta``: offloaded) that holds
+    a parameter of ``model``, else ``cpu``."""
+    for module in model.modules():
+        for p in own_parameters(module):
+            if p.device.type not in ("cpu", "meta"):
+                return p.device.type
+    return "cpu"
 
 
 class Capture:
@@ -234,8 +251,7 @@ class Capture:
         check_output_path(self.path, force=self._force)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=self.header_reserve)
-        dev = next((p.device.type for p in self.model.parameters()
-                    if p.device.type not in ("cpu", "meta")), "cpu")  # meta: offloaded
+        dev = device_type(self.model)
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
         if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):

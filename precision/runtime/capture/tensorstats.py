@@ -15,8 +15,9 @@ lowest finite value, -inf included: an additive attention mask, or an overflow; 
 tells them apart by the count in the other run), ``beyond_fp16`` (finite ``|x| > 65504``)
 and ``near_fp16_max`` (finite ``|x| >= 0.98 * 65504``). ``min``..``absmax`` cover finite,
 unmasked values only and are ``None`` when there are none. ``sketch``: the count sketch of
-:mod:`precision.dumps.sketch` (1021 numbers, summed in float64 on CUDA and float32 on the
-CPU, stored as float32 in base64 text), from which compare estimates two runs' error norm;
+:mod:`precision.dumps.sketch` (1021 float32 numbers, summed in float64 on CUDA and by the
+one-pass kernel, float32 by torch on the CPU; a dump keeps them as rows of one tensor),
+from which compare estimates two runs' error norm;
 left out where the tensor holds NaN, inf or masked values.
 """
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ...dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
-from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, encode, hash_sign
+from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, hash_sign
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
@@ -122,7 +123,7 @@ def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
         flat = x.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    total, squares, lo, hi, y = kernel.summary(flat.numpy())
+    total, squares, lo, hi, y = kernel.record_summary(flat.numpy(), torch.get_num_threads())
     if not (math.isfinite(total) and math.isfinite(squares) and math.isfinite(lo)
             and math.isfinite(hi) and max(-lo, hi) < NEAR_FP16_MAX):
         return None
@@ -132,7 +133,7 @@ def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
     if 3 * kernel.error_bound(n) * (mean * mean + max(var, 0.0)) > VARIANCE_TOLERANCE * var:
         v, m = torch.var_mean(flat.to(torch.float64), correction=0)
         var, mean = float(v), float(m)
-    return _moments(lo, hi, mean, var, math.sqrt(squares)) | {"sketch": encode(y)}
+    return _moments(lo, hi, mean, var, math.sqrt(squares)) | {"sketch": y.astype(np.float32)}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:
@@ -238,8 +239,8 @@ def _ones(n: int, dtype: torch.dtype) -> torch.Tensor:
     return _grown(_ONES, n, torch.device("cpu"), lambda k: torch.ones(k))[:n].to(dtype)
 
 
-def sketch(x: torch.Tensor, *, scratch: bool = False) -> str:
-    """The count sketch of ``x`` (flattened) as stored (:func:`precision.dumps.sketch.encode`):
+def sketch(x: torch.Tensor, *, scratch: bool = False) -> np.ndarray:
+    """The count sketch of ``x`` (flattened) as a record keeps it (float32 values):
     :func:`precision.dumps.sketch.count_sketch` up to rounding. Per period of ``P`` elements,
     one multiply by the device's sign table into a reused float32 buffer (exact: the signs
     are +-1) and a sum over every 1021st element, times the period's sign. On the CPU the
@@ -256,8 +257,8 @@ def sketch(x: torch.Tensor, *, scratch: bool = False) -> str:
             block = -block
         y = block if y is None else y + block
     if y is None:
-        return encode(np.zeros(BUCKETS))
-    return encode(y.to("cpu", torch.float32).numpy())
+        return np.zeros(BUCKETS, np.float32)
+    return y.to("cpu", torch.float32).numpy()
 
 
 def _period_sketch(part: torch.Tensor, scratch: bool = False) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from ...dtypes import itemsize
 from ...dumps.atomic import format_bytes
+from ...dumps.sketch import BUCKETS
 from ...errors import InputError, ModelError
 from ..capture.recorder import Capture, header_reserve
 from ..models.checkpoint import choose_class
@@ -46,12 +47,14 @@ from .runner import (
     sources,
 )
 
-#: header JSON per record, without and with statistics (a count sketch of 1021 float32 values
-#: in base64 included), and per stored tensor's line (measured on the fixtures: 195-209,
-#: 5826-5926 and 90-119 bytes), plus the rest of the metadata; the header is padded to
-#: Capture.header_reserve when smaller
+#: header JSON per record, without and with statistics, and per stored tensor's line
+#: (measured on the fixtures: 195-209, 331-490 and 90-119 bytes; a stats record's line is
+#: escaped once more inside the metadata string), plus the rest of the metadata; the header
+#: is padded to Capture.header_reserve when smaller. A stats record's count sketch is a row
+#: of 1021 float32 values with the tensors (precision.dumps.dump.SKETCHES_KEY)
 RECORD_JSON_BYTES = 210
-STATS_RECORD_JSON_BYTES = 5930
+STATS_RECORD_JSON_BYTES = 540
+SKETCH_ROW_BYTES = 4 * BUCKETS
 TENSOR_JSON_BYTES = 120
 META_JSON_BYTES = 8192
 
@@ -109,7 +112,8 @@ def plan_forward(model: torch.nn.Module, model_inputs: dict[str, torch.Tensor], 
         tensors=len(stored),
         full_bytes=cap.planned["full"] + header("full", RECORD_JSON_BYTES, len(stored)),
         stats_bytes=cap.planned["stats"] + header("stats", STATS_RECORD_JSON_BYTES,
-                                                   cap.planned["stats_tensors"]),
+                                                   cap.planned["stats_tensors"])
+        + SKETCH_ROW_BYTES * len(stored),
         auto_mode="stats" if n > AUTO_STATS_PARAMS else "full",
         largest=[(e["key"], e["shape"], e["dtype"], b)
                  for e, b in sorted(nbytes, key=lambda x: -x[1])[:5]])
