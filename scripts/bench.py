@@ -16,7 +16,6 @@ from typing import Any
 
 import bench_ops  # scripts/ is on the path
 import bench_verdicts
-import numpy as np
 import torch
 import transformers
 from benchutil import CLI_STARTUP_TARGET_S, cli_startup, interleaved, peak_rss
@@ -42,9 +41,9 @@ def ratio(times: dict[str, list[float]], name: str) -> float:
 def sketch_share(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     """Seconds the count sketches of one stats capture take, measured apart: what leaving
     the sketch out would save, summed over the records a stats capture takes statistics of.
-    With the one-pass kernel (numba): each record's kernel time less that of the same loop
-    without the sketch (:func:`_sums_and_extrema`), the fastest of 3 calls of each; without
-    numba, torch's ``tensorstats.sketch`` of each record (the fastest of 3)."""
+    With the one-pass kernel (numba): each record's kernel time less that of the kernel
+    without the sketch (``sketch=False``), the fastest of 3 calls of each; without numba,
+    torch's ``tensorstats.sketch`` of each record (the fastest of 3)."""
     from precision.runtime.capture import onepass, recorder, tensorstats
 
     records: list[torch.Tensor] = []
@@ -71,62 +70,13 @@ def sketch_share(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> flo
 
     if tensorstats.fused_kernel() is None:
         return sum(fastest(lambda t=t: tensorstats.sketch(t)) for t in records)
-    bare = _sums_and_extrema()
     total = 0.0
     for t in records:
         a = t.reshape(-1).to(torch.float32 if t.dtype != torch.float64 else t.dtype).numpy()
-        if not a.size:
-            continue
-        bits = a.view(np.int32 if a.itemsize == 4 else np.int64)
-        mask = onepass.MASKS[a.itemsize]
-        total += fastest(lambda a=a: onepass.summary(a)) - fastest(
-            lambda a=a, bits=bits, mask=mask: bare(a, bits, mask))
+        if a.size:
+            total += fastest(lambda a=a: onepass.summary(a)) - fastest(
+                lambda a=a: onepass.summary(a, sketch=False))
     return total
-
-
-def _sums_and_extrema() -> Callable[..., Any]:
-    """The one-pass kernel's loop (precision/runtime/capture/onepass.py) without the count
-    sketch: ``Σx``, ``Σx²`` and the extrema's order keys, row by row, compiled the same way;
-    what the kernel would cost with no sketch."""
-    import numba
-
-    from precision.dumps.sketch import BUCKETS
-
-    jit = numba.njit(cache=False, nogil=True, boundscheck=False, error_model="numpy",
-                     fastmath={"reassoc", "contract"})
-
-    @jit
-    def row(x: Any, bits: Any, mask: int) -> Any:
-        s = 0.0
-        s2 = 0.0
-        lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & mask)
-        hi = lo
-        for k in range(x.size):
-            v = np.float64(x[k])
-            s += v
-            s2 += v * v
-            b = np.int64(bits[k])
-            key = b ^ ((b >> 63) & mask)
-            lo = min(lo, key)
-            hi = max(hi, key)
-        return s, s2, lo, hi
-
-    @jit
-    def run(x: Any, bits: Any, mask: int) -> Any:
-        s = 0.0
-        s2 = 0.0
-        lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & mask)
-        hi = lo
-        for start in range(0, x.size, BUCKETS):
-            end = min(x.size, start + BUCKETS)
-            rs, rs2, rlo, rhi = row(x[start:end], bits[start:end], mask)
-            s += rs
-            s2 += rs2
-            lo = min(lo, rlo)
-            hi = max(hi, rhi)
-        return s, s2, lo, hi
-
-    return run  # type: ignore[no-any-return]
 
 
 def capture_in_ranks(ranks: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -225,3 +225,13 @@ def test_the_pool_is_made_again_in_a_forked_child() -> None:
         os.waitpid(pid, 0)
     assert answer == b"1"
 
+
+
+def test_the_kernel_without_its_sketch_gives_the_same_sums() -> None:
+    """``sketch=False`` (what scripts/bench times to measure the sketch's share): the same
+    sums and extrema, bit for bit, and no sketch."""
+    for dtype in (np.float32, np.float64):
+        a = (np.random.default_rng(8).standard_normal(3 * BUCKETS + 5) * 7).astype(dtype)
+        whole, bare = onepass.summary(a), onepass.summary(a, sketch=False)
+        assert whole[:4] == bare[:4]
+        assert whole[4].any() and not bare[4].any()

@@ -56,9 +56,9 @@ def _sigma(k: int) -> float:
 
 
 @_jit
-def _row(x: Any, bits: Any, y: Any, base: int, flip: float, mask: int) -> Any:
+def _row(x: Any, bits: Any, y: Any, base: int, flip: float, mask: int, sketch: bool) -> Any:
     """One row (at most ``K`` elements, the first at index ``base`` of its period): its
-    sum, sum of squares and extreme keys; adds its signed elements to ``y``."""
+    sum, sum of squares and extreme keys; adds its signed elements to ``y`` if ``sketch``."""
     s = 0.0
     s2 = 0.0
     lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & mask)
@@ -71,8 +71,9 @@ def _row(x: Any, bits: Any, y: Any, base: int, flip: float, mask: int) -> Any:
         key = b ^ ((b >> 63) & mask)
         lo = min(lo, key)
         hi = max(hi, key)
-        g = ((base + k) * MULTIPLIER) & 0xFFFFFFFF
-        y[k] += flip * (1.0 - 2.0 * ((g >> 26) & 1)) * v
+        if sketch:
+            g = ((base + k) * MULTIPLIER) & 0xFFFFFFFF
+            y[k] += flip * (1.0 - 2.0 * ((g >> 26) & 1)) * v
     return s, s2, lo, hi
 
 
@@ -86,11 +87,12 @@ def _value(key: int, mask: int, itemsize: int) -> float:
 
 
 @_jit
-def one_pass(x: Any, bits: Any, mask: int, offset: int) -> Any:
+def one_pass(x: Any, bits: Any, mask: int, offset: int, sketch: bool = True) -> Any:
     """``(Σx, Σx², min, max, sketch)`` of a flat array ``x`` (``x.size >= 1``) whose bit
     patterns are ``bits`` (the same memory as signed integers of its width, ``mask`` from
     :data:`MASKS`), its first element at index ``offset`` (a multiple of ``BUCKETS``) of
-    the record it is part of; the sketch is ``BUCKETS`` float64 values."""
+    the record it is part of; the sketch is ``BUCKETS`` float64 values (zeros unless
+    ``sketch``: the kernel without it, which ``scripts/bench`` times to measure its share)."""
     n = x.size
     y = np.zeros(BUCKETS)
     s = 0.0
@@ -106,7 +108,7 @@ def one_pass(x: Any, bits: Any, mask: int, offset: int) -> Any:
         for row in range(start, stop, BUCKETS):
             end = min(stop, row + BUCKETS)
             rs, rs2, rlo, rhi = _row(x[row:end], bits[row:end], y, into + row - start, flip,
-                                     mask)
+                                     mask, sketch)
             s += rs
             s2 += rs2
             lo = min(lo, rlo)
@@ -115,12 +117,14 @@ def one_pass(x: Any, bits: Any, mask: int, offset: int) -> Any:
     return s, s2, _value(lo, mask, x.itemsize), _value(hi, mask, x.itemsize), y
 
 
-def summary(a: np.ndarray, offset: int = 0) -> tuple[float, float, float, float, np.ndarray]:
+def summary(a: np.ndarray, offset: int = 0, sketch: bool = True
+            ) -> tuple[float, float, float, float, np.ndarray]:
     """``(Σx, Σx², min, max, sketch)`` of a flat float32 or float64 array (not empty) whose
-    first element is element ``offset`` (a multiple of ``BUCKETS``) of its record."""
+    first element is element ``offset`` (a multiple of ``BUCKETS``) of its record (the
+    sketch all zeros unless ``sketch``)."""
     if a.itemsize == 4:
-        return one_pass(a, a.view(np.int32), MASKS[4], offset)
-    return one_pass(a, a.view(np.int64), MASKS[8], offset)
+        return one_pass(a, a.view(np.int32), MASKS[4], offset, sketch)
+    return one_pass(a, a.view(np.int64), MASKS[8], offset, sketch)
 
 
 def parts(n: int, threads: int) -> list[tuple[int, int]]:
