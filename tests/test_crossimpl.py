@@ -321,3 +321,18 @@ def test_fused_parts_statistics_are_hugging_faces_projections(tmp_path: Path,
         want = array_stats([x[real]])
         for stat in ("numel", "mean", "norm", "min", "max"):
             assert e.stats[stat] == pytest.approx(want[stat], rel=1e-6), (key, stat)
+
+
+def test_records_said_to_be_the_same_compare_their_sketches_by_value() -> None:
+    """Statistics with count sketches (arrays, as a dump hands them out) are the same when
+    every number and every bucket is; one bucket or one statistic apart, they differ."""
+    y = np.arange(1021, dtype=np.float32)
+    a = {"numel": 4, "norm": 2.0, "sketch": y}
+    assert lineup._same_stats(a, dict(a) | {"sketch": y.copy()})
+    assert lineup._same_stats(None, None)
+    other = y.copy()
+    other[7] += 1
+    assert not lineup._same_stats(a, dict(a) | {"sketch": other})
+    assert not lineup._same_stats(a, dict(a) | {"norm": 2.5})
+    assert not lineup._same_stats(a, {k: v for k, v in a.items() if k != "sketch"})
+    assert not lineup._same_stats(a, None)

@@ -191,12 +191,20 @@ def _same(d: Dump, records: dict[str, list[str]], key: str, other: str) -> str |
         return f"said to equal {other}, which is not recorded"
     for c, (a, b) in enumerate(zip(records[key], records[other], strict=True)):
         if is_stats(d, a) or is_stats(d, b):  # the same values have the same statistics
-            same = _stats_of(d, a) == _stats_of(d, b)
+            same = _same_stats(_stats_of(d, a), _stats_of(d, b))
         else:
             same = np.array_equal(np.asarray(d[a]), np.asarray(d[b]), equal_nan=True)
         if not same:
             return f"said to equal {other}, but differs from it in step {c}"
     return None
+
+
+def _same_stats(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Two records' statistics are equal, their count sketches (arrays) value by value."""
+    if a is None or b is None or a.keys() != b.keys():
+        return a is None and b is None
+    return all(np.array_equal(np.asarray(v), np.asarray(b[k])) if isinstance(v, np.ndarray)
+               or isinstance(b[k], np.ndarray) else v == b[k] for k, v in a.items())
 
 
 def _stats_of(d: Dump, key: str) -> dict[str, Any] | None:
