@@ -23,6 +23,7 @@ class RealTokens:
     def __init__(self, *, gather: bool = False) -> None:
         self.gather = gather
         self._masks: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._all_real: dict[str, bool] = {}
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
         self._encoder_decoder = False
@@ -32,6 +33,7 @@ class RealTokens:
         of whether all its tokens are real."""
         self._masks = {n: named[n].detach() != 0 for n in MASKS
                        if n in named and named[n].dim() == 2}
+        self._shapes = {n: tuple(m.shape) for n, m in self._masks.items()}
         self._all_real = {n: bool(m.all()) for n, m in self._masks.items()}
         self._index.clear()
         self._encoder_decoder = "decoder_input_ids" in named
@@ -39,8 +41,9 @@ class RealTokens:
     def select(self, key: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``t`` at real tokens only (flattened over batch and tokens, in element order) for
         a record with a token axis, and how many elements were left out."""
-        shapes = {n: tuple(m.shape) for n, m in self._masks.items()}
-        found = token_axis(key, tuple(t.shape), shapes, self._encoder_decoder)
+        if not self._masks:
+            return t, 0
+        found = token_axis(key, tuple(t.shape), self._shapes, self._encoder_decoder)
         if found is None or self._all_real[found[0]]:
             return t, 0
         name, axis = found

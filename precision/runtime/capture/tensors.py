@@ -3,6 +3,7 @@ name in a dump, a stored array as a tensor again, and whether it changed in plac
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from ...dtypes import canonical
 
 
+@functools.cache
 def torch_dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` -> ``float16``."""
+    """``torch.float16`` -> ``float16`` (remembered: asked once per record)."""
     return canonical(str(dtype))
 
 
