@@ -49,6 +49,9 @@ import precision
 from precision.dumps import reference_path
 from precision.runtime.models.hybrid import DELTA_CHILD, FORMS, instrument
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import SEED, draw_decays
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-qwen3.5"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,9 +75,6 @@ SWEEP_TOKENS = (299, 1024, 4096)
 #: Qwen3.5-0.8B's 16 key and 16 value heads have), in one key head and two value heads
 WIDE_HEADS = {"linear_num_key_heads": 1, "linear_num_value_heads": 2,
               "linear_key_head_dim": 128, "linear_value_head_dim": 128}
-#: the seed and the range of ``dt = softplus(dt_bias)`` the wide-head variant's weights are
-#: drawn with: the fixture's (scripts/make_fixtures.py's ``SEED`` and ``QWEN35_DT``)
-SEED, DT_RANGE = 0, (0.001, 0.1)
 #: the prompt length ``main`` runs the wide-head long-memory variant at: a bf16 state shows
 #: there (:func:`sweep`: not at 299 tokens, from 1024 on)
 WIDE_TOKENS = 1024
@@ -150,7 +150,8 @@ def wide_model() -> nn.Module:
     """The wide-head variant in fp32: the fixture's config with :data:`WIDE_HEADS`, weights
     drawn as scripts/make_fixtures.py draws the fixture's (transformers' initialisation after
     ``torch.manual_seed``, each linear-attention layer's ``dt_bias`` so that ``dt`` is
-    log-uniform in :data:`DT_RANGE`), built in memory; it reads the fixture's tokenizer."""
+    log-uniform in ``make_fixtures.QWEN35_DT``), built in memory; it reads the fixture's
+    tokenizer."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(FIXTURE)
@@ -158,12 +159,7 @@ def wide_model() -> nn.Module:
         setattr(config, name, value)
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lo, hi = (torch.tensor(x).log() for x in DT_RANGE)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer, "linear_attn"):
-                dt = (torch.rand(layer.linear_attn.dt_bias.shape) * (hi - lo) + lo).exp()
-                layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    draw_decays(model)
     return model.eval()
 
 

@@ -215,13 +215,20 @@ def build_qwen3_5() -> Qwen3_5ForCausalLM:
         "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4})
     torch.manual_seed(SEED)
     model = Qwen3_5ForCausalLM(config).float().eval()
+    draw_decays(model)
+    return model
+
+
+def draw_decays(model: torch.nn.Module) -> None:
+    """Each linear-attention layer's ``dt_bias`` so that ``dt = softplus(dt_bias)`` is
+    log-uniform in :data:`QWEN35_DT` (from torch's generator as seeded; ``softplus^-1(x) =
+    x + log(1 - exp(-x))``): shared by the fixture and scripts/hybrid_cases.py's variant."""
     lo, hi = (torch.tensor(x).log() for x in QWEN35_DT)
     with torch.no_grad():
         for layer in model.model.layers:
             if hasattr(layer, "linear_attn"):
                 dt = (torch.rand(layer.linear_attn.dt_bias.shape) * (hi - lo) + lo).exp()
                 layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-    return model
 
 
 #: tiny-qwen3.5-vl's vision encoder: one block of width 32 (2 heads), 8-pixel patches over
