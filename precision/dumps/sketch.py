@@ -73,7 +73,8 @@ def count_sketch(chunks: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def encode(y: Any) -> str:
-    """A sketch as stored: base64 of its values in little-endian float32."""
+    """A sketch as text: base64 of its values in little-endian float32 (how dumps of
+    2026-12-01 to 2026-12-07 kept it, and how a sketch of another size stays in a header)."""
     return base64.b64encode(np.asarray(y, dtype="<f4").tobytes()).decode("ascii")
 
 
