@@ -151,9 +151,9 @@ def combine(pieces: list[tuple[float, float, float, float, np.ndarray]]
             min(p[2] for p in pieces), max(p[3] for p in pieces), y)
 
 
-#: (pid, pool): the threads that take a record's other pieces, made again in a forked child
-#: (whose copy of the pool has no threads) or when more are asked for
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
+#: (pid, threads, pool): the threads that take a record's other pieces, made again in a
+#: forked child (whose copy of the pool has no threads) or when more are asked for
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None
 
 
 def record_summary(a: np.ndarray, threads: int = 1
@@ -164,10 +164,12 @@ def record_summary(a: np.ndarray, threads: int = 1
     if len(pieces) == 1:
         return summary(a)
     global _POOL
-    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1]._max_workers < len(pieces) - 1:
-        _POOL = (os.getpid(), ThreadPoolExecutor(len(pieces) - 1,
-                                                 thread_name_prefix="precision-stats"))
-    others = [_POOL[1].submit(summary, a[lo:hi], lo) for lo, hi in pieces[1:]]
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < len(pieces) - 1:
+        if _POOL is not None:
+            _POOL[2].shutdown(wait=False)  # its threads end once idle (none in a child)
+        _POOL = (os.getpid(), len(pieces) - 1,
+                 ThreadPoolExecutor(len(pieces) - 1, thread_name_prefix="precision-stats"))
+    others = [_POOL[2].submit(summary, a[lo:hi], lo) for lo, hi in pieces[1:]]
     first = summary(a[:pieces[0][1]])
     return combine([first] + [f.result() for f in others])
 
