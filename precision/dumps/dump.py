@@ -218,14 +218,17 @@ def _sketches_apart(meta: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarr
     for e in entries:
         stats = e.get("stats") if isinstance(e, dict) else None
         value = stats.get("sketch") if isinstance(stats, dict) else None
-        y = None if value is None else decode_sketch(value)
-        if y is None:  # none (or not a sketch: the reader's check will say so)
-            out.append(e)
-            continue
+        if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.ndim == 1:
+            row = value  # as captured
+        else:
+            y = None if value is None else decode_sketch(value)
+            if y is None:  # none (or not a sketch: the reader's check will say so)
+                out.append(e)
+                continue
+            with np.errstate(over="ignore"):  # beyond float32: inf, left out below
+                row = y.astype(np.float32)
         assert isinstance(stats, dict)
         rest = {k: v for k, v in stats.items() if k != "sketch"}
-        with np.errstate(over="ignore"):  # beyond float32: inf, left out below
-            row = y.astype(np.float32)
         if not np.isfinite(row).all():
             out.append(e | {"stats": rest})
         elif row.size == BUCKETS:
