@@ -258,10 +258,11 @@ def _attach_sketches(p: Path, meta: dict[str, Any], info: TensorInfo | None) -> 
         raise DumpError(f"{p}: tensor {SKETCHES_KEY!r} is {info.dtype}{list(info.shape)}, "
                         "not a float32 table of count sketches: corrupt dump")
     table = np.empty(info.shape, dtype="<f4")
-    with open(p, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(memoryview(table).cast("B")) != info.nbytes:  # type: ignore[arg-type]
-            raise DumpError(f"{p}: file ends inside tensor data (truncated?)")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        _read_exact(p, fd, info.start, table)
+    finally:
+        os.close(fd)
     if not np.isfinite(table).all():
         raise DumpError(f"{p}: the count sketches hold NaN or inf: corrupt dump")
     used = set()
@@ -416,13 +417,18 @@ class Dump:
         return self.tensors[stored]
 
     def _read_into(self, fd: int, pos: int, out: np.ndarray) -> None:
-        view = memoryview(out).cast("B")  # type: ignore[arg-type]
-        done = 0
-        while done < view.nbytes:
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got <= 0:
-                raise DumpError(f"{self.path}: file ends inside tensor data (truncated?)")
-            done += got
+        _read_exact(self.path, fd, pos, out)
+
+
+def _read_exact(path: Path, fd: int, pos: int, out: np.ndarray) -> None:
+    """Fill ``out`` with the bytes of ``fd`` from ``pos`` on (short reads continued)."""
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(fd, [view[done:]], pos + done)
+        if got <= 0:
+            raise DumpError(f"{path}: file ends inside tensor data (truncated?)")
+        done += got
 
 
 def load_file(path: str | os.PathLike[str]) -> Dump:
