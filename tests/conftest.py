@@ -14,6 +14,14 @@ import pytest
 
 from precision.dumps.dump import DumpWriter
 
+#: scripts/test runs the suite in pytest-xdist workers (one a core, at most two): each
+#: worker's torch, and what it starts, takes its share of the cores, set before torch loads.
+#: OpenMP threads that outnumber the cores spin at each barrier and slow every worker (the
+#: suite took 21 min in two workers of two threads on 2 cores, against 24 in one).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 T5 = FIXTURES / "tiny-flan-t5"
