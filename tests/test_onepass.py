@@ -184,6 +184,28 @@ def test_a_record_in_pieces_is_the_record_whole(dtype: type) -> None:
                                atol=4 * bound * math.sqrt(s2))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_piece_in_a_later_period_is_signed_as_numpy_signs_it(dtype: type) -> None:
+    """A piece that starts in the third period of signs (flipped or not by σ of its period)
+    and runs into the fourth: each bucket is numpy's float64 sum of ``s(i) x_i`` over the
+    same elements in the same order (the kernel negates by the sign bit, exactly), zeros
+    and negative zeros included; the sums and extrema are the piece's own."""
+    from precision.dumps.sketch import signs
+
+    rng = np.random.default_rng(11)
+    offset = 2 * PERIOD + 7 * BUCKETS
+    a = rng.standard_normal(PERIOD).astype(dtype)
+    a[:5] = (0.0, -0.0, 1.0, -1.0, np.finfo(dtype).max / 4)
+    s, _, lo, hi, y = onepass.summary(a, offset)
+    wide = a.astype(np.float64)
+    bucket = np.arange(offset, offset + a.size) % BUCKETS
+    expected = np.bincount(bucket, weights=signs(offset, a.size) * wide, minlength=BUCKETS)
+    np.testing.assert_allclose(y, expected, rtol=1e-15, atol=0)
+    assert (lo, hi) == (a.min(), a.max())
+    assert s == pytest.approx(wide.sum(), rel=0, abs=onepass.error_bound(a.size)
+                              * float(np.abs(wide).sum()))
+
+
 def test_nan_or_inf_in_a_later_piece_is_not_lost() -> None:
     """A NaN or an infinity in any piece leaves non-finite extrema (the exact path then
     counts them), never a finite max taken over a NaN."""
