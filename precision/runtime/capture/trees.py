@@ -57,7 +57,8 @@ def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """
     plain = (str, int, float, bool)
     parts = [repr(a) for a in args if isinstance(a, plain)]
-    parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if isinstance(v, plain)]
+    parts += [f"{k}={v!r}" for k, v in sorted((k, v) for k, v in kwargs.items()
+                                                if isinstance(v, plain))]
     return ",".join(parts)[:200] or None
 
 
