@@ -25,7 +25,6 @@ class RealTokens:
         self._masks: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._all_real: dict[str, bool] = {}
-        self._padded = False
         self._index: dict[tuple[Any, ...], torch.Tensor] = {}
         self._encoder_decoder = False
 
@@ -36,15 +35,13 @@ class RealTokens:
                        if n in named and named[n].dim() == 2}
         self._shapes = {n: tuple(m.shape) for n, m in self._masks.items()}
         self._all_real = {n: bool(m.all()) for n, m in self._masks.items()}
-        #: some mask leaves a token out (else no record has padding to select away)
-        self._padded = not all(self._all_real.values())
         self._index.clear()
         self._encoder_decoder = "decoder_input_ids" in named
 
     def select(self, key: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``t`` at real tokens only (flattened over batch and tokens, in element order) for
         a record with a token axis, and how many elements were left out."""
-        if not self._padded:
+        if all(self._all_real.values()):  # no mask, or none leaves a token out
             return t, 0
         found = token_axis(key, tuple(t.shape), self._shapes, self._encoder_decoder)
         if found is None or self._all_real[found[0]]:
