@@ -5,8 +5,12 @@ runs; on a machine shared with other work, threads fight and the ratio is noise.
 the plain forward and the stats capture round-robin (as scripts/bench does) and also
 reports the time spent in the statistics themselves (``tensor_stats``, per capture), which
 load disturbs least, and the count sketches' share (``bench.sketch_share``: the records
-sketched alone, over the plain forward). To compare two checkouts side by side, run it
-from this one against each package in turn:
+sketched alone, over the plain forward). Two more runs in the same rounds show the floor
+that faster statistics cannot go below: ``hooks_ratio``, the forward with a no-op forward
+hook on every module a capture hooks (torch's hook path alone), and
+``no_statistics_ratio``, the stats capture with each record's statistics replaced by a
+fixed answer (hooks, bookkeeping, opening and closing the dump; no pass over the values).
+To compare two checkouts side by side, run it from this one against each package in turn:
 
     PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
 
@@ -31,6 +35,7 @@ from benchutil import interleaved
 
 import precision
 from precision.runtime.capture import recorder
+from precision.runtime.capture.selection import select_modules
 
 #: single records timed alone: (shape, dtype)
 RECORDS = (((4, 128, 512), torch.float32), ((4, 32, 32128), torch.float32),
@@ -91,20 +96,49 @@ def main() -> None:
         with torch.no_grad(), precision.capture(model, path, mode="stats"):
             model(**inputs)
 
+    hooked = [m for _, m in select_modules(model)]
+    fixed = original(torch.ones(8))
+
+    def hooks_only() -> None:
+        handles = [m.register_forward_hook(lambda *_: None, with_kwargs=True) for m in hooked]
+        try:
+            plain()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def no_statistics() -> None:
+        recorder.tensor_stats = lambda t, **kw: dict(fixed)  # type: ignore[assignment]
+        try:
+            with torch.no_grad(), precision.capture(model, path, mode="stats"):
+                model(**inputs)
+        finally:
+            recorder.tensor_stats = timed  # type: ignore[assignment]
+
     def prepare() -> None:
         path.unlink(missing_ok=True)
 
     plain()
-    prepare()
-    stats()  # warm up
+    for warm in (stats, hooks_only, no_statistics):
+        prepare()
+        warm()
     spent.clear()
-    times = interleaved({"plain": plain, "stats": stats}, args.repeat, prepare, clock)
-    ratios = [s / p for s, p in zip(times["stats"], times["plain"], strict=True)]
+    times = interleaved({"plain": plain, "stats": stats, "hooks": hooks_only,
+                         "no_statistics": no_statistics}, args.repeat, prepare, clock)
+    prepare()
+    stats()  # the dump measured below is a real one (not no_statistics')
+    spent.pop()
+
+    def ratio(name: str) -> float:
+        return round(statistics.median(
+            t / p for t, p in zip(times[name], times["plain"], strict=True)), 3)
+
     print(json.dumps({
         "precision": str(Path(precision.__file__).parents[1]), "threads": args.threads,
         "clock": args.clock,
         "repeat": args.repeat, "forward_s": round(statistics.median(times["plain"]), 4),
-        "capture_stats_ratio": round(statistics.median(ratios), 3),
+        "capture_stats_ratio": ratio("stats"),
+        "hooks_ratio": ratio("hooks"), "no_statistics_ratio": ratio("no_statistics"),
         "tensor_stats_s": round(statistics.median(spent), 4),
         "tensor_stats_share": round(statistics.median(
             s / p for s, p in zip(spent, times["plain"], strict=True)), 3),
