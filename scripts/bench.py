@@ -24,10 +24,13 @@ import precision
 from precision.runtime.capture import streaming
 
 
-def bench_model(dtype: torch.dtype) -> transformers.T5ForConditionalGeneration:
-    """flan-t5-small shape (d_model 512, 8+8 blocks, d_ff 1024, vocab 32128), seeded."""
-    cfg = transformers.T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
-                                num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu",
+def bench_model(dtype: torch.dtype,
+                d_model: int = 512) -> transformers.T5ForConditionalGeneration:
+    """flan-t5-small shape (d_model 512, 8+8 blocks, d_ff 1024, 6 heads, vocab 32128), seeded;
+    another ``d_model`` scales d_ff and the heads with it."""
+    cfg = transformers.T5Config(vocab_size=32128, d_model=d_model, d_kv=64, d_ff=2 * d_model,
+                                num_layers=8, num_decoder_layers=8,
+                                num_heads=6 * d_model // 512, feed_forward_proj="gated-gelu",
                                 tie_word_embeddings=False, decoder_start_token_id=0)
     torch.manual_seed(0)
     return transformers.T5ForConditionalGeneration(cfg).to(dtype).eval()

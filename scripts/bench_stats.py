@@ -65,10 +65,14 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU seconds (all threads) instead of wall time, "
                          "for a machine whose other work keeps the cores busy")
+    ap.add_argument("--d-model", type=int, default=512,
+                    help="the bench model's width (d_ff and the heads scale with it): the "
+                         "statistics cost the same per element at any width, the forward "
+                         "about d_model multiply-adds an element")
     args = ap.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    model = bench_model(torch.float32)
+    model = bench_model(torch.float32, args.d_model)
     g = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(2, 32128, (4, 128), generator=g),
               "attention_mask": torch.ones(4, 128, dtype=torch.long),
@@ -135,7 +139,7 @@ def main() -> None:
 
     print(json.dumps({
         "precision": str(Path(precision.__file__).parents[1]), "threads": args.threads,
-        "clock": args.clock,
+        "clock": args.clock, "d_model": args.d_model,
         "repeat": args.repeat, "forward_s": round(statistics.median(times["plain"]), 4),
         "capture_stats_ratio": ratio("stats"),
         "hooks_ratio": ratio("hooks"), "no_statistics_ratio": ratio("no_statistics"),
