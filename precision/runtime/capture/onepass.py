@@ -209,9 +209,9 @@ def record_summary(a: np.ndarray, threads: int = 1
                    ) -> tuple[float, float, float, float, np.ndarray]:
     """:func:`summary` of a whole record, in up to ``threads`` pieces at once (:func:`parts`;
     the kernel releases the GIL): this thread takes the first, a pool the others."""
-    pieces = parts(a.size, threads)
-    if len(pieces) == 1:
+    if threads < 2 or a.size < 2 * PARALLEL_MIN:  # one piece (parts): no list to make
         return summary(a)
+    pieces = parts(a.size, threads)
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < len(pieces) - 1:
         if _POOL is not None:

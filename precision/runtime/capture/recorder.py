@@ -42,7 +42,7 @@ from .realtokens import RealTokens
 from .selection import matches, select_modules, unwrap
 from .streaming import BackgroundWriter
 from .tensors import tensor_version, torch_dtype_name
-from .tensorstats import tensor_stats
+from .tensorstats import AUTO, fused_kernel, tensor_stats
 from .trees import call_signature, flatten, named_arguments
 
 #: modules whose inputs are recorded by default (T5's bucket ids)
@@ -165,6 +165,8 @@ class Capture:
         self._detail = detail
         self._defer = deferred
         self._deferred: DeferredStats | None = None
+        #: the CPU statistics' kernel (tensorstats.fused_kernel), found when the dump opens
+        self._kernel: Any = AUTO
         #: the stats entries whose numbers the deferred path still owes: (entry, ticket)
         self._owed: list[tuple[dict[str, Any], int]] = []
         self._want_inputs = root_inputs
@@ -257,6 +259,8 @@ class Capture:
         if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):
             self._deferred = DeferredStats(detail=self._detail)
             self._tokens.gather = True
+        elif self.mode == "stats" and dev == "cpu":
+            self._kernel = fused_kernel()  # once: each record's lookup is a cold one
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -485,7 +489,7 @@ class Capture:
                     entry["stats"] = {}
                     self._owed.append((entry, self._deferred.add(real)))
                 else:
-                    entry["stats"] = tensor_stats(real, detail=self._detail)
+                    entry["stats"] = tensor_stats(real, detail=self._detail, kernel=self._kernel)
                 if padded:
                     entry["stats"]["padded"] = padded
             if self.mode == "full" or whole:

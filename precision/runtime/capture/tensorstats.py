@@ -46,15 +46,24 @@ KERNEL_ENV = "PRECISION_KERNEL"
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: the one-pass kernel's module once loaded, False where numba cannot load (see fused_kernel)
 _FUSED: Any = None
+#: ``tensor_stats(kernel=AUTO)``: the kernel is looked up at each CPU record
+AUTO = "auto"
+#: the counts of a record that holds no NaN, inf, masked or near-fp16-limit value
+_NO_COUNTS = {"nan": 0, "posinf": 0, "neginf": 0, "masked": 0, "beyond_fp16": 0,
+              "near_fp16_max": 0}
 
 
-def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:
+def tensor_stats(t: torch.Tensor, *, detail: bool = False,
+                 kernel: Any = AUTO) -> dict[str, Any]:
     """Statistics of ``t`` as plain Python numbers (one device synchronisation).
 
     ``detail`` adds ``flush_fp16``: nonzero finite values that fp16 rounds to zero
     (``0 < |x| <= 2^-25``; the tie rounds to even, 0), one more pass, used by ``precision scan``.
+    ``kernel``: the one-pass kernel's module, or None for torch's reductions, as
+    :func:`fused_kernel` gives it; :data:`AUTO` asks :func:`fused_kernel` at each CPU
+    record (a capture asks once, when it opens).
     """
-    out = _stats(t)
+    out = _stats(t, kernel)
     if detail:
         x = t.detach()
         mag = x.abs() if x.is_floating_point() else x.to(torch.float32).abs()
@@ -62,20 +71,21 @@ def tensor_stats(t: torch.Tensor, *, detail: bool = False) -> dict[str, Any]:
     return out
 
 
-def _stats(t: torch.Tensor) -> dict[str, Any]:
+def _stats(t: torch.Tensor, kernel: Any) -> dict[str, Any]:
     x = t.detach()
-    out: dict[str, Any] = {"numel": x.numel(), "nan": 0, "posinf": 0, "neginf": 0,
-                           "masked": 0, "beyond_fp16": 0, "near_fp16_max": 0}
-    if x.numel() == 0:
-        return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
-    if not (x.is_floating_point()):
+    n = x.numel()
+    if n and not x.is_floating_point():
         x = x.to(torch.float64)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if x.device.type == "cpu" and x.dtype in _FUSED_DTYPES:
-        kernel = fused_kernel()
+    if n and x.is_cpu and x.dtype in _FUSED_DTYPES:
+        if kernel is AUTO:
+            kernel = fused_kernel()
         fused = None if kernel is None else _one_pass(x, kernel)
         if fused is not None:
-            return out | fused
+            return fused
+    out: dict[str, Any] = {"numel": n} | _NO_COUNTS
+    if n == 0:
+        return out | dict.fromkeys(("min", "max", "mean", "std", "norm", "absmax"))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     staged = _staged(x)
     summary = _summary(x if staged is None else staged, acc)
     lo, hi = summary[0], summary[1]
@@ -89,10 +99,11 @@ def _stats(t: torch.Tensor) -> dict[str, Any]:
 
 
 def fused_kernel() -> Any:
-    """The one-pass kernel's module (:mod:`precision.runtime.capture.onepass`), loaded at the
-    first CPU record of the process (importing numba and loading the compiled kernel from
-    its cache: about 0.5 s once; a few seconds the first time it compiles); None where numba
-    is not installed or cannot load, or ``PRECISION_KERNEL=numpy``."""
+    """The one-pass kernel's module (:mod:`precision.runtime.capture.onepass`), loaded when
+    the process's first CPU stats capture opens or its first CPU record comes (importing
+    numba and loading the compiled kernel from its cache: about 0.5 s once; a few seconds
+    the first time it compiles); None where numba is not installed or cannot load, or
+    ``PRECISION_KERNEL=numpy``."""
     global _FUSED
     if os.environ.get(KERNEL_ENV, "").strip().lower() == "numpy":
         return None
@@ -108,32 +119,37 @@ def fused_kernel() -> Any:
 
 
 def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
-    """Statistics and sketch of a float CPU tensor from one pass of the kernel, or None
-    where it holds NaN, inf or values near fp16's limit (the exact path counts them).
+    """Statistics and sketch of a float CPU tensor (not empty) from one pass of the kernel,
+    or None where it holds NaN, inf or values near fp16's limit (the exact path counts them).
 
     ``mean = Σx / n``, ``var = Σx²/n - mean²``, ``norm = sqrt(Σx²)``, with ``Σx`` and ``Σx²``
     in float64 and within ``δ(n) = onepass.error_bound(n)`` of ``Σ|x|`` and ``Σx²``: so the
     variance is within ``3δ (mean² + var)``; where that exceeds
     ``VARIANCE_TOLERANCE x var``, it is recomputed with the two-pass ``var_mean`` in float64.
+
+    Written for the hooks' path: it runs between two operations of the forward, where each
+    line of Python costs several times what it does in a loop (docs/performance.md).
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         staged = _staged(x)
         flat = staged if staged is not None else x.reshape(-1).float()
     else:
         flat = x.reshape(-1)
-    if not flat.is_contiguous():
+    if not flat.is_contiguous():  # a strided 1-D view stays one
         flat = flat.contiguous()
-    total, squares, lo, hi, y = kernel.record_summary(flat.numpy(), torch.get_num_threads())
-    if not (math.isfinite(total) and math.isfinite(squares) and math.isfinite(lo)
-            and math.isfinite(hi) and max(-lo, hi) < NEAR_FP16_MAX):
-        return None
-    n = flat.numel()
+    a = flat.numpy()
+    total, squares, lo, hi, y = kernel.record_summary(a, torch.get_num_threads())
+    if not (lo > -NEAR_FP16_MAX and hi < NEAR_FP16_MAX):  # also False for NaN
+        return None  # so the extrema are finite and small, and so are the sums
+    n = a.size
     mean = total / n
     var = squares / n - mean * mean
     if 3 * kernel.error_bound(n) * (mean * mean + max(var, 0.0)) > VARIANCE_TOLERANCE * var:
         v, m = torch.var_mean(flat.to(torch.float64), correction=0)
         var, mean = float(v), float(m)
-    return _moments(lo, hi, mean, var, math.sqrt(squares)) | {"sketch": y.astype(np.float32)}
+    return {"numel": n, **_NO_COUNTS, "min": lo, "max": hi, "mean": mean,
+            "std": math.sqrt(max(var, 0.0)), "norm": math.sqrt(squares),
+            "absmax": max(-lo, hi), "sketch": y.astype(np.float32)}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:
