@@ -261,3 +261,47 @@ def test_the_kernel_without_its_sketch_gives_the_same_sums() -> None:
         assert bare[0] == pytest.approx(whole[0], rel=0, abs=2 * bound * float(np.abs(a).sum()))
         assert bare[1] == pytest.approx(whole[1], rel=2 * bound)
         assert whole[4].any() and not bare[4].any()
+
+
+def test_a_cpu_stats_capture_finds_its_kernel_once(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Any) -> None:
+    """The kernel is looked up when the capture opens, not at each record (where the lookup
+    runs cold between two operations of the forward), and every record uses it."""
+    import precision
+    from precision.runtime.capture import recorder
+    from tests.test_deferred import feed, tiny_llama
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    lookups, passes = [], []
+    original, one = tensorstats.fused_kernel, onepass.one_pass
+
+    def counted() -> Any:
+        lookups.append(1)
+        return original()
+
+    def kernel(*a: Any) -> Any:
+        passes.append(1)
+        return one(*a)
+
+    monkeypatch.setattr(tensorstats, "fused_kernel", counted)
+    monkeypatch.setattr(recorder, "fused_kernel", counted)
+    monkeypatch.setattr(onepass, "one_pass", kernel)
+    model = tiny_llama(3)
+    with torch.no_grad(), precision.capture(model, tmp_path / "s.st", mode="stats") as cap:
+        model(**feed())
+    stats = [e for e in cap.entries if "stats" in e]
+    assert len(stats) > 20 and len(passes) >= len(stats) - 4  # the ids go through float64
+    assert len(lookups) == 1
+
+
+def test_a_kernel_given_is_the_one_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tensor_stats(kernel=None)`` takes torch's reductions whatever the environment says,
+    ``kernel=onepass`` the one pass, and the default asks the environment."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    torch_path, fused = tensor_stats(x, kernel=None), tensor_stats(x, kernel=onepass)
+    assert not np.array_equal(torch_path["sketch"], fused["sketch"])  # float32 vs float64 sums
+    assert_same(torch_path, fused)
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert np.array_equal(tensor_stats(x)["sketch"], torch_path["sketch"])
+    assert np.array_equal(tensor_stats(x, kernel=onepass)["sketch"], fused["sketch"])
