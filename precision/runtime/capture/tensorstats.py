@@ -147,9 +147,8 @@ def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
     if 3 * kernel.error_bound(n) * (mean * mean + max(var, 0.0)) > VARIANCE_TOLERANCE * var:
         v, m = torch.var_mean(flat.to(torch.float64), correction=0)
         var, mean = float(v), float(m)
-    return {"numel": n, **_NO_COUNTS, "min": lo, "max": hi, "mean": mean,
-            "std": math.sqrt(max(var, 0.0)), "norm": math.sqrt(squares),
-            "absmax": max(-lo, hi), "sketch": y.astype(np.float32)}
+    return {"numel": n, **_NO_COUNTS, **_moments(lo, hi, mean, var, math.sqrt(squares)),
+            "sketch": y.astype(np.float32)}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:
