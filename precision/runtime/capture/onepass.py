@@ -18,10 +18,13 @@ passes over a record with torch (sum, norm, min, max, the signed multiply and it
   into the caller's float64 ``y``, with the sign ``s(i) = σ(i mod P) σ(i div P)`` computed
   from the index as it goes (no table) and applied by flipping the element's sign bit.
 
-Each row of ``K`` elements is read twice, for the sums and extrema and then for the sketch,
-the second time from the L1 cache: two simple loops vectorise better than one (on an
-AVX2-only AMD EPYC, a 4x128x512 float32 record took 127 us against 229 for the single loop
-of 64-bit keys that a float multiply signed; docs/performance.md).
+Each row of ``K`` elements is read twice, from the L1 cache the second time: once for the
+extrema, on the 32-bit keys alone, and once for the sums and the sketch, which share the
+element widened to float64 and whose sign there is a 64-bit operation as theirs are. Loops
+whose lanes are all one width vectorise best: on a 2-vCPU AVX-512 Xeon a 256K-element
+float32 record took 88 us against 126 for a loop of sums and keys followed by a loop of the
+sketch (docs/performance.md), and on an AVX2-only AMD EPYC those two loops took 127 us
+against 229 for one loop of 64-bit keys and a float multiply's sign.
 
 The loops are compiled with ``reassoc``/``contract`` only: sums may be reordered
 (vectorised), but NaN and infinities keep their meaning (no ``nnan``/``ninf``). numba is the
@@ -49,6 +52,9 @@ PARALLEL_MIN = 1 << 20
 #: the order key's mask of each bit-pattern width (int32 for float32, int64 for float64)
 MASK32, MASK64 = (1 << 31) - 1, (1 << 63) - 1
 MASKS = {4: MASK32, 8: MASK64}
+#: the float64 sign bit, and what the sketch's ``(i x MULTIPLIER) x 2^37 mod 2^64`` grows by
+#: from one element to the next (:func:`_sums_sketch`)
+TOP64, STEP64 = 1 << 63, (MULTIPLIER << 37) & ((1 << 64) - 1)
 
 
 def error_bound(n: int) -> float:
@@ -63,63 +69,68 @@ def _sigma(k: int) -> float:
 
 
 @_jit
-def _stats32(x: Any, bits: Any) -> Any:
-    """Σx, Σx² and the extreme order keys of a float32 row, the keys in int32 (eight to a
-    256-bit register: AVX2 has no 64-bit integer min or max)."""
-    s = 0.0
-    s2 = 0.0
+def _extrema32(bits: Any) -> Any:
+    """The smallest and largest order key of a row of float32 bit patterns, kept in int32
+    (eight to a 256-bit register: AVX2 has no 64-bit integer min or max)."""
     b = bits[0]
     lo = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(MASK32)))
     hi = lo
-    for k in range(x.size):
-        v = np.float64(x[k])
-        s += v
-        s2 += v * v
+    for k in range(bits.size):
         b = bits[k]
         key = np.int32(b ^ np.int32(np.int32(b >> 31) & np.int32(MASK32)))
         lo = min(lo, key)
         hi = max(hi, key)
-    return s, s2, np.int64(lo), np.int64(hi)
+    return np.int64(lo), np.int64(hi)
 
 
 @_jit
-def _stats64(x: Any, bits: Any) -> Any:
-    """:func:`_stats32` of a float64 row (int64 keys)."""
-    s = 0.0
-    s2 = 0.0
+def _extrema64(bits: Any) -> Any:
+    """:func:`_extrema32` of a row of float64 bit patterns (int64 keys)."""
     lo = np.int64(bits[0]) ^ ((np.int64(bits[0]) >> 63) & MASK64)
     hi = lo
-    for k in range(x.size):
-        v = x[k]
-        s += v
-        s2 += v * v
+    for k in range(bits.size):
         b = np.int64(bits[k])
         key = b ^ ((b >> 63) & MASK64)
         lo = min(lo, key)
         hi = max(hi, key)
-    return s, s2, lo, hi
+    return lo, hi
 
 
 @_jit
-def _sketch_row(bits: Any, y: Any, base: int, flip: float) -> None:
-    """Adds ``flip x s(base + k) x x_k`` to ``y[k]`` for the row's elements (``base + k``
-    within one period): ``g = (i x MULTIPLIER) mod 2^32`` advances by ``MULTIPLIER`` per
-    element, and a sign of -1 (bit 26 of ``g``) flips the sign bit of ``x_k``'s pattern, an
-    exact negation, as ``flip`` does."""
-    g = np.uint32(np.uint32(base) * np.uint32(MULTIPLIER))
-    step = np.uint32(MULTIPLIER)
-    top = np.uint32(1 << 31)
-    f = np.uint32(0) if flip > 0 else top
-    if bits.itemsize == 4:
-        for k in range(bits.size):
-            sign = np.uint32(np.uint32(g << 5) & top) ^ f
-            y[k] += np.float64(np.int32(np.uint32(bits[k]) ^ sign).view(np.float32))
-            g = np.uint32(g + step)
-    else:
-        for k in range(bits.size):
-            sign = np.uint64(np.uint32(np.uint32(g << 5) & top) ^ f) << np.uint64(32)
-            y[k] += np.int64(np.uint64(bits[k]) ^ sign).view(np.float64)
-            g = np.uint32(g + step)
+def _sums(x: Any) -> Any:
+    """Σx and Σx² of a row, each element widened to float64 (the kernel without the sketch)."""
+    s = 0.0
+    s2 = 0.0
+    for k in range(x.size):
+        v = np.float64(x[k])
+        s += v
+        s2 += v * v
+    return s, s2
+
+
+@_jit
+def _sums_sketch(x: Any, y: Any, base: int, flip: float) -> Any:
+    """Σx and Σx² of a row, each element widened to float64, and ``flip x s(base + k) x x_k``
+    added to ``y[k]`` (``base + k`` within one period), the widened value shared by both.
+
+    The sign ``s(i)`` is bit 26 of ``g = (i x MULTIPLIER) mod 2^32``. Kept as
+    ``h = (g x 2^37) mod 2^64``, which depends only on ``g mod 2^27``, that bit is bit 63 of
+    ``h``, the float64 sign bit, and ``h`` advances by ``(MULTIPLIER x 2^37) mod 2^64`` per
+    element in plain 64-bit arithmetic, as the float64 lanes do: flipping the sign bit of
+    the widened ``x_k`` where it is set is an exact negation, as ``flip`` is."""
+    s = 0.0
+    s2 = 0.0
+    h = np.uint64(np.uint64(np.uint32(np.uint32(base) * np.uint32(MULTIPLIER))) << np.uint64(37))
+    step = np.uint64(STEP64)
+    top = np.uint64(TOP64)
+    f = np.uint64(0) if flip > 0 else top
+    for k in range(x.size):
+        v = np.float64(x[k])
+        s += v
+        s2 += v * v
+        y[k] += np.uint64(v.view(np.uint64) ^ ((h & top) ^ f)).view(np.float64)
+        h = np.uint64(h + step)
+    return s, s2
 
 
 @_jit
@@ -153,11 +164,13 @@ def one_pass(x: Any, bits: Any, mask: int, offset: int, sketch: bool = True) -> 
         for row in range(start, stop, BUCKETS):
             end = min(stop, row + BUCKETS)
             if x.itemsize == 4:
-                rs, rs2, rlo, rhi = _stats32(x[row:end], bits[row:end])
+                rlo, rhi = _extrema32(bits[row:end])
             else:
-                rs, rs2, rlo, rhi = _stats64(x[row:end], bits[row:end])
+                rlo, rhi = _extrema64(bits[row:end])
             if sketch:
-                _sketch_row(bits[row:end], y, into + row - start, flip)
+                rs, rs2 = _sums_sketch(x[row:end], y, into + row - start, flip)
+            else:
+                rs, rs2 = _sums(x[row:end])
             s += rs
             s2 += rs2
             lo = min(lo, rlo)
