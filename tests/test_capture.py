@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,20 @@ def test_t5_records_in_execution_order_with_aliases_and_buckets(t5: object,
     assert d.meta["model"]["class"] == "T5ForConditionalGeneration"
     assert d.meta["module_dtypes"]["encoder.block.0.layer.1.DenseReluDense.wo"] == "float32"
     assert d.meta["env"]["torch"] == torch.__version__
+
+
+def test_environment_names_the_libraries_this_process_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library the process has not imported is not recorded, and not imported to find its
+    version (seconds for transformers, a search of the path for an absent torch_npu)."""
+    from precision.runtime.capture.compute import environment
+
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.SimpleNamespace(__version__="2.1.0"))
+    env = environment()
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+    assert env["torch_npu"] == "2.1.0"
+    assert "transformers" not in env and "transformers" not in sys.modules
 
 
 def test_call_index_when_a_module_runs_twice(t5: object, tmp_path: Path) -> None:

@@ -11,22 +11,27 @@ tf32/hf32 profile for an fp32 run (:func:`precision.judge.profiles.effective_pre
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Iterable
 
 import torch
 
 from ...dumps.meta import ComputeSettings
 
 
-def compute_settings(model: torch.nn.Module) -> ComputeSettings:
-    """The device type and the matmul/convolution precision settings in force now."""
+def compute_settings(model: torch.nn.Module,
+                     modules: Iterable[torch.nn.Module] | None = None) -> ComputeSettings:
+    """The device type and the matmul/convolution precision settings in force now
+    (``modules``: the model's ``modules()``, when they were walked already)."""
     param = next(model.parameters(), None)
+    walked = model.modules() if modules is None else modules
     settings: ComputeSettings = {
         "device_type": param.device.type if param is not None else "cpu",
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "has_conv": any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules()),
+        "has_conv": any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in walked),
     }
     npu = sys.modules.get("torch_npu")  # never imported here: present only on an NPU run
     if npu is not None:
@@ -39,14 +44,23 @@ def compute_settings(model: torch.nn.Module) -> ComputeSettings:
 
 
 def environment() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers."""
+    """Versions of the libraries that shape the numbers: Python, torch, the platform, and
+    transformers, torch_npu and numpy where this process has imported them (one that it has
+    not cannot have run the model; importing it here would cost seconds, or a search of the
+    path for one that is absent, at each capture)."""
+    python, system = _interpreter()
+    env = {"python": python, "torch": torch.__version__, "platform": system}
+    for mod in ("transformers", "torch_npu", "numpy"):
+        version = getattr(sys.modules.get(mod), "__version__", None)
+        if isinstance(version, str):
+            env[mod] = version
+    return env
+
+
+@functools.cache
+def _interpreter() -> tuple[str, str]:
+    """Python's version and ``platform.platform()`` (which runs ``uname`` and reads the C
+    library's version): the same for the whole process."""
     import platform
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform()}
-    for mod in ("transformers", "torch_npu", "numpy"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # absent or broken: not recorded
-            continue
-    return env
+    return platform.python_version(), platform.platform()
