@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -58,10 +58,11 @@ def header_reserve(mode: str, modules: int) -> int:
     return 65536 + (1024 if mode == "stats" else 512) * modules
 
 
-def module_dtypes(model: torch.nn.Module) -> dict[str, str]:
-    """The dtype of each module's own parameters (``"mixed"`` when they differ)."""
+def module_dtypes(tree: Iterable[tuple[str, torch.nn.Module]]) -> dict[str, str]:
+    """The dtype of each module's own parameters (``"mixed"`` when they differ), of the
+    ``(name, module)`` pairs of ``model.named_modules()``."""
     out = {}
-    for name, mod in model.named_modules():
+    for name, mod in tree:
         kinds = {p.dtype for p in own_parameters(mod)}
         if kinds:
             out[name or ROOT] = torch_dtype_name(kinds.pop()) if len(kinds) == 1 else "mixed"
@@ -74,10 +75,10 @@ def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module._parameters.values() if p is not None]
 
 
-def device_type(model: torch.nn.Module) -> str:
+def device_type(modules: Iterable[torch.nn.Module]) -> str:
     """The type of the first device other than the CPU (and ``meta``: offloaded) that holds
-    a parameter of ``model``, else ``cpu``."""
-    for module in model.modules():
+    a parameter of one of ``modules`` (a model's ``modules()``), else ``cpu``."""
+    for module in modules:
         for p in own_parameters(module):
             if p.device.type not in ("cpu", "meta"):
                 return p.device.type
@@ -147,12 +148,14 @@ class Capture:
         if every < 1:
             raise InputError("--every must be 1 or more")
         instrument(self.model)  # before the modules are chosen: it adds children
-        self._modules = select_modules(self.model, include, exclude, every)
+        #: ``model.named_modules()``, walked once: opening and closing read it several times
+        self._tree = list(self.model.named_modules())
+        self._modules = select_modules(self._tree, include, exclude, every)
         if not self._modules and (include or exclude):
             raise InputError("no module matches --include/--exclude: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._full_globs = tuple(full)
-        names = [ROOT] + [n for n, _ in self.model.named_modules() if n]
+        names = [ROOT] + [n for n, _ in self._tree if n]
         for glob in self._full_globs:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise InputError(f"--full {glob} matches no module: check the names with "
@@ -253,7 +256,7 @@ class Capture:
         check_output_path(self.path, force=self._force)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=self.header_reserve)
-        dev = device_type(self.model)
+        dev = device_type(m for _, m in self._tree)
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
         if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):
@@ -505,8 +508,8 @@ class Capture:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "complete": True, "mode": self.mode, "level": self.level, "env": environment(),
             "model": model_identity(self.model),
-            "module_dtypes": module_dtypes(self.model),
-            "compute": compute_settings(self.model),
+            "module_dtypes": module_dtypes(self._tree),
+            "compute": compute_settings(self.model, [m for _, m in self._tree]),
             "logits_key": self.logits_key,
             "entries": self._entries,
         }

@@ -4,7 +4,7 @@ its named submodules chosen by globs (``--include``/``--exclude``) and ``--every
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -35,17 +35,19 @@ def matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-def select_modules(model: torch.nn.Module, include: Sequence[str] = (),
-                   exclude: Sequence[str] = (),
+def select_modules(model: torch.nn.Module | Iterable[tuple[str, torch.nn.Module]],
+                   include: Sequence[str] = (), exclude: Sequence[str] = (),
                    every: int = 1) -> list[tuple[str, torch.nn.Module]]:
-    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``.
+    """Named submodules to hook: all (or those matching ``include``) minus ``exclude``, of a
+    model or of its ``named_modules()`` pairs already walked.
 
     ``every`` K keeps, of the repeated blocks (the first numbered component of a name, as in
     ``encoder.block.3`` or ``model.layers.12``), only those numbered 0, K, 2K, ...; modules
     outside numbered blocks are always kept.
     """
     chosen = []
-    for name, mod in model.named_modules():
+    tree = model.named_modules() if isinstance(model, torch.nn.Module) else model
+    for name, mod in tree:
         if not name:
             continue
         if every > 1:
