@@ -14,6 +14,11 @@ To compare two checkouts side by side, run it from this one against each package
 
     PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
 
+or, for a change to the one-pass kernel alone, in one process: ``--against CHECKOUT`` loads
+that checkout's ``onepass`` module too and times a stats capture with its kernel in the same
+rounds (``against_ratio``, and ``this_less_against``: the median over rounds of this
+capture's time less that one's, over the forward), which a noisy host's drift does not skew.
+
 Prints one JSON line: medians over rounds, and ``tensor_stats_us``: the fastest of 150
 calls of the statistics on single records of a few shapes and dtypes (microseconds).
 """
@@ -21,9 +26,11 @@ calls of the statistics on single records of a few shapes and dtypes (microsecon
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +41,7 @@ from bench import bench_model, sketch_share  # scripts/ is on the path
 from benchutil import interleaved
 
 import precision
-from precision.runtime.capture import recorder
+from precision.runtime.capture import recorder, tensorstats
 from precision.runtime.capture.selection import select_modules
 
 #: single records timed alone: (shape, dtype)
@@ -58,6 +65,29 @@ def per_record(repeat: int = 150) -> dict[str, float]:
     return out
 
 
+def kernel_of(checkout: Path) -> Any:
+    """The one-pass kernel module of another checkout, loaded beside this one's (its numba
+    cache kept apart in a temporary folder: a cache written under another module's name
+    would not load in that checkout's own runs)."""
+    import numba
+
+    source = checkout / "precision" / "runtime" / "capture" / "onepass.py"
+    name = "precision.runtime.capture._onepass_against"
+    spec = importlib.util.spec_from_file_location(name, source)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--against {checkout}: no {source}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    cache_dir = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="precision-bench-numba-")
+    try:
+        spec.loader.exec_module(module)
+        module.warm()
+    finally:
+        numba.config.CACHE_DIR = cache_dir
+    return module
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=1)
@@ -69,7 +99,13 @@ def main() -> None:
                     help="the bench model's width (d_ff and the heads scale with it): the "
                          "statistics cost the same per element at any width, the forward "
                          "about d_model multiply-adds an element")
+    ap.add_argument("--against", type=Path, metavar="CHECKOUT",
+                    help="another checkout whose one-pass kernel is timed in the same rounds")
     args = ap.parse_args()
+    mine = tensorstats.fused_kernel()
+    other = None if args.against is None else kernel_of(args.against)
+    if other is not None and mine is None:
+        raise SystemExit("--against: this checkout's one-pass kernel does not load (numba)")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model = bench_model(torch.float32, args.d_model)
@@ -119,16 +155,28 @@ def main() -> None:
         finally:
             recorder.tensor_stats = timed  # type: ignore[assignment]
 
+    def against() -> None:
+        tensorstats._FUSED = other
+        recorder.tensor_stats = original  # type: ignore[assignment]
+        try:
+            with torch.no_grad(), precision.capture(model, path, mode="stats"):
+                model(**inputs)
+        finally:
+            tensorstats._FUSED = mine
+            recorder.tensor_stats = timed  # type: ignore[assignment]
+
     def prepare() -> None:
         path.unlink(missing_ok=True)
 
+    runs = {"plain": plain, "stats": stats, "hooks": hooks_only, "no_statistics": no_statistics}
+    if other is not None:
+        runs["against"] = against
     plain()
-    for warm in (stats, hooks_only, no_statistics):
+    for warm in runs.values():
         prepare()
         warm()
     spent.clear()
-    times = interleaved({"plain": plain, "stats": stats, "hooks": hooks_only,
-                         "no_statistics": no_statistics}, args.repeat, prepare, clock)
+    times = interleaved(runs, args.repeat, prepare, clock)
     prepare()
     stats()  # the dump measured below is a real one (not no_statistics')
     spent.pop()
@@ -137,6 +185,11 @@ def main() -> None:
         return round(statistics.median(
             t / p for t, p in zip(times[name], times["plain"], strict=True)), 3)
 
+    compared = {} if other is None else {
+        "against": str(args.against), "against_ratio": ratio("against"),
+        "this_less_against": round(statistics.median(
+            (t - a) / p for t, a, p in zip(times["stats"], times["against"], times["plain"],
+                                           strict=True)), 3)}
     print(json.dumps({
         "precision": str(Path(precision.__file__).parents[1]), "threads": args.threads,
         "clock": args.clock, "d_model": args.d_model,
@@ -149,7 +202,7 @@ def main() -> None:
         "sketch_share": round(sketch_share(model, inputs) / statistics.median(times["plain"]),
                               3),
         "records": len(precision.load(path).entries), "dump_bytes": path.stat().st_size,
-        "tensor_stats_us": single}))
+        "tensor_stats_us": single} | compared))
 
 
 if __name__ == "__main__":
