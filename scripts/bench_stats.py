@@ -17,7 +17,8 @@ To compare two checkouts side by side, run it from this one against each package
 or, for a change to the one-pass kernel alone, in one process: ``--against CHECKOUT`` loads
 that checkout's ``onepass`` module too and times a stats capture with its kernel in the same
 rounds (``against_ratio``, and ``this_less_against``: the median over rounds of this
-capture's time less that one's, over the forward), which a noisy host's drift does not skew.
+capture's time less that one's, over the forward), which a noisy host's drift does not skew,
+and its single records (``against_tensor_stats_us``).
 
 Prints one JSON line: medians over rounds, and ``tensor_stats_us``: the fastest of 150
 calls of the statistics on single records of a few shapes and dtypes (microseconds).
@@ -125,6 +126,11 @@ def main() -> None:
             spent[-1] += clock() - start
 
     single = per_record()
+    single_against: dict[str, float] = {}
+    if other is not None:
+        tensorstats._FUSED = other
+        single_against = per_record()
+        tensorstats._FUSED = mine
     recorder.tensor_stats = timed  # type: ignore[assignment]
 
     def plain() -> None:
@@ -187,6 +193,7 @@ def main() -> None:
 
     compared = {} if other is None else {
         "against": str(args.against), "against_ratio": ratio("against"),
+        "against_tensor_stats_us": single_against,
         "this_less_against": round(statistics.median(
             (t - a) / p for t, a, p in zip(times["stats"], times["against"], times["plain"],
                                            strict=True)), 3)}
