@@ -21,10 +21,10 @@ passes over a record with torch (sum, norm, min, max, the signed multiply and it
 Each row of ``K`` elements is read twice, from the L1 cache the second time: once for the
 extrema, on the 32-bit keys alone, and once for the sums and the sketch, which share the
 element widened to float64 and whose sign there is a 64-bit operation as theirs are. Loops
-whose lanes are all one width vectorise best: on a 2-vCPU AVX-512 Xeon a 256K-element
-float32 record took 88 us against 126 for a loop of sums and keys followed by a loop of the
-sketch (docs/performance.md), and on an AVX2-only AMD EPYC those two loops took 127 us
-against 229 for one loop of 64-bit keys and a float multiply's sign.
+whose lanes are all one width vectorise best: on a 2-vCPU AVX-512 Xeon a 4x128x512 float32
+record took 95 to 97 us against 135 to 137 for a loop of the sums and keys followed by a loop
+of the sketch (docs/performance.md), and on an AVX2-only AMD EPYC those two loops had taken
+127 us against 229 for one loop of 64-bit keys and a float multiply's sign.
 
 The loops are compiled with ``reassoc``/``contract`` only: sums may be reordered
 (vectorised), but NaN and infinities keep their meaning (no ``nnan``/``ninf``). numba is the
