@@ -21,17 +21,18 @@ from ...dumps.meta import ComputeSettings
 
 
 def compute_settings(model: torch.nn.Module,
-                     modules: Iterable[torch.nn.Module] | None = None) -> ComputeSettings:
+                     tree: Iterable[tuple[str, torch.nn.Module]] | None = None
+                     ) -> ComputeSettings:
     """The device type and the matmul/convolution precision settings in force now
-    (``modules``: the model's ``modules()``, when they were walked already)."""
+    (``tree``: the model's ``named_modules()``, when they were walked already)."""
     param = next(model.parameters(), None)
-    walked = model.modules() if modules is None else modules
+    walked = model.named_modules() if tree is None else tree
     settings: ComputeSettings = {
         "device_type": param.device.type if param is not None else "cpu",
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "has_conv": any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in walked),
+        "has_conv": any(isinstance(m, torch.nn.modules.conv._ConvNd) for _, m in walked),
     }
     npu = sys.modules.get("torch_npu")  # never imported here: present only on an NPU run
     if npu is not None:

@@ -75,10 +75,10 @@ def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module._parameters.values() if p is not None]
 
 
-def device_type(modules: Iterable[torch.nn.Module]) -> str:
+def device_type(tree: Iterable[tuple[str, torch.nn.Module]]) -> str:
     """The type of the first device other than the CPU (and ``meta``: offloaded) that holds
-    a parameter of one of ``modules`` (a model's ``modules()``), else ``cpu``."""
-    for module in modules:
+    a parameter of a module of ``tree`` (a model's ``named_modules()``), else ``cpu``."""
+    for _, module in tree:
         for p in own_parameters(module):
             if p.device.type not in ("cpu", "meta"):
                 return p.device.type
@@ -256,7 +256,7 @@ class Capture:
         check_output_path(self.path, force=self._force)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=self.header_reserve)
-        dev = device_type(m for _, m in self._tree)
+        dev = device_type(self._tree)
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
         if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):
@@ -509,7 +509,7 @@ class Capture:
             "complete": True, "mode": self.mode, "level": self.level, "env": environment(),
             "model": model_identity(self.model),
             "module_dtypes": module_dtypes(self._tree),
-            "compute": compute_settings(self.model, [m for _, m in self._tree]),
+            "compute": compute_settings(self.model, self._tree),
             "logits_key": self.logits_key,
             "entries": self._entries,
         }
