@@ -76,6 +76,18 @@ def test_environment_names_the_libraries_this_process_runs(
     assert "transformers" not in env and "transformers" not in sys.modules
 
 
+@pytest.mark.parametrize(("layer", "has_conv"), [(nn.Conv1d(2, 2, 1), True),
+                                                  (nn.Linear(2, 2), False)])
+def test_the_dump_says_whether_the_model_convolves(layer: nn.Module, has_conv: bool,
+                                                   tmp_path: Path) -> None:
+    """cuDNN's TF32 switch matters to an fp32 run only where the model convolves."""
+    model = nn.Sequential(nn.Identity(), nn.Sequential(layer))
+    with torch.no_grad(), precision.capture(model, tmp_path / "a.st") as cap:
+        model(torch.ones(1, 2, 2))
+    assert cap.dump.meta["compute"]["has_conv"] is has_conv
+    assert cap.dump.meta["module_dtypes"] == {"1.0": "float32"}
+
+
 def test_call_index_when_a_module_runs_twice(t5: object, tmp_path: Path) -> None:
     model = t5.model  # type: ignore[attr-defined]
     inputs = t5_inputs(t5)
