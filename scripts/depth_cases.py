@@ -322,7 +322,7 @@ def ratios(report: precision.Report, reference: precision.Report) -> dict[str, l
     """Per record, the target's element-scaled error (rms and max) over the reference's, as
     the reference rules compute them (floors included, a key the baseline and the
     reference alias measured as the record it aliases); in stats mode the count-sketch
-    error estimates' ratio (``sketch``)."""
+    error estimates' ratio (``sketch``); for the logits, the mean KL's ratio (``kl``)."""
     from precision.judge.lineup.align import shared_aliases
     from precision.judge.profiles import (
         REF_FLOOR_MAX_EPS,
@@ -339,11 +339,13 @@ def ratios(report: precision.Report, reference: precision.Report) -> dict[str, l
                                       precision.load(reference.target)).items():
         if record in ref:
             ref.setdefault(key, ref[record])
-    out: dict[str, list[float]] = {"rms": [], "max": [], "sketch": []}
+    out: dict[str, list[float]] = {"rms": [], "max": [], "sketch": [], "kl": []}
     for r in report.rows:
         other = ref.get(r.key)
         if other is None:
             continue
+        if r.logits is not None and other.logits is not None and other.logits.kl_mean > 0:
+            out["kl"].append(r.logits.kl_mean / other.logits.kl_mean)
         m, rm = r.metrics, other.metrics
         if m is not None and rm is not None and m.max_abs > report.profile.atol:
             out["rms"].append(m.noise_rms / max(rm.noise_rms,
