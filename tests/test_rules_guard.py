@@ -64,6 +64,8 @@ PROFILES = {
 GRAD_REL_L2_EPS, GRAD_OUTLIER_EPS = 32, 128
 #: with a reference: gradients of matrices and activations, and of 1-D parameters
 REF_GRAD_RATIO, REF_VECTOR_GRAD_RATIO = 3, 10
+#: with a reference that measured the logits: their mean KL against 3x the reference's
+REF_KL_RATIO = 3
 
 
 def _compare(make_dump: MakeDump, doc: Documented, key: str, a: np.ndarray, b: np.ndarray,
@@ -316,6 +318,41 @@ def test_logits_kl_mean_limit(make_dump: MakeDump, profile: str) -> None:
         if want == "DRIFT":
             assert "mean KL" in row.reason, row.reason
     assert report.profile.kl_mean == doc.kl_mean
+
+
+@pytest.mark.parametrize(("profile", "reference", "target", "want"), [
+    # a reference near kl_mean (in its units): the limit is REF_KL_RATIO times its KL
+    ("fp16", 0.9, REF_KL_RATIO * 0.9 * INSIDE, "OK"),
+    ("fp16", 0.9, REF_KL_RATIO * 0.9 * BEYOND, "DRIFT"),
+    ("bf16", 1.5, REF_KL_RATIO * 1.5 * INSIDE, "OK"),
+    ("bf16", 1.5, REF_KL_RATIO * 1.5 * BEYOND, "DRIFT"),
+    # a reference far below it: kl_mean stays the limit
+    ("fp16", 0.1, INSIDE, "OK"),
+    ("fp16", 0.1, BEYOND, "DRIFT"),
+])
+def test_logits_kl_against_the_reference(make_dump: MakeDump, profile: str, reference: float,
+                                         target: float, want: str) -> None:
+    """With a same-precision reference, the logits' mean KL DRIFTs beyond
+    ``max(kl_mean, REF_KL_RATIO x the reference's)`` (logits built as in
+    :func:`test_logits_kl_mean_limit`: KL = log cosh h)."""
+    doc = PROFILES[profile]
+    a = np.full((POSITIONS, VOCAB), A, dtype=np.float32)
+    sign = np.where(np.arange(VOCAB) % 2 == 0, 1.0, -1.0)
+
+    def moved(kl: float) -> np.ndarray:
+        return a.astype(np.float64) + math.acosh(math.exp(kl * doc.kl_mean)) * sign
+
+    kw: dict[str, Any] = {"dtype": doc.target, "meta": dict(doc.meta), "logits_key": LOGITS}
+    base = make_dump("base.st", {LOGITS: a}, dtype="float32", logits_key=LOGITS)
+    ref = make_dump("ref.st", {LOGITS: moved(reference)}, **kw)
+    tgt = make_dump("target.st", {LOGITS: moved(target)}, **kw)
+    (row,) = precision.compare(base, tgt, reference=ref, jobs=1).rows
+    assert row.logits is not None
+    assert row.logits.kl_mean == pytest.approx(target * doc.kl_mean, rel=1e-6)
+    assert row.status == want, row.reason
+    if want == "DRIFT":
+        said = "the reference's" if reference * REF_KL_RATIO > 1 else f"> {doc.kl_mean:g}"
+        assert row.reason.startswith("mean KL") and said in row.reason, row.reason
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

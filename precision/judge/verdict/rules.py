@@ -29,6 +29,7 @@ from ..profiles import (
     REF_JUMP_FLOOR,
     REF_JUMP_MIN_VECTORS,
     REF_JUMP_WINDOW,
+    REF_KL_RATIO,
     REF_MAX_RATIO,
     REF_RMS_RATIO,
     REF_SKETCH_RATIO,
@@ -330,12 +331,22 @@ def gradient_outlier(row: Row, ctx: Context) -> Verdict | None:
 
 
 def logits_kl(row: Row, ctx: Context) -> Verdict | None:
-    """Logits: mean per-token ``KL(base || target)`` over real tokens beyond ``kl_mean``."""
+    """Logits: mean per-token ``KL(base || target)`` over real tokens beyond ``kl_mean``, or,
+    where a same-precision reference measured them (finite), beyond
+    ``max(kl_mean, REF_KL_RATIO x KL(base || reference))``."""
     lg, prof = row.logits, ctx.profile
-    if lg is None or lg.kl_mean <= prof.kl_mean:
+    if lg is None:
         return None
-    return Verdict("DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}",
-                   lg.kl_mean / prof.kl_mean)
+    ref = ctx.other(REFERENCE_COMPARISON, row.key)
+    ref_kl = ref.logits.kl_mean if ref is not None and ref.logits is not None else 0.0
+    limit = max(prof.kl_mean, REF_KL_RATIO * ref_kl if math.isfinite(ref_kl) else 0.0)
+    if lg.kl_mean <= limit:
+        return None
+    if limit > prof.kl_mean:
+        return Verdict("DRIFT", f"mean KL {lg.kl_mean:.3g}, {lg.kl_mean / ref_kl:.3g}x the "
+                                f"reference's {ref_kl:.3g} (> {REF_KL_RATIO:g}x)",
+                       lg.kl_mean / limit)
+    return Verdict("DRIFT", f"mean KL {lg.kl_mean:.3g} > {prof.kl_mean:g}", lg.kl_mean / limit)
 
 
 def logits_top1(row: Row, ctx: Context) -> Verdict | None:
