@@ -105,6 +105,7 @@ def main() -> None:
                     help="another checkout whose one-pass kernel is timed in the same rounds")
     args = ap.parse_args()
     mine = tensorstats.fused_kernel()
+    loaded = tensorstats._FUSED  # restored after each swap (False where numba cannot load)
     other = None if args.against is None else kernel_of(args.against)
     if other is not None and mine is None:
         raise SystemExit("--against: this checkout's one-pass kernel does not load (numba)")
@@ -131,7 +132,7 @@ def main() -> None:
     if other is not None:
         tensorstats._FUSED = other
         single_against = per_record()
-        tensorstats._FUSED = mine
+        tensorstats._FUSED = loaded
     recorder.tensor_stats = timed  # type: ignore[assignment]
 
     def plain() -> None:
@@ -154,7 +155,7 @@ def main() -> None:
             for h in handles:
                 h.remove()
 
-    def untimed(statistics_of: Callable[..., dict[str, Any]], kernel: Any = mine) -> None:
+    def untimed(statistics_of: Callable[..., dict[str, Any]], kernel: Any = loaded) -> None:
         """A stats capture with ``statistics_of`` as the records' statistics and ``kernel`` as
         the one-pass kernel, outside the statistics' timing."""
         recorder.tensor_stats = statistics_of  # type: ignore[assignment]
@@ -164,7 +165,7 @@ def main() -> None:
                 model(**inputs)
         finally:
             recorder.tensor_stats = timed  # type: ignore[assignment]
-            tensorstats._FUSED = mine
+            tensorstats._FUSED = loaded
 
     def no_statistics() -> None:
         untimed(lambda t, **kw: dict(fixed))
