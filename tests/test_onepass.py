@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -305,3 +306,111 @@ def test_a_kernel_given_is_the_one_used(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv(KERNEL_ENV, "numpy")
     assert np.array_equal(tensor_stats(x)["sketch"], torch_path["sketch"])
     assert np.array_equal(tensor_stats(x, kernel=onepass)["sketch"], fused["sketch"])
+
+
+def capture_statistics(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    """The ``statistics`` metadata of a stats capture of a small model (``kw`` for the
+    capture)."""
+    import precision
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    path = tmp_path / "s.st"
+    with torch.no_grad(), precision.capture(model, path, mode="stats", force=True, **kw):
+        model(torch.randn(2, 8))
+    statistics: dict[str, Any] = precision.load(path).meta["statistics"]
+    return statistics
+
+
+def test_a_stats_dump_says_what_computed_its_statistics(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """The one-pass kernel, torch's reductions as ``PRECISION_KERNEL=numpy`` asks, or the
+    deferred path: each is named in the dump; a value the variable does not take is an
+    error, before any file is written."""
+    from precision.errors import InputError
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert capture_statistics(tmp_path) == {"path": "onepass"}
+    assert capture_statistics(tmp_path, deferred=True) == {"path": "deferred"}
+    monkeypatch.setenv(KERNEL_ENV, "numba")
+    assert capture_statistics(tmp_path) == {"path": "onepass"}
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert capture_statistics(tmp_path) == {"path": "torch", "why": "PRECISION_KERNEL=numpy"}
+    monkeypatch.setenv(KERNEL_ENV, "fast")
+    (tmp_path / "s.st").unlink()
+    with pytest.raises(InputError, match="PRECISION_KERNEL=fast: use numpy, numba or auto"):
+        capture_statistics(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_kernel_that_does_not_load_is_named(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A kernel that fails to load (a stale numba cache, LLVM under a memory limit) falls
+    back on torch's reductions, and the dump says so and why; ``PRECISION_KERNEL=numba``
+    makes it an error instead. An absent numba is named as such."""
+    import sys
+
+    import precision.runtime.capture as capture_package
+    from precision.errors import InputError
+
+    def stale() -> None:
+        raise RuntimeError("cannot load cached kernel\nsecond line")
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    monkeypatch.setattr(tensorstats, "_FUSED", None)
+    monkeypatch.setattr(onepass, "warm", stale)
+    assert capture_statistics(tmp_path) == {
+        "path": "torch",
+        "why": "the one-pass kernel did not load (RuntimeError: cannot load cached kernel)"}
+    monkeypatch.setenv(KERNEL_ENV, "numba")
+    (tmp_path / "s.st").unlink()
+    with pytest.raises(InputError, match=r"PRECISION_KERNEL=numba, but the one-pass kernel "
+                                         r"did not load \(RuntimeError"):
+        capture_statistics(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    monkeypatch.setattr(tensorstats, "_FUSED", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "precision.runtime.capture.onepass")
+    monkeypatch.delattr(capture_package, "onepass")
+    assert capture_statistics(tmp_path)["why"] == (
+        "numba is not installed (pip install 'precision[fast]')")
+
+
+def test_the_capture_command_says_when_the_kernel_did_not_load(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``precision capture`` in stats mode says, in its log, that the statistics fell back on
+    torch's reductions and why; inspect shows what computed them; nothing is said when the
+    kernel loads or ``PRECISION_KERNEL=numpy`` asked for torch."""
+    from click.testing import CliRunner
+
+    from precision.cli import main
+    from tests.conftest import FIXTURES
+
+    def capture(out: Path) -> str:
+        r = CliRunner().invoke(main, ["capture", "--model", str(FIXTURES / "tiny-flan-t5"),
+                                      "--mode", "stats", "--prompt", "hi", "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    def inspect(path: Path) -> str:
+        r = CliRunner().invoke(main, ["inspect", str(path)])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    assert "statistics by torch" not in capture(tmp_path / "a.st")
+    assert "statistics by the one-pass kernel (float64 sums)" in inspect(tmp_path / "a.st")
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert "statistics by torch" not in capture(tmp_path / "b.st")
+    assert ("statistics by torch's reductions (float32 sums): PRECISION_KERNEL=numpy"
+            in inspect(tmp_path / "b.st").replace("\n", " "))
+
+    def stale() -> None:
+        raise RuntimeError("cannot load cached kernel")
+
+    monkeypatch.setenv(KERNEL_ENV, "auto")
+    monkeypatch.setattr(tensorstats, "_FUSED", None)
+    monkeypatch.setattr(onepass, "warm", stale)
+    assert ("statistics by torch's reductions, slower: the one-pass kernel did not load "
+            "(RuntimeError: cannot load cached kernel)") in capture(tmp_path / "c.st")

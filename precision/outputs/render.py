@@ -33,6 +33,22 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False, width=width)
 
 
+#: what each of a stats dump's ``statistics`` paths is, for inspect
+STATISTICS_PATHS = {"onepass": "the one-pass kernel (float64 sums)",
+                    "torch": "torch's reductions (float32 sums)",
+                    "deferred": "batches on the device (float64 sums)"}
+
+
+def _statistics_note(statistics: Any) -> str:
+    """``, statistics by ...`` for a stats dump's ``statistics`` metadata (older dumps have
+    none: nothing)."""
+    if not isinstance(statistics, dict) or statistics.get("path") not in STATISTICS_PATHS:
+        return ""
+    why = statistics.get("why")
+    return (f", statistics by {STATISTICS_PATHS[statistics['path']]}"
+            + (f": {why}" if why else ""))
+
+
 def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
     """Metadata summary and the records of ``dump`` (aliases hidden unless ``show_all``)."""
     con = _console()
@@ -50,7 +66,7 @@ def print_inspect(dump: Dump, *, show_all: bool = False) -> None:
         ("dtype", f"{short(str(m.get('dtype', '?')))}  keep-fp32: "
                   + " ".join([policy.get("base", "?"), *policy.get("globs", [])])),
         ("mode", f"{dump.mode}  {len(dump.entries)} records, {len(dump.tensors)} tensors, "
-                 f"{format_bytes(dump.file_bytes)}"),
+                 f"{format_bytes(dump.file_bytes)}" + _statistics_note(m.get("statistics"))),
         ("logits", str(m.get("logits_key") or ", ".join(m.get("logits_keys", [])) or None)),
         ("env", "  ".join(f"{k} {v}" for k, v in m.get("env", {}).items() if k != "platform")),
         ("created", f"{m.get('created', '?')} by precision {m.get('tool_version', '?')}"),

@@ -42,7 +42,7 @@ from .realtokens import RealTokens
 from .selection import matches, select_modules, unwrap
 from .streaming import BackgroundWriter
 from .tensors import tensor_version, torch_dtype_name
-from .tensorstats import AUTO, fused_kernel, tensor_stats
+from .tensorstats import AUTO, fused_kernel, statistics_path, tensor_stats
 from .trees import call_signature, flatten, named_arguments
 
 #: modules whose inputs are recorded by default (T5's bucket ids)
@@ -170,6 +170,9 @@ class Capture:
         self._deferred: DeferredStats | None = None
         #: the CPU statistics' kernel (tensorstats.fused_kernel), found when the dump opens
         self._kernel: Any = AUTO
+        #: what computes a stats capture's numbers (set when the dump opens; the metadata's
+        #: ``statistics``): the one-pass kernel, torch's reductions and why, or deferred
+        self.statistics: dict[str, str] | None = None
         #: the stats entries whose numbers the deferred path still owes: (entry, ticket)
         self._owed: list[tuple[dict[str, Any], int]] = []
         self._want_inputs = root_inputs
@@ -254,16 +257,26 @@ class Capture:
 
     def _open_writer(self) -> None:
         check_output_path(self.path, force=self._force)
+        dev = device_type(self._tree)
+        if self.mode == "stats":  # first: PRECISION_KERNEL=numba may refuse, before any file
+            self._choose_statistics(dev)
         self._writer = DumpWriter(self.path, force=self._force, fsync=self._fsync,
                                   reserve=self.header_reserve)
-        dev = device_type(self._tree)
         ring = self._buffer if self.mode == "full" else 4 * 1024 * 1024
         self._bg = BackgroundWriter(self._writer, device_type=dev, buffer_bytes=ring)
-        if self.mode == "stats" and (dev != "cpu" if self._defer is None else self._defer):
+
+    def _choose_statistics(self, dev: str) -> None:
+        """Deferred on an accelerator (unless ``deferred=False``), the one-pass kernel on
+        the CPU where it loads, else torch's reductions: :attr:`statistics` says which."""
+        if dev != "cpu" if self._defer is None else self._defer:
             self._deferred = DeferredStats(detail=self._detail)
             self._tokens.gather = True
-        elif self.mode == "stats" and dev == "cpu":
+            self.statistics = {"path": "deferred"}
+        elif dev == "cpu":
             self._kernel = fused_kernel()  # once: each record's lookup is a cold one
+            self.statistics = statistics_path(self._kernel)
+        else:
+            self.statistics = {"path": "torch", "why": f"deferred=False on {dev}"}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -513,6 +526,8 @@ class Capture:
             "logits_key": self.logits_key,
             "entries": self._entries,
         }
+        if self.statistics is not None:
+            meta["statistics"] = self.statistics
         for k, v in self.meta.items():
             meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
         if meta.get("distributed") is None:  # a process group the caller started (DDP)

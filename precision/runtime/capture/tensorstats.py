@@ -33,6 +33,7 @@ import torch
 
 from ...dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
 from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, hash_sign
+from ...errors import InputError
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
@@ -40,12 +41,15 @@ CANCELLATION = 1e3
 #: bound exceeds this fraction of it (the std then errs by at most half of it)
 VARIANCE_TOLERANCE = 1e-8
 #: environment variable that picks the kernel (compare's too): ``numpy`` keeps CPU
-#: statistics on torch's reductions; anything else uses the one-pass kernel when numba loads
+#: statistics on torch's reductions, ``numba`` insists on the one-pass kernel, ``auto`` (or
+#: unset) uses it where numba loads
 KERNEL_ENV = "PRECISION_KERNEL"
 #: the dtypes the one-pass kernel reads (halves through the float32 work buffer)
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: the one-pass kernel's module once loaded, False where numba cannot load (see fused_kernel)
 _FUSED: Any = None
+#: why the one-pass kernel could not load, once it was tried and failed (see fused_kernel)
+_FUSED_FAILURE = ""
 #: ``tensor_stats(kernel=AUTO)``: the kernel is looked up at each CPU record
 AUTO = "auto"
 #: the counts of a record that holds no NaN, inf, masked or near-fp16-limit value
@@ -103,9 +107,11 @@ def fused_kernel() -> Any:
     the process's first CPU stats capture opens or its first CPU record comes (importing
     numba and loading the compiled kernel from its cache: about 0.5 s once; a few seconds
     the first time it compiles); None where numba is not installed or cannot load, or
-    ``PRECISION_KERNEL=numpy``."""
-    global _FUSED
-    if os.environ.get(KERNEL_ENV, "").strip().lower() == "numpy":
+    ``PRECISION_KERNEL=numpy`` (:func:`statistics_path` says which, and why).
+    ``PRECISION_KERNEL=numba`` makes a kernel that cannot load an error, as compare does."""
+    global _FUSED, _FUSED_FAILURE
+    wanted = _wanted_kernel()
+    if wanted == "numpy":
         return None
     if _FUSED is None:
         try:
@@ -113,9 +119,40 @@ def fused_kernel() -> Any:
 
             onepass.warm()
             _FUSED = onepass
-        except Exception:  # not installed, or LLVM cannot load (under a memory limit)
+        except ModuleNotFoundError as exc:
             _FUSED = False
+            _FUSED_FAILURE = (f"{exc.name} is not installed (pip install 'precision[fast]')"
+                              if exc.name in ("numba", "llvmlite") else _failure(exc))
+        except Exception as exc:  # LLVM cannot load (under a memory limit), a stale cache
+            _FUSED = False
+            _FUSED_FAILURE = _failure(exc)
+    if not _FUSED and wanted == "numba":
+        raise InputError(f"{KERNEL_ENV}=numba, but {_FUSED_FAILURE}")
     return _FUSED or None
+
+
+def _wanted_kernel() -> str:
+    """``PRECISION_KERNEL``'s choice: ``numpy``, ``numba`` or ``auto`` (unset)."""
+    wanted = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
+    if wanted not in ("auto", "numpy", "numba"):
+        raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
+    return wanted
+
+
+def _failure(exc: BaseException) -> str:
+    """One line on why the one-pass kernel did not load."""
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"the one-pass kernel did not load ({type(exc).__name__}{': ' + first if first else ''})"
+
+
+def statistics_path(kernel: Any) -> dict[str, str]:
+    """What computes a CPU record's statistics given :func:`fused_kernel`'s answer
+    ``kernel``, for a dump's metadata: ``{"path": "onepass"}`` (float64 sums), or
+    ``{"path": "torch", "why": ...}`` (torch's reductions: float32 cascades)."""
+    if kernel is not None:
+        return {"path": "onepass"}
+    why = f"{KERNEL_ENV}=numpy" if _wanted_kernel() == "numpy" else _FUSED_FAILURE
+    return {"path": "torch", "why": why}
 
 
 def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:

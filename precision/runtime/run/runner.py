@@ -27,6 +27,7 @@ from ...errors import InputError
 from .. import devices
 from ..capture import distributed
 from ..capture.recorder import DEFAULT_INPUT_GLOBS, Capture
+from ..capture.tensorstats import KERNEL_ENV
 from ..models import inputs as feeds
 from ..models.identity import require_same_model
 from ..models.load import (
@@ -336,6 +337,9 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
             root_inputs=not by_step, every=opts.every, backward=opts.backward,
             loss_scale=opts.loss_scale, full=opts.full, meta=meta, level=opts.level,
             ops_include=opts.ops_include, ops_exclude=opts.ops_exclude) as cap:
+        why = (cap.statistics or {}).get("why", "")
+        if why and not why.startswith(KERNEL_ENV):  # asked for: no news
+            log(f"statistics by torch's reductions, slower: {why}")
         if by_step:  # each decoding step's layer outputs get a call index
             cap.steps = None if opts.steps is None else set(opts.steps)
             inputs, gen, prompt = prepare()
