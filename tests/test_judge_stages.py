@@ -54,6 +54,24 @@ def test_key_facts() -> None:
     assert make_key("model.layers.0", "out", "1", 3) == "model.layers.0:out.1#3"
 
 
+@pytest.mark.parametrize("module", ["model.layers.0.mlp", "root", "input", "generation", "x/y"])
+@pytest.mark.parametrize("kind", ["out", "in", "grad", "pgrad", ""])
+@pytest.mark.parametrize("index", ["", "0", "1.0", "logits"])
+@pytest.mark.parametrize("call", [0, 1, 12])
+def test_make_key_is_format_key_of_the_key(module: str, kind: str, index: str,
+                                           call: int) -> None:
+    """make_key writes the key text itself (no ``Key`` made): the same text as
+    ``format_key``, which ``parse_key`` reads back, for every part it takes."""
+    text = make_key(module, kind, index, call)
+    if module in ("input", "generation"):
+        assert text == f"{module}:{index or kind}"
+    else:
+        assert text == format_key(Key(module, kind, index, call))
+        head, _, op = module.partition("/")  # an operation's records: module/op
+        if kind:
+            assert parse_key(text) == Key(head, kind, index, call, op=op)
+
+
 def test_accumulators_of_two_parts_merge_into_the_whole() -> None:
     rng = np.random.default_rng(0)
     a = (rng.standard_normal(50_000) * np.exp(rng.standard_normal(50_000))).astype(np.float32)

@@ -111,7 +111,12 @@ def entry_module(key: str) -> str:
 
 
 def make_key(module: str, kind: str, index: str = "", call: int = 0) -> str:
-    """``encoder.block.0.layer.1.DenseReluDense.wo:out``, ``...:out.1#2``."""
+    """``encoder.block.0.layer.1.DenseReluDense.wo:out``, ``...:out.1#2``: what
+    ``format_key(Key(module, kind, index, call))`` gives, without making the ``Key`` (a
+    capture makes one key a record, inside the forward)."""
     if module in (INPUT, GENERATION):
         return f"{module}:{index or kind}"
-    return format_key(Key(module, kind, index, call))
+    if not kind:
+        return module
+    text = f"{module}:{kind}.{index}" if index else f"{module}:{kind}"
+    return f"{text}#{call}" if call else text

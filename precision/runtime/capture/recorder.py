@@ -376,6 +376,9 @@ class Capture:
             if record_inputs:
                 for idx, t in list(flatten(args)) + list(flatten(kwargs)):
                     self._record(name, "in", idx or "0", call, t, signature)
+            if isinstance(output, torch.Tensor):  # most modules: flatten's answer, sooner
+                self._record(name, "out", "", call, output, signature)
+                return
             for idx, t in flatten(output):
                 self._record(name, "out", idx, call, t, signature)
 

@@ -76,7 +76,7 @@ def tensor_stats(t: torch.Tensor, *, detail: bool = False,
 
 
 def _stats(t: torch.Tensor, kernel: Any) -> dict[str, Any]:
-    x = t.detach()
+    x = t.detach() if t.requires_grad else t
     n = x.numel()
     if n and not x.is_floating_point():
         x = x.to(torch.float64)
@@ -184,8 +184,11 @@ def _one_pass(x: torch.Tensor, kernel: Any) -> dict[str, Any] | None:
     if 3 * kernel.error_bound(n) * (mean * mean + max(var, 0.0)) > VARIANCE_TOLERANCE * var:
         v, m = torch.var_mean(flat.to(torch.float64), correction=0)
         var, mean = float(v), float(m)
-    return {"numel": n, **_NO_COUNTS, **_moments(lo, hi, mean, var, math.sqrt(squares)),
-            "sketch": y.astype(np.float32)}
+    # _moments' fields written out (a call and a merge fewer)
+    return {"numel": n, "nan": 0, "posinf": 0, "neginf": 0, "masked": 0, "beyond_fp16": 0,
+            "near_fp16_max": 0, "min": lo, "max": hi, "mean": mean,
+            "std": math.sqrt(var) if var > 0 else 0.0, "norm": math.sqrt(squares),
+            "absmax": max(abs(lo), abs(hi)), "sketch": y.astype(np.float32)}
 
 
 def _staged(x: torch.Tensor) -> torch.Tensor | None:

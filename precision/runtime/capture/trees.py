@@ -47,6 +47,10 @@ def map_tensors(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor],
     return value
 
 
+#: the argument types :func:`call_signature` keeps
+PLAIN = (str, int, float, bool)
+
+
 def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """The plain arguments of a module call (strings, numbers, booleans), e.g. Gemma 3's
     ``rotary_emb(x, positions, "sliding_attention")``; None when there are none.
@@ -55,10 +59,9 @@ def call_signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     ``set(config.layer_types)``, an order that changes with ``PYTHONHASHSEED`` from one
     process to the next) are paired by it across dumps (:func:`precision.judge.lineup.align.align`).
     """
-    plain = (str, int, float, bool)
-    parts = [repr(a) for a in args if isinstance(a, plain)]
-    parts += [f"{k}={v!r}" for k, v in sorted((k, v) for k, v in kwargs.items()
-                                                if isinstance(v, plain))]
+    parts = [repr(a) for a in args if isinstance(a, PLAIN)]
+    if kwargs:
+        parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if isinstance(v, PLAIN)]
     return ",".join(parts)[:200] or None
 
 
