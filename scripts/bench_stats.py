@@ -10,15 +10,12 @@ that faster statistics cannot go below: ``hooks_ratio``, the forward with a no-o
 hook on every module a capture hooks (torch's hook path alone), and
 ``no_statistics_ratio``, the stats capture with each record's statistics replaced by a
 fixed answer (hooks, bookkeeping, opening and closing the dump; no pass over the values).
-To compare two checkouts side by side, run it from this one against each package in turn:
-
-    PYTHONPATH=CHECKOUT python scripts/bench_stats.py --threads 1 --repeat 11
-
-or, for a change to the one-pass kernel alone, in one process: ``--against CHECKOUT`` loads
-that checkout's ``onepass`` module too and times a stats capture with its kernel in the same
-rounds (``against_ratio``, and ``this_less_against``: the median over rounds of this
-capture's time less that one's, over the forward), which a noisy host's drift does not skew,
-and its single records (``against_tensor_stats_us``).
+To compare two checkouts side by side, in one process: ``--against CHECKOUT`` loads that
+checkout's whole package too (copied under another name, its numba cache apart) and times
+its stats capture in the same rounds (``against_ratio``, and ``this_less_against``: the
+median over rounds of this capture's time less that one's, over the forward), which a noisy
+host's drift does not skew, and its single records (``against_tensor_stats_us``). Every
+other round runs the captures in reverse order.
 
 Prints one JSON line: medians over rounds, and ``tensor_stats_us``: the fastest of 150
 calls of the statistics on single records of a few shapes and dtypes (microseconds).
@@ -27,9 +24,10 @@ calls of the statistics on single records of a few shapes and dtypes (microsecon
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from bench import bench_model, sketch_share  # scripts/ is on the path
 from benchutil import interleaved
 
 import precision
-from precision.runtime.capture import recorder, tensorstats
+from precision.runtime.capture import recorder
 from precision.runtime.capture.selection import select_modules
 
 #: single records timed alone: (shape, dtype)
@@ -51,43 +49,44 @@ RECORDS = (((4, 128, 512), torch.float32), ((4, 32, 32128), torch.float32),
            ((80, 1536), torch.bfloat16))
 
 
-def per_record(repeat: int = 150) -> dict[str, float]:
-    """The fastest of ``repeat`` calls of ``tensor_stats`` on each of :data:`RECORDS`."""
-    out = {}
+def per_record(stats_of: dict[str, Callable[..., Any]],
+               repeat: int = 150) -> dict[str, dict[str, float]]:
+    """For each of ``stats_of`` (packages' ``tensor_stats`` by name), the fastest of
+    ``repeat`` calls on each of :data:`RECORDS` (microseconds), the packages' calls taking
+    turns."""
+    out: dict[str, dict[str, float]] = {name: {} for name in stats_of}
     for shape, dtype in RECORDS:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
-        recorder.tensor_stats(x)
-        best = math.inf
+        best = dict.fromkeys(stats_of, math.inf)
+        for fn in stats_of.values():
+            fn(x)
         for _ in range(repeat):
-            start = time.perf_counter()
-            recorder.tensor_stats(x)
-            best = min(best, time.perf_counter() - start)
-        out["x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")] = round(
-            best * 1e6, 1)
+            for name, fn in stats_of.items():
+                start = time.perf_counter()
+                fn(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+        label = "x".join(map(str, shape)) + " " + str(dtype).removeprefix("torch.")
+        for name, seconds in best.items():
+            out[name][label] = round(seconds * 1e6, 1)
     return out
 
 
-def kernel_of(checkout: Path) -> Any:
-    """The one-pass kernel module of another checkout, loaded beside this one's (its numba
-    cache kept apart in a temporary folder: a cache written under another module's name
-    would not load in that checkout's own runs)."""
-    import numba
-
-    source = checkout / "precision" / "runtime" / "capture" / "onepass.py"
-    name = "precision.runtime.capture._onepass_against"
-    spec = importlib.util.spec_from_file_location(name, source)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--against {checkout}: no {source}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    cache_dir = numba.config.CACHE_DIR
-    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="precision-bench-numba-")
+def package_of(checkout: Path) -> Any:
+    """Another checkout's ``precision`` package, imported beside this one as
+    ``precision_against`` (a copy in a temporary folder: the package imports itself
+    relatively, and the copy's numba cache is its own; a cache written for one file under
+    another module's name would not load in that checkout's own runs)."""
+    source = checkout / "precision"
+    if not (source / "__init__.py").is_file():
+        raise SystemExit(f"--against {checkout}: no precision package there")
+    into = Path(tempfile.mkdtemp(prefix="precision-bench-against-"))
+    shutil.copytree(source, into / "precision_against",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sys.path.insert(0, str(into))
     try:
-        spec.loader.exec_module(module)
-        module.warm()
+        return importlib.import_module("precision_against")
     finally:
-        numba.config.CACHE_DIR = cache_dir
-    return module
+        sys.path.remove(str(into))
 
 
 def main() -> None:
@@ -104,11 +103,7 @@ def main() -> None:
     ap.add_argument("--against", type=Path, metavar="CHECKOUT",
                     help="another checkout whose one-pass kernel is timed in the same rounds")
     args = ap.parse_args()
-    mine = tensorstats.fused_kernel()
-    loaded = tensorstats._FUSED  # restored after each swap (False where numba cannot load)
-    other = None if args.against is None else kernel_of(args.against)
-    if other is not None and mine is None:
-        raise SystemExit("--against: this checkout's one-pass kernel does not load (numba)")
+    other = None if args.against is None else package_of(args.against)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model = bench_model(torch.float32, args.d_model)
@@ -117,22 +112,28 @@ def main() -> None:
               "attention_mask": torch.ones(4, 128, dtype=torch.long),
               "decoder_input_ids": torch.randint(2, 32128, (4, 32), generator=g)}
     path = Path(tempfile.mkdtemp(prefix="precision-bench-stats-")) / "stats.st"
-    spent: list[float] = []
+    spent: list[float] = []  # this capture's statistics, seconds per capture
+    spent_against: list[float] = []  # the other checkout's (timed alike, not reported)
     original = recorder.tensor_stats
 
-    def timed(*a: Any, **kw: Any) -> dict[str, Any]:
-        start = clock()
-        try:
-            return original(*a, **kw)
-        finally:
-            spent[-1] += clock() - start
+    def timer(stats_of: Callable[..., Any], into: list[float]) -> Callable[..., Any]:
+        def timed(*a: Any, **kw: Any) -> Any:
+            start = clock()
+            try:
+                return stats_of(*a, **kw)
+            finally:
+                into[-1] += clock() - start
 
-    single = per_record()
-    single_against: dict[str, float] = {}
+        return timed
+
+    timed = timer(original, spent)
+    stats_of = {"this": original}
     if other is not None:
-        tensorstats._FUSED = other
-        single_against = per_record()
-        tensorstats._FUSED = loaded
+        theirs = importlib.import_module(other.__name__ + ".runtime.capture.recorder")
+        stats_of["against"] = theirs.tensor_stats
+    single = per_record(stats_of)
+    if other is not None:  # its records' statistics timed as this one's: the same cost
+        theirs.tensor_stats = timer(theirs.tensor_stats, spent_against)
     recorder.tensor_stats = timed  # type: ignore[assignment]
 
     def plain() -> None:
@@ -155,23 +156,19 @@ def main() -> None:
             for h in handles:
                 h.remove()
 
-    def untimed(statistics_of: Callable[..., dict[str, Any]], kernel: Any = loaded) -> None:
-        """A stats capture with ``statistics_of`` as the records' statistics and ``kernel`` as
-        the one-pass kernel, outside the statistics' timing."""
-        recorder.tensor_stats = statistics_of  # type: ignore[assignment]
-        tensorstats._FUSED = kernel
+    def no_statistics() -> None:
+        """The stats capture with each record's statistics a fixed answer (not timed)."""
+        recorder.tensor_stats = lambda t, **kw: dict(fixed)  # type: ignore[assignment]
         try:
             with torch.no_grad(), precision.capture(model, path, mode="stats"):
                 model(**inputs)
         finally:
             recorder.tensor_stats = timed  # type: ignore[assignment]
-            tensorstats._FUSED = loaded
-
-    def no_statistics() -> None:
-        untimed(lambda t, **kw: dict(fixed))
 
     def against() -> None:
-        untimed(original, other)
+        spent_against.append(0.0)
+        with torch.no_grad(), other.capture(model, path, mode="stats"):
+            model(**inputs)
 
     def prepare() -> None:
         path.unlink(missing_ok=True)
@@ -184,7 +181,7 @@ def main() -> None:
         prepare()
         warm()
     spent.clear()
-    times = interleaved(runs, args.repeat, prepare, clock)
+    times = interleaved(runs, args.repeat, prepare, clock, alternate=True)
     prepare()
     stats()  # the dump measured below is a real one (not no_statistics')
     spent.pop()
@@ -195,7 +192,7 @@ def main() -> None:
 
     compared = {} if other is None else {
         "against": str(args.against), "against_ratio": ratio("against"),
-        "against_tensor_stats_us": single_against,
+        "against_tensor_stats_us": single["against"],
         "this_less_against": round(statistics.median(
             (t - a) / p for t, a, p in zip(times["stats"], times["against"], times["plain"],
                                            strict=True)), 3)}
@@ -211,7 +208,7 @@ def main() -> None:
         "sketch_share": round(sketch_share(model, inputs) / statistics.median(times["plain"]),
                               3),
         "records": len(precision.load(path).entries), "dump_bytes": path.stat().st_size,
-        "tensor_stats_us": single} | compared))
+        "tensor_stats_us": single["this"]} | compared))
 
 
 if __name__ == "__main__":

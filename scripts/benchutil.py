@@ -57,14 +57,18 @@ def peak_rss() -> Iterator[dict[str, int]]:
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeat: int,
                 prepare: Callable[[], None],
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                clock: Callable[[], float] = time.perf_counter, *,
+                alternate: bool = False) -> dict[str, list[float]]:
     """Run the functions round-robin so that machine-load drift hits them all alike;
     ``prepare`` runs untimed before each (removing old outputs, flushing dirty pages).
     ``clock``: wall time by default; ``time.process_time`` counts this process's CPU
-    seconds (all its threads), which waiting for a busy core does not inflate."""
+    seconds (all its threads), which waiting for a busy core does not inflate.
+    ``alternate``: every other round runs them in reverse order (what runs after what
+    favours none)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for r in range(repeat):
+        for name in list(fns)[::-1] if alternate and r % 2 else list(fns):
+            fn = fns[name]
             prepare()
             t0 = clock()
             fn()
