@@ -68,13 +68,81 @@ def assert_same(direct: dict[str, Any], deferred: dict[str, Any]) -> None:
 @pytest.mark.parametrize("capacity", [1 << 24, 4096])
 def test_deferred_statistics_equal_the_direct_path(capacity: int) -> None:
     """Every record in one batch (the default arena), and in an arena of 4 rows, where
-    records fill it (flushed in several batches) or are larger (reduced alone)."""
+    records fill it (flushed in several batches) or are larger (taken in pieces, and the
+    arena never grows past its capacity)."""
     d = DeferredStats(detail=True, capacity=capacity)
     xs = records()
     tickets = [d.add(x) for x in xs]
+    assert all(lane.buf.numel() <= capacity for lane in d._lanes.values())
     done = d.results()
     for x, ticket in zip(xs, tickets, strict=True):
         assert_same(tensor_stats(x, detail=True), done[ticket])
+
+
+def test_a_record_larger_than_the_arena_is_reduced_in_pieces() -> None:
+    """A record of 4.3M elements through an arena of 1M: five pieces, the last ones past the
+    first period of the sketch's signs; the combined statistics are the float64 figures
+    (the deviations about each piece's mean moved to the record's, exactly enough for a
+    mean 1e4 times the spread) and the arena stays at 1M."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4_300_000, generator=g) + 3.0
+    y = torch.full((4_300_000,), 1e4) + torch.randn(4_300_000, generator=g)
+    d = DeferredStats(capacity=1 << 20)
+    tickets = [d.add(x), d.add(y)]
+    assert max(lane.buf.numel() for lane in d._lanes.values()) <= 1 << 20
+    assert len(d._pieces[tickets[0]]) == 5
+    done = d.results()
+    for t, ticket in zip((x, y), tickets, strict=True):
+        st, ref = done[ticket], t.double().numpy()
+        assert (st["min"], st["max"]) == (float(t.min()), float(t.max()))
+        assert st["mean"] == pytest.approx(float(ref.mean()), rel=1e-12)
+        assert st["std"] == pytest.approx(float(ref.std()), rel=1e-9)
+        assert st["norm"] == pytest.approx(float(np.linalg.norm(ref)), rel=1e-12)
+        np.testing.assert_allclose(decode(st["sketch"]), count_sketch([ref]), rtol=2.0**-23,
+                                   atol=1e-9 * np.linalg.norm(ref))
+
+
+def test_a_device_without_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the device has no float64 (NPU: ``_wide`` is float32), integer records go
+    through a float32 arena, the sums are float32 and the counts stay exact integers past
+    2^24 (17M masked values, which float32 would round)."""
+    from precision.runtime.capture import deferred
+
+    monkeypatch.setattr(deferred, "_wide", lambda device: torch.float32)
+    big = torch.zeros(17_000_003)
+    big[3:] = -math.inf  # masked (an additive mask's -inf)
+    xs = [torch.arange(1000), torch.tensor([[0, 1, 1], [1, 1, 0]]), big,
+          *records()]
+    d = DeferredStats(detail=True)
+    tickets = [d.add(x) for x in xs]
+    assert d._lanes[("cpu", torch.int64)].buf.dtype == torch.float32
+    done = d.results()
+    assert done[tickets[2]]["masked"] == done[tickets[2]]["neginf"] == 17_000_000
+    for x, ticket in zip(xs, tickets, strict=True):
+        direct, got = tensor_stats(x, detail=True), done[ticket]
+        assert list(direct) == list(got)
+        for key, a in direct.items():
+            if key == "sketch":
+                np.testing.assert_allclose(decode(got[key]), decode(a), rtol=0,
+                                           atol=1e-5 * direct["norm"])
+            elif isinstance(a, float) and (direct["absmax"] or 0) > 1e19 and key != "absmax":
+                assert got[key] is None or got[key] == pytest.approx(a, rel=1e-5), key  # x²
+                # overflows float32, on the direct path's NPU sums too: no std, no norm
+            elif isinstance(a, float):
+                assert got[key] == pytest.approx(a, rel=1e-5, abs=1e-5 * (direct["norm"] or 1))
+            else:
+                assert got[key] == a, key
+
+
+def test_a_row_whose_sum_overflows_float32() -> None:
+    """Values near float32's limit (1e37, finite and not masked): the rows' sums in float64
+    do not overflow, and the mean and std are the direct path's, not None."""
+    x = torch.tensor([1e37, 3e37, -2e37, 2.5e37] * 300)
+    d = DeferredStats()
+    ticket = d.add(x)
+    st = d.results()[ticket]
+    assert st["mean"] is not None and st["std"] is not None
+    assert_same(tensor_stats(x), st)
 
 
 def test_deferred_statistics_of_a_large_record_are_float64_accurate() -> None:

@@ -296,6 +296,8 @@ class Capture:
             raise
 
     def _abort(self) -> None:
+        if self._deferred is not None:
+            self._deferred.release()
         if self._bg is not None:
             with contextlib.suppress(Exception):  # the original exception matters more
                 self._bg.finish()
@@ -308,6 +310,7 @@ class Capture:
         assert self._writer is not None
         if self._deferred is not None:
             done = self._deferred.results()
+            self._deferred.release()  # the arenas' device memory
             for entry, ticket in self._owed:
                 entry["stats"] = done[ticket] | entry["stats"]  # "padded" stays last
             self._owed.clear()

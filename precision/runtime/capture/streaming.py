@@ -3,13 +3,17 @@
 Forward hooks copy each tensor into a slot of :class:`HostRing`, a pre-faulted (pinned on
 CUDA/NPU) host buffer, and hand the slot to :class:`BackgroundWriter`, whose thread writes it
 to the :class:`~precision.dumps.dump.DumpWriter` and frees the slot. On an accelerator
-(CUDA, NPU: :func:`precision.runtime.devices.streams`) the copy is queued on a side stream
-that waits for the compute stream's work so far, so the device-to-host copies overlap the
-next kernels; an event after each copy tells the writer thread when its slot is filled. No
-host wait happens in the forward unless the ring is full. Reusing memory that is already
-mapped avoids the page faults that make naive clone-everything capture slow; writing in a
-thread overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when
-the ring is full.
+(CUDA, NPU: :func:`precision.runtime.devices.streams`) the tensor is first cloned on the
+compute stream (a device copy, ordered before any later in-place operation of the model
+on it: ``out += identity``, an in-place activation, a cache update), and the clone is copied
+to the host on a side stream that waits for the compute stream's work so far, so the
+device-to-host copies overlap the next kernels; an event after each copy tells the writer
+thread when its slot is filled, and the clone's memory is not reused before then. No host
+wait happens in the forward unless the ring is full. Reusing memory that is already mapped
+avoids the page faults that make naive clone-everything capture slow; writing in a thread
+overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when the
+ring is full, and a tensor larger than the ring (a host buffer of its own) waits until the
+one before it is written.
 """
 
 from __future__ import annotations
@@ -105,8 +109,23 @@ class _Item:
     event: Any
 
 
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    """An empty host tensor, pinned where asked and this build can (else plain memory,
+    which still works: copies to it are then synchronous)."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 class BackgroundWriter:
-    """Copies tensors to host memory in the caller's thread and writes them in its own thread."""
+    """Copies tensors to host memory in the caller's thread and writes them in its own thread.
+
+    :meth:`submit` may be called from several threads (the autograd threads of a model on
+    several devices call the gradient hooks): a lock keeps each one's slot and its place in
+    the queue together, which the ring's first-in, first-out ``free`` relies on."""
 
     def __init__(self, writer: DumpWriter, *, device_type: str, buffer_bytes: int) -> None:
         self.writer = writer
@@ -116,6 +135,10 @@ class BackgroundWriter:
         #: device -> the side stream its copies run on
         self._side: dict[torch.device, Any] = {}
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        #: held from a tensor larger than the ring's copy until it is written: at most one
+        #: such host buffer at a time
+        self._oversized = threading.Semaphore(1)
         self._thread = threading.Thread(target=self._run, name="precision-writer", daemon=True)
         self._thread.start()
 
@@ -125,26 +148,32 @@ class BackgroundWriter:
         t = tensor.detach()
         nbytes = t.numel() * t.element_size()
         in_ring = nbytes <= self.ring.capacity
-        if in_ring:
-            off = self.ring.alloc(nbytes)
-            host = self.ring.buf[off:off + nbytes].view(t.dtype).view(t.shape)
-        else:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.device_type != "cpu")
-        api = streams(t.device.type)
-        event = None
-        if api is None:  # the CPU (and devices without streams): a plain copy
-            host.copy_(t)
-        else:  # on a side stream of the tensor's own device (models spread over several)
-            side = self._side.get(t.device)
-            if side is None:
-                side = self._side[t.device] = api.Stream(t.device)
-            side.wait_stream(api.current_stream(t.device))
-            with api.stream(side):
-                host.copy_(t, non_blocking=True)
-            t.record_stream(side)  # its memory is not reused before the copy is done
-            event = api.Event()
-            event.record(side)
-        self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
+        if not in_ring:  # outside the lock: the writer may need it to free ring slots
+            self._oversized.acquire()
+        with self._lock:
+            if in_ring:
+                off = self.ring.alloc(nbytes)
+                host = self.ring.buf[off:off + nbytes].view(t.dtype).view(t.shape)
+            else:
+                host = host_empty(tuple(t.shape), t.dtype, pin=self.device_type != "cpu")
+            api = streams(t.device.type)
+            event = None
+            if api is None:  # the CPU (and devices without streams): a plain copy
+                host.copy_(t)
+            else:  # on a side stream of the tensor's own device (models spread over several)
+                side = self._side.get(t.device)
+                if side is None:
+                    side = self._side[t.device] = api.Stream(t.device)
+                # the values as they are now: a later in-place operation of the model, on the
+                # compute stream, may run before the side stream's copy would read them
+                snapshot = t.clone()
+                side.wait_stream(api.current_stream(t.device))
+                with api.stream(side):
+                    host.copy_(snapshot, non_blocking=True)
+                snapshot.record_stream(side)  # not reused before the copy is done
+                event = api.Event()
+                event.record(side)
+            self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
 
     def _run(self) -> None:
         while True:
@@ -152,16 +181,18 @@ class BackgroundWriter:
             if item is None:
                 return
             try:
+                if item.event is not None:  # even after an error: the slot is in use until then
+                    item.event.synchronize()
                 if self._error is None:
-                    if item.event is not None:
-                        item.event.synchronize()
                     data = item.host.reshape(-1).view(torch.uint8).numpy()
                     self.writer.write(item.key, item.dtype, item.shape, data)
-            except BaseException as exc:  # surfaced to the capturing thread
-                self._error = exc
+            except BaseException as exc:  # the first is surfaced to the capturing thread
+                self._error = self._error or exc
             finally:
                 if item.in_ring:
                     self.ring.free()
+                else:
+                    self._oversized.release()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
