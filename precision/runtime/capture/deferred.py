@@ -50,6 +50,7 @@ code runs synchronously, which is how it is tested without a device.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +137,16 @@ class DeferredStats:
         self._pieces: dict[int, list[int]] = {}
         self._empty: set[int] = set()
         self._next = 0
+        self._lock = threading.Lock()
 
     def add(self, t: torch.Tensor) -> int:
-        """Queue the statistics of ``t``; returns the ticket :meth:`results` keys them by."""
+        """Queue the statistics of ``t``; returns the ticket :meth:`results` keys them by.
+        Safe from several threads (the autograd threads of a model on several devices call
+        the gradient hooks)."""
+        with self._lock:
+            return self._add(t)
+
+    def _add(self, t: torch.Tensor) -> int:
         ticket = self._ticket()
         x = t.detach()
         n = x.numel()
