@@ -49,6 +49,17 @@ def test_healthy_fp16_and_bf16_are_clean(t5_runs: dict[str, Path]) -> None:
         assert {r.status for r in report.rows} == {"OK"}
 
 
+@pytest.mark.parametrize("half", ["fp16", "bf16"])
+def test_the_reference_note_names_the_half_precision_whichever_side_holds_it(
+        t5_runs: dict[str, Path], half: str) -> None:
+    """Without a reference, the note says which --expect to capture: the half precision of
+    the pair, also when the arguments are swapped (--expect takes no fp32)."""
+    for pair in ((t5_runs["base"], t5_runs[half]), (t5_runs[half], t5_runs["base"])):
+        report = compare(*pair)
+        told = [n for n in report.notes if "no same-precision reference" in n]
+        assert len(told) == 1 and told[0].endswith(f"--expect {half}"), report.notes
+
+
 def test_planted_overflow_is_the_first_divergence(t5_runs: dict[str, Path]) -> None:
     report = compare(t5_runs["obase"], t5_runs["ofp16_none"])
     assert not report

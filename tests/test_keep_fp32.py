@@ -420,3 +420,30 @@ def test_llama_overflow_not_fixed_by_layers_handing_back_fp16(llama_base: Path,
     code, report = _capture_compare(llama_base, tmp_path, "fp16", "none", "model.layers.*")
     assert code == 1 and report["first_divergence"] == f"model.layers.{K}:out"
     assert report["counts"]["OVERFLOW"] >= 1
+
+
+def test_a_python_capture_of_a_fixed_fp16_model_is_judged_as_fp16(llama_base: Path,
+                                                                  tmp_path: Path) -> None:
+    """The notebook's fix from Python: the model in fp16 with its layers kept in fp32
+    (most records fp32) is an fp16 run, recorded as such, and the fix passes against the
+    fp32 baseline; the model in fp16 without the fix fails, and an fp32 model records no
+    dtype of its own (its records say fp32)."""
+    base = precision.load(llama_base)
+    feed = {k.removeprefix("input:"): torch.from_numpy(base[k]) for k in base.tensors
+            if k.startswith("input:")}
+    model = AutoModelForCausalLM.from_pretrained(LLAMA_OVERFLOW, dtype=torch.float32).eval()
+    with torch.no_grad(), precision.capture(model, tmp_path / "fp32.st") as fp32:
+        model(**feed)
+    assert "dtype" not in fp32.dump.meta
+    model.half()
+    with torch.no_grad(), precision.capture(model, tmp_path / "fp16.st"):
+        model(**feed)
+    precision.keep_fp32(model, ["model.layers.*:fp32"])
+    with torch.no_grad(), precision.capture(model, tmp_path / "fixed.st") as fixed:
+        model(**feed)
+    assert fixed.dump.meta["dtype"] == "float16"
+    assert fixed.dump.meta["module_dtypes"]["model.layers.0.mlp.down_proj"] == "float32"
+    broken = precision.compare(llama_base, tmp_path / "fp16.st")
+    assert not broken and "[fp32->fp16]" in broken.summary
+    report = precision.compare(llama_base, tmp_path / "fixed.st")
+    assert report and "[fp32->fp16]" in report.summary, report.summary

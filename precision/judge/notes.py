@@ -183,10 +183,12 @@ def reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
         return [f"judged against {ref.path.name}, the same inputs in "
                 f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
                 f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
-    if dtypes[TARGET] in ("float16", "bfloat16") or dtypes[BASE] in ("float16", "bfloat16"):
+    half = next((dtypes[side] for side in (TARGET, BASE)
+                 if dtypes[side] in ("float16", "bfloat16")), None)
+    if half is not None:  # --expect takes the half precision, whichever run holds it
         return [f"no same-precision reference, so fixed limits ({prof.in_eps(prof.noise_rms):g} "
                 "eps rms): for verdicts that hold at depth, capture the baseline with "
-                f"--expect {short(dtypes[TARGET])}"]
+                f"--expect {short(half)}"]
     return []
 
 

@@ -69,6 +69,16 @@ def module_dtypes(tree: Iterable[tuple[str, torch.nn.Module]]) -> dict[str, str]
     return out
 
 
+def half_precision(dtypes: dict[str, str]) -> str | None:
+    """The half precision a model computes in, from :func:`module_dtypes`: the most common
+    of ``float16``/``bfloat16`` among its modules' parameters, None where none has them.
+    A model in fp16 with modules kept in fp32 (:func:`precision.keep_fp32`) is an fp16 run,
+    though most of its records may be fp32; one whose parameters are all fp32 is left to
+    what its records say (under autocast they are half)."""
+    halves = [d for d in dtypes.values() if d in ("float16", "bfloat16")]
+    return max(sorted(set(halves)), key=halves.count) if halves else None
+
+
 def own_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     """``module.parameters(recurse=False)`` without its generator machinery (a capture
     walks every module of the model twice; that was a fifth of opening and closing one)."""
@@ -522,18 +532,22 @@ class Capture:
 
     # ---- metadata
     def _metadata(self) -> dict[str, Any]:
+        dtypes = module_dtypes(self._tree)
         meta: dict[str, Any] = {
             "tool": "precision", "tool_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "complete": True, "mode": self.mode, "level": self.level, "env": environment(),
             "model": model_identity(self.model),
-            "module_dtypes": module_dtypes(self._tree),
+            "module_dtypes": dtypes,
             "compute": compute_settings(self.model, self._tree),
             "logits_key": self.logits_key,
             "entries": self._entries,
         }
         if self.statistics is not None:
             meta["statistics"] = self.statistics
+        half = half_precision(dtypes)
+        if half is not None and "dtype" not in self.meta:
+            meta["dtype"] = half  # a capture from Python: the CLI states its --dtype
         for k, v in self.meta.items():
             meta[k] = meta[k] | v if isinstance(v, dict) and isinstance(meta.get(k), dict) else v
         if meta.get("distributed") is None:  # a process group the caller started (DDP)
