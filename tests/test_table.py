@@ -89,3 +89,27 @@ def test_str_is_the_terminal_table_as_plain_text(report: Report,
     row = [ln for ln in lines if FIRST in ln]
     assert len(row) == 1 and row[0].endswith("word end")
     assert len(lines) == len(text.splitlines())
+
+
+def test_a_row_with_nothing_compared_shows_no_error(make_dump: MakeDump) -> None:
+    """A record NaN in every element of the target compares no element: the row is NAN and
+    its error metrics are absent (``-`` in the table, None in JSON and NaN in pandas), not
+    0 and "exact"; a row with elements compared keeps its figures."""
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    nan = np.full_like(x, np.nan)
+    base = make_dump("a.st", {"layers.0:out": x, "layers.1:out": x})
+    target = make_dump("b.st", {"layers.0:out": nan, "layers.1:out": x * (1 + 1e-4)},
+                       dtype="float16")
+    report = precision.compare(base, target)
+    none, some = report.rows
+    assert none.status == "NAN" and none.metrics is not None and none.metrics.compared == 0
+    shown = {c.name: c.text(none) for c in columns(TEXT)}
+    assert shown["rel_l2"] == shown["bits"] == shown["one_minus_cos"] == shown["max_abs"] == "-"
+    as_json = none.as_dict()["metrics"]
+    assert as_json["rel_l2"] is None and as_json["signature"] is None
+    assert as_json["nan_target"] == 64 and as_json["compared"] == 0
+    assert some.as_dict()["metrics"]["rel_l2"] == pytest.approx(1e-4, rel=1e-2)
+    assert {c.name: c.text(some) for c in columns(TEXT)}["bits"] != "-"
+    pytest.importorskip("pandas")
+    frame = report.to_pandas()
+    assert frame.loc[frame["key"] == "layers.0:out", "rel_l2"].isna().all()

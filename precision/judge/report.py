@@ -156,7 +156,7 @@ class Report:
         for r in self.rows:
             rec: dict[str, Any] = {c.name: c.value(r) for c in fields}
             if r.metrics:
-                rec |= r.metrics.as_dict()
+                rec |= r.metrics.shown()
             if r.logits:
                 rec |= {f"logits_{k}": v for k, v in r.logits.as_dict().items() if k != "flips"}
             records.append(rec)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..dtypes import short
+from .measure.metrics import ERROR_METRICS
 from .measure.row import Row
 
 #: how the first divergence's status cell is marked
@@ -50,13 +51,19 @@ class Column:
 
 
 def _metric(name: str) -> Callable[[Row], Any]:
-    """A tensor metric of the row, ``None`` where it has none (MISSING, exact compares)."""
-    return lambda r: getattr(r.metrics, name) if r.metrics is not None else None
+    """A tensor metric of the row, ``None`` where it has none (MISSING, exact compares, an
+    error metric of a row where no element was compared: all NaN)."""
+    def value(r: Row) -> Any:
+        if r.metrics is None or (not r.metrics.compared and name in ERROR_METRICS):
+            return None
+        return getattr(r.metrics, name)
+
+    return value
 
 
 def _bits(r: Row) -> str:
     """The error signature: significant bits kept and the precision that costs as much."""
-    if r.metrics is None:
+    if r.metrics is None or not r.metrics.compared:
         return "-"
     if r.metrics.signature_bits == float("inf"):
         return "exact"

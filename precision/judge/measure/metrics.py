@@ -72,9 +72,17 @@ def default_floor(target_dtype: str) -> float:
     return 1e-3 if target_dtype in ("float16", "bfloat16") else 1e-6
 
 
+#: the metrics of the difference of compared elements: none where nothing was compared
+ERROR_METRICS = ("max_abs", "mean_abs", "rmse", "rel_l2", "max_rel", "ratio_1e2", "ratio_1e3",
+                 "ratio_1e4", "cos", "one_minus_cos", "snr_db", "pearson", "max_ulp",
+                 "noise_rms", "noise_max", "signature_bits", "signature")
+
+
 @dataclass(frozen=True)
 class TensorMetrics:
-    """Comparison of one tensor pair; see the module docstring for each formula."""
+    """Comparison of one tensor pair; see the module docstring for each formula. With no
+    element compared, the error metrics (:data:`ERROR_METRICS`) are 0 here (1 for ``cos``)
+    and shown as absent (:meth:`shown`, the report's table)."""
 
     numel: int
     compared: int
@@ -138,6 +146,12 @@ class TensorMetrics:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {
             "headroom_bits": self.headroom_bits, "rms_base": self.rms_base,
             "signature_bits": self.signature_bits, "signature": self.signature}
+
+    def shown(self) -> dict[str, Any]:
+        """:meth:`as_dict` as a report shows it: the error metrics ``None`` where no element
+        was compared (every element NaN, inf or masked on one side or the other: there is
+        no error to measure, and 0 would read as exact)."""
+        return self.as_dict() | (dict.fromkeys(ERROR_METRICS) if not self.compared else {})
 
 
 class PairAccumulator:

@@ -51,7 +51,7 @@ class Row:
             "order": self.order, "key": self.key, "status": self.status, "reason": self.reason,
             "shape": list(self.shape), "base_dtype": self.base_dtype,
             "target_dtype": self.target_dtype, "growth": self.growth,
-            "metrics": self.metrics.as_dict() if self.metrics else None,
+            "metrics": self.metrics.shown() if self.metrics else None,
             "exact": ({"numel": self.exact.numel, "mismatched": self.exact.mismatched,
                        "share": self.exact.share, "max_abs": self.exact.max_abs}
                       if self.exact else None),
