@@ -461,3 +461,13 @@ def test_with_the_mask_off_the_same_garbage_fails(make_dump: MakeDump, mask: str
     for key in ("model.layers.0:out", "model.layers.0.self_attn.q_norm:out", "lm_head:out"):
         assert status(report, key) != "OK", key
     assert not any("padding left out" in n for n in report.notes)
+
+
+def test_python_errors_name_keyword_arguments(t5_runs: dict[str, Path]) -> None:
+    """From Python, a bad option is named as the keyword argument it is, not as a flag."""
+    from precision.errors import InputError
+
+    with pytest.raises(InputError, match=r"^fail_on= 'nans': choose one of"):
+        compare(t5_runs["base"], t5_runs["fp16"], fail_on="nans")
+    with pytest.raises(InputError, match=r"^jobs= 0: use 1 or more"):
+        compare(t5_runs["base"], t5_runs["fp16"], jobs=0)

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InputError
+from ..errors import InputError, option
 from .report import FAIL_ON
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class CompareOptions:
 
     def __post_init__(self) -> None:
         if self.fail_on not in FAIL_ON:
-            raise InputError(f"--fail-on {self.fail_on!r}: choose one of {', '.join(FAIL_ON)}")
+            raise InputError(f"{option('--fail-on', 'fail_on=')} {self.fail_on!r}: choose one "
+                             f"of {', '.join(FAIL_ON)}")
         if self.jobs is not None and self.jobs < 1:
-            raise InputError(f"--jobs {self.jobs}: use 1 or more")
+            raise InputError(f"{option('--jobs', 'jobs=')} {self.jobs}: use 1 or more")
