@@ -151,7 +151,7 @@ def test_python_api_takes_options_and_keywords(runs: dict[str, Path]) -> None:
     assert precision.compare(base, rounded, fail_on="never").fail_on == "never"
     with pytest.raises(TypeError, match="rtoll"):
         precision.compare(base, rounded, rtoll=0.1)
-    with pytest.raises(precision.InputError, match="--fail-on 'sometimes'"):
+    with pytest.raises(precision.InputError, match="fail_on= 'sometimes'"):
         precision.CompareOptions(fail_on="sometimes")
-    with pytest.raises(precision.InputError, match="--jobs 0"):
+    with pytest.raises(precision.InputError, match="jobs= 0"):
         precision.compare(base, rounded, jobs=0)
