@@ -47,8 +47,11 @@ def main() -> None:
     """Find where and why a model's numbers change between devices and dtypes.
 
     \b
-    Typical session (baseline on CPU fp32, target on an accelerator in fp16):
-      precision capture --model ./flan-t5-base --device cpu --dtype fp32 -o base.st
+    Typical session (baseline on CPU fp32 with its fp16 reference, target on an accelerator
+    in fp16; without --expect, compare judges by fixed limits, which a healthy deep model
+    can exceed):
+      precision capture --model ./flan-t5-base --device cpu --dtype fp32 --expect fp16 \\
+                        -o base.st
       precision capture --model ./flan-t5-base --device npu --dtype fp16 \\
                         --replay base.st -o npu.st
       precision compare base.st npu.st
