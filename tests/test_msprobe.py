@@ -190,6 +190,19 @@ def test_unrelated_dumps_are_an_error_not_a_pass(tmp_path: Path) -> None:
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_dumps_of_two_models_are_an_error_not_a_fail() -> None:
+    """Real dumps of two models (SmolLM2-135M and the Qwen3 fixture's training step): most
+    records pair with nothing and the 151 that pair by name differ in shape. That is one
+    line and exit 2, as for unrelated dumps, not a FAIL of 151 MISMATCH rows; dumps of one
+    model with different inputs (every shape differs, every record pairs) stay a FAIL."""
+    result = CliRunner().invoke(main, ["compare", str(DATA / "smollm2-135m-float32"),
+                                       str(DATA / "fp32-train")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: nothing to compare: 151 record(s) paired, the "
+                                    "151 that pair differ in shape")
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_the_report_names_the_users_folders() -> None:
     report = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5")
     assert (report.base, report.target) == (str(DATA / "fp32-md5"), str(DATA / "bf16-md5"))

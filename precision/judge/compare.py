@@ -189,23 +189,30 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
 def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
     """A comparison with no row that measured anything (no record paired, or pairs with no
     statistic in common) says nothing: an error naming both runs and what each holds, never
-    a PASS."""
-    if any(r.status == "MISMATCH" or (r.status != "MISSING" and (
+    a PASS; so do two runs most of whose records pair with nothing and the rest differ in
+    shape (another model: two msprobe dumps, which state no config to refuse them by)."""
+    paired = sum(r.status != "MISSING" for r in rows)
+    differ = sum(r.status == "MISMATCH" for r in rows)
+    if differ and (differ < paired or 2 * paired >= len(rows)):
+        return  # records that cannot be compared are a verdict of their own (MISMATCH),
+        # unless they are all there is and most records pair with nothing: unrelated runs
+    if any(r.status != "MISSING" and (
             r.metrics or r.exact or r.logits or r.generation or (
                 r.stats_delta is not None and (r.stats_delta.has_statistics or (
-                    r.stats_delta.checksum_base and r.stats_delta.checksum_target)))))
+                    r.stats_delta.checksum_base and r.stats_delta.checksum_target))))
            for r in rows):
-        return  # a measurement, or records that cannot be compared (a verdict of its own)
+        return  # a measurement
 
     def holds(d: Dump) -> str:
         keys = [e.key for e in d.entries]
         return (f"{displayed_path(d)} holds {len(keys)} record(s)"
                 + (f" (first {keys[0]})" if keys else ""))
 
-    paired = sum(r.status != "MISSING" for r in rows)
-    raise DumpError(f"nothing to compare: {paired} record(s) paired, none with a value or "
-                    f"statistic in common; {holds(b)}, {holds(t)}: are these runs of the "
-                    "same model, and dumps that hold values (not only their shapes)?")
+    what = (f"the {differ} that pair differ in shape" if differ and differ == paired
+            else "none with a value or statistic in common")
+    raise DumpError(f"nothing to compare: {paired} record(s) paired, {what}; {holds(b)}, "
+                    f"{holds(t)}: are these runs of the same model, and dumps that hold "
+                    "values (not only their shapes)?")
 
 
 def _tasks(runs: dict[str, Dump], lined: dict[str, engine_lineup.Lineup]
