@@ -155,3 +155,24 @@ def test_python_api_takes_options_and_keywords(runs: dict[str, Path]) -> None:
         precision.CompareOptions(fail_on="sometimes")
     with pytest.raises(precision.InputError, match="jobs= 0"):
         precision.compare(base, rounded, jobs=0)
+
+
+def test_a_pass_that_let_flagged_rows_by_says_so() -> None:
+    """With --fail-on never, a run with DRIFT rows passes, and its verdict says by which
+    rule (PASS alone beside a DRIFT or an OVERFLOW would read as a clean run); a clean run
+    and a failing one say PASS and FAIL."""
+    from click.testing import CliRunner
+
+    from precision.cli import main
+
+    data = Path(__file__).parent / "data" / "msprobe"
+    base, fault = data / "fp32-train", data / "bf16-fault-train"
+    lenient = precision.compare(base, fault, fail_on="never")
+    assert lenient and lenient.flagged
+    assert lenient.summary.startswith("PASS (fail_on='never') [fp32->bf16]: first divergence")
+    assert not precision.compare(base, fault).summary.startswith("PASS")
+    assert precision.compare(base, base, fail_on="never").summary.startswith("PASS [")
+    result = CliRunner().invoke(main, ["compare", str(base), str(fault), "--fail-on", "never",
+                                       "-q"])
+    assert result.exit_code == 0
+    assert result.output.startswith("PASS (--fail-on never) [fp32->bf16]")

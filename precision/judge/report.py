@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import option
 from .measure.row import FLAGGED, STATUSES, Row
 from .profiles import Profile
 from .table import BRIEF, FRAME, TEXT, Table, columns
@@ -55,7 +56,7 @@ class Report:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
         first = self.first_divergence
         where = f"; first divergence {first.key} ({first.status})" if first else ""
-        return (f"<Report {'PASS' if self else 'FAIL'} [{self.profile.name}] "
+        return (f"<Report {self.verdict} [{self.profile.name}] "
                 f"{self.base} vs {self.target}: {counts}{where}>")
 
     def __str__(self) -> str:
@@ -113,7 +114,17 @@ class Report:
         else:
             r = self.first_divergence
             head = f"first divergence at {r.key} ({r.status}: {r.reason})"
-        return f"{'PASS' if self else 'FAIL'} [{self.profile.name}]: {head}; {counts}"
+        return f"{self.verdict} [{self.profile.name}]: {head}; {counts}"
+
+    @property
+    def verdict(self) -> str:
+        """``PASS`` or ``FAIL``; a pass with flagged rows says the ``fail_on`` that let them
+        by (``PASS (--fail-on never)``): PASS alone beside an OVERFLOW would read as none."""
+        if not self:
+            return "FAIL"
+        if self.flagged:
+            return f"PASS ({option(f'--fail-on {self.fail_on}', f'fail_on={self.fail_on!r}')})"
+        return "PASS"
 
     def to_dict(self) -> dict[str, Any]:
         return {
