@@ -70,7 +70,9 @@ def test_dumps_of_runs_already_taken(make_dump: MakeDump) -> None:
     bf = make_dump("bf.st", {"a:out": x}, dtype="bfloat16", meta=vllm)
     for args, match in (([a], "two or more runs"), ([a, b, "--model", str(QWEN)], "not both"),
                         ([a, hf], "hf.st ran Hugging Face in fp32, a.st vllm in fp32"),
-                        ([a, bf], "bf.st ran vllm in bf16")):
+                        ([a, bf], "bf.st ran vllm in bf16"),
+                        ([a, a], "a.st is given twice: give the dumps of separate runs"),
+                        ([a, b, f"{a.parent}/./{a.name}"], "given twice (as")):
         bad = CliRunner().invoke(main, ["consistency", *map(str, args)])
         assert bad.exit_code == 2 and match in bad.output, bad.output
         assert "Traceback" not in bad.output

@@ -314,6 +314,8 @@ def check(dump: str, json_out: str | None, only_flagged: bool, top: int | None, 
 
 def _consistency_of_dumps(runs: tuple[str, ...], model: str | None) -> ConsistencyReport:
     """``consistency RUN.st...``: runs already taken, of one model, compared bitwise."""
+    from pathlib import Path
+
     from ..dtypes import short
     from ..dumps import load
     from ..engines.vllm.lineup import engine_of
@@ -326,6 +328,12 @@ def _consistency_of_dumps(runs: tuple[str, ...], model: str | None) -> Consisten
                                "taken, not both")
     if len(runs) < 2:
         raise click.UsageError("give the dumps of two or more runs to compare")
+    seen: dict[Path, str] = {}
+    for r in runs:  # one file twice is identical to itself: that proves nothing
+        same = seen.setdefault(Path(r).resolve(), r)
+        if same != r or runs.count(r) > 1:
+            raise click.UsageError(f"{r} is given twice{f' (as {same})' if same != r else ''}:"
+                                   " give the dumps of separate runs")
     dumps = [load(r) for r in runs]
 
     def setup(d: Dump) -> str:

@@ -158,7 +158,7 @@ def reference_rms(row: Row, ctx: Context) -> Verdict | None:
     value, ref, limit = found
     return Verdict("DRIFT", f"error {value / eps:.3g} eps rms (element-scaled), "
                             f"{_times(value, ref)} the reference's {ref / eps:.3g} eps "
-                            f"(> {limit / eps:.3g})", value / limit)
+                            f"(> {limit / eps:.3g} eps)", value / limit)
 
 
 def reference_max(row: Row, ctx: Context) -> Verdict | None:
@@ -171,7 +171,7 @@ def reference_max(row: Row, ctx: Context) -> Verdict | None:
     value, ref, limit = found
     return Verdict("DRIFT", f"outlier: an element off by {value / eps:.3g} eps of its scale, "
                             f"{_times(value, ref)} the reference's worst {ref / eps:.3g} eps "
-                            f"(> {limit / eps:.3g})", value / limit)
+                            f"(> {limit / eps:.3g} eps)", value / limit)
 
 
 def reference_gradient(row: Row, ctx: Context) -> Verdict | None:
