@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -345,5 +346,8 @@ def test_console_command_runs_the_engine_and_lines_up_with_hf(tmp_path: Path) ->
     assert mapped.exit_code == 0, mapped.output
     notes = json.loads((tmp_path / "r.json").read_text())["notes"]
     assert any("by the mine table" in n and "0 unmapped" in n for n in notes), notes
-    same = _run("consistency", out, out)
+    again = tmp_path / "again.st"  # the same run stored twice (one file twice is refused)
+    shutil.copyfile(out, again)
+    same = _run("consistency", out, again)
     assert same.exit_code == 0 and "2 runs bitwise identical" in same.output
+    assert _run("consistency", out, out).exit_code == 2
