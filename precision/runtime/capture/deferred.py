@@ -17,8 +17,9 @@ batch's temporaries (a few times the arena). A record larger than the arena goes
 it in pieces of whole rows, each piece's sketch signed by its rows' places in the record;
 the host combines the pieces' results (counts, sums and extrema added or compared, the
 deviations about each piece's mean by Chan's formula, below), so no temporary grows with
-the record. Integer records go through a float64 arena, float32 where the device has no
-float64 (NPU): exact below 2^24, as token ids, masks and T5's buckets are.
+the record (but for a strided one, made contiguous first: one copy of it). Integer
+records go through a float64 arena, float32 where the device has no float64 (NPU): exact
+below 2^24, as token ids, masks and T5's buckets are.
 
 With ``X`` the arena as ``(rows, C)``, ``keep = isfinite(X) & (X > lowest)`` (``lowest``
 the record dtype's lowest finite value) and ``Xk = where(keep, X, 0)``, per record ``r``
@@ -135,7 +136,8 @@ class DeferredStats:
         self._raw: dict[int, _Raw] = {}
         #: a record taken in pieces: its ticket -> its pieces' tickets
         self._pieces: dict[int, list[int]] = {}
-        self._empty: set[int] = set()
+        #: tickets of empty records (statistics of none)
+        self._no_elements: set[int] = set()
         self._next = 0
         self._lock = threading.Lock()
 
@@ -151,7 +153,7 @@ class DeferredStats:
         x = t.detach()
         n = x.numel()
         if n == 0:
-            self._empty.add(ticket)
+            self._no_elements.add(ticket)
             return ticket
         piece = self.capacity // BUCKETS * BUCKETS
         if n <= piece:
@@ -209,7 +211,7 @@ class DeferredStats:
             if lane.used:
                 self._flush(lane)
         self._collect(wait=True)
-        done = {t: _empty(0, self.detail) for t in self._empty}
+        done = {t: _empty(0, self.detail) for t in self._no_elements}
         for ticket, parts in self._pieces.items():
             done[ticket] = _decode(_combine([self._raw.pop(p) for p in parts]), self.detail)
         for ticket, raw in self._raw.items():
