@@ -94,13 +94,12 @@ def parse_key(text: str) -> Key:
 def format_key(key: Key) -> str:
     """The text of a key; ``parse_key(format_key(k)) == k`` for every key it makes."""
     head = f"rank{key.rank}/" if key.rank is not None else ""
-    head += key.module + (f"/{key.op}" if key.op else "")
+    module = key.module + (f"/{key.op}" if key.op else "")
     if not key.kind:
-        return head
+        return head + module
     if key.module in (INPUT, GENERATION):
-        return f"{head}:{key.index}"
-    text = f"{head}:{key.kind}" + (f".{key.index}" if key.index else "")
-    return text + (f"#{key.call}" if key.call else "")
+        return f"{head}{module}:{key.index}"
+    return head + make_key(module, key.kind, key.index, key.call)
 
 
 def entry_module(key: str) -> str:
