@@ -89,7 +89,75 @@ def test_scan_of_a_dump_without_inputs_and_flush_share(t5_runs: dict[str, Path])
     assert all(r.flush_share is not None and 0 <= r.flush_share <= 1 for r in report.rows)
 
 
+def test_scan_summary_names_what_went_wrong_and_no_headroom_without_a_finite_value(
+        make_dump: Callable[..., Path]) -> None:
+    """A record of NaN alone has no headroom to show ('-', not inf); the summary says which
+    of overflow, saturation and NaN it found."""
+    nan = np.full(8, np.nan, np.float32)
+    ok = np.linspace(-2, 2, 8, dtype=np.float32)
+    sat = np.array([65000.0, 1.0], np.float32)
+    big = np.array([70000.0, 1.0], np.float32)
+    only_nan = precision.scan(precision.load(make_dump("n.st", {"a:out": ok, "b:out": nan})))
+    assert only_nan.summary == "FAIL [fp16]: 1 layer(s) hold NaN; it starts at b:out (NAN, " \
+                               "first seen)"
+    row = next(r for r in only_nan.rows if r.key == "b:out")
+    assert row.absmax is None and row.headroom_text == "-"
+    fine = next(r for r in only_nan.rows if r.key == "a:out")
+    assert fine.headroom_text == f"{math.log2(65504 / 2):.1f}"
+    both = precision.scan(precision.load(make_dump("s.st", {"a:out": big, "b:out": sat})))
+    assert "2 layer(s) overflow or saturate; it starts at a:out" in both.summary
+    three = precision.scan(precision.load(make_dump("t.st", {"a:out": big, "b:out": sat,
+                                                             "c:out": nan})))
+    assert "3 layer(s) overflow, saturate or hold NaN; it starts at c:out" in three.summary
+
+
+def test_scan_table_shows_a_dash_for_headroom_without_a_finite_value(
+        make_dump: Callable[..., Path]) -> None:
+    path = make_dump("n.st", {"b:out": np.full(8, np.nan, np.float32)})
+    result = CliRunner().invoke(main, ["scan", str(path)])
+    assert result.exit_code == 1
+    row = next(ln for ln in result.stdout.splitlines() if ln.split()[1:2] == ["b:out"]).split()
+    assert row[2:5] == ["NAN", "-", "-"] and "inf" not in row[:5], row
+
+
 # ---------------------------------------------------------------- isolate
+
+
+def test_isolate_and_suggest_show_no_error_where_nothing_was_compared(
+        capsys: pytest.CaptureFixture[str], make_dump: Callable[..., Path]) -> None:
+    """An all-NaN output measures nothing: its rel_l2 shows '-', not 0 (which reads as
+    exact), in isolate's table and HTML and in suggest's worst rel_l2."""
+    from precision.doctor.isolation import IsolateReport
+    from precision.doctor.isolation.report import IsolateRow
+    from precision.judge.measure.metrics import compare_float
+    from precision.judge.measure.row import Row
+    from precision.judge.profiles import profile_for
+    from precision.outputs.render import print_isolate
+
+    nan = np.full(8, np.nan, np.float32)
+    none = compare_float([(np.ones(8, np.float32), nan)], "float32", "float16")
+    some = compare_float([(np.ones(8, np.float32), np.full(8, 1.5, np.float32))],
+                         "float32", "float16")
+    assert none.compared == 0 and none.rel_l2 == 0 and none.measured("rel_l2") is None
+    assert some.measured("rel_l2") == pytest.approx(0.5, rel=1e-12)
+    acc = Row(order=0, key="a:out", status="NAN", reason="8 NaN", shape=(8,),
+              base_dtype="float32", target_dtype="float16", metrics=none)
+    row = IsolateRow(order=0, key="a:out", local=none, local_status="NAN", local_reason="",
+                     accumulated=acc, verdict="culprit")
+    report = IsolateReport(profile=profile_for("float32", "float16"), rows=(row,), calls=1)
+    print_isolate(report)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("0 "))
+    assert line.split()[:7] == ["0", "a:out", "culprit", "-", "NAN", "-", "NAN"], line
+    assert "<td>culprit</td><td>-</td>" in report._repr_html_().replace(
+        '<td style="color:#cf222e;font-weight:600">culprit</td>', "<td>culprit</td>")
+    from precision.doctor.checks import Suggestion
+
+    x = {"a:out": np.ones(8, np.float32)}
+    before = precision.compare(make_dump("a.st", x), make_dump("b.st", {"a:out": nan}))
+    assert [r.status for r in before.rows] == ["NAN"]
+    table = Suggestion(fixed=False, policy=(), before=before, after=before, steps=()).table()
+    assert ("worst rel_l2", "-", "-") in table
+
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,38 @@ def test_report_repr_is_one_line_and_str_is_the_capped_table(t5_runs: dict[str, 
     assert repr(clean).startswith("<Report PASS") and "first divergence" not in repr(clean)
 
 
+def test_every_result_shows_one_line_in_a_repl(t5_runs: dict[str, Path]) -> None:
+    """scan, isolate, suggest, check and consistency results print their summary, not a
+    dataclass's every row."""
+    from precision.doctor.checks import Suggestion
+    from precision.doctor.isolation import IsolateReport
+    from precision.doctor.opcheck import CheckReport
+    from precision.judge.consistency import consistency_of
+    from precision.judge.profiles import profile_for
+
+    scanned = precision.scan(precision.load(t5_runs["ofp16_none"]))
+    report = precision.compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    results = [
+        scanned,
+        consistency_of([precision.load(t5_runs["base"])] * 2),
+        IsolateReport(profile=profile_for("float32", "float16"), rows=(), calls=3,
+                      notes=("a note",)),
+        CheckReport(path=Path("x.st"), ops=()),
+        Suggestion(fixed=False, policy=(), before=report, after=report, steps=(),
+                   message="no fp32 policy within budget fixes it"),
+    ]
+    assert len(scanned.rows) > 20 and not scanned
+    for result in results:
+        line = repr(result)
+        name = type(result).__name__
+        assert line == f"<{name} {result.summary}>" and "\n" not in line, line
+        assert "Row(" not in line and len(line) < 400, line
+        lines = str(result).splitlines()
+        assert lines == [result.summary, *(f"note: {n}" for n in result.notes)]
+    assert repr(scanned).startswith("<ScanReport FAIL [fp16]")
+    assert str(results[2]).endswith("note: a note\n")
+
+
 def test_python_errors_name_keyword_arguments_and_the_cli_names_flags(
         tmp_path: Path, make_dump: MakeDump) -> None:
     import numpy as np

@@ -25,6 +25,7 @@ from ..dumps.keys import parse_key
 from ..errors import InputError
 from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of
+from ..judge.html import Summarised
 from ..judge.report import Report
 from ..judge.scan import ScanReport, scan
 from ..runtime.models.load import read_prompts
@@ -56,8 +57,8 @@ class Step:
     report: Report
 
 
-@dataclass(frozen=True)
-class Suggestion:
+@dataclass(frozen=True, repr=False)
+class Suggestion(Summarised):
     """What :func:`suggest` found: a verified policy, or why there is none within budget.
 
     ``keep_fp32`` is exactly what the verifying capture was given (``auto``/``none`` and the
@@ -81,12 +82,16 @@ class Suggestion:
     #: report), e.g. ``--dtype bf16`` and the residual stream in fp32
     alternatives: tuple[tuple[str, Report], ...] = ()
 
+    @property
+    def summary(self) -> str:
+        """The message, and the policy's capture flags when there is one."""
+        return self.message + (f" - policy: {self.cli_flags}" if self.policy else "")
+
     def _repr_html_(self) -> str:
         """Jupyter: the before/after table and the policy."""
         from ..judge.html import table
 
-        title = self.message + (f" - policy: {self.cli_flags}" if self.policy else "")
-        return table(title, ["", "before", "after"], self.table())
+        return table(self.summary, ["", "before", "after"], self.table())
 
     @property
     def cli_flags(self) -> str:
@@ -115,7 +120,8 @@ class Suggestion:
             return r.first_divergence.key if r.first_divergence else "-"
 
         def worst(r: Report) -> str:
-            vals = [x.metrics.rel_l2 for x in r.rows if x.metrics]
+            vals = [v for x in r.rows
+                    if x.metrics and (v := x.metrics.measured("rel_l2")) is not None]
             return f"{max(vals):.3g}" if vals else "-"
 
         def logits(r: Report) -> str:

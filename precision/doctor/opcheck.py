@@ -36,6 +36,7 @@ from ..dumps import load
 from ..dumps.dump import Dump
 from ..dumps.keys import make_key, parse_key
 from ..errors import InputError
+from ..judge.html import Summarised
 from ..judge.profiles import REF_FLOOR_MAX_EPS, REF_FLOOR_RMS_EPS, REF_MAX_RATIO, REF_RMS_RATIO
 from ..runtime.capture.ops import CALLABLE_HOMES
 from ..runtime.capture.tensors import numpy_to_torch
@@ -64,8 +65,8 @@ class OpCheck:
         return self.device_err / max(self.cpu_err, floor)
 
 
-@dataclass(frozen=True)
-class CheckReport:
+@dataclass(frozen=True, repr=False)
+class CheckReport(Summarised):
     """Every checked operation of a dump, in execution order; falsy when one is flagged."""
 
     path: Path

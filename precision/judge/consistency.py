@@ -24,6 +24,7 @@ from ..dumps.dump import Dump
 from ..dumps.keys import GEN_PREFIX
 from ..engines.vllm import lineup as engine_lineup
 from ..engines.vllm import unpack
+from .html import Summarised
 
 CHUNK = 1 << 18
 
@@ -39,8 +40,8 @@ class Deviation:
     elements_differing: int
 
 
-@dataclass(frozen=True)
-class ConsistencyReport:
+@dataclass(frozen=True, repr=False)
+class ConsistencyReport(Summarised):
     """Truthy when every run is bitwise identical to the first."""
 
     runs: int

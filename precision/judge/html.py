@@ -1,4 +1,5 @@
-"""Small self-contained HTML tables for Jupyter (``_repr_html_``), no dependencies."""
+"""How a result shows itself: small self-contained HTML tables for Jupyter
+(``_repr_html_``), and one line in a terminal's REPL (:class:`Summarised`); no dependencies."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ COLOURS = {"OK": "#1a7f37", "PASS": "#1a7f37", "ok": "#1a7f37", "DRIFT": "#9a670
            "LOW": "#9a6700", "inherited": "#9a6700", "MISMATCH": "#8250df", "MISSING": "#6e7781",
            "OVERFLOW": "#cf222e", "NAN": "#cf222e", "SATURATED": "#cf222e", "FAIL": "#cf222e",
            "culprit": "#cf222e"}
+
+
+class Summarised:
+    """``repr()`` and ``str()`` of a result with a ``summary`` (and ``notes``) for a plain
+    REPL: ``<ScanReport FAIL [fp16]: ...>`` rather than every row of a dataclass's repr. The
+    dataclass that mixes it in is declared with ``repr=False`` (else its own repr wins)."""
+
+    @property
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.summary}>"
+
+    def __str__(self) -> str:
+        """The summary, then a line per note."""
+        notes = getattr(self, "notes", ())
+        return "".join(f"{line}\n" for line in (self.summary, *(f"note: {n}" for n in notes)))
 
 
 def _cell(value: object) -> str:

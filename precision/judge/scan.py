@@ -30,6 +30,7 @@ from typing import Any
 
 from ..dtypes import FORMATS, canonical, is_float, short
 from ..dumps.dump import Dump, Entry
+from .html import Summarised
 from .measure.statsdiff import record_stats
 
 CHUNK = 1 << 18
@@ -52,9 +53,15 @@ class ScanRow:
     origin: str
     numel: int
 
+    @property
+    def headroom_text(self) -> str:
+        """Headroom in bits to one decimal, or ``-`` for a record with no finite value (its
+        ``headroom_bits`` is inf: nothing there can overflow, and nothing is known)."""
+        return "-" if self.absmax is None else f"{self.headroom_bits:.1f}"
 
-@dataclass(frozen=True)
-class ScanReport:
+
+@dataclass(frozen=True, repr=False)
+class ScanReport(Summarised):
     """Scan of one dump; truthy when nothing overflows, saturates or turns NaN."""
 
     source: str
@@ -86,8 +93,11 @@ class ScanReport:
             first = min(self.producers or self.problems, key=lambda r: r.order)
             why = first.status + (f", {first.origin}" if first.origin else
                                   f", |x| up to {first.absmax:.4g}")
-            head = (f"{len(self.problems)} layer(s) overflow or saturate; it starts at "
-                    f"{first.key} ({why})")
+            words = [w for status, w in (("OVERFLOW", "overflow"), ("SATURATED", "saturate"),
+                                         ("NAN", "hold NaN"))
+                     if any(r.status == status for r in self.problems)]
+            what = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+            head = f"{len(self.problems)} layer(s) {what}; it starts at {first.key} ({why})"
         return f"{'PASS' if self else 'FAIL'} [{short(self.against)}]: {head}"
 
     def _repr_html_(self) -> str:
@@ -96,7 +106,7 @@ class ScanReport:
 
         return table(self.summary, ["#", "layer", "status", "absmax", "headroom bits", "nan",
                                     "inf", "saturated", "origin"],
-                     ([r.order, r.key, r.status, num(r.absmax), f"{r.headroom_bits:.1f}", r.nan,
+                     ([r.order, r.key, r.status, num(r.absmax), r.headroom_text, r.nan,
                        r.inf, r.saturated, r.origin] for r in self.rows), limit=20)
 
     def to_json(self) -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..dtypes import short
-from .measure.metrics import ERROR_METRICS
 from .measure.row import Row
 
 #: how the first divergence's status cell is marked
@@ -54,9 +53,7 @@ def _metric(name: str) -> Callable[[Row], Any]:
     """A tensor metric of the row, ``None`` where it has none (MISSING, exact compares, an
     error metric of a row where no element was compared: all NaN)."""
     def value(r: Row) -> Any:
-        if r.metrics is None or (not r.metrics.compared and name in ERROR_METRICS):
-            return None
-        return getattr(r.metrics, name)
+        return None if r.metrics is None else r.metrics.measured(name)
 
     return value
 

@@ -175,7 +175,7 @@ def print_scan(report: ScanReport, *, top: int | None = None) -> None:
     for r in report.rows[:top] if top else report.rows:
         flush = "-" if r.flush_share is None else f"{r.flush_share:.2%}"
         table.add_row(str(r.order), escape(r.key), f"[{style[r.status]}]{r.status}[/]",
-                      _fmt(r.absmax), f"{r.headroom_bits:.1f}", str(r.nan), str(r.inf),
+                      _fmt(r.absmax), r.headroom_text, str(r.nan), str(r.inf),
                       str(r.saturated), flush, r.origin)
     con.print(table)
 
@@ -224,8 +224,9 @@ def print_isolate(report: IsolateReport, *, only_flagged: bool = False) -> None:
         acc_m = acc.metrics if acc is not None else None
         table.add_row("-" if r.order < 0 else str(r.order), escape(r.key),
                       f"[{style[r.verdict]}]{r.verdict}[/]",
-                      _fmt(r.local.rel_l2 if r.local else None), r.local_status,
-                      _fmt(acc_m.rel_l2) if acc_m else "-", acc.status if acc else "-",
+                      _fmt(r.local.measured("rel_l2") if r.local else None), r.local_status,
+                      _fmt(acc_m.measured("rel_l2") if acc_m else None),
+                      acc.status if acc else "-",
                       escape(r.local_reason or (acc.reason if acc else "")))
     con.print(table)
     for note in report.notes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...judge.html import Summarised
 from ...judge.measure.metrics import TensorMetrics
 from ...judge.measure.row import Row
 from ...judge.profiles import Profile
@@ -33,8 +34,8 @@ class IsolateRow:
     overflowed_inputs: int = 0
 
 
-@dataclass(frozen=True)
-class IsolateReport:
+@dataclass(frozen=True, repr=False)
+class IsolateReport(Summarised):
     """Rows in execution order; truthy when no module is a culprit and the target run (when
     given) has no OVERFLOW or NAN record.
 
@@ -59,8 +60,9 @@ class IsolateReport:
         rows = [r for r in self.rows if r.verdict != "ok"] or list(self.rows)
         return table(self.summary, ["#", "layer", "verdict", "local rel_l2", "local",
                                     "accumulated", "why"],
-                     ([r.order, r.key, r.verdict, num(r.local.rel_l2) if r.local else "-",
-                       r.local_status, r.accumulated.status if r.accumulated else "-",
+                     ([r.order, r.key, r.verdict,
+                       num(r.local.measured("rel_l2") if r.local else None), r.local_status,
+                       r.accumulated.status if r.accumulated else "-",
                        r.local_reason] for r in rows))
 
     def of(self, verdict: str) -> list[IsolateRow]:

@@ -147,6 +147,11 @@ class TensorMetrics:
             "headroom_bits": self.headroom_bits, "rms_base": self.rms_base,
             "signature_bits": self.signature_bits, "signature": self.signature}
 
+    def measured(self, name: str) -> Any:
+        """Metric ``name`` as a report shows it: ``None`` for an error metric where no
+        element was compared (see :meth:`shown`)."""
+        return None if not self.compared and name in ERROR_METRICS else getattr(self, name)
+
     def shown(self) -> dict[str, Any]:
         """:meth:`as_dict` as a report shows it: the error metrics ``None`` where no element
         was compared (every element NaN, inf or masked on one side or the other: there is
