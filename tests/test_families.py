@@ -175,6 +175,23 @@ def test_a_vision_language_model_needs_text_with_its_image(
     assert code == 2 and "cannot prepare --image" in out and "Traceback" not in out
 
 
+@pytest.mark.parametrize(("flag", "kind"), [("--audio", "feature extractor"),
+                                            ("--image", "image processor")])
+def test_a_text_model_given_audio_or_an_image_says_it_reads_text(
+        flag: str, kind: str, tmp_path: Path) -> None:
+    """A text model with no processor saved: one line naming what it takes, not the
+    processor loader's message about the hub."""
+    (tmp_path / "clip.wav").write_bytes(b"RIFF")
+    code, out = cli("capture", "--model", T5, flag, tmp_path / "clip.wav", "-o",
+                    tmp_path / "x.st")
+    assert code == 2 and out.strip().splitlines()[-1] == (
+        f"error: T5ForConditionalGeneration takes text (input_ids) and {T5} holds no {kind} "
+        f"(preprocessor_config.json): {flag} is for models that read it "
+        f"({'Whisper, wav2vec2' if flag == '--audio' else 'ViT, CLIP'}); give --prompt, or "
+        "--feed FILE with named tensors")
+    assert "huggingface" not in out and not (tmp_path / "x.st").exists()
+
+
 def test_long_prompt_is_truncated_to_the_tokenizers_maximum(
         families: dict[str, dict[str, Path]], tmp_path: Path) -> None:
     out = tmp_path / "long.st"

@@ -21,6 +21,8 @@ from ...errors import InputError
 
 #: a tokenizer's ``model_max_length`` at or above this means "no limit declared"
 NO_LIMIT = 1_000_000
+#: the files a processor (``--image``, ``--audio``) is saved as in a model folder
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,14 @@ def build(model: Any, tokenizer: Any, path: Path, src: Sources, *, generates: bo
     prompts = list(src.prompts)
     check_prompts(prompts)
     main = main_input(model)
+    for flag, files, kind, examples in (("--image", src.images, "image processor", "ViT, CLIP"),
+                                        ("--audio", src.audio, "feature extractor",
+                                         "Whisper, wav2vec2")):
+        if files and main == "input_ids" and not _has_processor(path):
+            raise InputError(f"{type(model).__name__} takes text (input_ids) and {path} holds "
+                             f"no {kind} ({PROCESSOR_FILES[0]}): {flag} is for models that "
+                             f"read it ({examples}); give --prompt, or --feed FILE with "
+                             "named tensors")
     if src.images and not prompts and not src.feed and main == "input_ids":
         raise InputError(f"{type(model).__name__} reads text with its images: give --prompt "
                          "too, holding its processor's image token (e.g. <image>)")
@@ -81,6 +91,12 @@ def build(model: Any, tokenizer: Any, path: Path, src: Sources, *, generates: bo
                              "(or --feed FILE with named tensors)")
         out = tokenize(model, tokenizer, list(src.defaults), generates=generates, log=log)
     return out
+
+
+def _has_processor(path: Path) -> bool:
+    """Whether a model folder holds a saved processor, image processor or feature extractor
+    (what ``--image`` and ``--audio`` go through)."""
+    return any((path / name).is_file() for name in PROCESSOR_FILES)
 
 
 def tokenize(model: Any, tokenizer: Any, prompts: Sequence[str], *, generates: bool,
