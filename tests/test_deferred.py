@@ -234,7 +234,7 @@ def test_the_count_trips_on_the_direct_path(monkeypatch: pytest.MonkeyPatch,
     """The CPU's direct path reads each record as it is made: its count grows with depth
     (with torch's reductions, several reads a record; the one-pass kernel makes one, its
     ``numpy()``, per record with statistics)."""
-    from precision.runtime.capture.tensorstats import KERNEL_ENV
+    from precision.kernel_choice import KERNEL_ENV
 
     monkeypatch.setenv(KERNEL_ENV, "numpy")
     small = captured_counts(monkeypatch, tmp_path, 2, deferred=False)

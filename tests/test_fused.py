@@ -16,8 +16,9 @@ import pytest
 import precision
 from precision.errors import InputError
 from precision.judge.measure import kernels, metrics
-from precision.judge.measure.kernels import FUSED_MIN_ELEMENTS, KERNEL_ENV, choose_kernel
+from precision.judge.measure.kernels import FUSED_MIN_ELEMENTS, choose_kernel
 from precision.judge.measure.metrics import compare_float
+from precision.kernel_choice import KERNEL_ENV
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba (the fast extra) is not installed")

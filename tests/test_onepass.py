@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("numba")
 
 from precision.dumps.sketch import BUCKETS, PERIOD, count_sketch, decode  # noqa: E402
+from precision.kernel_choice import KERNEL_ENV  # noqa: E402
 from precision.runtime.capture import onepass, tensorstats  # noqa: E402
-from precision.runtime.capture.tensorstats import KERNEL_ENV, tensor_stats  # noqa: E402
+from precision.runtime.capture.tensorstats import tensor_stats  # noqa: E402
 from tests.test_deferred import assert_same, records  # noqa: E402
 
 

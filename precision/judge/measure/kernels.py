@@ -9,15 +9,13 @@ loading numba costs about 0.5 s per process, which the fused kernel repays from 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ...errors import InputError
+from ...kernel_choice import KERNEL_ENV, wanted_kernel
 
 #: what measures a clean chunk: numpy, or the fused kernel (numba, an optional extra)
 KERNELS = ("numpy", "numba")
-#: environment variable that picks the kernel whatever the size (see :func:`choose_kernel`)
-KERNEL_ENV = "PRECISION_KERNEL"
 #: below this much work (elements), loading numba (about 0.5 s) costs more than the fused
 #: kernel saves on one job (about 8 ns per element; docs/performance.md)
 FUSED_MIN_ELEMENTS = 64 << 20
@@ -40,9 +38,7 @@ def choose_kernel(elements: float) -> str:
     here, so that forked workers inherit it. Else ``numpy``. ``PRECISION_KERNEL=numpy`` or
     ``=numba`` decides instead."""
     global _FUSED_LOADED, _FUSED_FAILED
-    wanted = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if wanted not in ("", "auto", *KERNELS):
-        raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
+    wanted = wanted_kernel()
     if wanted == "numpy" or (wanted != "numba" and (
             _FUSED_FAILED or (not _FUSED_LOADED and elements < FUSED_MIN_ELEMENTS))):
         return "numpy"

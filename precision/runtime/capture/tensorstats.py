@@ -24,7 +24,6 @@ left out where the tensor holds NaN, inf or masked values.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -34,16 +33,13 @@ import torch
 from ...dtypes import FP16_FLUSH, FP16_MAX, NEAR_FP16_MAX
 from ...dumps.sketch import BUCKETS, MULTIPLIER, PERIOD, hash_sign
 from ...errors import InputError
+from ...kernel_choice import KERNEL_ENV, wanted_kernel
 
 #: recompute the variance exactly when norm²/n - mean² could have lost this many ulps
 CANCELLATION = 1e3
 #: with the one-pass kernel's float64 sums: recompute the variance exactly when its rounding
 #: bound exceeds this fraction of it (the std then errs by at most half of it)
 VARIANCE_TOLERANCE = 1e-8
-#: environment variable that picks the kernel (compare's too): ``numpy`` keeps CPU
-#: statistics on torch's reductions, ``numba`` insists on the one-pass kernel, ``auto`` (or
-#: unset) uses it where numba loads
-KERNEL_ENV = "PRECISION_KERNEL"
 #: the dtypes the one-pass kernel reads (halves through the float32 work buffer)
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: the one-pass kernel's module once loaded, False where numba cannot load (see fused_kernel)
@@ -110,7 +106,7 @@ def fused_kernel() -> Any:
     ``PRECISION_KERNEL=numpy`` (:func:`statistics_path` says which, and why).
     ``PRECISION_KERNEL=numba`` makes a kernel that cannot load an error, as compare does."""
     global _FUSED, _FUSED_FAILURE
-    wanted = _wanted_kernel()
+    wanted = wanted_kernel()
     if wanted == "numpy":
         return None
     if _FUSED is None:
@@ -131,14 +127,6 @@ def fused_kernel() -> Any:
     return _FUSED or None
 
 
-def _wanted_kernel() -> str:
-    """``PRECISION_KERNEL``'s choice: ``numpy``, ``numba`` or ``auto`` (unset)."""
-    wanted = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
-    if wanted not in ("auto", "numpy", "numba"):
-        raise InputError(f"{KERNEL_ENV}={wanted}: use numpy, numba or auto")
-    return wanted
-
-
 def _failure(exc: BaseException) -> str:
     """One line on why the one-pass kernel did not load."""
     first = (str(exc).strip().splitlines() or [""])[0][:160]
@@ -151,7 +139,7 @@ def statistics_path(kernel: Any) -> dict[str, str]:
     ``{"path": "torch", "why": ...}`` (torch's reductions: float32 cascades)."""
     if kernel is not None:
         return {"path": "onepass"}
-    why = f"{KERNEL_ENV}=numpy" if _wanted_kernel() == "numpy" else _FUSED_FAILURE
+    why = f"{KERNEL_ENV}=numpy" if wanted_kernel() == "numpy" else _FUSED_FAILURE
     return {"path": "torch", "why": why}
 
 

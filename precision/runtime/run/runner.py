@@ -24,10 +24,10 @@ from ...dumps.atomic import check_output_path
 from ...dumps.dump import Dump
 from ...dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ...errors import InputError
+from ...kernel_choice import KERNEL_ENV
 from .. import devices
 from ..capture import distributed
 from ..capture.recorder import DEFAULT_INPUT_GLOBS, Capture
-from ..capture.tensorstats import KERNEL_ENV
 from ..models import inputs as feeds
 from ..models.identity import require_same_model
 from ..models.load import (
