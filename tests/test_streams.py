@@ -63,6 +63,8 @@ class Event:
         Async.events.append(self)
 
     def synchronize(self) -> None:
+        # as an NPU's runtime: a thread that never set its device has no context to call in
+        assert threading.get_ident() in Async.bound, "synchronize on a thread with no device"
         assert Async.release.wait(10)
         for dst, src in self.copies:
             dst.copy_(src)
@@ -80,6 +82,13 @@ class Async:
     Event = Event
     release: ClassVar[threading.Event] = threading.Event()
     events: ClassVar[list[Event]] = []
+    #: thread id -> the device it set last (the test's own thread stands for the forward's,
+    #: which the model's loading set)
+    bound: ClassVar[dict[int, Any]] = {}
+
+    @staticmethod
+    def set_device(device: Any) -> None:
+        Async.bound[threading.get_ident()] = device
 
     @staticmethod
     def current_stream(device: Any = None) -> Stream:
@@ -97,6 +106,7 @@ def async_device(monkeypatch: pytest.MonkeyPatch) -> type[Async]:
     """Full-mode copies of CPU tensors go through :class:`Async`, as a device's would."""
     Async.release = threading.Event()
     Async.events = []
+    Async.bound = {threading.get_ident(): torch.device("cpu")}
     monkeypatch.setattr(streaming, "streams", lambda kind: Async)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     return Async
@@ -132,6 +142,8 @@ def test_a_copy_on_the_side_stream_holds_the_values_the_hook_saw(
             async_device.release.set()  # the device reaches the copies only now
     np.testing.assert_array_equal(cap.dump["lin:out"], expected.numpy())
     np.testing.assert_array_equal(cap.dump["root:out"], expected.numpy() + 100.0)
+    # the writer's thread set the copies' device before it waited on their events
+    assert list(async_device.bound.values()) == [torch.device("cpu")] * 2
 
 
 class GatedWriter:

@@ -8,7 +8,9 @@ compute stream (a device copy, ordered before any later in-place operation of th
 on it: ``out += identity``, an in-place activation, a cache update), and the clone is copied
 to the host on a side stream that waits for the compute stream's work so far, so the
 device-to-host copies overlap the next kernels; an event after each copy tells the writer
-thread when its slot is filled, and the clone's memory is not reused before then. No host
+thread when its slot is filled, and the clone's memory is not reused before then (that
+thread sets the copy's device first: a thread's device context is its own, and an NPU's
+runtime calls from a thread that never set one fail or go to device 0). No host
 wait happens in the forward unless the ring is full. Reusing memory that is already mapped
 avoids the page faults that make naive clone-everything capture slow; writing in a thread
 overlaps disk I/O with the model's compute. Memory stays bounded: a hook waits when the
@@ -107,6 +109,8 @@ class _Item:
     host: torch.Tensor
     in_ring: bool
     event: Any
+    #: the device whose side stream made the copy (None for a plain copy)
+    device: torch.device | None = None
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
@@ -173,15 +177,20 @@ class BackgroundWriter:
                 snapshot.record_stream(side)  # not reused before the copy is done
                 event = api.Event()
                 event.record(side)
-            self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event))
+            self._queue.put(_Item(key, dtype, tuple(t.shape), host, in_ring, event,
+                                  None if api is None else t.device))
 
     def _run(self) -> None:
+        bound: torch.device | None = None  # the device this thread is set to
         while True:
             item = self._queue.get()
             if item is None:
                 return
             try:
                 if item.event is not None:  # even after an error: the slot is in use until then
+                    if item.device is not None and item.device != bound:
+                        self._bind(item.device)
+                        bound = item.device
                     item.event.synchronize()
                 if self._error is None:
                     data = item.host.reshape(-1).view(torch.uint8).numpy()
@@ -193,6 +202,14 @@ class BackgroundWriter:
                     self.ring.free()
                 else:
                     self._oversized.release()
+
+    @staticmethod
+    def _bind(device: torch.device) -> None:
+        """Set this thread's current device to ``device`` (a thread starts with none of its
+        own: an NPU's runtime calls from it fail, or go to device 0)."""
+        api = streams(device.type)
+        if api is not None:
+            api.set_device(device)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
