@@ -95,18 +95,29 @@ def plot(report: Report, ax: Any = None) -> Any:
     return error_vs_depth(report, ax)
 
 
+def _model_folder(model: Any, call: str) -> str:
+    """``model`` as the folder ``call`` loads it from; a loaded model is one line."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    raise InputError(f"precision.{call} takes the model's folder (what from_pretrained loads), "
+                     f"not a loaded {type(model).__name__}: it loads the model for each run "
+                     "itself; save yours with model.save_pretrained(DIR) and pass DIR")
+
+
 def suggest(model: str, **options: Any) -> Suggestion:
     """Find and verify a small keep-fp32 policy; see :func:`precision.doctor.checks.suggest`."""
     from .doctor.checks import suggest as _suggest
 
-    return _suggest(model, **options)
+    return _suggest(_model_folder(model, "suggest"), **options)
 
 
 def isolate(base: Any, model: str, **options: Any) -> IsolateReport:
     """Local versus inherited error per module; see :func:`precision.doctor.isolation.isolate`."""
     from .doctor.isolation import isolate as _isolate
 
-    return _isolate(base, model, **options)
+    return _isolate(base, _model_folder(model, "isolate"), **options)
 
 
 def port(model: str, **options: Any) -> PortResult:
@@ -116,7 +127,7 @@ def port(model: str, **options: Any) -> PortResult:
     when the target passes as it is; see :func:`precision.workflows.port.port`."""
     from .workflows.port import port as _port
 
-    return _port(model, **options)
+    return _port(_model_folder(model, "port"), **options)
 
 
 def __getattr__(name: str) -> Any:

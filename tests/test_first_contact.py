@@ -82,6 +82,69 @@ def test_every_result_shows_one_line_in_a_repl(t5_runs: dict[str, Path]) -> None
     assert str(results[2]).endswith("note: a note\n")
 
 
+def test_python_calls_take_paths_and_refuse_a_loaded_model_in_one_line(
+        t5_runs: dict[str, Path]) -> None:
+    """scan takes a dump's path as compare does; suggest, isolate and port load the model
+    themselves, so a loaded model is one line saying to pass its folder; suggest's
+    keep_fp32 is its base policy; a Suggestion is truthy only when it fixed the run."""
+    import torch
+
+    from precision.doctor.checks import Suggestion
+    from precision.errors import InputError
+
+    path = t5_runs["ofp16_none"]
+    assert precision.scan(path).summary == precision.scan(precision.load(path)).summary
+    assert precision.scan(str(path)).rows == precision.scan(path).rows
+    model = torch.nn.Linear(2, 2)
+    for call in (lambda: precision.suggest(model), lambda: precision.port(model),
+                 lambda: precision.isolate(path, model)):
+        with pytest.raises(InputError, match=r"takes the model's folder .* not a loaded Linear"
+                                             r".*save_pretrained\(DIR\)") as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"keep_fp32 of suggest is the policy it starts from, "
+                                         r"auto or none, not none \*\.wo"):
+        precision.suggest(str(T5), keep_fp32=["none", "*.wo"])
+    report = precision.compare(t5_runs["base"], t5_runs["base"])
+    unfixed = Suggestion(fixed=False, policy=(), before=report, after=report, steps=())
+    assert not unfixed and Suggestion(fixed=True, policy=("x",), before=report, after=report,
+                                      steps=())
+
+
+def test_a_capture_without_a_path_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Its temporary dump stays readable while the process runs (cap.dump) and is removed at
+    exit; one whose block raised is removed at once; a saved one is moved."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, precision\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "with torch.no_grad(), precision.capture(m) as cap:\n"
+        "    m(torch.ones(1, 2))\n"
+        "assert cap.dump['root:out'].shape == (1, 2)\n"
+        "print(cap.path)\n"
+        "bad = precision.capture(m)\n"
+        "try:\n"
+        "    with bad:\n"
+        "        raise KeyboardInterrupt\n"
+        "except KeyboardInterrupt:\n"
+        "    pass\n"
+        "assert not bad.path.parent.exists(), bad.path\n"
+        "with torch.no_grad(), precision.capture(m) as kept:\n"
+        "    m(torch.ones(1, 2))\n"
+        "folder = kept.path.parent\n"
+        "kept.save(r'%s')\n"
+        "assert not folder.exists()\n" % (tmp_path / "kept.st"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=os.environ | {"TMPDIR": str(tmp_path)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = Path(done.stdout.strip())
+    assert written.name == "capture.st" and written.parent.parent == tmp_path
+    assert not written.parent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.st"]
+
+
 def test_python_errors_name_keyword_arguments_and_the_cli_names_flags(
         tmp_path: Path, make_dump: MakeDump) -> None:
     import numpy as np

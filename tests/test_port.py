@@ -157,6 +157,18 @@ def test_python_api(healthy: tuple[Path, int, str, str]) -> None:
         result.verdict = "fail"  # type: ignore[misc]
 
 
+def test_python_lists_and_one_string_are_what_the_flags_give() -> None:
+    """``keep_fp32=["none"]`` and ``keep_fp32="none"`` from Python are ``--keep-fp32 none``
+    (a list once fell back on ``auto`` in suggest's stage; a string was read letter by
+    letter)."""
+    from precision.workflows.port import PortOptions
+
+    for given in (["none"], "none", ("none",)):
+        assert PortOptions(model="m", keep_fp32=given).keep_fp32 == ("none",)
+    opts = PortOptions(model="m", prompts="Hello", images=["a.png"], engine_args=[])
+    assert (opts.prompts, opts.images, opts.engine_args) == (("Hello",), ("a.png",), ())
+
+
 def dataclasses_frozen() -> type[Exception]:
     import dataclasses
 

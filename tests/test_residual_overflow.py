@@ -110,7 +110,7 @@ def test_suggest_headline_names_the_fix_it_verified(monkeypatch: pytest.MonkeyPa
         return (found[0], False) if found else None
 
     monkeypatch.setattr(checks, "_culprit", culprit)
-    s = checks.suggest(str(LLAMA), dtype="fp16", base_policy="none", budget=1,
+    s = checks.suggest(str(LLAMA), dtype="fp16", keep_fp32="none", budget=1,
                        prompts=("The capital of France is",))
     assert s.fixed and s.keep_fp32 == ("none", "model.embed_tokens:fp32"), s.message
     assert [(st.kept, bool(st.report)) for st in s.steps] == [
@@ -124,7 +124,7 @@ def test_suggest_headline_names_the_module_handed_on_in_fp32(tmp_path: Path) -> 
     """The fix found step by step: the headline names ``model.layers.4`` handed on in fp32
     (what the last, passing step ran), not "keeping 1 module(s)" that the failing first step,
     ``model.layers.4`` handed back in fp16, kept too."""
-    s = precision.suggest(str(LLAMA), dtype="fp16", base_policy="none",
+    s = precision.suggest(str(LLAMA), dtype="fp16", keep_fp32="none",
                           prompts=("The capital of France is",))
     assert s.fixed and [bool(st.report) for st in s.steps] == [False, True]
     assert s.message == (f"keeping {LAYER} (its output handed on in fp32) in fp32 fixes it "

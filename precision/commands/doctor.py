@@ -148,7 +148,7 @@ def suggest(model: str | None, device: str, dtype: str, prompts: tuple[str, ...]
         raise click.BadParameter("must be 0 or more", param_hint="--budget")
     check_outputs(force, json_out)
     result = run_suggest(model, dtype=dtype, device=device, prompts=prompts,
-                         prompts_file=prompts_file, base_policy=base_policy, budget=budget,
+                         prompts_file=prompts_file, keep_fp32=base_policy, budget=budget,
                          max_new_tokens=max_new_tokens, replay=replay, mode=mode,
                          include=include, exclude=exclude, log=stderr_log(quiet))
     if json_out == "-":

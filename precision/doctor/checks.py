@@ -22,7 +22,7 @@ from typing import Any
 from ..dtypes import canonical, short
 from ..dumps import load, reference_path
 from ..dumps.keys import parse_key
-from ..errors import InputError
+from ..errors import InputError, option
 from ..judge.compare import compare
 from ..judge.consistency import ConsistencyReport, consistency_of
 from ..judge.html import Summarised
@@ -86,6 +86,10 @@ class Suggestion(Summarised):
     def summary(self) -> str:
         """The message, and the policy's capture flags when there is one."""
         return self.message + (f" - policy: {self.cli_flags}" if self.policy else "")
+
+    def __bool__(self) -> bool:
+        """Whether a policy was found and verified (:attr:`fixed`)."""
+        return self.fixed
 
     def _repr_html_(self) -> str:
         """Jupyter: the before/after table and the policy."""
@@ -169,16 +173,19 @@ def _culprit(report: Report) -> tuple[str, bool] | None:
 
 def suggest(model: str, *, dtype: str = "fp16", device: str = "cpu",
             prompts: Sequence[str] = (), prompts_file: str | None = None,
-            base_policy: str = "none", budget: int = 8, max_new_tokens: int = 8,
+            keep_fp32: str | Sequence[str] = "none", budget: int = 8,
+            max_new_tokens: int = 8,
             replay: str | None = None, mode: str = "full", include: Sequence[str] = (),
             exclude: Sequence[str] = (), log: Log = _quiet) -> Suggestion:
     """Find and verify a small keep-fp32 policy that makes ``dtype`` match fp32.
 
     With two or more prompts (the built-in three by default) about a third are held back:
     the policy is fitted on the rest and then checked on them. ``replay`` takes the inputs
-    of an earlier dump instead (nothing held back). ``base_policy`` ``none`` matches a
+    of an earlier dump instead (nothing held back). ``keep_fp32`` is the policy the search
+    starts from (``auto`` or ``none``, alone or as a list of one): ``none`` matches a
     wholesale ``.half()`` from Python; the CLI's default is ``auto``, as for capture.
     """
+    base_policy = _base_policy(keep_fp32)
     held: list[str] = []
     if replay is None:
         fit = read_prompts(prompts, prompts_file)
@@ -318,6 +325,16 @@ def headline(fix: Sequence[str], modules: Sequence[str], *, stream: bool = False
                 f"the {held} held back")
     verified = "verified" + (f", and on {held} prompt(s) held back" if held else "")
     return f"{subject} fixes it ({verified}; {detail})"
+
+
+def _base_policy(keep_fp32: str | Sequence[str]) -> str:
+    """suggest's ``keep_fp32``: ``auto`` or ``none`` (a list of one), else one line."""
+    given = [keep_fp32] if isinstance(keep_fp32, str) else list(keep_fp32)
+    if len(given) != 1 or given[0] not in ("auto", "none"):
+        raise InputError(f"{option('--keep-fp32', 'keep_fp32')} of suggest is the policy it "
+                         f"starts from, auto or none, not {' '.join(map(str, given)) or '()'}"
+                         ": it finds the modules to keep itself")
+    return str(given[0])
 
 
 def _alternatives(base: Path, dtype: str, base_policy: str, run: Callable[..., Path],

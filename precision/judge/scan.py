@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..dtypes import FORMATS, canonical, is_float, short
+from ..dumps import load
 from ..dumps.dump import Dump, Entry
 from .html import Summarised
 from .measure.statsdiff import record_stats
@@ -118,8 +120,11 @@ class ScanReport(Summarised):
                                      "rows": [asdict(r) for r in self.rows]}), indent=1)
 
 
-def scan(dump: Dump, *, against: str | None = None) -> ScanReport:
-    """Scan every floating output record of ``dump`` against ``against`` (default: see module)."""
+def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> ScanReport:
+    """Scan every floating output record of ``dump`` (a dump, or its path) against
+    ``against`` (default: see module)."""
+    if not isinstance(dump, Dump):
+        dump = load(dump)
     ref = canonical(against) if against else _default_against(dump)
     fmt = FORMATS[ref]
     recorded = {(e.module, e.call) for e in dump.entries if e.kind == "in"}

@@ -95,10 +95,19 @@ def device_type(tree: Iterable[tuple[str, torch.nn.Module]]) -> str:
     return "cpu"
 
 
+class _Process:
+    """Lives as long as the process: the unsaved temporary dumps' folders are removed with
+    it (``weakref.finalize`` runs at exit), or earlier when saved or aborted."""
+
+
+_PROCESS = _Process()
+
+
 class Capture:
     """Hooks on a model that stream its module outputs to a dump; use as a context manager.
 
-    ``path`` is the dump to write (a temporary file when ``None``; :meth:`save` moves it).
+    ``path`` is the dump to write (a temporary file when ``None``, removed when the process
+    exits or the ``with`` block raises; :meth:`save` moves it).
     ``mode`` is ``"full"`` (tensors) or ``"stats"`` (statistics only). ``include``/``exclude``
     are globs on module names; ``inputs`` globs choose modules whose inputs are recorded too.
     ``meta`` is merged into the dump's metadata. ``buffer_mb`` sizes the reusable host
@@ -150,8 +159,10 @@ class Capture:
         if self.model is not model:
             self.meta["wrapped_in"] = type(model).__name__
         self._tmpdir: str | None = None
-        if path is None and not dry_run:
+        self._remove_tmpdir: Callable[[], Any] = lambda: None
+        if path is None and not dry_run:  # removed at exit, when aborted, or by save()
             self._tmpdir = tempfile.mkdtemp(prefix="precision-")
+            self._remove_tmpdir = weakref.finalize(_PROCESS, shutil.rmtree, self._tmpdir, True)
             path = Path(self._tmpdir) / "capture.st"
         self.path = Path(path or "dry-run.st")
         self._force = force
@@ -313,6 +324,7 @@ class Capture:
                 self._bg.finish()
         if self._writer is not None:
             self._writer.abort()
+        self._remove_tmpdir()  # nothing was written to keep
 
     def _finish(self) -> None:
         if self._dry_run:
@@ -369,7 +381,7 @@ class Capture:
             shutil.copyfile(self.path, dest)
         else:
             shutil.move(str(self.path), dest)
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._remove_tmpdir()
             self._tmpdir = None
             self.path = dest
         self._dump = None

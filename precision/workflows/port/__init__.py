@@ -73,6 +73,13 @@ class PortOptions:
     force: bool = False
     log: Log = field(default=_quiet, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        """Each list of strings as a tuple; one string given alone (``keep_fp32="none"``
+        from Python) is a list of one, not of its letters."""
+        for name in ("engine_args", "prompts", "images", "audio", "keep_fp32"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+
     def inputs(self) -> dict[str, Any]:
         """What the baseline's inputs depend on (file contents by their digest)."""
         return {"prompts": list(self.prompts), "prompts_file": file_digest(self.prompts_file),
@@ -253,7 +260,7 @@ def _doctor(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str,
         base_policy = opts.keep_fp32[0] if opts.keep_fp32[:1] in (("auto",), ("none",)) \
             else "auto"
         s = suggest(opts.model, dtype=opts.dtype, device=opts.device, prompts=opts.prompts,
-                    prompts_file=opts.prompts_file, base_policy=base_policy,
+                    prompts_file=opts.prompts_file, keep_fp32=base_policy,
                     budget=opts.budget, max_new_tokens=opts.max_new_tokens,
                     replay=str(folder / BASE) if from_files else None, mode=opts.mode)
         return {**evidence.of_suggestion(s), "files": []}
