@@ -176,3 +176,29 @@ def test_a_pass_that_let_flagged_rows_by_says_so() -> None:
                                        "-q"])
     assert result.exit_code == 0
     assert result.output.startswith("PASS (--fail-on never) [fp32->bf16]")
+
+
+def test_records_in_one_run_only_are_said_and_fail_on_any_names_them(
+        make_dump: Callable[..., Path]) -> None:
+    """Runs that recorded different calls (one forward against two): more than a quarter of
+    the records in one run only is a warning beside the PASS on what pairs; a few are not;
+    with fail_on='any' the FAIL names them rather than 'no divergence'."""
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    keys = [f"l{i}:out" for i in range(8)]
+    base = make_dump("base.st", {k: x for k in keys})
+    once = make_dump("once.st", {k: x for k in keys[:4]})
+    most = make_dump("most.st", {k: x for k in keys[:7]})
+    report = precision.compare(base, once)
+    assert report and report.counts()["MISSING"] == 4
+    assert [w for w in report.warnings if "in one run only" in w] == [
+        "4 of 8 records are in one run only (first l4:out, only in the baseline): the runs "
+        "did not record the same module calls (other --include/--exclude or inputs, another "
+        "number of forward calls, a generation of another length), and those records are not "
+        "judged (fail_on='any' fails on them)"]
+    assert not any("in one run only" in w for w in precision.compare(base, most).warnings)
+    strict = precision.compare(base, once, fail_on="any")
+    assert strict.summary == ("FAIL [fp32->fp32]: 4 record(s) MISSING, first l4:out (only in "
+                              "the baseline); 4 OK, 4 MISSING")
+    result = CliRunner().invoke(main, ["compare", str(base), str(once)])
+    assert result.exit_code == 0 and "warning: 4 of 8 records are in one run only" in \
+        result.output and "(--fail-on any fails on them)" in result.output

@@ -113,19 +113,33 @@ def unused_mapping_warnings(mapping: str | os.PathLike[str] | None,
             "neither is compared here"]
 
 
+#: above this share of records in one run only, a comparison warns that the runs recorded
+#: different calls (its MISSING rows are not judged: a PASS would say nothing of them)
+UNPAIRED_SHARE = 0.25
+#: the Python spelling of ``--fail-on any``
+FAIL_ANY = "fail_on='any'"
+
+
 def unpaired_warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
-    """Another tool's dump whose records mostly pair with nothing: the two runs name their
-    modules otherwise (another framework, another code base), and a PASS on the few that
-    pair would say little."""
-    if not any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)):
+    """Records that pair with nothing: for another tool's dump, mostly so, the two runs name
+    their modules otherwise (another framework, another code base); for two of this tool's,
+    more than :data:`UNPAIRED_SHARE`, they recorded different calls. A PASS on what pairs
+    would say little of the rest."""
+    missing = [r for r in rows if r.status == "MISSING"]
+    if any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)):
+        if len(missing) <= len(rows) - len(missing):
+            return []
+        return [f"only {len(rows) - len(missing)} of {len(rows)} records pair between the "
+                f"runs (first unpaired {missing[0].key}): do they name their modules alike? "
+                f"Another framework's or code base's names line up with "
+                f"{option('--mapping', 'mapping=')} FILE (docs/external.md)"]
+    if len(missing) <= UNPAIRED_SHARE * len(rows):
         return []
-    missing = [r.key for r in rows if r.status == "MISSING"]
-    if len(missing) <= len(rows) - len(missing):
-        return []
-    return [f"only {len(rows) - len(missing)} of {len(rows)} records pair between the runs "
-            f"(first unpaired {missing[0]}): do they name their modules alike? Another "
-            f"framework's or code base's names line up with {option('--mapping', 'mapping=')} "
-            "FILE (docs/external.md)"]
+    return [f"{len(missing)} of {len(rows)} records are in one run only (first "
+            f"{missing[0].key}, {missing[0].reason}): the runs did not record the same module "
+            "calls (other --include/--exclude or inputs, another number of forward calls, a "
+            "generation of another length), and those records are not judged "
+            f"({option('--fail-on any', FAIL_ANY)} fails on them)"]
 
 
 def folded_notes(runs: dict[str, Dump], folded: dict[str, int]) -> list[str]:

@@ -109,7 +109,12 @@ class Report:
     def summary(self) -> str:
         """One line: verdict, first divergence and counts by status."""
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
-        if self.first_divergence is None:
+        if self.first_divergence is None and not self:  # failing rows that do not diverge
+            first = min(self.failing, key=lambda r: r.order)
+            statuses = sorted({r.status for r in self.failing})
+            head = (f"{len(self.failing)} record(s) {'/'.join(statuses)}, first {first.key} "
+                    f"({first.reason})")
+        elif self.first_divergence is None:
             head = "no divergence beyond the expected noise"
         else:
             r = self.first_divergence
