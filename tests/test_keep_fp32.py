@@ -447,3 +447,21 @@ def test_a_python_capture_of_a_fixed_fp16_model_is_judged_as_fp16(llama_base: Pa
     assert not broken and "[fp32->fp16]" in broken.summary
     report = precision.compare(llama_base, tmp_path / "fixed.st")
     assert report and "[fp32->fp16]" in report.summary, report.summary
+
+
+def test_a_model_cast_after_keep_fp32_is_one_line_naming_the_order() -> None:
+    """keep_fp32 then .half() turns the kept weights to fp16 again; the forward says to call
+    keep_fp32 after the cast (it was torch's 'mat1 and mat2 must have the same dtype')."""
+    from precision.errors import InputError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    assert precision.keep_fp32(model, ["0"]) == ["0"]
+    model.half()
+    with pytest.raises(InputError, match=r"^0 was kept in fp32 by keep_fp32, but the model "
+                                         r"was cast after that \(its weights are float16\): "
+                                         r"call precision.keep_fp32 after model.half\(\)"):
+        model(torch.randn(2, 4).half())
+    right = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    right.half()
+    precision.keep_fp32(right, ["0"])
+    assert right(torch.randn(2, 4).half()).dtype == torch.float16

@@ -66,6 +66,7 @@ class _Kept:
     hand_on: str  # "compute" or "fp32", resolved
     compute: torch.dtype
     layers: frozenset[int] | None  # cache layers it uses (None: all)
+    name: str = ""  # in the model, for the error of a model cast after keep_fp32
     caches: list[list[Any]] = dataclasses.field(default_factory=list)  # per open call
 
 
@@ -134,7 +135,7 @@ def keep_fp32(model: torch.nn.Module, patterns: Sequence[str], *,
             covered.append(name)
     for name, mod, how in matched:
         resolved = how if how != "auto" else ("fp32" if _is_own(name, own) else "compute")
-        _keep_one(mod, resolved, state.compute)
+        _keep_one(mod, name, resolved, state.compute)
     if state.compute != torch.float32 and any(
             getattr(m, _KEPT).hand_on == "fp32" for _, m, _ in matched):
         _hook_consumers(model, state)
@@ -185,13 +186,13 @@ def _is_own(name: str, own: Sequence[str]) -> bool:
     return any(name == n or name.endswith("." + n) for n in own)
 
 
-def _keep_one(mod: torch.nn.Module, hand_on: str, compute: torch.dtype) -> None:
+def _keep_one(mod: torch.nn.Module, name: str, hand_on: str, compute: torch.dtype) -> None:
     existing = getattr(mod, _KEPT, None)
     if existing is not None:
         existing.hand_on = hand_on
         return
     indices = {i for m in mod.modules() if isinstance(i := getattr(m, "layer_idx", None), int)}
-    object.__setattr__(mod, _KEPT, _Kept(hand_on, compute, frozenset(indices) or None))
+    object.__setattr__(mod, _KEPT, _Kept(hand_on, compute, frozenset(indices) or None, name))
     mod.register_forward_pre_hook(_kept_pre, with_kwargs=True)
     mod.register_forward_hook(_kept_post, with_kwargs=True, always_call=True)
 
@@ -202,6 +203,11 @@ def _keep_one(mod: torch.nn.Module, hand_on: str, compute: torch.dtype) -> None:
 def _kept_pre(module: torch.nn.Module, args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     kept: _Kept = getattr(module, _KEPT)
+    weight = next(module.parameters(), None)
+    if weight is not None and weight.is_floating_point() and weight.dtype != torch.float32:
+        raise InputError(f"{kept.name} was kept in fp32 by keep_fp32, but the model was cast "
+                         f"after that (its weights are {str(weight.dtype).removeprefix('torch.')}"
+                         f"): call precision.keep_fp32 after model.half() or .to(dtype)")
     caches = list(_caches((args, kwargs)))
     if kept.compute != torch.float32:
         for cache in caches:
