@@ -306,3 +306,60 @@ def test_points_name_their_layer(page: Path, t5_runs: dict[str, Path]) -> None:
     keys = [k for k in b.tensors if k.endswith("relative_attention_bias:out")]
     assert len(cells) == sum(b.tensors[k].shape[-1] * (int(b[k.replace(":out", ":in.0")].max())
                                                        + 1) for k in keys)
+
+
+def test_stats_only_reports_plot_the_sketch_estimate_and_mark_what_blew_up(
+        tmp_path: Path) -> None:
+    """A comparison of stats dumps (no tensors) draws each layer's rel_l2 as the count sketch
+    estimates it, within a few percent of what the full dumps of the same runs measure; a
+    NaN layer sits on top, starred first; the headroom plot has every layer too (both were
+    empty axes)."""
+    import torch
+
+    def runs(perturb: float, nan: bool) -> dict[str, Path]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                                    torch.nn.Linear(64, 64))
+        x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+            if nan:
+                model[4].weight[0, 0] = float("nan")
+        out = {}
+        for mode in ("stats", "full"):
+            out[mode] = tmp_path / f"{perturb}-{nan}-{mode}.st"
+            with torch.no_grad(), precision.capture(model, out[mode], mode=mode):
+                model(x)
+        return out
+
+    base, target, broken = runs(0.0, False), runs(1e-3, False), runs(0.0, True)
+    stats = precision.compare(base["stats"], target["stats"])
+    full = {r.key: r for r in precision.compare(base["full"], target["full"]).rows}
+    assert plots.stats_only(stats) and not plots.stats_only(
+        precision.compare(base["full"], target["full"]))
+    fig = plots.error_vs_depth(stats)
+    (ax,) = fig.axes
+    assert "count sketch" in ax.get_ylabel()
+    layers = next(ln for ln in ax.lines if ln.get_label() == "layers")
+    by_order = {r.order: r for r in stats.rows}
+    drawn = dict(zip(layers.get_xdata(), layers.get_ydata(), strict=True))
+    assert len(drawn) >= 5
+    for order, value in drawn.items():
+        truth = full[by_order[order].key].metrics
+        assert truth is not None and value == pytest.approx(truth.rel_l2, rel=0.1), order
+    assert len(plots.headroom(stats).axes[0].lines[0].get_xdata()) == len(drawn)
+    from precision.judge.table import columns
+
+    (absmax,) = columns(("absmax_target",))
+    for row in stats.rows:  # the table's absmax column reads the record's statistics
+        truth = full[row.key].metrics
+        assert truth is not None and absmax.value(row) == pytest.approx(truth.absmax_target)
+    failed = precision.compare(base["stats"], broken["stats"])
+    first = failed.first_divergence
+    assert first is not None and first.status == "NAN"
+    lines = {ln.get_label(): ln for ln in plots.error_vs_depth(failed).axes[0].lines}
+    blown = next(ln for name, ln in lines.items() if name.startswith("OVERFLOW/NAN"))
+    assert first.order in list(blown.get_xdata())
+    assert list(lines[f"first divergence: {first.key}"].get_xdata()) == [first.order]

@@ -52,11 +52,42 @@ def _m(r: Row) -> TensorMetrics:
     return r.metrics
 
 
+def _absmax(r: Row, side: str) -> float | None:
+    """The largest finite ``|x|`` of the ``base`` or ``target`` side of a row: from its
+    metrics, or from a stats-only row's records (None where they hold none)."""
+    if r.metrics is not None:
+        return float(getattr(r.metrics, f"absmax_{side}"))
+    value = None if r.stats_delta is None else getattr(r.stats_delta, f"absmax_{side}")
+    return None if value is None else float(value)
+
+
+def _error(r: Row, metric: str) -> float | None:
+    """The plotted error of a row: its ``metric``; for a stats-only row (no tensors), only
+    ``rel_l2``, estimated by the count sketch as ``sketch_gap / ||a||``, or where a run has
+    no sketch the norms' gap ``norm_gap_rel`` (a lower bound); None where nothing says."""
+    if r.metrics is not None:
+        return float(getattr(r.metrics, metric)) if r.metrics.compared else None
+    d = r.stats_delta
+    if d is None or metric != "rel_l2" or not d.norm_base:
+        return None
+    if d.sketch_gap is not None:
+        return float(d.sketch_gap) / float(d.norm_base)
+    return None if d.norm_gap_rel is None else float(d.norm_gap_rel)
+
+
+def stats_only(report: Report) -> bool:
+    """Whether the report's rows come from statistics alone (stats dumps, msprobe
+    summaries): no tensor metrics, only what the records' statistics say."""
+    return not any(r.metrics is not None for r in report.rows) and any(
+        r.stats_delta is not None for r in report.rows)
+
+
 def _float_rows(report: Report) -> list[Row]:
-    """Rows with float metrics, less all-zero pairs (e.g. T5's cross-attention bias), which
-    a log axis could only draw at its floor."""
-    return [r for r in report.rows if r.metrics is not None and _m(r).compared
-            and (_m(r).absmax_base or _m(r).absmax_target)]
+    """Rows with float metrics (or a stats-only row's statistics), less all-zero pairs
+    (e.g. T5's cross-attention bias), which a log axis could only draw at its floor."""
+    return [r for r in report.rows
+            if ((r.metrics is not None and r.metrics.compared) or r.stats_delta is not None)
+            and (_absmax(r, "base") or _absmax(r, "target"))]
 
 
 def add_hits(ax: Any, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str], *,
@@ -69,9 +100,14 @@ def add_hits(ax: Any, xs: Iterable[float], ys: Iterable[float], labels: Iterable
 
 
 def _row_label(r: Row) -> str:
-    m = _m(r)
-    return (f"#{r.order} {r.key}\n{r.status}: {r.reason}\n"
-            f"rel_l2 {m.rel_l2:.3g}, 1-cos {m.one_minus_cos:.3g}, "
+    head = f"#{r.order} {r.key}\n{r.status}: {r.reason}\n"
+    if r.metrics is None:  # a stats-only row
+        error, lo, hi = _error(r, "rel_l2"), _absmax(r, "base"), _absmax(r, "target")
+        return head + ", ".join(
+            [f"rel_l2 about {error:.3g}" if error is not None else "rel_l2 unknown"]
+            + ([f"|x|max {lo:.3g} -> {hi:.3g}"] if lo is not None and hi is not None else []))
+    m = r.metrics
+    return (head + f"rel_l2 {m.rel_l2:.3g}, 1-cos {m.one_minus_cos:.3g}, "
             f"|x|max {m.absmax_base:.3g} -> {m.absmax_target:.3g}")
 
 
@@ -79,9 +115,14 @@ def panels(report: Report) -> list[tuple[str, float, str, float | None]]:
     """The error-vs-depth panels: (metric attribute, unit, axis label, DRIFT limit or None).
 
     First the metric the DRIFT verdict judges, with its limit: the element-scaled rms error
-    in units of eps (``noise_rms``); then ``rel_l2`` for information.
+    in units of eps (``noise_rms``); then ``rel_l2`` for information. A stats-only report
+    has one: ``rel_l2`` as the records' statistics estimate it (:func:`_error`), without a
+    limit line (its rules weigh each record against the reference run's own estimate).
     """
     prof = report.profile
+    if stats_only(report):
+        return [("rel_l2", 1.0, "rel_l2 ≈ ‖b − a‖ / ‖a‖ (count sketch;\nelse the norms' gap, "
+                 "a lower bound)", None)]
     return [("noise_rms", prof.eps, "error / eps (rms, element-scaled)",
              prof.noise_rms / prof.eps),
             ("rel_l2", 1.0, "rel_l2 = ‖b − a‖ / ‖a‖", None)]
@@ -103,6 +144,10 @@ def error_vs_depth(report: Report, ax: Any = None, *, operations: bool = False) 
     if ax is not None:
         _error_axis(report, ax, specs[0], legend=True, operations=operations)
         return ax.figure
+    if len(specs) == 1:
+        fig = _figure(height=3.4)
+        _error_axis(report, fig.add_subplot(), specs[0], legend=True, operations=operations)
+        return fig
     fig = _figure(height=5.4)
     top, bottom = fig.subplots(2, 1, sharex=True)
     _error_axis(report, top, specs[0], legend=True, operations=operations)
@@ -117,13 +162,14 @@ def _error_axis(report: Report, ax: Any, spec: tuple[str, float, str, float | No
 
     metric, unit, ylabel, limit = spec
     rows = [r for r in _float_rows(report) if operations or not parse_key(r.key).op]
+    errors = {r.order: _error(r, metric) for r in rows}
     blown = [r for r in rows if r.status in BLOWN_UP
-             or not math.isfinite(getattr(_m(r), metric))]
+             or (errors[r.order] is not None and not math.isfinite(errors[r.order] or 0.0))]
     off_scale = {r.order for r in blown}
-    finite = [r for r in rows if r.order not in off_scale]
+    finite = [r for r in rows if r.order not in off_scale and errors[r.order] is not None]
 
     def value(r: Row) -> float:
-        return max(float(getattr(_m(r), metric)) / unit, FLOOR)
+        return max((errors.get(r.order) or 0.0) / unit, FLOOR)
 
     stacks = list(dict.fromkeys(stack_of(r.key) for r in rows))
     for stack in stacks:
@@ -152,7 +198,7 @@ def _error_axis(report: Report, ax: Any, spec: tuple[str, float, str, float | No
         add_hits(ax, [r.order for r in blown], [0.95] * len(blown),
                  [_row_label(r) for r in blown], transform=top)
     first = report.first_divergence
-    if first is not None and first.metrics is not None and first.metrics.compared:
+    if first is not None and (first.order in off_scale or any(r is first for r in finite)):
         at_top = first.order in off_scale
         ax.plot([first.order], [0.95 if at_top else value(first)], "*", color=RED, ms=13,
                 mec="#1f2328", mew=0.6, transform=top if at_top else ax.transData,
@@ -168,7 +214,8 @@ def _limit_format(report: Report) -> str:
     """The float format whose limit the run faced: the narrower-ranged of the two sides'
     dtypes (so ``bfloat16`` for a bf16 run, never fp16's 65504 unless fp16 ran)."""
     names = [s.get("dtype") for s in (report.info.get("base", {}), report.info.get("target", {}))]
-    names += [r.target_dtype for r in report.rows if r.metrics is not None][:1]
+    names += [r.target_dtype for r in report.rows
+              if r.metrics is not None or r.stats_delta is not None][:1]
     floats = [n for n in names if isinstance(n, str) and is_float(n)]
     return min(floats, key=lambda n: float_format(n).max) if floats else "float32"
 
@@ -182,24 +229,27 @@ def headroom(report: Report, ax: Any = None) -> Any:
         ax = fig.add_subplot()
     fmt = float_format(_limit_format(report))
     name = short(fmt.name)
+    def high(r: Row, side: str) -> float:
+        return max(_absmax(r, side) or 0.0, FLOOR)
+
     rows = _float_rows(report)
     x = [r.order for r in rows]
-    ax.semilogy(x, [max(_m(r).absmax_base, FLOOR) for r in rows], ".", ms=3,
+    ax.semilogy(x, [high(r, "base") for r in rows], ".", ms=3,
                 color=GREY, label="baseline |x|max")
-    target = [max(_m(r).absmax_target, FLOOR) for r in rows]
+    target = [high(r, "target") for r in rows]
     ax.semilogy(x, target, ".", ms=3, color="#0969da", label="target |x|max")
     over = [r for r in rows if r.status in BLOWN_UP]
     if over:
-        ax.semilogy([r.order for r in over], [max(_m(r).absmax_target, FLOOR) for r in over],
+        ax.semilogy([r.order for r in over], [high(r, "target") for r in over],
                     "o", mfc="none", mec=RED, ms=7, label="OVERFLOW/NAN")
     ax.axhline(fmt.max, color=RED, ls="--", lw=0.8, label=f"{name} max {fmt.max:.6g}")
     add_hits(ax, x, target, [_row_label(r) for r in rows])
     title = f"Headroom to the {name} limit ({fmt.max:.6g})"
-    finite = [r for r in rows if r.status not in BLOWN_UP and _m(r).absmax_target > 0]
+    finite = [r for r in rows if r.status not in BLOWN_UP and (_absmax(r, "target") or 0) > 0]
     if finite:
-        close = max(finite, key=lambda r: _m(r).absmax_target)
-        title += (f"\nclosest healthy layer: {close.key} at {_m(close).absmax_target:.3g} "
-                  f"({fmt.max / _m(close).absmax_target:.3g}x below)")
+        close = max(finite, key=lambda r: high(r, "target"))
+        title += (f"\nclosest healthy layer: {close.key} at {high(close, 'target'):.3g} "
+                  f"({fmt.max / high(close, 'target'):.3g}x below)")
     ax.set_xlabel("layer (execution order)")
     ax.set_ylabel("largest |value|")
     ax.set_title(title, fontsize=10)
