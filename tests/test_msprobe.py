@@ -152,6 +152,20 @@ def test_checksums_alone_never_pass_a_difference() -> None:
     assert md5 and any(n.startswith("checksums differ on 157 of 157") for n in md5.notes)
 
 
+@pytest.mark.parametrize("order", [("fp32-md5", "fp32-xor"), ("fp32-xor", "fp32-md5")])
+def test_checksums_of_different_kinds_are_never_compared(order: tuple[str, str]) -> None:
+    """summary_mode md5 writes a CRC-32, xor an xor: the same tensor's two checksums never
+    agree, so an md5 run against an xor run of one fp32 forward is nothing to compare (it was
+    157 DRIFT rows, 'checksums differ'), not a FAIL."""
+    from precision.judge.measure.statsdiff import checksum_kind
+
+    with pytest.raises(DumpError, match=r"hold checksums of different kinds \(8-digit, xor: "
+                                        r"msprobe's summary_mode md5 and xor\), which never "
+                                        r"agree, and no statistic in common"):
+        precision.compare(DATA / order[0], DATA / order[1])
+    assert checksum_kind("0x832d6682813426d5") == "xor" != checksum_kind("ecf00eb7")
+
+
 def _stats_pair(tmp_path: Path, base: dict[str, Any], target: dict[str, Any]) -> list[Path]:
     out = []
     for name, stats in (("a", base), ("b", target)):

@@ -50,6 +50,7 @@ from .measure.kernels import choose_kernel
 from .measure.metrics import TensorMetrics
 from .measure.pairs import Job, Task, generation_row, run_task, task_cost
 from .measure.row import Row
+from .measure.statsdiff import checksum_kind
 from .notes import (
     displayed_path,
     external_notes,
@@ -198,8 +199,8 @@ def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
         # unless they are all there is and most records pair with nothing: unrelated runs
     if any(r.status != "MISSING" and (
             r.metrics or r.exact or r.logits or r.generation or (
-                r.stats_delta is not None and (r.stats_delta.has_statistics or (
-                    r.stats_delta.checksum_base and r.stats_delta.checksum_target))))
+                r.stats_delta is not None and (r.stats_delta.has_statistics
+                                               or r.stats_delta.same_checksum_kind)))
            for r in rows):
         return  # a measurement
 
@@ -208,6 +209,15 @@ def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
         return (f"{displayed_path(d)} holds {len(keys)} record(s)"
                 + (f" (first {keys[0]})" if keys else ""))
 
+    kinds = {(checksum_kind(d.checksum_base), checksum_kind(d.checksum_target))
+             for r in rows if (d := r.stats_delta) is not None
+             and d.checksum_base is not None and d.checksum_target is not None}
+    if kinds and all(a != b for a, b in kinds):
+        raise DumpError(f"nothing to compare: {displayed_path(b)} and {displayed_path(t)} hold "
+                        f"checksums of different kinds ({', '.join(sorted(kinds.pop()))}: "
+                        "msprobe's summary_mode md5 and xor), which never agree, and no "
+                        "statistic in common: dump both runs with one summary_mode (md5 or "
+                        "statistics also write Max, Min, Mean and Norm)")
     what = (f"the {differ} that pair differ in shape" if differ and differ == paired
             else "none with a value or statistic in common")
     raise DumpError(f"nothing to compare: {paired} record(s) paired, {what}; {holds(b)}, "

@@ -249,8 +249,7 @@ def external_notes(runs: dict[str, Dump], rows: list[Row]) -> list[str]:
             out.append(f"{_file_name(d)}: msprobe step {info.get('step')} compared, of steps "
                        f"{', '.join(map(str, steps))} (pass its step<N> folder for another)")
     sums = [r.stats_delta for r in rows if r.stats_delta is not None
-            and r.stats_delta.has_statistics and r.stats_delta.checksum_base is not None
-            and r.stats_delta.checksum_target is not None]
+            and r.stats_delta.has_statistics and r.stats_delta.same_checksum_kind]
     differ = sum(d.checksum_base != d.checksum_target for d in sums)
     if differ:
         out.append(f"checksums differ on {differ} of {len(sums)} record(s) holding both: "

@@ -108,6 +108,12 @@ def _overflowed(st: dict[str, Any]) -> int:
     return int(st.get("posinf", 0)) + int(st.get("masked", st.get("neginf", 0)))
 
 
+def checksum_kind(value: str) -> str:
+    """Which checksum another tool wrote: msprobe's ``summary_mode`` xor writes ``0x`` and 16
+    hex digits, its md5 mode a CRC-32 of 8; two kinds of one tensor never agree."""
+    return "xor" if value.lower().startswith("0x") else f"{len(value)}-digit"
+
+
 @dataclass(frozen=True)
 class StatsDelta:
     """What the statistics records of a baseline ``a`` and a target ``b`` say about the pair
@@ -158,6 +164,13 @@ class StatsDelta:
     min_target: float | None = None
     checksum_base: str | None = None
     checksum_target: str | None = None
+
+    @property
+    def same_checksum_kind(self) -> bool:
+        """Whether both records hold a checksum of one kind (:func:`checksum_kind`): only
+        then do equal checksums say bit-identical and different ones say changed."""
+        return (self.checksum_base is not None and self.checksum_target is not None
+                and checksum_kind(self.checksum_base) == checksum_kind(self.checksum_target))
 
     @property
     def has_statistics(self) -> bool:

@@ -489,8 +489,8 @@ def stats_checksum(row: Row, ctx: Context) -> Verdict | None:
     summary_mode xor): different checksums are DRIFT, since nothing says by how much the
     tensors differ; equal ones are bit-identical."""
     d = row.stats_delta
-    if (d is None or d.has_statistics or d.checksum_base is None
-            or d.checksum_target is None or d.checksum_base == d.checksum_target):
+    if (d is None or d.has_statistics or not d.same_checksum_kind
+            or d.checksum_base == d.checksum_target):
         return None
     return Verdict("DRIFT", "checksums differ and the dumps hold no statistic to say by how "
                             "much (a summary of checksums only)")
