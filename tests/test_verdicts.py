@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,28 @@ def test_moved_position_bucket_is_named(t5_runs: dict[str, Path], tmp_path: Path
     note = next(w for w in report.warnings if "position buckets moved" in w)
     assert "distances -16, +16 (" in note and "bucket boundary" in note and "float64" in note
     assert "inherited by" in note, note
+
+
+def test_token_ids_of_a_batch_of_one_are_no_position_buckets(make_dump: Callable[..., Path]
+                                                              ) -> None:
+    """One row of token ids depends on 'j - i' trivially (one query): a changed token is
+    inputs that differ, not T5's buckets moving (that advice came for a Qwen3 --feed); a
+    position-bias record of one query row (a decoding step) still is buckets."""
+    from precision.judge.verdict.posbias import distance_table, shift_of
+
+    ids = np.arange(2, 14, dtype=np.int64)[None, :]
+    changed = ids.copy()
+    changed[0, 5] = 99
+    assert distance_table(ids) is None and shift_of("input:input_ids", ids, changed) is None
+    bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias:in.0"
+    shift = shift_of(bias, ids, changed)
+    assert shift is not None and shift.distances == (5,)
+    toeplitz = np.subtract.outer(np.arange(4), np.arange(4)).clip(-2, 2)[None]
+    assert distance_table(toeplitz) == {d: max(-2, min(2, -d)) for d in range(-3, 4)}
+    report = precision.compare(make_dump("a.st", {"input:input_ids": ids}),
+                               make_dump("b.st", {"input:input_ids": changed}))
+    assert not any("bucket" in w for w in report.warnings)
+    assert "bucket" not in report.rows[0].reason
 
 
 def test_real_models_healthy_pairs_are_clean(work: Path) -> None:

@@ -50,10 +50,17 @@ class BucketShift:
                 f"{inherit}: {FIX}")
 
 
-def distance_table(ids: np.ndarray) -> dict[int, int] | None:
+#: what a position-bias module's name holds (T5's ``relative_attention_bias``): its bucket
+#: ids may be one query row (a decoding step), which says nothing of a Toeplitz structure
+BIAS_NAMES = ("relative_attention_bias", "position_bias", "rel_pos")
+
+
+def distance_table(ids: np.ndarray, *, one_row: bool = False) -> dict[int, int] | None:
     """``{j - i: bucket}`` when every (query, key) plane of ``ids`` depends on ``j - i``
-    alone (and the planes agree); None otherwise."""
-    if ids.ndim < 2 or ids.shape[-1] < 2 or ids.shape[-2] < 1:
+    alone (and the planes agree); None otherwise. A plane of one query row is anything's
+    (token ids of a batch of one): it counts only with ``one_row`` (a position-bias
+    module's record)."""
+    if ids.ndim < 2 or ids.shape[-1] < 2 or ids.shape[-2] < (1 if one_row else 2):
         return None
     planes = ids.reshape(-1, ids.shape[-2], ids.shape[-1])
     q, k = np.indices(planes.shape[1:])
@@ -69,7 +76,7 @@ def distance_table(ids: np.ndarray) -> dict[int, int] | None:
 
 def shift_of(key: str, base: np.ndarray, target: np.ndarray) -> BucketShift | None:
     """The distances at which ``target``'s bucket ids differ from a Toeplitz ``base``."""
-    table = distance_table(base)
+    table = distance_table(base, one_row=any(n in key for n in BIAS_NAMES))
     if table is None or base.shape != target.shape:
         return None
     planes = target.reshape(-1, base.shape[-2], base.shape[-1])
