@@ -257,3 +257,20 @@ def test_the_html_report_of_msprobe_folders(tmp_path: Path) -> None:
     page = out.read_text()
     assert str(DATA / "bf16-fault-train") in page and "precision-external" not in page
     assert "model.layers.1.mlp.down_proj:out" in page
+
+
+def test_different_inputs_between_summaries_are_a_mismatch_not_an_embedding_drift() -> None:
+    """Two ranks fed different token ids: their integer inputs' statistics differ, and the
+    first divergence is those inputs (a call's inputs are numbered before its outputs), not
+    the embedding's output; runs fed the same ids say their statistics agree."""
+    other = precision.compare(DATA / "ddp2-fp32/step0/rank0", DATA / "ddp2-bf16/step0/rank1")
+    first = other.first_divergence
+    assert first is not None and first.key == "model.embed_tokens:in.0"
+    assert first.status == "MISMATCH" and first.reason.startswith(
+        "integer inputs differ (min 3 vs 2, by their statistics)")
+    embed = next(r for r in other.rows if r.key == "model.embed_tokens:out")
+    assert embed.order > first.order
+    same = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5")
+    ints = [r for r in same.rows if not r.base_dtype.startswith(("float", "bfloat"))]
+    assert ints and all(r.status == "OK" and r.reason.endswith("statistics agree")
+                        for r in ints)

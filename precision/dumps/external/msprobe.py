@@ -68,10 +68,11 @@ API_RECORD = re.compile(r"^(?P<name>.+\.\d+)\.(?P<dir>forward|backward)$")
 _NAME = re.compile(r"[\w.\-]+")  # what a record name or an input's name may hold in a key
 MAX_DEPTH = 16  # nested tuples/dicts of inputs or outputs, more than any module takes
 _MAX_SIZE = 2**63 - 1
-#: direction -> (field, precision's kind or None when left out, JSON types it may be)
+#: direction -> (field, precision's kind or None when left out, JSON types it may be), in
+#: the order a call's records are numbered: its inputs before its outputs, as they were made
 _FIELDS: dict[str, tuple[tuple[str, str | None, tuple[type, ...]], ...]] = {
-    "forward": (("output", "out", (list, dict)), ("input_args", "in", (list,)),
-                ("input_kwargs", "in", (dict,)), ("parameters", None, (dict,))),
+    "forward": (("input_args", "in", (list,)), ("input_kwargs", "in", (dict,)),
+                ("output", "out", (list, dict)), ("parameters", None, (dict,))),
     "backward": (("input", "grad", (list, dict)), ("output", None, (list, dict))),
 }
 #: why a field's tensors are left out, for the note

@@ -18,7 +18,7 @@ import numpy as np
 
 from ...dtypes import is_float
 from ...dumps.dump import Dump
-from ...dumps.keys import GEN_PREFIX
+from ...dumps.keys import GEN_PREFIX, parse_key
 from ..lineup.align import Pair, same_positions
 from ..lineup.tokens import keep_rows, padding_of, real_chunks, real_tokens
 from ..profiles import Profile
@@ -26,7 +26,10 @@ from .generation import compare_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, compare_exact
 from .row import Row
-from .statsdiff import StatsDelta, record_stats, stats_delta
+from .statsdiff import StatsDelta, checksum_kind, record_stats, stats_delta
+
+#: an integer record's mean and norm agree to this (float32 sums in another tool's dump)
+INTEGER_STATS_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def measure_pair(b: Dump, t: Dump, p: Pair, prof: Profile, topk: int, chunk: int
         if full_b and full_t:
             ex = compare_exact(_chunk_pairs(b, t, p, chunk))
             return replace(row, exact=ex, reason="identical" if ex.mismatched == 0 else "")
-        return replace(row, reason="integer tensor in a stats-only dump: not compared")
+        return _integer_stats_row(b, t, p, row, chunk)
     if full_b and full_t:
         return _float_row(b, t, p, row, prof, topk, chunk, kernel)
     return _stats_row(b, t, p, row, chunk)
@@ -147,6 +150,49 @@ def _stats_row(b: Dump, t: Dump, p: Pair, row: Row, chunk: int) -> Row:
         return replace(row, status="MISSING", reason="no data stored for this record")
     delta = stats_delta(sa, sb)
     return replace(row, stats_delta=delta, reason=_stats_reason(delta))
+
+
+def _integer_stats_row(b: Dump, t: Dump, p: Pair, row: Row, chunk: int) -> Row:
+    """An integer record with statistics only (on one side at least): its extrema compared
+    exactly, mean and norm to float32's rounding, a checksum of one kind exactly. Inputs
+    (the model's, or a module's) that differ are a MISMATCH (the runs saw different inputs:
+    an msprobe dump's token ids), another integer record that differs DRIFT; agreeing
+    statistics prove no equality."""
+    assert p.base is not None and p.target is not None
+    sa = record_stats(b, p.base.key, chunk=chunk) or {}
+    sb = record_stats(t, p.target.key, chunk=chunk) or {}
+    moved = _integers_moved(sa, sb)
+    if moved is None:
+        return replace(row, reason="integer tensor in a stats-only dump: not compared")
+    if not moved:
+        return replace(row, reason="integer tensor in a stats-only dump: statistics agree")
+    key = parse_key(p.key)
+    if key.is_input or key.kind == "in":
+        return replace(row, status="MISMATCH", reason=(
+            f"integer inputs differ ({moved}, by their statistics): the runs were fed "
+            "different inputs (capture the target with --replay BASE) or computed other "
+            "indices"))
+    return replace(row, status="DRIFT", reason=f"integers differ ({moved}, by their statistics)")
+
+
+def _integers_moved(sa: dict[str, Any], sb: dict[str, Any]) -> str | None:
+    """The first statistic of two integer records that differs (``max 250 vs 300``), ``""``
+    where every one both hold agrees, None where they hold none in common."""
+    compared = False
+    for name in ("min", "max", "mean", "norm"):
+        x, y = sa.get(name), sb.get(name)
+        if x is None or y is None:
+            continue
+        compared = True
+        exact = name in ("min", "max")
+        if (x != y) if exact else abs(x - y) > INTEGER_STATS_RTOL * max(abs(x), abs(y)):
+            return f"{name} {x:.8g} vs {y:.8g}"
+    ca, cb = sa.get("checksum"), sb.get("checksum")
+    if isinstance(ca, str) and isinstance(cb, str) and checksum_kind(ca) == checksum_kind(cb):
+        if ca != cb:
+            return "checksums differ"
+        compared = True
+    return "" if compared else None
 
 
 def _stats_reason(d: StatsDelta) -> str:
