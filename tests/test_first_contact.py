@@ -166,8 +166,15 @@ def test_python_errors_name_keyword_arguments_and_the_cli_names_flags(
     assert code == 2 and "pass --force to overwrite" in stderr
     folder = tmp_path / "shards"
     folder.mkdir()
-    with pytest.raises(DumpError, match=r"allow_partial=True"):
+    with pytest.raises(DumpError, match=r"no index.json and no rank shards: not a dump") as e:
         precision.load(folder)
+    assert "allow_partial" not in str(e.value)  # no shards: the hint would lead nowhere
+    (folder / "rank0.st").write_bytes(b"")
+    with pytest.raises(DumpError, match=r"unfinished multi-rank capture \(pass "
+                                        r"allow_partial=True"):
+        precision.load(folder)
+    code, _, stderr = _run("scan", folder.parent / "nothing-here")
+    assert code == 2 and "--allow-partial" not in stderr
 
 
 def test_dump_repr_names_device_and_dtype_of_python_captures(tmp_path: Path) -> None:

@@ -274,3 +274,16 @@ def test_different_inputs_between_summaries_are_a_mismatch_not_an_embedding_drif
     ints = [r for r in same.rows if not r.base_dtype.startswith(("float", "bfloat"))]
     assert ints and all(r.status == "OK" and r.reason.endswith("statistics agree")
                         for r in ints)
+
+
+def test_scan_reads_an_msprobe_summary_as_compare_does() -> None:
+    """scan opened msprobe's folders as precision dumps and refused them (naming a flag it
+    does not have); it reads them as compare and inspect do."""
+    from click.testing import CliRunner
+
+    from precision.cli import main
+
+    report = precision.scan(DATA / "bf16-md5")
+    assert report and report.against == "bfloat16" and len(report.rows) > 50
+    result = CliRunner().invoke(main, ["scan", str(DATA / "bf16-md5"), "--top", "3"])
+    assert result.exit_code == 0 and result.output.startswith("PASS [bf16]: no layer overflows")

@@ -70,7 +70,6 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
     but round to zero in fp16.
     """
 
-    from ..dumps import load
     from ..judge.scan import scan as run_scan
     from ..outputs.render import print_scan
 
@@ -78,7 +77,7 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
         raise click.UsageError("give either a DUMP.st or --model DIR")
     check_outputs(force, json_out, output)
     if dump is not None:
-        report = run_scan(load(dump), against=against)
+        report = run_scan(dump, against=against)
     else:
         from ..doctor.checks import scan_model
         from ..runtime.run.runner import CaptureOptions

@@ -27,15 +27,18 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
     if p.is_dir():
         if (p / INDEX).is_file():
             return load_dir(p)
-        if allow_partial and any(p.glob("rank*.st")):
+        shards = any(p.glob("rank*.st"))
+        if allow_partial and shards:
             return load_partial(p)
-        if (p / "config.json").is_file() and not any(p.glob("rank*.st")):
+        if (p / "config.json").is_file() and not shards:
             raise DumpError(f"{p} is a model directory, not a dump: capture it first, e.g. "
                             f"precision capture --model {p} -o base.st")
-        raise DumpError(f"{p} is a directory without {INDEX}: not a dump, or an unfinished "
-                        "multi-rank capture (pass "
-                        f"{option('--allow-partial', 'allow_partial=True')} to read the shards "
-                        "it has)")
+        if not shards:
+            raise DumpError(f"{p} is a directory with no {INDEX} and no rank shards: not a "
+                            "dump (msprobe's folders are read by compare, inspect and scan)")
+        raise DumpError(f"{p} is a directory without {INDEX}: an unfinished multi-rank "
+                        f"capture (pass {option('--allow-partial', 'allow_partial=True')} to "
+                        "read the shards it has)")
     return load_file(p)
 
 

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..dtypes import FORMATS, canonical, is_float, short
-from ..dumps import load
 from ..dumps.dump import Dump, Entry
+from ..dumps.external import open_any
 from .html import Summarised
 from .measure.statsdiff import record_stats
 
@@ -121,10 +121,10 @@ class ScanReport(Summarised):
 
 
 def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> ScanReport:
-    """Scan every floating output record of ``dump`` (a dump, or its path) against
-    ``against`` (default: see module)."""
+    """Scan every floating output record of ``dump`` (a dump, or its path: another tool's
+    too, an msprobe summary) against ``against`` (default: see module)."""
     if not isinstance(dump, Dump):
-        dump = load(dump)
+        dump = open_any(dump)
     ref = canonical(against) if against else _default_against(dump)
     fmt = FORMATS[ref]
     recorded = {(e.module, e.call) for e in dump.entries if e.kind == "in"}
