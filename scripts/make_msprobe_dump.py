@@ -238,5 +238,8 @@ if __name__ == "__main__":
             subprocess.run([sys.executable, __file__, "--one", case], check=True)
     elif sys.argv[1:2] == ["--one"]:
         write_statistics(sys.argv[2])
+    elif sys.argv[1:]:  # --help, or anything else: the usage, and nothing rewritten
+        print(__doc__)
+        sys.exit(0 if sys.argv[1] in ("-h", "--help") else 2)
     else:
         main()

@@ -73,9 +73,15 @@ def test_refused_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
             return (print, ("unpickled!",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"logits": Evil()}, protocol=2))
-    with pytest.raises(DumpError, match="weights_only"):
+    with pytest.raises(DumpError, match=r"weights_only=True\) reads \(it holds a pickled "
+                                        r"print, not tensors\)") as err:
         precision.compare(tmp_path / "evil.pt", tmp_path / "evil.pt")
     assert "unpickled!" not in capsys.readouterr().out  # the payload never ran
+    assert "False" not in str(err.value) and "trust" not in str(err.value)  # no unsafe advice
+    (tmp_path / "text.pt").write_bytes(b"garbage")
+    with pytest.raises(DumpError, match=r"\(not a torch file: .+\); precision unpickles "
+                                        r"nothing else$"):
+        precision.compare(tmp_path / "text.pt", tmp_path / "text.pt")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DumpError, match=r"not a plain \.npy"):
         precision.compare(tmp_path / "obj.npy", tmp_path / "obj.npy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,27 @@ def test_scan_reads_an_msprobe_summary_as_compare_does() -> None:
     assert report and report.against == "bfloat16" and len(report.rows) > 50
     result = CliRunner().invoke(main, ["scan", str(DATA / "bf16-md5"), "--top", "3"])
     assert result.exit_code == 0 and result.output.startswith("PASS [bf16]: no layer overflows")
+
+
+def test_an_inf_in_a_bf16_summary_speaks_of_inf_alone(tmp_path: Path) -> None:
+    """msprobe keeps no counts: a Max of inf is 'more inf' in a bf16 run, with no word of
+    fp16's max (its counts are unknown, and fp16 did not run); an fp16 run still hears of
+    values pinned near its max."""
+    base, target = _stats_pair(tmp_path, {}, {"Max": "inf"})
+    report = precision.compare(base, target)
+    row = next(r for r in report.rows if r.key.endswith(":out"))
+    assert row.status == "OVERFLOW" and row.reason == "1 more inf than the baseline"
+    from precision.judge.measure.statsdiff import stats_delta
+    from precision.judge.profiles import profile_for
+    from precision.judge.verdict.rules import Context, stats_non_finite
+
+    finite = {"numel": 6, "nan": 0, "posinf": 0, "neginf": 0, "beyond_fp16": 0,
+              "near_fp16_max": 0, "norm": 2.0}
+    pinned = finite | {"near_fp16_max": 3}
+    row = report.rows[0]
+    for dtype, counts, reason in (("float16", pinned, "0 more inf, 3 more values near the "
+                                                      "fp16 max than the baseline"),
+                                  ("float16", finite, None), ("bfloat16", pinned, None)):
+        ctx = Context(profile_for("float32", dtype), {"target": dtype}, [], {})
+        found = stats_non_finite(replace(row, stats_delta=stats_delta(finite, counts)), ctx)
+        assert (found and found.reason) == reason

@@ -10,6 +10,7 @@ archive, a ``.pt`` tensor may not hold more bytes than its file. Nothing is unpi
 from __future__ import annotations
 
 import math
+import re
 import tokenize
 import warnings
 import zipfile
@@ -131,8 +132,22 @@ def pt_object(p: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads beyond tensors are refused here
-        raise DumpError(f"{p}: not loadable with weights_only=True "
-                        f"({one_line(exc, first_line=True)})") from None
+        raise DumpError(f"{p}: not a file of tensors that torch.load(weights_only=True) reads "
+                        f"({_unpickling_failure(exc)}); precision unpickles nothing else"
+                        ) from None
+
+
+def _unpickling_failure(exc: BaseException) -> str:
+    """What torch's weights-only load refused, without its advice to load the file unsafely:
+    the class a pickle names, or the unpickler's own words."""
+    text = str(exc)
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if named:
+        return f"it holds a pickled {named.group(1)}, not tensors"
+    said = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+    if said and said.group(1).strip():
+        return f"not a torch file: {said.group(1).strip()}"
+    return one_line(exc, first_line=True).split(" In PyTorch")[0].rstrip(" .")
 
 
 def tensor_array(t: Any, src: str, limit: int) -> np.ndarray:

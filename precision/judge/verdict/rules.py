@@ -368,9 +368,11 @@ def stats_non_finite(row: Row, ctx: Context) -> Verdict | None:
         return None
     if d.new_nan:
         return Verdict("NAN", f"{d.new_nan} more NaN than the baseline")
-    if d.new_inf or (ctx.dtypes.get("target") == "float16" and d.new_near_fp16_max):
-        return Verdict("OVERFLOW", f"{d.new_inf} more inf, {d.new_near_fp16_max} more "
-                                   "values near the fp16 max than the baseline")
+    fp16 = ctx.dtypes.get("target") == "float16"
+    if d.new_inf or (fp16 and d.new_near_fp16_max):
+        near = (f", {d.new_near_fp16_max} more values near the fp16 max"
+                if fp16 and d.new_near_fp16_max else "")
+        return Verdict("OVERFLOW", f"{d.new_inf} more inf{near} than the baseline")
     if d.base_only_nan:
         return Verdict("NAN", f"the baseline has {d.base_only_nan} more NaN than the target "
                               "(are the arguments swapped?)")
