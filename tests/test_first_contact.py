@@ -111,6 +111,33 @@ def test_python_calls_take_paths_and_refuse_a_loaded_model_in_one_line(
                                       steps=())
 
 
+def test_capture_errors_from_python_name_keywords_and_its_repr_is_one_line(
+        t5_runs: dict[str, Path]) -> None:
+    import torch
+
+    from precision.errors import InputError
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    for call, said in ((lambda: precision.capture(model, every=0), "every must be 1 or more"),
+                       (lambda: precision.capture(model, include=["zz"]),
+                        "no module matches include/exclude: nothing would be captured"),
+                       (lambda: precision.keep_fp32(model, ["zz"]),
+                        "keep_fp32 zz matches no module"),
+                       (lambda: precision.keep_fp32(model, ["0:wide"]),
+                        "keep_fp32 0:wide: after ':' comes how")):
+        with pytest.raises(InputError) as err:
+            call()
+        assert str(err.value).startswith(said) and "--" not in str(err.value), err.value
+    cap = precision.capture(model, mode="stats")
+    assert re.fullmatch(r"<Capture stats of Sequential -> \S+capture\.st: 1 module\(s\) "
+                        r"hooked, 0 record\(s\) so far>", repr(cap)), repr(cap)
+    scanned = precision.scan(t5_runs["ofp16_none"])
+    assert scanned.notes and "inputs=['*']" in scanned.notes[0] and "--inputs" not in \
+        scanned.notes[0]
+    code, out, _ = _run("scan", t5_runs["ofp16_none"])
+    assert code == 1 and "capture with --inputs '*'" in out
+
+
 def test_a_capture_without_a_path_leaves_nothing_behind(tmp_path: Path) -> None:
     """Its temporary dump stays readable while the process runs (cap.dump) and is removed at
     exit; one whose block raised is removed at once; a saved one is moved."""

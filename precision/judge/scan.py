@@ -32,10 +32,13 @@ from typing import Any
 from ..dtypes import FORMATS, canonical, is_float, short
 from ..dumps.dump import Dump, Entry
 from ..dumps.external import open_any
+from ..errors import option
 from .html import Summarised
 from .measure.statsdiff import record_stats
 
 CHUNK = 1 << 18
+#: recording every module's inputs, on the command line and from Python
+INPUTS_ALL = ("--inputs '*'", "inputs=['*']")
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,8 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
     guessed = any(r.origin in ("first seen", "unknown") for r in rows)
     notes = (
         "some modules have no recorded inputs: 'first seen' marks the first non-finite "
-        "record; capture with --inputs '*' (precision scan --model does) to tell producers "
-        "apart",) if guessed else ()
+        f"record; capture with {option(*INPUTS_ALL)} (precision scan --model does) to tell "
+        "producers apart",) if guessed else ()
     return ScanReport(str(dump.path), ref, tuple(rows), notes)
 
 

@@ -33,7 +33,7 @@ from ...dumps import load
 from ...dumps.atomic import check_output_path
 from ...dumps.dump import Dump, DumpWriter
 from ...dumps.keys import CAST_PREFIX, make_key, parse_key
-from ...errors import InputError
+from ...errors import InputError, option
 from ..models.hybrid import instrument
 from ..models.identity import model_identity
 from .compute import compute_settings, environment
@@ -167,13 +167,14 @@ class Capture:
         self.path = Path(path or "dry-run.st")
         self._force = force
         if every < 1:
-            raise InputError("--every must be 1 or more")
+            raise InputError(f"{option('--every', 'every')} must be 1 or more")
         instrument(self.model)  # before the modules are chosen: it adds children
         #: ``model.named_modules()``, walked once: opening and closing read it several times
         self._tree = list(self.model.named_modules())
         self._modules = select_modules(self._tree, include, exclude, every)
         if not self._modules and (include or exclude):
-            raise InputError("no module matches --include/--exclude: nothing would be captured")
+            globs = option("--include/--exclude", "include/exclude")
+            raise InputError(f"no module matches {globs}: nothing would be captured")
         self._input_globs = tuple(inputs)
         self._full_globs = tuple(full)
         names = [ROOT] + [n for n, _ in self._tree if n]
@@ -340,6 +341,11 @@ class Capture:
             self._bg.finish()
         self._writer.close(self._metadata())
         self._seen.clear()
+
+    def __repr__(self) -> str:
+        what = "dry run" if self._dry_run else str(self.path)
+        return (f"<Capture {self.mode} of {type(self.model).__name__} -> {what}: "
+                f"{len(self._modules)} module(s) hooked, {len(self._entries)} record(s) so far>")
 
     # ---- public helpers
     def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra",

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from ...errors import InputError
+from ...errors import InputError, option
 
 HAND_ON = ("auto", "compute", "fp32")
 _STATE = "_precision_keep_fp32"  # per model: _ModelState
@@ -83,7 +83,8 @@ def split_pattern(pattern: str) -> tuple[str, str | None]:
     if not sep:
         return pattern, None
     if suffix not in HAND_ON or not glob:
-        raise InputError(f"--keep-fp32 {pattern}: after ':' comes how outputs are handed on, "
+        raise InputError(f"{option('--keep-fp32', 'keep_fp32')} {pattern}: after ':' comes how "
+                         "outputs are handed on, "
                          f"one of {', '.join(HAND_ON)} (e.g. 'model.layers.*:fp32')")
     return glob, suffix
 
@@ -115,7 +116,8 @@ def keep_fp32(model: torch.nn.Module, patterns: Sequence[str], *,
             continue
         matched.append((name, mod, how))
     if not matched:
-        raise InputError(f"--keep-fp32 {' '.join(patterns)} matches no module: "
+        raise InputError(f"{option('--keep-fp32', 'keep_fp32')} {' '.join(patterns)} matches "
+                         "no module: "
                          "check the names with `precision inspect` on a dump")
     if state is None:
         state = _ModelState(_compute_dtype(model, {n for n, _, _ in matched}))
