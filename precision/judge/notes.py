@@ -103,10 +103,15 @@ def unused_mapping_warnings(mapping: str | os.PathLike[str] | None,
                             runs: dict[str, Dump]) -> list[str]:
     """A mapping file given where no run was lined up or renamed by it says so, rather
     than pass unseen."""
-    renamed = any(isinstance(d.meta.get("msprobe"), dict) and d.meta["msprobe"].get("mapping")
-                  for d in runs.values())  # module paths the file renamed, per run
-    if mapping is None or lined or renamed:
+    mapped = {name: d.meta["msprobe"]["mapping"] for name, d in runs.items()
+              if isinstance(d.meta.get("msprobe"), dict) and "mapping" in d.meta["msprobe"]}
+    if mapping is None or lined or any(mapped.values()):  # module paths it renamed, per run
         return []
+    if mapped:  # an msprobe dump read with the file, whose rules matched none of its names
+        return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} renamed nothing: "
+                f"its module rules match none of the module names of "
+                f"{', '.join(_file_name(runs[n]) for n in mapped)} (check them against "
+                "`precision inspect`, docs/external.md)"]
     return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
             "an engine's records (capture --engine vllm) onto a Hugging Face capture's, or "
             "another framework's module names (msprobe dumps) onto Hugging Face's, and "

@@ -150,10 +150,11 @@ def read(p: Path, mapping: str | os.PathLike[str] | None = None) -> Converted:
         info |= {"step": step, "steps": steps}
     if ranks and next(iter(ranks)) is not None:
         info["ranks"] = sorted(r for r in ranks if r is not None)
-    if names.describe():
-        info["names"] = names.describe()
-    if names.user is not None:  # how many module paths the user's mapping file renamed
-        info["mapping"] = renamed_by_user(names, classes)
+    renamed = None if names.user is None else renamed_by_user(names, classes)
+    if names.describe(renamed_nothing=renamed == 0):
+        info["names"] = names.describe(renamed_nothing=renamed == 0)
+    if renamed is not None:  # how many module paths the user's mapping file renamed
+        info["mapping"] = renamed
     meta: dict[str, Any] = {"msprobe": info, "mode": "full" if files else "stats",
                             "left_out": dict(left_out)}
     outputs = sum((r.output_dtypes for r in records), Counter())

@@ -134,10 +134,11 @@ class Names:
         """``path`` without the wrapper prefix (already renamed by the user's mapping)."""
         return path.removeprefix(self.wrapper + ".") if self.wrapper else path
 
-    def describe(self) -> str:
-        """What was done, for the report's notes; empty when nothing."""
+    def describe(self, *, renamed_nothing: bool = False) -> str:
+        """What was done, for the report's notes; empty when nothing (a user's mapping that
+        ``renamed_nothing`` is left to the report's warning)."""
         done = []
-        if self.user is not None:
+        if self.user is not None and not renamed_nothing:
             done.append(f"module names mapped by --mapping {self.user.name}")
         if self.wrapper:
             done.append(f"wrapper prefix {self.wrapper!r} removed")
