@@ -312,3 +312,13 @@ def test_an_inf_in_a_bf16_summary_speaks_of_inf_alone(tmp_path: Path) -> None:
         ctx = Context(profile_for("float32", dtype), {"target": dtype}, [], {})
         found = stats_non_finite(replace(row, stats_delta=stats_delta(finite, counts)), ctx)
         assert (found and found.reason) == reason
+
+
+def test_msprobe_side_files_point_to_the_dump() -> None:
+    """construct.json beside a dump.json was read as a vLLM generations file ('expected a
+    list of sequences'); it names what it holds and what to pass instead."""
+    folder = DATA / "fp32-md5" / "step0" / "proc0"
+    with pytest.raises(DumpError, match=r"construct.json: msprobe's construct.json holds the "
+                                        r"module tree, not data: pass its dump.json or the "
+                                        r"folder .*proc0$"):
+        precision.compare(folder / "construct.json", folder)

@@ -66,6 +66,10 @@ READERS: dict[str, tuple[str, Callable[[Path], Converted]]] = {
 }
 
 
+#: msprobe's files beside its dump.json, and what each holds
+MSPROBE_SIDE_FILES = {"construct.json": "module tree", "stack.json": "call stacks"}
+
+
 def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False,
              mapping: str | os.PathLike[str] | None = None) -> Dump:
     """A precision dump, or another tool's file converted into one (see the module
@@ -74,6 +78,9 @@ def open_any(path: str | os.PathLike[str], *, allow_partial: bool = False,
     for anything it cannot read."""
     p = Path(path)
     convert: Callable[[Path], Converted]
+    if p.name in ("construct.json", "stack.json") and (p.parent / "dump.json").is_file():
+        raise DumpError(f"{p}: msprobe's {p.name} holds the {MSPROBE_SIDE_FILES[p.name]}, not "
+                        f"data: pass its dump.json or the folder {p.parent}")
     if (p.is_dir() and _msprobe_folder(p)) or p.name == "dump.json" or (
             p.suffix.lower() == ".json" and msprobe.is_msprobe_json(p)):
         what, convert = msprobe.WHAT, partial(msprobe.read, mapping=mapping)
