@@ -322,3 +322,35 @@ def test_msprobe_side_files_point_to_the_dump() -> None:
                                         r"module tree, not data: pass its dump.json or the "
                                         r"folder .*proc0$"):
         precision.compare(folder / "construct.json", folder)
+
+
+def test_the_reference_note_says_when_summaries_cannot_use_it(
+        make_dump: Any) -> None:
+    """A reference weighs a stats record's count sketch; msprobe's summaries hold none, so
+    their rows are judged by the fixed limits, and the note says so rather than claim the
+    reference judged them."""
+    import numpy as np
+
+    from precision.judge.lineup.align import BASE, REFERENCE, TARGET
+    from precision.judge.measure.row import Row
+    from precision.judge.measure.statsdiff import stats_delta
+    from precision.judge.notes import reference_notes
+    from precision.judge.profiles import profile_for
+
+    x = {"a:out": np.ones(4, np.float32)}
+    runs = {name: precision.load(make_dump(f"{name}.st", x)) for name in (BASE, REFERENCE,
+                                                                           TARGET)}
+    dtypes = {BASE: "float32", REFERENCE: "bfloat16", TARGET: "bfloat16"}
+    prof = profile_for("float32", "bfloat16")
+    st = {"numel": 4, "norm": 2.0, "max": 1.0, "min": 1.0, "mean": 1.0}
+    summary = Row(0, "a:out", "OK", "", (4,), "float32", "bfloat16",
+                  stats_delta=stats_delta(st, st))
+    (note,) = reference_notes(runs, dtypes, prof, [summary])
+    assert note.startswith("judged against reference.st") and note.endswith(
+        "but 1 stats-only record(s) hold no count sketch to weigh against it (another tool's "
+        "summary), so fixed limits judge them (5 eps rms)")
+    sketched = np.ones(1021)
+    with_sketch = Row(0, "a:out", "OK", "", (4,), "float32", "bfloat16", stats_delta=stats_delta(
+        st | {"sketch": sketched}, st | {"sketch": sketched}))
+    (plain,) = reference_notes(runs, dtypes, prof, [with_sketch])
+    assert "fixed limits" not in plain

@@ -182,7 +182,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                   fail_on=o.fail_on, info=_info(b, t),
                   notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
                               + operation_notes(b, t)
-                              + reference_notes(runs, dtypes, prof) + sketch_notes(runs)
+                              + reference_notes(runs, dtypes, prof, rows) + sketch_notes(runs)
                               + lineup_notes(runs) + external_notes(runs, rows)
                               + engine_lineup.notes(lined, [r.key for r in rows])))
 

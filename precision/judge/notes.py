@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..dtypes import short
@@ -191,17 +192,24 @@ def operation_notes(b: Dump, t: Dump) -> list[str]:
     return notes
 
 
-def reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile
-                     ) -> list[str]:
-    """What the noise verdicts judged against: the reference, or the fixed limits."""
+def reference_notes(runs: dict[str, Dump], dtypes: dict[str, str], prof: Profile,
+                    rows: Sequence[Row] = ()) -> list[str]:
+    """What the noise verdicts judged against: the reference, or the fixed limits (for a
+    stats-only comparison whose records hold no count sketch, the reference cannot help)."""
     if generation_only(runs[TARGET]):
         return []
     if REFERENCE in runs:
         ref = runs[REFERENCE]
         where = (ref.meta.get("device") or {}).get("name") or "its device"
-        return [f"judged against {ref.path.name}, the same inputs in "
+        note = (f"judged against {ref.path.name}, the same inputs in "
                 f"{short(dtypes[REFERENCE])} on {where}: a record drifts when its error is "
-                f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)"]
+                f"beyond {REF_RMS_RATIO:g}x what that run shows on it (docs/verdicts.md)")
+        stats = [r.stats_delta for r in rows if r.stats_delta is not None]
+        if stats and not any(d.sketch_gap is not None for d in stats):
+            note += (f"; but {len(stats)} stats-only record(s) hold no count sketch to weigh "
+                     f"against it (another tool's summary), so fixed limits judge them "
+                     f"({prof.in_eps(prof.noise_rms):g} eps rms)")
+        return [note]
     half = next((dtypes[side] for side in (TARGET, BASE)
                  if dtypes[side] in ("float16", "bfloat16")), None)
     if half is not None:  # --expect takes the half precision, whichever run holds it
