@@ -354,3 +354,16 @@ def test_the_reference_note_says_when_summaries_cannot_use_it(
         st | {"sketch": sketched}, st | {"sketch": sketched}))
     (plain,) = reference_notes(runs, dtypes, prof, [with_sketch])
     assert "fixed limits" not in plain
+
+
+def test_a_forward_against_a_training_step_names_the_gradients() -> None:
+    """A forward's summary against a training step's: the training step's gradient records
+    pair with nothing, and the warning says so (it asked whether the runs name their modules
+    alike and pointed to --mapping), while the forward records are judged."""
+    report = precision.compare(DATA / "fp32-md5", DATA / "bf16-fault-train")
+    assert report.warnings == (
+        "111 gradient record(s) are in one run only (first lm_head.weight:pgrad, only in the "
+        "target): a training step against a forward? Compare runs of one kind; those records "
+        "are not judged",)
+    first = report.first_divergence
+    assert first is not None and first.key == "model.layers.1.mlp.down_proj:out"

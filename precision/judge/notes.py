@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..dtypes import short
 from ..dumps.dump import Dump
-from ..dumps.keys import INPUT_PREFIX
+from ..dumps.keys import INPUT_PREFIX, parse_key
 from ..dumps.sketch import BUCKETS, size_of
 from ..engines.vllm import lineup as engine_lineup
 from ..errors import option
@@ -132,6 +132,21 @@ def unpaired_warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
     more than :data:`UNPAIRED_SHARE`, they recorded different calls. A PASS on what pairs
     would say little of the rest."""
     missing = [r for r in rows if r.status == "MISSING"]
+    grads = [r for r in missing if parse_key(r.key).is_gradient]
+    out = []
+    if grads and 2 * len(grads) >= len(missing):
+        out.append(f"{len(grads)} gradient record(s) are in one run only (first {grads[0].key}, "
+                   f"{grads[0].reason}): a training step against a forward? Compare runs of "
+                   "one kind; those records are not judged")
+        missing = [r for r in missing if not parse_key(r.key).is_gradient]
+        rows = [r for r in rows if not (r.status == "MISSING" and parse_key(r.key).is_gradient)]
+    return out + _unpaired(b, t, rows, missing)
+
+
+def _unpaired(b: Dump, t: Dump, rows: list[Row], missing: list[Row]) -> list[str]:
+    """:func:`unpaired_warnings` of the records other than gradients."""
+    if not missing:
+        return []
     if any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)):
         if len(missing) <= len(rows) - len(missing):
             return []
