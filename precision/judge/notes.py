@@ -127,14 +127,16 @@ FAIL_ANY = "fail_on='any'"
 
 
 def unpaired_warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
-    """Records that pair with nothing: for another tool's dump, mostly so, the two runs name
+    """Records that pair with nothing: gradients where one run holds none (a training step
+    against a forward); for another tool's dump, mostly so, the two runs name
     their modules otherwise (another framework, another code base); for two of this tool's,
     more than :data:`UNPAIRED_SHARE`, they recorded different calls. A PASS on what pairs
     would say little of the rest."""
     missing = [r for r in rows if r.status == "MISSING"]
     grads = [r for r in missing if parse_key(r.key).is_gradient]
     out = []
-    if grads and 2 * len(grads) >= len(missing):
+    trained = [any(parse_key(e.key).is_gradient for e in d.entries) for d in (b, t)]
+    if grads and trained[0] != trained[1]:  # one run holds gradients, the other none
         out.append(f"{len(grads)} gradient record(s) are in one run only (first {grads[0].key}, "
                    f"{grads[0].reason}): a training step against a forward? Compare runs of "
                    "one kind; those records are not judged")
