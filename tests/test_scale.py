@@ -257,6 +257,18 @@ def test_a_full_glob_that_matches_nothing_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "x.st").exists()
 
 
+def test_full_globs_say_what_they_do_in_each_mode(tmp_path: Path) -> None:
+    """--full names the records stats mode stores whole; in full mode, where every record is
+    whole, the capture says it has nothing to do (it was silently ignored)."""
+    code, out = cli("capture", "--model", str(T5), "--mode", "full", "--full", "lm_head",
+                    "--max-new-tokens", "0", "-o", str(tmp_path / "f.st"))
+    assert code == 0 and "(full mode; --full is for stats mode: every record is whole " \
+        "here)" in out, out
+    code, out = cli("capture", "--model", str(T5), "--mode", "stats", "--full", "lm_head",
+                    "--max-new-tokens", "0", "-o", str(tmp_path / "s.st"))
+    assert code == 0 and "(stats mode, whole tensors for lm_head)" in out, out
+
+
 def test_steps_spec_parses_lists_and_ranges() -> None:
     from precision.runtime.run.runner import parse_steps
 

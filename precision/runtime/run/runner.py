@@ -327,8 +327,9 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         # passed on, so a replay of this dump (its --expect reference, another device) records
         # the same module inputs and every row an engine's dump asks for has its reference
         meta["reference_inputs"] = list(base.meta["reference_inputs"])
-    full_note = f", whole tensors for {' '.join(opts.full)}" if opts.full and mode == "stats" \
-        else ""
+    full_note = "" if not opts.full else (
+        f", whole tensors for {' '.join(opts.full)}" if mode == "stats"
+        else "; --full is for stats mode: every record is whole here")
     log(f"capturing a forward pass ({mode} mode{'' if why == 'asked' else ', ' + why}"
         f"{full_note})" + (" and its backward" if opts.backward else ""))
     with _model_errors(dtype, device.name), torch.no_grad(), Capture(
