@@ -124,7 +124,9 @@ def test_capture_errors_from_python_name_keywords_and_its_repr_is_one_line(
                        (lambda: precision.keep_fp32(model, ["zz"]),
                         "keep_fp32 zz matches no module"),
                        (lambda: precision.keep_fp32(model, ["0:wide"]),
-                        "keep_fp32 0:wide: after ':' comes how")):
+                        "keep_fp32 0:wide: after ':' comes how"),
+                       (lambda: precision.capture(model, mode="stats", full=["zz"]),
+                        "full zz matches no module")):
         with pytest.raises(InputError) as err:
             call()
         assert str(err.value).startswith(said) and "--" not in str(err.value), err.value
@@ -196,12 +198,15 @@ def test_python_errors_name_keyword_arguments_and_the_cli_names_flags(
     with pytest.raises(DumpError, match=r"no index.json and no rank shards: not a dump") as e:
         precision.load(folder)
     assert "allow_partial" not in str(e.value)  # no shards: the hint would lead nowhere
+    code, _, stderr = _run("scan", folder)
+    assert code == 2 and "no rank shards: not a dump" in stderr and "--allow" not in stderr
     (folder / "rank0.st").write_bytes(b"")
-    with pytest.raises(DumpError, match=r"unfinished multi-rank capture \(pass "
-                                        r"allow_partial=True"):
+    with pytest.raises(DumpError, match=r"unfinished multi-rank capture \(compare and report "
+                                        r"read the shards it has with allow_partial=True\)"):
         precision.load(folder)
-    code, _, stderr = _run("scan", folder.parent / "nothing-here")
-    assert code == 2 and "--allow-partial" not in stderr
+    code, _, stderr = _run("scan", folder)  # names the commands that take the flag
+    assert code == 2 and "compare and report read the shards it has with --allow-partial" \
+        in stderr
 
 
 def test_dump_repr_names_device_and_dtype_of_python_captures(tmp_path: Path) -> None:

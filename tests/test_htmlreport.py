@@ -363,3 +363,29 @@ def test_stats_only_reports_plot_the_sketch_estimate_and_mark_what_blew_up(
     blown = next(ln for name, ln in lines.items() if name.startswith("OVERFLOW/NAN"))
     assert first.order in list(blown.get_xdata())
     assert list(lines[f"first divergence: {first.key}"].get_xdata()) == [first.order]
+
+
+def test_a_report_with_tensors_draws_no_stats_estimate_beside_them(tmp_path: Path) -> None:
+    """A stats capture that stores one module whole (--full): its rows with tensors are
+    measured, the rest only estimated; the panels labelled as measures draw only the
+    measured rows (an estimate would pass for one)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    paths = []
+    for name, scale in (("a", 1.0), ("b", 1.01)):
+        with torch.no_grad():
+            model[2].weight.mul_(scale)
+            paths.append(tmp_path / f"{name}.st")
+            with precision.capture(model, paths[-1], mode="stats", full=["0"]):
+                model(x)
+    report = precision.compare(*paths)
+    assert not plots.stats_only(report)
+    measured = {r.order for r in report.rows if r.metrics is not None and r.metrics.compared}
+    estimated = {r.order for r in report.rows if r.stats_delta is not None}
+    assert measured and estimated
+    for ax in plots.error_vs_depth(report).axes:
+        drawn = {x for ln in ax.lines if ln.get_label() == "layers" for x in ln.get_xdata()}
+        assert drawn and drawn <= measured, (drawn, measured)

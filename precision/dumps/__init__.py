@@ -37,8 +37,8 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
             raise DumpError(f"{p} is a directory with no {INDEX} and no rank shards: not a "
                             "dump (msprobe's folders are read by compare, inspect and scan)")
         raise DumpError(f"{p} is a directory without {INDEX}: an unfinished multi-rank "
-                        f"capture (pass {option('--allow-partial', 'allow_partial=True')} to "
-                        "read the shards it has)")
+                        "capture (compare and report read the shards it has with "
+                        f"{option('--allow-partial', 'allow_partial=True')})")
     return load_file(p)
 
 

@@ -149,9 +149,8 @@ def _unpaired(b: Dump, t: Dump, rows: list[Row], missing: list[Row]) -> list[str
     """:func:`unpaired_warnings` of the records other than gradients."""
     if not missing:
         return []
-    if any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)):
-        if len(missing) <= len(rows) - len(missing):
-            return []
+    if any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)) and \
+            len(missing) > len(rows) - len(missing):
         return [f"only {len(rows) - len(missing)} of {len(rows)} records pair between the "
                 f"runs (first unpaired {missing[0].key}): do they name their modules alike? "
                 f"Another framework's or code base's names line up with "

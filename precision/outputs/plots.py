@@ -85,8 +85,10 @@ def stats_only(report: Report) -> bool:
 def _float_rows(report: Report) -> list[Row]:
     """Rows with float metrics (or a stats-only row's statistics), less all-zero pairs
     (e.g. T5's cross-attention bias), which a log axis could only draw at its floor."""
+    stats = stats_only(report)  # else a stats row's estimate would pass for a measure
     return [r for r in report.rows
-            if ((r.metrics is not None and r.metrics.compared) or r.stats_delta is not None)
+            if ((r.metrics is not None and r.metrics.compared)
+                or (stats and r.stats_delta is not None))
             and (_absmax(r, "base") or _absmax(r, "target"))]
 
 

@@ -180,8 +180,9 @@ class Capture:
         names = [ROOT] + [n for n, _ in self._tree if n]
         for glob in self._full_globs:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-                raise InputError(f"--full {glob} matches no module: check the names with "
-                                 "`precision inspect` on a dump (or --dry-run)")
+                raise InputError(f"{option('--full', 'full')} {glob} matches no module: "
+                                 "check the names with `precision inspect` on a dump (or "
+                                 f"{option('--dry-run', 'dry_run=True')})")
         self._dry_run = dry_run
         self.planned = {"full": 0, "stats": 0, "stats_tensors": 0}
         self.steps: set[int] | None = None

@@ -188,10 +188,12 @@ class BackgroundWriter:
                 return
             try:
                 if item.event is not None:  # even after an error: the slot is in use until then
-                    if item.device is not None and item.device != bound:
-                        self._bind(item.device)
-                        bound = item.device
-                    item.event.synchronize()
+                    try:
+                        if item.device is not None and item.device != bound:
+                            self._bind(item.device)
+                            bound = item.device
+                    finally:  # a failed bind still waits for the copy before the slot is freed
+                        item.event.synchronize()
                 if self._error is None:
                     data = item.host.reshape(-1).view(torch.uint8).numpy()
                     self.writer.write(item.key, item.dtype, item.shape, data)
