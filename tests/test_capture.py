@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import precision
+from precision.cli import main
 from precision.runtime.capture.streaming import HostRing
 from precision.runtime.capture.trees import flatten
 from precision.runtime.models.load import Policy, load_model
@@ -309,8 +311,11 @@ def test_every_kth_block(tmp_path: Path) -> None:
     assert "encoder.block.2.layer.1.DenseReluDense.wo" in modules
     assert not any(m.startswith(("encoder.block.1.", "encoder.block.3.")) for m in modules)
     assert {"lm_head", "encoder.final_layer_norm"} <= modules  # outside the blocks: kept
-    with pytest.raises(precision.InputError, match="--every"):
-        capture(tmp_path, "bad.st", dtype="fp32", every=0)
+    with pytest.raises(precision.InputError, match=r"^every must be 1 or more$"):
+        capture(tmp_path, "bad.st", dtype="fp32", every=0)  # from Python: the keyword
+    result = CliRunner().invoke(main, ["capture", "--model", str(T5), "--every", "0", "-o",
+                                       str(tmp_path / "bad.st")])
+    assert result.exit_code == 2 and "error: --every must be 1 or more" in result.output
 
 
 def test_stats_mode_sketch_and_real_tokens_match_numpy(tmp_path: Path) -> None:
