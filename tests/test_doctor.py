@@ -89,6 +89,25 @@ def test_scan_of_a_dump_without_inputs_and_flush_share(t5_runs: dict[str, Path])
     assert all(r.flush_share is not None and 0 <= r.flush_share <= 1 for r in report.rows)
 
 
+def test_scan_of_an_fp16_run_weighs_what_it_keeps_in_fp32_against_fp32(
+        t5_runs: dict[str, Path]) -> None:
+    """The overflow fixture in fp16 with --keep-fp32 auto keeps wo in fp32, whose output
+    reaches 1.55e5 as fp32: no overflow (compare passes the run); scan said FAIL, weighing it
+    against fp16's 65504. Asked for fp16 explicitly, every record is weighed against it."""
+    dump = precision.load(t5_runs["ofp16_auto"])
+    assert precision.compare(t5_runs["obase"], t5_runs["ofp16_auto"])
+    report = precision.scan(dump)
+    assert report, report.summary
+    wo = next(r for r in report.rows if r.key == OVERFLOW_WO)
+    assert wo.status == "OK" and wo.absmax is not None and wo.absmax > 65504
+    assert any(n.endswith("are weighed against their own format's range, not fp16's "
+                          "(against= fp16 weighs them too)") for n in report.notes)
+    strict = precision.scan(dump, against="fp16")
+    assert not strict and next(r for r in strict.rows if r.key == OVERFLOW_WO).status == \
+        "OVERFLOW"
+    assert not precision.scan(precision.load(t5_runs["ofp16_none"]))  # cast wholesale: fails
+
+
 def test_scan_summary_names_what_went_wrong_and_no_headroom_without_a_finite_value(
         make_dump: Callable[..., Path]) -> None:
     """A record of NaN alone has no headroom to show ('-', not inf); the summary says which

@@ -130,6 +130,11 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
         dump = open_any(dump)
     ref = canonical(against) if against else _default_against(dump)
     fmt = FORMATS[ref]
+    # a record an fp16/bf16 run keeps wider (--keep-fp32: T5's wo) holds its own format's
+    # range; asked for a format (against=), every record is weighed against it
+    kept = set() if against or dump.dtype != ref else {
+        e.key for e in dump.entries if e.kind == "out" and is_float(e.dtype)
+        and (wide := FORMATS.get(canonical(e.dtype))) is not None and wide.max > fmt.max}
     recorded = {(e.module, e.call) for e in dump.entries if e.kind == "in"}
     cache: dict[str, dict[str, Any] | None] = {}  # inputs alias outputs: read each once
     bad_inputs = _nonfinite_inputs(dump, cache)
@@ -143,7 +148,8 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
         if st is None:
             continue
         nonfinite = int(st.get("nan", 0)) + int(st.get("posinf", 0)) + int(st.get("neginf", 0))
-        beyond = (st.get("absmax") or 0.0) > fmt.max
+        own = FORMATS[canonical(e.dtype)] if e.key in kept else fmt
+        beyond = (st.get("absmax") or 0.0) > own.max
         origin = ""
         if nonfinite:
             origin = _origin(e, bad_modules, recorded, bad_inputs)
@@ -154,13 +160,17 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
             if inside and not any(inside) and not any(before):
                 origin = "own forward"  # the first beyond, and in no submodule: a residual add
         seen[e.module] = seen.get(e.module, False) or beyond or bool(nonfinite)
-        rows.append(_row(e, st, fmt.max, origin))
+        rows.append(_row(e, st, own.max, origin))
     rows.sort(key=_severity)
     guessed = any(r.origin in ("first seen", "unknown") for r in rows)
-    notes = (
+    notes: tuple[str, ...] = (
         "some modules have no recorded inputs: 'first seen' marks the first non-finite "
         f"record; capture with {option(*INPUTS_ALL)} (precision scan --model does) to tell "
         "producers apart",) if guessed else ()
+    if kept:
+        notes += (f"{len(kept)} record(s) this {short(ref)} run keeps wider (kept in fp32) are "
+                  f"weighed against their own format's range, not {short(ref)}'s (against= "
+                  f"{short(ref)} weighs them too)",)
     return ScanReport(str(dump.path), ref, tuple(rows), notes)
 
 
