@@ -403,3 +403,64 @@ def test_report_outputs_are_never_overwritten_without_force(tmp_path, t5_runs): 
                              "--force", "-q"])
     assert r.exit_code == 0 and (tmp_path / "r.json").read_text().startswith("{")
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def _two_dumps(tmp_path: Path) -> tuple[Path, Path]:
+    import numpy as np
+
+    from .conftest import write_dump
+
+    x = {"a:out": np.linspace(-1, 1, 8, dtype=np.float32)}
+    return write_dump(tmp_path / "a.st", x), write_dump(tmp_path / "b.st", x)
+
+
+def test_force_never_replaces_an_input_a_device_or_another_output(tmp_path: Path) -> None:
+    """--force overwrote whatever the path held: the baseline it was comparing (--json
+    a.st), one output with another (--json X --markdown X), a FIFO or a device node."""
+    a, b = _two_dumps(tmp_path)
+    before = a.read_bytes()
+    _assert_error(_run("compare", a, b, "--json", a, "--force"), "is one of the inputs")
+    _assert_error(_run("report", a, b, "-o", b, "--force"), "is one of the inputs")
+    _assert_error(_run("compare", a, b, "--json", tmp_path / "x", "--markdown",
+                       tmp_path / "x", "--force"), "given for two outputs")
+    _assert_error(_run("scan", a, "--json", a, "--force"), "is one of the inputs")
+    assert a.read_bytes() == before and not (tmp_path / "x").exists()
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    _assert_error(_run("compare", a, b, "--json", fifo, "--force"),
+                  "exists and is not a regular file: refused, even with --force")
+    _assert_error(_capture("--model", T5, "--replay", a, "-o", a, "--force"),
+                  "is one of the inputs")
+    assert a.read_bytes() == before
+
+
+def test_a_pipe_given_as_a_dump_is_refused_not_read_forever(tmp_path: Path) -> None:
+    fifo = tmp_path / "ff.st"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-c", "import sys; from precision.cli import main; "
+                           "sys.argv[0] = 'precision'; main()", "inspect", str(fifo)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: {fifo}: not a regular file (a pipe or a device): give a dump file")
+
+
+def test_markdown_to_stdout_and_replay_with_inputs_refused(tmp_path: Path) -> None:
+    a, b = _two_dumps(tmp_path)
+    result = _run("compare", a, b, "--markdown", "-")
+    assert result.exit_code == 0 and result.stdout.startswith("**precision**: PASS")
+    assert not (Path.cwd() / "-").exists()
+    usage = _run("compare", a, b, "--markdown", "-", "--json", "-")
+    assert usage.exit_code == 2 and "both want stdout" in usage.stderr
+    for extra in (("--max-new-tokens", "2"), ("--prompt", "hi")):
+        refused = _capture("--model", T5, "--replay", a, *extra, "-o", tmp_path / "r.st")
+        assert refused.exit_code == 2 and f"{extra[0]} cannot go with it" in refused.stderr
+    assert not (tmp_path / "r.st").exists()
+
+
+def test_expect_refuses_an_existing_reference_before_the_model_runs(tmp_path: Path) -> None:
+    """The reference's path was checked after the main dump was written: the run stopped
+    half done, the main dump written and the reference refused."""
+    (tmp_path / "x.fp16-reference.st").write_bytes(b"old")
+    _assert_error(_capture("--model", QWEN, "--expect", "fp16", "--max-new-tokens", "1",
+                           "-o", tmp_path / "x.st"), "x.fp16-reference.st already exists")
+    assert _files(tmp_path) == ["x.fp16-reference.st"]

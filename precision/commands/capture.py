@@ -158,6 +158,8 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
 
     if not output and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
+    if replay:
+        _refuse_with_replay()
     opts = CaptureOptions(model=model, output=output or "", device=device, device_map=device_map,
                           dtype=dtype, full=full_globs,
                           steps=parse_steps(steps_spec) if steps_spec else None,
@@ -185,6 +187,24 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             d = load(written)
             click.echo(f"wrote {written}: {len(d.entries)} records, {len(d.tensors)} tensors, "
                        f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
+
+#: what ``--replay`` takes from the baseline: the inputs, and the generation's length
+REPLAYED = {"prompts": "--prompt", "prompts_file": "--prompts-file", "images": "--image",
+            "audio": "--audio", "feed": "--feed", "max_new_tokens": "--max-new-tokens"}
+
+
+def _refuse_with_replay() -> None:
+    """``--replay`` runs the baseline's inputs and generates as many tokens as it did: an
+    input or a length given beside it would be dropped, so it is refused."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [flag for name, flag in REPLAYED.items()
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--replay runs the baseline's own inputs and generation length: "
+                               f"{', '.join(given)} cannot go with it")
+
 
 #: what ``capture --engine vllm`` takes; every other option is Hugging Face's alone
 VLLM_PARAMS = ("model", "dtype", "prompts", "prompts_file", "max_new_tokens", "mode", "output",

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import click
@@ -72,15 +72,18 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
-def check_outputs(force: bool, *paths: str | None) -> None:
-    """Refuse, before any work, outputs that exist (without --force) or have no folder."""
+def check_outputs(force: bool, *paths: str | None, inputs: Sequence[Any] = (),
+                  also: Sequence[str] = ()) -> None:
+    """Refuse, before any work, outputs that exist (without --force) or have no folder, that
+    are one of the ``inputs``, or that two outputs share (``also``: outputs checked apart)."""
     from pathlib import Path
 
-    from ..dumps.atomic import check_output_path
+    from ..dumps.atomic import check_output_path, check_outputs_apart
 
     for p in paths:
         if p and p != "-":
             check_output_path(Path(p), force=force)
+    check_outputs_apart(inputs, (*paths, *also))
 
 
 def write_text(path: str, text: str, force: bool) -> None:

@@ -40,7 +40,7 @@ def check_mapping(mapping: str | os.PathLike[str] | None) -> None:
 @click.option("--json", "json_out", metavar="FILE", help="Write the full report as JSON "
               "(schema: docs/json-schema.md); '-' for stdout.")
 @click.option("--markdown", "md_out", metavar="FILE", help="Write a Markdown summary "
-              "(flagged rows) for a pull-request comment.")
+              "(flagged rows) for a pull-request comment; '-' for stdout.")
 @click.option("--only-flagged", is_flag=True, help="Show only rows that are not OK.")
 @click.option("--top", type=int, metavar="N", help="Show only the N worst rows.")
 @click.option("--force", is_flag=True, help="Overwrite the --json/--markdown files.")
@@ -67,12 +67,18 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
 
     if top is not None and top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
-    check_outputs(force, json_out, md_out)
+    if json_out == "-" and md_out == "-":
+        raise click.UsageError("--json - and --markdown - both want stdout: send one to a file")
+    check_outputs(force, json_out, md_out, inputs=(base, target, options.reference))
     check_mapping(options.mapping)
-    with progress_bar(enabled=not quiet and json_out != "-") as progress:
+    with progress_bar(enabled=not quiet and "-" not in (json_out, md_out)) as progress:
         report = run_compare(base, target, options, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
+    elif md_out == "-":
+        click.echo(report.to_markdown(), nl=False)
+        if json_out:
+            write_text(json_out, report.to_json(), force)
     else:
         if quiet:
             click.echo(report.summary)
@@ -80,7 +86,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
             print_report(report, only_flagged=only_flagged, top=top)
         if json_out:
             write_text(json_out, report.to_json(), force)
-    if md_out:
+    if md_out and md_out != "-":
         write_text(md_out, report.to_markdown(), force)
     sys.exit(0 if report else 1)
 
@@ -117,7 +123,7 @@ def report(base: str, target: str, output: str, md_out: str | None, force: bool,
 
     out = Path(output)
     check_output_path(out, force=force)
-    check_outputs(force, md_out)
+    check_outputs(force, md_out, inputs=(base, target, options.reference), also=(output,))
     check_mapping(options.mapping)
     b = open_any(base, allow_partial=options.allow_partial, mapping=options.mapping)
     t = open_any(target, allow_partial=options.allow_partial, mapping=options.mapping)

@@ -75,7 +75,7 @@ def scan(dump: str | None, model: str | None, device: str, dtype: str,
 
     if (dump is None) == (model is None):
         raise click.UsageError("give either a DUMP.st or --model DIR")
-    check_outputs(force, json_out, output)
+    check_outputs(force, json_out, output, inputs=(dump,))
     if dump is not None:
         report = run_scan(dump, against=against)
     else:

@@ -14,7 +14,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,9 +37,32 @@ def check_output_path(path: Path, *, force: bool) -> None:
         raise DumpError(f"output folder {path.parent} does not exist: create it first")
     if path.is_dir():
         raise DumpError(f"output {path} is a directory: give a file name such as {path}/run.st")
+    if path.exists() and not path.is_file():  # a device, a FIFO, a socket: never replaced
+        raise DumpError(f"output {path} exists and is not a regular file: refused, even with "
+                        f"{option('--force', 'force=True')} (give a file name)")
     if path.exists() and not force:
         raise DumpError(f"output {path} already exists: pass {option('--force', 'force=True')} "
                         "to overwrite it")
+
+
+def check_outputs_apart(inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
+    """Refuse an output path that is one of the inputs, or given for two outputs: a
+    ``--force`` would overwrite a run being read, or one output the other (paths only: an
+    input given as an opened dump is left out)."""
+    seen: dict[Path, str] = {}
+    given = {Path(i).resolve() for i in inputs
+             if isinstance(i, (str, os.PathLike)) and str(i) != "-"}
+    for out in outputs:
+        if not isinstance(out, (str, os.PathLike)) or str(out) == "-":
+            continue
+        where = Path(out).resolve()
+        if where in given:
+            raise DumpError(f"output {out} is one of the inputs: refused (it would overwrite "
+                            "the run it reads)")
+        if where in seen:
+            raise DumpError(f"output {out} is given for two outputs ({seen[where]} and this "
+                            "one): refused, one would overwrite the other")
+        seen[where] = str(out)
 
 
 def disk_full(path: Path, needed: int) -> OutputError:

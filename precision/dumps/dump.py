@@ -439,6 +439,8 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
     p = Path(path)
     if not p.exists():
         raise DumpError(f"{p}: no such file")
+    if not p.is_file():  # a FIFO or a device: reading would wait forever, or never end
+        raise DumpError(f"{p}: not a regular file (a pipe or a device): give a dump file")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(9)

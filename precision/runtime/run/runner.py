@@ -20,7 +20,7 @@ import torch
 
 from ...dtypes import canonical, short
 from ...dumps import load, reference_path
-from ...dumps.atomic import check_output_path
+from ...dumps.atomic import check_output_path, check_outputs_apart
 from ...dumps.dump import Dump
 from ...dumps.keys import GEN_PREFIX, INPUT_PREFIX
 from ...errors import InputError
@@ -233,6 +233,10 @@ def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
         out = distributed.prepare_folder(out, dist, force=opts.force)
     else:
         check_output_path(out, force=opts.force)
+        for e in opts.expect:  # before the model runs: the references are written after it
+            check_output_path(reference_path(out, e), force=opts.force)
+        check_outputs_apart((opts.replay, opts.feed, opts.prompts_file),
+                            (out, *(reference_path(out, e) for e in opts.expect)))
     device = devices.resolve(dist.device if dist else opts.device, dtype)
     policy = Policy.parse(opts.keep_fp32)
     base = (distributed.own_shard(opts.replay, dist) if opts.replay else None)
