@@ -202,3 +202,30 @@ def test_records_in_one_run_only_are_said_and_fail_on_any_names_them(
     result = CliRunner().invoke(main, ["compare", str(base), str(once)])
     assert result.exit_code == 0 and "warning: 4 of 8 records are in one run only" in \
         result.output and "(--fail-on any fails on them)" in result.output
+
+
+def test_tolerances_and_topk_out_of_range_are_one_line(make_dump: Callable[..., Path]) -> None:
+    """--topk 0 divided by zero; --rtol nan or -1 flagged every layer."""
+    x = {"a:out": np.linspace(-1, 1, 8, dtype=np.float32)}
+    a, b = make_dump("a.st", x), make_dump("b.st", x)
+    for kw, said in (({"topk": 0}, "topk= 0: use 1 or more"),
+                     ({"rtol": float("nan")}, "rtol= nan: a tolerance is a finite number"),
+                     ({"atol": -5.0}, "atol= -5.0: a tolerance is a finite number")):
+        with pytest.raises(precision.InputError, match=said):
+            precision.compare(a, b, **kw)
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), "--rtol", "-1"])
+    assert result.exit_code == 2 and "error: --rtol -1.0: a tolerance is a finite number" in \
+        result.output
+
+
+def test_a_baseline_mask_of_zeros_is_judged_not_a_crash(make_dump: Callable[..., Path]) -> None:
+    """An attention mask of zeros makes every position padding: the note says nothing was
+    judged there (it divided by zero), and a mask is no position-bucket table."""
+    h = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 4, 8)
+    base = make_dump("a.st", {"input:attention_mask": np.zeros((2, 4), np.int64), "a:out": h})
+    target = make_dump("b.st", {"input:attention_mask": np.ones((2, 4), np.int64), "a:out": h})
+    report = precision.compare(base, target)
+    first = report.first_divergence
+    assert first is not None and first.key == "input:attention_mask"
+    assert first.status == "MISMATCH" and "bucket" not in first.reason
+    assert any("a mask of zeros: nothing of those records was judged" in n for n in report.notes)

@@ -189,9 +189,10 @@ def padding_notes(rows: list[Row]) -> list[str]:
     left_out = [padded(r) for r in rows if padded(r)[0]]
     if not left_out:
         return []
-    share = max(n / total for n, total in left_out)
+    share = max(n / max(total, n) for n, total in left_out)  # a mask of zeros: all of it
+    whole = " (a mask of zeros: nothing of those records was judged)" if share >= 1 else ""
     return [f"padding left out: {len(left_out)} record(s) judged on real tokens only (up to "
-            f"{share:.0%} of a record is padding, per the recorded attention masks)"]
+            f"{share:.0%} of a record is padding, per the recorded attention masks){whole}"]
 
 
 def operation_notes(b: Dump, t: Dump) -> list[str]:

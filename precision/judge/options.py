@@ -7,6 +7,7 @@ arguments); ``precision compare`` and ``precision report`` build one from their 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,3 +62,9 @@ class CompareOptions:
                              f"of {', '.join(FAIL_ON)}")
         if self.jobs is not None and self.jobs < 1:
             raise InputError(f"{option('--jobs', 'jobs=')} {self.jobs}: use 1 or more")
+        if self.topk < 1:
+            raise InputError(f"{option('--topk', 'topk=')} {self.topk}: use 1 or more")
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise InputError(f"{option(f'--{name}', f'{name}=')} {value}: a tolerance is a "
+                                 "finite number, 0 or more")

@@ -76,7 +76,10 @@ def distance_table(ids: np.ndarray, *, one_row: bool = False) -> dict[int, int] 
 
 def shift_of(key: str, base: np.ndarray, target: np.ndarray) -> BucketShift | None:
     """The distances at which ``target``'s bucket ids differ from a Toeplitz ``base``."""
-    table = distance_table(base, one_row=any(n in key for n in BIAS_NAMES))
+    bias = any(n in key for n in BIAS_NAMES)
+    if parse_key(key).is_input or (not bias and np.unique(base).size < 2):
+        return None  # the model's inputs, or a constant (an attention mask of ones): not ids
+    table = distance_table(base, one_row=bias)
     if table is None or base.shape != target.shape:
         return None
     planes = target.reshape(-1, base.shape[-2], base.shape[-1])
