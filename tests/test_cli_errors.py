@@ -464,3 +464,29 @@ def test_expect_refuses_an_existing_reference_before_the_model_runs(tmp_path: Pa
     _assert_error(_capture("--model", QWEN, "--expect", "fp16", "--max-new-tokens", "1",
                            "-o", tmp_path / "x.st"), "x.fp16-reference.st already exists")
     assert _files(tmp_path) == ["x.fp16-reference.st"]
+
+
+@pytest.mark.parametrize("ids", [[[5, 1_000_000, 7]], [[5, -3, 7]]])
+def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path: Path, ids: list[list[int]]
+                                                       ) -> None:
+    import numpy as np
+
+    feed = tmp_path / "feed.npz"
+    np.savez(feed, input_ids=np.array(ids, dtype=np.int64))
+    _assert_error(_capture("--model", QWEN, "--feed", feed, "--max-new-tokens", "0", "-o",
+                           tmp_path / "x.st"), "a token id is outside its embedding table")
+    assert not (tmp_path / "x.st").exists()
+
+
+def test_an_empty_or_scalar_feed_is_refused(tmp_path: Path) -> None:
+    """An empty .npz ran the built-in prompts without a word; a 0-d input_ids raised
+    IndexError deep in the model."""
+    import numpy as np
+
+    empty, scalar = tmp_path / "empty.npz", tmp_path / "scalar.npz"
+    np.savez(empty)
+    np.savez(scalar, input_ids=np.array(5, dtype=np.int64))
+    _assert_error(_capture("--model", QWEN, "--feed", empty, "-o", tmp_path / "x.st"),
+                  "holds no tensor")
+    _assert_error(_capture("--model", QWEN, "--feed", scalar, "-o", tmp_path / "x.st"),
+                  "input_ids has shape []: give a batch of ids (batch x length)")

@@ -257,19 +257,29 @@ def read_feed(file: str) -> dict[str, torch.Tensor]:
     p = Path(file)
     if not p.is_file():
         raise InputError(f"--feed {p} does not exist")
+    if p.suffix not in (".npz", ".safetensors"):
+        raise InputError(f"--feed {p}: use a .safetensors or .npz file of named tensors")
     try:
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: np.asarray(z[k]) for k in z.files}
-            return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
-        if p.suffix == ".safetensors":
+            fed = {k: torch.from_numpy(np.ascontiguousarray(a)).reshape(a.shape)
+                   for k, a in arrays.items()}
+        else:
             from safetensors.torch import load_file
 
-            return dict(load_file(str(p)))
+            fed = dict(load_file(str(p)))
     except Exception as exc:  # a corrupt or foreign file: one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"--feed {p} is not readable: {first}") from None
-    raise InputError(f"--feed {p}: use a .safetensors or .npz file of named tensors")
+    if not fed:
+        raise InputError(f"--feed {p} holds no tensor: give the model's inputs by name "
+                         "(input_ids, attention_mask, pixel_values...)")
+    for name, t in fed.items():
+        if name.endswith("_ids") and t.ndim < 2:
+            raise InputError(f"--feed {p}: {name} has shape {list(t.shape)}: give a batch of "
+                             "ids (batch x length)")
+    return fed
 
 
 def to_model(inputs: dict[str, torch.Tensor], device: Any,

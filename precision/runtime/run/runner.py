@@ -421,6 +421,12 @@ def _model_errors(dtype: str, device: str) -> Iterator[None]:
     """A model that fails to run (an op without a half kernel, out of memory) is one line."""
     try:
         yield
+    except IndexError as exc:  # an embedding lookup of an id beyond its table (or negative)
+        if "index out of range in self" not in str(exc):
+            raise
+        raise InputError(f"the model failed to run in {short(dtype)} on {device}: a token id "
+                         "is outside its embedding table (negative, or beyond the vocabulary: "
+                         "check the ids of --feed or of the replayed dump)") from None
     except (RuntimeError, ValueError, NotImplementedError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if isinstance(exc, KeyError):  # accelerate's offload index lacks a tied weight
