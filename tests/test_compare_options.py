@@ -229,3 +229,21 @@ def test_a_baseline_mask_of_zeros_is_judged_not_a_crash(make_dump: Callable[...,
     assert first is not None and first.key == "input:attention_mask"
     assert first.status == "MISMATCH" and "bucket" not in first.reason
     assert any("a mask of zeros: nothing of those records was judged" in n for n in report.notes)
+
+
+def test_runs_of_nan_alone_are_nothing_to_compare(make_dump: Callable[..., Path]) -> None:
+    """Two runs whose every float record is NaN at the same places passed (144 OK): nothing
+    was compared. That is one line, exit 2; NaN in one run only stays a FAIL."""
+    nan = np.full(8, np.nan, np.float32)
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    broken = make_dump("nan.st", {"a:out": nan, "b:out": nan})
+    with pytest.raises(precision.DumpError, match=r"hold no finite value at the same places "
+                                                  r"in any of their 2 float record\(s\) \(first "
+                                                  r"a:out"):
+        precision.compare(broken, broken)
+    result = CliRunner().invoke(main, ["compare", str(broken), str(broken)])
+    assert result.exit_code == 2
+    healthy = make_dump("x.st", {"a:out": x, "b:out": x})
+    assert not precision.compare(broken, healthy) and not precision.compare(healthy, broken)
+    some = make_dump("some.st", {"a:out": nan, "b:out": x})
+    assert precision.compare(some, some)  # the finite record is compared: a PASS

@@ -198,11 +198,18 @@ def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
         return  # records that cannot be compared are a verdict of their own (MISMATCH),
         # unless they are all there is and most records pair with nothing: unrelated runs
     if any(r.status != "MISSING" and (
-            r.metrics or r.exact or r.logits or r.generation or (
+            (r.metrics and (r.metrics.compared or r.status != "OK"))
+            or r.exact or r.logits or r.generation or (
                 r.stats_delta is not None and (r.stats_delta.has_statistics
                                                or r.stats_delta.same_checksum_kind)))
            for r in rows):
-        return  # a measurement
+        return  # a measurement (a float pair of NaN at the same places alone is none)
+    blank = [r for r in rows if r.metrics is not None and not r.metrics.compared]
+    if blank:
+        raise DumpError(f"nothing to compare: {displayed_path(b)} and {displayed_path(t)} hold "
+                        f"no finite value at the same places in any of their {len(blank)} "
+                        f"float record(s) (first {blank[0].key}: NaN or inf in both): such a "
+                        "baseline is no reference; capture it again")
 
     def holds(d: Dump) -> str:
         keys = [e.key for e in d.entries]
