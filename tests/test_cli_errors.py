@@ -490,3 +490,40 @@ def test_an_empty_or_scalar_feed_is_refused(tmp_path: Path) -> None:
                   "holds no tensor")
     _assert_error(_capture("--model", QWEN, "--feed", scalar, "-o", tmp_path / "x.st"),
                   "input_ids has shape []: give a batch of ids (batch x length)")
+
+
+@pytest.mark.parametrize(("meta", "said"), [
+    ({"logits_key": ["a:out"]}, "field 'logits_key' has type list"),
+    ({"dtype": 7}, "field 'dtype' has type int"),
+    ({"dtype": "float99"}, "field 'dtype' is 'float99', no dtype this reader knows"),
+    ({"policy": {"base": 3}}, "field 'policy' is malformed"),
+    ({"mode": "partial"}, "field 'mode' is 'partial'"),
+])
+def test_metadata_of_the_wrong_type_is_one_line(tmp_path: Path, meta: dict[str, object],
+                                               said: str) -> None:
+    """Hand-edited metadata gave tracebacks (a list as logits_key: unhashable) or odd
+    output (fp32->7) in compare and inspect."""
+    import numpy as np
+
+    from .conftest import write_dump
+
+    path = write_dump(tmp_path / "m.st", {"a:out": np.ones(4, np.float32)}, meta=meta)
+    _assert_error(_run("inspect", path), said)
+    _assert_error(_run("compare", path, path), said)
+
+
+@pytest.mark.parametrize("numel", [-5, 1.5, 1e300])
+def test_stats_counts_out_of_range_are_one_line(tmp_path: Path, numel: float) -> None:
+    """A stats record's counts are whole numbers, 0 or more (-5 gave a math domain error in
+    compare, 10**400 an OverflowError); a record listed twice was counted twice."""
+    import numpy as np
+
+    from .conftest import write_dump
+
+    doctored = write_dump(tmp_path / "d.st", {}, stats={"a:out": {"numel": numel, "nan": 0}},
+                          stats_shapes={"a:out": (4,)}, meta={"mode": "stats"})
+    _assert_error(_run("compare", doctored, doctored), "record list in the dump metadata is "
+                                                       "malformed")
+    twice = write_dump(tmp_path / "t.st", {"a:out": np.ones(4, np.float32)},
+                       aliases={"a:out": "a:out"})
+    _assert_error(_run("inspect", twice), "'a:out' listed twice")

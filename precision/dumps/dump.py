@@ -26,9 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from ..dtypes import NAME_TO_SAFETENSORS, SAFETENSORS_TO_NAME, is_float, numpy_dtype, short
+from ..dtypes import (
+    NAME_TO_SAFETENSORS,
+    SAFETENSORS_TO_NAME,
+    canonical,
+    is_float,
+    numpy_dtype,
+    short,
+)
 from ..dtypes import itemsize as dtype_itemsize
-from ..errors import DumpError
+from ..errors import DumpError, PrecisionError
 from .atomic import DISK_FULL, AtomicFile, format_bytes
 from .meta import ComputeSettings
 from .sketch import BUCKETS
@@ -479,8 +486,9 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
         _attach_sketches(p, meta, tensors.pop(SKETCHES_KEY, None))
     try:
         entries = _entries(meta, tensors)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        raise DumpError(f"{p}: the record list in the dump metadata is malformed") from None
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError) as exc:
+        why = f" ({exc})" if "listed twice" in str(exc) else ""
+        raise DumpError(f"{p}: the record list in the dump metadata is malformed{why}") from None
     for e in entries:
         t = tensors.get(e.key)
         if t is not None and (t.shape != e.shape or t.dtype != e.dtype):
@@ -514,7 +522,7 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
             begin, end = (int(x) for x in spec["data_offsets"])
         except KeyError as exc:
             raise DumpError(f"{p}: tensor {key!r} has unknown or missing field {exc}") from None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DumpError(f"{p}: tensor {key!r} has a malformed header entry") from None
         if any(s < 0 for s in shape) or begin < 0 or end < begin:
             raise DumpError(f"{p}: tensor {key!r} has a negative shape or offsets")
@@ -544,12 +552,41 @@ def _parse_meta(p: Path, meta_raw: Any) -> dict[str, Any]:
         meta = json.loads(meta_raw.get("meta", "{}"))
     except (TypeError, json.JSONDecodeError, RecursionError):
         raise DumpError(f"{p}: dump metadata is not valid JSON") from None
+    check_meta_fields(p, meta)
+    return meta
+
+
+#: metadata fields a reader relies on, and the JSON types each may have (None: absent/null)
+META_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (dict,), "device": (dict,), "policy": (dict,), "env": (dict,),
+    "module_dtypes": (dict,), "logits_key": (str, type(None)), "logits_keys": (list,),
+    "dtype": (str, type(None)), "mode": (str,), "entries": (list,),
+}
+
+
+def check_meta_fields(p: Path, meta: Any) -> None:
+    """Refuse metadata whose fields have other types than this reader expects (a hand-edited
+    or foreign file): one line, not a traceback deep in compare or inspect."""
     if not isinstance(meta, dict):
         raise DumpError(f"{p}: dump metadata is not a JSON object")
-    for section in ("model", "device", "policy", "env", "module_dtypes"):
-        if not isinstance(meta.get(section, {}), dict):
-            raise DumpError(f"{p}: dump metadata field {section!r} is not an object: corrupt")
-    return meta
+    for name, kinds in META_FIELDS.items():
+        if name in meta and not isinstance(meta[name], kinds):
+            raise DumpError(f"{p}: dump metadata field {name!r} has type "
+                            f"{type(meta[name]).__name__}, not what a dump holds there: corrupt")
+    if meta.get("dtype") is not None:
+        try:
+            canonical(meta["dtype"])
+        except PrecisionError:
+            raise DumpError(f"{p}: dump metadata field 'dtype' is {meta['dtype']!r}, no dtype "
+                            "this reader knows: corrupt") from None
+    if meta.get("mode", "full") not in ("full", "stats"):
+        raise DumpError(f"{p}: dump metadata field 'mode' is {meta['mode']!r}: corrupt")
+    if not all(isinstance(k, str) for k in meta.get("logits_keys", [])):
+        raise DumpError(f"{p}: dump metadata field 'logits_keys' holds a non-string: corrupt")
+    policy = meta.get("policy", {})
+    if not isinstance(policy.get("base", ""), str) or not all(
+            isinstance(g, str) for g in policy.get("globs", []) or []):
+        raise DumpError(f"{p}: dump metadata field 'policy' is malformed: corrupt")
 
 
 def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry]:
@@ -560,6 +597,7 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
     if not isinstance(raw, list):
         raise TypeError("entries is not a list")
     entries = []
+    keys: set[str] = set()
     for i, e in enumerate(raw):
         texts = [e["key"], e.get("module", e["key"]), e.get("kind", "out"), e.get("index", ""),
                  e.get("dtype", "float32")]
@@ -573,12 +611,22 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
                 or not (alias is None or isinstance(alias, str))
                 or not (stats is None or _valid_stats(stats))):
             raise TypeError(f"record {i}")
+        if texts[0] in keys:
+            raise ValueError(f"record {texts[0]!r} listed twice")
+        if stats is not None and stats.get("numel", 0) > math.prod(int(s) for s in shape):
+            raise ValueError(f"record {i}: more elements than its shape holds")
+        keys.add(texts[0])
         entries.append(Entry(
             key=texts[0], module=texts[1], kind=texts[2], index=texts[3],
             call=int(e.get("call", 0)), order=i, shape=tuple(int(s) for s in shape),
             dtype=texts[4], stats=stats, alias_of=alias, signature=signature,
         ))
     return entries
+
+
+#: a stats record's element counts
+COUNT_FIELDS = ("numel", "nan", "posinf", "neginf", "masked", "beyond_fp16", "near_fp16_max",
+                "padded", "flush_fp16")
 
 
 def _valid_stats(stats: Any) -> bool:
@@ -590,6 +638,11 @@ def _valid_stats(stats: Any) -> bool:
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
+    def count(v: Any) -> bool:  # an element count: a whole number, 0 or more, not inf
+        return number(v) and math.isfinite(v) and v >= 0 and v == int(v)
+
+    if isinstance(stats, dict) and not all(count(stats[k]) for k in COUNT_FIELDS if k in stats):
+        return False
     return isinstance(stats, dict) and all(
         (isinstance(v, np.ndarray) or (isinstance(v, (list, str)) and valid_sketch(v)))
         if k == "sketch"

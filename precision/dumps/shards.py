@@ -64,8 +64,11 @@ def load_dir(folder: Path) -> Dump:
     if extra:
         raise DumpError(f"{folder}: {extra[0]} is not listed in {INDEX}: a shard of another "
                         "run? remove it or capture again")
+    meta = doc.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DumpError(f"{index}: its 'meta' is not a JSON object: corrupt index")
     parts = [(r, load_file(folder / name)) for r, name in sorted(shards)]
-    return _merge(folder, parts, doc.get("meta") or {})
+    return _merge(folder, parts, meta)
 
 
 def load_partial(folder: Path) -> Dump:
