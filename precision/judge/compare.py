@@ -76,6 +76,7 @@ from .verdict.rules import (
     made_in_own_forward,
     verdict_of,
 )
+from .verdict.steps import after_divergence
 
 __all__ = ["SWAPPED", "compare", "plan_jobs", "status_of_metrics"]
 
@@ -167,7 +168,8 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     ctx = Context(prof, {name: d.dtype for name, d in runs.items()},
                   others={name: _by_key(rs, runs, name) for name, rs in by_comparison.items()},
                   stateless=stateless_modules(b))
-    judged = made_in_own_forward(judge_rows(rows, ctx, rules))
+    judged, step_notes = after_divergence(made_in_own_forward(judge_rows(rows, ctx, rules)),
+                                          b.meta, t.meta)
     gen = [r for r in judged if r.generation is not None]
     rows, bias_notes = diagnose(b, t, _with_growth([r for r in judged if r.generation is None]))
     rows += gen
@@ -180,7 +182,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
                                  + unused_mapping_warnings(o.mapping, lined, runs)
                                  + unpaired_warnings(b, t, rows)),
                   fail_on=o.fail_on, info=_info(b, t),
-                  notes=tuple(padding_notes(rows) + folded_notes(runs, folded)
+                  notes=tuple(step_notes + padding_notes(rows) + folded_notes(runs, folded)
                               + operation_notes(b, t)
                               + reference_notes(runs, dtypes, prof, rows) + sketch_notes(runs)
                               + lineup_notes(runs) + external_notes(runs, rows)
