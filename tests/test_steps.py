@@ -62,3 +62,22 @@ def test_a_healthy_bf16_run_with_a_near_tie_passes_step_by_step(tmp_path: Path) 
         pytest.skip("the generations did not diverge on this machine's kernels")
     assert report, report.summary
     assert any("are not judged: the generations diverged at step" in n for n in report.notes)
+
+
+def test_runs_recorded_per_step_and_in_one_forward_are_one_line(tmp_path: Path) -> None:
+    """A --capture-steps baseline against a plain replay: the records share names but not
+    what they hold (step 0's prompt against the whole sequence); it gave MISMATCH rows and
+    455 MISSING."""
+    import numpy as np
+
+    from .conftest import write_dump
+
+    x = {"a:out": np.ones(4, np.float32)}
+    steps = write_dump(tmp_path / "steps.st", x, meta={"generation": {"layers_per_step": True}})
+    whole = write_dump(tmp_path / "whole.st", x, meta={"generation": {"layers_per_step": False}})
+    for a, b in ((steps, whole), (whole, steps)):
+        with pytest.raises(precision.InputError, match=r"^steps.st recorded its layers per "
+                                                       r"decoding step \(--capture-steps\) and "
+                                                       r"whole.st in one forward"):
+            precision.compare(a, b)
+    assert precision.compare(steps, steps)

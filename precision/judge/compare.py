@@ -76,7 +76,7 @@ from .verdict.rules import (
     made_in_own_forward,
     verdict_of,
 )
-from .verdict.steps import after_divergence
+from .verdict.steps import after_divergence, check_same_layout
 
 __all__ = ["SWAPPED", "compare", "plan_jobs", "status_of_metrics"]
 
@@ -143,6 +143,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     for name, other in runs.items():
         if name != BASE:
             check_same_model(b, other, o.allow_different_models)
+            check_same_layout(b, other)
     dtypes = {name: run_precision(d, stated.get(name)) for name, d in runs.items()}
     if REFERENCE in runs and dtypes[REFERENCE] != dtypes[TARGET]:
         raise InputError(f"the reference {runs[REFERENCE].path.name} computed in "

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from ...dumps.keys import parse_key
+from ...errors import InputError
 from ..measure.row import Row
 
 
@@ -23,6 +24,23 @@ def per_step(meta: dict[str, Any]) -> bool:
     """Whether a dump holds its layers per decoding step (``--capture-steps``)."""
     generation = meta.get("generation")
     return isinstance(generation, dict) and bool(generation.get("layers_per_step"))
+
+
+def check_same_layout(base: Any, target: Any) -> None:
+    """Refuse two runs that recorded their layers differently: per decoding step
+    (``--capture-steps``) against one teacher-forced forward, whose records share names
+    but not what they hold (a prompt's step 0 against the whole sequence: MISMATCH rows and
+    MISSING steps, not a comparison). ``base``/``target``: dumps."""
+    sides = [d.meta.get("generation") for d in (base, target)]
+    if not all(isinstance(g, dict) for g in sides) or any(
+            d.meta.get("engine") or d.meta.get("engine_replay") for d in (base, target)):
+        return  # an engine's steps are lined up by its own rules (engines/vllm/lineup)
+    steps = [per_step(d.meta) for d in (base, target)]
+    if steps[0] != steps[1]:
+        per, whole = (base, target) if steps[0] else (target, base)
+        raise InputError(f"{per.path.name} recorded its layers per decoding step "
+                         f"(--capture-steps) and {whole.path.name} in one forward: capture both "
+                         "alike to compare them")
 
 
 def after_divergence(rows: Sequence[Row], base_meta: dict[str, Any],
