@@ -403,3 +403,26 @@ def test_calls_made_in_another_order_are_paired_by_their_arguments(tmp_path: Pat
     assert report, [(r.key, r.status) for r in report.rows]
     assert {r.key for r in report.rows} >= {"rot:out", "rot:out#1", "lin:out"}
     assert all(r.metrics is not None and r.metrics.max_abs == 0 for r in report.rows)
+
+
+def test_outputs_a_dump_cannot_hold_are_counted_and_left_out(tmp_path: Path) -> None:
+    """A complex, a meta-device or a sparse output raised deep in the capture (or blamed a
+    dtype the user never chose); each is left out, counted in the dump, and compare says so."""
+    class Odd(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"c": torch.complex(x, x), "m": torch.empty(2, device="meta"),
+                    "s": x.to_sparse(), "ok": x * 2}
+
+    model = Odd()
+    path = tmp_path / "odd.st"
+    with torch.no_grad(), precision.capture(model, path):
+        model(torch.ones(2, 2))
+    dump = precision.load(path)
+    assert [e.key for e in dump.entries] == ["input:x", "root:out.ok"]
+    assert dump.meta["left_out"] == {"complex64 tensors": 1, "meta-device tensors": 1,
+                                     "sparse_coo tensors": 1}
+    other = tmp_path / "other.st"
+    with torch.no_grad(), precision.capture(model, other):
+        model(torch.ones(2, 2))
+    assert "odd.st: left out 3 tensor record(s): 1 complex64 tensors, 1 meta-device tensors, " \
+           "1 sparse_coo tensors" in precision.compare(path, other).notes

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +34,7 @@ from ...dumps import load
 from ...dumps.atomic import check_output_path
 from ...dumps.dump import Dump, DumpWriter
 from ...dumps.keys import CAST_PREFIX, make_key, parse_key
-from ...errors import InputError, option
+from ...errors import InputError, PrecisionError, option
 from ..models.hybrid import instrument
 from ..models.identity import model_identity
 from .compute import compute_settings, environment
@@ -208,6 +209,8 @@ class Capture:
         self._entries: list[dict[str, Any]] = []
         self._calls: dict[str, int] = {}
         self._seen: dict[int, tuple[weakref.ref[torch.Tensor], str, int | None]] = {}
+        #: records with no values a dump can hold (meta-device, sparse, complex...), by kind
+        self._left_out: Counter[str] = Counter()
         self._writer: DumpWriter | None = None
         self._bg: BackgroundWriter | None = None
         self._dump: Dump | None = None
@@ -497,6 +500,10 @@ class Capture:
                 signature: str | None = None) -> str:
         """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
         key = make_key(module, kind, idx, call)
+        if t.layout != torch.strided or t.is_meta:  # no values to store: counted, left out
+            what = "meta-device" if t.is_meta else str(t.layout).removeprefix("torch.")
+            self._left_out[f"{what} tensors"] += 1
+            return key
         seen = self._seen.get(id(t))
         alias = None
         if (seen is not None and seen[0]() is t and seen[2] is not None
@@ -516,9 +523,13 @@ class Capture:
     def _store_entry(self, key: str, module: str, kind: str, idx: str, call: int,
                      t: torch.Tensor, alias: str | None, whole: bool,
                      signature: str | None) -> None:
+        try:
+            dtype = torch_dtype_name(t.dtype)
+        except PrecisionError:  # complex, float8, uint16: nothing a dump holds
+            self._left_out[f"{str(t.dtype).removeprefix('torch.')} tensors"] += 1
+            return
         entry: dict[str, Any] = {"key": key, "module": module, "kind": kind, "index": idx,
-                                 "call": call, "shape": list(t.shape),
-                                 "dtype": torch_dtype_name(t.dtype)}
+                                 "call": call, "shape": list(t.shape), "dtype": dtype}
         if signature is not None:
             entry["signature"] = signature
         if alias is not None:
@@ -564,6 +575,8 @@ class Capture:
         }
         if self.statistics is not None:
             meta["statistics"] = self.statistics
+        if self._left_out:
+            meta["left_out"] = dict(self._left_out)
         half = half_precision(dtypes)
         if half is not None and "dtype" not in self.meta:
             meta["dtype"] = half  # a capture from Python: the CLI states its --dtype
