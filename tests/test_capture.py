@@ -426,3 +426,22 @@ def test_outputs_a_dump_cannot_hold_are_counted_and_left_out(tmp_path: Path) -> 
         model(torch.ones(2, 2))
     assert "odd.st: left out 3 tensor record(s): 1 complex64 tensors, 1 meta-device tensors, " \
            "1 sparse_coo tensors" in precision.compare(path, other).notes
+
+
+def test_dict_keys_with_separators_make_distinct_parseable_keys(tmp_path: Path) -> None:
+    """{'a.b': x, 'a': {'b': y}} gave two records keyed root:out.a.b; 'a:b#1' read as
+    another kind and call, and '' as the plain output's key."""
+    from precision.dumps.keys import parse_key
+
+    class Keys(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, object]:
+            return {"a.b": x, "a": {"b": x + 1}, "a:b#1": x + 2, "": x + 3}
+
+    assert [p for p, _ in flatten(Keys()(torch.ones(2)))] == ["a_b", "a.b", "a_b_1", "_"]
+    path = tmp_path / "k.st"
+    model = Keys()
+    with torch.no_grad(), precision.capture(model, path, mode="stats"):
+        model(torch.ones(2))
+    keys = [e.key for e in precision.load(path).entries if e.module == "root"]
+    assert keys == ["root:out.a_b", "root:out.a.b", "root:out.a_b_1", "root:out._"]
+    assert all(parse_key(k).call == 0 and parse_key(k).kind == "out" for k in keys)

@@ -18,17 +18,29 @@ import torch
 def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(path, tensor)`` for every tensor inside nested tuples, lists and dicts.
 
-    Paths join tuple positions and dict keys with dots (``"0"``, ``"logits"``, ``"1.0"``);
-    non-tensor leaves (``None``, caches, numbers) are skipped.
+    Paths join tuple positions and dict keys (:func:`part`) with dots (``"0"``,
+    ``"logits"``, ``"1.0"``); non-tensor leaves (``None``, caches, numbers) are skipped.
     """
     if isinstance(value, torch.Tensor):
         yield prefix, value
     elif isinstance(value, dict):
         for k, v in value.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from flatten(v, f"{prefix}.{part(k)}" if prefix else part(k))
     elif isinstance(value, (tuple, list)):
         for i, v in enumerate(value):
             yield from flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+#: what a dict key may not bring into a record's key: the separators of its path (``.``)
+#: and of the key itself (``:`` kind, ``#`` call, ``/`` operation)
+_SEPARATORS = str.maketrans({".": "_", ":": "_", "#": "_", "/": "_"})
+
+
+def part(key: Any) -> str:
+    """A dict key as one part of a path: its separators replaced by ``_``, and an empty key
+    as ``_`` (``{'a.b': x}`` and ``{'a': {'b': y}}`` were both ``a.b``; ``'a:b#1'`` read
+    as another kind and call)."""
+    return str(key).translate(_SEPARATORS) or "_"
 
 
 def map_tensors(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor],
@@ -38,7 +50,7 @@ def map_tensors(value: Any, fn: Callable[[str, torch.Tensor], torch.Tensor],
     if isinstance(value, torch.Tensor):
         return fn(prefix, value)
     if isinstance(value, dict):
-        return {k: map_tensors(v, fn, f"{prefix}.{k}" if prefix else str(k))
+        return {k: map_tensors(v, fn, f"{prefix}.{part(k)}" if prefix else part(k))
                 for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         items = [map_tensors(v, fn, f"{prefix}.{i}" if prefix else str(i))
