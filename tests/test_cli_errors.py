@@ -498,6 +498,8 @@ def test_an_empty_or_scalar_feed_is_refused(tmp_path: Path) -> None:
     ({"dtype": "float99"}, "field 'dtype' is 'float99', no dtype this reader knows"),
     ({"policy": {"base": 3}}, "field 'policy' is malformed"),
     ({"mode": "partial"}, "field 'mode' is 'partial'"),
+    ({"logits_key": "nope:out"}, "names 'nope:out' as the logits, a record the dump does not "
+                                 "hold"),
 ])
 def test_metadata_of_the_wrong_type_is_one_line(tmp_path: Path, meta: dict[str, object],
                                                said: str) -> None:

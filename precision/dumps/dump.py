@@ -489,6 +489,10 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
     except (TypeError, KeyError, ValueError, AttributeError, OverflowError) as exc:
         why = f" ({exc})" if "listed twice" in str(exc) else ""
         raise DumpError(f"{p}: the record list in the dump metadata is malformed{why}") from None
+    logits = meta.get("logits_key")
+    if logits is not None and logits not in tensors and all(e.key != logits for e in entries):
+        raise DumpError(f"{p}: the metadata names {logits!r} as the logits, a record the dump "
+                        "does not hold: corrupt metadata")
     for e in entries:
         t = tensors.get(e.key)
         if t is not None and (t.shape != e.shape or t.dtype != e.dtype):
