@@ -522,6 +522,8 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
             dtype = SAFETENSORS_TO_NAME[spec["dtype"]]
             if not isinstance(spec["shape"], list) or not isinstance(spec["data_offsets"], list):
                 raise TypeError
+            if not all(_whole(x) for x in (*spec["shape"], *spec["data_offsets"])):
+                raise TypeError  # 1.7 read as 1, 1e30 as a size no array can have
             shape = tuple(int(s) for s in spec["shape"])
             begin, end = (int(x) for x in spec["data_offsets"])
         except KeyError as exc:
@@ -610,6 +612,7 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
         alias = e.get("alias_of")
         signature = e.get("signature")
         if (not all(isinstance(s, str) for s in texts) or not isinstance(shape, list)
+                or not all(_whole(x) for x in shape) or not _whole(e.get("call", 0))
                 or not (signature is None or isinstance(signature, str))
                 or texts[4] not in NAME_TO_SAFETENSORS
                 or not (alias is None or isinstance(alias, str))
@@ -626,6 +629,11 @@ def _entries(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[Entry
             dtype=texts[4], stats=stats, alias_of=alias, signature=signature,
         ))
     return entries
+
+
+def _whole(x: Any) -> bool:
+    """A size, offset or call number as a dump writes it: an int from 0 to 2^63 - 1."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 #: a stats record's element counts

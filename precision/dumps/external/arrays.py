@@ -140,13 +140,13 @@ def pt_object(p: Path) -> Any:
 def _unpickling_failure(exc: BaseException) -> str:
     """What torch's weights-only load refused, without its advice to load the file unsafely:
     the class a pickle names, or the unpickler's own words."""
-    text = str(exc)
+    text = "".join(c if c.isprintable() or c == "\n" else "?" for c in str(exc))
     named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if named:
-        return f"it holds a pickled {named.group(1)}, not tensors"
-    said = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+        return f"it holds a pickled {named.group(1)[:80]}, not tensors"
+    said = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
     if said and said.group(1).strip():
-        return f"not a torch file: {said.group(1).strip()}"
+        return f"not a torch file: {said.group(1).strip()[:160]}"
     return one_line(exc, first_line=True).split(" In PyTorch")[0].rstrip(" .")
 
 
