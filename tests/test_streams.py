@@ -187,27 +187,41 @@ def test_one_tensor_larger_than_the_ring_at_a_time() -> None:
     assert submitted == [0, 1, 2] and disk.written == ["k0:out", "k1:out", "k2:out"]
 
 
+class Frees(list[bool]):
+    """For each ring slot freed, whether every copy up to it had landed by then."""
+
+    writer: BackgroundWriter
+
+
+def _submit_watching_frees(device: type[Async], disk: GatedWriter, n: int) -> Frees:
+    """``n`` tensors submitted to a new writer whose ring records each free (:class:`Frees`);
+    the device and the disk are then let go."""
+    writer = BackgroundWriter(disk, device_type="cpu", buffer_bytes=1 << 20)  # type: ignore[arg-type]
+    freed = Frees()
+    freed.writer = writer
+    free = writer.ring.free
+
+    def checked_free() -> None:
+        freed.append(all(e.synchronized for e in device.events[:len(freed) + 1]))
+        free()
+
+    writer.ring.free = checked_free  # type: ignore[method-assign]
+    for i in range(n):
+        writer.submit(f"k{i}:out", "float32", torch.full((8,), float(i)))
+    device.release.set()
+    disk.gate.set()
+    return freed
+
+
 def test_after_a_write_fails_each_copy_is_waited_for_before_its_slot_is_freed(
         async_device: type[Async]) -> None:
     """Once a write fails the rest are not written, but each copy still lands before its ring
     slot goes back (to the next capture of the process, whose copies would otherwise be
     overwritten by these), and the first error is the one raised."""
     disk = GatedWriter(fail=True)
-    writer = BackgroundWriter(disk, device_type="cpu", buffer_bytes=1 << 20)  # type: ignore[arg-type]
-    freed: list[bool] = []
-    free = writer.ring.free
-
-    def checked_free() -> None:
-        freed.append(all(e.synchronized for e in async_device.events[:len(freed) + 1]))
-        free()
-
-    writer.ring.free = checked_free  # type: ignore[method-assign]
-    for i in range(3):
-        writer.submit(f"k{i}:out", "float32", torch.full((8,), float(i)))
-    async_device.release.set()
-    disk.gate.set()
+    freed = _submit_watching_frees(async_device, disk, 3)
     with pytest.raises(OSError, match="No space left"):
-        writer.finish()
+        freed.writer.finish()
     assert freed == [True, True, True]
     assert all(e.synchronized for e in async_device.events)
 
@@ -222,19 +236,7 @@ def test_a_device_that_cannot_be_set_still_waits_for_its_copies(
     monkeypatch.setattr(Async, "set_device", staticmethod(refuse))
     async_device.strict = False
     disk = GatedWriter()
-    writer = BackgroundWriter(disk, device_type="cpu", buffer_bytes=1 << 20)  # type: ignore[arg-type]
-    freed: list[bool] = []
-    free = writer.ring.free
-
-    def checked_free() -> None:
-        freed.append(all(e.synchronized for e in async_device.events[:len(freed) + 1]))
-        free()
-
-    writer.ring.free = checked_free  # type: ignore[method-assign]
-    for i in range(2):
-        writer.submit(f"k{i}:out", "float32", torch.full((8,), float(i)))
-    async_device.release.set()
-    disk.gate.set()
+    freed = _submit_watching_frees(async_device, disk, 2)
     with pytest.raises(RuntimeError, match="no such device"):
-        writer.finish()
+        freed.writer.finish()
     assert freed == [True, True] and disk.written == []
