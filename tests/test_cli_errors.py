@@ -451,10 +451,18 @@ def test_markdown_to_stdout_and_replay_with_inputs_refused(tmp_path: Path) -> No
     assert not (Path.cwd() / "-").exists()
     usage = _run("compare", a, b, "--markdown", "-", "--json", "-")
     assert usage.exit_code == 2 and "both want stdout" in usage.stderr
-    for extra in (("--max-new-tokens", "2"), ("--prompt", "hi")):
-        refused = _capture("--model", T5, "--replay", a, *extra, "-o", tmp_path / "r.st")
-        assert refused.exit_code == 2 and f"{extra[0]} cannot go with it" in refused.stderr
+    refused = _capture("--model", T5, "--replay", a, "--prompt", "hi", "-o", tmp_path / "r.st")
+    assert refused.exit_code == 2 and "--prompt cannot go with it" in refused.stderr
+    base = tmp_path / "base.st"
+    assert _capture("--model", T5, "--max-new-tokens", "2", "-o", base).exit_code == 0
+    refused = _capture("--model", T5, "--replay", base, "--max-new-tokens", "3", "-o",
+                       tmp_path / "r.st")
+    assert refused.exit_code == 2 and "--max-new-tokens 3: --replay generates as many tokens " \
+        "as the baseline did (2)" in refused.stderr
     assert not (tmp_path / "r.st").exists()
+    same = _capture("--model", T5, "--replay", base, "--max-new-tokens", "2", "-o",
+                    tmp_path / "r.st")
+    assert same.exit_code == 0, same.output
 
 
 def test_expect_refuses_an_existing_reference_before_the_model_runs(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
     if not output and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
     if replay:
-        _refuse_with_replay()
+        _refuse_with_replay(replay, max_new_tokens)
     opts = CaptureOptions(model=model, output=output or "", device=device, device_map=device_map,
                           dtype=dtype, full=full_globs,
                           steps=parse_steps(steps_spec) if steps_spec else None,
@@ -188,22 +188,30 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
             click.echo(f"wrote {written}: {len(d.entries)} records, {len(d.tensors)} tensors, "
                        f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
 
-#: what ``--replay`` takes from the baseline: the inputs, and the generation's length
+#: what ``--replay`` takes from the baseline: its inputs
 REPLAYED = {"prompts": "--prompt", "prompts_file": "--prompts-file", "images": "--image",
-            "audio": "--audio", "feed": "--feed", "max_new_tokens": "--max-new-tokens"}
+            "audio": "--audio", "feed": "--feed"}
 
 
-def _refuse_with_replay() -> None:
+def _refuse_with_replay(replay: str, max_new_tokens: int) -> None:
     """``--replay`` runs the baseline's inputs and generates as many tokens as it did: an
-    input or a length given beside it would be dropped, so it is refused."""
+    input, or another length, given beside it would be dropped, so it is refused (the
+    baseline's own length, given again, is fine)."""
     from click.core import ParameterSource
+
+    from ..dumps import load
 
     ctx = click.get_current_context()
     given = [flag for name, flag in REPLAYED.items()
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
     if given:
-        raise click.UsageError(f"--replay runs the baseline's own inputs and generation length: "
-                               f"{', '.join(given)} cannot go with it")
+        raise click.UsageError(f"--replay runs the baseline's own inputs: {', '.join(given)} "
+                               "cannot go with it")
+    if ctx.get_parameter_source("max_new_tokens") == ParameterSource.COMMANDLINE:
+        made = load(replay).meta.get("max_new_tokens")
+        if isinstance(made, int) and made != max_new_tokens:
+            raise click.UsageError(f"--max-new-tokens {max_new_tokens}: --replay generates as "
+                                   f"many tokens as the baseline did ({made})")
 
 
 #: what ``capture --engine vllm`` takes; every other option is Hugging Face's alone

@@ -500,7 +500,7 @@ class Capture:
                 signature: str | None = None) -> str:
         """Store ``t`` under its key, or record an alias when this very tensor is stored already."""
         key = make_key(module, kind, idx, call)
-        if t.layout != torch.strided or t.is_meta:  # no values to store: counted, left out
+        if t.layout != torch.strided or (t.is_meta and not self._dry_run):  # no values
             what = "meta-device" if t.is_meta else str(t.layout).removeprefix("torch.")
             self._left_out[f"{what} tensors"] += 1
             return key
