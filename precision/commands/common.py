@@ -72,10 +72,9 @@ def progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield update
 
 
-def check_outputs(force: bool, *paths: str | None, inputs: Sequence[Any] = (),
-                  also: Sequence[str] = ()) -> None:
+def check_outputs(force: bool, *paths: str | None, inputs: Sequence[Any] = ()) -> None:
     """Refuse, before any work, outputs that exist (without --force) or have no folder, that
-    are one of the ``inputs``, or that two outputs share (``also``: outputs checked apart)."""
+    are one of the ``inputs``, or that two outputs share."""
     from pathlib import Path
 
     from ..dumps.atomic import check_output_path, check_outputs_apart
@@ -83,7 +82,7 @@ def check_outputs(force: bool, *paths: str | None, inputs: Sequence[Any] = (),
     for p in paths:
         if p and p != "-":
             check_output_path(Path(p), force=force)
-    check_outputs_apart(inputs, (*paths, *also))
+    check_outputs_apart(inputs, paths)
 
 
 def write_text(path: str, text: str, force: bool) -> None:

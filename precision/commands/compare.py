@@ -116,14 +116,13 @@ def report(base: str, target: str, output: str, md_out: str | None, force: bool,
     """
     from pathlib import Path
 
-    from ..dumps.atomic import check_output_path, format_bytes
+    from ..dumps.atomic import format_bytes
     from ..dumps.external import open_any
     from ..judge.compare import compare as run_compare
     from ..outputs.htmlreport import build
 
     out = Path(output)
-    check_output_path(out, force=force)
-    check_outputs(force, md_out, inputs=(base, target, options.reference), also=(output,))
+    check_outputs(force, output, md_out, inputs=(base, target, options.reference))
     check_mapping(options.mapping)
     b = open_any(base, allow_partial=options.allow_partial, mapping=options.mapping)
     t = open_any(target, allow_partial=options.allow_partial, mapping=options.mapping)

@@ -132,21 +132,19 @@ def unpaired_warnings(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
     their modules otherwise (another framework, another code base); for two of this tool's,
     more than :data:`UNPAIRED_SHARE`, they recorded different calls. A PASS on what pairs
     would say little of the rest."""
+    grads = [r for r in rows if r.status == "MISSING" and parse_key(r.key).is_gradient]
+    if not grads or len({any(parse_key(e.key).is_gradient for e in d.entries)
+                         for d in (b, t)}) == 1:  # both runs hold gradients, or neither
+        return _unpaired(b, t, rows)
+    return [f"{len(grads)} gradient record(s) are in one run only (first {grads[0].key}, "
+            f"{grads[0].reason}): a training step against a forward? Compare runs of one "
+            "kind; those records are not judged",
+            *_unpaired(b, t, [r for r in rows if all(r is not g for g in grads)])]
+
+
+def _unpaired(b: Dump, t: Dump, rows: list[Row]) -> list[str]:
+    """:func:`unpaired_warnings` of ``rows`` (the gradients left aside)."""
     missing = [r for r in rows if r.status == "MISSING"]
-    grads = [r for r in missing if parse_key(r.key).is_gradient]
-    out = []
-    trained = [any(parse_key(e.key).is_gradient for e in d.entries) for d in (b, t)]
-    if grads and trained[0] != trained[1]:  # one run holds gradients, the other none
-        out.append(f"{len(grads)} gradient record(s) are in one run only (first {grads[0].key}, "
-                   f"{grads[0].reason}): a training step against a forward? Compare runs of "
-                   "one kind; those records are not judged")
-        missing = [r for r in missing if not parse_key(r.key).is_gradient]
-        rows = [r for r in rows if not (r.status == "MISSING" and parse_key(r.key).is_gradient)]
-    return out + _unpaired(b, t, rows, missing)
-
-
-def _unpaired(b: Dump, t: Dump, rows: list[Row], missing: list[Row]) -> list[str]:
-    """:func:`unpaired_warnings` of the records other than gradients."""
     if not missing:
         return []
     if any(isinstance(d.meta.get("msprobe"), dict) for d in (b, t)) and \

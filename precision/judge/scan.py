@@ -132,8 +132,8 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
     fmt = FORMATS[ref]
     # a record an fp16/bf16 run keeps wider (--keep-fp32: T5's wo) holds its own format's
     # range; asked for a format (against=), every record is weighed against it
-    kept = set() if against or dump.dtype != ref else {
-        e.key for e in dump.entries if e.kind == "out" and is_float(e.dtype)
+    kept = {} if against or dump.dtype != ref else {
+        e.key: wide for e in dump.entries if e.kind == "out" and is_float(e.dtype)
         and (wide := FORMATS.get(canonical(e.dtype))) is not None and wide.max > fmt.max}
     recorded = {(e.module, e.call) for e in dump.entries if e.kind == "in"}
     cache: dict[str, dict[str, Any] | None] = {}  # inputs alias outputs: read each once
@@ -148,7 +148,7 @@ def scan(dump: Dump | str | os.PathLike[str], *, against: str | None = None) -> 
         if st is None:
             continue
         nonfinite = int(st.get("nan", 0)) + int(st.get("posinf", 0)) + int(st.get("neginf", 0))
-        own = FORMATS[canonical(e.dtype)] if e.key in kept else fmt
+        own = kept.get(e.key, fmt)
         beyond = (st.get("absmax") or 0.0) > own.max
         origin = ""
         if nonfinite:
