@@ -117,18 +117,22 @@ def _sums_sketch(x: Any, y: Any, base: int, flip: float) -> Any:
     ``h = (g x 2^37) mod 2^64``, which depends only on ``g mod 2^27``, that bit is bit 63 of
     ``h``, the float64 sign bit, and ``h`` advances by ``(MULTIPLIER x 2^37) mod 2^64`` per
     element in plain 64-bit arithmetic, as the float64 lanes do: flipping the sign bit of
-    the widened ``x_k`` where it is set is an exact negation, as ``flip`` is."""
+    the widened ``x_k`` where it is set is an exact negation, as ``flip`` is. A negative
+    ``flip`` starts ``h`` with bit 63 flipped: a sum's top bit flips with an operand's (the
+    carry out of it is dropped), so every later ``h`` carries the flip too, and the sign
+    is one ``x xor (h and 2^63)`` (one ternary logic instruction per vector)."""
     s = 0.0
     s2 = 0.0
     h = np.uint64(np.uint64(np.uint32(np.uint32(base) * np.uint32(MULTIPLIER))) << np.uint64(37))
     step = np.uint64(STEP64)
     top = np.uint64(TOP64)
-    f = np.uint64(0) if flip > 0 else top
+    if flip < 0:
+        h = np.uint64(h ^ top)
     for k in range(x.size):
         v = np.float64(x[k])
         s += v
         s2 += v * v
-        y[k] += np.uint64(v.view(np.uint64) ^ ((h & top) ^ f)).view(np.float64)
+        y[k] += np.uint64(v.view(np.uint64) ^ (h & top)).view(np.float64)
         h = np.uint64(h + step)
     return s, s2
 
