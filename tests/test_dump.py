@@ -424,6 +424,77 @@ def test_metadata_not_object(tmp_path: Path) -> None:
     _expect_dump_error(_raw_file(tmp_path / "md.st", {"__metadata__": ["x"]}), "__metadata__")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_header_must_be_plain_utf8(tmp_path: Path, sample_dump: Path, encoding: str) -> None:
+    """safetensors reads the header as UTF-8 alone; json.loads of bytes would also take
+    UTF-16/32 and a byte-order mark, so a file no other reader opens passed."""
+    p = _raw_file(tmp_path / "ok.st", {"a": {"dtype": "F32", "shape": [1],
+                                             "data_offsets": [0, 4]}}, b"\0" * 4)
+    load(p)  # the same header in UTF-8 opens
+    blob = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    raw = blob.encode(encoding)
+    bad = tmp_path / "enc.st"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    _expect_dump_error(bad, "not valid JSON")
+
+
+def test_metadata_values_must_be_strings(tmp_path: Path) -> None:
+    md = _precision_md("{}")
+    _raw_file(tmp_path / "ok.st", {"__metadata__": md})
+    load(tmp_path / "ok.st")
+    p = _raw_file(tmp_path / "md.st", {"__metadata__": md | {"format_version": 1}})
+    _expect_dump_error(p, "not a string")
+
+
+def test_missing_format_version(tmp_path: Path) -> None:
+    md = {"format": FORMAT_NAME, "meta": "{}"}
+    _expect_dump_error(_raw_file(tmp_path / "nov.st", {"__metadata__": md}),
+                       "has no format_version: corrupt$")
+
+
+def test_metadata_field_given_twice(tmp_path: Path) -> None:
+    """A field twice in the metadata JSON: json.loads keeps the last, silently (an fp32
+    dump that also says 'dtype': 'bfloat16' was judged under bf16's limits)."""
+    once = '{"mode": "full", "dtype": "float32"}'
+    load(_raw_file(tmp_path / "once.st", {"__metadata__": _precision_md(once)}))
+    twice = '{"mode": "full", "dtype": "float32", "dtype": "bfloat16"}'
+    p = _raw_file(tmp_path / "twice.st", {"__metadata__": _precision_md(twice)})
+    _expect_dump_error(p, "holds the field 'dtype' twice")
+
+
+def test_tensor_field_given_twice_is_not_called_a_tensor(tmp_path: Path) -> None:
+    blob = b'{"a": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}'
+    p = tmp_path / "field.st"
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 4)
+    err = _expect_dump_error(p, "holds the key 'dtype' twice")
+    assert "tensor 'dtype'" not in str(err)
+
+
+def test_unknown_dtype_is_named_as_a_dtype(tmp_path: Path) -> None:
+    p = _raw_file(tmp_path / "f17.st",
+                  {"a": {"dtype": "F17", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    err = _expect_dump_error(p, "tensor 'a' has dtype 'F17'")
+    assert "field" not in str(err)
+
+
+def _aliased(tmp_path: Path, alias: dict) -> Path:
+    """A full dump of one stored record and one alias entry ``alias`` (a new file)."""
+    entries = [{"key": "m:out", "module": "m", "kind": "out", "index": "", "call": 0,
+                "shape": [2, 3], "dtype": "float32"},
+               {"module": "n", "kind": "out", "index": "", "call": 0} | alias]
+    return _write(tmp_path / f"al{len(list(tmp_path.iterdir()))}.st",
+                  {"m:out": np.zeros((2, 3), np.float32)}, {"mode": "full", "entries": entries})
+
+
+def test_alias_checked_against_the_record_it_names(tmp_path: Path) -> None:
+    good = {"key": "n:out", "shape": [2, 3], "dtype": "float32", "alias_of": "m:out"}
+    load(_aliased(tmp_path, good))
+    _expect_dump_error(_aliased(tmp_path, good | {"shape": [3], "dtype": "int8"}),
+                       "alias of 'm:out', float32\\[2, 3\\]: corrupt")
+    _expect_dump_error(_aliased(tmp_path, good | {"alias_of": "gone:out"}),
+                       "alias of 'gone:out', which the dump does not store")
+
+
 @pytest.mark.parametrize("md", [
     _precision_md(json.dumps({"entries": 5})),
     _precision_md(json.dumps({"entries": ["a"]})),

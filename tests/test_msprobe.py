@@ -395,3 +395,38 @@ def test_summaries_with_a_third_of_their_records_in_one_run_only_say_so(
     (warning,) = precision.compare(base, target).warnings
     assert warning.startswith("1 of 3 records are in one run only (first fc2:out, only in the "
                               "baseline)"), warning
+
+
+def test_a_record_given_twice_in_dump_json_is_refused(tmp_path: Path) -> None:
+    """json.loads keeps the last of two records of one name: a doctored or merged dump.json
+    was read as the second alone (DRIFT, 'max moved from 1 to 999')."""
+    name = "Module.fc.Linear.forward.0"
+    one = json.dumps({"output": [_tensor()]})
+    two = json.dumps({"output": [_tensor(Max=999.0)]})
+    ok = _write(tmp_path / "ok", {name: {"output": [_tensor()]}})
+    open_any(ok)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dump.json").write_text('{"task": "statistics", "level": "L0", "framework": '
+                                   f'"pytorch", "data": {{"{name}": {one}, "{name}": {two}}}}}')
+    with pytest.raises(DumpError, match=f"gives '{name}' twice in one object"):
+        open_any(bad)
+
+
+def test_a_tensor_file_of_another_shape_than_dump_json_says_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    folder = tmp_path / "npy"
+    (folder / "dump_tensor_data").mkdir(parents=True)
+    np.save(folder / "dump_tensor_data" / "fc.npy", np.ones((2, 3), np.float32))
+    for shape, fine in (([2, 3], True), ([2, 4], False)):
+        item = _tensor(shape=shape, data_name="fc.npy")
+        (folder / "dump.json").write_text(json.dumps({
+            "task": "tensor", "level": "L0", "framework": "pytorch",
+            "data": {"Module.fc.Linear.forward.0": {"output": [item]}}}))
+        if fine:
+            assert open_any(folder)["fc:out"].shape == (2, 3)
+        else:
+            with pytest.raises(DumpError, match=r"holds a \[2, 3\] tensor, but dump.json gives "
+                                                r"'fc:out' the shape \[2, 4\]"):
+                open_any(folder)

@@ -467,15 +467,16 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
         f.seek(8)
         raw = f.read(n)
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        # strict UTF-8, as safetensors reads it (json.loads of bytes would take UTF-16/32)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise DumpError(f"{p}: header is not valid JSON: not a precision dump or "
                         "safetensors file") from None
     except RecursionError:
         raise DumpError(f"{p}: header JSON is nested too deeply: not a precision dump or "
                         "safetensors file") from None
-    except _DuplicateKey as dup:
-        raise DumpError(f"{p}: the header names tensor {dup.args[0]!r} twice: corrupt "
+    except DuplicateKey as dup:
+        raise DumpError(f"{p}: the header holds the key {dup.args[0]!r} twice: corrupt "
                         "(a reader would silently take one of them)") from None
     if not isinstance(header, dict):
         raise DumpError(f"{p}: header is not a JSON object")
@@ -493,23 +494,40 @@ def load_file(path: str | os.PathLike[str]) -> Dump:
     if logits is not None and logits not in tensors and all(e.key != logits for e in entries):
         raise DumpError(f"{p}: the metadata names {logits!r} as the logits, a record the dump "
                         "does not hold: corrupt metadata")
+    by_key = {e.key: e for e in entries}
     for e in entries:
         t = tensors.get(e.key)
         if t is not None and (t.shape != e.shape or t.dtype != e.dtype):
             raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but the "
                             f"tensor is {t.dtype}{list(t.shape)}: corrupt metadata")
+        if e.alias_of is not None:
+            _check_alias(p, e, by_key.get(e.alias_of))
     return Dump(path=p, meta=meta, tensors=tensors, entries=entries)
 
 
-class _DuplicateKey(Exception):
-    """A JSON object with the same key twice."""
+def _check_alias(p: Path, e: Entry, stored: Entry | None) -> None:
+    """An alias names a record the dump stores (not another alias), of its own shape and
+    dtype: it is the very same tensor."""
+    if stored is None or stored.alias_of is not None:
+        raise DumpError(f"{p}: record {e.key!r} is an alias of {e.alias_of!r}, which the dump "
+                        "does not store: corrupt metadata")
+    if (stored.shape, stored.dtype) != (e.shape, e.dtype):
+        raise DumpError(f"{p}: record {e.key!r} says {e.dtype}{list(e.shape)} but is an alias "
+                        f"of {e.alias_of!r}, {stored.dtype}{list(stored.shape)}: corrupt "
+                        "metadata")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class DuplicateKey(Exception):
+    """A JSON object with the same key twice (raised by :func:`no_duplicates`)."""
+
+
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice in one object
+    (plain ``json.loads`` keeps the last, silently)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
@@ -519,6 +537,9 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
     infos: dict[str, TensorInfo] = {}
     for key, spec in header.items():
         try:
+            if spec["dtype"] not in SAFETENSORS_TO_NAME:
+                raise DumpError(f"{p}: tensor {key!r} has dtype {spec['dtype']!r}, not one "
+                                "this reader knows: corrupt or from a newer tool")
             dtype = SAFETENSORS_TO_NAME[spec["dtype"]]
             if not isinstance(spec["shape"], list) or not isinstance(spec["data_offsets"], list):
                 raise TypeError
@@ -548,16 +569,24 @@ def _parse_tensors(p: Path, header: dict[str, Any], *, data_start: int,
 def _parse_meta(p: Path, meta_raw: Any) -> dict[str, Any]:
     if not isinstance(meta_raw, dict):
         raise DumpError(f"{p}: __metadata__ is not a JSON object")
+    if not all(isinstance(v, str) for v in meta_raw.values()):
+        raise DumpError(f"{p}: __metadata__ holds a value that is not a string: corrupt "
+                        "(safetensors readers refuse it)")
     if meta_raw.get("format") != FORMAT_NAME:
         return {"mode": "full", "foreign": True}
-    version = str(meta_raw.get("format_version", "?"))
+    if "format_version" not in meta_raw:
+        raise DumpError(f"{p}: the dump metadata has no format_version: corrupt")
+    version = meta_raw["format_version"]
     if version != str(FORMAT_VERSION):
         raise DumpError(f"{p}: dump format version {version} is not supported by this "
                         f"precision (reads version {FORMAT_VERSION}): upgrade precision")
     try:
-        meta = json.loads(meta_raw.get("meta", "{}"))
+        meta = json.loads(meta_raw.get("meta", "{}"), object_pairs_hook=no_duplicates)
     except (TypeError, json.JSONDecodeError, RecursionError):
         raise DumpError(f"{p}: dump metadata is not valid JSON") from None
+    except DuplicateKey as dup:
+        raise DumpError(f"{p}: the dump metadata holds the field {dup.args[0]!r} twice: "
+                        "corrupt (a reader would silently take one of them)") from None
     check_meta_fields(p, meta)
     return meta
 

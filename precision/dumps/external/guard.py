@@ -22,6 +22,7 @@ import numpy as np
 
 from ...dtypes import NAME_TO_SAFETENSORS
 from ...errors import DumpError
+from ..dump import DuplicateKey, no_duplicates
 
 #: the key external logits are stored under (marked as the dump's logits)
 LOGITS_KEY = "logits"
@@ -76,9 +77,13 @@ def reading(path: Path | str, what: str) -> Iterator[None]:
 
 
 def parse_json(path: Path, what: str) -> Any:
-    """The JSON document in ``path``; a file that is not UTF-8 JSON is a one-line error."""
+    """The JSON document in ``path``; a file that is not UTF-8 JSON, or that gives one key
+    twice in an object (a reader would silently take the last), is a one-line error."""
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates)
+    except DuplicateKey as exc:
+        raise DumpError(f"{path}: not a {what}: it gives {exc.args[0]!r} twice in one object "
+                        "(a reader would silently take the last)") from None
     except UnicodeDecodeError:
         raise DumpError(f"{path}: not a {what}: the file is not UTF-8 text") from None
     except json.JSONDecodeError as exc:

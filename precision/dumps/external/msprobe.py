@@ -88,7 +88,7 @@ class _Records:
         self.root = p.parent.resolve()
         folder = p.parent / "dump_tensor_data"
         self.folder = folder if folder.is_dir() else p.parent
-        self.files: list[tuple[str, Path]] = []
+        self.files: list[tuple[str, Path, Any]] = []  # key, file, dump.json's shape
         self.stats: list[dict[str, Any]] = []
         self.left_out: Counter[str] = Counter()
         self.output_dtypes: Counter[str] = Counter()  # float outputs' dtypes, as recorded
@@ -119,7 +119,7 @@ class _Records:
                             f"tensor file {item['data_name']}")
         else:
             self.named[f] = name
-            self.files.append((key, f))
+            self.files.append((key, f, item.get("shape")))
 
 
 def read(p: Path, mapping: str | os.PathLike[str] | None = None) -> Converted:
@@ -255,11 +255,15 @@ def _have_torch() -> bool:
         return False
 
 
-def _tensors(files: list[tuple[str, Path]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Each record's tensor, read when the writer asks for it (one in memory at a time)."""
-    for key, f in files:
+def _tensors(files: list[tuple[str, Path, Any]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Each record's tensor, read when the writer asks for it (one in memory at a time),
+    of the shape ``dump.json`` gives it (its dtype may differ: msprobe saves bf16 as fp32)."""
+    for key, f, shape in files:
         with reading(f, f"{f.suffix} tensor file"):
             arr = npy_file(f) if f.suffix == ".npy" else pt_tensor(f)
+        if isinstance(shape, list) and tuple(shape) != arr.shape:
+            raise DumpError(f"{f}: holds a {list(arr.shape)} tensor, but dump.json gives "
+                            f"{key!r} the shape {shape[:8]}: a file of another dump?")
         yield key, arr
 
 
