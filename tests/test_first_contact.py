@@ -133,6 +133,13 @@ def test_capture_errors_from_python_name_keywords_and_its_repr_is_one_line(
     cap = precision.capture(model, mode="stats")
     assert re.fullmatch(r"<Capture stats of Sequential -> \S+capture\.st: 1 module\(s\) "
                         r"hooked, 0 record\(s\) so far>", repr(cap)), repr(cap)
+    with cap, torch.no_grad():
+        model(torch.ones(1, 2))
+    assert re.fullmatch(r"<Capture stats of Sequential -> \S+capture\.st: 3 record\(s\) "
+                        r"written>", repr(cap)), repr(cap)
+    empty = r"nothing ran inside the capture of Sequential: \S+ holds no records \(call the"
+    with pytest.warns(UserWarning, match=empty), precision.capture(model, mode="stats"):
+        pass
     scanned = precision.scan(t5_runs["ofp16_none"])
     assert scanned.notes and "inputs=['*']" in scanned.notes[0] and "--inputs" not in \
         scanned.notes[0]

@@ -465,3 +465,12 @@ def test_a_model_cast_after_keep_fp32_is_one_line_naming_the_order() -> None:
     right.half()
     precision.keep_fp32(right, ["0"])
     assert right(torch.randn(2, 4).half()).dtype == torch.float16
+
+
+def test_a_policy_given_as_one_string_is_one_value() -> None:
+    """precision.isolate(..., keep_fp32="none") failed: 'keep_fp32 n o n e matches no module'."""
+    from precision.runtime.models.load import Policy
+
+    assert Policy.parse("none") == Policy.parse(["none"]) == Policy("none", ())
+    assert Policy.parse("auto") == Policy("auto", ())
+    assert Policy.parse("*.wo") == Policy.parse(["*.wo"]) == Policy("none", ("*.wo",))

@@ -81,7 +81,7 @@ __all__ = ["VERDICTS", "IsolateReport", "IsolateRow", "isolate"]
 
 
 def isolate(base: str | os.PathLike[str] | Dump, model: str, *, dtype: str = "fp16",
-            device: str = "cpu", keep_fp32: Sequence[str] = ("none",),
+            device: str = "cpu", keep_fp32: str | Sequence[str] = ("none",),
             target: str | os.PathLike[str] | Dump | None = None) -> IsolateReport:
     """Local error of every module call, next to the accumulated error of ``target``."""
     b = base if isinstance(base, Dump) else load(base)

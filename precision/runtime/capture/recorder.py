@@ -20,6 +20,7 @@ import fnmatch
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -216,6 +217,7 @@ class Capture:
         self._dump: Dump | None = None
         self.logits_key: str | None = None
         self._logits_next = True  # the first call's logits, unless expect_inputs() says
+        self._closed = False  # the with block ended and the dump is written
 
     # ---- context management
     def __enter__(self) -> Capture:
@@ -320,6 +322,7 @@ class Capture:
         except BaseException:
             self._abort()
             raise
+        self._closed = True
 
     def _abort(self) -> None:
         if self._deferred is not None:
@@ -334,6 +337,10 @@ class Capture:
     def _finish(self) -> None:
         if self._dry_run:
             return
+        if not self._entries:
+            warnings.warn(f"nothing ran inside the capture of {type(self.model).__name__}: "
+                          f"{self.path} holds no records (call the model inside the `with` "
+                          "block)", stacklevel=3)
         assert self._writer is not None
         if self._deferred is not None:
             done = self._deferred.results()
@@ -348,8 +355,9 @@ class Capture:
 
     def __repr__(self) -> str:
         what = "dry run" if self._dry_run else str(self.path)
-        return (f"<Capture {self.mode} of {type(self.model).__name__} -> {what}: "
-                f"{len(self._modules)} module(s) hooked, {len(self._entries)} record(s) so far>")
+        done = (f"{len(self._entries)} record(s) written" if self._closed else
+                f"{len(self._modules)} module(s) hooked, {len(self._entries)} record(s) so far")
+        return f"<Capture {self.mode} of {type(self.model).__name__} -> {what}: {done}>"
 
     # ---- public helpers
     def add_tensor(self, key: str, tensor: torch.Tensor, *, kind: str = "extra",

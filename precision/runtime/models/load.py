@@ -43,9 +43,11 @@ class Policy:
     globs: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, values: Sequence[str]) -> Policy:
-        """From ``--keep-fp32`` values: ``auto``, ``none`` and globs, in any combination."""
-        vals = [v.strip() for v in values if v.strip()]
+    def parse(cls, values: str | Sequence[str]) -> Policy:
+        """From ``--keep-fp32`` values: ``auto``, ``none`` and globs, in any combination (one
+        string given alone from Python, ``keep_fp32="none"``, is one value, not letters)."""
+        vals = [v.strip() for v in ((values,) if isinstance(values, str) else values)
+                if v.strip()]
         words = {v for v in vals if v in ("auto", "none")}
         if words == {"auto", "none"}:
             raise InputError("--keep-fp32 auto and none contradict each other: choose one")
