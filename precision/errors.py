@@ -19,6 +19,12 @@ def option(cli: str, python: str) -> str:
     return cli if _CLI.get() else python
 
 
+def given(cli: str, python: str, value: object) -> str:
+    """An option as the user gave it: ``--jobs 0`` under the command line, else
+    ``jobs=0`` (``fail_on='bogus'``: a Python value as Python writes it)."""
+    return f"{cli} {value}" if _CLI.get() else f"{python}={value!r}"
+
+
 @contextlib.contextmanager
 def command_line() -> Iterator[None]:
     """While this is active, :func:`option` speaks in command-line flags."""

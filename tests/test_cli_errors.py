@@ -434,6 +434,33 @@ def test_force_never_replaces_an_input_a_device_or_another_output(tmp_path: Path
     assert a.read_bytes() == before
 
 
+def test_force_never_replaces_a_file_an_input_reads(tmp_path: Path) -> None:
+    """Outputs are refused where they would replace what compare reads without its being
+    named: the baseline's reference sibling, a file in an input folder (a directory dump's
+    shard, an msprobe folder's dump.json) or beside an msprobe dump.json."""
+    a, b = _two_dumps(tmp_path)
+    sibling = tmp_path / "a.fp16-reference.st"
+    sibling.write_bytes(a.read_bytes())
+    ms = tmp_path / "ms" / "step0" / "rank0"
+    ms.mkdir(parents=True)
+    (ms / "dump.json").write_text("{}")
+    (ms / "dump_tensor_data").mkdir()
+    npy = ms / "dump_tensor_data" / "x.npy"
+    npy.write_text("keep")
+    _assert_error(_run("compare", a, b, "--json", sibling, "--force"),
+                  f"output {sibling} is one of the inputs: refused")
+    _assert_error(_run("compare", tmp_path / "ms", b, "--markdown", ms / "dump.json",
+                       "--force"), "is a file that input")
+    _assert_error(_run("compare", ms / "dump.json", b, "--json", npy, "--force"),
+                  "is a file that input")
+    assert sibling.read_bytes() == a.read_bytes() and npy.read_text() == "keep"
+    assert (ms / "dump.json").read_text() == "{}"
+    other = tmp_path / "a.notes.st"  # not a reference's name: a report may replace it
+    other.write_text("old")
+    assert _run("compare", a, b, "--json", other, "--force", "-q").exit_code == 0
+    assert other.read_text().startswith("{")
+
+
 def test_a_pipe_given_as_a_dump_is_refused_not_read_forever(tmp_path: Path) -> None:
     fifo = tmp_path / "ff.st"
     os.mkfifo(fifo)

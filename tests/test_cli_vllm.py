@@ -247,7 +247,7 @@ def test_a_mapping_that_maps_nothing_here_says_so(tmp_path: Path) -> None:
     a = write_dump(tmp_path / "a.st", {"x:out": np.ones(3, np.float32)})
     m = _mapping(tmp_path / "mine.json")
     report = precision.compare(a, a, mapping=m, jobs=1)
-    assert any("mapping= mine.json was not used" in w for w in report.warnings), report.warnings
+    assert any("mapping='mine.json' was not used" in w for w in report.warnings), report.warnings
     result = _run("compare", a, a, "--mapping", m)
     assert result.exit_code == 0 and "--mapping mine.json was not used" in result.output
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from precision import DumpError, capture, compare, load
 from precision.cli import main
+from precision.errors import InputError
 from precision.judge.profiles import profile_for
 
 from .conftest import OVERFLOW_WO, QWEN, stats_of
@@ -340,6 +341,26 @@ def test_cli_exit_codes_json_and_markdown(t5_runs: dict[str, Path], tmp_path: Pa
     assert strict.exit_code == 1  # bf16 noise judged by the fp16 profile is drift
 
 
+def test_markdown_renders_a_table_and_says_what_it_leaves_out(t5_runs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """The quoted notes ran into the table (no blank line: no table in CommonMark with
+    tables), and rows past the 20th were left out without a word; --top was ignored."""
+    from markdown_it import MarkdownIt
+
+    md = tmp_path / "pr.md"
+    args = ["compare", str(t5_runs["obase"]), str(t5_runs["ofp16_none"]), "--markdown", str(md)]
+    report = compare(t5_runs["obase"], t5_runs["ofp16_none"])
+    flagged = sum(r.flagged for r in report.rows)
+    assert flagged > 3 and report.notes
+    for extra, shown in (([], min(20, flagged)), (["--top", "3"], 3)):
+        assert CliRunner().invoke(main, args + extra + ["--force", "-q"]).exit_code == 1
+        text = md.read_text()
+        html = MarkdownIt("commonmark").enable("table").render(text)
+        assert html.count("<table>") == 1 and html.count("<tr>") == shown + 1  # the header
+        left = flagged - shown
+        assert (f"... and {left} more flagged rows" in text) == (left > 0)
+
+
 def test_report_to_pandas(t5_runs: dict[str, Path]) -> None:
     pytest.importorskip("pandas")
     df = compare(t5_runs["base"], t5_runs["fp16"]).to_pandas()
@@ -467,7 +488,95 @@ def test_python_errors_name_keyword_arguments(t5_runs: dict[str, Path]) -> None:
     """From Python, a bad option is named as the keyword argument it is, not as a flag."""
     from precision.errors import InputError
 
-    with pytest.raises(InputError, match=r"^fail_on= 'nans': choose one of"):
+    with pytest.raises(InputError, match=r"^fail_on='nans': choose one of"):
         compare(t5_runs["base"], t5_runs["fp16"], fail_on="nans")
-    with pytest.raises(InputError, match=r"^jobs= 0: use 1 or more"):
+    with pytest.raises(InputError, match=r"^jobs=0: use 1 or more"):
         compare(t5_runs["base"], t5_runs["fp16"], jobs=0)
+
+
+def test_a_run_compared_with_itself_or_its_copy_is_a_warning(make_dump: Callable[..., Path],
+                                                              tmp_path: Path) -> None:
+    x = {"a:out": np.linspace(-1, 1, 8, dtype=np.float32)}
+    made = {"created": "2026-12-08T03:00:00+00:00"}
+    a = make_dump("a.st", x, meta=made)
+    copy = tmp_path / "copy.st"
+    copy.write_bytes(a.read_bytes())
+    other = make_dump("b.st", x, meta={"created": "2026-12-08T03:00:01+00:00"})
+    assert any("are the same file" in w for w in compare(a, a).warnings)
+    assert any("copies of one capture" in w and "2026-12-08T03:00:00" in w
+               for w in compare(a, copy).warnings)
+    report = compare(a, other)  # two captures that agree: nothing to warn about
+    assert report and not any("itself" in w for w in report.warnings)
+
+
+def test_runs_of_empty_records_alone_say_so(make_dump: Callable[..., Path]) -> None:
+    empty = {"e:out": np.zeros((0, 4), np.float32)}
+    a, b = make_dump("a.st", empty), make_dump("b.st", empty, dtype="float16")
+    with pytest.raises(DumpError, match=r"hold only empty float records \(1, first e:out: "
+                                        r"shape \[0, 4\]\)"):
+        compare(a, b)
+    both = {"e:out": np.zeros((0, 4), np.float32), "n:out": np.full(3, np.nan, np.float32)}
+    a, b = make_dump("c.st", both), make_dump("d.st", both)
+    with pytest.raises(DumpError, match="first n:out: NaN or inf in both"):
+        compare(a, b)
+
+
+def test_a_reference_of_other_inputs_is_not_used(make_dump: Callable[..., Path],
+                                                  tmp_path: Path) -> None:
+    """A sibling reference left from an earlier baseline (other prompts) made 85 DRIFT rows
+    vanish, and a planted 3% fault pass: it is now left out with a warning, and one given
+    by --reference is refused."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4096).astype(np.float32)
+    ids = np.array([[5, 6, 7]], np.int64)
+
+    def run(name: str, values: np.ndarray, token: int, dtype: str = "float16") -> Path:
+        return make_dump(name, {"input:input_ids": ids + np.array([[0, 0, token]]),
+                                "m:out": values.astype(dtype)}, dtype=dtype)
+
+    base = run("a.st", x, 0, "float32")
+    faulty = run("t.st", x * 1.03, 0)  # a 3% fault: far beyond fp16's rounding
+    loose = (x + rng.standard_normal(4096).astype(np.float32) * 0.05).astype(np.float16)
+    for token, used in ((0, True), (1, False)):
+        ref = run("a.fp16-reference.st", loose, token)
+        report = compare(base, faulty)
+        stale = [w for w in report.warnings if "not its run in another precision" in w]
+        assert bool(stale) != used
+        assert bool(report) == used  # the stale reference's own error would excuse the fault
+        if not used:
+            assert "input:input_ids holds other values" in stale[0]
+            assert "--expect fp16" in stale[0]
+            with pytest.raises(InputError, match="is not the baseline's run"):
+                compare(base, faulty, reference=ref)
+        ref.unlink()
+
+
+def test_rtol_is_a_hard_limit_with_a_reference_too(make_dump: Callable[..., Path]) -> None:
+    """With a reference found, --rtol was ignored for every record it measured, though the
+    summary said '+rtol': a CI job that tightened it got no tightening."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(4096).astype(np.float32)
+    base = make_dump("a.st", {"m:out": x})
+    noisy = [(x * (1 + rng.standard_normal(4096) * 2**-10)).astype(np.float16) for _ in "rt"]
+    make_dump("a.fp16-reference.st", {"m:out": noisy[0]}, dtype="float16")
+    target = make_dump("t.st", {"m:out": noisy[1]}, dtype="float16")
+    loose = compare(base, target)
+    assert loose and any("judged against a.fp16-reference.st" in n for n in loose.notes)
+    error = loose.rows[0].metrics.noise_rms
+    assert compare(base, target, rtol=2 * error)
+    tight = compare(base, target, rtol=error / 2)
+    assert not tight and tight.rows[0].status == "DRIFT"
+    assert "eps rms (element-scaled) >" in tight.rows[0].reason
+
+
+def test_a_row_with_nothing_compared_has_no_growth(make_dump: Callable[..., Path]) -> None:
+    """A NaN row (rel_l2 null in the JSON) had growth 0.0."""
+    x = np.linspace(-1, 1, 64, dtype=np.float32)
+    base = make_dump("a.st", {"a:out": x, "b:out": x, "c:out": x})
+    y = (x * 1.001).astype(np.float16)
+    target = make_dump("t.st", {"a:out": y, "b:out": np.full(64, np.nan, np.float16),
+                                "c:out": (x * 1.002).astype(np.float16)}, dtype="float16")
+    rows = {r.key: r for r in compare(base, target).rows}
+    assert rows["b:out"].status == "NAN" and rows["b:out"].growth is None
+    c, a = rows["c:out"].metrics.rel_l2, rows["a:out"].metrics.rel_l2
+    assert rows["c:out"].growth == pytest.approx(c / a)

@@ -284,3 +284,15 @@ def test_kl_of_long_rows_with_masked_vocabulary():
     assert m.kl_per_position[1] == math.inf
     for r in (0, 2):
         assert m.kl_per_position[r] == pytest.approx(want[r], rel=1e-7)
+
+
+def test_nan_logits_make_kl_max_nan_as_kl_mean() -> None:
+    """A NaN target (an fp16 overflow that reached the head) gave kl_mean NaN but kl_max
+    0.0: Python's max(0.0, nan) is 0.0."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 16))
+    b = a + 0.01 * rng.standard_normal((4, 16))
+    assert math.isfinite(compare_logits(a, b, k=3).kl_max)
+    b[2:] = np.nan
+    m = compare_logits(a, b, k=3)
+    assert math.isnan(m.kl_mean) and math.isnan(m.kl_max)

@@ -128,7 +128,7 @@ def test_a_mapping_file_that_renames_nothing_here_says_so(tmp_path: Path) -> Non
     mapping.write_text(json.dumps({"modules": {"net.blocks.{i}": "model.layers.{i}"}}))
     report = precision.compare(DATA / "fp32-md5", DATA / "bf16-md5", mapping=mapping)
     assert report  # judged as without it, and the unused file is a warning, not silence
-    assert any(w.startswith("mapping= names.json renamed nothing: its module rules match none "
+    assert any(w.startswith("mapping='names.json' renamed nothing: its module rules match none "
                             "of the module names of fp32-md5, bf16-md5") for w in
                report.warnings), report.warnings
     # the notes do not say it mapped names (they said so beside a warning that it did not)

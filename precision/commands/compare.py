@@ -69,14 +69,14 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
         raise click.BadParameter("must be at least 1", param_hint="--top")
     if json_out == "-" and md_out == "-":
         raise click.UsageError("--json - and --markdown - both want stdout: send one to a file")
-    check_outputs(force, json_out, md_out, inputs=(base, target, options.reference))
+    check_outputs(force, json_out, md_out, inputs=_inputs(base, target, options))
     check_mapping(options.mapping)
     with progress_bar(enabled=not quiet and "-" not in (json_out, md_out)) as progress:
         report = run_compare(base, target, options, progress=progress)
     if json_out == "-":
         click.echo(report.to_json())
     elif md_out == "-":
-        click.echo(report.to_markdown(), nl=False)
+        click.echo(report.to_markdown(top=top or 20), nl=False)
         if json_out:
             write_text(json_out, report.to_json(), force)
     else:
@@ -87,7 +87,7 @@ def compare(base: str, target: str, json_out: str | None, md_out: str | None,
         if json_out:
             write_text(json_out, report.to_json(), force)
     if md_out and md_out != "-":
-        write_text(md_out, report.to_markdown(), force)
+        write_text(md_out, report.to_markdown(top=top or 20), force)
     sys.exit(0 if report else 1)
 
 
@@ -122,7 +122,7 @@ def report(base: str, target: str, output: str, md_out: str | None, force: bool,
     from ..outputs.htmlreport import build
 
     out = Path(output)
-    check_outputs(force, output, md_out, inputs=(base, target, options.reference))
+    check_outputs(force, output, md_out, inputs=_inputs(base, target, options))
     check_mapping(options.mapping)
     b = open_any(base, allow_partial=options.allow_partial, mapping=options.mapping)
     t = open_any(target, allow_partial=options.allow_partial, mapping=options.mapping)
@@ -132,3 +132,13 @@ def report(base: str, target: str, output: str, md_out: str | None, force: bool,
         write_text(md_out, rep.to_markdown(), force)
     click.echo(f"{rep.summary}\nwrote {out} ({format_bytes(out.stat().st_size)})")
     sys.exit(0 if rep else 1)
+
+
+def _inputs(base: str, target: str, options: CompareOptions) -> list[object]:
+    """What a comparison reads: its runs, and the reference given or found beside the
+    baseline (``BASE.<precision>-reference.st``), which no output may replace."""
+    from ..dumps import reference_siblings
+
+    found = reference_siblings(base) if options.reference is None and \
+        options.auto_reference else []
+    return [base, target, options.reference, *found]

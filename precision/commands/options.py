@@ -66,8 +66,9 @@ OPTIONS = (
             help="Read the shards of an unfinished multi-rank dump (no index.json)."),
     _option(JUDGE, "--rtol", "rtol", type=float,
             help="Override the diffuse-drift limit, as a fraction (0.01 is 1%): DRIFT when "
-                 "the element-scaled rms error exceeds it (default: 5 eps of the pair's "
-                 "coarser format, 0.039 for bf16, 0.0049 for fp16; docs/verdicts.md)."),
+                 "the element-scaled rms error exceeds it, with a reference too (default: 5 eps "
+                 "of the pair's coarser format, 0.039 for bf16, 0.0049 for fp16; "
+                 "docs/verdicts.md)."),
     _option(JUDGE, "--atol", "atol", type=float,
             help="Errors within this absolute value are never DRIFT."),
     _option(JUDGE, "--profile", "profile", type=click.Choice(PROFILE_NAMES),

@@ -5,6 +5,7 @@ Numpy and safetensors only: never imports torch or transformers.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def load(path: str | os.PathLike[str], *, allow_partial: bool = False) -> Dump:
                         "capture (compare and report read the shards it has with "
                         f"{option('--allow-partial', 'allow_partial=True')})")
     return load_file(p)
+
+
+def reference_siblings(base: str | os.PathLike[str]) -> list[Path]:
+    """The references beside ``base`` that compare may take on its own (:func:`reference_path`
+    of each precision): inputs an output must not replace."""
+    p = Path(base)
+    if not p.is_file():
+        return []
+    return sorted(p.parent.glob(f"{glob.escape(p.stem)}.*-reference{p.suffix or '.st'}"))
 
 
 def reference_path(base: str | os.PathLike[str], precision: str) -> Path:

@@ -36,7 +36,7 @@ def check_output_path(path: Path, *, force: bool) -> None:
     if not path.parent.is_dir():
         raise DumpError(f"output folder {path.parent} does not exist: create it first")
     if path.is_dir():
-        raise DumpError(f"output {path} is a directory: give a file name such as {path}/run.st")
+        raise DumpError(f"output {path} is a directory: give a file name (in it or elsewhere)")
     if path.exists() and not path.is_file():  # a device, a FIFO, a socket: never replaced
         raise DumpError(f"output {path} exists and is not a regular file: refused, even with "
                         f"{option('--force', 'force=True')} (give a file name)")
@@ -46,12 +46,13 @@ def check_output_path(path: Path, *, force: bool) -> None:
 
 
 def check_outputs_apart(inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
-    """Refuse an output path that is one of the inputs, or given for two outputs: a
-    ``--force`` would overwrite a run being read, or one output the other (paths only: an
-    input given as an opened dump is left out)."""
+    """Refuse an output path that is one of the inputs, a file an input reads (a file in an
+    input folder, an msprobe ``dump.json``'s tensors beside it), or a path given for two
+    outputs: a ``--force`` would overwrite a run being read, or one output the other (paths
+    only: an input given as an opened dump is left out)."""
     seen: dict[Path, str] = {}
-    given = {Path(i).resolve() for i in inputs
-             if isinstance(i, (str, os.PathLike)) and str(i) != "-"}
+    given = [Path(i).resolve() for i in inputs
+             if isinstance(i, (str, os.PathLike)) and str(i) != "-"]
     for out in outputs:
         if not isinstance(out, (str, os.PathLike)) or str(out) == "-":
             continue
@@ -59,10 +60,25 @@ def check_outputs_apart(inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
         if where in given:
             raise DumpError(f"output {out} is one of the inputs: refused (it would overwrite "
                             "the run it reads)")
+        read_by = next((i for i in given if _reads(i, where)), None)
+        if read_by is not None:
+            raise DumpError(f"output {out} is a file that input {read_by} reads: refused (it "
+                            "would overwrite part of a run; write it elsewhere)")
         if where in seen:
             raise DumpError(f"output {out} is given for two outputs ({seen[where]} and this "
                             "one): refused, one would overwrite the other")
         seen[where] = str(out)
+
+
+def _reads(source: Path, where: Path) -> bool:
+    """Whether reading the input ``source`` may read the existing file ``where``: a file in
+    ``source``'s folder tree (a folder input; msprobe's ``dump.json`` reads the tensors under
+    its own folder)."""
+    if not where.is_file():
+        return False  # a new file is read by nothing
+    folder = source if source.is_dir() else (
+        source.parent if source.name == "dump.json" else None)
+    return folder is not None and folder in where.parents
 
 
 def disk_full(path: Path, needed: int) -> OutputError:

@@ -41,6 +41,7 @@ from .lineup.align import (
     comparisons,
     generation_only,
     outputs_only,
+    reference_differs,
     run_precision,
     shared_aliases,
 )
@@ -135,8 +136,18 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
         found = reference_path(runs[BASE].path, target_precision) if target_precision in (
             "float16", "bfloat16") and not generation_only(runs[TARGET]) else None
         reference = found if found is not None and found.is_file() else None
+    stale: list[str] = []
     if reference is not None:
         runs[REFERENCE] = _open(reference, o)
+        why = reference_differs(runs[BASE], runs[REFERENCE])
+        if why is not None and o.reference is not None:
+            raise InputError(f"the reference {runs[REFERENCE].path.name} is not the baseline's "
+                             f"run in another precision: {why}; capture it with --replay "
+                             f"{runs[BASE].path.name} (or the baseline with --expect)")
+        if why is not None:  # a sibling left from an earlier baseline: not used
+            stale.append(f"{runs.pop(REFERENCE).path.name} beside the baseline is not its "
+                         f"run in another precision ({why}): not used; capture the baseline "
+                         f"again with --expect {short(target_precision)}, or delete it")
     runs = line_up_runs(runs)
     lined = engine_lineup.line_up(runs, o.mapping)
     b, t = runs[BASE], runs[TARGET]
@@ -179,7 +190,7 @@ def compare(base: str | os.PathLike[str] | Dump, target: str | os.PathLike[str] 
     return Report(base=displayed_path(b), target=displayed_path(t), profile=prof,
                   rows=tuple(rows),
                   first_divergence=first,
-                  warnings=tuple(report_warnings(b, t, rows, stated) + bias_notes
+                  warnings=tuple(stale + report_warnings(b, t, rows, stated) + bias_notes
                                  + unused_mapping_warnings(o.mapping, lined, runs)
                                  + unpaired_warnings(b, t, rows)),
                   fail_on=o.fail_on, info=_info(b, t),
@@ -208,10 +219,15 @@ def _check_something_compared(b: Dump, t: Dump, rows: list[Row]) -> None:
            for r in rows):
         return  # a measurement (a float pair of NaN at the same places alone is none)
     blank = [r for r in rows if r.metrics is not None and not r.metrics.compared]
+    if blank and all(math.prod(r.shape) == 0 for r in blank):
+        raise DumpError(f"nothing to compare: {displayed_path(b)} and {displayed_path(t)} hold "
+                        f"only empty float records ({len(blank)}, first {blank[0].key}: "
+                        f"shape {list(blank[0].shape)}): capture the model on real inputs")
     if blank:
+        first = next(r for r in blank if math.prod(r.shape))
         raise DumpError(f"nothing to compare: {displayed_path(b)} and {displayed_path(t)} hold "
                         f"no finite value at the same places in any of their {len(blank)} "
-                        f"float record(s) (first {blank[0].key}: NaN or inf in both): such a "
+                        f"float record(s) (first {first.key}: NaN or inf in both): such a "
                         "baseline is no reference; capture it again")
 
     def holds(d: Dump) -> str:
@@ -309,11 +325,12 @@ def status_of_metrics(m: TensorMetrics, prof: Profile, *, gradient: bool = False
 
 
 def _with_growth(rows: list[Row]) -> list[Row]:
-    """Attach ``growth``: a row's rel_l2 over the previous compared float row's rel_l2."""
+    """Attach ``growth``: a row's rel_l2 over the previous compared float row's rel_l2 (none
+    for a row with no element compared: its rel_l2 is no measurement)."""
     out: list[Row] = []
     prev: float | None = None
     for r in rows:
-        if r.metrics is not None and math.isfinite(r.metrics.rel_l2):
+        if r.metrics is not None and r.metrics.compared and math.isfinite(r.metrics.rel_l2):
             cur = r.metrics.rel_l2
             growth = (cur / prev) if prev else None
             out.append(replace(r, growth=growth))

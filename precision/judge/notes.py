@@ -19,7 +19,7 @@ from ..dumps.dump import Dump
 from ..dumps.keys import INPUT_PREFIX, parse_key
 from ..dumps.sketch import BUCKETS, size_of
 from ..engines.vllm import lineup as engine_lineup
-from ..errors import option
+from ..errors import given, option
 from .lineup.align import (
     BASE,
     REFERENCE,
@@ -35,7 +35,7 @@ from .profiles import REF_RMS_RATIO, Profile, precision_name
 
 def report_warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | None]
               ) -> list[str]:
-    notes = []
+    notes = _same_run(b, t)
     files = [d for d in (b, t) if d.meta.get("external")]
     if any(r.key.startswith(INPUT_PREFIX) and r.status == "MISMATCH" for r in rows):
         notes.append("the two runs saw different inputs: capture the target with "
@@ -67,6 +67,25 @@ def report_warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | N
         if d.meta.get("foreign"):
             notes.append(f"{d.path.name} has no precision metadata: keys are matched by name")
     return notes
+
+
+def _same_run(b: Dump, t: Dump) -> list[str]:
+    """A warning when the two runs are one file, or copies of one capture (the same
+    metadata, to the second of its creation): a run compared with itself passes whatever
+    it holds."""
+    pb, pt = Path(displayed_path(b)), Path(displayed_path(t))
+    try:
+        same = pb.samefile(pt)
+    except OSError:
+        same = False
+    if same:
+        return [f"{pb} and {pt} are the same file: a run compared with itself passes "
+                "whatever it holds"]
+    if b.meta.get("created") and not b.meta.get("foreign") and b.meta == t.meta:
+        return [f"{pb.name} and {pt.name} are copies of one capture (the same metadata, "
+                f"created {b.meta['created']}): a run compared with itself passes whatever it "
+                "holds"]
+    return []
 
 
 def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:
@@ -109,11 +128,11 @@ def unused_mapping_warnings(mapping: str | os.PathLike[str] | None,
     if mapping is None or lined or any(mapped.values()):  # module paths it renamed, per run
         return []
     if mapped:  # an msprobe dump read with the file, whose rules matched none of its names
-        return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} renamed nothing: "
+        return [f"{given('--mapping', 'mapping', Path(mapping).name)} renamed nothing: "
                 f"its module rules match none of the module names of "
                 f"{', '.join(_file_name(runs[n]) for n in mapped)} (check them against "
                 "`precision inspect`, docs/external.md)"]
-    return [f"{option('--mapping', 'mapping=')} {Path(mapping).name} was not used: it maps "
+    return [f"{given('--mapping', 'mapping', Path(mapping).name)} was not used: it maps "
             "an engine's records (capture --engine vllm) onto a Hugging Face capture's, or "
             "another framework's module names (msprobe dumps) onto Hugging Face's, and "
             "neither is compared here"]

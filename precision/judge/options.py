@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, option
+from ..errors import InputError, given
 from .report import FAIL_ON
 
 if TYPE_CHECKING:
@@ -58,13 +58,13 @@ class CompareOptions:
 
     def __post_init__(self) -> None:
         if self.fail_on not in FAIL_ON:
-            raise InputError(f"{option('--fail-on', 'fail_on=')} {self.fail_on!r}: choose one "
+            raise InputError(f"{given('--fail-on', 'fail_on', self.fail_on)}: choose one "
                              f"of {', '.join(FAIL_ON)}")
         if self.jobs is not None and self.jobs < 1:
-            raise InputError(f"{option('--jobs', 'jobs=')} {self.jobs}: use 1 or more")
+            raise InputError(f"{given('--jobs', 'jobs', self.jobs)}: use 1 or more")
         if self.topk < 1:
-            raise InputError(f"{option('--topk', 'topk=')} {self.topk}: use 1 or more")
+            raise InputError(f"{given('--topk', 'topk', self.topk)}: use 1 or more")
         for name, value in (("rtol", self.rtol), ("atol", self.atol)):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise InputError(f"{option(f'--{name}', f'{name}=')} {value}: a tolerance is a "
+                raise InputError(f"{given(f'--{name}', name, value)}: a tolerance is a "
                                  "finite number, 0 or more")

@@ -93,6 +93,9 @@ class Profile:
     top1: float
     grad_rel_l2: float = 0.0
     grad_outlier: float = 0.0
+    #: ``noise_rms`` was set by the user (``--rtol``): a hard limit on every record, those
+    #: a same-precision reference measures included
+    rtol_given: bool = False
 
     def in_eps(self, value: float) -> float:
         """``value`` in units of this profile's eps."""
@@ -101,7 +104,7 @@ class Profile:
     def with_overrides(self, rtol: float | None = None, atol: float | None = None) -> Profile:
         p = self
         if rtol is not None:
-            p = replace(p, noise_rms=rtol, name=p.name + "+rtol")
+            p = replace(p, noise_rms=rtol, name=p.name + "+rtol", rtol_given=True)
         if atol is not None:
             p = replace(p, atol=atol, name=p.name + "+atol")
         return p

@@ -153,15 +153,22 @@ class Report:
         return json.dumps(json_safe(self.to_dict()), indent=1)
 
     def to_markdown(self, *, only_flagged: bool = True, top: int | None = 20) -> str:
-        """A summary fit for a pull-request comment."""
+        """A summary fit for a pull-request comment: the verdict, each warning and note a
+        quoted paragraph of its own, and a table of the first ``top`` rows (flagged ones
+        only, unless not ``only_flagged``), saying how many more there are."""
         lines = [f"**precision**: {self.summary}", ""]
-        lines += [f"> warning: {w}" for w in self.warnings]
-        lines += [f"> note: {n}" for n in self.notes]
+        for quoted in [f"> warning: {w}" for w in self.warnings] + [
+                f"> note: {n}" for n in self.notes]:
+            lines += [quoted, ""]  # a blank line ends the quote: the table is not in it
         rows = [r for r in self.rows if r.flagged] if only_flagged else list(self.rows)
         shown = Table(columns(BRIEF), tuple(rows[:top] if top is not None else rows))
         if shown.rows:
             lines.append(shown.markdown())
-        return "\n".join(lines) + "\n"
+        if len(rows) > len(shown.rows):
+            what = "flagged rows" if only_flagged else "rows"
+            lines += ["", f"... and {len(rows) - len(shown.rows)} more {what} (the full "
+                          "report: `--json`)"]
+        return "\n".join(lines).rstrip("\n") + "\n"
 
     def to_pandas(self) -> Any:
         """One DataFrame row per compared key with the main metrics as columns."""

@@ -16,6 +16,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...dumps.dump import Dump, Entry
 from ...dumps.keys import CAST_PREFIX, GEN_PREFIX, parse_key
 from ...errors import DumpError, option
@@ -77,6 +79,38 @@ def check_same_model(b: Dump, t: Dump, allow: bool) -> None:
                         f"(config hash {hb} vs {ht}); pass "
                         f"{option('--allow-different-models', 'allow_different_models=True')} to "
                         "compare them anyway")
+
+
+def reference_differs(b: Dump, r: Dump) -> str | None:
+    """Why ``r`` is no reference for ``b``: it comes from other weights, or the first model
+    input (``input:*``) whose shape or values differ, or that one run alone recorded; None
+    when neither says so (runs that record no inputs cannot tell). Integer inputs (ids,
+    masks) must be equal; float ones (pixels, audio features) within ``2^-7`` relative, what
+    casting them to fp16 or bf16 does."""
+    wb, wr = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, r))
+    if wb and wr and wb != wr:
+        return f"it comes from other weights (fingerprint {wr}, the baseline's {wb})"
+    mine = {e.key: e for e in b.entries if e.module == "input"}
+    theirs = {e.key: e for e in r.entries if e.module == "input"}
+    if not mine or not theirs:
+        return None
+    for key in [*mine, *(k for k in theirs if k not in mine)]:
+        eb, er = mine.get(key), theirs.get(key)
+        if eb is None or er is None:
+            return f"{key} is in {'the baseline' if er is None else 'the reference'} only"
+        if eb.shape != er.shape:
+            return f"{key} has shape {list(er.shape)}, the baseline's {list(eb.shape)}"
+        if key not in b.tensors or key not in r.tensors:
+            continue
+        x, y = b[key], r[key]
+        if x.dtype.kind in "biu" and y.dtype.kind in "biu":
+            same = bool(np.array_equal(x, y))
+        else:
+            same = bool(np.allclose(y.astype(np.float64), x.astype(np.float64),
+                                    rtol=2.0**-7, atol=0.0, equal_nan=True))
+        if not same:
+            return f"{key} holds other values"
+    return None
 
 
 def run_precision(d: Dump, stated: str | None) -> str:
@@ -191,7 +225,10 @@ def align(b: Dump, t: Dump) -> list[Pair]:
     for e in b.entries:
         te = t.entry(renamed.get(e.key, e.key))
         if e.alias_of and (te is None or te.alias_of == e.alias_of):
-            continue  # the same tensor as an earlier record on both sides: compared there
+            # the same tensor as an earlier record on both sides, or a key the other run
+            # lacks whose values are an earlier record's (msprobe and engine runs store no
+            # aliases): compared there, no MISSING row for a name alone
+            continue
         if e.kind == "generation" or (te is None and _optional(e)):
             continue
         seen.add(e.key)

@@ -239,7 +239,7 @@ def compare_logit_rows(chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab: i
         per_kl[keep] = kl
         kls += per_kl.tolist()
         kl_sum += float(kl.sum())
-        kl_max = max(kl_max, float(np.max(kl)))
+        kl_max = float(np.max((kl_max, np.max(kl))))  # NaN stays NaN, as in kl_mean
         for r in np.flatnonzero(~same):
             top2 = np.sort(x[r])[-2:] if vocab > 1 else np.array([x[r, 0]] * 2)
             margin = float(top2[1] - top2[0])

@@ -110,14 +110,15 @@ def non_finite(row: Row, ctx: Context) -> Verdict | None:
     return None
 
 
-def _noisy(row: Row, ctx: Context, *, gradient: bool) -> TensorMetrics | None:
+def _noisy(row: Row, ctx: Context, *, gradient: bool, hard: bool = False
+           ) -> TensorMetrics | None:
     """The row's metrics when a fixed-limit noise rule applies: beyond ``atol``, of the
     right kind (activation or gradient), and with no reference measurement of the key
-    (:func:`reference_rms` judges those)."""
+    (:func:`reference_rms` judges those) unless the limit is ``hard`` (``--rtol``)."""
     m = row.metrics
     if m is None or m.max_abs <= ctx.profile.atol or parse_key(row.key).is_gradient != gradient:
         return None
-    return m if _reference(row, ctx, gradient=gradient) is None else None
+    return m if hard or _reference(row, ctx, gradient=gradient) is None else None
 
 
 def _reference(row: Row, ctx: Context, *, gradient: bool = False
@@ -285,8 +286,10 @@ def _within_inherited(row: Row, ctx: Context, error: float, limit: float) -> boo
 
 def noise_rms(row: Row, ctx: Context) -> Verdict | None:
     """Diffuse drift: element-scaled rms error beyond the profile's ``noise_rms`` (and, for
-    a parameter-free module, beyond it against its input's scale too)."""
-    m, prof = _noisy(row, ctx, gradient=False), ctx.profile
+    a parameter-free module, beyond it against its input's scale too). A ``--rtol`` given
+    is a hard limit: it judges the records a reference measures too (after the reference's
+    own rules), so a CI job that tightens it gets the tighter limit."""
+    m, prof = _noisy(row, ctx, gradient=False, hard=ctx.profile.rtol_given), ctx.profile
     if m is None or m.noise_rms <= prof.noise_rms or _within_inherited(
             row, ctx, m.rmse, prof.noise_rms):
         return None
