@@ -28,6 +28,7 @@ CI).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -40,7 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
-MARKER = re.compile(r"^<!-- make_doc_outputs: ([\w-]+) -->\n```\n(.*?)```\n", re.M | re.S)
+MARKER = re.compile(r"^<!-- make_doc_outputs: ([\w-]+) -->\n```(?:json)?\n(.*?)```\n",
+                    re.M | re.S)
 OVERFLOW = "fixtures/tiny-flan-t5-overflow"
 RESIDUAL = "fixtures/tiny-llama-overflow"
 QWEN35 = "fixtures/tiny-qwen3.5"
@@ -60,7 +62,9 @@ class Block:
     (``None``: all), then ``...`` and its last ``tail`` lines, in the scratch folder
     ``group``. ``engine="vllm"``: a block that needs vLLM and the real model :data:`SMOLLM`
     (see the module docstring); ``real``: one that needs the real model ``model`` of the
-    check set only (linked into its folder)."""
+    check set only (linked into its folder). ``json``: its last command prints a report's
+    JSON (``--json -``), quoted alone in a ``json`` block with the first divergence's row
+    only (the commands before it run unseen)."""
 
     group: str
     commands: tuple[str, ...]
@@ -69,6 +73,7 @@ class Block:
     engine: str = ""
     real: bool = False
     model: str = SMOLLM
+    json: bool = False
 
     def limit(self, i: int) -> int | None:
         return self.keep[i] if i < len(self.keep) else None
@@ -194,6 +199,13 @@ BLOCKS: dict[str, Block] = {
     # docs/fp16-overflow.md: a real decoder's residual stream (Gemma 3 270M), suggest's fix
     "gemma-suggest": Block("gemma", (
         f"precision suggest --model {GEMMA} --dtype fp16",), real=True, model=GEMMA),
+    # docs/json-schema.md: the report of docs/fp16-overflow.md's overflow, judged against
+    # a reference
+    "schema-example": Block("schema", (
+        f"precision capture --model {OVERFLOW} --dtype fp32 --expect fp16 -o base.st -q",
+        f"precision capture --model {OVERFLOW} --dtype fp16 --keep-fp32 none "
+        "--replay base.st -o fp16.st -q",
+        "precision compare base.st fp16.st --json -"), json=True),
     "seed-backward": Block("seed", (
         "precision capture --model fixtures/tiny-flan-t5 --backward -o step32.st",
         "precision capture --model fixtures/tiny-flan-t5 --dtype fp16 --backward "
@@ -274,10 +286,22 @@ def chdir(folder: Path) -> Iterator[None]:
         os.chdir(old)
 
 
+def json_example(printed: str) -> str:
+    """A report's JSON with its rows cut to the first divergence's, two-space indented."""
+    doc = json.loads(printed)
+    doc["rows"] = [r for r in doc["rows"] if r["key"] == doc["first_divergence"]]
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def render(name: str, block: Block, folder: Path) -> str:
-    """The text of one quoted block: each command after ``$ ``, then its output."""
+    """The text of one quoted block: each command after ``$ ``, then its output (a
+    ``json`` block: the last command's JSON alone, :func:`json_example`)."""
     lines: list[str] = []
     with chdir(folder):
+        if block.json:
+            for command in block.commands[:-1]:
+                run(command)
+            return json_example(run(block.commands[-1]))
         for i, command in enumerate(block.commands):
             lines.append(f"$ {command}")
             out = [ln.rstrip() for ln in run(command).splitlines()]
@@ -317,7 +341,8 @@ def rewrite(text: str, texts: dict[str, str]) -> str:
         name = m.group(1)
         if name not in BLOCKS:
             raise KeyError(f"unknown block {name!r}: add it to BLOCKS in {Path(__file__).name}")
-        return f"<!-- make_doc_outputs: {name} -->\n```\n{texts[name]}```\n"
+        fence = "```json" if BLOCKS[name].json else "```"
+        return f"<!-- make_doc_outputs: {name} -->\n{fence}\n{texts[name]}```\n"
 
     return MARKER.sub(sub, text)
 
