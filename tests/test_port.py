@@ -49,7 +49,22 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
     code, _, err = run("--model", QWEN, "-o", tmp_path / "taken")
     assert code == 2 and "is not a port folder" in err, err
     code, _, err = run("--model", QWEN, "--repeat", "1", "-o", tmp_path / "p")
-    assert code == 2 and "--repeat must be at least 2" in err, err
+    assert code == 2 and "--repeat 1: give 2 or more" in err, err
+    # bad inputs are refused before any stage, not as a failed baseline to resume
+    for args, said in ((("--prompts", tmp_path / "none.txt"), "no such file"),
+                       (("--feed", tmp_path / "none.npz"), "no such file"),
+                       (("--max-new-tokens", "-1"), "--max-new-tokens -1: give 0 or more"),
+                       (("-o", tmp_path / "typo" / "deep" / "p"), "does not exist: create it")):
+        out = () if "-o" in args else ("-o", tmp_path / "p")
+        code, _, err = run("--model", QWEN, *args, *out)
+        assert code == 2 and said in err and "stage" not in err, err
+    feed = tmp_path / "feed.npz"
+    feed.write_bytes(b"")
+    code, _, err = run("--model", QWEN, "--feed", feed, "--prompt", "hi", "-o", tmp_path / "p")
+    assert code == 2 and "leave out --prompt (they would mix with it)" in err, err
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(precision.InputError, match=r"^repeat=1: give 2 or more"):
+        precision.port(QWEN, output=str(tmp_path / "p"), repeat=1)
     # an engine runs its own dtype policy; --engine-arg is an engine's
     code, _, err = run("--model", QWEN, "--engine", "vllm", "--keep-fp32", "none",
                        "-o", tmp_path / "p")
@@ -293,3 +308,50 @@ def test_gradients_row_trips_on_a_failing_gradient_and_not_otherwise() -> None:
     none = row(None)
     assert none is not None and none.status == "FAIL" and "no gradient" in none.evidence
     assert row(good, backward=False) is None
+
+
+def test_a_stage_redone_or_a_file_changed_redoes_what_builds_on_it(tmp_path: Path) -> None:
+    """Stamps checked only that their files existed: a target redone (its file deleted)
+    left compare and consistency reused, and a corrupt base.st was reused with its PASS."""
+    from precision.workflows.port.stages import Stages
+
+    calls: list[str] = []
+
+    def stage(name: str, text: str) -> port_module.stages.Outcome:
+        calls.append(name)
+        (tmp_path / f"{name}.st").write_text(text)
+        return {"files": [f"{name}.st"], "said": text}
+
+    def run_all() -> list[str]:
+        calls.clear()
+        stages = Stages(tmp_path, force=False, log=lambda _m: None)
+        stages.run("base", "", {"x": 1}, lambda: stage("base", "b"))
+        stages.run("target", "", {}, lambda: stage("target", "t"), after=("base",))
+        stages.run("compare", "", {}, lambda: {"files": []}, after=("base", "target"))
+        return calls[:] + (["compare"] if len(stages.runs) == 3 and not stages.runs[2].reused
+                           else [])
+
+    assert run_all() == ["base", "target", "compare"]
+    assert run_all() == []  # nothing changed: everything reused
+    (tmp_path / "target.st").unlink()
+    assert run_all() == ["target", "compare"]  # the target redone: compare with it
+    (tmp_path / "base.st").write_text("corrupt, and longer")
+    assert run_all() == ["base", "target", "compare"]
+    assert run_all() == []
+
+
+@pytest.mark.slow
+def test_a_port_fed_from_a_file_replays_it_in_the_target(tmp_path: Path) -> None:
+    """--feed went to the target's capture beside --replay, which refuses the pair: every
+    fed port stopped in stage 'target'."""
+    import numpy as np
+
+    feed = tmp_path / "feed.npz"
+    np.savez(feed, input_ids=np.array([[5, 17, 42, 9]], np.int64),
+             attention_mask=np.ones((1, 4), np.int64))
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", "--feed", feed, "--repeat", "2",
+                         "-o", tmp_path / "p")
+    assert code in (0, 1) and "stopped" not in err, err
+    base, target = (precision.load(tmp_path / "p" / f) for f in ("base.st", "target.st"))
+    assert np.array_equal(base["input:input_ids"][:, :4], [[5, 17, 42, 9]])  # then generated
+    assert np.array_equal(target["input:input_ids"], base["input:input_ids"])

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .common import CONTEXT, guard, stderr_log
+from .common import CONTEXT, INTERRUPTED, guard, stderr_log
 from .options import ENGINE_ARG, input_options
 
 
@@ -61,7 +61,8 @@ def port(model: str, device: str, dtype: str, baseline_device: str, engine: str,
                    keep-fp32 policy, and the target again with it, compared again
     Writes report.html, port.json (docs/json-schema.md) and PORT.md in the port folder and
     prints PORT.md. A second run reuses every stage whose inputs (model fingerprint, options,
-    device, precision version) are unchanged; --force redoes all.
+    device, library and precision versions, the files of the stages before it) are
+    unchanged and whose own files are as it left them; --force redoes all.
       precision port --model ./qwen --device npu --dtype bf16 -o port/
     Exit codes: 0 passes; 1 fails, or passes only with the fix (the verdict line says which),
     or a stage failed while running; 2 bad input (an unavailable device, a missing model),
@@ -84,6 +85,10 @@ def port(model: str, device: str, dtype: str, baseline_device: str, engine: str,
         sys.exit(exc.exit_code)
     except PrecisionError:
         raise
+    except KeyboardInterrupt:  # the stages that finished are on disk, stamped: not lost
+        click.echo(f"error: interrupted; the stages that finished are kept in {output}: run "
+                   "again to resume", err=True)
+        sys.exit(INTERRUPTED)
     if not quiet:
         click.echo(result.to_markdown(), nl=False)
         click.echo()

@@ -30,7 +30,7 @@ from typing import Any
 from ...dtypes import canonical, short
 from ...dumps import load, reference_path
 from ...dumps.atomic import write_output
-from ...errors import InputError
+from ...errors import InputError, given, option
 from ...judge.compare import compare
 from ...judge.consistency import consistency_of
 from . import evidence
@@ -121,8 +121,9 @@ def run_port(opts: PortOptions) -> PortResult:
                              backward=opts.backward, max_new_tokens=opts.max_new_tokens,
                              force=True)
     target_opts = replace(capture, device=opts.device, dtype=opts.dtype,
-                          keep_fp32=tuple(opts.keep_fp32), replay=str(folder / BASE))
-    common = {"model": model_id, **opts.inputs()}
+                          keep_fp32=tuple(opts.keep_fp32), replay=str(folder / BASE),
+                          images=(), audio=(), feed=None)  # the baseline's inputs, replayed
+    common = {"model": model_id, "libraries": _libraries(), **opts.inputs()}
     baseline_in = {**common, "device": opts.baseline_device, "expect": list(expect)}
     target_in = {**common, "device": opts.device, "dtype": target_dtype,
                  "keep_fp32": list(opts.keep_fp32), "engine": opts.engine,
@@ -170,19 +171,21 @@ def run_port(opts: PortOptions) -> PortResult:
 def _check(opts: PortOptions) -> None:
     """Bad options, refused before any stage runs."""
     if opts.engine not in ("hf", "vllm"):
-        raise InputError(f"--engine {opts.engine!r}: choose hf or vllm")
+        raise InputError(f"{given('--engine', 'engine', opts.engine)}: choose hf or vllm")
     if opts.repeat < 2:
-        raise InputError("--repeat must be at least 2: the target's run and one more")
+        raise InputError(f"{given('--repeat', 'repeat', opts.repeat)}: give 2 or more, the "
+                         "target's run and one more")
     if opts.budget < 0:
-        raise InputError("--budget must be 0 or more")
+        raise InputError(f"{given('--budget', 'budget', opts.budget)}: give 0 or more")
     if opts.mode not in ("full", "stats"):
-        raise InputError(f"--mode {opts.mode!r}: choose full or stats")
+        raise InputError(f"{given('--mode', 'mode', opts.mode)}: choose full or stats")
     if not (Path(opts.model) / "config.json").is_file():
         raise InputError(f"{opts.model} is not a Hugging Face model folder (no config.json)")
     folder = Path(opts.output)
     if folder.exists() and (not folder.is_dir() or (
             any(folder.iterdir()) and not (folder / "stages").is_dir())):
-        raise InputError(f"{folder} exists and is not a port folder: choose another -o")
+        raise InputError(f"{folder} exists and is not a port folder: choose another "
+                         f"{option('-o', 'output=')}")
     if opts.engine == "vllm" and (opts.images or opts.audio or opts.feed or opts.backward):
         raise InputError("--engine vllm takes prompts only (no --image, --audio, --feed or "
                          "--backward)")
@@ -191,6 +194,38 @@ def _check(opts: PortOptions) -> None:
                          "its own (no --keep-fp32 with --engine vllm)")
     if opts.engine_args and opts.engine != "vllm":
         raise InputError("--engine-arg goes with --engine vllm")
+    if opts.max_new_tokens < 0:
+        raise InputError(f"{given('--max-new-tokens', 'max_new_tokens', opts.max_new_tokens)}: "
+                         "give 0 or more")
+    for flag, name, paths in (
+            ("--prompts", "prompts_file", [opts.prompts_file] if opts.prompts_file else []),
+            ("--image", "images", opts.images), ("--audio", "audio", opts.audio),
+            ("--feed", "feed", [opts.feed] if opts.feed else [])):
+        missing = next((p for p in paths if not Path(p).is_file()), None)
+        if missing is not None:
+            raise InputError(f"{given(flag, name, missing)}: no such file")
+    from ...runtime.run.runner import check_feed_alone
+
+    check_feed_alone(opts.feed, prompts=opts.prompts, prompts_file=opts.prompts_file,
+                     images=opts.images, audio=opts.audio)
+    if not folder.parent.is_dir():
+        raise InputError(f"output folder {folder.parent} does not exist: create it first")
+
+
+def _libraries() -> dict[str, str | None]:
+    """The versions of the libraries a run's numbers depend on (None: not installed): an
+    upgrade of one redoes the stages, as a CI cache of the port folder would otherwise
+    replay the old verdict."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in ("torch", "transformers", "torch_npu", "vllm",
+                                             "numpy")}
 
 
 def _fingerprint(model: str) -> dict[str, Any]:

@@ -126,9 +126,10 @@ def checks(outcomes: dict[str, dict[str, Any]], *, dtype: str, repeat: int,
                       "no logits recorded"))
     gen = cmp.get("generation")
     rows.append(Check("generations", STATUS.get(gen["status"], gen["status"]) if gen else "SKIP",
-                      f"{gen['identical']} of {gen['sequences']} greedy sequences identical"
-                      + (f" ({gen['reason']})" if gen["reason"] and gen["status"] != "OK"
-                         else "") if gen else
+                      (gen["reason"] if gen["reason"] and (gen["status"] != "OK" or
+                                                           gen["identical"] < gen["sequences"])
+                       else f"{gen['identical']} of {gen['sequences']} greedy sequences "
+                            "identical") if gen else
                       "nothing generated (--max-new-tokens 0 or an encoder)"))
     cons = outcomes.get("consistency")
     rows.append(Check(f"self-consistency ({repeat} runs)", _status(cons["passed"]) if cons

@@ -1,10 +1,13 @@
 """The port's stages as resumable steps: a stamp per stage, progress lines, one-line failures.
 
 Each stage writes ``stages/NAME.json`` in the port folder once it has finished: the key of
-its inputs (a SHA-256 of the model's fingerprint, the options it ran with, the device, the
-precision version and the keys of the stages it builds on), the files it wrote and its
-outcome (JSON-ready). A later run whose key is the same and whose files are all still there
-reuses the outcome and says so; ``force`` redoes every stage. A stamp is written whole or not
+its inputs (a SHA-256 of the model's fingerprint, the options it ran with, the device and
+libraries, the precision version and what the stages it builds on produced), the files it
+wrote with their size and modification time, and its outcome (JSON-ready). A later run whose
+key is the same and whose files are all still there, unchanged, reuses the outcome and says
+so; ``force`` redoes every stage. What a stage produced, for the stages after it, is its key
+and its files' sizes and times: a stage redone (its files rewritten, or one of them changed
+or replaced since) makes every stage built on it run again. A stamp is written whole or not
 at all (:func:`precision.dumps.atomic.write_output`), after the stage's files, so an
 interrupted run leaves the stages that finished usable and redoes the one it stopped in.
 """
@@ -64,6 +67,18 @@ def key_of(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def signatures(folder: Path, files: list[str]) -> dict[str, list[int]] | None:
+    """``[size, mtime_ns]`` of each of a stage's files; None when one is missing."""
+    out = {}
+    for f in files:
+        try:
+            st = (folder / f).stat()
+        except OSError:
+            return None
+        out[f] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def file_digest(path: str | None) -> str | None:
     """SHA-256 prefix of a file's bytes (a prompts or feed file an input depends on)."""
     if not path:
@@ -93,11 +108,16 @@ class Stages:
             stamp = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        if stamp.get("key") != key or not all((self.folder / f).exists()
-                                              for f in stamp.get("files", [])):
-            return None
+        files = stamp.get("files", [])
+        if stamp.get("key") != key or stamp.get("signatures") is None or \
+                signatures(self.folder, files) != stamp["signatures"]:
+            return None  # other inputs, or a file missing, changed or replaced since
         outcome: Outcome = stamp["outcome"]
         return outcome
+
+    def _produced(self, name: str, key: str, files: list[str]) -> None:
+        """What stage ``name`` produced, as the stages after it see it (module doc)."""
+        self.keys[name] = key_of({"key": key, "files": signatures(self.folder, files)})
 
     def run(self, name: str, title: str, inputs: Mapping[str, Any],
             work: Callable[[], Outcome], *, after: tuple[str, ...] = ()) -> Outcome:
@@ -106,9 +126,10 @@ class Stages:
         progress line either way: ``title``, the time it took or ``reused``."""
         full = {"stage": name, "inputs": dict(inputs), "precision": __version__,
                 "after": {a: self.keys[a] for a in after}}
-        key = self.keys[name] = key_of(full)
+        key = key_of(full)
         outcome = self._reusable(name, key)
         if outcome is not None:
+            self._produced(name, key, outcome.get("files", []))
             self.runs.append(StageRun(name, 0.0, True))
             self.log(f"{name}: reused ({title}; inputs unchanged)")
             return outcome
@@ -122,11 +143,13 @@ class Stages:
         except Exception as exc:  # one line naming the stage; the finished stages stay
             raise StageError(name, exc) from exc
         seconds = time.perf_counter() - start
+        files = outcome.get("files", [])
         self.stamp_path(name).parent.mkdir(parents=True, exist_ok=True)
         write_output(self.stamp_path(name), json.dumps(
-            {"stage": name, "key": key, "inputs": full, "files": outcome.get("files", []),
-             "seconds": round(seconds, 3), "outcome": outcome}, indent=1, default=str) + "\n",
-            force=True)
+            {"stage": name, "key": key, "inputs": full, "files": files,
+             "signatures": signatures(self.folder, files), "seconds": round(seconds, 3),
+             "outcome": outcome}, indent=1, default=str) + "\n", force=True)
+        self._produced(name, key, files)
         self.runs.append(StageRun(name, seconds, False))
         self.log(f"{name}: {seconds:.1f} s ({title})")
         return outcome
