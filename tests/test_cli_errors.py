@@ -564,3 +564,21 @@ def test_stats_counts_out_of_range_are_one_line(tmp_path: Path, numel: float) ->
     twice = write_dump(tmp_path / "t.st", {"a:out": np.ones(4, np.float32)},
                        aliases={"a:out": "a:out"})
     _assert_error(_run("inspect", twice), "'a:out' listed twice")
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path: Path) -> None:
+    """model.save_pretrained(DIR) alone (seed 000's snippet) leaves T5 without tokenizer
+    files; transformers then builds an empty one that turns every word into <unk>, and the
+    capture ran the model on nothing, exit 0 (port said PASS)."""
+    import shutil
+
+    bare = tmp_path / "bare-t5"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(T5 / name, bare / name)
+    _assert_error(_capture("--model", bare, "-o", tmp_path / "x.st"),
+                  "every prompt comes out of T5Tokenizer as mostly unknown tokens (<unk>)")
+    assert not (tmp_path / "x.st").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(T5 / name, bare / name)
+    assert _capture("--model", bare, "-o", tmp_path / "x.st").exit_code == 0

@@ -580,3 +580,21 @@ def test_a_row_with_nothing_compared_has_no_growth(make_dump: Callable[..., Path
     assert rows["b:out"].status == "NAN" and rows["b:out"].growth is None
     c, a = rows["c:out"].metrics.rel_l2, rows["a:out"].metrics.rel_l2
     assert rows["c:out"].growth == pytest.approx(c / a)
+
+
+def test_a_generation_kept_in_part_is_a_mismatch(make_dump: Callable[..., Path]) -> None:
+    """A vLLM logprobs file with 3 of 8 sequences, or 4 of 8 steps, passed as 'all 3
+    sequences identical'."""
+    x = {"m:out": np.linspace(-1, 1, 16, dtype=np.float32)}
+    tokens = np.arange(64, dtype=np.int64).reshape(8, 8)
+    base = make_dump("a.st", x | {"generation:tokens": tokens})
+    for cut, said in ((tokens[:3], "8 sequence(s) in the baseline, 3 in the target"),
+                      (tokens[:, :4], "the same tokens for 4 step(s), then the target stops "
+                                      "where the other goes on to 8")):
+        target = make_dump(f"t{len(cut)}.st", x | {"generation:tokens": cut})
+        report = compare(base, target)
+        row = next(r for r in report.rows if r.key == "generation:tokens")
+        assert row.status == "MISMATCH" and said in row.reason and not report
+    whole = make_dump("w.st", x | {"generation:tokens": tokens.copy()})
+    row = next(r for r in compare(base, whole).rows if r.key == "generation:tokens")
+    assert row.status == "OK"

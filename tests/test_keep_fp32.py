@@ -474,3 +474,15 @@ def test_a_policy_given_as_one_string_is_one_value() -> None:
     assert Policy.parse("none") == Policy.parse(["none"]) == Policy("none", ())
     assert Policy.parse("auto") == Policy("auto", ())
     assert Policy.parse("*.wo") == Policy.parse(["*.wo"]) == Policy("none", ("*.wo",))
+
+
+def test_a_glob_alone_says_it_starts_from_none(tmp_path: Path) -> None:
+    """--keep-fp32 GLOB alone switches the rest from auto to none (T5's wo is cast to fp16
+    then); --help says so, and so does the capture's log."""
+
+    said = "--keep-fp32 lm_head: the other modules are cast to fp16, as with none"
+    for extra, says in (((), True), (("--keep-fp32", "auto"), False)):
+        result = CliRunner().invoke(main, ["capture", "--model", str(T5_OVERFLOW), "--dtype",
+                                           "fp16", "--keep-fp32", "lm_head", *extra, "-o",
+                                           str(tmp_path / f"x{len(extra)}.st")])
+        assert result.exit_code == 0 and (said in result.stderr) == says, result.stderr

@@ -73,7 +73,8 @@ from .options import ENGINE_ARG, input_options
 @click.option("--keep-fp32", multiple=True, default=("auto",), show_default=True,
               metavar="auto|none|GLOB[:fp32]",
               help="auto: as transformers loads (T5 keeps wo in fp32 under fp16). none: cast "
-                   "every module. GLOB: keep matching modules in fp32 (repeatable): they "
+                   "every module. GLOB: keep matching modules in fp32 (repeatable; GLOBs alone "
+                   "start from none: add auto to keep transformers' own as well): they "
                    "compute in fp32 on upcast inputs and hand their outputs back in the "
                    "model's dtype. GLOB:fp32 hands them on in fp32 instead, for a residual "
                    "stream that needs fp32's range (e.g. 'model.layers.*:fp32'; the modules "
@@ -159,7 +160,7 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
     if not output and not dry_run:
         raise click.UsageError("Missing option '-o' / '--output' (or give --dry-run).")
     if replay:
-        _refuse_with_replay(replay, max_new_tokens)
+        _refuse_with_replay(replay, max_new_tokens, num_beams)
     opts = CaptureOptions(model=model, output=output or "", device=device, device_map=device_map,
                           dtype=dtype, full=full_globs,
                           steps=parse_steps(steps_spec) if steps_spec else None,
@@ -189,14 +190,14 @@ def capture(model: str, device: str, device_map: str | None, dtype: str,
                        f"{format_bytes(d.file_bytes)} ({d.mode} mode)")
 
 #: what ``--replay`` takes from the baseline: its inputs
-REPLAYED = {"prompts": "--prompt", "prompts_file": "--prompts-file", "images": "--image",
+REPLAYED = {"prompts": "--prompt", "prompts_file": "--prompts", "images": "--image",
             "audio": "--audio", "feed": "--feed"}
 
 
-def _refuse_with_replay(replay: str, max_new_tokens: int) -> None:
-    """``--replay`` runs the baseline's inputs and generates as many tokens as it did: an
-    input, or another length, given beside it would be dropped, so it is refused (the
-    baseline's own length, given again, is fine)."""
+def _refuse_with_replay(replay: str, max_new_tokens: int, num_beams: int) -> None:
+    """``--replay`` runs the baseline's inputs and generates as many tokens as it did, with
+    as many beams: an input, another length or another beam count given beside it would be
+    dropped, so it is refused (the baseline's own, given again, is fine)."""
     from click.core import ParameterSource
 
     from ..dumps import load
@@ -212,6 +213,11 @@ def _refuse_with_replay(replay: str, max_new_tokens: int) -> None:
         if isinstance(made, int) and made != max_new_tokens:
             raise click.UsageError(f"--max-new-tokens {max_new_tokens}: --replay generates as "
                                    f"many tokens as the baseline did ({made})")
+    if ctx.get_parameter_source("num_beams") == ParameterSource.COMMANDLINE:
+        beams = (load(replay).meta.get("generation") or {}).get("num_beams", 1)
+        if isinstance(beams, int) and beams != num_beams:
+            raise click.UsageError(f"--num-beams {num_beams}: --replay searches with as many "
+                                   f"beams as the baseline did ({beams})")
 
 
 #: what ``capture --engine vllm`` takes; every other option is Hugging Face's alone

@@ -26,7 +26,7 @@ from ..profiles import Profile
 from .generation import compare_generation, summarise
 from .logits import compare_logit_rows
 from .metrics import PairAccumulator, compare_exact
-from .row import Row
+from .row import Row, Status
 from .statsdiff import StatsDelta, checksum_kind, record_stats, stats_delta
 
 #: an integer record's mean and norm agree to this relative difference, or to
@@ -223,10 +223,21 @@ def _stats_reason(d: StatsDelta) -> str:
 
 def generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,
                    prof: Profile) -> Row:
-    """The row of one generation (``prefix`` picks a rank's of a directory dump)."""
+    """The row of one generation (``prefix`` picks a rank's of a directory dump): MISMATCH
+    when the runs hold different numbers of sequences, or when one stops where the other
+    goes on though every sequence agrees up to there (a generation ends when all its
+    sequences have, so that is a cut file, such as a logprobs JSON kept in part)."""
     g = compare_generation(b, t, k=topk, prefix=prefix, tie_noise=prof.noise_rms)
     _, reason = summarise(g)
     key = prefix + GEN_PREFIX + "tokens"
-    info = b.tensors[key]
-    return Row(order, key, "OK", reason, info.shape, info.dtype, t.tensors[key].dtype,
-               generation=g)
+    info, other = b.tensors[key], t.tensors[key]
+    status: Status = "OK"
+    (nb, sb), (nt, st) = info.shape[:2], other.shape[:2]
+    if nb != nt:
+        status, reason = "MISMATCH", (f"{nb} sequence(s) in the baseline, {nt} in the target: "
+                                      "generations of other prompts, or a file kept in part")
+    elif sb != st and g.identical == g.sequences:
+        status, reason = "MISMATCH", (f"the same tokens for {min(sb, st)} step(s), then the "
+                                      f"{'target' if st < sb else 'baseline'} stops where the "
+                                      f"other goes on to {max(sb, st)}: a file kept in part?")
+    return Row(order, key, status, reason, info.shape, info.dtype, other.dtype, generation=g)

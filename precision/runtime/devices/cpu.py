@@ -5,12 +5,12 @@ from __future__ import annotations
 import platform
 from types import ModuleType
 
-from ...errors import DeviceError
+from ...errors import DeviceError, given
 
 
 def check(index: int, dtype: str) -> None:
     if index != 0:
-        raise DeviceError(f"cpu:{index} does not exist: use --device cpu")
+        raise DeviceError(f"cpu:{index} does not exist: use {given('--device', 'device', 'cpu')}")
 
 
 def describe(index: int) -> str:

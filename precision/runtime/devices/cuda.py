@@ -6,20 +6,21 @@ from types import ModuleType
 
 import torch
 
-from ...errors import DeviceError
+from ...errors import DeviceError, given
 
 
 def check(index: int, dtype: str) -> None:
     if not torch.cuda.is_available():
         build = "a CPU-only torch build" if torch.version.cuda is None else "no visible GPU"
         raise DeviceError(f"CUDA is not available here ({build}): install a CUDA build of torch "
-                          "on a machine with an NVIDIA GPU, or use --device cpu")
+                          "on a machine with an NVIDIA GPU, or use "
+                          f"{given('--device', 'device', 'cpu')}")
     count = torch.cuda.device_count()
     if index >= count:
         raise DeviceError(f"cuda:{index} does not exist: this machine has {count} CUDA device(s)")
     if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"cuda:{index} ({torch.cuda.get_device_name(index)}) cannot run bf16: "
-                          "use --dtype fp16 or fp32")
+                          f"use {given('--dtype', 'dtype', 'fp16')} or fp32")
 
 
 def describe(index: int) -> str:

@@ -6,16 +6,17 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from ...errors import DeviceError
+from ...errors import DeviceError, given
 
 
 def _torch_npu() -> ModuleType:
     try:
         return importlib.import_module("torch_npu")
     except ImportError:
-        raise DeviceError("--device npu needs torch_npu (Ascend's PyTorch plugin) and CANN: "
+        raise DeviceError(f"{given('--device', 'device', 'npu')} needs torch_npu (Ascend's "
+                          "PyTorch plugin) and CANN: "
                           "pip install 'precision[npu]' on an Ascend machine, "
-                          "or use --device cpu/cuda") from None
+                          f"or use {given('--device', 'device', 'cpu')} or cuda") from None
     except Exception as exc:  # CANN missing or broken: torch_npu raises at import
         raise DeviceError(f"torch_npu is installed but failed to load ({exc}): "
                           "source the CANN set_env.sh and check the driver") from None
@@ -39,7 +40,7 @@ def check(index: int, dtype: str) -> None:
     supports_bf16 = getattr(npu, "is_bf16_supported", lambda: True)
     if dtype == "bfloat16" and not supports_bf16():
         raise DeviceError(f"npu:{index} cannot run bf16 (Ascend 910B or later needed): "
-                          "use --dtype fp16")
+                          f"use {given('--dtype', 'dtype', 'fp16')}")
 
 
 def describe(index: int) -> str:

@@ -108,12 +108,14 @@ def tokenize(model: Any, tokenizer: Any, prompts: Sequence[str], *, generates: b
     check_prompts(prompts)
     limit = getattr(tokenizer, "model_max_length", None)
     limit = int(limit) if isinstance(limit, (int, float)) and limit < NO_LIMIT else None
-    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    lengths = [len(x) for x in ids]
     for i, n in enumerate(lengths, 1):
         if n == 0:
             raise InputError(f"prompt {i} makes no token with {type(tokenizer).__name__} "
                              "(the tokenizer saved with the model?): pass token ids with "
                              "--feed FILE instead")
+    _check_known(tokenizer, ids, log)
     trunc = limit is not None and max(lengths) > limit
     if trunc:
         assert limit is not None
@@ -125,6 +127,34 @@ def tokenize(model: Any, tokenizer: Any, prompts: Sequence[str], *, generates: b
                     max_length=limit if trunc else None)
     keep = ("input_ids", "attention_mask") if generates else tuple(enc.keys())
     return {k: v for k, v in enc.items() if k in keep and isinstance(v, torch.Tensor)}
+
+
+def _check_known(tokenizer: Any, ids: Sequence[Sequence[int]],
+                 log: Callable[[str], None]) -> None:
+    """Refuse prompts that all come out as unknown tokens: half or more of each prompt's
+    word pieces (special tokens and bare word boundaries left out) the tokenizer's ``unk``
+    (a folder saved without its tokenizer files, where transformers builds an empty one:
+    T5's turns every word into ``<unk>``, and the model then runs on nothing). One prompt in
+    that state (text outside the vocabulary) is said."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+
+    def words(x: Sequence[int]) -> list[int]:  # no special token, no bare word boundary
+        return [t for t in x if t not in special
+                and str(tokenizer.convert_ids_to_tokens(t)).strip("\u2581\u0120 ")]
+
+    unknown = [i for i, x in enumerate(ids, 1)
+               if (w := words(x)) and 2 * sum(t == unk for t in w) >= len(w)]
+    if unknown and len(unknown) == len(ids):
+        raise InputError(f"every prompt comes out of {type(tokenizer).__name__} as mostly "
+                         f"unknown tokens ({tokenizer.unk_token}): the model folder has no "
+                         "tokenizer files, or not this model's (save them with "
+                         "tokenizer.save_pretrained(DIR)), or pass token ids with --feed FILE")
+    for i in unknown:
+        log(f"prompt {i} is half or more unknown tokens ({tokenizer.unk_token}) with "
+            f"{type(tokenizer).__name__}: text outside its vocabulary?")
 
 
 def approx_dump_bytes(model: Any, rows: int, tokens: int) -> int:

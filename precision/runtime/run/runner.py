@@ -189,11 +189,24 @@ def check_options(opts: CaptureOptions) -> str:
     if opts.replay and fed:
         raise InputError(f"--replay reuses the inputs of {opts.replay}: leave out "
                          f"{' and '.join(fed)}")
+    check_feed_alone(opts.feed, prompts=opts.prompts, prompts_file=opts.prompts_file,
+                     images=opts.images, audio=opts.audio)
     for e in opts.expect:
         if canonical(e) not in ("float16", "bfloat16") or canonical(e) == dtype:
             raise InputError(f"--expect {e}: give fp16 or bf16, another precision than "
                              f"--dtype {opts.dtype}")
     return dtype
+
+
+def check_feed_alone(feed: str | None, *, prompts: Sequence[str], prompts_file: str | None,
+                     images: Sequence[str], audio: Sequence[str]) -> None:
+    """A ``--feed`` file gives every input: prompts, images or audio beside it would mix
+    with it (a prompt's ids with the file's decoder ids), so they are refused."""
+    mixed = [f for f, used in (("--prompt", prompts), ("--prompts", prompts_file),
+                               ("--image", images), ("--audio", audio)) if used]
+    if feed and mixed:
+        raise InputError(f"--feed {feed} gives every input the model takes: leave out "
+                         f"{' and '.join(mixed)} (they would mix with it)")
 
 
 def run_capture(opts: CaptureOptions, log: Callable[[str], None] = lambda _msg: None) -> Path:
@@ -239,6 +252,10 @@ def _run_capture(opts: CaptureOptions, log: Callable[[str], None]) -> Path:
                             (out, *(reference_path(out, e) for e in opts.expect)))
     device = devices.resolve(dist.device if dist else opts.device, dtype)
     policy = Policy.parse(opts.keep_fp32)
+    if policy.globs and not {"auto", "none"} & set(opts.keep_fp32) and dtype != "float32":
+        log(f"--keep-fp32 {' '.join(policy.globs)}: the other modules are cast to "
+            f"{short(dtype)}, as with none (add --keep-fp32 auto to keep what transformers "
+            "keeps in fp32 too)")
     base = (distributed.own_shard(opts.replay, dist) if opts.replay else None)
     if base is not None:  # an engine's dump (precision.vllm) asks for some modules' inputs
         wanted = [g for g in base.meta.get("reference_inputs") or () if g not in opts.inputs]
