@@ -355,3 +355,18 @@ def test_a_port_fed_from_a_file_replays_it_in_the_target(tmp_path: Path) -> None
     base, target = (precision.load(tmp_path / "p" / f) for f in ("base.st", "target.st"))
     assert np.array_equal(base["input:input_ids"][:, :4], [[5, 17, 42, 9]])  # then generated
     assert np.array_equal(target["input:input_ids"], base["input:input_ids"])
+
+
+@pytest.mark.slow
+def test_a_stats_port_keeps_the_logits_whole(tmp_path: Path) -> None:
+    """In stats mode the logits check was always SKIP ('no logits recorded'): the port now
+    keeps the output embedding's records whole, as --full lm_head would."""
+    folder = tmp_path / "p"
+    code, _, err = run("--model", QWEN, "--dtype", "bf16", "--mode", "stats", "--repeat", "2",
+                       *PROMPTS, "-o", folder)
+    assert code == 0, err
+    checks = {c["name"]: c for c in json.loads((folder / "port.json").read_text())["checks"]}
+    assert checks["logits"]["status"] == "PASS" and "top-1 agreement" in \
+        checks["logits"]["evidence"]
+    base = precision.load(folder / "base.st")
+    assert base.mode == "stats" and "lm_head:out" in base.tensors

@@ -67,6 +67,8 @@ class CaptureOptions:
     capture_steps: bool = False
     steps: Sequence[int] | None = None
     full: Sequence[str] = ()
+    #: in stats mode, keep the output embedding's logits whole too (``precision port``)
+    full_logits: bool = False
     every: int = 1
     backward: bool = False
     loss_scale: float = 1.0
@@ -198,6 +200,13 @@ def check_options(opts: CaptureOptions) -> str:
     return dtype
 
 
+def _output_embedding(model: torch.nn.Module) -> list[str]:
+    """The name of the module that makes the model's logits (``lm_head``), if it has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return [n for n, m in model.named_modules() if m is head][:1] if head is not None else []
+
+
 def check_feed_alone(feed: str | None, *, prompts: Sequence[str], prompts_file: str | None,
                      images: Sequence[str], audio: Sequence[str]) -> None:
     """A ``--feed`` file gives every input: prompts, images or audio beside it would mix
@@ -319,6 +328,8 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         return inputs, gen, prompt
 
     mode, why = choose_mode(opts.mode, loaded.model)
+    if opts.full_logits and mode == "stats":
+        opts = replace(opts, full=(*opts.full, *_output_embedding(loaded.model)))
     inputs: dict[str, torch.Tensor] = {}
     gen: Generation | None = None
     prompt: dict[str, torch.Tensor] = {}

@@ -118,8 +118,8 @@ def run_port(opts: PortOptions) -> PortResult:
     capture = CaptureOptions(model=opts.model, output="", prompts=opts.prompts,
                              prompts_file=opts.prompts_file, images=opts.images,
                              audio=opts.audio, feed=opts.feed, mode=opts.mode,
-                             backward=opts.backward, max_new_tokens=opts.max_new_tokens,
-                             force=True)
+                             full_logits=True, backward=opts.backward,
+                             max_new_tokens=opts.max_new_tokens, force=True)
     target_opts = replace(capture, device=opts.device, dtype=opts.dtype,
                           keep_fp32=tuple(opts.keep_fp32), replay=str(folder / BASE),
                           images=(), audio=(), feed=None)  # the baseline's inputs, replayed
