@@ -74,3 +74,15 @@ def test_padded_labels_stay_out_of_the_loss(tmp_path: Path) -> None:
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert d.meta["backward"]["loss"] == pytest.approx(float(want), rel=1e-5)
     assert abs(float(everything) - float(want)) > 1e-3
+
+
+def test_a_training_step_prints_no_torch_hook_warning(tmp_path: Path) -> None:
+    """torch's 'Full backward hook is firing ... no inputs require gradients' (the modules
+    fed token ids) leaked into every --backward capture; their gradients come regardless."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = step(tmp_path, "s.st", capture_steps=True)
+    assert any(e.kind == "grad" and e.module.endswith("embed_tokens")
+               for e in precision.load(path).entries)

@@ -81,11 +81,19 @@ def _same_run(b: Dump, t: Dump) -> list[str]:
     if same:
         return [f"{pb} and {pt} are the same file: a run compared with itself passes "
                 "whatever it holds"]
-    if b.meta.get("created") and not b.meta.get("foreign") and b.meta == t.meta:
+    if b.meta.get("created") and not b.meta.get("foreign") and _identity(b) == _identity(t):
         return [f"{pb.name} and {pt.name} are copies of one capture (the same metadata, "
                 f"created {b.meta['created']}): a run compared with itself passes whatever it "
                 "holds"]
     return []
+
+
+def _identity(d: Dump) -> tuple[object, ...]:
+    """What tells two captures apart: when and where each was made, of what, its records'
+    keys and its size."""
+    m = d.meta
+    return (m.get("created"), repr(m.get("env")), repr(m.get("model")), m.get("dtype"),
+            tuple(e.key for e in d.entries), d.file_bytes)
 
 
 def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:

@@ -218,11 +218,22 @@ class Capture:
         self.logits_key: str | None = None
         self._logits_next = True  # the first call's logits, unless expect_inputs() says
         self._closed = False  # the with block ended and the dump is written
+        self._quiet: warnings.catch_warnings[Any] | None = None  # torch's warnings muted
 
     # ---- context management
     def __enter__(self) -> Capture:
         if not self._dry_run:
             self._open_writer()
+        if self._backward:  # torch's warnings on the backward hooks, muted: for modules fed
+            # token ids (no gradient to them), whose outputs' gradients still come; for a
+            # module returning a ModelOutput (T5Stack), whose tensor's gradient is recorded
+            # at the module that made it (an alias of it here)
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            for said in ("Full backward hook is firing when gradients are computed with "
+                         "respect to module outputs", "For backward hooks to be called, "
+                         "module output should be a Tensor or a tuple of Tensors"):
+                warnings.filterwarnings("ignore", message=said)
         for name, mod in self._modules:
             self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
             if self._backward:
@@ -314,6 +325,9 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
         if exc_type is not None:
             self._abort()
             return
