@@ -370,3 +370,25 @@ def test_a_stats_port_keeps_the_logits_whole(tmp_path: Path) -> None:
         checks["logits"]["evidence"]
     base = precision.load(folder / "base.st")
     assert base.mode == "stats" and "lm_head:out" in base.tensors
+
+
+def test_files_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
+    """Re-running into a port folder with another dtype or a passing target left the old
+    reference, fixed.st and its page behind, linked from nothing."""
+    from precision.workflows.port.stages import Stages
+
+    def write(*names: str) -> port_module.stages.Outcome:
+        for n in names:
+            (tmp_path / n).write_text(n)
+        return {"files": list(names)}
+
+    first = Stages(tmp_path, force=False, log=lambda _m: None)
+    first.run("baseline", "", {"dtype": "fp16"}, lambda: write("base.st", "base.fp16-ref.st"))
+    first.run("fix", "", {}, lambda: write("fixed.st"), after=("baseline",))
+    assert first.retire_others() == []
+    second = Stages(tmp_path, force=False, log=lambda _m: None)
+    second.run("baseline", "", {"dtype": "bf16"}, lambda: write("base.st", "base.bf16-ref.st"))
+    assert second.retire_others() == ["fix"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base.bf16-ref.st", "base.st", "stages"]
+    assert [p.name for p in (tmp_path / "stages").iterdir()] == ["baseline.json"]

@@ -341,8 +341,11 @@ def _vllm_capture(opts: PortOptions, out: Path) -> None:
 
 def _finish(opts: PortOptions, folder: Path, stages: Stages, outcomes: dict[str, Outcome],
             model_id: dict[str, Any]) -> PortResult:
-    """The verdict, and the three outputs written."""
+    """The verdict, and the three outputs written (the files of stages this run did not
+    take, left by an earlier one, removed first)."""
     from .page import page
+
+    stages.retire_others()
 
     cmp, cons, fix = outcomes["compare"], outcomes["consistency"], outcomes.get("fix")
     base, target = outcomes["baseline"], outcomes["target"]

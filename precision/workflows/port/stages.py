@@ -115,6 +115,35 @@ class Stages:
         outcome: Outcome = stamp["outcome"]
         return outcome
 
+    def _files_of(self, name: str) -> set[str]:
+        """The files stage ``name``'s stamp lists (none without a readable stamp)."""
+        try:
+            files = json.loads(self.stamp_path(name).read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            return set()
+        return {f for f in files if isinstance(f, str)}
+
+    def _remove(self, files: set[str]) -> None:
+        """Delete files a stamp listed, inside the port folder only."""
+        root = self.folder.resolve()
+        for f in files:
+            path = (self.folder / f).resolve()
+            if root in path.parents and path.is_file():
+                path.unlink()
+
+    def retire_others(self) -> list[str]:
+        """Remove the stamps and files of stages this run did not take (a fix from an
+        earlier run that failed, when this one passes): the folder holds this run's outputs
+        alone. Returns the stages retired."""
+        ran = {r.name for r in self.runs}
+        gone = []
+        for stamp in sorted((self.folder / STAMPS).glob("*.json")):
+            if stamp.stem not in ran:
+                self._remove(self._files_of(stamp.stem))
+                stamp.unlink()
+                gone.append(stamp.stem)
+        return gone
+
     def _produced(self, name: str, key: str, files: list[str]) -> None:
         """What stage ``name`` produced, as the stages after it see it (module doc)."""
         self.keys[name] = key_of({"key": key, "files": signatures(self.folder, files)})
@@ -133,6 +162,7 @@ class Stages:
             self.runs.append(StageRun(name, 0.0, True))
             self.log(f"{name}: reused ({title}; inputs unchanged)")
             return outcome
+        before = self._files_of(name)
         start = time.perf_counter()
         try:
             outcome = work()
@@ -150,6 +180,7 @@ class Stages:
              "signatures": signatures(self.folder, files), "seconds": round(seconds, 3),
              "outcome": outcome}, indent=1, default=str) + "\n", force=True)
         self._produced(name, key, files)
+        self._remove(before - set(files))  # what the stage's last run wrote and this did not
         self.runs.append(StageRun(name, seconds, False))
         self.log(f"{name}: {seconds:.1f} s ({title})")
         return outcome
