@@ -459,6 +459,14 @@ def test_force_never_replaces_a_file_an_input_reads(tmp_path: Path) -> None:
     other.write_text("old")
     assert _run("compare", a, b, "--json", other, "--force", "-q").exit_code == 0
     assert other.read_text().startswith("{")
+    from precision.dumps.atomic import check_outputs_apart
+    from precision.errors import DumpError
+
+    report = ms / "report.json"  # a report refreshed inside an input folder: no input
+    report.write_text("old")
+    check_outputs_apart([tmp_path / "ms", ms / "dump.json"], [report])
+    with pytest.raises(DumpError, match="is a file that input"):
+        check_outputs_apart([tmp_path / "ms"], [ms / "dump.json"])
 
 
 def test_a_pipe_given_as_a_dump_is_refused_not_read_forever(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ path (a second run redoes nothing), and a stage that fails ending the port in on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -316,10 +317,11 @@ def test_a_stage_redone_or_a_file_changed_redoes_what_builds_on_it(tmp_path: Pat
     from precision.workflows.port.stages import Stages
 
     calls: list[str] = []
+    made = iter(range(100))
 
     def stage(name: str, text: str) -> port_module.stages.Outcome:
         calls.append(name)
-        (tmp_path / f"{name}.st").write_text(text)
+        (tmp_path / f"{name}.st").write_text(f"{text} {next(made)}")  # a new run, new bytes
         return {"files": [f"{name}.st"], "said": text}
 
     def run_all() -> list[str]:
@@ -338,6 +340,11 @@ def test_a_stage_redone_or_a_file_changed_redoes_what_builds_on_it(tmp_path: Pat
     (tmp_path / "base.st").write_text("corrupt, and longer")
     assert run_all() == ["base", "target", "compare"]
     assert run_all() == []
+    for f in tmp_path.glob("*.st"):  # a copy of the folder: new times, the same bytes
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert run_all() == []
+    (tmp_path / "base.st").write_text((tmp_path / "base.st").read_text()[::-1])
+    assert run_all() == ["base", "target", "compare"]  # the same size, other bytes
 
 
 @pytest.mark.slow
@@ -392,3 +399,30 @@ def test_files_an_earlier_run_left_are_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "base.bf16-ref.st", "base.st", "stages"]
     assert [p.name for p in (tmp_path / "stages").iterdir()] == ["baseline.json"]
+
+
+def test_logits_kept_whole_only_within_a_budget() -> None:
+    """Stats mode is for big models: logits of many long prompts over a large vocabulary
+    would be gigabytes whole, so past FULL_LOGITS_BYTES they stay statistics (said)."""
+    import torch
+
+    from precision.runtime.run import runner
+
+    class Head(torch.nn.Module):
+        out_features = 150_000
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = Head()
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.lm_head
+
+    said: list[str] = []
+    small = {"input_ids": torch.zeros(3, 40, dtype=torch.long)}
+    assert runner._logits_whole(Model(), small, said.append) == ["lm_head"] and not said
+    big = {"input_ids": torch.zeros(64, 2048, dtype=torch.long)}
+    assert runner._logits_whole(Model(), big, said.append) == []
+    assert said == ["the logits (78643 MB whole) are kept as statistics: the logits check "
+                    "needs them whole (capture --full lm_head, or fewer prompts)"]

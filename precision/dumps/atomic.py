@@ -70,12 +70,20 @@ def check_outputs_apart(inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
         seen[where] = str(out)
 
 
+#: the files a folder input's readers open: a directory dump's index and shards, msprobe's
+#: dump.json, its side files and tensors
+READ_IN_FOLDERS = (frozenset({"index.json", "dump.json", "construct.json", "stack.json"}),
+                   frozenset({".st", ".safetensors", ".npy", ".pt"}))
+
+
 def _reads(source: Path, where: Path) -> bool:
-    """Whether reading the input ``source`` may read the existing file ``where``: a file in
-    ``source``'s folder tree (a folder input; msprobe's ``dump.json`` reads the tensors under
-    its own folder)."""
-    if not where.is_file():
-        return False  # a new file is read by nothing
+    """Whether reading the input ``source`` may read the existing file ``where``: one of
+    :data:`READ_IN_FOLDERS` in ``source``'s folder tree (a folder input; msprobe's
+    ``dump.json`` reads the tensors under its own folder). A report written there before
+    is no input: ``--force`` may replace it."""
+    names, suffixes = READ_IN_FOLDERS
+    if not where.is_file() or not (where.name in names or where.suffix.lower() in suffixes):
+        return False  # a new file, or one no reader opens
     folder = source if source.is_dir() else (
         source.parent if source.name == "dump.json" else None)
     return folder is not None and folder in where.parents

@@ -70,30 +70,16 @@ def report_warnings(b: Dump, t: Dump, rows: list[Row], stated: dict[str, str | N
 
 
 def _same_run(b: Dump, t: Dump) -> list[str]:
-    """A warning when the two runs are one file, or copies of one capture (the same
-    metadata, to the second of its creation): a run compared with itself passes whatever
-    it holds."""
+    """A warning when the two runs are one file: a run compared with itself passes whatever
+    it holds. (Two captures are not told from copies by their contents: a deterministic
+    run twice in one second makes the same bytes.)"""
     pb, pt = Path(displayed_path(b)), Path(displayed_path(t))
     try:
         same = pb.samefile(pt)
     except OSError:
         same = False
-    if same:
-        return [f"{pb} and {pt} are the same file: a run compared with itself passes "
-                "whatever it holds"]
-    if b.meta.get("created") and not b.meta.get("foreign") and _identity(b) == _identity(t):
-        return [f"{pb.name} and {pt.name} are copies of one capture (the same metadata, "
-                f"created {b.meta['created']}): a run compared with itself passes whatever it "
-                "holds"]
-    return []
-
-
-def _identity(d: Dump) -> tuple[object, ...]:
-    """What tells two captures apart: when and where each was made, of what, its records'
-    keys and its size."""
-    m = d.meta
-    return (m.get("created"), repr(m.get("env")), repr(m.get("model")), m.get("dtype"),
-            tuple(e.key for e in d.entries), d.file_bytes)
+    return [f"{pb} and {pt} are the same file: a run compared with itself passes whatever it "
+            "holds"] if same else []
 
 
 def _dtype_warnings(b: Dump, t: Dump, stated: dict[str, str | None]) -> list[str]:

@@ -85,8 +85,9 @@ def reference_differs(b: Dump, r: Dump) -> str | None:
     """Why ``r`` is no reference for ``b``: it comes from other weights, or the first model
     input (``input:*``) whose shape or values differ, or that one run alone recorded; None
     when neither says so (runs that record no inputs cannot tell). Integer inputs (ids,
-    masks) must be equal; float ones (pixels, audio features) within ``2^-7`` relative, what
-    casting them to fp16 or bf16 does."""
+    masks) must be equal; float ones (pixels, audio features, embeddings) must be the
+    baseline's cast to the reference's dtype, within ``2^-7`` relative (as a capture casts
+    them: subnormals, values beyond fp16 and masks of the float32 minimum included)."""
     wb, wr = (d.meta.get("model", {}).get("weights_fingerprint") for d in (b, r))
     if wb and wr and wb != wr:
         return f"it comes from other weights (fingerprint {wr}, the baseline's {wb})"
@@ -106,8 +107,10 @@ def reference_differs(b: Dump, r: Dump) -> str | None:
         if x.dtype.kind in "biu" and y.dtype.kind in "biu":
             same = bool(np.array_equal(x, y))
         else:
-            same = bool(np.allclose(y.astype(np.float64), x.astype(np.float64),
-                                    rtol=2.0**-7, atol=0.0, equal_nan=True))
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond fp16: inf, as cast
+                cast = x.astype(y.dtype).astype(np.float64)
+            same = bool(np.allclose(y.astype(np.float64), cast, rtol=2.0**-7, atol=0.0,
+                                    equal_nan=True))
         if not same:
             return f"{key} holds other values"
     return None

@@ -224,9 +224,10 @@ def _stats_reason(d: StatsDelta) -> str:
 def generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,
                    prof: Profile) -> Row:
     """The row of one generation (``prefix`` picks a rank's of a directory dump): MISMATCH
-    when the runs hold different numbers of sequences, or when one stops where the other
-    goes on though every sequence agrees up to there (a generation ends when all its
-    sequences have, so that is a cut file, such as a logprobs JSON kept in part)."""
+    when the runs hold different numbers of sequences (sequences pair by position: a file
+    kept in part, or other prompts). Runs of different lengths are compared over the steps
+    both made, and the reason says so when every sequence agrees there (another
+    ``max_tokens``, or a file cut short)."""
     g = compare_generation(b, t, k=topk, prefix=prefix, tie_noise=prof.noise_rms)
     _, reason = summarise(g)
     key = prefix + GEN_PREFIX + "tokens"
@@ -237,7 +238,6 @@ def generation_row(b: Dump, t: Dump, order: int, topk: int, prefix: str,
         status, reason = "MISMATCH", (f"{nb} sequence(s) in the baseline, {nt} in the target: "
                                       "generations of other prompts, or a file kept in part")
     elif sb != st and g.identical == g.sequences:
-        status, reason = "MISMATCH", (f"the same tokens for {min(sb, st)} step(s), then the "
-                                      f"{'target' if st < sb else 'baseline'} stops where the "
-                                      f"other goes on to {max(sb, st)}: a file kept in part?")
+        reason += (f" over the {min(sb, st)} step(s) both made (the "
+                   f"{'baseline' if st < sb else 'target'} goes on to {max(sb, st)})")
     return Row(order, key, status, reason, info.shape, info.dtype, other.dtype, generation=g)

@@ -150,8 +150,9 @@ def _check_known(tokenizer: Any, ids: Sequence[Sequence[int]],
     if unknown and len(unknown) == len(ids):
         raise InputError(f"every prompt comes out of {type(tokenizer).__name__} as mostly "
                          f"unknown tokens ({tokenizer.unk_token}): the model folder has no "
-                         "tokenizer files, or not this model's (save them with "
-                         "tokenizer.save_pretrained(DIR)), or pass token ids with --feed FILE")
+                         "tokenizer files or not this model's (save them with "
+                         "tokenizer.save_pretrained(DIR)), or the prompts are no text it "
+                         "knows (SMILES, amino acids: pass token ids with --feed FILE)")
     for i in unknown:
         log(f"prompt {i} is half or more unknown tokens ({tokenizer.unk_token}) with "
             f"{type(tokenizer).__name__}: text outside its vocabulary?")

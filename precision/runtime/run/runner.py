@@ -200,11 +200,29 @@ def check_options(opts: CaptureOptions) -> str:
     return dtype
 
 
-def _output_embedding(model: torch.nn.Module) -> list[str]:
-    """The name of the module that makes the model's logits (``lm_head``), if it has one."""
+#: the most bytes of logits ``full_logits`` keeps whole in a stats capture
+FULL_LOGITS_BYTES = 512 * 1024 * 1024
+
+
+def _logits_whole(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                  log: Callable[[str], None]) -> list[str]:
+    """The module that makes the model's logits (``lm_head``), to keep whole in a stats
+    capture, unless its logits for ``inputs`` would take more than
+    :data:`FULL_LOGITS_BYTES` (at 4 bytes a value; said in the log)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return [n for n, m in model.named_modules() if m is head][:1] if head is not None else []
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if head is None or name is None:
+        return []
+    ids = inputs.get("decoder_input_ids", inputs.get("input_ids"))
+    vocab = getattr(head, "out_features", None) or getattr(
+        getattr(model, "config", None), "vocab_size", 0) or 0
+    size = 4 * (ids.numel() if isinstance(ids, torch.Tensor) else 0) * int(vocab)
+    if size > FULL_LOGITS_BYTES:
+        log(f"the logits ({size / 1e6:.0f} MB whole) are kept as statistics: the logits check "
+            f"needs them whole (capture --full {name}, or fewer prompts)")
+        return []
+    return [name]
 
 
 def check_feed_alone(feed: str | None, *, prompts: Sequence[str], prompts_file: str | None,
@@ -328,14 +346,14 @@ def _capture_loaded(opts: CaptureOptions, loaded: LoadedModel, dtype: str,
         return inputs, gen, prompt
 
     mode, why = choose_mode(opts.mode, loaded.model)
-    if opts.full_logits and mode == "stats":
-        opts = replace(opts, full=(*opts.full, *_output_embedding(loaded.model)))
     inputs: dict[str, torch.Tensor] = {}
     gen: Generation | None = None
     prompt: dict[str, torch.Tensor] = {}
     if not by_step:
         with _model_errors(dtype, device.name):
             inputs, gen, prompt = prepare()
+    if opts.full_logits and mode == "stats":
+        opts = replace(opts, full=(*opts.full, *_logits_whole(loaded.model, inputs, log)))
 
     meta: dict[str, Any] = {
         "device": device.as_meta(), "dtype": dtype,

@@ -3,11 +3,13 @@
 Each stage writes ``stages/NAME.json`` in the port folder once it has finished: the key of
 its inputs (a SHA-256 of the model's fingerprint, the options it ran with, the device and
 libraries, the precision version and what the stages it builds on produced), the files it
-wrote with their size and modification time, and its outcome (JSON-ready). A later run whose
-key is the same and whose files are all still there, unchanged, reuses the outcome and says
-so; ``force`` redoes every stage. What a stage produced, for the stages after it, is its key
-and its files' sizes and times: a stage redone (its files rewritten, or one of them changed
-or replaced since) makes every stage built on it run again. A stamp is written whole or not
+wrote with their size, modification time and a digest of their bytes, and its outcome
+(JSON-ready). A later run whose key is the same and whose files are all still there,
+unchanged (the same size and time, or where the time moved, as a copy of the folder moves
+it, the same bytes), reuses the outcome and says so; ``force`` redoes every stage. What a
+stage produced, for the stages after it, is its key and its files' digests: a stage redone
+with other results, or a file of it changed or replaced since, makes every stage built on
+it run again. A stamp is written whole or not
 at all (:func:`precision.dumps.atomic.write_output`), after the stage's files, so an
 interrupted run leaves the stages that finished usable and redoes the one it stopped in.
 """
@@ -67,16 +69,42 @@ def key_of(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def signatures(folder: Path, files: list[str]) -> dict[str, list[int]] | None:
-    """``[size, mtime_ns]`` of each of a stage's files; None when one is missing."""
-    out = {}
+def content_digest(path: Path) -> str:
+    """SHA-256 prefix of a file's bytes, read in pieces (a dump may be larger than memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 22), b""):
+            h.update(piece)
+    return h.hexdigest()[:16]
+
+
+def signatures(folder: Path, files: list[str]) -> dict[str, list[Any]] | None:
+    """``[size, mtime_ns, digest]`` of each of a stage's files; None when one is missing."""
+    out: dict[str, list[Any]] = {}
     for f in files:
         try:
             st = (folder / f).stat()
+            out[f] = [st.st_size, st.st_mtime_ns, content_digest(folder / f)]
         except OSError:
             return None
-        out[f] = [st.st_size, st.st_mtime_ns]
     return out
+
+
+def unchanged(folder: Path, stamped: Any) -> bool:
+    """Whether every file of a stamp's ``signatures`` is as stamped: the same size, and the
+    same modification time or, when that moved (a copy of the folder, an archive
+    unpacked), the same bytes."""
+    if not isinstance(stamped, dict):
+        return False
+    for f, sig in stamped.items():
+        try:
+            st = (folder / f).stat()
+            if not (isinstance(sig, list) and len(sig) == 3 and st.st_size == sig[0] and (
+                    st.st_mtime_ns == sig[1] or content_digest(folder / f) == sig[2])):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def file_digest(path: str | None) -> str | None:
@@ -96,6 +124,7 @@ class Stages:
         self.log = log
         self.runs: list[StageRun] = []
         self.keys: dict[str, str] = {}
+        self._digests: dict[str, dict[str, str]] = {}  # per stage, its files' contents
 
     def stamp_path(self, name: str) -> Path:
         return self.folder / STAMPS / f"{name}.json"
@@ -108,10 +137,11 @@ class Stages:
             stamp = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        files = stamp.get("files", [])
-        if stamp.get("key") != key or stamp.get("signatures") is None or \
-                signatures(self.folder, files) != stamp["signatures"]:
+        sigs = stamp.get("signatures")
+        if stamp.get("key") != key or not unchanged(self.folder, sigs) or \
+                set(sigs) != set(stamp.get("files", [])):
             return None  # other inputs, or a file missing, changed or replaced since
+        self._digests[name] = {f: sig[2] for f, sig in sigs.items()}
         outcome: Outcome = stamp["outcome"]
         return outcome
 
@@ -144,9 +174,10 @@ class Stages:
                 gone.append(stamp.stem)
         return gone
 
-    def _produced(self, name: str, key: str, files: list[str]) -> None:
-        """What stage ``name`` produced, as the stages after it see it (module doc)."""
-        self.keys[name] = key_of({"key": key, "files": signatures(self.folder, files)})
+    def _produced(self, name: str, key: str) -> None:
+        """What stage ``name`` produced, as the stages after it see it (module doc): its key
+        and its files' contents."""
+        self.keys[name] = key_of({"key": key, "files": self._digests.get(name, {})})
 
     def run(self, name: str, title: str, inputs: Mapping[str, Any],
             work: Callable[[], Outcome], *, after: tuple[str, ...] = ()) -> Outcome:
@@ -158,7 +189,7 @@ class Stages:
         key = key_of(full)
         outcome = self._reusable(name, key)
         if outcome is not None:
-            self._produced(name, key, outcome.get("files", []))
+            self._produced(name, key)
             self.runs.append(StageRun(name, 0.0, True))
             self.log(f"{name}: reused ({title}; inputs unchanged)")
             return outcome
@@ -174,12 +205,14 @@ class Stages:
             raise StageError(name, exc) from exc
         seconds = time.perf_counter() - start
         files = outcome.get("files", [])
+        sigs = signatures(self.folder, files)
+        self._digests[name] = {f: sig[2] for f, sig in (sigs or {}).items()}
         self.stamp_path(name).parent.mkdir(parents=True, exist_ok=True)
         write_output(self.stamp_path(name), json.dumps(
-            {"stage": name, "key": key, "inputs": full, "files": files,
-             "signatures": signatures(self.folder, files), "seconds": round(seconds, 3),
-             "outcome": outcome}, indent=1, default=str) + "\n", force=True)
-        self._produced(name, key, files)
+            {"stage": name, "key": key, "inputs": full, "files": files, "signatures": sigs,
+             "seconds": round(seconds, 3), "outcome": outcome}, indent=1, default=str) + "\n",
+            force=True)
+        self._produced(name, key)
         self._remove(before - set(files))  # what the stage's last run wrote and this did not
         self.runs.append(StageRun(name, seconds, False))
         self.log(f"{name}: {seconds:.1f} s ({title})")
