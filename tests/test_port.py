@@ -426,3 +426,20 @@ def test_logits_kept_whole_only_within_a_budget() -> None:
     assert runner._logits_whole(Model(), big, said.append) == []
     assert said == ["the logits (78643 MB whole) are kept as statistics: the logits check "
                     "needs them whole (capture --full lm_head, or fewer prompts)"]
+
+
+@pytest.mark.slow
+def test_the_schema_page_sketches_port_json_with_its_fields(
+        healthy: tuple[Path, int, str, str]) -> None:
+    """docs/json-schema.md's port.json example is a sketch (``...`` for what varies), but
+    its fields are the ones a port writes: a field added or renamed shows here."""
+    import re
+
+    page = (Path(__file__).parent.parent / "docs" / "json-schema.md").read_text()
+    sketch = json.loads(re.findall(r"```json\n(.*?)```", page, flags=re.S)[-1])
+    doc = json.loads((healthy[0] / "port.json").read_text())
+    assert list(sketch) == list(doc)
+    for name in ("model", "baseline", "target"):
+        assert set(doc[name]) == set(sketch[name]), name
+    for name in ("checks", "stages"):
+        assert set(sketch[name][0]) == set(doc[name][0]), name
