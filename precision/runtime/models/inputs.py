@@ -142,8 +142,9 @@ def _check_known(tokenizer: Any, ids: Sequence[Sequence[int]],
     special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
 
     def words(x: Sequence[int]) -> list[int]:  # no special token, no bare word boundary
-        return [t for t in x if t not in special
-                and str(tokenizer.convert_ids_to_tokens(t)).strip("\u2581\u0120 ")]
+        pieces = tokenizer.convert_ids_to_tokens(list(x))  # one call a prompt
+        return [t for t, piece in zip(x, pieces, strict=True)
+                if t not in special and str(piece).strip("\u2581\u0120 ")]
 
     unknown = [i for i, x in enumerate(ids, 1)
                if (w := words(x)) and 2 * sum(t == unk for t in w) >= len(w)]
