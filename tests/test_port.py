@@ -443,3 +443,17 @@ def test_the_schema_page_sketches_port_json_with_its_fields(
         assert set(doc[name]) == set(sketch[name]), name
     for name in ("checks", "stages"):
         assert set(sketch[name][0]) == set(doc[name][0]), name
+
+
+def test_ctrl_c_says_the_finished_stages_are_kept(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port interrupted said 'no output was written', though its finished stages were on
+    disk, stamped, and the next run resumed from them."""
+    def interrupted(_opts: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(port_module, "run_port", interrupted)
+    code, out, err = run("--model", QWEN, "-o", tmp_path / "p")
+    assert code == 130 and out == ""
+    assert err == (f"error: interrupted; the stages that finished are kept in {tmp_path / 'p'}:"
+                   " run again to resume\n")
