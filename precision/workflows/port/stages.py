@@ -9,9 +9,9 @@ unchanged (the same size and time, or where the time moved, as a copy of the fol
 it, the same bytes), reuses the outcome and says so; ``force`` redoes every stage. What a
 stage produced, for the stages after it, is its key and its files' digests: a stage redone
 with other results, or a file of it changed or replaced since, makes every stage built on
-it run again. A stamp is written whole or not
-at all (:func:`precision.dumps.atomic.write_output`), after the stage's files, so an
-interrupted run leaves the stages that finished usable and redoes the one it stopped in.
+it run again. A stamp is written whole or not at all
+(:func:`precision.dumps.atomic.write_output`), after the stage's files, so an interrupted
+run leaves the stages that finished usable and redoes the one it stopped in.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def file_digest(path: str | None) -> str | None:
     if not path:
         return None
     p = Path(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else f"missing:{p}"
+    return content_digest(p) if p.is_file() else f"missing:{p}"
 
 
 class Stages:
